@@ -1,0 +1,225 @@
+//! `compute_diff`: the stateless stage. Validates a write and turns it into a field-level change set.
+
+use serde_json::{Map, Value};
+
+use crate::hlc::{bound_skew, Hlc};
+use crate::limits::{check_bucket, check_tenant, Limits};
+use crate::path::FieldPath;
+use crate::reject::Rejection;
+use crate::write::{DocKey, Write, WriteOp};
+
+/// The total order in which concurrent writes are resolved: `(hlc, device, event id)`.
+///
+/// `hlc` decides; the device id breaks ties between devices; the event id only separates two
+/// different writes that share both (a misbehaving client), so the order stays total.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Stamp {
+    /// The (bounded) hybrid logical clock of the write.
+    pub hlc: Hlc,
+    /// The writing device.
+    pub device_id: String,
+    /// The write's event id.
+    pub event_id: String,
+}
+
+/// A field-level change set for one document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeSet {
+    /// The document.
+    pub key: DocKey,
+    /// Where the write sits in the resolution order.
+    pub stamp: Stamp,
+    /// The document version the writer last saw.
+    pub base_version: Option<u64>,
+    /// What changes.
+    pub op: ChangeOp,
+    /// The writer's original clock when it was further ahead than the allowed skew.
+    pub clamped_from: Option<Hlc>,
+}
+
+/// The change of a [`ChangeSet`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChangeOp {
+    /// Field changes. With `replace`, every field not set here is removed (a full-document set).
+    Fields {
+        /// True for a full-document set.
+        replace: bool,
+        /// Leaves to set (non-empty objects are split into their leaves).
+        set: Vec<(FieldPath, Value)>,
+        /// Fields to remove (merge-patch `null`).
+        unset: Vec<FieldPath>,
+    },
+    /// Delete the document.
+    Delete,
+}
+
+/// What `compute_diff` needs besides the write.
+#[derive(Debug, Clone)]
+pub struct DiffContext<'a> {
+    /// Limits to enforce.
+    pub limits: &'a Limits,
+    /// The server's time for this write (the Kafka record timestamp), in ms.
+    pub received_at_ms: u64,
+    /// How far ahead of `received_at_ms` a writer's clock may be.
+    pub max_skew_ms: u64,
+}
+
+/// Validates `write` and turns it into a change set.
+///
+/// `Ok(None)` means the write changes nothing expressible (a patch of only empty objects).
+pub fn compute_diff(write: &Write, ctx: &DiffContext<'_>) -> Result<Option<ChangeSet>, Rejection> {
+    check_tenant(&write.tenant)?;
+    check_bucket(&write.bucket)?;
+    ctx.limits.check_doc_id(&write.doc_id)?;
+    let non_empty = |field: &str, value: &str| {
+        if value.is_empty() || value.len() > 256 || value.chars().any(char::is_control) {
+            Err(Rejection::new(
+                crate::reject::RejectCode::InvalidEvent,
+                format!("{field} must be 1-256 bytes without control characters"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    non_empty("event_id", &write.event_id)?;
+    non_empty("device_id", &write.device_id)?;
+    let op = match &write.op {
+        WriteOp::Set { doc } => {
+            ctx.limits.check_body(doc)?;
+            let set = crate::path::flatten(doc).into_iter().collect();
+            ChangeOp::Fields {
+                replace: true,
+                set,
+                unset: Vec::new(),
+            }
+        }
+        WriteOp::Patch { patch } => {
+            ctx.limits.check_body(patch)?;
+            let (mut set, mut unset) = (Vec::new(), Vec::new());
+            split_patch(patch, &mut Vec::new(), &mut set, &mut unset);
+            if set.is_empty() && unset.is_empty() {
+                return Ok(None);
+            }
+            ChangeOp::Fields {
+                replace: false,
+                set,
+                unset,
+            }
+        }
+        WriteOp::Delete => ChangeOp::Delete,
+    };
+    let client = write.hlc.unwrap_or(Hlc::new(ctx.received_at_ms, 0));
+    let bounded = bound_skew(client, ctx.received_at_ms, ctx.max_skew_ms);
+    Ok(Some(ChangeSet {
+        key: write.doc_key(),
+        stamp: Stamp {
+            hlc: bounded.hlc,
+            device_id: write.device_id.clone(),
+            event_id: write.event_id.clone(),
+        },
+        base_version: write.base_version,
+        op,
+        clamped_from: bounded.clamped_from,
+    }))
+}
+
+/// RFC 7396 as field changes: `null` unsets, a non-empty object merges into the field, an empty
+/// object changes nothing, anything else sets.
+fn split_patch(
+    patch: &Map<String, Value>,
+    prefix: &mut Vec<String>,
+    set: &mut Vec<(FieldPath, Value)>,
+    unset: &mut Vec<FieldPath>,
+) {
+    for (key, value) in patch {
+        prefix.push(key.clone());
+        match value {
+            Value::Null => unset.push(prefix.clone()),
+            Value::Object(inner) => split_patch(inner, prefix, set, unset),
+            other => set.push((prefix.clone(), other.clone())),
+        }
+        prefix.pop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn write(op: WriteOp, hlc: Option<Hlc>) -> Write {
+        Write {
+            v: 1,
+            event_id: "e1".into(),
+            tenant: "t".into(),
+            bucket: "b".into(),
+            doc_id: "d".into(),
+            device_id: "dev".into(),
+            hlc,
+            base_version: Some(4),
+            op,
+        }
+    }
+
+    fn ctx(limits: &Limits) -> DiffContext<'_> {
+        DiffContext {
+            limits,
+            received_at_ms: 1_000,
+            max_skew_ms: 500,
+        }
+    }
+
+    fn obj(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn patch_splits_into_sets_and_unsets() {
+        let l = Limits::default();
+        let w = write(
+            WriteOp::Patch {
+                patch: obj(json!({"a": {"b": 1, "c": null, "e": {}}, "d": [1, 2]})),
+            },
+            Some(Hlc::new(900, 1)),
+        );
+        let c = compute_diff(&w, &ctx(&l)).unwrap().unwrap();
+        let ChangeOp::Fields { replace, set, unset } = c.op else {
+            panic!("fields expected")
+        };
+        assert!(!replace);
+        assert_eq!(set.len(), 2);
+        assert_eq!(unset, vec![vec!["a".to_string(), "c".to_string()]]);
+        assert_eq!(c.stamp.hlc, Hlc::new(900, 1));
+        assert_eq!(c.clamped_from, None);
+    }
+
+    #[test]
+    fn empty_patch_is_dropped_but_empty_set_is_not() {
+        let l = Limits::default();
+        let w = write(WriteOp::Patch { patch: obj(json!({"a": {}})) }, None);
+        assert_eq!(compute_diff(&w, &ctx(&l)).unwrap(), None);
+        let w = write(WriteOp::Set { doc: Map::new() }, None);
+        let c = compute_diff(&w, &ctx(&l)).unwrap().unwrap();
+        assert_eq!(c.stamp.hlc, Hlc::new(1_000, 0), "record time stands in for a missing hlc");
+    }
+
+    #[test]
+    fn clock_ahead_is_clamped_and_reported() {
+        let l = Limits::default();
+        let w = write(WriteOp::Delete, Some(Hlc::new(99_999, 3)));
+        let c = compute_diff(&w, &ctx(&l)).unwrap().unwrap();
+        assert_eq!(c.stamp.hlc, Hlc::new(1_500, 3));
+        assert_eq!(c.clamped_from, Some(Hlc::new(99_999, 3)));
+    }
+
+    #[test]
+    fn bad_ids_are_rejected() {
+        let l = Limits::default();
+        let mut w = write(WriteOp::Delete, None);
+        w.tenant = "BAD".into();
+        assert!(compute_diff(&w, &ctx(&l)).is_err());
+        let mut w = write(WriteOp::Delete, None);
+        w.device_id = String::new();
+        assert!(compute_diff(&w, &ctx(&l)).is_err());
+    }
+}

@@ -1,0 +1,32 @@
+//! # processors — SyncFlow's pure domain core
+//!
+//! Everything that decides what a write means lives here, with no Kafka, MongoDB or tokio:
+//!
+//! - [`write`]: the `data.changed` event ([`Write`]) and [`decode_write`] from raw bytes;
+//! - [`limits`]: naming rules and configurable document limits;
+//! - [`reject`]: machine-readable reasons a write is refused ([`Rejection`]);
+//! - [`hlc`]: hybrid logical clocks and the skew bound;
+//! - [`path`]: field paths, flattening and nesting of documents;
+//! - [`diff`]: the stateless stage, [`compute_diff`] (write → [`ChangeSet`]);
+//! - [`resolve`]: the stateful stage, [`resolve_lww`] (per-field Last-Write-Wins over
+//!   [`ResolveState`]), with conflict detection;
+//! - [`events`]: what the resolver emits, [`SyncEvent`] and [`ConflictEvent`].
+//!
+//! The rules are explained for app developers in `docs/CONFLICTS.md`.
+
+pub mod diff;
+pub mod events;
+pub mod hlc;
+pub mod limits;
+pub mod path;
+pub mod reject;
+pub mod resolve;
+pub mod write;
+
+pub use diff::{compute_diff, ChangeOp, ChangeSet, DiffContext, Stamp};
+pub use events::{ConflictEvent, ConflictRule, ConflictSide, SideOp, SyncEvent};
+pub use hlc::{Hlc, HlcClock};
+pub use limits::Limits;
+pub use reject::{RejectCode, Rejection};
+pub use resolve::{apply_change, resolve_lww, Applied, DocState, MemState, Register, ResolveState};
+pub use write::{decode_write, BucketKey, DocKey, Write, WriteOp};
