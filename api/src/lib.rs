@@ -1,1 +1,62 @@
+//! # api — SyncFlow's HTTP API
+//!
+//! - [`routes`]: REST writes (`PUT`/`PATCH`/`DELETE` → `data.changed`) and reads (from the view);
+//! - [`auth`]: JWT verification, bucket grants, development token minting;
+//! - [`view`]: the MongoDB view's layout, reads, and the idempotent apply used by the projector;
+//! - [`sink`]: the Kafka producer writes go through;
+//! - [`error`]: the one error type every failed request is rendered from.
+//!
+//! Writes never touch MongoDB: they become Kafka events, and the pipeline does the rest.
 
+pub mod auth;
+pub mod error;
+pub mod routes;
+pub mod sink;
+pub mod view;
+
+use std::sync::{Arc, Mutex};
+
+use processors::{HlcClock, Limits};
+use serde::{Deserialize, Serialize};
+
+/// HTTP settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address to listen on.
+    pub listen: String,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+        }
+    }
+}
+
+/// Shared state of the handlers.
+#[derive(Clone)]
+pub struct AppState {
+    /// Token verification.
+    pub keys: auth::TokenKeys,
+    /// Where writes go.
+    pub sink: Arc<dyn sink::WriteSink>,
+    /// Where reads come from.
+    pub reader: Arc<dyn view::DocReader>,
+    /// Write limits (checked here too, so bad writes get a 4xx instead of a dead letter).
+    pub limits: Limits,
+    /// This node's hybrid logical clock, stamping writes that carry none.
+    pub clock: Arc<Mutex<HlcClock>>,
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, routes::router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,1 +1,17 @@
+//! # pipeline — SyncFlow's Kafka runtime and the `syncflow` binary
+//!
+//! - [`config`]: the typed configuration (defaults → file → `SYNCFLOW_*` environment);
+//! - [`topics`]: `topics.yaml` and `syncflow topics apply`;
+//! - [`partition`]: the Java-compatible key partitioner (co-partitioning by bucket);
+//! - [`resolver`]: the stateful stage's runtime: consume `data.changed`, diff, resolve against
+//!   the sled state, produce `sync.events` / `conflict.detected` / `data.rejected` / changelog in
+//!   one Kafka transaction per batch;
+//! - [`projector`]: applies `sync.events` to the MongoDB view and publishes changes to Redis;
+//! - [`app`]: starts the chosen roles in one process.
 
+pub mod app;
+pub mod config;
+pub mod partition;
+pub mod projector;
+pub mod resolver;
+pub mod topics;

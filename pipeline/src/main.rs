@@ -1,1 +1,130 @@
-fn main(){}
+//! `syncflow`: the one binary. `run` starts roles, `topics apply` manages topics, `token` mints a
+//! development JWT.
+
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use pipeline::app::{self, Role};
+use pipeline::config::Config;
+use pipeline::topics::{self, TopicsFile};
+
+#[derive(Parser)]
+#[command(name = "syncflow", version, about = "Real-time data sync backend on Kafka")]
+struct Cli {
+    /// Configuration file (TOML). Also `SYNCFLOW_CONFIG`.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run SyncFlow: all roles, or the ones given with --role.
+    Run {
+        /// Role to run (repeatable): api, processor, projector. Default: all.
+        #[arg(long, value_enum)]
+        role: Vec<Role>,
+    },
+    /// Manage Kafka topics from topics.yaml.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Mint a development JWT signed with the configured secret.
+    Token {
+        /// Tenant the token belongs to.
+        #[arg(long)]
+        tenant: String,
+        /// Grant as bucket:perms (r, w, a), repeatable or comma-separated; `prefix*` matches many.
+        #[arg(long = "grant", required = true)]
+        grants: Vec<String>,
+        /// Subject (user or service id).
+        #[arg(long, default_value = "dev")]
+        sub: String,
+        /// Lifetime in seconds (default: auth.token_ttl_secs).
+        #[arg(long)]
+        ttl: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsAction {
+    /// Create missing topics; report (without changing) live topics that differ from the file.
+    Apply {
+        /// Exit with status 3 when a live topic differs from the file.
+        #[arg(long)]
+        strict: bool,
+    },
+}
+
+fn init_logging() {
+    let filter = std::env::var("SYNCFLOW_LOG").unwrap_or_else(|_| "info,rdkafka=warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutdown requested");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    init_logging();
+    let cli = Cli::parse();
+    let cfg = Config::from_env(cli.config.clone())?;
+    match cli.command {
+        Command::Run { role } => {
+            let roles = if role.is_empty() {
+                vec![Role::Api, Role::Processor, Role::Projector]
+            } else {
+                role
+            };
+            let running = app::start(cfg, &roles).await?;
+            running.run_until(shutdown_signal()).await?;
+        }
+        Command::Topics {
+            action: TopicsAction::Apply { strict },
+        } => {
+            let file = TopicsFile::load(std::path::Path::new(&cfg.kafka.topics_file))?;
+            let report = topics::apply(&cfg.kafka.brokers, &cfg.kafka.topic_prefix, &file)
+                .await
+                .context("applying topics")?;
+            for t in &report.created {
+                println!("created   {t}");
+            }
+            for t in &report.unchanged {
+                println!("ok        {t}");
+            }
+            for d in &report.drift {
+                println!("DIFFERS   {d}  (not changed)");
+            }
+            if strict && !report.drift.is_empty() {
+                bail!("{} live topic setting(s) differ from the file", report.drift.len());
+            }
+        }
+        Command::Token {
+            tenant,
+            grants,
+            sub,
+            ttl,
+        } => {
+            processors::limits::check_tenant(&tenant).map_err(|e| anyhow::anyhow!(e.message))?;
+            let grants = api::auth::parse_grants(&grants.join(",")).map_err(|e| anyhow::anyhow!(e))?;
+            let keys = api::auth::TokenKeys::new(&cfg.auth);
+            let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+            println!("{}", keys.mint(&sub, &tenant, grants, now, ttl.unwrap_or(cfg.auth.token_ttl_secs)));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,29 @@
+# syntax=docker/dockerfile:1
+# SyncFlow: `syncflow` binary (crate `pipeline`).
+#   docker build -t syncflow:local .
+#   docker run --rm syncflow:local --help
+
+FROM rust:1-bookworm AS builder
+# rdkafka builds its bundled librdkafka from source: C toolchain, cmake, zlib.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends build-essential cmake pkg-config zlib1g-dev \
+ && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY . .
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/usr/local/cargo/git \
+    --mount=type=cache,target=/src/target \
+    cargo build --release -p pipeline --bin syncflow \
+ && install -D -m 0755 target/release/syncflow /out/syncflow
+
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates zlib1g \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --user-group --create-home --home-dir /var/lib/syncflow syncflow
+COPY --from=builder /out/syncflow /usr/local/bin/syncflow
+USER syncflow
+WORKDIR /var/lib/syncflow
+EXPOSE 8080
+ENTRYPOINT ["syncflow"]
+CMD ["run"]

@@ -1,0 +1,55 @@
+//! Where accepted writes go: the `data.changed` topic.
+
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+
+/// A write could not be handed to Kafka.
+#[derive(Debug, thiserror::Error)]
+#[error("kafka did not acknowledge the write: {0}")]
+pub struct SinkError(pub String);
+
+/// Accepts encoded `data.changed` events; resolves once they are durable.
+pub trait WriteSink: Send + Sync + 'static {
+    /// Sends one event keyed by `tenant/bucket`.
+    fn send<'a>(&'a self, key: &'a str, payload: &'a [u8]) -> BoxFuture<'a, Result<(), SinkError>>;
+}
+
+/// The Kafka producer for `data.changed` (idempotent, `acks=all`).
+pub struct KafkaSink {
+    producer: FutureProducer,
+    topic: String,
+}
+
+impl KafkaSink {
+    /// A producer for `topic` on `brokers`.
+    pub fn new(brokers: &str, topic: &str) -> Result<Self, SinkError> {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "1")
+            .set("message.timeout.ms", "10000")
+            .create()
+            .map_err(|e| SinkError(e.to_string()))?;
+        Ok(Self {
+            producer,
+            topic: topic.into(),
+        })
+    }
+}
+
+impl WriteSink for KafkaSink {
+    fn send<'a>(&'a self, key: &'a str, payload: &'a [u8]) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move {
+            let record = FutureRecord::to(&self.topic).key(key).payload(payload);
+            self.producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .map(|_| ())
+                .map_err(|(e, _)| SinkError(e.to_string()))
+        })
+    }
+}

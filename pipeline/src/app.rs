@@ -1,0 +1,166 @@
+//! Starts the chosen roles in one process and stops them together.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use api::auth::TokenKeys;
+use api::sink::KafkaSink;
+use api::view::MongoView;
+use api::AppState;
+use processors::HlcClock;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::resolver::{Resolver, ResolverStats};
+use crate::{projector, topics};
+
+/// A role a process can play.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Role {
+    /// The HTTP API.
+    Api,
+    /// The resolver (validate, diff, LWW resolve).
+    Processor,
+    /// The MongoDB projector.
+    Projector,
+}
+
+/// Why the process could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// A service could not be reached or set up.
+    #[error("{0}")]
+    Startup(String),
+    /// A role failed while running.
+    #[error("{role:?} failed: {reason}")]
+    Role {
+        /// The role.
+        role: Role,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The running roles.
+pub struct Running {
+    /// Where the API listens, when it runs.
+    pub api_addr: Option<SocketAddr>,
+    /// Resolver counters.
+    pub resolver_stats: Arc<ResolverStats>,
+    stop_tx: watch::Sender<bool>,
+    stop_flag: Arc<AtomicBool>,
+    tasks: Vec<(Role, JoinHandle<Result<(), String>>)>,
+}
+
+async fn mongo_view(cfg: &Config) -> Result<MongoView, AppError> {
+    let client = mongodb::Client::with_uri_str(&cfg.mongo.uri)
+        .await
+        .map_err(|e| AppError::Startup(format!("mongodb {}: {e}", cfg.mongo.uri)))?;
+    Ok(MongoView::new(client.database(&cfg.mongo.database)))
+}
+
+/// Starts `roles`.
+pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let resolver_stats = Arc::new(ResolverStats::default());
+    let mut tasks: Vec<(Role, JoinHandle<Result<(), String>>)> = Vec::new();
+    let mut api_addr = None;
+    if roles.contains(&Role::Processor) {
+        let resolver = Resolver::new(cfg.clone(), resolver_stats.clone())
+            .map_err(|e| AppError::Startup(e.to_string()))?;
+        let flag = stop_flag.clone();
+        let handle = tokio::task::spawn_blocking(move || resolver.run(flag).map_err(|e| e.to_string()));
+        tasks.push((Role::Processor, handle));
+    }
+    if roles.contains(&Role::Projector) {
+        let view = mongo_view(&cfg).await?;
+        let rx = stop_rx.clone();
+        let c = cfg.clone();
+        let handle = tokio::spawn(async move { projector::run(c, view, rx).await.map_err(|e| e.to_string()) });
+        tasks.push((Role::Projector, handle));
+    }
+    if roles.contains(&Role::Api) {
+        let sink = KafkaSink::new(&cfg.kafka.brokers, &cfg.topic(topics::DATA_CHANGED))
+            .map_err(|e| AppError::Startup(e.to_string()))?;
+        let state = AppState {
+            keys: TokenKeys::new(&cfg.auth),
+            sink: Arc::new(sink),
+            reader: Arc::new(mongo_view(&cfg).await?),
+            limits: cfg.limits.clone(),
+            clock: Arc::new(Mutex::new(HlcClock::new())),
+        };
+        let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
+            .await
+            .map_err(|e| AppError::Startup(format!("cannot listen on {}: {e}", cfg.api.listen)))?;
+        api_addr = listener.local_addr().ok();
+        tracing::info!(addr = ?api_addr, "api listening");
+        let mut rx = stop_rx.clone();
+        let handle = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.changed().await;
+            };
+            api::serve(listener, state, shutdown).await.map_err(|e| e.to_string())
+        });
+        tasks.push((Role::Api, handle));
+    }
+    Ok(Running {
+        api_addr,
+        resolver_stats,
+        stop_tx,
+        stop_flag,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Waits until a role stops on its own (an error) or `signal` resolves, then stops them all.
+    pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) -> Result<(), AppError> {
+        let first_exit = async {
+            loop {
+                if let Some(i) = self.tasks.iter().position(|(_, h)| h.is_finished()) {
+                    return i;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        };
+        let failed = tokio::select! {
+            _ = signal => None,
+            i = first_exit => Some(i),
+        };
+        let mut result = Ok(());
+        if let Some(i) = failed {
+            let (role, handle) = self.tasks.remove(i);
+            let reason = match handle.await {
+                Ok(Ok(())) => "stopped unexpectedly".to_string(),
+                Ok(Err(e)) => e,
+                Err(e) => e.to_string(),
+            };
+            result = Err(AppError::Role { role, reason });
+        }
+        self.stop().await?;
+        result
+    }
+
+    /// Stops every role and waits for them.
+    pub async fn stop(self) -> Result<(), AppError> {
+        self.stop_flag.store(true, Ordering::SeqCst);
+        let _ = self.stop_tx.send(true);
+        let mut result = Ok(());
+        for (role, handle) in self.tasks {
+            match handle.await {
+                Ok(Ok(())) => {}
+                Ok(Err(reason)) => result = Err(AppError::Role { role, reason }),
+                Err(e) => {
+                    result = Err(AppError::Role {
+                        role,
+                        reason: e.to_string(),
+                    })
+                }
+            }
+        }
+        result
+    }
+}

@@ -1,0 +1,345 @@
+//! One typed configuration: defaults, then a TOML file, then `SYNCFLOW_*` environment variables.
+//!
+//! Unknown keys in the file and unknown `SYNCFLOW_*` variables are errors. Every problem is
+//! collected and reported together at start-up, not only the first.
+//!
+//! Environment names are `SYNCFLOW_<SECTION>_<KEY>` in upper case, e.g. `SYNCFLOW_KAFKA_BROKERS`
+//! or `SYNCFLOW_RESOLVER_MAX_SKEW_MS`. `SYNCFLOW_CONFIG` names the file and `SYNCFLOW_LOG` sets the
+//! log filter.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+/// Kafka settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// Prepended to every topic and consumer group name (isolates tests and environments).
+    pub topic_prefix: String,
+    /// The topics file.
+    pub topics_file: String,
+    /// Stable id of this processor instance (transactional id); empty = derived from the state dir.
+    pub instance_id: String,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            topic_prefix: String::new(),
+            topics_file: "topics.yaml".into(),
+            instance_id: String::new(),
+        }
+    }
+}
+
+/// MongoDB settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MongoConfig {
+    /// Connection string.
+    pub uri: String,
+    /// Database of the view.
+    pub database: String,
+}
+
+impl Default for MongoConfig {
+    fn default() -> Self {
+        Self {
+            uri: "mongodb://127.0.0.1:27017".into(),
+            database: "syncflow".into(),
+        }
+    }
+}
+
+/// Redis settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Connection URL.
+    pub url: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".into(),
+        }
+    }
+}
+
+/// Local state settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// Directory of the sled state store (one per process).
+    pub dir: String,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self {
+            dir: ".data/state".into(),
+        }
+    }
+}
+
+/// Resolver (stateful stage) settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResolverConfig {
+    /// How far ahead of the server a writer's clock may be before it is clamped, in ms.
+    pub max_skew_ms: u64,
+    /// Most input records in one transaction.
+    pub batch_max: u64,
+    /// Longest wait for a first record before an idle loop turn, in ms.
+    pub poll_ms: u64,
+}
+
+impl Default for ResolverConfig {
+    fn default() -> Self {
+        Self {
+            max_skew_ms: 60_000,
+            batch_max: 2_000,
+            poll_ms: 100,
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Kafka.
+    pub kafka: KafkaConfig,
+    /// MongoDB.
+    pub mongo: MongoConfig,
+    /// Redis.
+    pub redis: RedisConfig,
+    /// HTTP API.
+    pub api: api::ApiConfig,
+    /// Tokens.
+    pub auth: api::auth::AuthConfig,
+    /// Local state.
+    pub state: StateConfig,
+    /// Write limits.
+    pub limits: processors::Limits,
+    /// Resolver.
+    pub resolver: ResolverConfig,
+}
+
+/// Every problem found while loading the configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+const RESERVED_ENV: [&str; 2] = ["SYNCFLOW_CONFIG", "SYNCFLOW_LOG"];
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then the `SYNCFLOW_*` variables of `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
+        let mut problems = Vec::new();
+        let defaults = Value::try_from(Config::default()).expect("defaults serialize");
+        let Value::Table(mut merged) = defaults.clone() else {
+            unreachable!("a struct serializes to a table")
+        };
+        if let Some(path) = file {
+            match std::fs::read_to_string(path) {
+                Err(e) => problems.push(format!("cannot read {}: {e}", path.display())),
+                Ok(text) => match text.parse::<Table>() {
+                    Err(e) => problems.push(format!("{}: {e}", path.display())),
+                    Ok(table) => merge(&mut merged, table, "", &mut problems),
+                },
+            }
+        }
+        for (name, raw) in env {
+            let Some(rest) = name.strip_prefix("SYNCFLOW_") else {
+                continue;
+            };
+            if RESERVED_ENV.contains(&name.as_str()) {
+                continue;
+            }
+            apply_env(&mut merged, &name, &rest.to_ascii_lowercase(), raw, &mut problems);
+        }
+        // Deserialize each section on its own so every type error is reported.
+        for (section, value) in &merged {
+            if let Err(e) = section_check(section, value.clone()) {
+                problems.push(format!("[{section}]: {e}"));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(ConfigErrors(problems));
+        }
+        let config: Config = Value::Table(merged)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigErrors(vec![e.to_string()]))?;
+        let problems = config.problems();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigErrors(problems))
+        }
+    }
+
+    /// Loads with the file named by `SYNCFLOW_CONFIG` or `path`, and the process environment.
+    pub fn from_env(path: Option<PathBuf>) -> Result<Config, ConfigErrors> {
+        let path = path.or_else(|| std::env::var_os("SYNCFLOW_CONFIG").map(PathBuf::from));
+        Config::load(path.as_deref(), std::env::vars())
+    }
+
+    /// Semantic problems of a well-typed configuration.
+    pub fn problems(&self) -> Vec<String> {
+        let mut out = self.auth.problems();
+        if self.kafka.brokers.trim().is_empty() {
+            out.push("kafka.brokers must not be empty".into());
+        }
+        if !self
+            .kafka
+            .topic_prefix
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            out.push("kafka.topic_prefix may only use A-Z, a-z, 0-9, '.', '_' and '-'".into());
+        }
+        if self.mongo.database.is_empty() || self.mongo.database.contains(['/', '.', ' ', '$']) {
+            out.push("mongo.database must be a plain non-empty name".into());
+        }
+        if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
+            out.push(format!("api.listen {:?} is not an address like 127.0.0.1:8080", self.api.listen));
+        }
+        if self.resolver.batch_max == 0 {
+            out.push("resolver.batch_max must be at least 1".into());
+        }
+        if self.limits.max_depth == 0 || self.limits.max_fields == 0 || self.limits.max_doc_bytes < 2 {
+            out.push("limits must allow at least a small document".into());
+        }
+        out
+    }
+
+    /// A topic's full name (with the prefix).
+    pub fn topic(&self, name: &str) -> String {
+        format!("{}{}", self.kafka.topic_prefix, name)
+    }
+}
+
+fn section_check(section: &str, value: Value) -> Result<(), String> {
+    fn check<T: for<'de> Deserialize<'de>>(v: Value) -> Result<(), String> {
+        v.try_into::<T>().map(|_| ()).map_err(|e| e.to_string().trim().to_string())
+    }
+    match section {
+        "kafka" => check::<KafkaConfig>(value),
+        "mongo" => check::<MongoConfig>(value),
+        "redis" => check::<RedisConfig>(value),
+        "api" => check::<api::ApiConfig>(value),
+        "auth" => check::<api::auth::AuthConfig>(value),
+        "state" => check::<StateConfig>(value),
+        "limits" => check::<processors::Limits>(value),
+        "resolver" => check::<ResolverConfig>(value),
+        other => Err(format!("unknown section {other:?}")),
+    }
+}
+
+/// Merges `from` into `into`, reporting keys the defaults do not have.
+fn merge(into: &mut Table, from: Table, at: &str, problems: &mut Vec<String>) {
+    for (key, value) in from {
+        let path = if at.is_empty() {
+            key.clone()
+        } else {
+            format!("{at}.{key}")
+        };
+        match (into.get_mut(&key), value) {
+            (None, _) => problems.push(format!("unknown key {path:?}")),
+            (Some(Value::Table(dst)), Value::Table(src)) => merge(dst, src, &path, problems),
+            (Some(Value::Table(_)), _) => problems.push(format!("{path:?} must be a table")),
+            (Some(slot), value) => *slot = value,
+        }
+    }
+}
+
+/// Applies one `SYNCFLOW_<SECTION>_<KEY>` variable, typed by the default's type.
+fn apply_env(into: &mut Table, name: &str, rest: &str, raw: String, problems: &mut Vec<String>) {
+    let target = rest.split_once('_').and_then(|(section, key)| {
+        match into.get_mut(section) {
+            Some(Value::Table(t)) => t.get_mut(key).map(|slot| (section.to_owned(), key.to_owned(), slot)),
+            _ => None,
+        }
+    });
+    let Some((section, key, slot)) = target else {
+        problems.push(format!("unknown environment variable {name}"));
+        return;
+    };
+    let parsed = match slot {
+        Value::String(_) => Ok(Value::String(raw.clone())),
+        Value::Integer(_) => raw.trim().parse::<i64>().map(Value::Integer).map_err(|_| "an integer"),
+        Value::Boolean(_) => match raw.trim() {
+            "true" | "1" => Ok(Value::Boolean(true)),
+            "false" | "0" => Ok(Value::Boolean(false)),
+            _ => Err("true or false"),
+        },
+        _ => Err("a value settable from the environment"),
+    };
+    match parsed {
+        Ok(v) => *slot = v,
+        Err(expected) => problems.push(format!("{name} ({section}.{key}) must be {expected}, got {raw:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const SECRET: (&str, &str) = ("SYNCFLOW_AUTH_JWT_SECRET", "0123456789abcdef0123456789abcdef");
+
+    #[test]
+    fn layers_apply_in_order() {
+        let dir = std::env::temp_dir().join(format!("sfcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[kafka]\nbrokers = \"file:1\"\ntopic_prefix = \"p.\"\n[resolver]\nmax_skew_ms = 5\n").unwrap();
+        let c = Config::load(
+            Some(&file),
+            env(&[SECRET, ("SYNCFLOW_KAFKA_BROKERS", "env:2"), ("OTHER", "x"), ("SYNCFLOW_LOG", "debug")]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "env:2");
+        assert_eq!(c.kafka.topic_prefix, "p.");
+        assert_eq!(c.resolver.max_skew_ms, 5);
+        assert_eq!(c.topic("data.changed"), "p.data.changed");
+    }
+
+    #[test]
+    fn every_problem_is_reported_together() {
+        let dir = std::env::temp_dir().join(format!("sfcfg2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, "[kafka]\nbrokerz = \"x\"\n[nope]\na = 1\n[resolver]\nbatch_max = \"many\"\n").unwrap();
+        let err = Config::load(
+            Some(&file),
+            env(&[("SYNCFLOW_KAFKA_NOPE", "1"), ("SYNCFLOW_RESOLVER_MAX_SKEW_MS", "soon")]),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in ["kafka.brokerz", "\"nope\"", "SYNCFLOW_KAFKA_NOPE", "SYNCFLOW_RESOLVER_MAX_SKEW_MS", "batch_max"] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+        assert!(err.0.len() >= 5, "{text}");
+    }
+
+    #[test]
+    fn missing_secret_is_a_startup_error() {
+        let err = Config::load(None, env(&[])).unwrap_err();
+        assert!(err.to_string().contains("jwt_secret"));
+        assert!(Config::load(None, env(&[SECRET])).is_ok());
+    }
+}

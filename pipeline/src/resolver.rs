@@ -1,0 +1,463 @@
+//! The resolver task runtime: `data.changed` → diff → LWW resolve → outputs, exactly once.
+//!
+//! # Protocol (per batch)
+//!
+//! 1. Poll a batch: wait up to `resolver.poll_ms` for a first record, then take whatever is
+//!    already fetched, up to `resolver.batch_max` — a lone write at low load is not held back.
+//! 2. Begin a Kafka transaction; compute every output against an in-memory [`Overlay`] of the
+//!    sled state of the record's task (input partition).
+//! 3. Produce `sync.events`, `conflict.detected` and `data.rejected` records and the changelog
+//!    records of every state record the batch changed, all to the input's partition number
+//!    (the topics are co-partitioned by bucket).
+//! 4. Send the consumed offsets to the transaction with the group metadata; commit.
+//! 5. Only then write the overlay into sled in one atomic batch per task. sled is never ahead of
+//!    Kafka. If anything fails before the commit, the transaction is aborted, the overlay dropped
+//!    and the consumer rewound to the committed offsets.
+//!
+//! A record that lands in the wrong partition (a producer with another partitioner) is forwarded,
+//! inside the same transaction, to the partition Kafka's default partitioner gives its key, so
+//! one task always owns a bucket. All calls here block: run the loop on its own thread.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use processors::{compute_diff, decode_write, resolve_lww, DiffContext, Rejection};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer, DefaultProducerContext};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext};
+use serde::{Deserialize, Serialize};
+use state::{Overlay, StateError, TaskStore};
+
+use crate::config::Config;
+use crate::partition::partition_for;
+use crate::topics;
+
+/// Errors of the resolver runtime.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolverError {
+    /// Kafka failed; `fatal` when the producer must be rebuilt.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The local state failed: the task must be rebuilt from the changelog.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The partitions moved while the batch ran: it is aborted and retried by the new owner.
+    #[error("partitions were rebalanced during the batch")]
+    Rebalanced,
+    /// The setup is wrong (missing topic, ...).
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Schema version of dead-letter records.
+pub const REJECTED_FORMAT_VERSION: u32 = 1;
+
+/// Where a rejected record came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SourceRef {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+/// A `data.rejected` record: the original bytes, the reason, and the source offset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RejectedRecord {
+    /// Schema version.
+    pub v: u32,
+    /// Machine-readable reason (a `processors::RejectCode`).
+    pub reason: processors::RejectCode,
+    /// What is wrong.
+    pub message: String,
+    /// The source record.
+    pub source: SourceRef,
+    /// The original key, base64.
+    pub key_b64: Option<String>,
+    /// The original value, base64.
+    pub payload_b64: Option<String>,
+}
+
+/// Observable progress of the resolver.
+#[derive(Debug, Default)]
+pub struct ResolverStats {
+    /// Committed batches.
+    pub batches: AtomicU64,
+    /// Input records committed.
+    pub records: AtomicU64,
+    /// Records dead-lettered.
+    pub rejected: AtomicU64,
+    /// Aborted batches.
+    pub aborted: AtomicU64,
+}
+
+struct TaskContext {
+    generation: Arc<AtomicU64>,
+}
+
+impl ClientContext for TaskContext {}
+
+impl ConsumerContext for TaskContext {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        tracing::info!(?rebalance, "resolver rebalance starting");
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            tracing::info!(?parts, "resolver tasks assigned");
+        }
+    }
+}
+
+struct Output {
+    topic: String,
+    partition: i32,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+}
+
+/// The resolver: one consumer of the group, one transactional producer, one task per partition.
+pub struct Resolver {
+    cfg: Config,
+    store: TaskStore,
+    trees: HashMap<i32, state::TaskTree>,
+    partitions: i32,
+    stats: Arc<ResolverStats>,
+}
+
+fn transactional_id(cfg: &Config) -> String {
+    if !cfg.kafka.instance_id.is_empty() {
+        return format!("{}syncflow-resolver-{}", cfg.kafka.topic_prefix, cfg.kafka.instance_id);
+    }
+    let dir = std::fs::canonicalize(&cfg.state.dir)
+        .unwrap_or_else(|_| std::path::PathBuf::from(&cfg.state.dir));
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let digest = crate::partition::murmur2(format!("{}|{}", host.trim(), dir.display()).as_bytes());
+    format!("{}syncflow-resolver-{:08x}", cfg.kafka.topic_prefix, digest as u32)
+}
+
+impl Resolver {
+    /// Opens the state store and reads the partition count of `data.changed`.
+    pub fn new(cfg: Config, stats: Arc<ResolverStats>) -> Result<Self, ResolverError> {
+        std::fs::create_dir_all(&cfg.state.dir)
+            .map_err(|e| ResolverError::Setup(format!("state dir {}: {e}", cfg.state.dir)))?;
+        let store = TaskStore::open(std::path::Path::new(&cfg.state.dir))?;
+        Ok(Self {
+            cfg,
+            store,
+            trees: HashMap::new(),
+            partitions: 0,
+            stats,
+        })
+    }
+
+    fn consumer(&self, generation: Arc<AtomicU64>) -> Result<BaseConsumer<TaskContext>, ResolverError> {
+        let c: BaseConsumer<TaskContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.cfg.kafka.brokers)
+            .set("group.id", format!("{}syncflow-resolver", self.cfg.kafka.topic_prefix))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .set("max.poll.interval.ms", "60000")
+            .create_with_context(TaskContext { generation })?;
+        let topic = self.cfg.topic(topics::DATA_CHANGED);
+        let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        let count = md.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len());
+        if count == 0 {
+            return Err(ResolverError::Setup(format!(
+                "topic {topic} does not exist: run `syncflow topics apply`"
+            )));
+        }
+        c.subscribe(&[&topic])?;
+        Ok(c)
+    }
+
+    fn producer(&self) -> Result<ThreadedProducer<DefaultProducerContext>, ResolverError> {
+        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.cfg.kafka.brokers)
+            .set("transactional.id", transactional_id(&self.cfg))
+            .set("enable.idempotence", "true")
+            .set("transaction.timeout.ms", "20000")
+            .set("message.timeout.ms", "15000")
+            .set("linger.ms", "2")
+            .create()?;
+        p.init_transactions(Duration::from_secs(30))?;
+        Ok(p)
+    }
+
+    /// Runs until `shutdown` is set. Rebuilds the clients after a fatal Kafka error.
+    pub fn run(mut self, shutdown: Arc<AtomicBool>) -> Result<(), ResolverError> {
+        while !shutdown.load(Ordering::SeqCst) {
+            match self.run_clients(&shutdown) {
+                Ok(()) => break,
+                Err(ResolverError::Kafka(e)) => {
+                    tracing::error!(error = %e, "resolver kafka failure; rebuilding clients");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.store.flush()?;
+        tracing::info!("resolver stopped");
+        Ok(())
+    }
+
+    fn run_clients(&mut self, shutdown: &AtomicBool) -> Result<(), ResolverError> {
+        let generation = Arc::new(AtomicU64::new(0));
+        let consumer = self.consumer(generation.clone())?;
+        let producer = self.producer()?;
+        let topic = self.cfg.topic(topics::DATA_CHANGED);
+        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+        self.partitions = md.topics().first().map_or(1, |t| t.partitions().len() as i32);
+        tracing::info!(partitions = self.partitions, "resolver started");
+        let poll = Duration::from_millis(self.cfg.resolver.poll_ms.max(1));
+        while !shutdown.load(Ordering::SeqCst) {
+            let gen_at_start = generation.load(Ordering::SeqCst);
+            let mut batch: Vec<OwnedMessage> = Vec::new();
+            match consumer.poll(poll) {
+                None => continue,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "resolver poll error");
+                    continue;
+                }
+                Some(Ok(m)) => batch.push(detach(&m)),
+            }
+            while (batch.len() as u64) < self.cfg.resolver.batch_max {
+                match consumer.poll(Duration::ZERO) {
+                    Some(Ok(m)) => batch.push(detach(&m)),
+                    Some(Err(e)) => tracing::warn!(error = %e, "resolver poll error"),
+                    None => break,
+                }
+            }
+            let started = Instant::now();
+            match self.process_batch(&consumer, &producer, &batch, &generation, gen_at_start) {
+                Ok(()) => {
+                    self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    self.stats.records.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    tracing::debug!(records = batch.len(), ms = started.elapsed().as_millis() as u64, "batch committed");
+                }
+                Err(e) => {
+                    self.stats.aborted.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "batch aborted; rewinding");
+                    let fatal = match &e {
+                        ResolverError::Kafka(KafkaError::Transaction(t)) => t.is_fatal(),
+                        ResolverError::State(_) | ResolverError::Setup(_) => return Err(e),
+                        _ => false,
+                    };
+                    if let Err(abort) = producer.abort_transaction(Duration::from_secs(30)) {
+                        tracing::warn!(error = %abort, "abort failed; rebuilding clients");
+                        return Err(ResolverError::Kafka(abort));
+                    }
+                    if fatal {
+                        return Err(e);
+                    }
+                    rewind(&consumer)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn tree(&mut self, partition: i32) -> Result<state::TaskTree, ResolverError> {
+        if let Some(t) = self.trees.get(&partition) {
+            return Ok(t.clone());
+        }
+        let t = self.store.task(partition)?;
+        self.trees.insert(partition, t.clone());
+        Ok(t)
+    }
+
+    fn process_batch(
+        &mut self,
+        consumer: &BaseConsumer<TaskContext>,
+        producer: &ThreadedProducer<DefaultProducerContext>,
+        batch: &[OwnedMessage],
+        generation: &AtomicU64,
+        gen_at_start: u64,
+    ) -> Result<(), ResolverError> {
+        producer.begin_transaction()?;
+        let mut partitions: Vec<i32> = batch.iter().map(|m| m.partition()).collect();
+        partitions.sort_unstable();
+        partitions.dedup();
+        let trees: BTreeMap<i32, state::TaskTree> = partitions
+            .iter()
+            .map(|p| self.tree(*p).map(|t| (*p, t)))
+            .collect::<Result<_, _>>()?;
+        let mut overlays: BTreeMap<i32, Overlay<'_>> =
+            trees.iter().map(|(p, t)| (*p, Overlay::new(t))).collect();
+        let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
+        for m in batch {
+            let overlay = overlays.get_mut(&m.partition()).expect("overlay per partition");
+            for out in self.process_record(m, overlay)? {
+                send(producer, out)?;
+            }
+            offsets.insert(m.partition(), m.offset() + 1);
+        }
+        let changelog = self.cfg.topic(topics::RESOLVER_CHANGELOG);
+        for (p, overlay) in &overlays {
+            for (key, payload) in overlay.changelog_records() {
+                send(
+                    producer,
+                    Output {
+                        topic: changelog.clone(),
+                        partition: *p,
+                        key,
+                        payload,
+                    },
+                )?;
+            }
+        }
+        let input = self.cfg.topic(topics::DATA_CHANGED);
+        let mut tpl = TopicPartitionList::new();
+        for (p, next) in &offsets {
+            tpl.add_partition_offset(&input, *p, Offset::Offset(*next))?;
+        }
+        let group = consumer
+            .group_metadata()
+            .ok_or_else(|| ResolverError::Setup("consumer has no group metadata".into()))?;
+        producer.send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))?;
+        if generation.load(Ordering::SeqCst) != gen_at_start {
+            return Err(ResolverError::Rebalanced);
+        }
+        producer.commit_transaction(Duration::from_secs(30))?;
+        for (p, overlay) in overlays {
+            trees[&p]
+                .apply_batch(overlay.into_batch(None))
+                .map_err(StateError::from)?;
+        }
+        Ok(())
+    }
+
+    fn process_record(&self, m: &OwnedMessage, overlay: &mut Overlay<'_>) -> Result<Vec<Output>, ResolverError> {
+        let payload = m.payload().unwrap_or_default();
+        let received_at = m
+            .timestamp()
+            .to_millis()
+            .and_then(|t| u64::try_from(t).ok())
+            .unwrap_or_else(now_ms);
+        let write = match decode_write(m.key(), payload) {
+            Ok(w) => w,
+            Err(r) => return Ok(vec![self.rejected(m, r)]),
+        };
+        let key = write.bucket_key().to_string();
+        let owner = partition_for(key.as_bytes(), self.partitions);
+        if owner != m.partition() {
+            tracing::debug!(bucket = %key, from = m.partition(), to = owner, "forwarding misrouted write");
+            return Ok(vec![Output {
+                topic: m.topic().to_owned(),
+                partition: owner,
+                key: key.into_bytes(),
+                payload: payload.to_vec(),
+            }]);
+        }
+        let ctx = DiffContext {
+            limits: &self.cfg.limits,
+            received_at_ms: received_at,
+            max_skew_ms: self.cfg.resolver.max_skew_ms,
+        };
+        let change = match compute_diff(&write, &ctx) {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(Vec::new()),
+            Err(r) => return Ok(vec![self.rejected(m, r)]),
+        };
+        let applied = resolve_lww(overlay, &change)?;
+        let mut out = Vec::new();
+        let to = |topic: &str, value: Vec<u8>| Output {
+            topic: self.cfg.topic(topic),
+            partition: m.partition(),
+            key: key.clone().into_bytes(),
+            payload: value,
+        };
+        if let Some(event) = &applied.change {
+            tracing::debug!(bucket = %key, seq = event.seq, doc = %event.doc_id, "resolved change");
+            out.push(to(topics::SYNC_EVENTS, serde_json::to_vec(event).expect("event serializes")));
+        }
+        for conflict in &applied.conflicts {
+            out.push(to(topics::CONFLICT_DETECTED, serde_json::to_vec(conflict).expect("conflict serializes")));
+        }
+        Ok(out)
+    }
+
+    fn rejected(&self, m: &OwnedMessage, r: Rejection) -> Output {
+        self.stats.rejected.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(partition = m.partition(), offset = m.offset(), reason = r.code.as_str(), "write dead-lettered");
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let record = RejectedRecord {
+            v: REJECTED_FORMAT_VERSION,
+            reason: r.code,
+            message: r.message,
+            source: SourceRef {
+                topic: m.topic().to_owned(),
+                partition: m.partition(),
+                offset: m.offset(),
+            },
+            key_b64: m.key().map(|k| b64.encode(k)),
+            payload_b64: m.payload().map(|p| b64.encode(p)),
+        };
+        Output {
+            topic: self.cfg.topic(topics::DATA_REJECTED),
+            partition: m.partition(),
+            key: m.key().map(<[u8]>::to_vec).unwrap_or_default(),
+            payload: serde_json::to_vec(&record).expect("rejection serializes"),
+        }
+    }
+}
+
+fn detach(m: &BorrowedMessage<'_>) -> OwnedMessage {
+    m.detach()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn send(producer: &ThreadedProducer<DefaultProducerContext>, out: Output) -> Result<(), ResolverError> {
+    let mut record = BaseRecord::to(&out.topic)
+        .partition(out.partition)
+        .key(&out.key[..])
+        .payload(&out.payload[..]);
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                record = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err((e, _)) => return Err(e.into()),
+        }
+    }
+}
+
+/// Moves every assigned partition back to its committed offset (after an aborted batch).
+fn rewind(consumer: &BaseConsumer<TaskContext>) -> Result<(), ResolverError> {
+    let assigned = consumer.assignment()?;
+    if assigned.count() == 0 {
+        return Ok(());
+    }
+    let committed = consumer.committed_offsets(assigned, Duration::from_secs(10))?;
+    let mut target = TopicPartitionList::new();
+    for e in committed.elements() {
+        let offset = match e.offset() {
+            Offset::Offset(o) => Offset::Offset(o),
+            _ => Offset::Beginning,
+        };
+        target.add_partition_offset(e.topic(), e.partition(), offset)?;
+    }
+    consumer.seek_partitions(target, Duration::from_secs(10))?;
+    Ok(())
+}

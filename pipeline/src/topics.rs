@@ -1,0 +1,278 @@
+//! `topics.yaml` and `syncflow topics apply`.
+//!
+//! `apply` creates every missing topic through the Kafka admin API and reports — without touching
+//! them — live topics whose partitions, replication factor or configs differ from the file.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::ClientConfig;
+use serde::Deserialize;
+
+/// Topics every SyncFlow deployment needs.
+pub const REQUIRED: [&str; 7] = [
+    DATA_CHANGED,
+    DATA_REJECTED,
+    SYNC_EVENTS,
+    CONFLICT_DETECTED,
+    RESOLVER_CHANGELOG,
+    CHECKPOINT_CREATED,
+    USER_CREATED,
+];
+/// Writes.
+pub const DATA_CHANGED: &str = "data.changed";
+/// Dead letters.
+pub const DATA_REJECTED: &str = "data.rejected";
+/// Resolved changes.
+pub const SYNC_EVENTS: &str = "sync.events";
+/// Conflicts.
+pub const CONFLICT_DETECTED: &str = "conflict.detected";
+/// The resolver state changelog.
+pub const RESOLVER_CHANGELOG: &str = "resolver.changelog";
+/// Checkpoint announcements.
+pub const CHECKPOINT_CREATED: &str = "checkpoint.created";
+/// User registrations.
+pub const USER_CREATED: &str = "user.created";
+
+/// Errors of topic management.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicsError {
+    /// The file cannot be read or parsed.
+    #[error("topics file {path}: {reason}")]
+    File {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The file is readable but wrong.
+    #[error("topics file is invalid:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+    /// Kafka refused or did not answer.
+    #[error("kafka admin: {0}")]
+    Kafka(String),
+}
+
+/// One topic's specification.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    /// What it is for.
+    #[serde(default)]
+    pub description: String,
+    /// Partition count.
+    pub partitions: i32,
+    /// Replication factor.
+    pub replication_factor: i32,
+    /// Co-partitioning group: all topics of a group have the same partition count.
+    #[serde(default)]
+    pub copartition: Option<String>,
+    /// Topic configs (`cleanup.policy`, `retention.ms`, ...).
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsFile {
+    /// Topics by unprefixed name.
+    pub topics: BTreeMap<String, TopicSpec>,
+}
+
+impl TopicsFile {
+    /// Reads and validates a topics file.
+    pub fn load(path: &Path) -> Result<Self, TopicsError> {
+        let err = |reason: String| TopicsError::File {
+            path: path.display().to_string(),
+            reason,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+        let file: TopicsFile = serde_yaml_ng::from_str(&text).map_err(|e| err(e.to_string()))?;
+        file.validate()?;
+        Ok(file)
+    }
+
+    /// Every problem: missing topics, bad numbers, co-partitioned topics that disagree.
+    pub fn validate(&self) -> Result<(), TopicsError> {
+        let mut problems = Vec::new();
+        for name in REQUIRED {
+            if !self.topics.contains_key(name) {
+                problems.push(format!("topic {name} is missing"));
+            }
+        }
+        let mut groups: BTreeMap<&str, Vec<(&str, i32)>> = BTreeMap::new();
+        for (name, spec) in &self.topics {
+            if spec.partitions < 1 || spec.replication_factor < 1 {
+                problems.push(format!("{name}: partitions and replication_factor must be >= 1"));
+            }
+            if let Some(g) = &spec.copartition {
+                groups.entry(g).or_default().push((name, spec.partitions));
+            }
+        }
+        for (group, members) in groups {
+            if members.windows(2).any(|w| w[0].1 != w[1].1) {
+                problems.push(format!(
+                    "co-partitioned group {group:?} has different partition counts: {members:?}"
+                ));
+            }
+        }
+        for name in [DATA_CHANGED, SYNC_EVENTS, CONFLICT_DETECTED, DATA_REJECTED, RESOLVER_CHANGELOG] {
+            if let Some(spec) = self.topics.get(name) {
+                if spec.copartition.as_deref() != Some("bucket") {
+                    problems.push(format!("{name} must be in co-partitioning group \"bucket\""));
+                }
+            }
+        }
+        if self
+            .topics
+            .get(RESOLVER_CHANGELOG)
+            .is_some_and(|s| s.config.get("cleanup.policy").map(String::as_str) != Some("compact"))
+        {
+            problems.push(format!("{RESOLVER_CHANGELOG} must have cleanup.policy: compact"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(TopicsError::Invalid(problems))
+        }
+    }
+
+    /// The partition count of the bucket-partitioned topics.
+    pub fn bucket_partitions(&self) -> i32 {
+        self.topics.get(DATA_CHANGED).map_or(1, |s| s.partitions)
+    }
+}
+
+/// What `apply` did and found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Topics created now.
+    pub created: Vec<String>,
+    /// Topics that existed and match the file.
+    pub unchanged: Vec<String>,
+    /// Differences between live topics and the file, one line each. Nothing was changed.
+    pub drift: Vec<String>,
+}
+
+/// Creates missing topics and reports drift of the existing ones.
+pub async fn apply(brokers: &str, prefix: &str, file: &TopicsFile) -> Result<ApplyReport, TopicsError> {
+    let kafka = |e: rdkafka::error::KafkaError| TopicsError::Kafka(e.to_string());
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(kafka)?;
+    let timeout = Duration::from_secs(15);
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, timeout)
+        .map_err(kafka)?;
+    let live: BTreeMap<String, (i32, i32)> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| {
+            let rf = t.partitions().first().map_or(0, |p| p.replicas().len() as i32);
+            (t.name().to_owned(), (t.partitions().len() as i32, rf))
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(timeout));
+    let mut report = ApplyReport::default();
+    let mut to_create = Vec::new();
+    let mut existing = Vec::new();
+    for (name, spec) in &file.topics {
+        let full = format!("{prefix}{name}");
+        match live.get(&full) {
+            None => to_create.push((full, spec)),
+            Some(&(partitions, rf)) => {
+                if partitions != spec.partitions {
+                    report.drift.push(format!(
+                        "{full}: {partitions} partitions live, {} in the file",
+                        spec.partitions
+                    ));
+                }
+                if rf != spec.replication_factor {
+                    report.drift.push(format!(
+                        "{full}: replication factor {rf} live, {} in the file",
+                        spec.replication_factor
+                    ));
+                }
+                existing.push((full, spec));
+            }
+        }
+    }
+    if !to_create.is_empty() {
+        let new_topics: Vec<NewTopic<'_>> = to_create
+            .iter()
+            .map(|(full, spec)| {
+                spec.config.iter().fold(
+                    NewTopic::new(full, spec.partitions, TopicReplication::Fixed(spec.replication_factor)),
+                    |t, (k, v)| t.set(k, v),
+                )
+            })
+            .collect();
+        for result in admin.create_topics(&new_topics, &opts).await.map_err(kafka)? {
+            match result {
+                Ok(name) => report.created.push(name),
+                Err((name, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
+                    report.unchanged.push(name)
+                }
+                Err((name, code)) => {
+                    return Err(TopicsError::Kafka(format!("creating {name}: {code}")))
+                }
+            }
+        }
+    }
+    if !existing.is_empty() {
+        let resources: Vec<ResourceSpecifier<'_>> = existing
+            .iter()
+            .map(|(full, _)| ResourceSpecifier::Topic(full))
+            .collect();
+        let described = admin.describe_configs(&resources, &opts).await.map_err(kafka)?;
+        for ((full, spec), result) in existing.iter().zip(described) {
+            let resource = result.map_err(|e| TopicsError::Kafka(format!("describing {full}: {e}")))?;
+            let before = report.drift.len();
+            for (key, want) in &spec.config {
+                let live_value = resource.get(key).and_then(|e| e.value.clone());
+                if live_value.as_deref() != Some(want.as_str()) {
+                    report.drift.push(format!(
+                        "{full}: {key} is {} live, {want:?} in the file",
+                        live_value.map_or("unset".to_string(), |v| format!("{v:?}"))
+                    ));
+                }
+            }
+            if report.drift.len() == before && !report.drift.iter().any(|d| d.starts_with(&format!("{full}:"))) {
+                report.unchanged.push(full.clone());
+            }
+        }
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_repository_file_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topics.yaml");
+        let file = TopicsFile::load(&path).unwrap();
+        assert_eq!(file.topics.len(), REQUIRED.len());
+        assert!(file.bucket_partitions() >= 1);
+    }
+
+    #[test]
+    fn copartition_mismatch_is_reported() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topics.yaml");
+        let mut file = TopicsFile::load(&path).unwrap();
+        file.topics.get_mut(SYNC_EVENTS).unwrap().partitions = 2;
+        file.topics.remove(USER_CREATED);
+        let TopicsError::Invalid(problems) = file.validate().unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+}

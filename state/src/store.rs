@@ -1,0 +1,251 @@
+//! sled state stores: one tree per task (input partition of `data.changed`).
+//!
+//! # Key layout (tree `task-<partition>`)
+//!
+//! | key                                   | value                                   |
+//! |---------------------------------------|-----------------------------------------|
+//! | `d` NUL tenant NUL bucket NUL doc_id  | [`crate::codec`] encoding of `DocState` |
+//! | `s` NUL tenant NUL bucket             | last bucket sequence number, u64 BE     |
+//! | `m` NUL `changelog_offset`            | next changelog offset to read, i64 BE   |
+//!
+//! Tenant, bucket and document ids cannot contain NUL (see `processors::limits`), so keys are
+//! unambiguous. The same keys and values are the changelog records.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use processors::{BucketKey, DocKey, DocState, ResolveState};
+
+use crate::codec::{decode_doc, encode_doc, CodecError};
+
+/// Errors of the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// sled failed (I/O or corruption): fatal for the task; rebuild from the changelog.
+    #[error("state store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A stored record does not decode: the store is corrupt; rebuild from the changelog.
+    #[error("state record {key}: {source}")]
+    Codec {
+        /// The record's key, printable.
+        key: String,
+        /// Why it does not decode.
+        source: CodecError,
+    },
+}
+
+const CHANGELOG_OFFSET_KEY: &[u8] = b"m\0changelog_offset";
+
+/// The sled key of a document's state.
+pub fn doc_key_bytes(key: &DocKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(
+        3 + key.bucket.tenant.len() + key.bucket.bucket.len() + key.doc_id.len(),
+    );
+    k.extend_from_slice(b"d\0");
+    k.extend_from_slice(key.bucket.tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.bucket.bucket.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.doc_id.as_bytes());
+    k
+}
+
+/// The sled key of a bucket's last sequence number.
+pub fn seq_key_bytes(bucket: &BucketKey) -> Vec<u8> {
+    let mut k = Vec::with_capacity(3 + bucket.tenant.len() + bucket.bucket.len());
+    k.extend_from_slice(b"s\0");
+    k.extend_from_slice(bucket.tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(bucket.bucket.as_bytes());
+    k
+}
+
+/// Parses a document key back (for tools and restore).
+pub fn parse_doc_key(k: &[u8]) -> Option<DocKey> {
+    let rest = k.strip_prefix(b"d\0")?;
+    let mut parts = rest.splitn(3, |b| *b == 0);
+    let tenant = std::str::from_utf8(parts.next()?).ok()?.to_owned();
+    let bucket = std::str::from_utf8(parts.next()?).ok()?.to_owned();
+    let doc_id = std::str::from_utf8(parts.next()?).ok()?.to_owned();
+    Some(DocKey {
+        bucket: BucketKey { tenant, bucket },
+        doc_id,
+    })
+}
+
+/// The state of all tasks of one process: a sled database with one tree per task.
+#[derive(Clone)]
+pub struct TaskStore {
+    db: sled::Db,
+}
+
+impl TaskStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        Ok(Self {
+            db: sled::Config::new().path(dir).open()?,
+        })
+    }
+
+    /// A temporary store, deleted on drop (tests and tools).
+    pub fn temporary() -> Result<Self, StateError> {
+        Ok(Self {
+            db: sled::Config::new().temporary(true).open()?,
+        })
+    }
+
+    /// The tree of task `partition`.
+    pub fn task(&self, partition: i32) -> Result<sled::Tree, StateError> {
+        Ok(self.db.open_tree(format!("task-{partition}"))?)
+    }
+
+    /// Removes a task's state entirely (before a rebuild from the changelog).
+    pub fn wipe_task(&self, partition: i32) -> Result<(), StateError> {
+        self.task(partition)?.clear()?;
+        Ok(())
+    }
+
+    /// Flushes everything to disk.
+    pub fn flush(&self) -> Result<(), StateError> {
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// The next changelog offset recorded in a task tree.
+pub fn changelog_offset(tree: &sled::Tree) -> Result<Option<i64>, StateError> {
+    Ok(tree.get(CHANGELOG_OFFSET_KEY)?.and_then(|v| {
+        let bytes: [u8; 8] = v.as_ref().try_into().ok()?;
+        Some(i64::from_be_bytes(bytes))
+    }))
+}
+
+/// Reads one document's state from a task tree.
+pub fn read_doc(tree: &sled::Tree, key: &DocKey) -> Result<Option<DocState>, StateError> {
+    let k = doc_key_bytes(key);
+    match tree.get(&k)? {
+        None => Ok(None),
+        Some(bytes) => decode_doc(&bytes).map(Some).map_err(|source| StateError::Codec {
+            key: String::from_utf8_lossy(&k).replace('\0', "/"),
+            source,
+        }),
+    }
+}
+
+/// The in-memory overlay of one batch: reads fall through to sled, writes stay here until
+/// [`Overlay::into_batch`] turns them into one atomic sled batch.
+pub struct Overlay<'a> {
+    tree: &'a sled::Tree,
+    docs: HashMap<DocKey, DocState>,
+    seqs: HashMap<BucketKey, u64>,
+}
+
+impl<'a> Overlay<'a> {
+    /// An empty overlay over a task tree.
+    pub fn new(tree: &'a sled::Tree) -> Self {
+        Self {
+            tree,
+            docs: HashMap::new(),
+            seqs: HashMap::new(),
+        }
+    }
+
+    /// The changed records as `(key, value)` pairs: what the changelog must carry.
+    pub fn changelog_records(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let docs = self
+            .docs
+            .iter()
+            .map(|(k, d)| (doc_key_bytes(k), encode_doc(d)));
+        let seqs = self
+            .seqs
+            .iter()
+            .map(|(b, s)| (seq_key_bytes(b), s.to_be_bytes().to_vec()));
+        docs.chain(seqs).collect()
+    }
+
+    /// True when the batch changed nothing.
+    pub fn is_empty(&self) -> bool {
+        self.docs.is_empty() && self.seqs.is_empty()
+    }
+
+    /// The sled batch writing every change, plus the next changelog offset when known.
+    pub fn into_batch(self, next_changelog_offset: Option<i64>) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (k, v) in self.changelog_records() {
+            batch.insert(k, v);
+        }
+        if let Some(offset) = next_changelog_offset {
+            batch.insert(CHANGELOG_OFFSET_KEY, &offset.to_be_bytes());
+        }
+        batch
+    }
+}
+
+impl ResolveState for Overlay<'_> {
+    type Error = StateError;
+
+    fn load_doc(&mut self, key: &DocKey) -> Result<Option<DocState>, StateError> {
+        if let Some(doc) = self.docs.get(key) {
+            return Ok(Some(doc.clone()));
+        }
+        read_doc(self.tree, key)
+    }
+
+    fn store_doc(&mut self, key: &DocKey, doc: DocState) -> Result<(), StateError> {
+        self.docs.insert(key.clone(), doc);
+        Ok(())
+    }
+
+    fn last_seq(&mut self, bucket: &BucketKey) -> Result<u64, StateError> {
+        if let Some(seq) = self.seqs.get(bucket) {
+            return Ok(*seq);
+        }
+        Ok(self.tree.get(seq_key_bytes(bucket))?.map_or(0, |v| {
+            v.as_ref()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .unwrap_or_default()
+        }))
+    }
+
+    fn store_last_seq(&mut self, bucket: &BucketKey, seq: u64) -> Result<(), StateError> {
+        self.seqs.insert(bucket.clone(), seq);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use processors::{compute_diff, decode_write, resolve_lww, DiffContext, Limits};
+
+    #[test]
+    fn overlay_is_invisible_until_applied_then_durable() {
+        let store = TaskStore::temporary().unwrap();
+        let tree = store.task(3).unwrap();
+        let limits = Limits::default();
+        let ctx = DiffContext {
+            limits: &limits,
+            received_at_ms: 10,
+            max_skew_ms: 1_000,
+        };
+        let w = decode_write(
+            None,
+            br#"{"v":1,"event_id":"e","tenant":"t","bucket":"b","doc_id":"d","device_id":"x","op":"set","doc":{"k":1}}"#,
+        )
+        .unwrap();
+        let change = compute_diff(&w, &ctx).unwrap().unwrap();
+        let mut overlay = Overlay::new(&tree);
+        let out = resolve_lww(&mut overlay, &change).unwrap();
+        assert_eq!(out.change.unwrap().seq, 1);
+        assert_eq!(overlay.changelog_records().len(), 2);
+        assert!(read_doc(&tree, &change.key).unwrap().is_none());
+        tree.apply_batch(overlay.into_batch(Some(42))).unwrap();
+        let doc = read_doc(&tree, &change.key).unwrap().unwrap();
+        assert_eq!(doc.version, 1);
+        assert_eq!(changelog_offset(&tree).unwrap(), Some(42));
+        let mut again = Overlay::new(&tree);
+        assert_eq!(again.last_seq(&change.key.bucket).unwrap(), 1);
+        assert_eq!(parse_doc_key(&doc_key_bytes(&change.key)), Some(change.key));
+    }
+}
