@@ -202,7 +202,9 @@ pub fn parse_grants(text: &str) -> Result<Vec<Grant>, String> {
                     'r' => Ok(Perm::Read),
                     'w' => Ok(Perm::Write),
                     'a' => Ok(Perm::Admin),
-                    other => Err(format!("unknown permission {other:?} in {item:?} (use r, w, a)")),
+                    other => Err(format!(
+                        "unknown permission {other:?} in {item:?} (use r, w, a)"
+                    )),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             if bucket.is_empty() || perms.is_empty() {

@@ -23,7 +23,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route(
             "/v1/buckets/{bucket}/docs/{id}",
-            get(get_doc).put(put_doc).patch(patch_doc).delete(delete_doc),
+            get(get_doc)
+                .put(put_doc)
+                .patch(patch_doc)
+                .delete(delete_doc),
         )
         .layer(axum::extract::DefaultBodyLimit::max(
             state.limits.max_doc_bytes.saturating_mul(2).max(64 * 1024),
@@ -39,7 +42,12 @@ fn now_ms() -> u64 {
 }
 
 /// Verifies the bearer token and the grant for `perm` on `bucket`.
-fn authorize(state: &AppState, headers: &HeaderMap, perm: Perm, bucket: &str) -> Result<Claims, ApiError> {
+fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    perm: Perm,
+    bucket: &str,
+) -> Result<Claims, ApiError> {
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -124,9 +132,10 @@ async fn submit(
     };
     let hlc = {
         let client = match header_str(headers, "x-hlc")? {
-            Some(text) => Some(text.parse::<Hlc>().map_err(|e| {
-                ApiError::bad_request("invalid_header", format!("X-HLC: {e}"))
-            })?),
+            Some(text) => Some(
+                text.parse::<Hlc>()
+                    .map_err(|e| ApiError::bad_request("invalid_header", format!("X-HLC: {e}")))?,
+            ),
             None => None,
         };
         let mut clock = state.clock.lock().unwrap_or_else(|p| p.into_inner());
@@ -186,7 +195,15 @@ async fn patch_doc(
 ) -> Result<impl IntoResponse, ApiError> {
     authorize(&state, &headers, Perm::Write, &bucket)?;
     let patch = parse_body(&body)?;
-    submit(&state, &headers, bucket, id, params, WriteOp::Patch { patch }).await
+    submit(
+        &state,
+        &headers,
+        bucket,
+        id,
+        params,
+        WriteOp::Patch { patch },
+    )
+    .await
 }
 
 async fn delete_doc(

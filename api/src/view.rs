@@ -95,7 +95,11 @@ impl MongoView {
     pub async fn ensure_indexes(&self, tenant: &str) -> Result<(), ViewError> {
         let index = IndexModel::builder()
             .keys(doc! {"bucket": 1, "seq": 1})
-            .options(IndexOptions::builder().name("bucket_seq".to_string()).build())
+            .options(
+                IndexOptions::builder()
+                    .name("bucket_seq".to_string())
+                    .build(),
+            )
             .build();
         self.collection(tenant).create_index(index).await?;
         Ok(())

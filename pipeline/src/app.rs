@@ -72,14 +72,18 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
         let resolver = Resolver::new(cfg.clone(), resolver_stats.clone())
             .map_err(|e| AppError::Startup(e.to_string()))?;
         let flag = stop_flag.clone();
-        let handle = tokio::task::spawn_blocking(move || resolver.run(flag).map_err(|e| e.to_string()));
+        let handle =
+            tokio::task::spawn_blocking(move || resolver.run(flag).map_err(|e| e.to_string()));
         tasks.push((Role::Processor, handle));
     }
     if roles.contains(&Role::Projector) {
         let view = mongo_view(&cfg).await?;
         let rx = stop_rx.clone();
         let c = cfg.clone();
-        let handle = tokio::spawn(async move { projector::run(c, view, rx).await.map_err(|e| e.to_string()) });
+        let handle =
+            tokio::spawn(
+                async move { projector::run(c, view, rx).await.map_err(|e| e.to_string()) },
+            );
         tasks.push((Role::Projector, handle));
     }
     if roles.contains(&Role::Api) {
@@ -102,7 +106,9 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             let shutdown = async move {
                 let _ = rx.changed().await;
             };
-            api::serve(listener, state, shutdown).await.map_err(|e| e.to_string())
+            api::serve(listener, state, shutdown)
+                .await
+                .map_err(|e| e.to_string())
         });
         tasks.push((Role::Api, handle));
     }
@@ -117,7 +123,10 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
 
 impl Running {
     /// Waits until a role stops on its own (an error) or `signal` resolves, then stops them all.
-    pub async fn run_until(mut self, signal: impl std::future::Future<Output = ()>) -> Result<(), AppError> {
+    pub async fn run_until(
+        mut self,
+        signal: impl std::future::Future<Output = ()>,
+    ) -> Result<(), AppError> {
         let first_exit = async {
             loop {
                 if let Some(i) = self.tasks.iter().position(|(_, h)| h.is_finished()) {

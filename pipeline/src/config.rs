@@ -166,7 +166,13 @@ impl Config {
             if RESERVED_ENV.contains(&name.as_str()) {
                 continue;
             }
-            apply_env(&mut merged, &name, &rest.to_ascii_lowercase(), raw, &mut problems);
+            apply_env(
+                &mut merged,
+                &name,
+                &rest.to_ascii_lowercase(),
+                raw,
+                &mut problems,
+            );
         }
         // Deserialize each section on its own so every type error is reported.
         for (section, value) in &merged {
@@ -212,12 +218,18 @@ impl Config {
             out.push("mongo.database must be a plain non-empty name".into());
         }
         if self.api.listen.parse::<std::net::SocketAddr>().is_err() {
-            out.push(format!("api.listen {:?} is not an address like 127.0.0.1:8080", self.api.listen));
+            out.push(format!(
+                "api.listen {:?} is not an address like 127.0.0.1:8080",
+                self.api.listen
+            ));
         }
         if self.resolver.batch_max == 0 {
             out.push("resolver.batch_max must be at least 1".into());
         }
-        if self.limits.max_depth == 0 || self.limits.max_fields == 0 || self.limits.max_doc_bytes < 2 {
+        if self.limits.max_depth == 0
+            || self.limits.max_fields == 0
+            || self.limits.max_doc_bytes < 2
+        {
             out.push("limits must allow at least a small document".into());
         }
         out
@@ -231,7 +243,9 @@ impl Config {
 
 fn section_check(section: &str, value: Value) -> Result<(), String> {
     fn check<T: for<'de> Deserialize<'de>>(v: Value) -> Result<(), String> {
-        v.try_into::<T>().map(|_| ()).map_err(|e| e.to_string().trim().to_string())
+        v.try_into::<T>()
+            .map(|_| ())
+            .map_err(|e| e.to_string().trim().to_string())
     }
     match section {
         "kafka" => check::<KafkaConfig>(value),
@@ -265,19 +279,25 @@ fn merge(into: &mut Table, from: Table, at: &str, problems: &mut Vec<String>) {
 
 /// Applies one `SYNCFLOW_<SECTION>_<KEY>` variable, typed by the default's type.
 fn apply_env(into: &mut Table, name: &str, rest: &str, raw: String, problems: &mut Vec<String>) {
-    let target = rest.split_once('_').and_then(|(section, key)| {
-        match into.get_mut(section) {
-            Some(Value::Table(t)) => t.get_mut(key).map(|slot| (section.to_owned(), key.to_owned(), slot)),
+    let target = rest
+        .split_once('_')
+        .and_then(|(section, key)| match into.get_mut(section) {
+            Some(Value::Table(t)) => t
+                .get_mut(key)
+                .map(|slot| (section.to_owned(), key.to_owned(), slot)),
             _ => None,
-        }
-    });
+        });
     let Some((section, key, slot)) = target else {
         problems.push(format!("unknown environment variable {name}"));
         return;
     };
     let parsed = match slot {
         Value::String(_) => Ok(Value::String(raw.clone())),
-        Value::Integer(_) => raw.trim().parse::<i64>().map(Value::Integer).map_err(|_| "an integer"),
+        Value::Integer(_) => raw
+            .trim()
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| "an integer"),
         Value::Boolean(_) => match raw.trim() {
             "true" | "1" => Ok(Value::Boolean(true)),
             "false" | "0" => Ok(Value::Boolean(false)),
@@ -287,7 +307,9 @@ fn apply_env(into: &mut Table, name: &str, rest: &str, raw: String, problems: &m
     };
     match parsed {
         Ok(v) => *slot = v,
-        Err(expected) => problems.push(format!("{name} ({section}.{key}) must be {expected}, got {raw:?}")),
+        Err(expected) => problems.push(format!(
+            "{name} ({section}.{key}) must be {expected}, got {raw:?}"
+        )),
     }
 }
 
@@ -296,20 +318,35 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
-    const SECRET: (&str, &str) = ("SYNCFLOW_AUTH_JWT_SECRET", "0123456789abcdef0123456789abcdef");
+    const SECRET: (&str, &str) = (
+        "SYNCFLOW_AUTH_JWT_SECRET",
+        "0123456789abcdef0123456789abcdef",
+    );
 
     #[test]
     fn layers_apply_in_order() {
         let dir = std::env::temp_dir().join(format!("sfcfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
-        std::fs::write(&file, "[kafka]\nbrokers = \"file:1\"\ntopic_prefix = \"p.\"\n[resolver]\nmax_skew_ms = 5\n").unwrap();
+        std::fs::write(
+            &file,
+            "[kafka]\nbrokers = \"file:1\"\ntopic_prefix = \"p.\"\n[resolver]\nmax_skew_ms = 5\n",
+        )
+        .unwrap();
         let c = Config::load(
             Some(&file),
-            env(&[SECRET, ("SYNCFLOW_KAFKA_BROKERS", "env:2"), ("OTHER", "x"), ("SYNCFLOW_LOG", "debug")]),
+            env(&[
+                SECRET,
+                ("SYNCFLOW_KAFKA_BROKERS", "env:2"),
+                ("OTHER", "x"),
+                ("SYNCFLOW_LOG", "debug"),
+            ]),
         )
         .unwrap();
         assert_eq!(c.kafka.brokers, "env:2");
@@ -323,14 +360,27 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sfcfg2-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
-        std::fs::write(&file, "[kafka]\nbrokerz = \"x\"\n[nope]\na = 1\n[resolver]\nbatch_max = \"many\"\n").unwrap();
+        std::fs::write(
+            &file,
+            "[kafka]\nbrokerz = \"x\"\n[nope]\na = 1\n[resolver]\nbatch_max = \"many\"\n",
+        )
+        .unwrap();
         let err = Config::load(
             Some(&file),
-            env(&[("SYNCFLOW_KAFKA_NOPE", "1"), ("SYNCFLOW_RESOLVER_MAX_SKEW_MS", "soon")]),
+            env(&[
+                ("SYNCFLOW_KAFKA_NOPE", "1"),
+                ("SYNCFLOW_RESOLVER_MAX_SKEW_MS", "soon"),
+            ]),
         )
         .unwrap_err();
         let text = err.to_string();
-        for needle in ["kafka.brokerz", "\"nope\"", "SYNCFLOW_KAFKA_NOPE", "SYNCFLOW_RESOLVER_MAX_SKEW_MS", "batch_max"] {
+        for needle in [
+            "kafka.brokerz",
+            "\"nope\"",
+            "SYNCFLOW_KAFKA_NOPE",
+            "SYNCFLOW_RESOLVER_MAX_SKEW_MS",
+            "batch_max",
+        ] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
         assert!(err.0.len() >= 5, "{text}");

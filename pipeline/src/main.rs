@@ -11,7 +11,11 @@ use pipeline::config::Config;
 use pipeline::topics::{self, TopicsFile};
 
 #[derive(Parser)]
-#[command(name = "syncflow", version, about = "Real-time data sync backend on Kafka")]
+#[command(
+    name = "syncflow",
+    version,
+    about = "Real-time data sync backend on Kafka"
+)]
 struct Cli {
     /// Configuration file (TOML). Also `SYNCFLOW_CONFIG`.
     #[arg(long, global = true)]
@@ -110,7 +114,10 @@ async fn main() -> anyhow::Result<()> {
                 println!("DIFFERS   {d}  (not changed)");
             }
             if strict && !report.drift.is_empty() {
-                bail!("{} live topic setting(s) differ from the file", report.drift.len());
+                bail!(
+                    "{} live topic setting(s) differ from the file",
+                    report.drift.len()
+                );
             }
         }
         Command::Token {
@@ -120,10 +127,20 @@ async fn main() -> anyhow::Result<()> {
             ttl,
         } => {
             processors::limits::check_tenant(&tenant).map_err(|e| anyhow::anyhow!(e.message))?;
-            let grants = api::auth::parse_grants(&grants.join(",")).map_err(|e| anyhow::anyhow!(e))?;
+            let grants =
+                api::auth::parse_grants(&grants.join(",")).map_err(|e| anyhow::anyhow!(e))?;
             let keys = api::auth::TokenKeys::new(&cfg.auth);
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-            println!("{}", keys.mint(&sub, &tenant, grants, now, ttl.unwrap_or(cfg.auth.token_ttl_secs)));
+            println!(
+                "{}",
+                keys.mint(
+                    &sub,
+                    &tenant,
+                    grants,
+                    now,
+                    ttl.unwrap_or(cfg.auth.token_ttl_secs)
+                )
+            );
         }
     }
     Ok(())

@@ -24,6 +24,9 @@ pub enum ProjectorError {
     /// Kafka client setup failed.
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    /// A topic is missing.
+    #[error(transparent)]
+    Topics(#[from] topics::TopicsError),
 }
 
 /// The Redis channel a bucket's applied changes are published on.
@@ -32,10 +35,17 @@ pub fn change_channel(prefix: &str, tenant: &str, bucket: &str) -> String {
 }
 
 /// Runs the projector until `shutdown` turns true.
-pub async fn run(cfg: Config, view: MongoView, mut shutdown: watch::Receiver<bool>) -> Result<(), ProjectorError> {
+pub async fn run(
+    cfg: Config,
+    view: MongoView,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ProjectorError> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("group.id", format!("{}syncflow-projector", cfg.kafka.topic_prefix))
+        .set(
+            "group.id",
+            format!("{}syncflow-projector", cfg.kafka.topic_prefix),
+        )
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "500")
@@ -43,8 +53,14 @@ pub async fn run(cfg: Config, view: MongoView, mut shutdown: watch::Receiver<boo
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
+        .set("topic.metadata.refresh.interval.ms", "5000")
         .create()?;
-    consumer.subscribe(&[&cfg.topic(topics::SYNC_EVENTS)])?;
+    let topic = cfg.topic(topics::SYNC_EVENTS);
+    // Blocking metadata calls: keep them off the async workers.
+    tokio::task::block_in_place(|| {
+        topics::wait_for_topic(&consumer, &topic, Duration::from_secs(30))
+    })?;
+    consumer.subscribe(&[&topic])?;
     let redis = redis::Client::open(cfg.redis.url.as_str()).ok();
     let mut publisher: Option<redis::aio::MultiplexedConnection> = None;
     let mut indexed: HashSet<String> = HashSet::new();
@@ -65,7 +81,12 @@ pub async fn run(cfg: Config, view: MongoView, mut shutdown: watch::Receiver<boo
             Some(Ok(e)) => e,
             other => {
                 // Only the resolver writes this topic; a bad record is a bug, never a reason to stall.
-                tracing::error!(partition = m.partition(), offset = m.offset(), ?other, "undecodable sync event skipped");
+                tracing::error!(
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    ?other,
+                    "undecodable sync event skipped"
+                );
                 let _ = consumer.store_offset_from_message(&m);
                 continue;
             }
@@ -99,8 +120,11 @@ pub async fn run(cfg: Config, view: MongoView, mut shutdown: watch::Receiver<boo
             if let Some(conn) = publisher.as_mut() {
                 let channel = change_channel(&cfg.kafka.topic_prefix, &event.tenant, &event.bucket);
                 let payload = serde_json::to_string(&event).expect("event serializes");
-                let sent: redis::RedisResult<i64> =
-                    redis::cmd("PUBLISH").arg(&channel).arg(payload).query_async(conn).await;
+                let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(payload)
+                    .query_async(conn)
+                    .await;
                 if let Err(e) = sent {
                     tracing::warn!(error = %e, "redis publish failed");
                     publisher = None;

@@ -18,9 +18,10 @@
 //! inside the same transaction, to the partition Kafka's default partitioner gives its key, so
 //! one task always owns a bucket. All calls here block: run the loop on its own thread.
 
+use std::collections::HashSet;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -28,7 +29,7 @@ use processors::{compute_diff, decode_write, resolve_lww, DiffContext, Rejection
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
-use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer, DefaultProducerContext};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext};
 use serde::{Deserialize, Serialize};
@@ -97,6 +98,8 @@ pub struct ResolverStats {
     pub rejected: AtomicU64,
     /// Aborted batches.
     pub aborted: AtomicU64,
+    /// Changelog records replayed into task state.
+    pub restored: AtomicU64,
 }
 
 struct TaskContext {
@@ -118,6 +121,37 @@ impl ConsumerContext for TaskContext {
     }
 }
 
+/// Remembers, per changelog partition, the offset after the last delivered changelog record.
+///
+/// Read after a commit to record in sled how far the changelog is reflected. Delivery reports may
+/// trail the commit; a stale (lower) value only makes the next restore replay a little more.
+pub struct DeliveryTracker {
+    changelog: String,
+    next: Mutex<HashMap<i32, i64>>,
+}
+
+impl ClientContext for DeliveryTracker {}
+
+impl ProducerContext for DeliveryTracker {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Ok(m) = result {
+            if m.topic() == self.changelog {
+                let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+                let slot = next.entry(m.partition()).or_insert(0);
+                *slot = (*slot).max(m.offset() + 1);
+            }
+        }
+    }
+}
+
+impl DeliveryTracker {
+    fn next_offset(&self, partition: i32) -> Option<i64> {
+        let next = self.next.lock().unwrap_or_else(|p| p.into_inner());
+        next.get(&partition).copied()
+    }
+}
+
 struct Output {
     topic: String,
     partition: i32,
@@ -131,18 +165,26 @@ pub struct Resolver {
     store: TaskStore,
     trees: HashMap<i32, state::TaskTree>,
     partitions: i32,
+    restored: HashSet<i32>,
+    restored_generation: u64,
     stats: Arc<ResolverStats>,
 }
 
 fn transactional_id(cfg: &Config) -> String {
     if !cfg.kafka.instance_id.is_empty() {
-        return format!("{}syncflow-resolver-{}", cfg.kafka.topic_prefix, cfg.kafka.instance_id);
+        return format!(
+            "{}syncflow-resolver-{}",
+            cfg.kafka.topic_prefix, cfg.kafka.instance_id
+        );
     }
     let dir = std::fs::canonicalize(&cfg.state.dir)
         .unwrap_or_else(|_| std::path::PathBuf::from(&cfg.state.dir));
     let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let digest = crate::partition::murmur2(format!("{}|{}", host.trim(), dir.display()).as_bytes());
-    format!("{}syncflow-resolver-{:08x}", cfg.kafka.topic_prefix, digest as u32)
+    format!(
+        "{}syncflow-resolver-{:08x}",
+        cfg.kafka.topic_prefix, digest as u32
+    )
 }
 
 impl Resolver {
@@ -156,14 +198,27 @@ impl Resolver {
             store,
             trees: HashMap::new(),
             partitions: 0,
+            restored: HashSet::new(),
+            restored_generation: 0,
             stats,
         })
     }
 
-    fn consumer(&self, generation: Arc<AtomicU64>) -> Result<BaseConsumer<TaskContext>, ResolverError> {
-        let c: BaseConsumer<TaskContext> = ClientConfig::new()
+    fn consumer(
+        &self,
+        generation: Arc<AtomicU64>,
+    ) -> Result<BaseConsumer<TaskContext>, ResolverError> {
+        let mut config = ClientConfig::new();
+        if !self.cfg.kafka.instance_id.is_empty() {
+            // Static membership: a restarted instance takes its partitions back without a rebalance.
+            config.set("group.instance.id", transactional_id(&self.cfg));
+        }
+        let c: BaseConsumer<TaskContext> = config
             .set("bootstrap.servers", &self.cfg.kafka.brokers)
-            .set("group.id", format!("{}syncflow-resolver", self.cfg.kafka.topic_prefix))
+            .set(
+                "group.id",
+                format!("{}syncflow-resolver", self.cfg.kafka.topic_prefix),
+            )
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
@@ -171,28 +226,28 @@ impl Resolver {
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
             .set("max.poll.interval.ms", "60000")
+            .set("topic.metadata.refresh.interval.ms", "5000")
             .create_with_context(TaskContext { generation })?;
         let topic = self.cfg.topic(topics::DATA_CHANGED);
-        let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        let count = md.topics().first().filter(|t| t.error().is_none()).map_or(0, |t| t.partitions().len());
-        if count == 0 {
-            return Err(ResolverError::Setup(format!(
-                "topic {topic} does not exist: run `syncflow topics apply`"
-            )));
-        }
+        topics::wait_for_topic(&c, &topic, Duration::from_secs(30))
+            .map_err(|e| ResolverError::Setup(e.to_string()))?;
         c.subscribe(&[&topic])?;
         Ok(c)
     }
 
-    fn producer(&self) -> Result<ThreadedProducer<DefaultProducerContext>, ResolverError> {
-        let p: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    fn producer(&self) -> Result<ThreadedProducer<DeliveryTracker>, ResolverError> {
+        let tracker = DeliveryTracker {
+            changelog: self.cfg.topic(topics::RESOLVER_CHANGELOG),
+            next: Mutex::new(HashMap::new()),
+        };
+        let p: ThreadedProducer<DeliveryTracker> = ClientConfig::new()
             .set("bootstrap.servers", &self.cfg.kafka.brokers)
             .set("transactional.id", transactional_id(&self.cfg))
             .set("enable.idempotence", "true")
             .set("transaction.timeout.ms", "20000")
             .set("message.timeout.ms", "15000")
             .set("linger.ms", "2")
-            .create()?;
+            .create_with_context(tracker)?;
         p.init_transactions(Duration::from_secs(30))?;
         Ok(p)
     }
@@ -220,7 +275,10 @@ impl Resolver {
         let producer = self.producer()?;
         let topic = self.cfg.topic(topics::DATA_CHANGED);
         let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        self.partitions = md.topics().first().map_or(1, |t| t.partitions().len() as i32);
+        self.partitions = md
+            .topics()
+            .first()
+            .map_or(1, |t| t.partitions().len() as i32);
         tracing::info!(partitions = self.partitions, "resolver started");
         let poll = Duration::from_millis(self.cfg.resolver.poll_ms.max(1));
         while !shutdown.load(Ordering::SeqCst) {
@@ -241,19 +299,56 @@ impl Resolver {
                     None => break,
                 }
             }
+            if generation.load(Ordering::SeqCst) != self.restored_generation {
+                // Partitions moved: every task restores (catches up from its changelog) again.
+                self.restored.clear();
+                self.restored_generation = generation.load(Ordering::SeqCst);
+            }
+            let mut fresh: Vec<i32> = batch
+                .iter()
+                .map(|m| m.partition())
+                .filter(|p| !self.restored.contains(p))
+                .collect();
+            fresh.sort_unstable();
+            fresh.dedup();
+            for p in fresh {
+                self.restore_task(p)?;
+                self.restored.insert(p);
+            }
             let started = Instant::now();
             match self.process_batch(&consumer, &producer, &batch, &generation, gen_at_start) {
                 Ok(()) => {
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                    self.stats.records.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                    tracing::debug!(records = batch.len(), ms = started.elapsed().as_millis() as u64, "batch committed");
+                    self.stats
+                        .records
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    tracing::debug!(
+                        records = batch.len(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "batch committed"
+                    );
                 }
                 Err(e) => {
                     self.stats.aborted.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(error = %e, "batch aborted; rewinding");
                     let fatal = match &e {
                         ResolverError::Kafka(KafkaError::Transaction(t)) => t.is_fatal(),
-                        ResolverError::State(_) | ResolverError::Setup(_) => return Err(e),
+                        ResolverError::Setup(_) => return Err(e),
+                        ResolverError::State(_) => {
+                            // A corrupt or failing local store: drop the batch's tasks and
+                            // rebuild them from the changelog before going on.
+                            let mut parts: Vec<i32> = batch.iter().map(|m| m.partition()).collect();
+                            parts.dedup();
+                            for p in parts {
+                                tracing::error!(
+                                    partition = p,
+                                    "wiping task state; it will be restored from the changelog"
+                                );
+                                self.store.wipe_task(p)?;
+                                self.restored.remove(&p);
+                            }
+                            false
+                        }
                         _ => false,
                     };
                     if let Err(abort) = producer.abort_transaction(Duration::from_secs(30)) {
@@ -270,6 +365,101 @@ impl Resolver {
         Ok(())
     }
 
+    /// Brings task `partition`'s sled state up to date from its changelog partition, starting at
+    /// the offset stored in sled (0 for a new or wiped store), up to the last committed record.
+    fn restore_task(&mut self, partition: i32) -> Result<(), ResolverError> {
+        let tree = self.tree(partition)?;
+        let from = match state::store::changelog_offset(&tree) {
+            Ok(Some(o)) => o,
+            Ok(None) => {
+                if !tree.is_empty() {
+                    tracing::warn!(
+                        partition,
+                        "task state without a changelog offset; rebuilding"
+                    );
+                    tree.clear().map_err(StateError::from)?;
+                }
+                0
+            }
+            Err(e) => {
+                tracing::warn!(partition, error = %e, "unreadable task state; rebuilding");
+                tree.clear().map_err(StateError::from)?;
+                0
+            }
+        };
+        let started = Instant::now();
+        let topic = self.cfg.topic(topics::RESOLVER_CHANGELOG);
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.cfg.kafka.brokers)
+            .set(
+                "group.id",
+                format!("{}syncflow-restore", self.cfg.kafka.topic_prefix),
+            )
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(from))?;
+        reader.assign(&tpl)?;
+        let mut batch = state::sled::Batch::default();
+        let (mut pending, mut total) = (0usize, 0u64);
+        let mut next = from;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            match reader.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    if let Some(key) = m.key() {
+                        match m.payload() {
+                            Some(v) if !v.is_empty() => batch.insert(key, v),
+                            _ => batch.remove(key),
+                        }
+                    }
+                    next = m.offset() + 1;
+                    pending += 1;
+                    total += 1;
+                    if pending >= 10_000 {
+                        tree.apply_batch(std::mem::take(&mut batch))
+                            .map_err(StateError::from)?;
+                        pending = 0;
+                        tracing::info!(partition, restored = total, "restoring task state");
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => {
+                    tracing::warn!(partition, error = %e, "changelog read error; retrying")
+                }
+                None => {}
+            }
+            if Instant::now() > deadline {
+                return Err(ResolverError::Setup(format!(
+                    "restoring task {partition} did not reach the end of {topic} in 300 s"
+                )));
+            }
+        }
+        // The position after EOF also skips transaction markers at the end.
+        if let Ok(pos) = reader.position() {
+            if let Some(Offset::Offset(o)) =
+                pos.find_partition(&topic, partition).map(|e| e.offset())
+            {
+                next = next.max(o);
+            }
+        }
+        batch.insert(state::store::CHANGELOG_OFFSET_KEY, &next.to_be_bytes());
+        tree.apply_batch(batch).map_err(StateError::from)?;
+        self.stats.restored.fetch_add(total, Ordering::Relaxed);
+        tracing::info!(
+            partition,
+            from,
+            to = next,
+            records = total,
+            ms = started.elapsed().as_millis() as u64,
+            "task restored"
+        );
+        Ok(())
+    }
+
     fn tree(&mut self, partition: i32) -> Result<state::TaskTree, ResolverError> {
         if let Some(t) = self.trees.get(&partition) {
             return Ok(t.clone());
@@ -282,7 +472,7 @@ impl Resolver {
     fn process_batch(
         &mut self,
         consumer: &BaseConsumer<TaskContext>,
-        producer: &ThreadedProducer<DefaultProducerContext>,
+        producer: &ThreadedProducer<DeliveryTracker>,
         batch: &[OwnedMessage],
         generation: &AtomicU64,
         gen_at_start: u64,
@@ -299,7 +489,9 @@ impl Resolver {
             trees.iter().map(|(p, t)| (*p, Overlay::new(t))).collect();
         let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
         for m in batch {
-            let overlay = overlays.get_mut(&m.partition()).expect("overlay per partition");
+            let overlay = overlays
+                .get_mut(&m.partition())
+                .expect("overlay per partition");
             for out in self.process_record(m, overlay)? {
                 send(producer, out)?;
             }
@@ -334,13 +526,17 @@ impl Resolver {
         producer.commit_transaction(Duration::from_secs(30))?;
         for (p, overlay) in overlays {
             trees[&p]
-                .apply_batch(overlay.into_batch(None))
+                .apply_batch(overlay.into_batch(producer.context().next_offset(p)))
                 .map_err(StateError::from)?;
         }
         Ok(())
     }
 
-    fn process_record(&self, m: &OwnedMessage, overlay: &mut Overlay<'_>) -> Result<Vec<Output>, ResolverError> {
+    fn process_record(
+        &self,
+        m: &OwnedMessage,
+        overlay: &mut Overlay<'_>,
+    ) -> Result<Vec<Output>, ResolverError> {
         let payload = m.payload().unwrap_or_default();
         let received_at = m
             .timestamp()
@@ -382,17 +578,28 @@ impl Resolver {
         };
         if let Some(event) = &applied.change {
             tracing::debug!(bucket = %key, seq = event.seq, doc = %event.doc_id, "resolved change");
-            out.push(to(topics::SYNC_EVENTS, serde_json::to_vec(event).expect("event serializes")));
+            out.push(to(
+                topics::SYNC_EVENTS,
+                serde_json::to_vec(event).expect("event serializes"),
+            ));
         }
         for conflict in &applied.conflicts {
-            out.push(to(topics::CONFLICT_DETECTED, serde_json::to_vec(conflict).expect("conflict serializes")));
+            out.push(to(
+                topics::CONFLICT_DETECTED,
+                serde_json::to_vec(conflict).expect("conflict serializes"),
+            ));
         }
         Ok(out)
     }
 
     fn rejected(&self, m: &OwnedMessage, r: Rejection) -> Output {
         self.stats.rejected.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(partition = m.partition(), offset = m.offset(), reason = r.code.as_str(), "write dead-lettered");
+        tracing::info!(
+            partition = m.partition(),
+            offset = m.offset(),
+            reason = r.code.as_str(),
+            "write dead-lettered"
+        );
         let b64 = base64::engine::general_purpose::STANDARD;
         let record = RejectedRecord {
             v: REJECTED_FORMAT_VERSION,
@@ -426,7 +633,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn send(producer: &ThreadedProducer<DefaultProducerContext>, out: Output) -> Result<(), ResolverError> {
+fn send(producer: &ThreadedProducer<DeliveryTracker>, out: Output) -> Result<(), ResolverError> {
     let mut record = BaseRecord::to(&out.topic)
         .partition(out.partition)
         .key(&out.key[..])

@@ -107,7 +107,9 @@ impl TopicsFile {
         let mut groups: BTreeMap<&str, Vec<(&str, i32)>> = BTreeMap::new();
         for (name, spec) in &self.topics {
             if spec.partitions < 1 || spec.replication_factor < 1 {
-                problems.push(format!("{name}: partitions and replication_factor must be >= 1"));
+                problems.push(format!(
+                    "{name}: partitions and replication_factor must be >= 1"
+                ));
             }
             if let Some(g) = &spec.copartition {
                 groups.entry(g).or_default().push((name, spec.partitions));
@@ -120,10 +122,18 @@ impl TopicsFile {
                 ));
             }
         }
-        for name in [DATA_CHANGED, SYNC_EVENTS, CONFLICT_DETECTED, DATA_REJECTED, RESOLVER_CHANGELOG] {
+        for name in [
+            DATA_CHANGED,
+            SYNC_EVENTS,
+            CONFLICT_DETECTED,
+            DATA_REJECTED,
+            RESOLVER_CHANGELOG,
+        ] {
             if let Some(spec) = self.topics.get(name) {
                 if spec.copartition.as_deref() != Some("bucket") {
-                    problems.push(format!("{name} must be in co-partitioning group \"bucket\""));
+                    problems.push(format!(
+                        "{name} must be in co-partitioning group \"bucket\""
+                    ));
                 }
             }
         }
@@ -132,7 +142,9 @@ impl TopicsFile {
             .get(RESOLVER_CHANGELOG)
             .is_some_and(|s| s.config.get("cleanup.policy").map(String::as_str) != Some("compact"))
         {
-            problems.push(format!("{RESOLVER_CHANGELOG} must have cleanup.policy: compact"));
+            problems.push(format!(
+                "{RESOLVER_CHANGELOG} must have cleanup.policy: compact"
+            ));
         }
         if problems.is_empty() {
             Ok(())
@@ -144,6 +156,36 @@ impl TopicsFile {
     /// The partition count of the bucket-partitioned topics.
     pub fn bucket_partitions(&self) -> i32 {
         self.topics.get(DATA_CHANGED).map_or(1, |s| s.partitions)
+    }
+}
+
+/// Waits until `topic` shows up with partitions in `client`'s metadata (fresh topics take a moment
+/// to propagate), so a subscription does not start on an unknown topic.
+pub fn wait_for_topic<C: rdkafka::consumer::Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
+    client: &C,
+    topic: &str,
+    timeout: Duration,
+) -> Result<usize, TopicsError> {
+    let start = std::time::Instant::now();
+    loop {
+        let found = client
+            .fetch_metadata(Some(topic), Duration::from_secs(5))
+            .ok()
+            .and_then(|md| {
+                md.topics()
+                    .first()
+                    .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+                    .map(|t| t.partitions().len())
+            });
+        if let Some(n) = found {
+            return Ok(n);
+        }
+        if start.elapsed() > timeout {
+            return Err(TopicsError::Kafka(format!(
+                "topic {topic} does not exist after {timeout:?}: run `syncflow topics apply`"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
@@ -159,23 +201,27 @@ pub struct ApplyReport {
 }
 
 /// Creates missing topics and reports drift of the existing ones.
-pub async fn apply(brokers: &str, prefix: &str, file: &TopicsFile) -> Result<ApplyReport, TopicsError> {
+pub async fn apply(
+    brokers: &str,
+    prefix: &str,
+    file: &TopicsFile,
+) -> Result<ApplyReport, TopicsError> {
     let kafka = |e: rdkafka::error::KafkaError| TopicsError::Kafka(e.to_string());
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()
         .map_err(kafka)?;
     let timeout = Duration::from_secs(15);
-    let metadata = admin
-        .inner()
-        .fetch_metadata(None, timeout)
-        .map_err(kafka)?;
+    let metadata = admin.inner().fetch_metadata(None, timeout).map_err(kafka)?;
     let live: BTreeMap<String, (i32, i32)> = metadata
         .topics()
         .iter()
         .filter(|t| t.error().is_none())
         .map(|t| {
-            let rf = t.partitions().first().map_or(0, |p| p.replicas().len() as i32);
+            let rf = t
+                .partitions()
+                .first()
+                .map_or(0, |p| p.replicas().len() as i32);
             (t.name().to_owned(), (t.partitions().len() as i32, rf))
         })
         .collect();
@@ -209,12 +255,20 @@ pub async fn apply(brokers: &str, prefix: &str, file: &TopicsFile) -> Result<App
             .iter()
             .map(|(full, spec)| {
                 spec.config.iter().fold(
-                    NewTopic::new(full, spec.partitions, TopicReplication::Fixed(spec.replication_factor)),
+                    NewTopic::new(
+                        full,
+                        spec.partitions,
+                        TopicReplication::Fixed(spec.replication_factor),
+                    ),
                     |t, (k, v)| t.set(k, v),
                 )
             })
             .collect();
-        for result in admin.create_topics(&new_topics, &opts).await.map_err(kafka)? {
+        for result in admin
+            .create_topics(&new_topics, &opts)
+            .await
+            .map_err(kafka)?
+        {
             match result {
                 Ok(name) => report.created.push(name),
                 Err((name, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
@@ -231,9 +285,13 @@ pub async fn apply(brokers: &str, prefix: &str, file: &TopicsFile) -> Result<App
             .iter()
             .map(|(full, _)| ResourceSpecifier::Topic(full))
             .collect();
-        let described = admin.describe_configs(&resources, &opts).await.map_err(kafka)?;
+        let described = admin
+            .describe_configs(&resources, &opts)
+            .await
+            .map_err(kafka)?;
         for ((full, spec), result) in existing.iter().zip(described) {
-            let resource = result.map_err(|e| TopicsError::Kafka(format!("describing {full}: {e}")))?;
+            let resource =
+                result.map_err(|e| TopicsError::Kafka(format!("describing {full}: {e}")))?;
             let before = report.drift.len();
             for (key, want) in &spec.config {
                 let live_value = resource.get(key).and_then(|e| e.value.clone());
@@ -244,7 +302,12 @@ pub async fn apply(brokers: &str, prefix: &str, file: &TopicsFile) -> Result<App
                     ));
                 }
             }
-            if report.drift.len() == before && !report.drift.iter().any(|d| d.starts_with(&format!("{full}:"))) {
+            if report.drift.len() == before
+                && !report
+                    .drift
+                    .iter()
+                    .any(|d| d.starts_with(&format!("{full}:")))
+            {
                 report.unchanged.push(full.clone());
             }
         }

@@ -15,9 +15,7 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use processors::{
-    compute_diff, resolve_lww, DiffContext, Hlc, Limits, MemState, Write, WriteOp,
-};
+use processors::{compute_diff, resolve_lww, DiffContext, Hlc, Limits, MemState, Write, WriteOp};
 use serde_json::{json, Map, Value};
 
 const DOCS: usize = 10_000;
@@ -52,7 +50,11 @@ fn value(rng: &mut Rng, kind: u8) -> Value {
         1 => json!(format!("value-{}", rng.below(100_000))),
         2 => json!(rng.below(2) == 0),
         3 => json!(rng.below(1000) as f64 / 7.0),
-        _ => json!([rng.below(100), rng.below(100), format!("tag{}", rng.below(10))]),
+        _ => json!([
+            rng.below(100),
+            rng.below(100),
+            format!("tag{}", rng.below(10))
+        ]),
     }
 }
 
@@ -132,9 +134,13 @@ fn workload(set_pct: usize, delete_pct: usize) -> Workload {
     let limits = Limits::default();
     let mut state = MemState::default();
     for (d, fields) in shapes.iter().enumerate() {
-        let mut w = write(d, d, WriteOp::Set {
-            doc: full_doc(&mut rng, fields),
-        });
+        let mut w = write(
+            d,
+            d,
+            WriteOp::Set {
+                doc: full_doc(&mut rng, fields),
+            },
+        );
         w.hlc = Some(Hlc::new(1, 0));
         let ctx = DiffContext {
             limits: &limits,
@@ -167,7 +173,10 @@ fn workload(set_pct: usize, delete_pct: usize) -> Workload {
 }
 
 fn run(c: &mut Criterion, name: &str, set_pct: usize, delete_pct: usize) {
-    let Workload { mut state, mut writes } = workload(set_pct, delete_pct);
+    let Workload {
+        mut state,
+        mut writes,
+    } = workload(set_pct, delete_pct);
     let limits = Limits::default();
     let mut clock = 10u64;
     let mut next = 0usize;

@@ -12,7 +12,9 @@ use crate::write::{DocKey, Write, WriteOp};
 ///
 /// `hlc` decides; the device id breaks ties between devices; the event id only separates two
 /// different writes that share both (a misbehaving client), so the order stays total.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Stamp {
     /// The (bounded) hybrid logical clock of the write.
     pub hlc: Hlc,
@@ -183,7 +185,12 @@ mod tests {
             Some(Hlc::new(900, 1)),
         );
         let c = compute_diff(&w, &ctx(&l)).unwrap().unwrap();
-        let ChangeOp::Fields { replace, set, unset } = c.op else {
+        let ChangeOp::Fields {
+            replace,
+            set,
+            unset,
+        } = c.op
+        else {
             panic!("fields expected")
         };
         assert!(!replace);
@@ -196,11 +203,20 @@ mod tests {
     #[test]
     fn empty_patch_is_dropped_but_empty_set_is_not() {
         let l = Limits::default();
-        let w = write(WriteOp::Patch { patch: obj(json!({"a": {}})) }, None);
+        let w = write(
+            WriteOp::Patch {
+                patch: obj(json!({"a": {}})),
+            },
+            None,
+        );
         assert_eq!(compute_diff(&w, &ctx(&l)).unwrap(), None);
         let w = write(WriteOp::Set { doc: Map::new() }, None);
         let c = compute_diff(&w, &ctx(&l)).unwrap().unwrap();
-        assert_eq!(c.stamp.hlc, Hlc::new(1_000, 0), "record time stands in for a missing hlc");
+        assert_eq!(
+            c.stamp.hlc,
+            Hlc::new(1_000, 0),
+            "record time stands in for a missing hlc"
+        );
     }
 
     #[test]

@@ -147,7 +147,16 @@ mod tests {
     fn text_form_round_trips_and_rejects_garbage() {
         let h = Hlc::new(1_732_540_800_000, 3);
         assert_eq!(h.to_string().parse::<Hlc>().unwrap(), h);
-        for bad in ["", "1", "1:", ":1", "a:1", "1:-1", "1:2:3", "18446744073709551616:0"] {
+        for bad in [
+            "",
+            "1",
+            "1:",
+            ":1",
+            "a:1",
+            "1:-1",
+            "1:2:3",
+            "18446744073709551616:0",
+        ] {
             assert!(bad.parse::<Hlc>().is_err(), "{bad} parsed");
         }
     }

@@ -86,7 +86,9 @@ impl Limits {
     pub fn check_body(&self, body: &Map<String, Value>) -> Result<(), Rejection> {
         let mut fields = 0usize;
         self.check_object(body, 1, &mut fields, "")?;
-        let size = serde_json::to_vec(body).map(|v| v.len()).unwrap_or(usize::MAX);
+        let size = serde_json::to_vec(body)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
         if size > self.max_doc_bytes {
             return Err(Rejection::new(
                 RejectCode::TooLarge,
@@ -226,13 +228,21 @@ mod tests {
         };
         let code = |v: Value| l.check_body(&body(v)).unwrap_err().code;
         assert_eq!(code(json!({"a": {"b": {"c": 1}}})), RejectCode::TooDeep);
-        assert_eq!(code(json!({"a": 1, "b": 2, "c": 3})), RejectCode::TooManyFields);
+        assert_eq!(
+            code(json!({"a": 1, "b": 2, "c": 3})),
+            RejectCode::TooManyFields
+        );
         assert_eq!(code(json!({"a": "x".repeat(50)})), RejectCode::TooLarge);
         assert_eq!(code(json!({"a.b": 1})), RejectCode::InvalidFieldName);
         assert_eq!(code(json!({"$a": 1})), RejectCode::InvalidFieldName);
         assert_eq!(code(json!({"": 1})), RejectCode::InvalidFieldName);
         assert_eq!(code(json!({"a": [[1]]})), RejectCode::InvalidValue);
-        assert_eq!(code(json!({"a": [{"$x": 1}]})), RejectCode::InvalidFieldName);
-        assert!(l.check_body(&body(json!({"a": {"b": 1}, "c": [1]}))).is_ok());
+        assert_eq!(
+            code(json!({"a": [{"$x": 1}]})),
+            RejectCode::InvalidFieldName
+        );
+        assert!(l
+            .check_body(&body(json!({"a": {"b": 1}, "c": [1]})))
+            .is_ok());
     }
 }

@@ -53,7 +53,9 @@ fn flatten_into(
 }
 
 /// Builds a document from leaves no two of which lie on one root-to-leaf chain.
-pub fn nest<'a>(leaves: impl IntoIterator<Item = (&'a FieldPath, &'a Value)>) -> Map<String, Value> {
+pub fn nest<'a>(
+    leaves: impl IntoIterator<Item = (&'a FieldPath, &'a Value)>,
+) -> Map<String, Value> {
     let mut doc = Map::new();
     for (path, value) in leaves {
         set_path(&mut doc, path, value.clone());
@@ -120,7 +122,13 @@ mod tests {
 
     #[test]
     fn descendants_sort_right_after_their_ancestor() {
-        let mut paths = [vec!["a0"], vec!["a", "b"], vec!["a"], vec!["a", "c", "d"], vec!["b"]];
+        let mut paths = [
+            vec!["a0"],
+            vec!["a", "b"],
+            vec!["a"],
+            vec!["a", "c", "d"],
+            vec!["b"],
+        ];
         paths.sort();
         assert_eq!(paths[0], vec!["a"]);
         assert_eq!(paths[1], vec!["a", "b"]);

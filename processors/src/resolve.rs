@@ -30,7 +30,7 @@ use crate::events::{
     ConflictEvent, ConflictRule, ConflictSide, SideOp, SyncEvent, EVENT_FORMAT_VERSION,
 };
 use crate::hlc::Hlc;
-use crate::path::{dotted, is_prefix, nest, FieldPath};
+use crate::path::{dotted, is_prefix, set_path, FieldPath};
 use crate::write::{BucketKey, DocKey};
 
 /// Most devices remembered per document for retransmission detection; the oldest are forgotten.
@@ -92,54 +92,133 @@ impl DocState {
             .max_by(|a, b| a.1.stamp.cmp(&b.1.stamp))
     }
 
+    /// The visible registers, in path order.
+    fn visible(&self) -> impl Iterator<Item = (&FieldPath, &Register)> {
+        let cleared = self.cleared_at();
+        sweep(self.registers.iter())
+            .into_iter()
+            .filter(move |e| e.visible(cleared))
+            .map(|e| (e.path, e.reg))
+    }
+
     /// The visible leaves by path.
     pub fn visible_leaves(&self) -> BTreeMap<FieldPath, Value> {
-        let cleared = self.cleared_at();
-        self.registers
-            .iter()
-            .filter(|(p, r)| {
-                r.value.is_some()
-                    && cleared.is_none_or(|c| r.stamp >= *c)
-                    && self.newer_on_chain(p, &r.stamp).is_none()
-            })
+        self.visible()
             .filter_map(|(p, r)| r.value.clone().map(|v| (p.clone(), v)))
             .collect()
     }
 
     /// The visible document, or `None` when it does not exist.
     pub fn document(&self) -> Option<Map<String, Value>> {
-        self.exists().then(|| nest(self.visible_leaves().iter()))
-    }
-
-    /// Drops registers that can never be visible again (older than the newest delete/replace).
-    fn compact(&mut self) {
-        if let Some(cleared) = self.cleared_at().cloned() {
-            self.registers.retain(|_, r| r.stamp >= cleared);
-        }
+        self.exists().then(|| {
+            let mut doc = Map::new();
+            for (path, r) in self.visible() {
+                if let Some(v) = &r.value {
+                    set_path(&mut doc, path, v.clone());
+                }
+            }
+            doc
+        })
     }
 
     /// Records the write in the per-device table; true when it is a retransmission.
     fn note_device(&mut self, stamp: &Stamp) -> bool {
+        if let Some(last) = self.devices.get_mut(&stamp.device_id) {
+            if (stamp.hlc, stamp.event_id.as_str()) <= (last.0, last.1.as_str()) {
+                return true;
+            }
+            last.0 = stamp.hlc;
+            last.1.clone_from(&stamp.event_id);
+            return false;
+        }
         let incoming = (stamp.hlc, stamp.event_id.clone());
-        let replay = match self.devices.get(&stamp.device_id) {
-            Some(last) => incoming <= *last,
-            None => false,
-        };
-        if !replay {
-            self.devices.insert(stamp.device_id.clone(), incoming);
-            if self.devices.len() > MAX_DEVICES_PER_DOC {
-                let oldest = self
-                    .devices
-                    .iter()
-                    .min_by(|a, b| a.1.cmp(b.1))
-                    .map(|(d, _)| d.clone());
-                if let Some(d) = oldest {
-                    self.devices.remove(&d);
-                }
+        self.devices.insert(stamp.device_id.clone(), incoming);
+        if self.devices.len() > MAX_DEVICES_PER_DOC {
+            let oldest = self
+                .devices
+                .iter()
+                .min_by(|a, b| a.1.cmp(b.1))
+                .map(|(d, _)| d.clone());
+            if let Some(d) = oldest {
+                self.devices.remove(&d);
             }
         }
-        replay
+        false
     }
+}
+
+/// A register as seen by [`sweep`]: whether a newer register sits on its root-to-leaf chain.
+struct Entry<'a> {
+    path: &'a FieldPath,
+    reg: &'a Register,
+    hidden: bool,
+}
+
+impl Entry<'_> {
+    /// Visible: has a value, not older than the newest delete/replace, not hidden on its chain.
+    fn visible(&self, cleared: Option<&Stamp>) -> bool {
+        self.reg.value.is_some() && !self.hidden && cleared.is_none_or(|c| self.reg.stamp >= *c)
+    }
+}
+
+/// Finds, in one pass, which registers have a newer register among their ancestors or
+/// descendants. `registers` must come in path order and contain, with each register, every
+/// register on its chain (the whole map, or whole top-level subtrees of it).
+///
+/// Descendants sort right after their ancestor, so the ancestors of the current path are exactly
+/// the open entries on a stack; an entry's descendants are all seen by the time it is closed.
+fn sweep<'a>(registers: impl Iterator<Item = (&'a FieldPath, &'a Register)>) -> Vec<Entry<'a>> {
+    struct Open<'a> {
+        index: usize,
+        path: &'a FieldPath,
+        stamp: &'a Stamp,
+        /// Newest stamp among this entry and its ancestors.
+        chain_max: &'a Stamp,
+        /// Newest stamp among its descendants seen so far.
+        below_max: Option<&'a Stamp>,
+    }
+    fn close<'a>(entries: &mut [Entry<'a>], stack: &mut Vec<Open<'a>>) {
+        let Some(open) = stack.pop() else { return };
+        if open.below_max.is_some_and(|b| b > open.stamp) {
+            entries[open.index].hidden = true;
+        }
+        let subtree_max = max(open.below_max, Some(open.stamp));
+        if let Some(parent) = stack.last_mut() {
+            parent.below_max = max(parent.below_max, subtree_max);
+        }
+    }
+
+    let mut entries: Vec<Entry<'a>> = Vec::new();
+    let mut stack: Vec<Open<'a>> = Vec::new();
+    for (path, reg) in registers {
+        while stack.last().is_some_and(|top| !is_prefix(top.path, path)) {
+            close(&mut entries, &mut stack);
+        }
+        let above = stack.last().map(|top| top.chain_max);
+        entries.push(Entry {
+            path,
+            reg,
+            hidden: above.is_some_and(|a| *a > reg.stamp),
+        });
+        stack.push(Open {
+            index: entries.len() - 1,
+            path,
+            stamp: &reg.stamp,
+            chain_max: max(above, Some(&reg.stamp)).unwrap_or(&reg.stamp),
+            below_max: None,
+        });
+    }
+    while !stack.is_empty() {
+        close(&mut entries, &mut stack);
+    }
+    entries
+}
+
+fn find<'a, 'e>(entries: &'e [Entry<'a>], path: &[String]) -> Option<&'e Entry<'a>> {
+    entries
+        .binary_search_by(|e| e.path.as_slice().cmp(path))
+        .ok()
+        .map(|i| &entries[i])
 }
 
 /// The output of applying one change to one document.
@@ -172,112 +251,319 @@ fn register_side(path: &FieldPath, at: &FieldPath, r: &Register) -> ConflictSide
     side
 }
 
+/// The registers of the top-level fields in `keys` (sorted, distinct), in path order: every
+/// chain through a field a patch names lies inside them.
+fn subtrees<'a>(
+    registers: &'a BTreeMap<FieldPath, Register>,
+    keys: &'a [&'a String],
+) -> impl Iterator<Item = (&'a FieldPath, &'a Register)> {
+    keys.iter().flat_map(move |key| {
+        let start: &[String] = std::slice::from_ref(*key);
+        registers
+            .range::<[String], _>((Bound::Included(start), Bound::Unbounded))
+            .take_while(move |(p, _)| p.first() == Some(*key))
+    })
+}
+
+/// `current` with the registers in `displaced` (sorted by path; `None` = absent) put back.
+fn overlay<'a>(
+    current: impl Iterator<Item = (&'a FieldPath, &'a Register)>,
+    displaced: &'a [(&'a FieldPath, Option<Register>)],
+) -> Vec<(&'a FieldPath, &'a Register)> {
+    let mut out = Vec::new();
+    let mut old = displaced.iter().peekable();
+    for (path, reg) in current {
+        while let Some((p, r)) = old.next_if(|(p, _)| *p < path) {
+            out.extend(r.as_ref().map(|r| (*p, r)));
+        }
+        match old.next_if(|(p, _)| *p == path) {
+            Some((_, r)) => out.extend(r.as_ref().map(|r| (path, r))),
+            None => out.push((path, reg)),
+        }
+    }
+    out.extend(old.filter_map(|(p, r)| r.as_ref().map(|r| (*p, r))));
+    out
+}
+
 /// Applies one change set to a document's state. Pure; `seq` of the returned change is 0.
+///
+/// The state after a change is the model of the module docs. To stay fast on large documents a
+/// merge patch to an existing document only looks at the top-level fields it names (nothing else
+/// can change), and registers are moved rather than cloned; `tests/naive_equivalence.rs` checks
+/// this against the straightforward formulation.
 pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
     let stamp = &change.stamp;
     let retransmission = doc.note_device(stamp);
-    let before_doc = doc.clone();
-    let before = doc.visible_leaves();
     let before_exists = doc.exists();
 
-    // Paths the write names, with the value it gives them.
-    let mut touched: Vec<(FieldPath, Option<Value>)> = Vec::new();
-    let mut side_op = SideOp::Delete;
-    match &change.op {
+    // Paths the write names, with the value it gives them; what it does to fields it does not
+    // name (a delete deletes, a full set unsets).
+    let (replace, set, unset): (bool, &[(FieldPath, Value)], &[FieldPath]) = match &change.op {
         ChangeOp::Fields {
             replace,
             set,
             unset,
-        } => {
-            side_op = SideOp::Set;
-            touched.extend(set.iter().map(|(p, v)| (p.clone(), Some(v.clone()))));
-            touched.extend(unset.iter().map(|p| (p.clone(), None)));
-            if *replace {
-                keep_max(&mut doc.replaced_at, stamp);
+        } => (*replace, set, unset),
+        ChangeOp::Delete => (false, &[], &[]),
+    };
+    let touched: Vec<(&FieldPath, Option<&Value>)> = set
+        .iter()
+        .map(|(p, v)| (p, Some(v)))
+        .chain(unset.iter().map(|p| (p, None)))
+        .collect();
+    let side_op = if matches!(change.op, ChangeOp::Delete) {
+        SideOp::Delete
+    } else {
+        SideOp::Unset
+    };
+    let clears = replace || matches!(change.op, ChangeOp::Delete);
+    let new_register = |value: Option<&Value>, version: u64| Register {
+        value: value.cloned(),
+        stamp: stamp.clone(),
+        changed_version: version,
+    };
+
+    let mut sorted: Vec<&FieldPath> = touched.iter().map(|(p, _)| *p).collect();
+    sorted.sort_unstable();
+    let simple_paths = sorted.windows(2).all(|w| w[0] != w[1])
+        && sorted.first().is_none_or(|p| !p.is_empty())
+        && doc
+            .registers
+            .first_key_value()
+            .is_none_or(|(p, _)| !p.is_empty());
+
+    let version = doc.version;
+    let old_registers;
+    let before_cleared: Option<Stamp>;
+    let mut displaced: Vec<(&FieldPath, Option<Register>)> = Vec::new();
+    let mut keys: Vec<&String> = Vec::new();
+    let patch_in_place = !clears && before_exists && simple_paths;
+    if patch_in_place {
+        // A merge patch to an existing document: only the named paths' registers change. The
+        // ones they replace are kept aside to see the document as it was.
+        if !set.is_empty() {
+            keep_max(&mut doc.upserted_at, stamp);
+        }
+        let cleared = doc.cleared_at().cloned();
+        for (path, value) in &touched {
+            if doc.registers.get(*path).is_some_and(|r| r.stamp >= *stamp) {
+                continue;
             }
-            if *replace || !set.is_empty() {
-                keep_max(&mut doc.upserted_at, stamp);
-            }
-            for (path, value) in &touched {
-                let newer = doc.registers.get(path).is_none_or(|r| r.stamp < *stamp);
-                if newer {
-                    let register = Register {
-                        value: value.clone(),
-                        stamp: stamp.clone(),
-                        changed_version: doc.version,
-                    };
-                    doc.registers.insert(path.clone(), register);
+            let old = if cleared.as_ref().is_some_and(|c| stamp < c) {
+                // Older than the newest delete/replace: it can never be visible.
+                doc.registers.remove(*path)
+            } else if let Some(slot) = doc.registers.get_mut(*path) {
+                Some(std::mem::replace(slot, new_register(*value, version)))
+            } else {
+                doc.registers
+                    .insert((*path).clone(), new_register(*value, version));
+                None
+            };
+            displaced.push((*path, old));
+        }
+        displaced.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        keys = sorted.iter().map(|p| &p[0]).collect();
+        keys.dedup();
+        old_registers = BTreeMap::new();
+        before_cleared = None;
+    } else {
+        // Everything else: keep the old registers whole and build the new set beside them.
+        old_registers = std::mem::take(&mut doc.registers);
+        before_cleared = doc.cleared_at().cloned();
+        match &change.op {
+            ChangeOp::Delete => keep_max(&mut doc.deleted_at, stamp),
+            ChangeOp::Fields { .. } => {
+                if replace {
+                    keep_max(&mut doc.replaced_at, stamp);
+                }
+                if replace || !set.is_empty() {
+                    keep_max(&mut doc.upserted_at, stamp);
                 }
             }
         }
-        ChangeOp::Delete => keep_max(&mut doc.deleted_at, stamp),
+        let cleared = doc.cleared_at();
+        let live = |s: &Stamp| cleared.is_none_or(|c| s >= c);
+        let mut registers: BTreeMap<FieldPath, Register> = old_registers
+            .iter()
+            .filter(|(_, r)| live(&r.stamp))
+            .map(|(p, r)| (p.clone(), r.clone()))
+            .collect();
+        if live(stamp) {
+            for (path, value) in &touched {
+                // (A hand-made change naming a path twice: the first entry wins.)
+                let newer = old_registers.get(*path).is_none_or(|r| r.stamp < *stamp)
+                    && registers.get(*path).is_none_or(|r| r.stamp != *stamp);
+                if newer {
+                    registers.insert((*path).clone(), new_register(*value, version));
+                }
+            }
+        }
+        doc.registers = registers;
     }
-    doc.compact();
-    let after = doc.visible_leaves();
+
+    // The visible leaves before and after, over the part of the document that can differ.
+    let (before, after) = if patch_in_place {
+        let region = overlay(subtrees(&doc.registers, &keys), &displaced);
+        (
+            sweep(region.into_iter()),
+            sweep(subtrees(&doc.registers, &keys)),
+        )
+    } else {
+        (sweep(old_registers.iter()), sweep(doc.registers.iter()))
+    };
+    let before_cleared = if patch_in_place {
+        doc.cleared_at()
+    } else {
+        before_cleared.as_ref()
+    };
+    let before: Vec<&Entry> = before
+        .iter()
+        .filter(|e| e.visible(before_cleared))
+        .collect();
+    let after_cleared = doc.cleared_at();
+    let after_visible: Vec<&Entry> = after.iter().filter(|e| e.visible(after_cleared)).collect();
     let after_exists = doc.exists();
+
+    // The diff: both lists are in path order.
+    let mut set_out = Map::new();
+    let mut unset_out: Vec<String> = Vec::new();
+    {
+        let (mut i, mut j) = (0, 0);
+        while i < before.len() || j < after_visible.len() {
+            let order = match (before.get(i), after_visible.get(j)) {
+                (Some(b), Some(a)) => b.path.cmp(a.path),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                _ => std::cmp::Ordering::Greater,
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    unset_out.push(dotted(before[i].path));
+                    i += 1;
+                }
+                std::cmp::Ordering::Equal => {
+                    let (b, a) = (before[i], after_visible[j]);
+                    if b.reg.value != a.reg.value {
+                        set_out.insert(dotted(a.path), a.reg.value.clone().unwrap_or_default());
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                std::cmp::Ordering::Greater => {
+                    let a = after_visible[j];
+                    set_out.insert(dotted(a.path), a.reg.value.clone().unwrap_or_default());
+                    j += 1;
+                }
+            }
+        }
+    }
+    let changed = !set_out.is_empty() || !unset_out.is_empty() || before_exists != after_exists;
+    let new_version = version + u64::from(changed);
 
     let mut applied = Applied {
         retransmission,
         ..Applied::default()
     };
-    if before != after || before_exists != after_exists {
-        doc.version += 1;
-        doc.hlc = Some(stamp.hlc);
-        for r in doc.registers.values_mut().filter(|r| r.stamp == *stamp) {
-            r.changed_version = doc.version;
-        }
-        let set: Map<String, Value> = after
-            .iter()
-            .filter(|(p, v)| before.get(*p) != Some(*v))
-            .map(|(p, v)| (dotted(p), v.clone()))
-            .collect();
-        let unset = before
-            .keys()
-            .filter(|p| !after.contains_key(*p))
-            .map(|p| dotted(p))
-            .collect();
+    if changed {
         applied.change = Some(SyncEvent {
             v: EVENT_FORMAT_VERSION,
             tenant: change.key.bucket.tenant.clone(),
             bucket: change.key.bucket.bucket.clone(),
             doc_id: change.key.doc_id.clone(),
-            version: doc.version,
+            version: new_version,
             seq: 0,
             hlc: stamp.hlc,
             event_id: stamp.event_id.clone(),
             device_id: stamp.device_id.clone(),
             deleted: !after_exists,
-            set: if after_exists { set } else { Map::new() },
+            set: if after_exists { set_out } else { Map::new() },
             unset: if after_exists {
-                unset
+                unset_out
             } else {
-                before.keys().map(|p| dotted(p)).collect()
+                before.iter().map(|e| dotted(e.path)).collect()
             },
             clamped_from: change.clamped_from,
         });
     }
     if !retransmission {
-        applied.conflicts = detect_conflicts(&before_doc, &before, doc, &after, change, side_op, &touched);
+        let view = ConflictView {
+            doc,
+            version: new_version,
+            before: &before,
+            after_all: &after,
+            after_visible: &after_visible,
+        };
+        applied.conflicts = detect_conflicts(&view, change, side_op, &touched);
+    }
+
+    if changed {
+        doc.version = new_version;
+        doc.hlc = Some(stamp.hlc);
+        // Only this write's registers can carry its stamp, unless the same stamp was applied
+        // before (a retransmission, or a device forgotten from the table).
+        if patch_in_place && !retransmission && doc.devices.len() < MAX_DEVICES_PER_DOC {
+            for (path, _) in &touched {
+                if let Some(r) = doc.registers.get_mut(*path).filter(|r| r.stamp == *stamp) {
+                    r.changed_version = new_version;
+                }
+            }
+        } else {
+            for r in doc.registers.values_mut().filter(|r| r.stamp == *stamp) {
+                r.changed_version = new_version;
+            }
+        }
     }
     applied
 }
 
-/// Conflicts of `change` with what the document held, one per field. See `docs/CONFLICTS.md`.
+struct ConflictView<'v, 'a> {
+    /// The document after the write.
+    doc: &'v DocState,
+    /// Its version after the write.
+    version: u64,
+    /// The visible registers before the write (over the part that can differ), in path order.
+    before: &'v [&'v Entry<'a>],
+    /// Every register after the write, over the same part, in path order.
+    after_all: &'v [Entry<'a>],
+    /// The visible ones among them.
+    after_visible: &'v [&'v Entry<'a>],
+}
+
+/// Writing the same thing is agreement, not a conflict: two removals, or the same value on the
+/// same field (a value on an ancestor or descendant field is a different document).
+fn agree(a: &ConflictSide, b: &ConflictSide) -> bool {
+    match (a.op == SideOp::Set, b.op == SideOp::Set) {
+        (false, false) => true,
+        (true, true) => a.value == b.value && a.via_field == b.via_field,
+        _ => false,
+    }
+}
+
+/// Conflicts of `change` with what the document held, at most one per field. See
+/// `docs/CONFLICTS.md`:
+///
+/// 1. each field the write names but lost: `lww_timestamp`, against the newest write that beat
+///    it (on the field, an ancestor or descendant, or by deleting/replacing the document);
+/// 2. each visible field the write replaced or removed (by naming it, an ancestor or descendant,
+///    or by deleting/replacing the document) whose value came from another device's write that
+///    the writer had not seen (`base_version` below that write's version): `stale_base_version`;
+/// 3. each visible field a delete or full set did not name and could not remove because it is
+///    newer: `lww_timestamp`.
 fn detect_conflicts(
-    before_doc: &DocState,
-    before: &BTreeMap<FieldPath, Value>,
-    doc: &DocState,
-    after: &BTreeMap<FieldPath, Value>,
+    view: &ConflictView<'_, '_>,
     change: &ChangeSet,
     side_op: SideOp,
-    touched: &[(FieldPath, Option<Value>)],
+    touched: &[(&FieldPath, Option<&Value>)],
 ) -> Vec<ConflictEvent> {
+    let doc = view.doc;
     let stamp = &change.stamp;
+    let is_visible_after = |path: &FieldPath| {
+        view.after_visible
+            .binary_search_by(|e| e.path.cmp(path))
+            .is_ok()
+    };
     let mut out = Vec::new();
     let mut report = |field: &FieldPath, rule, winner: ConflictSide, loser: ConflictSide| {
-        // Writing the same value is agreement, not a conflict.
-        if winner.value == loser.value && (winner.op == SideOp::Set) == (loser.op == SideOp::Set)
-        {
+        if agree(&winner, &loser) {
             return;
         }
         out.push(ConflictEvent {
@@ -290,7 +576,7 @@ fn detect_conflicts(
             winner,
             loser,
             detected_at_event: stamp.event_id.clone(),
-            version: doc.version,
+            version: view.version,
         });
     };
     // The side a document-level stamp (delete or replace) plays on a field.
@@ -302,80 +588,95 @@ fn detect_conflicts(
         };
         ConflictSide::new(s, op, None)
     };
-    // Did the register the write replaced come from a write it had not seen?
-    let stale = |prev: &Register| {
-        prev.stamp.device_id != stamp.device_id
-            && change.base_version.is_some_and(|b| b < prev.changed_version)
+    let incoming_side = |path: &FieldPath, value: Option<&Value>, at: &FieldPath| {
+        let op = if value.is_some() {
+            SideOp::Set
+        } else {
+            SideOp::Unset
+        };
+        let mut side = ConflictSide::new(stamp, op, value.cloned());
+        if at != path {
+            side.via_field = Some(dotted(at));
+        }
+        side
     };
 
-    let mut named: Vec<&FieldPath> = Vec::new();
-    for (path, value) in touched {
-        named.push(path);
-        let incoming_op = if value.is_some() { SideOp::Set } else { SideOp::Unset };
-        let incoming = ConflictSide::new(stamp, incoming_op, value.clone());
-        let holds = doc.registers.get(path).filter(|r| r.stamp == *stamp);
-        let hidden_by = doc.newer_on_chain(path, stamp);
-        match holds {
-            Some(_) if value.is_none() || hidden_by.is_none() => {
-                // The write won this field.
-                if let Some(prev) = before_doc.registers.get(path) {
-                    let was_visible = before.contains_key(path);
-                    if prev.stamp != *stamp && was_visible && stale(prev) {
-                        let loser = register_side(path, path, prev);
-                        report(path, ConflictRule::StaleBaseVersion, incoming, loser);
-                    }
-                }
-            }
-            _ => {
-                // The write lost this field: find the newest thing that beat it.
-                let at_path = doc
-                    .registers
-                    .get_key_value(path)
-                    .filter(|(_, r)| r.stamp > *stamp);
-                let by_register = [at_path, hidden_by]
-                    .into_iter()
-                    .flatten()
-                    .max_by(|a, b| a.1.stamp.cmp(&b.1.stamp));
-                let by_doc = doc.cleared_at().filter(|c| *c > stamp);
-                let winner = match (by_register, by_doc) {
-                    (Some((at, r)), Some(c)) if c > &r.stamp => {
-                        let _ = at;
-                        doc_side(c)
-                    }
-                    (Some((at, r)), _) => register_side(path, at, r),
-                    (None, Some(c)) => doc_side(c),
-                    (None, None) => continue,
-                };
-                report(path, ConflictRule::LwwTimestamp, winner, incoming);
-            }
+    // 1. Named fields the write lost.
+    for &(path, value) in touched {
+        let entry = find(view.after_all, path).filter(|e| e.reg.stamp == *stamp);
+        if entry.is_some_and(|e| value.is_none() || !e.hidden) {
+            continue;
         }
+        let hidden_by = doc.newer_on_chain(path, stamp);
+        let at_path = doc
+            .registers
+            .get_key_value(path)
+            .filter(|(_, r)| r.stamp > *stamp);
+        let by_register = [at_path, hidden_by]
+            .into_iter()
+            .flatten()
+            .max_by(|a, b| a.1.stamp.cmp(&b.1.stamp));
+        let by_doc = doc.cleared_at().filter(|c| *c > stamp);
+        let winner = match (by_register, by_doc) {
+            (Some((_, r)), Some(c)) if c > &r.stamp => doc_side(c),
+            (Some((at, r)), _) => register_side(path, at, r),
+            (None, Some(c)) => doc_side(c),
+            (None, None) => continue,
+        };
+        report(
+            path,
+            ConflictRule::LwwTimestamp,
+            winner,
+            incoming_side(path, value, path),
+        );
     }
 
-    // Fields a delete or a full-document replace removes implicitly.
+    // 2. Visible fields the write replaced or removed without having seen them.
+    for prev in view.before {
+        let path = prev.path;
+        let replaced = !is_visible_after(path)
+            || find(view.after_all, path).is_some_and(|e| e.reg.stamp == *stamp);
+        let unseen = prev.reg.stamp.device_id != stamp.device_id
+            && change
+                .base_version
+                .is_some_and(|b| b < prev.reg.changed_version);
+        if !replaced || !unseen || prev.reg.stamp >= *stamp {
+            continue;
+        }
+        let via = touched
+            .iter()
+            .filter(|(p, _)| is_prefix(p, path) || is_prefix(path, p))
+            .min_by(|a, b| a.0.cmp(b.0));
+        let winner = match via {
+            Some(&(at, value)) => incoming_side(path, value, at),
+            None => ConflictSide::new(stamp, side_op, None),
+        };
+        report(
+            path,
+            ConflictRule::StaleBaseVersion,
+            winner,
+            register_side(path, path, prev.reg),
+        );
+    }
+
+    // 3. Fields a delete or a full-document set could not remove implicitly.
     let implicit = match &change.op {
         ChangeOp::Delete => true,
         ChangeOp::Fields { replace, .. } => *replace,
     };
     if implicit {
-        let implicit_op = if side_op == SideOp::Delete {
-            SideOp::Delete
-        } else {
-            SideOp::Unset
-        };
-        for (path, _) in before.iter() {
-            if named.iter().any(|n| is_prefix(n, path) || is_prefix(path, n)) {
-                continue;
-            }
-            let Some(reg) = doc.registers.get(path).or_else(|| before_doc.registers.get(path)) else {
+        for prev in view.before {
+            let path = prev.path;
+            let named = touched
+                .iter()
+                .any(|(n, _)| is_prefix(n, path) || is_prefix(path, n));
+            let Some(now) = find(view.after_all, path) else {
                 continue;
             };
-            let incoming = ConflictSide::new(stamp, implicit_op, None);
-            if after.contains_key(path) && reg.stamp > *stamp {
-                let winner = register_side(path, path, reg);
-                report(path, ConflictRule::LwwTimestamp, winner, incoming);
-            } else if !after.contains_key(path) && reg.stamp < *stamp && stale(reg) {
-                let loser = register_side(path, path, reg);
-                report(path, ConflictRule::StaleBaseVersion, incoming, loser);
+            if !named && is_visible_after(path) && now.reg.stamp > *stamp {
+                let winner = register_side(path, path, now.reg);
+                let loser = ConflictSide::new(stamp, side_op, None);
+                report(path, ConflictRule::LwwTimestamp, winner, loser);
             }
         }
     }
@@ -398,7 +699,10 @@ pub trait ResolveState {
 
 /// Resolves one change set against the state: per-field LWW, a bucket sequence number for the
 /// visible change, and the conflicts it revealed.
-pub fn resolve_lww<S: ResolveState>(state: &mut S, change: &ChangeSet) -> Result<Applied, S::Error> {
+pub fn resolve_lww<S: ResolveState>(
+    state: &mut S,
+    change: &ChangeSet,
+) -> Result<Applied, S::Error> {
     let mut doc = state.load_doc(&change.key)?.unwrap_or_default();
     let mut applied = apply_change(&mut doc, change);
     if let Some(event) = applied.change.as_mut() {

@@ -114,7 +114,9 @@ pub fn decode_write(key: Option<&[u8]>, payload: &[u8]) -> Result<Write, Rejecti
         Some(v) => {
             return Err(Rejection::new(
                 RejectCode::UnsupportedVersion,
-                format!("schema version {v} is not supported; this build reads v={WRITE_FORMAT_VERSION}"),
+                format!(
+                "schema version {v} is not supported; this build reads v={WRITE_FORMAT_VERSION}"
+            ),
             ))
         }
         None => {
@@ -133,7 +135,10 @@ pub fn decode_write(key: Option<&[u8]>, payload: &[u8]) -> Result<Write, Rejecti
                 RejectCode::KeyMismatch,
                 format!(
                     "record key {:?} must be the event's \"tenant/bucket\" ({expected:?})",
-                    String::from_utf8_lossy(key).chars().take(80).collect::<String>()
+                    String::from_utf8_lossy(key)
+                        .chars()
+                        .take(80)
+                        .collect::<String>()
                 ),
             ));
         }
@@ -177,11 +182,20 @@ mod tests {
         assert_eq!(code(None, b"{"), RejectCode::MalformedJson);
         assert_eq!(code(None, b"[1]"), RejectCode::MalformedJson);
         assert_eq!(code(None, b"{\"v\": 9}"), RejectCode::UnsupportedVersion);
-        assert_eq!(code(None, b"{\"op\": \"set\"}"), RejectCode::UnsupportedVersion);
-        assert_eq!(code(None, b"{\"v\": 1, \"op\": \"set\"}"), RejectCode::InvalidEvent);
+        assert_eq!(
+            code(None, b"{\"op\": \"set\"}"),
+            RejectCode::UnsupportedVersion
+        );
+        assert_eq!(
+            code(None, b"{\"v\": 1, \"op\": \"set\"}"),
+            RejectCode::InvalidEvent
+        );
         let ok = json!({"v": 1, "event_id": "e", "tenant": "t", "bucket": "b", "doc_id": "d",
                         "device_id": "x", "op": "delete"});
-        assert_eq!(code(Some(b"t/other"), &bytes(ok.clone())), RejectCode::KeyMismatch);
+        assert_eq!(
+            code(Some(b"t/other"), &bytes(ok.clone())),
+            RejectCode::KeyMismatch
+        );
         let mut bad_hlc = ok;
         bad_hlc["hlc"] = json!("yesterday");
         assert_eq!(code(None, &bytes(bad_hlc)), RejectCode::InvalidEvent);

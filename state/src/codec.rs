@@ -119,9 +119,9 @@ pub fn decode_doc(bytes: &[u8]) -> Result<DocState, CodecError> {
     let mut registers = BTreeMap::new();
     for r in stored.registers {
         let value = match r.value_json {
-            Some(text) => Some(
-                serde_json::from_str(&text).map_err(|e| CodecError::Corrupt(e.to_string()))?,
-            ),
+            Some(text) => {
+                Some(serde_json::from_str(&text).map_err(|e| CodecError::Corrupt(e.to_string()))?)
+            }
             None => None,
         };
         registers.insert(
@@ -185,10 +185,16 @@ mod tests {
     #[test]
     fn refuses_unknown_and_corrupt_records() {
         assert!(matches!(decode_doc(&[]), Err(CodecError::Empty)));
-        assert!(matches!(decode_doc(&[9, 1]), Err(CodecError::UnknownFormat(9))));
+        assert!(matches!(
+            decode_doc(&[9, 1]),
+            Err(CodecError::UnknownFormat(9))
+        ));
         let mut bytes = encode_doc(&DocState::default());
         bytes.push(0);
         assert!(matches!(decode_doc(&bytes), Err(CodecError::Corrupt(_))));
-        assert!(matches!(decode_doc(&[1, 0xff, 0xff]), Err(CodecError::Corrupt(_))));
+        assert!(matches!(
+            decode_doc(&[1, 0xff, 0xff]),
+            Err(CodecError::Corrupt(_))
+        ));
     }
 }

@@ -15,3 +15,5 @@ pub use store::{Overlay, StateError, TaskStore};
 
 /// A task's sled tree.
 pub type TaskTree = sled::Tree;
+
+pub use sled;

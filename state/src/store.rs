@@ -34,7 +34,8 @@ pub enum StateError {
     },
 }
 
-const CHANGELOG_OFFSET_KEY: &[u8] = b"m\0changelog_offset";
+/// The key of the next changelog offset in a task tree.
+pub const CHANGELOG_OFFSET_KEY: &[u8] = b"m\0changelog_offset";
 
 /// The sled key of a document's state.
 pub fn doc_key_bytes(key: &DocKey) -> Vec<u8> {
@@ -125,10 +126,12 @@ pub fn read_doc(tree: &sled::Tree, key: &DocKey) -> Result<Option<DocState>, Sta
     let k = doc_key_bytes(key);
     match tree.get(&k)? {
         None => Ok(None),
-        Some(bytes) => decode_doc(&bytes).map(Some).map_err(|source| StateError::Codec {
-            key: String::from_utf8_lossy(&k).replace('\0', "/"),
-            source,
-        }),
+        Some(bytes) => decode_doc(&bytes)
+            .map(Some)
+            .map_err(|source| StateError::Codec {
+                key: String::from_utf8_lossy(&k).replace('\0', "/"),
+                source,
+            }),
     }
 }
 

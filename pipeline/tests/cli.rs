@@ -1,0 +1,148 @@
+//! The `syncflow` binary: configuration errors, `topics apply`, `token`.
+
+mod common;
+
+use std::process::Command;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::ClientConfig;
+
+fn syncflow(envs: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_syncflow"));
+    cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SYNCFLOW_")) {
+        cmd.env_remove(k);
+    }
+    cmd.envs(envs.iter().copied()).args(args);
+    let out = cmd.output().expect("run syncflow");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn lines_starting(text: &str, prefix: &str) -> usize {
+    text.lines().filter(|l| l.starts_with(prefix)).count()
+}
+
+/// Runs the binary off the async workers.
+async fn syncflow_blocking(envs: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
+    let envs: Vec<(String, String)> = envs
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let e: Vec<(&str, &str)> = envs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        syncflow(&e, &a)
+    })
+    .await
+    .unwrap()
+}
+
+#[test]
+fn every_configuration_problem_is_reported_at_start() {
+    let (code, _, err) = syncflow(
+        &[
+            ("SYNCFLOW_KAFKA_BROKERZ", "x"),
+            ("SYNCFLOW_RESOLVER_BATCH_MAX", "lots"),
+            ("SYNCFLOW_API_LISTEN", "nowhere"),
+        ],
+        &["run"],
+    );
+    assert_ne!(code, 0);
+    for needle in ["SYNCFLOW_KAFKA_BROKERZ", "SYNCFLOW_RESOLVER_BATCH_MAX"] {
+        assert!(err.contains(needle), "{needle} not reported:\n{err}");
+    }
+    // With the typing errors fixed, the semantic ones are all reported too.
+    let (code, _, err) = syncflow(&[("SYNCFLOW_API_LISTEN", "nowhere")], &["run"]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("jwt_secret") && err.contains("api.listen"),
+        "{err}"
+    );
+}
+
+#[test]
+fn token_mints_a_verifiable_jwt() {
+    let (code, out, err) = syncflow(
+        &[("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET)],
+        &[
+            "token", "--tenant", "acme", "--grant", "todos:rw", "--grant", "notes*:r", "--sub",
+            "ann",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let keys = api::auth::TokenKeys::new(&api::auth::AuthConfig {
+        jwt_secret: common::SECRET.into(),
+        ..Default::default()
+    });
+    let claims = keys.verify(out.trim()).expect("minted token verifies");
+    assert_eq!(claims.tenant, "acme");
+    assert_eq!(claims.sub, "ann");
+    assert!(claims.allows(api::auth::Perm::Write, "todos"));
+    assert!(claims.allows(api::auth::Perm::Read, "notes-2"));
+    assert!(!claims.allows(api::auth::Perm::Write, "notes-2"));
+    let (code, _, err) = syncflow(
+        &[("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET)],
+        &["token", "--tenant", "Bad Tenant", "--grant", "x:r"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("tenant"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_apply_creates_once_and_reports_drift_without_touching_it() {
+    let prefix = format!("cli_{}_{}.", std::process::id(), rand::random::<u32>());
+    let envs = [
+        ("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET),
+        ("SYNCFLOW_KAFKA_TOPIC_PREFIX", prefix.as_str()),
+    ];
+    // A live topic that disagrees with the file: 2 partitions, other retention.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", "127.0.0.1:9092")
+        .create()
+        .unwrap();
+    let drifted = format!("{prefix}conflict.detected");
+    let topic = NewTopic::new(&drifted, 2, TopicReplication::Fixed(1)).set("retention.ms", "1000");
+    admin
+        .create_topics(&[topic], &AdminOptions::new())
+        .await
+        .unwrap();
+
+    let (code, out, err) = syncflow_blocking(&envs, &["topics", "apply"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(lines_starting(&out, "created "), 6, "{out}");
+    assert!(
+        out.contains(&format!(
+            "DIFFERS   {drifted}: 2 partitions live, 6 in the file"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("retention.ms"), "{out}");
+
+    let (code, out, err) = syncflow_blocking(&envs, &["topics", "apply", "--strict"]).await;
+    assert_ne!(code, 0, "--strict must fail on drift: {out}");
+    assert_eq!(
+        lines_starting(&out, "created "),
+        0,
+        "second apply created topics: {out}"
+    );
+    assert_eq!(lines_starting(&out, "ok "), 6, "{out}\n{err}");
+
+    // The drifted topic was left alone.
+    let md = admin
+        .inner()
+        .fetch_metadata(Some(&drifted), std::time::Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(md.topics()[0].partitions().len(), 2);
+    let names: Vec<String> = pipeline::topics::REQUIRED
+        .iter()
+        .map(|t| format!("{prefix}{t}"))
+        .collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let _ = admin.delete_topics(&refs, &AdminOptions::new()).await;
+}

@@ -1,0 +1,388 @@
+//! The thin slice against the real services: REST → Kafka → resolver → projector → MongoDB → read.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, read_committed, TestEnv};
+use pipeline::app::Role;
+use pipeline::resolver::RejectedRecord;
+use pipeline::topics;
+use processors::{RejectCode, SyncEvent};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use rdkafka::Message;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    fn new(addr: std::net::SocketAddr) -> Self {
+        Client {
+            http: reqwest::Client::new(),
+            base: format!("http://{addr}"),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let value = resp.json::<Value>().await.unwrap_or(Value::Null);
+        (status, value)
+    }
+
+    async fn get_doc(&self, token: &str, bucket: &str, id: &str) -> (StatusCode, Value) {
+        self.send(
+            reqwest::Method::GET,
+            &format!("/v1/buckets/{bucket}/docs/{id}"),
+            Some(token),
+            None,
+        )
+        .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_travels_end_to_end_and_reads_back() {
+    let env = TestEnv::new("slice").await;
+    let running = env
+        .start(&[Role::Api, Role::Processor, Role::Projector])
+        .await;
+    let c = Client::new(running.api_addr.unwrap());
+    let token = env.token("acme", "todos:rw");
+
+    let (status, body) = c
+        .send(
+            reqwest::Method::PUT,
+            "/v1/buckets/todos/docs/milk",
+            Some(&token),
+            Some(r#"{"title":"milk","done":false,"meta":{"by":"ann"}}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert!(
+        body["event_id"].as_str().is_some_and(|s| !s.is_empty()),
+        "{body}"
+    );
+
+    let doc = eventually(WAIT, "the document in the view", || async {
+        let (s, b) = c.get_doc(&token, "todos", "milk").await;
+        (s == StatusCode::OK).then_some(b)
+    })
+    .await;
+    assert_eq!(
+        doc["doc"],
+        json!({"title": "milk", "done": false, "meta": {"by": "ann"}})
+    );
+    assert_eq!(doc["version"], 1);
+    assert_eq!(doc["seq"], 1);
+
+    // A merge patch changes only what it names; the version moves on.
+    let (status, _) = c
+        .send(
+            reqwest::Method::PATCH,
+            "/v1/buckets/todos/docs/milk",
+            Some(&token),
+            Some(r#"{"done":true,"meta":{"by":null}}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let doc = eventually(WAIT, "version 2", || async {
+        let (_, b) = c.get_doc(&token, "todos", "milk").await;
+        (b["version"] == 2).then_some(b)
+    })
+    .await;
+    assert_eq!(doc["doc"], json!({"title": "milk", "done": true}));
+
+    // Delete: the read answers 404.
+    let (status, _) = c
+        .send(
+            reqwest::Method::DELETE,
+            "/v1/buckets/todos/docs/milk",
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    eventually(WAIT, "the delete", || async {
+        let (s, _) = c.get_doc(&token, "todos", "milk").await;
+        (s == StatusCode::NOT_FOUND).then_some(())
+    })
+    .await;
+
+    // sync.events, read_committed: one change per write, gap-free bucket sequence.
+    let events = read_committed(
+        &env.cfg.kafka.brokers,
+        &env.topic(topics::SYNC_EVENTS),
+        3,
+        WAIT,
+    );
+    let seqs: Vec<u64> = events
+        .iter()
+        .map(|m| {
+            serde_json::from_slice::<SyncEvent>(m.payload().unwrap())
+                .unwrap()
+                .seq
+        })
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3]);
+
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_checked_and_tenants_isolated() {
+    let env = TestEnv::new("auth").await;
+    let running = env
+        .start(&[Role::Api, Role::Processor, Role::Projector])
+        .await;
+    let c = Client::new(running.api_addr.unwrap());
+    let acme = env.token("acme", "notes:rw");
+    let put = |token: Option<String>, bucket: &'static str| {
+        let c = &c;
+        async move {
+            c.send(
+                reqwest::Method::PUT,
+                &format!("/v1/buckets/{bucket}/docs/n1"),
+                token.as_deref(),
+                Some(r#"{"secret":"acme-only"}"#),
+            )
+            .await
+        }
+    };
+
+    let (s, b) = put(None, "notes").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(b["error"]["code"], "unauthorized");
+    let (s, _) = put(Some("not-a-jwt".into()), "notes").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    let other_keys = api::auth::TokenKeys::new(&api::auth::AuthConfig {
+        jwt_secret: "a-different-secret-a-different-secret".into(),
+        ..api::auth::AuthConfig::default()
+    });
+    let forged = other_keys.mint(
+        "x",
+        "acme",
+        api::auth::parse_grants("*:rwa").unwrap(),
+        4_000_000_000 - 600,
+        600,
+    );
+    let (s, _) = put(Some(forged), "notes").await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "wrongly signed token accepted");
+    let read_only = env.token("acme", "notes:r");
+    let (s, b) = put(Some(read_only.clone()), "notes").await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    assert!(
+        b["error"]["message"].as_str().unwrap().contains("write"),
+        "{b}"
+    );
+    let (s, _) = put(Some(acme.clone()), "diary").await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+
+    let (s, _) = put(Some(acme.clone()), "notes").await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    eventually(WAIT, "acme's note", || async {
+        let (s, _) = c.get_doc(&acme, "notes", "n1").await;
+        (s == StatusCode::OK).then_some(())
+    })
+    .await;
+    // Tenant globex holds a grant on a bucket of the same name: it sees its own (empty) bucket only.
+    let globex = env.token("globex", "notes:rw,*:r");
+    let (s, b) = c.get_doc(&globex, "notes", "n1").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
+    assert!(!b.to_string().contains("acme-only"));
+    let (s, _) = c.get_doc(&read_only, "notes", "n1").await;
+    assert_eq!(s, StatusCode::OK);
+
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_http_input_gets_a_reason_and_nothing_is_sent() {
+    let env = TestEnv::new("badhttp").await;
+    let running = env.start(&[Role::Api]).await;
+    let c = Client::new(running.api_addr.unwrap());
+    let t = env.token("acme", "*:rw");
+    let cases: [(&str, &str, StatusCode, &str); 6] = [
+        (
+            "/v1/buckets/b/docs/d",
+            "{not json",
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            "/v1/buckets/b/docs/d",
+            "[1,2]",
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+        ),
+        (
+            "/v1/buckets/b/docs/d",
+            r#"{"a.b":1}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_field_name",
+        ),
+        (
+            "/v1/buckets/b/docs/d",
+            r#"{"$set":1}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_field_name",
+        ),
+        (
+            "/v1/buckets/b%2Fx/docs/d",
+            r#"{"a":1}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+        ),
+        (
+            "/v1/buckets/b/docs/d",
+            r#"{"a":[[1]]}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+    ];
+    for (path, body, status, code) in cases {
+        let (s, b) = c
+            .send(reqwest::Method::PUT, path, Some(&t), Some(body))
+            .await;
+        assert_eq!(s, status, "{path} {body}: {b}");
+        assert_eq!(b["error"]["code"], code, "{body}: {b}");
+        assert!(!b["error"]["message"].as_str().unwrap_or("").is_empty());
+    }
+    let deep = (0..40).fold("1".to_string(), |acc, _| format!("{{\"a\":{acc}}}"));
+    let (s, b) = c
+        .send(
+            reqwest::Method::PUT,
+            "/v1/buckets/b/docs/d",
+            Some(&t),
+            Some(&deep),
+        )
+        .await;
+    assert_eq!(
+        (s, b["error"]["code"].clone()),
+        (StatusCode::BAD_REQUEST, json!("too_deep"))
+    );
+    let huge = format!("{{\"a\":\"{}\"}}", "x".repeat(300 * 1024));
+    let (s, _) = c
+        .send(
+            reqwest::Method::PUT,
+            "/v1/buckets/b/docs/d",
+            Some(&t),
+            Some(&huge),
+        )
+        .await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    // None of them reached Kafka.
+    let written = read_committed(
+        &env.cfg.kafka.brokers,
+        &env.topic(topics::DATA_CHANGED),
+        1,
+        Duration::from_secs(3),
+    );
+    assert!(
+        written.is_empty(),
+        "a rejected request was written to Kafka"
+    );
+
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+async fn produce(env: &TestEnv, partition: Option<i32>, key: Option<&str>, payload: &[u8]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .create()
+        .unwrap();
+    let topic = env.topic(topics::DATA_CHANGED);
+    let mut record = FutureRecord::<str, [u8]>::to(&topic).payload(payload);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    if let Some(p) = partition {
+        record = record.partition(p);
+    }
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .expect("produce");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_producers_get_dead_letters_and_nothing_stalls() {
+    let env = TestEnv::new("dlq").await;
+    let running = env
+        .start(&[Role::Processor, Role::Projector, Role::Api])
+        .await;
+    let key = "acme/inbox";
+    let owner = pipeline::partition::partition_for(key.as_bytes(), 6);
+    // Poison first, then a valid write in the same partition: the valid one must still apply.
+    produce(&env, Some(owner), Some(key), b"\xff\xfe not json").await;
+    produce(&env, Some(owner), Some(key), br#"{"v":7,"op":"set"}"#).await;
+    let good = json!({"v": 1, "event_id": "e-good", "tenant": "acme", "bucket": "inbox", "doc_id": "m1",
+                      "device_id": "server-1", "op": "set", "doc": {"subject": "hi"}});
+    produce(&env, Some(owner), Some(key), good.to_string().as_bytes()).await;
+    // A valid write in the wrong partition is forwarded to its bucket's partition.
+    let misrouted = json!({"v": 1, "event_id": "e-mis", "tenant": "acme", "bucket": "inbox", "doc_id": "m2",
+                           "device_id": "server-1", "op": "set", "doc": {"subject": "routed"}});
+    produce(
+        &env,
+        Some((owner + 1) % 6),
+        Some(key),
+        misrouted.to_string().as_bytes(),
+    )
+    .await;
+
+    let rejected = read_committed(
+        &env.cfg.kafka.brokers,
+        &env.topic(topics::DATA_REJECTED),
+        2,
+        WAIT,
+    );
+    assert_eq!(rejected.len(), 2);
+    let records: Vec<RejectedRecord> = rejected
+        .iter()
+        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+        .collect();
+    assert_eq!(records[0].reason, RejectCode::MalformedJson);
+    assert_eq!(records[1].reason, RejectCode::UnsupportedVersion);
+    assert_eq!(records[0].source.partition, owner);
+    assert_eq!(records[0].source.offset, 0);
+    assert_eq!(records[1].source.offset, 1);
+    assert!(records[0].payload_b64.is_some());
+
+    let c = Client::new(running.api_addr.unwrap());
+    let t = env.token("acme", "inbox:r");
+    for (id, subject) in [("m1", "hi"), ("m2", "routed")] {
+        let doc = eventually(WAIT, id, || async {
+            let (s, b) = c.get_doc(&t, "inbox", id).await;
+            (s == StatusCode::OK).then_some(b)
+        })
+        .await;
+        assert_eq!(doc["doc"]["subject"], subject);
+    }
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite: starts the real services (installing them on first use), checks format
+# and lints, runs every test of the workspace against Kafka, FerretDB and Redis, and prints the
+# total as "N passed, N failed". Exit status is non-zero when anything fails.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+mkdir -p .data/logs
+
+start=$(date +%s)
+bash scripts/services.sh up
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "== cargo test"
+log=.data/logs/test-output.log
+set +e
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+
+passed=$(grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+echo
+echo "== summary: ${passed} passed, ${failed} failed ($(( $(date +%s) - start ))s)"
+if [ "$status" -ne 0 ] || [ "$failed" -ne 0 ]; then
+  echo "TESTS FAILED" >&2
+  exit 1
+fi
