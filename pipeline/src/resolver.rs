@@ -110,7 +110,14 @@ impl ClientContext for TaskContext {}
 
 impl ConsumerContext for TaskContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        tracing::info!(?rebalance, "resolver rebalance starting");
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(?parts, "resolver tasks revoked");
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error; assignment lost"),
+            Rebalance::Assign(_) => {}
+        }
         self.generation.fetch_add(1, Ordering::SeqCst);
     }
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -150,6 +157,79 @@ impl DeliveryTracker {
         let next = self.next.lock().unwrap_or_else(|p| p.into_inner());
         next.get(&partition).copied()
     }
+}
+
+/// One input record of `data.changed`, as [`decide`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct InputRecord<'a> {
+    /// The record key.
+    pub key: Option<&'a [u8]>,
+    /// The record value.
+    pub payload: &'a [u8],
+    /// The partition it was read from.
+    pub partition: i32,
+    /// Its timestamp: the server time of the write (bounds client clocks, stands in for a missing HLC).
+    pub timestamp_ms: u64,
+}
+
+/// What the resolver does with one input record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Dead-letter it, for this reason.
+    Rejected(Rejection),
+    /// Valid, but its bucket lives in another partition: forward it there.
+    Forward {
+        /// The owning partition.
+        partition: i32,
+        /// The record key it gets (`tenant/bucket`).
+        key: String,
+    },
+    /// Valid, and changes nothing expressible.
+    Nothing,
+    /// Resolved: the visible change (if any) and the conflicts.
+    Applied {
+        /// `tenant/bucket`.
+        key: String,
+        /// The resolution.
+        applied: processors::Applied,
+    },
+}
+
+/// The whole per-record logic of the resolver, without Kafka: decode, route, diff, resolve.
+///
+/// The runtime and the tests' sequential oracle both call this, so a test can compare what the
+/// runtime committed under crashes with a plain in-order run over the same log.
+pub fn decide<S: processors::ResolveState>(
+    state: &mut S,
+    record: &InputRecord<'_>,
+    partitions: i32,
+    limits: &processors::Limits,
+    max_skew_ms: u64,
+) -> Result<Decision, S::Error> {
+    let write = match decode_write(record.key, record.payload) {
+        Ok(w) => w,
+        Err(r) => return Ok(Decision::Rejected(r)),
+    };
+    let key = write.bucket_key().to_string();
+    let owner = partition_for(key.as_bytes(), partitions);
+    if owner != record.partition {
+        return Ok(Decision::Forward {
+            partition: owner,
+            key,
+        });
+    }
+    let ctx = DiffContext {
+        limits,
+        received_at_ms: record.timestamp_ms,
+        max_skew_ms,
+    };
+    let change = match compute_diff(&write, &ctx) {
+        Ok(Some(c)) => c,
+        Ok(None) => return Ok(Decision::Nothing),
+        Err(r) => return Ok(Decision::Rejected(r)),
+    };
+    let applied = resolve_lww(state, &change)?;
+    Ok(Decision::Applied { key, applied })
 }
 
 struct Output {
@@ -192,7 +272,7 @@ impl Resolver {
     pub fn new(cfg: Config, stats: Arc<ResolverStats>) -> Result<Self, ResolverError> {
         std::fs::create_dir_all(&cfg.state.dir)
             .map_err(|e| ResolverError::Setup(format!("state dir {}: {e}", cfg.state.dir)))?;
-        let store = TaskStore::open(std::path::Path::new(&cfg.state.dir))?;
+        let store = open_or_rebuild(std::path::Path::new(&cfg.state.dir))?;
         Ok(Self {
             cfg,
             store,
@@ -389,7 +469,7 @@ impl Resolver {
         };
         let started = Instant::now();
         let topic = self.cfg.topic(topics::RESOLVER_CHANGELOG);
-        let reader: BaseConsumer = ClientConfig::new()
+        let reader: BaseConsumer<topics::QuietEof> = ClientConfig::new()
             .set("bootstrap.servers", &self.cfg.kafka.brokers)
             .set(
                 "group.id",
@@ -399,7 +479,7 @@ impl Resolver {
             .set("isolation.level", "read_committed")
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
-            .create()?;
+            .create_with_context(topics::QuietEof)?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, partition, Offset::Offset(from))?;
         reader.assign(&tpl)?;
@@ -543,53 +623,57 @@ impl Resolver {
             .to_millis()
             .and_then(|t| u64::try_from(t).ok())
             .unwrap_or_else(now_ms);
-        let write = match decode_write(m.key(), payload) {
-            Ok(w) => w,
-            Err(r) => return Ok(vec![self.rejected(m, r)]),
-        };
-        let key = write.bucket_key().to_string();
-        let owner = partition_for(key.as_bytes(), self.partitions);
-        if owner != m.partition() {
-            tracing::debug!(bucket = %key, from = m.partition(), to = owner, "forwarding misrouted write");
-            return Ok(vec![Output {
-                topic: m.topic().to_owned(),
-                partition: owner,
-                key: key.into_bytes(),
-                payload: payload.to_vec(),
-            }]);
-        }
-        let ctx = DiffContext {
-            limits: &self.cfg.limits,
-            received_at_ms: received_at,
-            max_skew_ms: self.cfg.resolver.max_skew_ms,
-        };
-        let change = match compute_diff(&write, &ctx) {
-            Ok(Some(c)) => c,
-            Ok(None) => return Ok(Vec::new()),
-            Err(r) => return Ok(vec![self.rejected(m, r)]),
-        };
-        let applied = resolve_lww(overlay, &change)?;
-        let mut out = Vec::new();
-        let to = |topic: &str, value: Vec<u8>| Output {
-            topic: self.cfg.topic(topic),
+        let record = InputRecord {
+            key: m.key(),
+            payload,
             partition: m.partition(),
-            key: key.clone().into_bytes(),
-            payload: value,
+            timestamp_ms: received_at,
         };
-        if let Some(event) = &applied.change {
-            tracing::debug!(bucket = %key, seq = event.seq, doc = %event.doc_id, "resolved change");
-            out.push(to(
-                topics::SYNC_EVENTS,
-                serde_json::to_vec(event).expect("event serializes"),
-            ));
-        }
-        for conflict in &applied.conflicts {
-            out.push(to(
-                topics::CONFLICT_DETECTED,
-                serde_json::to_vec(conflict).expect("conflict serializes"),
-            ));
-        }
-        Ok(out)
+        let to = |topic: String, partition: i32, key: &str, payload: Vec<u8>| Output {
+            topic,
+            partition,
+            key: key.as_bytes().to_vec(),
+            payload,
+        };
+        Ok(
+            match decide(
+                overlay,
+                &record,
+                self.partitions,
+                &self.cfg.limits,
+                self.cfg.resolver.max_skew_ms,
+            )? {
+                Decision::Rejected(r) => vec![self.rejected(m, r)],
+                Decision::Nothing => Vec::new(),
+                Decision::Forward { partition, key } => {
+                    tracing::debug!(bucket = %key, from = m.partition(), to = partition, "forwarding misrouted write");
+                    vec![to(m.topic().to_owned(), partition, &key, payload.to_vec())]
+                }
+                Decision::Applied { key, applied } => {
+                    let mut out = Vec::new();
+                    if let Some(event) = &applied.change {
+                        tracing::debug!(bucket = %key, seq = event.seq, doc = %event.doc_id, "resolved change");
+                        let json = serde_json::to_vec(event).expect("event serializes");
+                        out.push(to(
+                            self.cfg.topic(topics::SYNC_EVENTS),
+                            m.partition(),
+                            &key,
+                            json,
+                        ));
+                    }
+                    for conflict in &applied.conflicts {
+                        let json = serde_json::to_vec(conflict).expect("conflict serializes");
+                        out.push(to(
+                            self.cfg.topic(topics::CONFLICT_DETECTED),
+                            m.partition(),
+                            &key,
+                            json,
+                        ));
+                    }
+                    out
+                }
+            },
+        )
     }
 
     fn rejected(&self, m: &OwnedMessage, r: Rejection) -> Output {
@@ -620,6 +704,22 @@ impl Resolver {
             payload: serde_json::to_vec(&record).expect("rejection serializes"),
         }
     }
+}
+
+/// Opens the state store; a store that cannot be opened (corrupt, or from an unknown format) is
+/// moved aside and replaced by an empty one, which the changelog then refills.
+fn open_or_rebuild(dir: &std::path::Path) -> Result<TaskStore, ResolverError> {
+    let attempt = std::panic::catch_unwind(|| TaskStore::open(dir));
+    match attempt {
+        Ok(Ok(store)) => return Ok(store),
+        Ok(Err(e)) => tracing::error!(error = %e, dir = %dir.display(), "state store unusable"),
+        Err(_) => tracing::error!(dir = %dir.display(), "state store panicked on open"),
+    }
+    let aside = dir.with_extension(format!("corrupt-{}", now_ms()));
+    std::fs::rename(dir, &aside)
+        .map_err(|e| ResolverError::Setup(format!("moving the corrupt store aside: {e}")))?;
+    tracing::warn!(moved_to = %aside.display(), "rebuilding the state store from the changelog");
+    Ok(TaskStore::open(dir)?)
 }
 
 fn detach(m: &BorrowedMessage<'_>) -> OwnedMessage {

@@ -189,6 +189,25 @@ pub fn wait_for_topic<C: rdkafka::consumer::Consumer<X>, X: rdkafka::consumer::C
     }
 }
 
+/// A client context for readers that stop at the end of a partition (`enable.partition.eof`):
+/// librdkafka reports each end as an error; here it is expected, so it is not logged.
+pub struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+        let eof = matches!(
+            error,
+            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+        );
+        if !eof {
+            tracing::error!(%error, reason, "librdkafka error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
 /// What `apply` did and found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct ApplyReport {

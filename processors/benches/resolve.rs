@@ -18,7 +18,12 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use processors::{compute_diff, resolve_lww, DiffContext, Hlc, Limits, MemState, Write, WriteOp};
 use serde_json::{json, Map, Value};
 
-const DOCS: usize = 10_000;
+fn docs() -> usize {
+    std::env::var("BENCH_DOCS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000)
+}
 const WRITES: usize = 50_000;
 const DEVICES: usize = 8;
 
@@ -130,7 +135,7 @@ struct Workload {
 /// Creates the documents, then pre-builds the measured writes (`set_pct`/`delete_pct` per 100).
 fn workload(set_pct: usize, delete_pct: usize) -> Workload {
     let mut rng = Rng(0x5EED_1234_ABCD_0001);
-    let shapes: Vec<Vec<Field>> = (0..DOCS).map(|_| shape(&mut rng)).collect();
+    let shapes: Vec<Vec<Field>> = (0..docs()).map(|_| shape(&mut rng)).collect();
     let limits = Limits::default();
     let mut state = MemState::default();
     for (d, fields) in shapes.iter().enumerate() {
@@ -152,7 +157,7 @@ fn workload(set_pct: usize, delete_pct: usize) -> Workload {
     }
     let writes = (0..WRITES)
         .map(|i| {
-            let d = rng.below(DOCS);
+            let d = rng.below(docs());
             let fields = &shapes[d];
             let roll = rng.below(100);
             let op = if roll < delete_pct {
@@ -166,7 +171,7 @@ fn workload(set_pct: usize, delete_pct: usize) -> Workload {
                     patch: partial_patch(&mut rng, fields),
                 }
             };
-            write(DOCS + i, d, op)
+            write(docs() + i, d, op)
         })
         .collect();
     Workload { state, writes }

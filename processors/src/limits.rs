@@ -85,9 +85,10 @@ impl Limits {
     /// Checks a document or patch body against every limit and the field-name rules.
     pub fn check_body(&self, body: &Map<String, Value>) -> Result<(), Rejection> {
         let mut fields = 0usize;
-        self.check_object(body, 1, &mut fields, "")?;
-        let size = serde_json::to_vec(body)
-            .map(|v| v.len())
+        self.check_object(body, 1, &mut fields, &mut Vec::new())?;
+        let mut counter = ByteCounter(0);
+        let size = serde_json::to_writer(&mut counter, body)
+            .map(|()| counter.0)
             .unwrap_or(usize::MAX);
         if size > self.max_doc_bytes {
             return Err(Rejection::new(
@@ -98,29 +99,26 @@ impl Limits {
         Ok(())
     }
 
-    fn check_object(
+    /// `at` is the path of `obj`, joined with dots only for an error message.
+    fn check_object<'a>(
         &self,
-        obj: &Map<String, Value>,
+        obj: &'a Map<String, Value>,
         depth: usize,
         fields: &mut usize,
-        at: &str,
+        at: &mut Vec<&'a str>,
     ) -> Result<(), Rejection> {
         if depth > self.max_depth {
             return Err(Rejection::new(
                 RejectCode::TooDeep,
-                format!("objects nest deeper than {} at '{at}'", self.max_depth),
+                format!("objects nest deeper than {} at '{}'", self.max_depth, at.join(".")),
             ));
         }
         for (key, value) in obj {
             self.check_key(key, at)?;
-            let path = if at.is_empty() {
-                key.clone()
-            } else {
-                format!("{at}.{key}")
-            };
+            at.push(key);
             match value {
                 Value::Object(inner) if !inner.is_empty() => {
-                    self.check_object(inner, depth + 1, fields, &path)?
+                    self.check_object(inner, depth + 1, fields, at)?
                 }
                 other => {
                     *fields += 1;
@@ -130,18 +128,19 @@ impl Limits {
                             format!("more than {} fields", self.max_fields),
                         ));
                     }
-                    self.check_value(other, depth, &path, false)?;
+                    self.check_value(other, depth, at, false)?;
                 }
             }
+            at.pop();
         }
         Ok(())
     }
 
-    fn check_value(
+    fn check_value<'a>(
         &self,
-        value: &Value,
+        value: &'a Value,
         depth: usize,
-        at: &str,
+        at: &mut Vec<&'a str>,
         in_array: bool,
     ) -> Result<(), Rejection> {
         match value {
@@ -149,7 +148,10 @@ impl Limits {
                 if in_array && !self.allow_nested_arrays {
                     return Err(Rejection::new(
                         RejectCode::InvalidValue,
-                        format!("'{at}' holds an array inside an array, which is not allowed"),
+                        format!(
+                            "'{}' holds an array inside an array, which is not allowed",
+                            at.join(".")
+                        ),
                     ));
                 }
                 for item in items {
@@ -168,7 +170,7 @@ impl Limits {
         }
     }
 
-    fn check_key(&self, key: &str, at: &str) -> Result<(), Rejection> {
+    fn check_key(&self, key: &str, at: &[&str]) -> Result<(), Rejection> {
         let why = if key.is_empty() {
             Some("is empty")
         } else if key.len() > self.max_key_bytes {
@@ -187,12 +189,26 @@ impl Limits {
             Some(why) => Err(Rejection::new(
                 RejectCode::InvalidFieldName,
                 format!(
-                    "field name {:?} under '{at}' {why} (max {} bytes, no '.', no leading '$', no NUL)",
+                    "field name {:?} under '{}' {why} (max {} bytes, no '.', no leading '$', no NUL)",
                     key.chars().take(40).collect::<String>(),
+                    at.join("."),
                     self.max_key_bytes
                 ),
             )),
         }
+    }
+}
+
+/// Counts the bytes of a serialisation without keeping them.
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -344,12 +344,12 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
         if !set.is_empty() {
             keep_max(&mut doc.upserted_at, stamp);
         }
-        let cleared = doc.cleared_at().cloned();
+        let too_old = doc.cleared_at().is_some_and(|c| stamp < c);
         for (path, value) in &touched {
             if doc.registers.get(*path).is_some_and(|r| r.stamp >= *stamp) {
                 continue;
             }
-            let old = if cleared.as_ref().is_some_and(|c| stamp < c) {
+            let old = if too_old {
                 // Older than the newest delete/replace: it can never be visible.
                 doc.registers.remove(*path)
             } else if let Some(slot) = doc.registers.get_mut(*path) {
@@ -634,13 +634,16 @@ fn detect_conflicts(
     // 2. Visible fields the write replaced or removed without having seen them.
     for prev in view.before {
         let path = prev.path;
+        let unseen = change
+            .base_version
+            .is_some_and(|b| b < prev.reg.changed_version)
+            && prev.reg.stamp.device_id != stamp.device_id;
+        if !unseen || prev.reg.stamp >= *stamp {
+            continue;
+        }
         let replaced = !is_visible_after(path)
             || find(view.after_all, path).is_some_and(|e| e.reg.stamp == *stamp);
-        let unseen = prev.reg.stamp.device_id != stamp.device_id
-            && change
-                .base_version
-                .is_some_and(|b| b < prev.reg.changed_version);
-        if !replaced || !unseen || prev.reg.stamp >= *stamp {
+        if !replaced {
             continue;
         }
         let via = touched
@@ -689,6 +692,12 @@ pub trait ResolveState {
     type Error;
     /// A document's state.
     fn load_doc(&mut self, key: &DocKey) -> Result<Option<DocState>, Self::Error>;
+    /// A document's state, to be updated: [`resolve_lww`] stores it back with
+    /// [`ResolveState::store_doc`] right after (when neither call fails), so a store may hand over
+    /// its own copy instead of cloning it. Defaults to [`ResolveState::load_doc`].
+    fn take_doc(&mut self, key: &DocKey) -> Result<Option<DocState>, Self::Error> {
+        self.load_doc(key)
+    }
     /// Stores a document's state.
     fn store_doc(&mut self, key: &DocKey, doc: DocState) -> Result<(), Self::Error>;
     /// The bucket's last sequence number (0 before the first change).
@@ -703,7 +712,7 @@ pub fn resolve_lww<S: ResolveState>(
     state: &mut S,
     change: &ChangeSet,
 ) -> Result<Applied, S::Error> {
-    let mut doc = state.load_doc(&change.key)?.unwrap_or_default();
+    let mut doc = state.take_doc(&change.key)?.unwrap_or_default();
     let mut applied = apply_change(&mut doc, change);
     if let Some(event) = applied.change.as_mut() {
         let seq = state.last_seq(&change.key.bucket)? + 1;
@@ -729,8 +738,17 @@ impl ResolveState for MemState {
     fn load_doc(&mut self, key: &DocKey) -> Result<Option<DocState>, Infallible> {
         Ok(self.docs.get(key).cloned())
     }
+    /// Moves the document out, leaving an empty state until [`ResolveState::store_doc`].
+    fn take_doc(&mut self, key: &DocKey) -> Result<Option<DocState>, Infallible> {
+        Ok(self.docs.get_mut(key).map(std::mem::take))
+    }
     fn store_doc(&mut self, key: &DocKey, doc: DocState) -> Result<(), Infallible> {
-        self.docs.insert(key.clone(), doc);
+        match self.docs.get_mut(key) {
+            Some(slot) => *slot = doc,
+            None => {
+                self.docs.insert(key.clone(), doc);
+            }
+        }
         Ok(())
     }
     fn last_seq(&mut self, bucket: &BucketKey) -> Result<u64, Infallible> {

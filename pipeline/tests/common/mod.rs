@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
+
 use std::time::{Duration, Instant};
 
 use pipeline::app::{self, Role, Running};
@@ -20,7 +22,7 @@ pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 pub struct TestEnv {
     pub cfg: Config,
     pub name: String,
-    state_dir: std::path::PathBuf,
+    pub state_dir: std::path::PathBuf,
 }
 
 fn unique(name: &str) -> String {
@@ -98,6 +100,14 @@ impl TestEnv {
 
     /// Deletes the topics, the database and the state directory.
     pub async fn cleanup(self) {
+        if std::env::var_os("SYNCFLOW_TEST_KEEP").is_some() {
+            println!(
+                "kept: topics {}*, state {}",
+                self.cfg.kafka.topic_prefix,
+                self.state_dir.display()
+            );
+            return;
+        }
         let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
             .set("bootstrap.servers", &self.cfg.kafka.brokers)
             .create()

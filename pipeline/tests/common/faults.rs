@@ -1,0 +1,443 @@
+//! Fault-test tools: processor subprocesses that can be killed, a workload with concurrent
+//! writers, and the sequential oracle the committed outputs are compared with.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pipeline::resolver::{decide, Decision, InputRecord, RejectedRecord};
+use pipeline::topics;
+use processors::{ConflictEvent, MemState, SyncEvent};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
+
+use super::TestEnv;
+
+/// Partitions of the bucket topics in topics.yaml.
+pub const PARTITIONS: i32 = 6;
+
+/// A `syncflow run --role processor` child process.
+pub struct ProcessorProcess {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl ProcessorProcess {
+    /// Starts a processor for `env` with its own state dir and instance id.
+    pub fn start(env: &TestEnv, instance: &str) -> ProcessorProcess {
+        let state_dir = env.state_dir.join(instance);
+        let log = env.state_dir.join(format!("{instance}.log"));
+        std::fs::create_dir_all(&env.state_dir).unwrap();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_syncflow"));
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SYNCFLOW_")) {
+            cmd.env_remove(k);
+        }
+        let child = cmd
+            .args(["run", "--role", "processor"])
+            .env("SYNCFLOW_AUTH_JWT_SECRET", super::SECRET)
+            .env("SYNCFLOW_KAFKA_TOPIC_PREFIX", &env.cfg.kafka.topic_prefix)
+            .env("SYNCFLOW_KAFKA_INSTANCE_ID", instance)
+            .env("SYNCFLOW_STATE_DIR", &state_dir)
+            .env("SYNCFLOW_LOG", "info,rdkafka=warn,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(out))
+            .spawn()
+            .expect("spawn syncflow");
+        ProcessorProcess { child, log }
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for a clean exit; returns the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        None
+    }
+
+    /// True while the process runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+/// Generates `n` writes over `buckets` × `docs` with several devices writing the same fields at
+/// nearly the same clock, so conflicts, deletes and revivals happen; every 97th record is poison.
+pub fn workload(seed: u64, n: usize, buckets: usize, docs: usize) -> Vec<(String, Vec<u8>)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let fields = ["title", "done", "n.x", "n.y", "tags", "owner"];
+    let base = 1_800_000_000_000u64;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let tenant = if rng.random_bool(0.5) {
+            "acme"
+        } else {
+            "globex"
+        };
+        let bucket = format!("b{}", rng.random_range(0..buckets));
+        let key = format!("{tenant}/{bucket}");
+        if i % 97 == 96 {
+            let poison: Vec<u8> = match rng.random_range(0..3) {
+                0 => b"\x00\xffgarbage".to_vec(),
+                1 => br#"{"v":99,"op":"set"}"#.to_vec(),
+                _ => format!(
+                    r#"{{"v":1,"event_id":"big{i}","tenant":"{tenant}","bucket":"{bucket}","doc_id":"d0","device_id":"x","op":"set","doc":{{"blob":"{}"}}}}"#,
+                    "x".repeat(300 * 1024)
+                )
+                .into_bytes(),
+            };
+            out.push((key, poison));
+            continue;
+        }
+        let device = format!("dev{}", rng.random_range(0..5));
+        let hlc = format!(
+            "{}:{}",
+            base + (i as u64 / 4) + rng.random_range(0..3),
+            rng.random_range(0..2)
+        );
+        let mut write = serde_json::json!({
+            "v": 1, "event_id": format!("e{i}"), "tenant": tenant, "bucket": bucket,
+            "doc_id": format!("d{}", rng.random_range(0..docs)), "device_id": device, "hlc": hlc,
+        });
+        if rng.random_bool(0.3) {
+            write["base_version"] = serde_json::json!(rng.random_range(0..6u64));
+        }
+        let mut body = serde_json::Map::new();
+        for _ in 0..rng.random_range(1..4) {
+            let f = fields[rng.random_range(0..fields.len())];
+            let value = match rng.random_range(0..5) {
+                0 => serde_json::Value::Null,
+                1 => serde_json::json!(rng.random_range(0..4)),
+                2 => serde_json::json!(["a", rng.random_range(0..3)]),
+                _ => serde_json::json!(format!("v{}", rng.random_range(0..4))),
+            };
+            processors::path::set_path(
+                &mut body,
+                &processors::path::parse_dotted(f).unwrap(),
+                value,
+            );
+        }
+        match rng.random_range(0..20) {
+            0..=1 => write["op"] = "delete".into(),
+            2..=6 => {
+                body.retain(|_, v| !v.is_null());
+                write["op"] = "set".into();
+                write["doc"] = body.into();
+            }
+            _ => {
+                write["op"] = "patch".into();
+                write["patch"] = body.into();
+            }
+        }
+        out.push((key, serde_json::to_vec(&write).unwrap()));
+    }
+    out
+}
+
+/// Produces records to `data.changed`, each to its bucket's partition.
+pub async fn produce_all(env: &TestEnv, records: &[(String, Vec<u8>)]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.max.bytes", "2000000")
+        .create()
+        .unwrap();
+    let topic = env.topic(topics::DATA_CHANGED);
+    let mut pending = Vec::new();
+    for (key, payload) in records {
+        let partition = pipeline::partition::partition_for(key.as_bytes(), PARTITIONS);
+        let record = FutureRecord::to(&topic)
+            .key(key)
+            .payload(payload)
+            .partition(partition);
+        pending.push(producer.send(record, Duration::from_secs(30)));
+        if pending.len() >= 1000 {
+            for r in futures::future::join_all(pending.drain(..)).await {
+                r.expect("produce");
+            }
+        }
+    }
+    for r in futures::future::join_all(pending).await {
+        r.expect("produce");
+    }
+}
+
+fn reader(brokers: &str) -> BaseConsumer<pipeline::topics::QuietEof> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "fault-test-reader")
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("fetch.message.max.bytes", "2000000")
+        .create_with_context(pipeline::topics::QuietEof)
+        .unwrap()
+}
+
+/// Every committed record of every partition of `topic`, in (partition, offset) order.
+pub fn read_all(brokers: &str, topic: &str) -> BTreeMap<i32, Vec<OwnedMessage>> {
+    let c = reader(brokers);
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let parts: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let mut tpl = TopicPartitionList::new();
+    for p in &parts {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut out: BTreeMap<i32, Vec<OwnedMessage>> =
+        parts.iter().map(|p| (*p, Vec::new())).collect();
+    let mut done = BTreeSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while done.len() < parts.len() {
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} did not reach the end"
+        );
+        match c.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => out.get_mut(&m.partition()).unwrap().push(m.detach()),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                done.insert(p);
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Partitions whose records the resolver group has not all committed: `(partition, at, end)`.
+pub fn lag(env: &TestEnv) -> Vec<(i32, i64, i64)> {
+    let topic = env.topic(topics::DATA_CHANGED);
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .set(
+            "group.id",
+            format!("{}syncflow-resolver", env.cfg.kafka.topic_prefix),
+        )
+        .create()
+        .unwrap();
+    {
+        let mut tpl = TopicPartitionList::new();
+        let mut ends = BTreeMap::new();
+        for p in 0..PARTITIONS {
+            let (_, high) = c
+                .fetch_watermarks(&topic, p, Duration::from_secs(10))
+                .unwrap();
+            ends.insert(p, high);
+            tpl.add_partition(&topic, p);
+        }
+        let committed = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+        let behind: Vec<(i32, i64, i64)> = committed
+            .elements()
+            .iter()
+            .filter_map(|e| {
+                let at = match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => 0,
+                };
+                let end = ends[&e.partition()];
+                (at < end).then_some((e.partition(), at, end))
+            })
+            .collect();
+        behind
+    }
+}
+
+/// Waits until the resolver group committed every record of `data.changed`.
+pub fn wait_until_caught_up(env: &TestEnv, timeout: Duration, mut alive: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let behind = lag(env);
+        if behind.is_empty() {
+            return;
+        }
+        assert!(alive(), "the processor died; behind: {behind:?}");
+        assert!(
+            Instant::now() < deadline,
+            "not caught up after {timeout:?}: {behind:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Compares committed records with expected events as JSON, showing the first difference.
+fn assert_same_json<T: serde::Serialize>(what: &str, got: &[OwnedMessage], want: Option<&Vec<T>>) {
+    let got: Vec<serde_json::Value> = got
+        .iter()
+        .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
+        .collect();
+    let want: Vec<serde_json::Value> = want
+        .map(|w| w.iter().map(|e| serde_json::to_value(e).unwrap()).collect())
+        .unwrap_or_default();
+    if let Some(i) = (0..got.len().min(want.len())).find(|i| got[*i] != want[*i]) {
+        panic!(
+            "{what}: record {i} differs\n got: {}\nwant: {}",
+            got[i], want[i]
+        );
+    }
+    assert_eq!(got.len(), want.len(), "{what}: count (committed vs oracle)");
+}
+
+/// What the resolver should have committed, per partition, computed sequentially from the log.
+pub struct Oracle {
+    pub events: BTreeMap<i32, Vec<SyncEvent>>,
+    pub conflicts: BTreeMap<i32, Vec<ConflictEvent>>,
+    pub rejected: BTreeMap<i32, Vec<(i64, processors::RejectCode)>>,
+    pub state: MemState,
+}
+
+impl Oracle {
+    /// Replays `data.changed` in order through the same per-record logic, with no Kafka.
+    pub fn from_log(env: &TestEnv) -> Oracle {
+        let input = read_all(&env.cfg.kafka.brokers, &env.topic(topics::DATA_CHANGED));
+        let mut oracle = Oracle {
+            events: BTreeMap::new(),
+            conflicts: BTreeMap::new(),
+            rejected: BTreeMap::new(),
+            state: MemState::default(),
+        };
+        for (p, records) in input {
+            for m in records {
+                let record = InputRecord {
+                    key: m.key(),
+                    payload: m.payload().unwrap_or_default(),
+                    partition: p,
+                    timestamp_ms: m.timestamp().to_millis().unwrap() as u64,
+                };
+                let decision = decide(
+                    &mut oracle.state,
+                    &record,
+                    PARTITIONS,
+                    &env.cfg.limits,
+                    env.cfg.resolver.max_skew_ms,
+                )
+                .unwrap();
+                match decision {
+                    Decision::Rejected(r) => oracle
+                        .rejected
+                        .entry(p)
+                        .or_default()
+                        .push((m.offset(), r.code)),
+                    Decision::Applied { applied, .. } => {
+                        oracle.events.entry(p).or_default().extend(applied.change);
+                        oracle
+                            .conflicts
+                            .entry(p)
+                            .or_default()
+                            .extend(applied.conflicts);
+                    }
+                    Decision::Nothing => {}
+                    Decision::Forward { .. } => {
+                        panic!("the workload routes every write to its partition")
+                    }
+                }
+            }
+        }
+        oracle
+    }
+
+    /// Compares the committed outputs with the oracle, exactly, and checks `(bucket, seq)`.
+    pub fn assert_matches(&self, env: &TestEnv) {
+        let brokers = &env.cfg.kafka.brokers;
+        let decode_all = |topic: &str| read_all(brokers, &env.topic(topic));
+        let events = decode_all(topics::SYNC_EVENTS);
+        let mut seen: BTreeSet<(String, u64)> = BTreeSet::new();
+        let mut last: BTreeMap<String, u64> = BTreeMap::new();
+        for p in 0..PARTITIONS {
+            for m in &events[&p] {
+                let e: SyncEvent = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                let bucket = format!("{}/{}", e.tenant, e.bucket);
+                assert!(
+                    seen.insert((bucket.clone(), e.seq)),
+                    "duplicate (bucket, seq) ({bucket}, {})",
+                    e.seq
+                );
+                let prev = last.insert(bucket.clone(), e.seq).unwrap_or(0);
+                assert_eq!(e.seq, prev + 1, "gap in {bucket}: {prev} then {}", e.seq);
+            }
+            assert_same_json(
+                &format!("partition {p}: sync.events"),
+                &events[&p],
+                self.events.get(&p),
+            );
+        }
+        let conflicts = decode_all(topics::CONFLICT_DETECTED);
+        for p in 0..PARTITIONS {
+            assert_same_json(
+                &format!("partition {p}: conflict.detected"),
+                &conflicts[&p],
+                self.conflicts.get(&p),
+            );
+        }
+        let rejected = decode_all(topics::DATA_REJECTED);
+        for p in 0..PARTITIONS {
+            let got: Vec<(i64, processors::RejectCode)> = rejected[&p]
+                .iter()
+                .map(|m| {
+                    let r: RejectedRecord = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                    (r.source.offset, r.reason)
+                })
+                .collect();
+            assert_eq!(
+                got,
+                self.rejected.get(&p).cloned().unwrap_or_default(),
+                "partition {p}: dead letters"
+            );
+        }
+        // The state, as the compacted changelog holds it, equals the oracle's, document by document.
+        let changelog = decode_all(topics::RESOLVER_CHANGELOG);
+        let mut docs = BTreeMap::new();
+        for m in changelog.values().flatten() {
+            if let Some(key) = state::store::parse_doc_key(m.key().unwrap()) {
+                docs.insert(key, state::codec::decode_doc(m.payload().unwrap()).unwrap());
+            }
+        }
+        assert_eq!(
+            docs.len(),
+            self.state.docs.len(),
+            "documents in the changelog"
+        );
+        for (key, doc) in &self.state.docs {
+            assert!(
+                docs.get(key) == Some(doc),
+                "state of {key:?} differs from the oracle"
+            );
+        }
+    }
+
+    /// Number of visible changes.
+    pub fn event_count(&self) -> usize {
+        self.events.values().map(Vec::len).sum()
+    }
+
+    /// Number of conflicts.
+    pub fn conflict_count(&self) -> usize {
+        self.conflicts.values().map(Vec::len).sum()
+    }
+}

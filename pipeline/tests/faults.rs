@@ -1,0 +1,158 @@
+//! Fault tests of the exactly-once runtime against the real Kafka: SIGKILL at random moments,
+//! scale-out with a killed member, and a lost local store. Each compares everything the resolver
+//! committed with a sequential oracle over the same input log.
+//!
+//! Sizes: `SYNCFLOW_CRASH_WRITES` (default 20000) and `SYNCFLOW_CRASH_KILLS` (default 10);
+//! `scripts/soak.sh` runs them bigger.
+
+mod common;
+
+use std::time::Duration;
+
+use common::faults::{produce_all, wait_until_caught_up, workload, Oracle, ProcessorProcess};
+
+use common::TestEnv;
+use rand::{Rng, SeedableRng};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn restored_counts(log: &std::path::Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines()
+        .filter(|l| l.contains("task restored"))
+        .filter_map(|l| l.split("records=").nth(1))
+        .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_processors_lose_and_duplicate_nothing() {
+    let env = TestEnv::new("crash").await;
+    let writes_n = env_usize("SYNCFLOW_CRASH_WRITES", 20_000);
+    let kills = env_usize("SYNCFLOW_CRASH_KILLS", 10);
+    let seed = rand::random::<u64>();
+    println!("crash test: {writes_n} writes, {kills} kills, seed {seed}");
+    let writes = workload(seed, writes_n, 40, 25);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut processor = ProcessorProcess::start(&env, "p1");
+    let chunk = writes_n.div_ceil(kills);
+    let mut killed_while_behind = 0;
+    for (i, part) in writes.chunks(chunk).enumerate() {
+        produce_all(&env, part).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(100..1200))).await;
+        let behind = tokio::task::block_in_place(|| common::faults::lag(&env));
+        killed_while_behind += usize::from(!behind.is_empty());
+        processor.kill();
+        println!("kill {}: {} partitions behind", i + 1, behind.len());
+        processor = ProcessorProcess::start(&env, "p1");
+    }
+    assert!(
+        killed_while_behind * 2 >= kills,
+        "only {killed_while_behind} of {kills} kills hit a processor with work in flight"
+    );
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(300), || processor.alive());
+    });
+    assert_eq!(
+        processor.terminate(),
+        Some(0),
+        "SIGTERM must stop the processor cleanly"
+    );
+    let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
+    println!(
+        "oracle: {} changes, {} conflicts",
+        oracle.event_count(),
+        oracle.conflict_count()
+    );
+    assert!(oracle.event_count() > writes_n / 2);
+    assert!(
+        oracle.conflict_count() > 100,
+        "the workload must produce conflicts"
+    );
+    tokio::task::block_in_place(|| oracle.assert_matches(&env));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_surviving_processor_takes_over_and_restores_from_the_changelog() {
+    let env = TestEnv::new("scaleout").await;
+    let writes = workload(rand::random(), 6_000, 30, 20);
+    let mut a = ProcessorProcess::start(&env, "a");
+    let mut b = ProcessorProcess::start(&env, "b");
+    produce_all(&env, &writes[..3_000]).await;
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(120), || a.alive() && b.alive())
+    });
+    let b_restored_before = restored_counts(&b.log).len();
+    a.kill();
+    produce_all(&env, &writes[3_000..]).await;
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(180), || b.alive())
+    });
+    let restores = restored_counts(&b.log);
+    assert!(
+        restores[b_restored_before..].iter().any(|n| *n > 0),
+        "b took over without restoring state from the changelog: {restores:?}"
+    );
+    assert_eq!(b.terminate(), Some(0));
+    let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
+    tokio::task::block_in_place(|| oracle.assert_matches(&env));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_or_corrupt_local_store_is_rebuilt_from_the_changelog() {
+    let env = TestEnv::new("loststate").await;
+    let writes = workload(rand::random(), 4_500, 20, 20);
+    let mut p = ProcessorProcess::start(&env, "p");
+    produce_all(&env, &writes[..1_500]).await;
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(120), || p.alive())
+    });
+    assert_eq!(p.terminate(), Some(0));
+    // Lost: the whole state directory is gone.
+    std::fs::remove_dir_all(env.state_dir.join("p")).unwrap();
+    produce_all(&env, &writes[1_500..3_000]).await;
+    let mut p = ProcessorProcess::start(&env, "p");
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(120), || p.alive())
+    });
+    let log = p.log.clone();
+    assert_eq!(p.terminate(), Some(0));
+    let restored = restored_counts(&log);
+    assert!(
+        restored.iter().sum::<u64>() > 0,
+        "nothing restored: {restored:?}"
+    );
+    // Corrupt: every file of the store overwritten with garbage.
+    for entry in walk(&env.state_dir.join("p")) {
+        std::fs::write(&entry, b"this is not a sled file").unwrap();
+    }
+    produce_all(&env, &writes[3_000..]).await;
+    let mut p = ProcessorProcess::start(&env, "p");
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(120), || p.alive())
+    });
+    assert_eq!(p.terminate(), Some(0));
+    let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
+    tokio::task::block_in_place(|| oracle.assert_matches(&env));
+    env.cleanup().await;
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
