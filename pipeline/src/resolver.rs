@@ -191,7 +191,7 @@ pub enum Decision {
         /// `tenant/bucket`.
         key: String,
         /// The resolution.
-        applied: processors::Applied,
+        applied: Box<processors::Applied>,
     },
 }
 
@@ -229,7 +229,10 @@ pub fn decide<S: processors::ResolveState>(
         Err(r) => return Ok(Decision::Rejected(r)),
     };
     let applied = resolve_lww(state, &change)?;
-    Ok(Decision::Applied { key, applied })
+    Ok(Decision::Applied {
+        key,
+        applied: Box::new(applied),
+    })
 }
 
 struct Output {

@@ -110,7 +110,11 @@ impl Limits {
         if depth > self.max_depth {
             return Err(Rejection::new(
                 RejectCode::TooDeep,
-                format!("objects nest deeper than {} at '{}'", self.max_depth, at.join(".")),
+                format!(
+                    "objects nest deeper than {} at '{}'",
+                    self.max_depth,
+                    at.join(".")
+                ),
             ));
         }
         for (key, value) in obj {
