@@ -113,7 +113,7 @@ fn partial_patch(rng: &mut Rng, fields: &[Field]) -> Map<String, Value> {
     patch
 }
 
-fn write(i: usize, doc: usize, op: WriteOp) -> Write {
+fn write(i: usize, doc: usize, op: WriteOp, base_version: Option<u64>) -> Write {
     Write {
         v: 1,
         event_id: format!("evt-{i:08}"),
@@ -122,7 +122,7 @@ fn write(i: usize, doc: usize, op: WriteOp) -> Write {
         doc_id: format!("doc-{doc:05}"),
         device_id: format!("device-{}", i % DEVICES),
         hlc: None,
-        base_version: Some(1),
+        base_version,
         op,
     }
 }
@@ -133,7 +133,7 @@ struct Workload {
 }
 
 /// Creates the documents, then pre-builds the measured writes (`set_pct`/`delete_pct` per 100).
-fn workload(set_pct: usize, delete_pct: usize) -> Workload {
+fn workload(set_pct: usize, delete_pct: usize, base_version: Option<u64>) -> Workload {
     let mut rng = Rng(0x5EED_1234_ABCD_0001);
     let shapes: Vec<Vec<Field>> = (0..docs()).map(|_| shape(&mut rng)).collect();
     let limits = Limits::default();
@@ -145,6 +145,7 @@ fn workload(set_pct: usize, delete_pct: usize) -> Workload {
             WriteOp::Set {
                 doc: full_doc(&mut rng, fields),
             },
+            None,
         );
         w.hlc = Some(Hlc::new(1, 0));
         let ctx = DiffContext {
@@ -171,17 +172,17 @@ fn workload(set_pct: usize, delete_pct: usize) -> Workload {
                     patch: partial_patch(&mut rng, fields),
                 }
             };
-            write(docs() + i, d, op)
+            write(docs() + i, d, op, base_version)
         })
         .collect();
     Workload { state, writes }
 }
 
-fn run(c: &mut Criterion, name: &str, set_pct: usize, delete_pct: usize) {
+fn run(c: &mut Criterion, name: &str, set_pct: usize, delete_pct: usize, base: Option<u64>) {
     let Workload {
         mut state,
         mut writes,
-    } = workload(set_pct, delete_pct);
+    } = workload(set_pct, delete_pct, base);
     let limits = Limits::default();
     let mut clock = 10u64;
     let mut next = 0usize;
@@ -212,9 +213,12 @@ fn run(c: &mut Criterion, name: &str, set_pct: usize, delete_pct: usize) {
 }
 
 fn benches(c: &mut Criterion) {
-    run(c, "patch", 0, 0);
-    run(c, "set", 100, 0);
-    run(c, "mixed", 8, 2);
+    run(c, "patch", 0, 0, None);
+    run(c, "set", 100, 0, None);
+    run(c, "mixed", 8, 2, None);
+    // Every write claims to have seen only version 1 and comes from another device than the
+    // field's last writer: almost every patch reports `stale_base_version` conflicts.
+    run(c, "patch_stale", 0, 0, Some(1));
 }
 
 criterion_group! {

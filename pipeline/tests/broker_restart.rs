@@ -1,0 +1,45 @@
+//! Broker restart while the resolver works: nothing lost, nothing duplicated.
+//!
+//! Kept in its own test binary because it restarts the shared Kafka: cargo runs test binaries one
+//! after another, so no other test sees the broker go away.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::faults::{produce_all, wait_until_caught_up, workload, Oracle, ProcessorProcess};
+use common::TestEnv;
+
+fn services(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
+    let status = Command::new("bash")
+        .arg(script)
+        .args(args)
+        .status()
+        .expect("services.sh");
+    assert!(status.success(), "services.sh {args:?} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_resolver_survives_a_broker_restart_without_loss_or_duplicates() {
+    let env = TestEnv::new("brokerrestart").await;
+    let writes = workload(rand::random(), 8_000, 30, 20);
+    let mut p = ProcessorProcess::start(&env, "p");
+    produce_all(&env, &writes[..4_000]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let behind = tokio::task::block_in_place(|| common::faults::lag(&env));
+    println!("restarting kafka with {} partitions behind", behind.len());
+    tokio::task::block_in_place(|| {
+        services(&["down", "kafka"]);
+        services(&["up", "kafka"]);
+    });
+    produce_all(&env, &writes[4_000..]).await;
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(240), || p.alive())
+    });
+    assert_eq!(p.terminate(), Some(0));
+    let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
+    tokio::task::block_in_place(|| oracle.assert_matches(&env));
+    env.cleanup().await;
+}
