@@ -26,6 +26,9 @@ pub enum ApiError {
     /// 404: nothing there (or nothing the token may see).
     #[error("{0}")]
     NotFound(String),
+    /// 410: the cursor is too old (behind the tombstone horizon) or of another epoch: resync.
+    #[error("{0}")]
+    ResyncRequired(String),
     /// 413: the body is too large.
     #[error("{0}")]
     TooLarge(String),
@@ -49,6 +52,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::ResyncRequired(_) => (StatusCode::GONE, "resync_required"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }

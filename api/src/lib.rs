@@ -25,12 +25,18 @@ use serde::{Deserialize, Serialize};
 pub struct ApiConfig {
     /// Address to listen on.
     pub listen: String,
+    /// Page size of listings and change feeds when the request names none.
+    pub default_page: usize,
+    /// Largest page served; larger requests are capped to it.
+    pub max_page: usize,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
         Self {
             listen: "127.0.0.1:8080".into(),
+            default_page: 100,
+            max_page: 1000,
         }
     }
 }
@@ -48,6 +54,26 @@ pub struct AppState {
     pub limits: Limits,
     /// This node's hybrid logical clock, stamping writes that carry none.
     pub clock: Arc<Mutex<HlcClock>>,
+    /// Page sizes.
+    pub pages: PageLimits,
+}
+
+/// Page sizes of listings and feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageLimits {
+    /// When the request names none.
+    pub default: usize,
+    /// The cap.
+    pub max: usize,
+}
+
+impl From<&ApiConfig> for PageLimits {
+    fn from(c: &ApiConfig) -> Self {
+        Self {
+            default: c.default_page.max(1),
+            max: c.max_page.max(1),
+        }
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` resolves.

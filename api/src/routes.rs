@@ -21,6 +21,9 @@ use crate::AppState;
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/openapi.json", get(openapi))
+        .route("/v1/buckets/{bucket}/docs", get(list_docs))
+        .route("/v1/buckets/{bucket}/changes", get(changes))
         .route(
             "/v1/buckets/{bucket}/docs/{id}",
             get(get_doc)
@@ -240,4 +243,192 @@ async fn get_doc(
             "no document {id:?} in bucket {bucket:?}"
         ))),
     }
+}
+
+async fn openapi() -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        include_str!("../openapi.json"),
+    )
+}
+
+/// A position in a bucket's change feed: `<epoch>.<seq>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    /// The bucket's epoch when the cursor was issued.
+    pub epoch: i64,
+    /// Every change up to this sequence number was delivered.
+    pub seq: i64,
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.epoch, self.seq)
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = ApiError;
+    fn from_str(s: &str) -> Result<Self, ApiError> {
+        let bad = || {
+            ApiError::bad_request(
+                "invalid_cursor",
+                format!(
+                    "cursor {:?} is not one this API issued (\"<epoch>.<seq>\")",
+                    s.chars().take(40).collect::<String>()
+                ),
+            )
+        };
+        let (e, q) = s.split_once('.').ok_or_else(bad)?;
+        let digits =
+            |t: &str| !t.is_empty() && t.len() <= 18 && t.bytes().all(|b| b.is_ascii_digit());
+        if !digits(e) || !digits(q) {
+            return Err(bad());
+        }
+        Ok(Cursor {
+            epoch: e.parse().map_err(|_| bad())?,
+            seq: q.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+/// Reads the allowed query parameters; anything else is a 400.
+fn params(
+    query: &std::collections::HashMap<String, String>,
+    allowed: &[&str],
+) -> Result<(), ApiError> {
+    match query.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::bad_request(
+            "invalid_parameter",
+            format!(
+                "unknown query parameter {k:?}; allowed: {}",
+                allowed.join(", ")
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn page_limit(state: &AppState, raw: Option<&String>) -> Result<usize, ApiError> {
+    match raw {
+        None => Ok(state.pages.default.min(state.pages.max)),
+        Some(text) => match text.parse::<u64>() {
+            Ok(n) if n >= 1 => Ok(usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .min(state.pages.max)),
+            _ => Err(ApiError::bad_request(
+                "invalid_limit",
+                format!(
+                    "limit must be a whole number from 1 (pages are capped at {})",
+                    state.pages.max
+                ),
+            )),
+        },
+    }
+}
+
+async fn known_bucket(
+    state: &AppState,
+    tenant: &str,
+    bucket: &str,
+) -> Result<crate::view::BucketMeta, ApiError> {
+    state
+        .reader
+        .bucket_meta(tenant, bucket)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .ok_or_else(|| ApiError::NotFound(format!("no bucket {bucket:?}")))
+}
+
+fn doc_json(d: &crate::view::ViewDoc) -> Value {
+    let mut out = json!({"id": d.doc_id, "version": d.version, "seq": d.seq, "hlc": d.hlc});
+    if d.deleted {
+        out["deleted"] = json!(true);
+    } else {
+        out["doc"] = Value::Object(d.doc.clone());
+    }
+    out
+}
+
+async fn list_docs(
+    State(state): State<AppState>,
+    Path(bucket): Path<String>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let claims = authorize(&state, &headers, Perm::Read, &bucket)?;
+    params(&query, &["after", "limit"])?;
+    let limit = page_limit(&state, query.get("limit"))?;
+    if let Some(after) = query.get("after") {
+        state.limits.check_doc_id(after)?;
+    }
+    known_bucket(&state, &claims.tenant, &bucket).await?;
+    let page = state
+        .reader
+        .list(
+            &claims.tenant,
+            &bucket,
+            query.get("after").map(String::as_str),
+            limit,
+        )
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let next = page
+        .more
+        .then(|| page.docs.last().map(|d| d.doc_id.clone()))
+        .flatten();
+    Ok(Json(json!({
+        "bucket": bucket,
+        "docs": page.docs.iter().map(doc_json).collect::<Vec<_>>(),
+        "next": next,
+    })))
+}
+
+async fn changes(
+    State(state): State<AppState>,
+    Path(bucket): Path<String>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let claims = authorize(&state, &headers, Perm::Read, &bucket)?;
+    params(&query, &["since", "limit"])?;
+    let limit = page_limit(&state, query.get("limit"))?;
+    let since = query
+        .get("since")
+        .map(|s| s.parse::<Cursor>())
+        .transpose()?;
+    let meta = known_bucket(&state, &claims.tenant, &bucket).await?;
+    let from = match since {
+        None => 0,
+        Some(c) if c.epoch != meta.epoch => {
+            return Err(ApiError::ResyncRequired(format!(
+                "cursor {c} belongs to epoch {}, the bucket is at epoch {}: read the bucket again from the start",
+                c.epoch, meta.epoch
+            )))
+        }
+        Some(c) if c.seq < meta.horizon_seq || c.seq > meta.projected_seq => {
+            return Err(ApiError::ResyncRequired(format!(
+                "cursor {c} is outside the retained history (tombstones before sequence {} were swept): read the bucket again from the start",
+                meta.horizon_seq
+            )))
+        }
+        Some(c) => c.seq,
+    };
+    let docs = state
+        .reader
+        .changes(&claims.tenant, &bucket, from, meta.projected_seq, limit)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let more = docs.len() == limit;
+    let next_seq = if more {
+        docs.last().map_or(from, |d| d.seq)
+    } else {
+        meta.projected_seq
+    };
+    Ok(Json(json!({
+        "bucket": bucket,
+        "changes": docs.iter().map(doc_json).collect::<Vec<_>>(),
+        "next": Cursor { epoch: meta.epoch, seq: next_seq }.to_string(),
+        "more": more,
+    })))
 }

@@ -1,20 +1,33 @@
-//! The MongoDB view: layout, reads, and the idempotent apply the projector uses.
+//! The MongoDB view: layout, reads, and the idempotent batch apply the projector uses.
 //!
 //! # Layout
 //!
-//! One collection per tenant, `docs_<tenant>`, so a tenant's data is physically apart and a query
-//! can never cross tenants. Each document of each bucket is one MongoDB document:
+//! One pair of collections per tenant, so a tenant's data is physically apart and no query can
+//! cross tenants (the tenant comes from the token, never from the request):
 //!
-//! ```text
-//! { _id: "<bucket>/<doc_id>", bucket, doc_id, doc: {..user fields..},
-//!   version, seq, hlc: "<ms>:<counter>", deleted }
-//! ```
+//! - `docs_<tenant>`: one MongoDB document per document of each bucket:
+//!   `{ _id: "<bucket>/<doc_id>", bucket, doc_id, doc: {..user fields..}, version, seq, hlc,
+//!   deleted, deleted_at_ms }`. User fields live under `doc`, so they never collide with
+//!   system fields. Deleted documents stay as tombstones (`deleted: true`, `doc: {}`) until swept.
+//! - `buckets_<tenant>`: one per bucket: `{ _id: "<bucket>", projected_seq, horizon_seq, epoch }`.
+//!   `projected_seq`: every change up to it is in the view (the changes feed never serves past it,
+//!   so a client cursor cannot skip a change still being written). `horizon_seq`: the newest
+//!   sequence number of a swept tombstone; a cursor below it must resync. `epoch`: bumped by
+//!   restores; a cursor of another epoch must resync.
 //!
-//! Bucket names cannot contain `/`, so `_id` is unambiguous. User fields live under `doc`, so they
-//! never collide with system fields. Index `{bucket: 1, seq: 1}` serves reads in sequence order.
+//! Per tenant rather than per bucket: buckets are cheap and numerous (one per user or per list is
+//! common), while a collection per bucket costs files, indexes and catalog entries in MongoDB and
+//! tables in FerretDB. Bucket names cannot contain `/`, so `_id` is unambiguous, and a bucket's
+//! documents are the `_id` range `["<bucket>/", "<bucket>0")`.
+//!
+//! Indexes (created idempotently at start and on first sight of a tenant): `{bucket, seq}` for the
+//! changes feed, `{deleted, deleted_at_ms}` for the tombstone sweeper; `_id` serves listing.
+
+use std::collections::{BTreeMap, HashMap};
 
 use futures::future::BoxFuture;
-use mongodb::bson::{doc, Document};
+use futures::TryStreamExt;
+use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::{IndexOptions, ReplaceOptions};
 use mongodb::{Collection, Database, IndexModel};
 use processors::SyncEvent;
@@ -37,6 +50,11 @@ pub fn collection_name(tenant: &str) -> String {
     format!("docs_{tenant}")
 }
 
+/// The collection holding a tenant's bucket metadata.
+pub fn buckets_collection_name(tenant: &str) -> String {
+    format!("buckets_{tenant}")
+}
+
 /// The `_id` of a document.
 pub fn view_id(bucket: &str, doc_id: &str) -> String {
     format!("{bucket}/{doc_id}")
@@ -52,7 +70,7 @@ pub struct ViewDoc {
     pub bucket: String,
     /// Document id.
     pub doc_id: String,
-    /// The user's fields.
+    /// The user's fields (empty for a tombstone).
     pub doc: Map<String, Value>,
     /// Document version (moves only forward).
     pub version: i64,
@@ -62,9 +80,54 @@ pub struct ViewDoc {
     pub hlc: String,
     /// True for a tombstone.
     pub deleted: bool,
+    /// When it was deleted (HLC wall time, ms), for the tombstone sweeper.
+    #[serde(default)]
+    pub deleted_at_ms: Option<i64>,
 }
 
-/// What the API needs to read documents.
+impl ViewDoc {
+    /// The view document after `event`, starting from `current` (or nothing).
+    pub fn after(current: Option<&ViewDoc>, event: &SyncEvent) -> ViewDoc {
+        let mut fields = current.map(|c| c.doc.clone()).unwrap_or_default();
+        if current.is_some_and(|c| c.deleted) {
+            fields.clear();
+        }
+        event.apply_to(&mut fields);
+        ViewDoc {
+            id: view_id(&event.bucket, &event.doc_id),
+            bucket: event.bucket.clone(),
+            doc_id: event.doc_id.clone(),
+            doc: fields,
+            version: to_i64(event.version),
+            seq: to_i64(event.seq),
+            hlc: event.hlc.to_string(),
+            deleted: event.deleted,
+            deleted_at_ms: event.deleted.then(|| to_i64(event.hlc.wall_ms)),
+        }
+    }
+}
+
+/// Per-bucket progress and limits of the view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BucketMeta {
+    /// Every change up to this sequence number is in the view.
+    pub projected_seq: i64,
+    /// Newest sequence number of a swept tombstone: older cursors must resync.
+    pub horizon_seq: i64,
+    /// Cursor epoch.
+    pub epoch: i64,
+}
+
+/// One page of a bucket's documents.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DocPage {
+    /// Live documents in id order.
+    pub docs: Vec<ViewDoc>,
+    /// True when more may follow the last one.
+    pub more: bool,
+}
+
+/// What the API needs to read.
 pub trait DocReader: Send + Sync + 'static {
     /// One document of one bucket of one tenant, tombstones included.
     fn get<'a>(
@@ -73,79 +136,37 @@ pub trait DocReader: Send + Sync + 'static {
         bucket: &'a str,
         doc_id: &'a str,
     ) -> BoxFuture<'a, Result<Option<ViewDoc>, ViewError>>;
+
+    /// A bucket's metadata, or `None` if nothing was ever projected into it.
+    fn bucket_meta<'a>(
+        &'a self,
+        tenant: &'a str,
+        bucket: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BucketMeta>, ViewError>>;
+
+    /// Live documents with an id after `after`, in id order, at most `limit`.
+    fn list<'a>(
+        &'a self,
+        tenant: &'a str,
+        bucket: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DocPage, ViewError>>;
+
+    /// Documents (tombstones included) whose last change has `since < seq <= upto`, in sequence
+    /// order, at most `limit`.
+    fn changes<'a>(
+        &'a self,
+        tenant: &'a str,
+        bucket: &'a str,
+        since: i64,
+        upto: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>>;
 }
 
-/// The MongoDB view.
-#[derive(Clone)]
-pub struct MongoView {
-    db: Database,
-}
-
-impl MongoView {
-    /// The view in database `db`.
-    pub fn new(db: Database) -> Self {
-        Self { db }
-    }
-
-    fn collection(&self, tenant: &str) -> Collection<Document> {
-        self.db.collection(&collection_name(tenant))
-    }
-
-    /// Creates the indexes reads need; idempotent.
-    pub async fn ensure_indexes(&self, tenant: &str) -> Result<(), ViewError> {
-        let index = IndexModel::builder()
-            .keys(doc! {"bucket": 1, "seq": 1})
-            .options(
-                IndexOptions::builder()
-                    .name("bucket_seq".to_string())
-                    .build(),
-            )
-            .build();
-        self.collection(tenant).create_index(index).await?;
-        Ok(())
-    }
-
-    /// Applies one change idempotently: only when it moves the document's version forward.
-    ///
-    /// Returns false when the view already held this version or a newer one (re-delivery, replay).
-    pub async fn apply(&self, event: &SyncEvent) -> Result<bool, ViewError> {
-        let coll = self.collection(&event.tenant);
-        let id = view_id(&event.bucket, &event.doc_id);
-        let current = match coll.find_one(doc! {"_id": &id}).await? {
-            Some(d) => Some(decode(&id, d)?),
-            None => None,
-        };
-        let version = i64::try_from(event.version).unwrap_or(i64::MAX);
-        if current.as_ref().is_some_and(|c| c.version >= version) {
-            return Ok(false);
-        }
-        let mut fields = current.map(|c| c.doc).unwrap_or_default();
-        event.apply_to(&mut fields);
-        let next = ViewDoc {
-            id: id.clone(),
-            bucket: event.bucket.clone(),
-            doc_id: event.doc_id.clone(),
-            doc: fields,
-            version,
-            seq: i64::try_from(event.seq).unwrap_or(i64::MAX),
-            hlc: event.hlc.to_string(),
-            deleted: event.deleted,
-        };
-        let replacement = mongodb::bson::to_document(&next)
-            .map_err(|e| ViewError::Malformed(id.clone(), e.to_string()))?;
-        let filter = doc! {"_id": &id, "version": {"$lt": version}};
-        let options = ReplaceOptions::builder().upsert(true).build();
-        match coll
-            .replace_one(filter, replacement)
-            .with_options(options)
-            .await
-        {
-            Ok(_) => Ok(true),
-            // The version filter missed an existing _id: a newer version is already there.
-            Err(e) if is_duplicate_key(&e) => Ok(false),
-            Err(e) => Err(e.into()),
-        }
-    }
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
 }
 
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
@@ -157,8 +178,252 @@ fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     }
 }
 
-fn decode(id: &str, d: Document) -> Result<ViewDoc, ViewError> {
+fn decode<T: for<'de> Deserialize<'de>>(id: &str, d: Document) -> Result<T, ViewError> {
     mongodb::bson::from_document(d).map_err(|e| ViewError::Malformed(id.into(), e.to_string()))
+}
+
+/// The MongoDB view.
+#[derive(Clone)]
+pub struct MongoView {
+    db: Database,
+}
+
+/// What one batch apply did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchOutcome {
+    /// Documents written.
+    pub written: usize,
+    /// Events skipped as already applied (re-delivery, replay).
+    pub skipped: usize,
+}
+
+impl MongoView {
+    /// The view in database `db`.
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    /// The database.
+    pub fn database(&self) -> &Database {
+        &self.db
+    }
+
+    fn docs(&self, tenant: &str) -> Collection<Document> {
+        self.db.collection(&collection_name(tenant))
+    }
+
+    fn buckets(&self, tenant: &str) -> Collection<Document> {
+        self.db.collection(&buckets_collection_name(tenant))
+    }
+
+    /// Creates the indexes reads and the sweeper need; idempotent.
+    pub async fn ensure_indexes(&self, tenant: &str) -> Result<(), ViewError> {
+        let index = |keys: Document, name: &str| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(IndexOptions::builder().name(name.to_string()).build())
+                .build()
+        };
+        let docs = self.docs(tenant);
+        docs.create_index(index(doc! {"bucket": 1, "seq": 1}, "bucket_seq"))
+            .await?;
+        docs.create_index(index(doc! {"deleted": 1, "deleted_at_ms": 1}, "tombstones"))
+            .await?;
+        Ok(())
+    }
+
+    /// Tenants that have documents in the view.
+    pub async fn tenants(&self) -> Result<Vec<String>, ViewError> {
+        let names = self.db.list_collection_names().await?;
+        Ok(names
+            .into_iter()
+            .filter_map(|n| n.strip_prefix("docs_").map(str::to_owned))
+            .collect())
+    }
+
+    /// Applies a batch of changes idempotently: per document only events that move its version
+    /// forward, then each bucket's `projected_seq`. Events of one bucket must come in order.
+    pub async fn apply_batch(&self, events: &[SyncEvent]) -> Result<BatchOutcome, ViewError> {
+        let mut by_tenant: BTreeMap<&str, Vec<&SyncEvent>> = BTreeMap::new();
+        for e in events {
+            by_tenant.entry(e.tenant.as_str()).or_default().push(e);
+        }
+        let mut outcome = BatchOutcome::default();
+        for (tenant, events) in by_tenant {
+            let coll = self.docs(tenant);
+            let ids: Vec<String> = events
+                .iter()
+                .map(|e| view_id(&e.bucket, &e.doc_id))
+                .collect();
+            let mut current: HashMap<String, ViewDoc> = HashMap::new();
+            let mut cursor = coll.find(doc! {"_id": {"$in": &ids}}).await?;
+            while let Some(d) = cursor.try_next().await? {
+                let id = d.get_str("_id").unwrap_or_default().to_owned();
+                current.insert(id.clone(), decode(&id, d)?);
+            }
+            let stored: HashMap<String, i64> = current
+                .iter()
+                .map(|(k, v)| (k.clone(), v.version))
+                .collect();
+            let mut order: Vec<String> = Vec::new();
+            let mut bucket_seq: BTreeMap<&str, i64> = BTreeMap::new();
+            for (e, id) in events.iter().zip(ids) {
+                let seq = bucket_seq.entry(e.bucket.as_str()).or_insert(0);
+                *seq = (*seq).max(to_i64(e.seq));
+                let cur = current.get(&id);
+                if cur.is_some_and(|c| c.version >= to_i64(e.version)) {
+                    outcome.skipped += 1;
+                    continue;
+                }
+                if let Some(c) = cur {
+                    if c.version + 1 != to_i64(e.version) {
+                        tracing::warn!(id = %id, have = c.version, event = e.version, "view version gap");
+                    }
+                }
+                let next = ViewDoc::after(cur, e);
+                if !order.contains(&id) {
+                    order.push(id.clone());
+                }
+                current.insert(id, next);
+            }
+            for id in order {
+                let next = &current[&id];
+                let replacement = mongodb::bson::to_document(next)
+                    .map_err(|e| ViewError::Malformed(id.clone(), e.to_string()))?;
+                let filter = match stored.get(&id) {
+                    Some(_) => doc! {"_id": &id, "version": {"$lt": next.version}},
+                    None => doc! {"_id": &id},
+                };
+                let result = coll
+                    .replace_one(filter, replacement)
+                    .with_options(ReplaceOptions::builder().upsert(true).build())
+                    .await;
+                match result {
+                    Ok(_) => outcome.written += 1,
+                    // The version filter missed an existing _id: a newer version is already there.
+                    Err(e) if is_duplicate_key(&e) => outcome.skipped += 1,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            for (bucket, seq) in bucket_seq {
+                self.raise_projected_seq(tenant, bucket, seq).await?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Raises a bucket's `projected_seq` (never lowers it).
+    pub async fn raise_projected_seq(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        seq: i64,
+    ) -> Result<(), ViewError> {
+        self.buckets(tenant)
+            .update_one(
+                doc! {"_id": bucket},
+                doc! {"$max": {"projected_seq": seq},
+                "$setOnInsert": {"horizon_seq": 0_i64, "epoch": 1_i64}},
+            )
+            .upsert(true)
+            .await?;
+        Ok(())
+    }
+
+    /// Replaces a document unconditionally (rebuild).
+    pub async fn put(&self, tenant: &str, view_doc: &ViewDoc) -> Result<(), ViewError> {
+        let replacement = mongodb::bson::to_document(view_doc)
+            .map_err(|e| ViewError::Malformed(view_doc.id.clone(), e.to_string()))?;
+        self.docs(tenant)
+            .replace_one(doc! {"_id": &view_doc.id}, replacement)
+            .upsert(true)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the documents of `bucket` whose ids are not in `keep` (rebuild); returns how many.
+    pub async fn delete_others(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        keep: &std::collections::HashSet<String>,
+    ) -> Result<u64, ViewError> {
+        let coll = self.docs(tenant);
+        let mut stale = Vec::new();
+        let range = doc! {"_id": {"$gte": format!("{bucket}/"), "$lt": format!("{bucket}0")}};
+        let mut cursor = coll.find(range).projection(doc! {"_id": 1}).await?;
+        while let Some(d) = cursor.try_next().await? {
+            let id = d.get_str("_id").unwrap_or_default().to_owned();
+            if !keep.contains(&id) {
+                stale.push(id);
+            }
+        }
+        let mut deleted = 0;
+        for chunk in stale.chunks(500) {
+            deleted += coll
+                .delete_many(doc! {"_id": {"$in": chunk}})
+                .await?
+                .deleted_count;
+        }
+        Ok(deleted)
+    }
+
+    /// Sets a bucket's metadata (rebuild, restore).
+    pub async fn set_bucket_meta(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        meta: BucketMeta,
+    ) -> Result<(), ViewError> {
+        self.buckets(tenant)
+            .replace_one(
+                doc! {"_id": bucket},
+                doc! {"_id": bucket, "projected_seq": meta.projected_seq,
+                "horizon_seq": meta.horizon_seq, "epoch": meta.epoch},
+            )
+            .upsert(true)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes tombstones deleted before `cutoff_ms`, raising each bucket's `horizon_seq` first so
+    /// that a cursor which could have missed them is answered "resync required". Returns how many.
+    pub async fn sweep_tombstones(&self, cutoff_ms: i64) -> Result<u64, ViewError> {
+        let mut removed = 0;
+        for tenant in self.tenants().await? {
+            let coll = self.docs(&tenant);
+            let filter = doc! {"deleted": true, "deleted_at_ms": {"$lt": cutoff_ms}};
+            let mut cursor = coll
+                .find(filter)
+                .projection(doc! {"_id": 1, "bucket": 1, "seq": 1})
+                .await?;
+            let mut horizon: BTreeMap<String, i64> = BTreeMap::new();
+            let mut ids = Vec::new();
+            while let Some(d) = cursor.try_next().await? {
+                let bucket = d.get_str("bucket").unwrap_or_default().to_owned();
+                let seq = match d.get("seq") {
+                    Some(Bson::Int64(s)) => *s,
+                    Some(Bson::Int32(s)) => i64::from(*s),
+                    _ => 0,
+                };
+                let h = horizon.entry(bucket).or_insert(0);
+                *h = (*h).max(seq);
+                ids.push(d.get_str("_id").unwrap_or_default().to_owned());
+            }
+            for (bucket, seq) in &horizon {
+                self.buckets(&tenant)
+                    .update_one(doc! {"_id": bucket}, doc! {"$max": {"horizon_seq": seq}})
+                    .await?;
+            }
+            for chunk in ids.chunks(500) {
+                removed += coll
+                    .delete_many(doc! {"_id": {"$in": chunk}, "deleted": true})
+                    .await?
+                    .deleted_count;
+            }
+        }
+        Ok(removed)
+    }
 }
 
 impl DocReader for MongoView {
@@ -170,10 +435,78 @@ impl DocReader for MongoView {
     ) -> BoxFuture<'a, Result<Option<ViewDoc>, ViewError>> {
         Box::pin(async move {
             let id = view_id(bucket, doc_id);
-            match self.collection(tenant).find_one(doc! {"_id": &id}).await? {
+            match self.docs(tenant).find_one(doc! {"_id": &id}).await? {
                 Some(d) => decode(&id, d).map(Some),
                 None => Ok(None),
             }
+        })
+    }
+
+    fn bucket_meta<'a>(
+        &'a self,
+        tenant: &'a str,
+        bucket: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BucketMeta>, ViewError>> {
+        Box::pin(async move {
+            match self.buckets(tenant).find_one(doc! {"_id": bucket}).await? {
+                Some(d) => decode(bucket, d).map(Some),
+                None => Ok(None),
+            }
+        })
+    }
+
+    fn list<'a>(
+        &'a self,
+        tenant: &'a str,
+        bucket: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<DocPage, ViewError>> {
+        Box::pin(async move {
+            let from = match after {
+                Some(a) => doc! {"$gt": view_id(bucket, a)},
+                None => doc! {"$gte": format!("{bucket}/")},
+            };
+            let mut range = from;
+            range.insert("$lt", format!("{bucket}0"));
+            let mut cursor = self
+                .docs(tenant)
+                .find(doc! {"_id": range, "deleted": false})
+                .sort(doc! {"_id": 1})
+                .limit(i64::try_from(limit + 1).unwrap_or(i64::MAX))
+                .await?;
+            let mut docs = Vec::new();
+            while let Some(d) = cursor.try_next().await? {
+                let id = d.get_str("_id").unwrap_or_default().to_owned();
+                docs.push(decode(&id, d)?);
+            }
+            let more = docs.len() > limit;
+            docs.truncate(limit);
+            Ok(DocPage { docs, more })
+        })
+    }
+
+    fn changes<'a>(
+        &'a self,
+        tenant: &'a str,
+        bucket: &'a str,
+        since: i64,
+        upto: i64,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>> {
+        Box::pin(async move {
+            let mut cursor = self
+                .docs(tenant)
+                .find(doc! {"bucket": bucket, "seq": {"$gt": since, "$lte": upto}})
+                .sort(doc! {"seq": 1})
+                .limit(i64::try_from(limit).unwrap_or(i64::MAX))
+                .await?;
+            let mut docs = Vec::new();
+            while let Some(d) = cursor.try_next().await? {
+                let id = d.get_str("_id").unwrap_or_default().to_owned();
+                docs.push(decode(&id, d)?);
+            }
+            Ok(docs)
         })
     }
 }

@@ -95,6 +95,7 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             reader: Arc::new(mongo_view(&cfg).await?),
             limits: cfg.limits.clone(),
             clock: Arc::new(Mutex::new(HlcClock::new())),
+            pages: api::PageLimits::from(&cfg.api),
         };
         let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
             .await
@@ -119,6 +120,15 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
         stop_flag,
         tasks,
     })
+}
+
+impl Drop for Running {
+    /// A `Running` dropped without [`Running::stop`] (a panic, an early return) still tells every
+    /// role to stop, so the blocking resolver thread cannot keep the process alive.
+    fn drop(&mut self) {
+        self.stop_flag.store(true, Ordering::SeqCst);
+        let _ = self.stop_tx.send(true);
+    }
 }
 
 impl Running {
@@ -154,11 +164,11 @@ impl Running {
     }
 
     /// Stops every role and waits for them.
-    pub async fn stop(self) -> Result<(), AppError> {
+    pub async fn stop(mut self) -> Result<(), AppError> {
         self.stop_flag.store(true, Ordering::SeqCst);
         let _ = self.stop_tx.send(true);
         let mut result = Ok(());
-        for (role, handle) in self.tasks {
+        for (role, handle) in std::mem::take(&mut self.tasks) {
             match handle.await {
                 Ok(Ok(())) => {}
                 Ok(Err(reason)) => result = Err(AppError::Role { role, reason }),

@@ -110,6 +110,28 @@ impl Default for ResolverConfig {
     }
 }
 
+/// Projector (MongoDB view) settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProjectorConfig {
+    /// Most events applied in one batch.
+    pub batch_max: u64,
+    /// How often tombstones are swept, in seconds.
+    pub sweep_interval_secs: u64,
+    /// How long a deleted document's tombstone is kept for clients to resume, in seconds.
+    pub tombstone_retention_secs: u64,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        Self {
+            batch_max: 500,
+            sweep_interval_secs: 300,
+            tombstone_retention_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -130,6 +152,8 @@ pub struct Config {
     pub limits: processors::Limits,
     /// Resolver.
     pub resolver: ResolverConfig,
+    /// Projector.
+    pub projector: ProjectorConfig,
 }
 
 /// Every problem found while loading the configuration.
@@ -256,6 +280,7 @@ fn section_check(section: &str, value: Value) -> Result<(), String> {
         "state" => check::<StateConfig>(value),
         "limits" => check::<processors::Limits>(value),
         "resolver" => check::<ResolverConfig>(value),
+        "projector" => check::<ProjectorConfig>(value),
         other => Err(format!("unknown section {other:?}")),
     }
 }

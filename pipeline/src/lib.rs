@@ -7,11 +7,13 @@
 //!   the sled state, produce `sync.events` / `conflict.detected` / `data.rejected` / changelog in
 //!   one Kafka transaction per batch;
 //! - [`projector`]: applies `sync.events` to the MongoDB view and publishes changes to Redis;
+//! - [`rebuild`]: rebuilds the MongoDB view from the resolver's changelog;
 //! - [`app`]: starts the chosen roles in one process.
 
 pub mod app;
 pub mod config;
 pub mod partition;
 pub mod projector;
+pub mod rebuild;
 pub mod resolver;
 pub mod topics;

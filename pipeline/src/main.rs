@@ -37,6 +37,15 @@ enum Command {
         #[command(subcommand)]
         action: TopicsAction,
     },
+    /// Rebuild the MongoDB view from the resolver's state (stop the projectors first).
+    Project {
+        /// Required: rebuild (the only action for now).
+        #[arg(long, required = true)]
+        rebuild: bool,
+        /// Only this bucket, as tenant/bucket.
+        #[arg(long)]
+        bucket: Option<String>,
+    },
     /// Mint a development JWT signed with the configured secret.
     Token {
         /// Tenant the token belongs to.
@@ -120,6 +129,35 @@ async fn main() -> anyhow::Result<()> {
                     report.drift.len()
                 );
             }
+        }
+        Command::Project { rebuild: _, bucket } => {
+            let only = match bucket.as_deref() {
+                None => None,
+                Some(text) => {
+                    let (tenant, bucket) = text
+                        .split_once('/')
+                        .ok_or_else(|| anyhow::anyhow!("--bucket must be tenant/bucket"))?;
+                    Some(processors::BucketKey {
+                        tenant: tenant.into(),
+                        bucket: bucket.into(),
+                    })
+                }
+            };
+            let client = mongodb::Client::with_uri_str(&cfg.mongo.uri).await?;
+            let view = api::view::MongoView::new(client.database(&cfg.mongo.database));
+            let started = std::time::Instant::now();
+            let report = pipeline::rebuild::rebuild(&cfg, &view, only.as_ref(), |done, total| {
+                eprint!("\rrebuilding the view: {done}/{total} documents");
+            })
+            .await?;
+            eprintln!();
+            println!(
+                "rebuilt {} bucket(s): {} documents written, {} stale removed, in {:.1}s",
+                report.buckets,
+                report.written,
+                report.removed,
+                started.elapsed().as_secs_f64()
+            );
         }
         Command::Token {
             tenant,

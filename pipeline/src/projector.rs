@@ -5,7 +5,9 @@
 //! only after MongoDB acknowledged the write, and committed from the stored offsets, so a crash
 //! re-delivers; [`MongoView::apply`] makes every re-delivery a no-op (versions only move forward).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
+
+use futures::FutureExt;
 use std::time::Duration;
 
 use api::view::MongoView;
@@ -64,45 +66,65 @@ pub async fn run(
     let redis = redis::Client::open(cfg.redis.url.as_str()).ok();
     let mut publisher: Option<redis::aio::MultiplexedConnection> = None;
     let mut indexed: HashSet<String> = HashSet::new();
+    let settings = &cfg.projector;
+    let sweep_every = Duration::from_secs(settings.sweep_interval_secs.max(1));
+    let mut next_sweep = tokio::time::Instant::now() + sweep_every;
     tracing::info!("projector started");
     loop {
-        let message = tokio::select! {
+        let first = tokio::select! {
             _ = shutdown.changed() => break,
+            _ = tokio::time::sleep_until(next_sweep) => {
+                sweep(&view, settings.tombstone_retention_secs).await;
+                next_sweep = tokio::time::Instant::now() + sweep_every;
+                continue;
+            }
             m = consumer.recv() => m,
         };
-        let m = match message {
-            Ok(m) => m,
+        let mut messages = Vec::new();
+        match first {
+            Ok(m) => messages.push(m),
             Err(e) => {
                 tracing::warn!(error = %e, "projector receive error");
                 continue;
             }
-        };
-        let event: SyncEvent = match m.payload().map(serde_json::from_slice) {
-            Some(Ok(e)) => e,
-            other => {
-                // Only the resolver writes this topic; a bad record is a bug, never a reason to stall.
-                tracing::error!(
-                    partition = m.partition(),
-                    offset = m.offset(),
-                    ?other,
-                    "undecodable sync event skipped"
-                );
-                let _ = consumer.store_offset_from_message(&m);
-                continue;
+        }
+        // Take whatever else is already fetched, up to the batch size.
+        while messages.len() < settings.batch_max.max(1) as usize {
+            match consumer.recv().now_or_never() {
+                Some(Ok(m)) => messages.push(m),
+                Some(Err(e)) => tracing::warn!(error = %e, "projector receive error"),
+                None => break,
             }
-        };
-        if indexed.insert(event.tenant.clone()) {
-            if let Err(e) = view.ensure_indexes(&event.tenant).await {
-                tracing::warn!(error = %e, tenant = %event.tenant, "index creation failed");
-                indexed.remove(&event.tenant);
+        }
+        let mut events = Vec::with_capacity(messages.len());
+        for m in &messages {
+            match m.payload().map(serde_json::from_slice::<SyncEvent>) {
+                Some(Ok(e)) => events.push(e),
+                other => {
+                    // Only the resolver writes this topic; a bad record is a bug, never a reason to stall.
+                    tracing::error!(
+                        partition = m.partition(),
+                        offset = m.offset(),
+                        ?other,
+                        "undecodable sync event skipped"
+                    );
+                }
+            }
+        }
+        for e in &events {
+            if indexed.insert(e.tenant.clone()) {
+                if let Err(err) = view.ensure_indexes(&e.tenant).await {
+                    tracing::warn!(error = %err, tenant = %e.tenant, "index creation failed");
+                    indexed.remove(&e.tenant);
+                }
             }
         }
         let mut backoff = Duration::from_millis(50);
-        let applied = loop {
-            match view.apply(&event).await {
-                Ok(applied) => break Some(applied),
+        let outcome = loop {
+            match view.apply_batch(&events).await {
+                Ok(outcome) => break Some(outcome),
                 Err(e) => {
-                    tracing::warn!(error = %e, bucket = %event.bucket, seq = event.seq, "view apply failed; retrying");
+                    tracing::warn!(error = %e, events = events.len(), "view apply failed; retrying");
                     tokio::select! {
                         _ = shutdown.changed() => break None,
                         _ = tokio::time::sleep(backoff) => {}
@@ -111,28 +133,23 @@ pub async fn run(
                 }
             }
         };
-        let Some(applied) = applied else { break };
-        tracing::debug!(bucket = %event.bucket, seq = event.seq, applied, "projected change");
-        if let Some(client) = &redis {
-            if publisher.is_none() {
-                publisher = client.get_multiplexed_async_connection().await.ok();
-            }
-            if let Some(conn) = publisher.as_mut() {
-                let channel = change_channel(&cfg.kafka.topic_prefix, &event.tenant, &event.bucket);
-                let payload = serde_json::to_string(&event).expect("event serializes");
-                let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(payload)
-                    .query_async(conn)
-                    .await;
-                if let Err(e) = sent {
-                    tracing::warn!(error = %e, "redis publish failed");
-                    publisher = None;
-                }
-            }
+        let Some(outcome) = outcome else { break };
+        tracing::debug!(
+            events = events.len(),
+            written = outcome.written,
+            skipped = outcome.skipped,
+            "projected batch"
+        );
+        publish(&redis, &mut publisher, &cfg.kafka.topic_prefix, &events).await;
+        // Offsets only after MongoDB acknowledged every write of the batch.
+        let mut last: BTreeMap<i32, usize> = BTreeMap::new();
+        for (i, m) in messages.iter().enumerate() {
+            last.insert(m.partition(), i);
         }
-        if let Err(e) = consumer.store_offset_from_message(&m) {
-            tracing::warn!(error = %e, "storing projector offset failed");
+        for i in last.values() {
+            if let Err(e) = consumer.store_offset_from_message(&messages[*i]) {
+                tracing::warn!(error = %e, "storing projector offset failed");
+            }
         }
     }
     if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
@@ -140,4 +157,49 @@ pub async fn run(
     }
     tracing::info!("projector stopped");
     Ok(())
+}
+
+/// Publishes applied changes to each bucket's Redis channel. Best effort: subscribers recover
+/// from their cursor when Redis loses a message.
+async fn publish(
+    redis: &Option<redis::Client>,
+    publisher: &mut Option<redis::aio::MultiplexedConnection>,
+    prefix: &str,
+    events: &[SyncEvent],
+) {
+    let Some(client) = redis else { return };
+    if publisher.is_none() {
+        *publisher = client.get_multiplexed_async_connection().await.ok();
+    }
+    let Some(conn) = publisher.as_mut() else {
+        return;
+    };
+    let mut pipe = redis::pipe();
+    for e in events {
+        let channel = change_channel(prefix, &e.tenant, &e.bucket);
+        pipe.cmd("PUBLISH")
+            .arg(channel)
+            .arg(serde_json::to_string(e).expect("event serializes"))
+            .ignore();
+    }
+    let sent: redis::RedisResult<()> = pipe.query_async(conn).await;
+    if let Err(e) = sent {
+        tracing::warn!(error = %e, "redis publish failed");
+        *publisher = None;
+    }
+}
+
+/// Sweeps tombstones older than the retention; logs, never fails the projector.
+async fn sweep(view: &MongoView, retention_secs: u64) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let cutoff = now_ms
+        .saturating_sub(i64::try_from(retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX));
+    match view.sweep_tombstones(cutoff).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(removed = n, "tombstones swept"),
+        Err(e) => tracing::warn!(error = %e, "tombstone sweep failed"),
+    }
 }

@@ -2,7 +2,7 @@
 //!
 //! Everything that decides what a write means lives here, with no Kafka, MongoDB or tokio:
 //!
-//! - [`write`]: the `data.changed` event ([`Write`]) and [`decode_write`] from raw bytes;
+//! - [`write`](mod@write): the `data.changed` event ([`Write`]) and [`decode_write`] from raw bytes;
 //! - [`limits`]: naming rules and configurable document limits;
 //! - [`reject`]: machine-readable reasons a write is refused ([`Rejection`]);
 //! - [`hlc`]: hybrid logical clocks and the skew bound;

@@ -16,6 +16,11 @@
 //! ancestor or a descendant path) is newer. A document exists when its newest create/set is newer
 //! than its newest delete. Events carry the difference between the visible documents before and
 //! after a write; nothing is emitted when they are equal.
+//!
+//! The visible document equals applying the distinct writes one after the other in stamp order
+//! (a full set replaces, a merge patch merges, a delete removes), with the merge-patch details of
+//! `docs/CONFLICTS.md`; `tests/properties.rs` checks it against exactly that sequential model.
+//! The conflict rules are listed on `detect_conflicts` and explained in `docs/CONFLICTS.md`.
 
 use std::cmp::max;
 use std::collections::BTreeMap;
@@ -43,7 +48,9 @@ pub struct Register {
     pub value: Option<Value>,
     /// The write that set it.
     pub stamp: Stamp,
-    /// The document version after that write.
+    /// The document version at which the field's value last changed: the version after the
+    /// write that set it, or, when that write rewrote the value the field already had, the
+    /// version the value dates from.
     pub changed_version: u64,
 }
 
@@ -346,20 +353,27 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
         }
         let too_old = doc.cleared_at().is_some_and(|c| stamp < c);
         for (path, value) in &touched {
-            if doc.registers.get(*path).is_some_and(|r| r.stamp >= *stamp) {
+            if too_old {
+                // Older than the newest delete/replace: it can never be visible, and neither can
+                // an older register at its path.
+                if doc.registers.get(*path).is_some_and(|r| r.stamp >= *stamp) {
+                    continue;
+                }
+                displaced.push((*path, doc.registers.remove(*path)));
                 continue;
             }
-            let old = if too_old {
-                // Older than the newest delete/replace: it can never be visible.
-                doc.registers.remove(*path)
-            } else if let Some(slot) = doc.registers.get_mut(*path) {
-                Some(std::mem::replace(slot, new_register(*value, version)))
-            } else {
-                doc.registers
-                    .insert((*path).clone(), new_register(*value, version));
-                None
-            };
-            displaced.push((*path, old));
+            match doc.registers.get_mut(*path) {
+                Some(r) if r.stamp >= *stamp => {}
+                Some(r) => displaced.push((
+                    *path,
+                    Some(std::mem::replace(r, new_register(*value, version))),
+                )),
+                None => {
+                    doc.registers
+                        .insert((*path).clone(), new_register(*value, version));
+                    displaced.push((*path, None));
+                }
+            }
         }
         displaced.sort_unstable_by(|a, b| a.0.cmp(b.0));
         keys = sorted.iter().map(|p| &p[0]).collect();
@@ -383,21 +397,32 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
         }
         let cleared = doc.cleared_at();
         let live = |s: &Stamp| cleared.is_none_or(|c| s >= c);
-        let mut registers: BTreeMap<FieldPath, Register> = old_registers
-            .iter()
-            .filter(|(_, r)| live(&r.stamp))
-            .map(|(p, r)| (p.clone(), r.clone()))
-            .collect();
-        if live(stamp) {
-            for (path, value) in &touched {
-                // (A hand-made change naming a path twice: the first entry wins.)
-                let newer = old_registers.get(*path).is_none_or(|r| r.stamp < *stamp)
-                    && registers.get(*path).is_none_or(|r| r.stamp != *stamp);
-                if newer {
-                    registers.insert((*path).clone(), new_register(*value, version));
+        // Merge the surviving registers with the write's, both in path order. (A hand-made
+        // change naming a path twice: the first entry wins.)
+        let mut named: Vec<(&FieldPath, Option<&Value>)> = if live(stamp) {
+            touched.clone()
+        } else {
+            Vec::new()
+        };
+        named.sort_by(|a, b| a.0.cmp(b.0));
+        named.dedup_by(|later, first| later.0 == first.0);
+        let mut merged: Vec<(FieldPath, Register)> = Vec::with_capacity(named.len());
+        let mut named = named.into_iter().peekable();
+        for (path, reg) in &old_registers {
+            while let Some((p, v)) = named.next_if(|(p, _)| *p < path) {
+                merged.push((p.clone(), new_register(v, version)));
+            }
+            let theirs = named.next_if(|(p, _)| *p == path);
+            match theirs {
+                Some((p, v)) if reg.stamp < *stamp => {
+                    merged.push((p.clone(), new_register(v, version)))
                 }
+                _ if live(&reg.stamp) => merged.push((path.clone(), reg.clone())),
+                _ => {}
             }
         }
+        merged.extend(named.map(|(p, v)| (p.clone(), new_register(v, version))));
+        let registers: BTreeMap<FieldPath, Register> = merged.into_iter().collect();
         doc.registers = registers;
     }
 
@@ -427,6 +452,7 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
     // The diff: both lists are in path order.
     let mut set_out = Map::new();
     let mut unset_out: Vec<String> = Vec::new();
+    let mut unchanged: Vec<(&FieldPath, u64)> = Vec::new();
     {
         let (mut i, mut j) = (0, 0);
         while i < before.len() || j < after_visible.len() {
@@ -444,6 +470,13 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
                     let (b, a) = (before[i], after_visible[j]);
                     if b.reg.value != a.reg.value {
                         set_out.insert(dotted(a.path), a.reg.value.clone().unwrap_or_default());
+                    } else if a.reg.stamp == *stamp && b.reg.stamp != *stamp {
+                        // Rewritten with the same value: the field's last change stays where it
+                        // was (what `stale_base_version` compares against).
+                        let at = sorted.binary_search(&a.path).map(|k| sorted[k]);
+                        if let Ok(path) = at {
+                            unchanged.push((path, b.reg.changed_version));
+                        }
                     }
                     i += 1;
                     j += 1;
@@ -510,6 +543,11 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
             for r in doc.registers.values_mut().filter(|r| r.stamp == *stamp) {
                 r.changed_version = new_version;
             }
+        }
+    }
+    for (path, since) in unchanged {
+        if let Some(r) = doc.registers.get_mut(path) {
+            r.changed_version = since;
         }
     }
     applied
@@ -601,9 +639,22 @@ fn detect_conflicts(
         side
     };
 
+    // Each named path's register after the write, found in one merge pass (both in path order).
+    let mut by_path: Vec<usize> = (0..touched.len()).collect();
+    by_path.sort_by(|&a, &b| touched[a].0.cmp(touched[b].0));
+    let mut found: Vec<Option<&Entry>> = vec![None; touched.len()];
+    let mut cursor = 0;
+    for k in by_path {
+        let path = touched[k].0;
+        while view.after_all.get(cursor).is_some_and(|e| e.path < path) {
+            cursor += 1;
+        }
+        found[k] = view.after_all.get(cursor).filter(|e| e.path == path);
+    }
+
     // 1. Named fields the write lost.
-    for &(path, value) in touched {
-        let entry = find(view.after_all, path).filter(|e| e.reg.stamp == *stamp);
+    for (&(path, value), entry) in touched.iter().zip(found) {
+        let entry = entry.filter(|e| e.reg.stamp == *stamp);
         if entry.is_some_and(|e| value.is_none() || !e.hidden) {
             continue;
         }
@@ -668,15 +719,20 @@ fn detect_conflicts(
         ChangeOp::Fields { replace, .. } => *replace,
     };
     if implicit {
+        let mut cursor = 0;
         for prev in view.before {
             let path = prev.path;
+            while view.after_all.get(cursor).is_some_and(|e| e.path < path) {
+                cursor += 1;
+            }
+            let now = view.after_all.get(cursor).filter(|e| e.path == path);
+            let Some(now) = now.filter(|e| e.reg.stamp > *stamp) else {
+                continue;
+            };
             let named = touched
                 .iter()
                 .any(|(n, _)| is_prefix(n, path) || is_prefix(path, n));
-            let Some(now) = find(view.after_all, path) else {
-                continue;
-            };
-            if !named && is_visible_after(path) && now.reg.stamp > *stamp {
+            if !named && is_visible_after(path) {
                 let winner = register_side(path, path, now.reg);
                 let loser = ConflictSide::new(stamp, side_op, None);
                 report(path, ConflictRule::LwwTimestamp, winner, loser);

@@ -204,6 +204,18 @@ mod naive {
                 clamped_from: change.clamped_from,
             });
         }
+        // Same-value rewrites keep the field's last change (see `Register::changed_version`).
+        for (p, v) in &after {
+            if let Some(r) = doc.registers.get_mut(p) {
+                if r.stamp == *stamp && before.get(p) == Some(v) {
+                    if let Some(prev) = before_doc.registers.get(p) {
+                        if prev.stamp != *stamp {
+                            r.changed_version = prev.changed_version;
+                        }
+                    }
+                }
+            }
+        }
         if !retransmission {
             applied.conflicts =
                 detect_conflicts(&before_doc, &before, doc, &after, change, side_op, &touched);

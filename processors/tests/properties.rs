@@ -414,7 +414,8 @@ struct RefDoc {
     seen: Vec<usize>,
     newest_by_device: HashMap<String, (Hlc, String)>,
     version: u64,
-    version_after: HashMap<usize, u64>,
+    /// Per visible field, the version at which its value last changed.
+    last_change: BTreeMap<Path, u64>,
     current: LeafDoc,
 }
 
@@ -446,7 +447,15 @@ fn reference_conflicts(arrivals: &[Write]) -> Vec<(usize, ConflictEvent)> {
         if after.visible() != before.visible() {
             doc.version += 1;
         }
-        doc.version_after.insert(i, doc.version);
+        let last_change = doc.last_change.clone();
+        doc.last_change = after
+            .leaves
+            .iter()
+            .map(|(p, (v, _))| {
+                let same = before.leaves.get(p).is_some_and(|(old, _)| old == v);
+                (p.clone(), if same { last_change[p] } else { doc.version })
+            })
+            .collect();
         doc.current = after.clone();
         if retransmission {
             continue;
@@ -511,11 +520,12 @@ fn reference_conflicts(arrivals: &[Write]) -> Vec<(usize, ConflictEvent)> {
         }
 
         // 2. Visible fields the write replaced or removed, when they came from another device's
-        //    write that the writer had not seen (`base_version` older than that write's version).
+        //    write and the writer had not seen the value (`base_version` older than the version
+        //    at which the field's value last changed).
         for (path, (value, owner)) in &before.leaves {
             let replaced = after.leaves.get(path).is_none_or(|(_, o)| *o == i);
             let y = &arrivals[*owner];
-            let unseen = w.base_version.is_some_and(|b| b < doc.version_after[owner]);
+            let unseen = w.base_version.is_some_and(|b| b < last_change[path]);
             if !replaced || y.device_id == w.device_id || !unseen {
                 continue;
             }

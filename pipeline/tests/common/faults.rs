@@ -31,6 +31,16 @@ pub struct ProcessorProcess {
 impl ProcessorProcess {
     /// Starts a processor for `env` with its own state dir and instance id.
     pub fn start(env: &TestEnv, instance: &str) -> ProcessorProcess {
+        Self::start_role(env, instance, "processor", &[])
+    }
+
+    /// Starts `syncflow run --role <role>` with extra `SYNCFLOW_*` settings.
+    pub fn start_role(
+        env: &TestEnv,
+        instance: &str,
+        role: &str,
+        extra: &[(&str, &str)],
+    ) -> ProcessorProcess {
         let state_dir = env.state_dir.join(instance);
         let log = env.state_dir.join(format!("{instance}.log"));
         std::fs::create_dir_all(&env.state_dir).unwrap();
@@ -44,7 +54,9 @@ impl ProcessorProcess {
             cmd.env_remove(k);
         }
         let child = cmd
-            .args(["run", "--role", "processor"])
+            .args(["run", "--role", role])
+            .envs(extra.iter().copied())
+            .env("SYNCFLOW_MONGO_DATABASE", &env.cfg.mongo.database)
             .env("SYNCFLOW_AUTH_JWT_SECRET", super::SECRET)
             .env("SYNCFLOW_KAFKA_TOPIC_PREFIX", &env.cfg.kafka.topic_prefix)
             .env("SYNCFLOW_KAFKA_INSTANCE_ID", instance)

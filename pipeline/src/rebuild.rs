@@ -1,0 +1,210 @@
+//! `syncflow project --rebuild`: rebuilds the MongoDB view from the resolver's state.
+//!
+//! The state comes from the compacted `resolver.changelog` (the same records every task restores
+//! from), so a rebuild needs no running processor. For each document the view gets exactly what
+//! the incremental projector would have written: the visible document (or a tombstone), version,
+//! sequence and clock. Tombstones at or below a bucket's horizon stay swept. Documents of the
+//! rebuilt buckets that the state does not know are removed. Stop the projectors first.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use api::view::{BucketMeta, DocReader, MongoView, ViewDoc};
+use processors::BucketKey;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
+
+use crate::config::Config;
+use crate::topics;
+
+/// Errors of a rebuild.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    /// Kafka failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// MongoDB failed.
+    #[error(transparent)]
+    View(#[from] api::view::ViewError),
+    /// A changelog record does not decode.
+    #[error("changelog record {0}: {1}")]
+    Corrupt(String, String),
+}
+
+/// What a rebuild did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RebuildReport {
+    /// Buckets rebuilt.
+    pub buckets: usize,
+    /// Documents (and tombstones) written.
+    pub written: u64,
+    /// Stale documents removed.
+    pub removed: u64,
+}
+
+/// Reads the latest value of every key of the changelog (all partitions, committed records only).
+pub fn read_changelog(cfg: &Config) -> Result<HashMap<Vec<u8>, Vec<u8>>, RebuildError> {
+    let topic = cfg.topic(topics::RESOLVER_CHANGELOG);
+    let reader: BaseConsumer<topics::QuietEof> = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set(
+            "group.id",
+            format!("{}syncflow-rebuild", cfg.kafka.topic_prefix),
+        )
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create_with_context(topics::QuietEof)?;
+    let partitions = topics::wait_for_topic(&reader, &topic, Duration::from_secs(30))
+        .map_err(|e| RebuildError::Corrupt(topic.clone(), e.to_string()))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions as i32 {
+        tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
+    }
+    reader.assign(&tpl)?;
+    let mut latest = HashMap::new();
+    let mut at_end = HashSet::new();
+    while at_end.len() < partitions {
+        match reader.poll(Duration::from_millis(500)) {
+            Some(Ok(m)) => {
+                if let Some(key) = m.key() {
+                    match m.payload() {
+                        Some(v) if !v.is_empty() => latest.insert(key.to_vec(), v.to_vec()),
+                        _ => latest.remove(key),
+                    };
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => tracing::warn!(error = %e, "changelog read error; retrying"),
+            None => {}
+        }
+    }
+    Ok(latest)
+}
+
+/// Rebuilds the view (or one bucket, `tenant/bucket`), reporting progress as `(done, total)`.
+pub async fn rebuild(
+    cfg: &Config,
+    view: &MongoView,
+    only: Option<&BucketKey>,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<RebuildReport, RebuildError> {
+    let c = cfg.clone();
+    let latest = tokio::task::spawn_blocking(move || read_changelog(&c))
+        .await
+        .expect("changelog reader panicked")?;
+    let mut seqs: BTreeMap<BucketKey, u64> = BTreeMap::new();
+    let mut docs: Vec<(processors::DocKey, processors::DocState)> = Vec::new();
+    for (key, value) in &latest {
+        if let Some(doc_key) = state::store::parse_doc_key(key) {
+            if only.is_some_and(|b| *b != doc_key.bucket) {
+                continue;
+            }
+            let doc = state::codec::decode_doc(value).map_err(|e| {
+                RebuildError::Corrupt(
+                    String::from_utf8_lossy(key).replace('\0', "/"),
+                    e.to_string(),
+                )
+            })?;
+            docs.push((doc_key, doc));
+        } else if let Some(bucket) = parse_seq_key(key) {
+            if only.is_none_or(|b| *b == bucket) {
+                let seq = value
+                    .as_slice()
+                    .try_into()
+                    .map(u64::from_be_bytes)
+                    .unwrap_or_default();
+                seqs.insert(bucket, seq);
+            }
+        }
+    }
+    let total = docs.len() as u64;
+    let mut report = RebuildReport::default();
+    let mut metas: HashMap<BucketKey, BucketMeta> = HashMap::new();
+    for bucket in seqs.keys() {
+        let old = view.bucket_meta(&bucket.tenant, &bucket.bucket).await?;
+        let meta = BucketMeta {
+            projected_seq: i64::try_from(seqs[bucket]).unwrap_or(i64::MAX),
+            horizon_seq: old.map_or(0, |m| m.horizon_seq),
+            epoch: old.map_or(1, |m| m.epoch),
+        };
+        metas.insert(bucket.clone(), meta);
+    }
+    let mut kept: HashMap<BucketKey, HashSet<String>> = HashMap::new();
+    let mut tenants: HashSet<String> = HashSet::new();
+    for (i, (key, doc)) in docs.iter().enumerate() {
+        if tenants.insert(key.bucket.tenant.clone()) {
+            view.ensure_indexes(&key.bucket.tenant).await?;
+        }
+        let horizon = metas.get(&key.bucket).map_or(0, |m| m.horizon_seq);
+        if let Some(view_doc) = view_doc_of(key, doc).filter(|d| !(d.deleted && d.seq <= horizon)) {
+            view.put(&key.bucket.tenant, &view_doc).await?;
+            kept.entry(key.bucket.clone())
+                .or_default()
+                .insert(view_doc.id);
+            report.written += 1;
+        }
+        if i % 500 == 0 || i + 1 == docs.len() {
+            progress(i as u64 + 1, total);
+        }
+    }
+    for (bucket, meta) in &metas {
+        let keep = kept.remove(bucket).unwrap_or_default();
+        report.removed += view
+            .delete_others(&bucket.tenant, &bucket.bucket, &keep)
+            .await?;
+        view.set_bucket_meta(&bucket.tenant, &bucket.bucket, *meta)
+            .await?;
+    }
+    report.buckets = metas.len();
+    Ok(report)
+}
+
+fn parse_seq_key(k: &[u8]) -> Option<BucketKey> {
+    let rest = k.strip_prefix(b"s\0")?;
+    let (tenant, bucket) = rest.split_at(rest.iter().position(|b| *b == 0)?);
+    Some(BucketKey {
+        tenant: std::str::from_utf8(tenant).ok()?.to_owned(),
+        bucket: std::str::from_utf8(&bucket[1..]).ok()?.to_owned(),
+    })
+}
+
+/// The view document the projector would hold for this state; `None` if it never existed.
+pub fn view_doc_of(key: &processors::DocKey, doc: &processors::DocState) -> Option<ViewDoc> {
+    if doc.version == 0 {
+        return None;
+    }
+    let hlc = doc.hlc.unwrap_or_default();
+    let visible = doc.document();
+    Some(ViewDoc {
+        id: api::view::view_id(&key.bucket.bucket, &key.doc_id),
+        bucket: key.bucket.bucket.clone(),
+        doc_id: key.doc_id.clone(),
+        deleted: visible.is_none(),
+        deleted_at_ms: visible
+            .is_none()
+            .then(|| i64::try_from(hlc.wall_ms).unwrap_or(i64::MAX)),
+        doc: visible.unwrap_or_default(),
+        version: i64::try_from(doc.version).unwrap_or(i64::MAX),
+        seq: i64::try_from(doc.seq).unwrap_or(i64::MAX),
+        hlc: hlc.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_keys_parse() {
+        let b = BucketKey {
+            tenant: "t".into(),
+            bucket: "b.x".into(),
+        };
+        assert_eq!(parse_seq_key(&state::store::seq_key_bytes(&b)), Some(b));
+        assert_eq!(parse_seq_key(b"d\0t\0b\0x"), None);
+    }
+}

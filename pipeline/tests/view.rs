@@ -1,0 +1,341 @@
+//! The MongoDB view against real Kafka and FerretDB: idempotent projection under duplicates,
+//! replays and SIGKILLs; the changes feed from every cursor; rebuild; tombstones and resync.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use api::view::{BucketMeta, ViewDoc};
+use common::faults::{
+    produce_all, read_all, wait_until_caught_up, workload, Oracle, ProcessorProcess,
+};
+use common::{eventually, TestEnv};
+use futures::TryStreamExt;
+use mongodb::bson::doc;
+use pipeline::app::Role;
+use pipeline::topics;
+use rand::Rng;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
+use serde_json::{json, Value};
+
+async fn database(env: &TestEnv) -> mongodb::Database {
+    mongodb::Client::with_uri_str(&env.cfg.mongo.uri)
+        .await
+        .unwrap()
+        .database(&env.cfg.mongo.database)
+}
+
+/// Every view document and bucket record, by tenant.
+async fn dump(env: &TestEnv) -> (BTreeMap<String, ViewDoc>, BTreeMap<String, BucketMeta>) {
+    let db = database(env).await;
+    let (mut docs, mut metas) = (BTreeMap::new(), BTreeMap::new());
+    for name in db.list_collection_names().await.unwrap() {
+        let coll = db.collection::<mongodb::bson::Document>(&name);
+        let mut cursor = coll.find(doc! {}).await.unwrap();
+        while let Some(d) = cursor.try_next().await.unwrap() {
+            let id = d.get_str("_id").unwrap().to_owned();
+            if let Some(tenant) = name.strip_prefix("docs_") {
+                docs.insert(
+                    format!("{tenant}:{id}"),
+                    mongodb::bson::from_document(d).unwrap(),
+                );
+            } else if let Some(tenant) = name.strip_prefix("buckets_") {
+                metas.insert(
+                    format!("{tenant}:{id}"),
+                    mongodb::bson::from_document(d).unwrap(),
+                );
+            }
+        }
+    }
+    (docs, metas)
+}
+
+/// The view the oracle's state implies, keyed like [`dump`].
+fn expected_view(oracle: &Oracle) -> BTreeMap<String, ViewDoc> {
+    oracle
+        .state
+        .docs
+        .iter()
+        .filter_map(|(k, d)| {
+            pipeline::rebuild::view_doc_of(k, d)
+                .map(|v| (format!("{}:{}", k.bucket.tenant, v.id), v))
+        })
+        .collect()
+}
+
+async fn projected_everything(env: &TestEnv, oracle: &Oracle) -> bool {
+    let (_, metas) = dump(env).await;
+    oracle.state.seqs.iter().all(|(b, seq)| {
+        metas
+            .get(&format!("{}:{}", b.tenant, b.bucket))
+            .is_some_and(|m| m.projected_seq == *seq as i64)
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_survives_duplicates_replays_and_kills_then_feeds_and_rebuilds_exactly() {
+    let env = TestEnv::new("view").await;
+    let writes = workload(rand::random(), 3_000, 6, 30);
+    let mut resolver = ProcessorProcess::start(&env, "r");
+    produce_all(&env, &writes).await;
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(120), || resolver.alive())
+    });
+    assert_eq!(resolver.terminate(), Some(0));
+    let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
+
+    // Duplicates and replays: re-publish a random window of sync.events (older versions included).
+    let events = tokio::task::block_in_place(|| {
+        read_all(&env.cfg.kafka.brokers, &env.topic(topics::SYNC_EVENTS))
+    });
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .create()
+        .unwrap();
+    let topic = env.topic(topics::SYNC_EVENTS);
+    for (p, msgs) in &events {
+        let from = rand::rng().random_range(0..msgs.len().max(1));
+        for m in msgs.iter().skip(from).take(200) {
+            let record = FutureRecord::to(&topic)
+                .partition(*p)
+                .key(m.key().unwrap())
+                .payload(m.payload().unwrap());
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
+    }
+
+    // The projector is killed at random moments while it works through it all.
+    let mut projector = ProcessorProcess::start_role(&env, "v", "projector", &[]);
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(300..1200))).await;
+        projector.kill();
+        projector = ProcessorProcess::start_role(&env, "v", "projector", &[]);
+    }
+    eventually(
+        Duration::from_secs(180),
+        "the projector to apply everything",
+        || async { projected_everything(&env, &oracle).await.then_some(()) },
+    )
+    .await;
+    // Let it also consume the trailing duplicates, then stop it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(projector.terminate(), Some(0));
+
+    let (view, metas) = dump(&env).await;
+    let expected = expected_view(&oracle);
+    assert_eq!(view.len(), expected.len(), "documents in the view");
+    for (k, want) in &expected {
+        assert_eq!(view.get(k), Some(want), "view document {k}");
+    }
+
+    // The changes feed from every cursor returns exactly the documents changed after it.
+    let running = env.start(&[Role::Api]).await;
+    let base = format!("http://{}", running.api_addr.unwrap());
+    let http = reqwest::Client::new();
+    let (bucket, last_seq) = oracle
+        .state
+        .seqs
+        .iter()
+        .find(|(b, _)| b.tenant == "acme")
+        .map(|(b, s)| (b.bucket.clone(), *s as i64))
+        .unwrap();
+    let token = env.token("acme", &format!("{bucket}:r"));
+    let docs_of_bucket: Vec<&ViewDoc> = expected
+        .iter()
+        .filter(|(k, v)| k.starts_with("acme:") && v.bucket == bucket)
+        .map(|(_, v)| v)
+        .collect();
+    for since in 0..=last_seq {
+        let mut got = BTreeSet::new();
+        let mut cursor = format!("1.{since}");
+        loop {
+            let page: Value = http
+                .get(format!(
+                    "{base}/v1/buckets/{bucket}/changes?since={cursor}&limit=7"
+                ))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let changes = page["changes"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{page}"));
+            let mut prev = since;
+            for c in changes {
+                let seq = c["seq"].as_i64().unwrap();
+                assert!(seq > prev, "feed out of order: {page}");
+                prev = seq;
+                assert!(got.insert((
+                    c["id"].as_str().unwrap().to_owned(),
+                    seq,
+                    c["deleted"] == true
+                )));
+            }
+            cursor = page["next"].as_str().unwrap().to_owned();
+            if page["more"] != true {
+                break;
+            }
+        }
+        let want: BTreeSet<(String, i64, bool)> = docs_of_bucket
+            .iter()
+            .filter(|d| d.seq > since)
+            .map(|d| (d.doc_id.clone(), d.seq, d.deleted))
+            .collect();
+        assert_eq!(got, want, "changes since {since}");
+        assert_eq!(cursor, format!("1.{last_seq}"));
+    }
+    running.stop().await.unwrap();
+
+    // Rebuild from the resolver's state gives the same view.
+    database(&env).await.drop().await.unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_syncflow"))
+        .args(["project", "--rebuild"])
+        .env("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET)
+        .env("SYNCFLOW_KAFKA_TOPIC_PREFIX", &env.cfg.kafka.topic_prefix)
+        .env("SYNCFLOW_MONGO_DATABASE", &env.cfg.mongo.database)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (rebuilt, rebuilt_metas) = dump(&env).await;
+    assert_eq!(
+        rebuilt, view,
+        "rebuilt view differs from the incremental one"
+    );
+    assert_eq!(rebuilt_metas, metas);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swept_tombstones_make_old_cursors_resync_and_bad_reads_get_reasons() {
+    let mut env = TestEnv::new("tombstones").await;
+    env.cfg.projector.tombstone_retention_secs = 0;
+    env.cfg.projector.sweep_interval_secs = 1;
+    env.cfg.api.max_page = 5;
+    let running = env
+        .start(&[Role::Api, Role::Processor, Role::Projector])
+        .await;
+    let base = format!("http://{}", running.api_addr.unwrap());
+    let http = reqwest::Client::new();
+    let t = env.token("acme", "lists:rw");
+    let get = |path: String| {
+        let (http, t) = (&http, &t);
+        let url = format!("{base}{path}");
+        async move {
+            let r = http.get(url).bearer_auth(t).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    for i in 0..8 {
+        let r = http
+            .put(format!("{base}/v1/buckets/lists/docs/d{i}"))
+            .bearer_auth(&t)
+            .json(&json!({"n": i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+    }
+    eventually(Duration::from_secs(30), "8 documents", || async {
+        let (s, _) = get("/v1/buckets/lists/docs/d7".into()).await;
+        (s == 200).then_some(())
+    })
+    .await;
+    let (_, page) = get("/v1/buckets/lists/changes?limit=50".into()).await;
+    assert_eq!(
+        page["changes"].as_array().unwrap().len(),
+        5,
+        "pages are capped at api.max_page"
+    );
+    assert_eq!(
+        (page["next"].as_str(), page["more"].as_bool()),
+        (Some("1.5"), Some(true))
+    );
+    let (_, page) = get("/v1/buckets/lists/changes?since=1.5".into()).await;
+    assert_eq!(page["changes"].as_array().unwrap().len(), 3);
+    assert_eq!(
+        (page["next"].as_str(), page["more"].as_bool()),
+        (Some("1.8"), Some(false))
+    );
+    let (s, b) = get("/v1/buckets/lists/docs?limit=100000".into()).await;
+    assert_eq!(s, 200);
+    assert_eq!(b["docs"].as_array().unwrap().len(), 5);
+    assert_eq!(b["next"], "d4");
+    let (_, b) = get("/v1/buckets/lists/docs?after=d4".into()).await;
+    assert_eq!(b["docs"].as_array().unwrap().len(), 3);
+    assert_eq!(b["next"], Value::Null);
+
+    let r = http
+        .delete(format!("{base}/v1/buckets/lists/docs/d0"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    // The tombstone is swept (retention 0): a cursor from before it must resync, a newer one not.
+    eventually(Duration::from_secs(30), "the sweep", || async {
+        let (s, b) = get("/v1/buckets/lists/changes?since=1.3".into()).await;
+        (s == 410).then_some(b)
+    })
+    .await;
+    let (s, b) = get("/v1/buckets/lists/changes?since=1.3".into()).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (410, Some("resync_required")),
+        "{b}"
+    );
+    let (s, b) = get("/v1/buckets/lists/changes?since=1.9".into()).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(b["changes"], json!([]));
+    let (s, _) = get("/v1/buckets/lists/changes?since=2.9".into()).await;
+    assert_eq!(s, 410, "a cursor of another epoch resyncs");
+    let (s, _) = get("/v1/buckets/lists/docs/d0".into()).await;
+    assert_eq!(s, 404);
+
+    for (path, status, code) in [
+        (
+            "/v1/buckets/lists/changes?since=yesterday",
+            400,
+            "invalid_cursor",
+        ),
+        ("/v1/buckets/lists/changes?limit=0", 400, "invalid_limit"),
+        ("/v1/buckets/lists/changes?limit=-3", 400, "invalid_limit"),
+        (
+            "/v1/buckets/lists/changes?sinse=1.1",
+            400,
+            "invalid_parameter",
+        ),
+        ("/v1/buckets/lists/docs/nope", 404, "not_found"),
+    ] {
+        let (s, b) = get(path.into()).await;
+        assert_eq!(
+            (s, b["error"]["code"].as_str()),
+            (status, Some(code)),
+            "{path}: {b}"
+        );
+    }
+    let other = env.token("acme", "*:r");
+    let r = http
+        .get(format!("{base}/v1/buckets/never/changes"))
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404, "unknown bucket");
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}
