@@ -4,10 +4,12 @@
 //! - [`auth`]: JWT verification, bucket grants, development token minting;
 //! - [`view`]: the MongoDB view's layout, reads, and the idempotent apply used by the projector;
 //! - [`sink`]: the Kafka producer writes go through;
+//! - [`applied`]: `?wait=applied` — waiting for the projector to announce a write;
 //! - [`error`]: the one error type every failed request is rendered from.
 //!
 //! Writes never touch MongoDB: they become Kafka events, and the pipeline does the rest.
 
+pub mod applied;
 pub mod auth;
 pub mod error;
 pub mod routes;
@@ -29,6 +31,8 @@ pub struct ApiConfig {
     pub default_page: usize,
     /// Largest page served; larger requests are capped to it.
     pub max_page: usize,
+    /// Longest a `?wait=applied` write waits for the projector, in ms.
+    pub wait_applied_timeout_ms: u64,
 }
 
 impl Default for ApiConfig {
@@ -37,6 +41,7 @@ impl Default for ApiConfig {
             listen: "127.0.0.1:8080".into(),
             default_page: 100,
             max_page: 1000,
+            wait_applied_timeout_ms: 5000,
         }
     }
 }
@@ -56,6 +61,10 @@ pub struct AppState {
     pub clock: Arc<Mutex<HlcClock>>,
     /// Page sizes.
     pub pages: PageLimits,
+    /// Read-your-writes: where applied changes are announced.
+    pub applied: Option<applied::AppliedWatch>,
+    /// Process status for `GET /status` (counters of the roles running in this process).
+    pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
 /// Page sizes of listings and feeds.

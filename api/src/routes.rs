@@ -22,6 +22,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/openapi.json", get(openapi))
+        .route(
+            "/status",
+            get(|State(state): State<AppState>| async move { Json((state.status)()) }),
+        )
         .route("/v1/buckets/{bucket}/docs", get(list_docs))
         .route("/v1/buckets/{bucket}/changes", get(changes))
         .route(
@@ -81,6 +85,8 @@ fn authorize(
 pub struct WriteParams {
     /// The document version the writer last saw (enables stale-write conflict reports).
     pub base_version: Option<u64>,
+    /// `applied`: answer only once the projector applied the write (read-your-writes).
+    pub wait: Option<String>,
 }
 
 fn parse_body(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
@@ -117,6 +123,16 @@ async fn submit(
     op: WriteOp,
 ) -> Result<impl IntoResponse, ApiError> {
     let claims = authorize(state, headers, Perm::Write, &bucket)?;
+    let wait_applied = match params.wait.as_deref() {
+        None => false,
+        Some("applied") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_parameter",
+                format!("wait={other:?} is not supported; use wait=applied"),
+            ))
+        }
+    };
     state.limits.check_doc_id(&doc_id)?;
     match &op {
         WriteOp::Set { doc } => state.limits.check_body(doc)?,
@@ -165,16 +181,44 @@ async fn submit(
         ApiError::bad_request("malformed_json", format!("cannot encode the write: {e}"))
     })?;
     let key = write.bucket_key().to_string();
+    let pending = match (wait_applied, &state.applied) {
+        (false, _) => None,
+        (true, None) => {
+            return Err(ApiError::Unavailable(
+                "wait=applied needs Redis, which this node has not configured".into(),
+            ))
+        }
+        (true, Some(watch)) => Some(
+            watch
+                .subscribe(&write.tenant, &write.bucket)
+                .await
+                .map_err(|e| ApiError::Unavailable(format!("redis: {e}")))?,
+        ),
+    };
     state
         .sink
         .send(&key, &payload)
         .await
         .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     tracing::debug!(event_id = %write.event_id, bucket = %key, doc = %write.doc_id, "write accepted");
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"event_id": write.event_id, "hlc": hlc.to_string()})),
-    ))
+    let mut body = json!({"event_id": write.event_id, "hlc": hlc.to_string()});
+    let Some(pending) = pending else {
+        return Ok((StatusCode::ACCEPTED, Json(body)));
+    };
+    match pending.wait(&write.event_id).await {
+        Some(event) => {
+            body["applied"] = json!(true);
+            body["version"] = json!(event.version);
+            body["seq"] = json!(event.seq);
+            body["deleted"] = json!(event.deleted);
+            Ok((StatusCode::OK, Json(body)))
+        }
+        None => {
+            body["applied"] = json!(false);
+            body["message"] = json!("accepted, but no applied change was announced in time: the write may have changed nothing visible, or the pipeline is behind");
+            Ok((StatusCode::ACCEPTED, Json(body)))
+        }
+    }
 }
 
 async fn put_doc(

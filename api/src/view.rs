@@ -55,6 +55,11 @@ pub fn buckets_collection_name(tenant: &str) -> String {
     format!("buckets_{tenant}")
 }
 
+/// The Redis channel a bucket's applied changes are published on (by the projector).
+pub fn change_channel(prefix: &str, tenant: &str, bucket: &str) -> String {
+    format!("{prefix}syncflow:changes:{tenant}/{bucket}")
+}
+
 /// The `_id` of a document.
 pub fn view_id(bucket: &str, doc_id: &str) -> String {
     format!("{bucket}/{doc_id}")

@@ -96,6 +96,28 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             limits: cfg.limits.clone(),
             clock: Arc::new(Mutex::new(HlcClock::new())),
             pages: api::PageLimits::from(&cfg.api),
+            applied: Some(
+                api::applied::AppliedWatch::new(
+                    &cfg.redis.url,
+                    &cfg.kafka.topic_prefix,
+                    std::time::Duration::from_millis(cfg.api.wait_applied_timeout_ms),
+                )
+                .map_err(|e| AppError::Startup(format!("redis {}: {e}", cfg.redis.url)))?,
+            ),
+            status: {
+                let stats = resolver_stats.clone();
+                let roles: Vec<String> = roles
+                    .iter()
+                    .map(|r| format!("{r:?}").to_lowercase())
+                    .collect();
+                Arc::new(move || {
+                    let mut status = serde_json::json!({"roles": roles});
+                    if roles.iter().any(|r| r == "processor") {
+                        status["resolver"] = stats.to_json();
+                    }
+                    status
+                })
+            },
         };
         let listener = tokio::net::TcpListener::bind(&cfg.api.listen)
             .await

@@ -31,10 +31,7 @@ pub enum ProjectorError {
     Topics(#[from] topics::TopicsError),
 }
 
-/// The Redis channel a bucket's applied changes are published on.
-pub fn change_channel(prefix: &str, tenant: &str, bucket: &str) -> String {
-    format!("{prefix}syncflow:changes:{tenant}/{bucket}")
-}
+pub use api::view::change_channel;
 
 /// Runs the projector until `shutdown` turns true.
 pub async fn run(

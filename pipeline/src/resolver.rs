@@ -100,6 +100,23 @@ pub struct ResolverStats {
     pub aborted: AtomicU64,
     /// Changelog records replayed into task state.
     pub restored: AtomicU64,
+    /// Tasks being restored right now.
+    pub restoring: AtomicU64,
+}
+
+impl ResolverStats {
+    /// The counters as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "batches": get(&self.batches),
+            "records": get(&self.records),
+            "rejected": get(&self.rejected),
+            "aborted": get(&self.aborted),
+            "restored_records": get(&self.restored),
+            "tasks_restoring": get(&self.restoring),
+        })
+    }
 }
 
 struct TaskContext {
@@ -395,7 +412,10 @@ impl Resolver {
             fresh.sort_unstable();
             fresh.dedup();
             for p in fresh {
-                self.restore_task(p)?;
+                self.stats.restoring.fetch_add(1, Ordering::Relaxed);
+                let restored = self.restore_task(p);
+                self.stats.restoring.fetch_sub(1, Ordering::Relaxed);
+                restored?;
                 self.restored.insert(p);
             }
             let started = Instant::now();

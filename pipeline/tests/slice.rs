@@ -65,7 +65,8 @@ impl Client {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_travels_end_to_end_and_reads_back() {
-    let env = TestEnv::new("slice").await;
+    let mut env = TestEnv::new("slice").await;
+    env.cfg.api.wait_applied_timeout_ms = 1_500;
     let running = env
         .start(&[Role::Api, Role::Processor, Role::Projector])
         .await;
@@ -114,6 +115,51 @@ async fn a_write_travels_end_to_end_and_reads_back() {
     })
     .await;
     assert_eq!(doc["doc"], json!({"title": "milk", "done": true}));
+
+    // Read-your-writes: with ?wait=applied the answer comes once the view has the write.
+    let (status, body) = c
+        .send(
+            reqwest::Method::PATCH,
+            "/v1/buckets/todos/docs/milk?wait=applied",
+            Some(&token),
+            Some(r#"{"qty":2}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        (body["applied"].clone(), body["version"].clone()),
+        (json!(true), json!(3)),
+        "{body}"
+    );
+    let (_, doc) = c.get_doc(&token, "todos", "milk").await;
+    assert_eq!(
+        doc["version"], 3,
+        "read right after wait=applied must see the write"
+    );
+    assert_eq!(doc["doc"]["qty"], 2);
+    // A write that changes nothing has no change to wait for: accepted, said so.
+    let (status, body) = c
+        .send(
+            reqwest::Method::PATCH,
+            "/v1/buckets/todos/docs/milk?wait=applied",
+            Some(&token),
+            Some(r#"{"qty":2}"#),
+        )
+        .await;
+    assert_eq!(
+        (status, body["applied"].clone()),
+        (StatusCode::ACCEPTED, json!(false)),
+        "{body}"
+    );
+    let (status, _) = c
+        .send(
+            reqwest::Method::PATCH,
+            "/v1/buckets/todos/docs/milk?wait=soon",
+            Some(&token),
+            Some(r#"{"qty":2}"#),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 
     // Delete: the read answers 404.
     let (status, _) = c
@@ -295,6 +341,28 @@ async fn bad_http_input_gets_a_reason_and_nothing_is_sent() {
         )
         .await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE);
+    // The OpenAPI document describes every route; /status answers without a token.
+    let (s, spec) = c
+        .send(reqwest::Method::GET, "/openapi.json", None, None)
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    for path in [
+        "/v1/buckets/{bucket}/docs/{id}",
+        "/v1/buckets/{bucket}/docs",
+        "/v1/buckets/{bucket}/changes",
+        "/healthz",
+        "/status",
+    ] {
+        assert!(
+            spec["paths"][path].is_object(),
+            "{path} missing from /openapi.json"
+        );
+    }
+    let (s, status) = c.send(reqwest::Method::GET, "/status", None, None).await;
+    assert_eq!(
+        (s, status["roles"].clone()),
+        (StatusCode::OK, json!(["api"]))
+    );
     // None of them reached Kafka.
     let written = read_committed(
         &env.cfg.kafka.brokers,
