@@ -98,8 +98,12 @@ pub struct ConflictSide {
     pub hlc: Hlc,
     /// What it did.
     pub op: SideOp,
-    /// The value it wrote (absent for unset and delete).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The value it wrote (absent for unset and delete; a written `null` stays `Some(Null)`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_value"
+    )]
     pub value: Option<Value>,
     /// The field the side wrote, when it is not the conflict's field (an ancestor or descendant).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -117,6 +121,11 @@ impl ConflictSide {
             via_field: None,
         }
     }
+}
+
+/// A present `value`, even `null`, is `Some`: only an absent one is `None`.
+fn present_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// Two writes to one field where neither had seen the other.
@@ -142,4 +151,31 @@ pub struct ConflictEvent {
     pub detected_at_event: String,
     /// The document version after that write was applied.
     pub version: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_side_that_wrote_null_round_trips() {
+        let side = ConflictSide {
+            event_id: "e".into(),
+            device_id: "d".into(),
+            hlc: Hlc::new(1, 0),
+            op: SideOp::Set,
+            value: Some(Value::Null),
+            via_field: None,
+        };
+        let text = serde_json::to_string(&side).unwrap();
+        assert_eq!(serde_json::from_str::<ConflictSide>(&text).unwrap(), side);
+        let unset = ConflictSide {
+            value: None,
+            op: SideOp::Unset,
+            ..side
+        };
+        let text = serde_json::to_string(&unset).unwrap();
+        assert!(!text.contains("value"));
+        assert_eq!(serde_json::from_str::<ConflictSide>(&text).unwrap(), unset);
+    }
 }
