@@ -5,6 +5,8 @@
 //! - [`view`]: the MongoDB view's layout, reads, and the idempotent apply used by the projector;
 //! - [`sink`]: the Kafka producer writes go through;
 //! - [`applied`]: `?wait=applied` — waiting for the projector to announce a write;
+//! - [`ws`]: WebSocket subscriptions (snapshot, then live changes, resume from a cursor);
+//! - [`fanout`]: the node's Redis-fed hub that feeds the subscriptions;
 //! - [`error`]: the one error type every failed request is rendered from.
 //!
 //! Writes never touch MongoDB: they become Kafka events, and the pipeline does the rest.
@@ -12,9 +14,11 @@
 pub mod applied;
 pub mod auth;
 pub mod error;
+pub mod fanout;
 pub mod routes;
 pub mod sink;
 pub mod view;
+pub mod ws;
 
 use std::sync::{Arc, Mutex};
 
@@ -61,6 +65,10 @@ pub struct AppState {
     pub clock: Arc<Mutex<HlcClock>>,
     /// Page sizes.
     pub pages: PageLimits,
+    /// The node's change hub (WebSocket subscriptions); `None` without Redis.
+    pub hub: Option<fanout::Hub>,
+    /// WebSocket settings.
+    pub ws: ws::WsConfig,
     /// Read-your-writes: where applied changes are announced.
     pub applied: Option<applied::AppliedWatch>,
     /// Process status for `GET /status` (counters of the roles running in this process).

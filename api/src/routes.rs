@@ -28,6 +28,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/buckets/{bucket}/docs", get(list_docs))
         .route("/v1/buckets/{bucket}/changes", get(changes))
+        .route("/v1/subscribe", get(crate::ws::ws_handler))
         .route(
             "/v1/buckets/{bucket}/docs/{id}",
             get(get_doc)
@@ -384,7 +385,8 @@ async fn known_bucket(
         .ok_or_else(|| ApiError::NotFound(format!("no bucket {bucket:?}")))
 }
 
-fn doc_json(d: &crate::view::ViewDoc) -> Value {
+/// A view document as the API shows it (tombstones without `doc`).
+pub fn doc_json(d: &crate::view::ViewDoc) -> Value {
     let mut out = json!({"id": d.doc_id, "version": d.version, "seq": d.seq, "hlc": d.hlc});
     if d.deleted {
         out["deleted"] = json!(true);

@@ -80,10 +80,19 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
         let view = mongo_view(&cfg).await?;
         let rx = stop_rx.clone();
         let c = cfg.clone();
-        let handle =
-            tokio::spawn(
-                async move { projector::run(c, view, rx).await.map_err(|e| e.to_string()) },
-            );
+        let handle = tokio::spawn(async move {
+            // A fatal consumer error ends one projector run; start a fresh one until shutdown.
+            loop {
+                match projector::run(c.clone(), view.clone(), rx.clone()).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if *rx.borrow() => return Err(e.to_string()),
+                    Err(e) => {
+                        tracing::error!(error = %e, "projector failed; restarting it");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
         tasks.push((Role::Projector, handle));
     }
     if roles.contains(&Role::Api) {
@@ -96,6 +105,11 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             limits: cfg.limits.clone(),
             clock: Arc::new(Mutex::new(HlcClock::new())),
             pages: api::PageLimits::from(&cfg.api),
+            hub: Some(
+                api::fanout::Hub::start(&cfg.redis.url, &cfg.kafka.topic_prefix, cfg.ws.queue)
+                    .map_err(|e| AppError::Startup(format!("redis {}: {e}", cfg.redis.url)))?,
+            ),
+            ws: cfg.ws.clone(),
             applied: Some(
                 api::applied::AppliedWatch::new(
                     &cfg.redis.url,

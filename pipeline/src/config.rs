@@ -154,6 +154,8 @@ pub struct Config {
     pub resolver: ResolverConfig,
     /// Projector.
     pub projector: ProjectorConfig,
+    /// WebSocket subscriptions.
+    pub ws: api::ws::WsConfig,
 }
 
 /// Every problem found while loading the configuration.
@@ -161,7 +163,7 @@ pub struct Config {
 #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
 pub struct ConfigErrors(pub Vec<String>);
 
-const RESERVED_ENV: [&str; 2] = ["SYNCFLOW_CONFIG", "SYNCFLOW_LOG"];
+const RESERVED_ENV: [&str; 3] = ["SYNCFLOW_CONFIG", "SYNCFLOW_LOG", "SYNCFLOW_TOKEN"];
 
 impl Config {
     /// Loads defaults, then `file` (if any), then the `SYNCFLOW_*` variables of `env`.
@@ -281,6 +283,7 @@ fn section_check(section: &str, value: Value) -> Result<(), String> {
         "limits" => check::<processors::Limits>(value),
         "resolver" => check::<ResolverConfig>(value),
         "projector" => check::<ProjectorConfig>(value),
+        "ws" => check::<api::ws::WsConfig>(value),
         other => Err(format!("unknown section {other:?}")),
     }
 }

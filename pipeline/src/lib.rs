@@ -8,6 +8,7 @@
 //!   one Kafka transaction per batch;
 //! - [`projector`]: applies `sync.events` to the MongoDB view and publishes changes to Redis;
 //! - [`rebuild`]: rebuilds the MongoDB view from the resolver's changelog;
+//! - [`subscribe`]: the reference WebSocket client behind `syncflow subscribe`;
 //! - [`app`]: starts the chosen roles in one process.
 
 pub mod app;
@@ -16,4 +17,5 @@ pub mod partition;
 pub mod projector;
 pub mod rebuild;
 pub mod resolver;
+pub mod subscribe;
 pub mod topics;

@@ -46,6 +46,22 @@ enum Command {
         #[arg(long)]
         bucket: Option<String>,
     },
+    /// Subscribe to a bucket over WebSocket; print every message as a JSON line; resume after
+    /// disconnects from the last cursor.
+    Subscribe {
+        /// The bucket.
+        #[arg(long)]
+        bucket: String,
+        /// Resume after this cursor (from a previous run's output).
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Access token (or SYNCFLOW_TOKEN).
+        #[arg(long, env = "SYNCFLOW_TOKEN", hide_env_values = true)]
+        token: String,
+        /// WebSocket URL.
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Mint a development JWT signed with the configured secret.
     Token {
         /// Tenant the token belongs to.
@@ -96,6 +112,24 @@ async fn shutdown_signal() {
 async fn main() -> anyhow::Result<()> {
     init_logging();
     let cli = Cli::parse();
+    if let Command::Subscribe {
+        bucket,
+        cursor,
+        token,
+        url,
+    } = &cli.command
+    {
+        // A client: needs no server configuration.
+        let url = url
+            .clone()
+            .unwrap_or_else(|| "ws://127.0.0.1:8080/v1/subscribe".to_string());
+        pipeline::subscribe::run(&url, token, bucket, cursor.clone(), |msg| {
+            println!("{msg}");
+            true
+        })
+        .await?;
+        return Ok(());
+    }
     let cfg = Config::from_env(cli.config.clone())?;
     match cli.command {
         Command::Run { role } => {
@@ -159,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
                 started.elapsed().as_secs_f64()
             );
         }
+        Command::Subscribe { .. } => unreachable!("handled before the configuration is loaded"),
         Command::Token {
             tenant,
             grants,

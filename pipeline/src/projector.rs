@@ -80,6 +80,9 @@ pub async fn run(
         let mut messages = Vec::new();
         match first {
             Ok(m) => messages.push(m),
+            Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
+                return Err(ProjectorError::Kafka(e));
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "projector receive error");
                 continue;

@@ -387,7 +387,7 @@ impl Resolver {
             match consumer.poll(poll) {
                 None => continue,
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "resolver poll error");
+                    poll_error(e)?;
                     continue;
                 }
                 Some(Ok(m)) => batch.push(detach(&m)),
@@ -395,7 +395,7 @@ impl Resolver {
             while (batch.len() as u64) < self.cfg.resolver.batch_max {
                 match consumer.poll(Duration::ZERO) {
                     Some(Ok(m)) => batch.push(detach(&m)),
-                    Some(Err(e)) => tracing::warn!(error = %e, "resolver poll error"),
+                    Some(Err(e)) => poll_error(e)?,
                     None => break,
                 }
             }
@@ -743,6 +743,17 @@ fn open_or_rebuild(dir: &std::path::Path) -> Result<TaskStore, ResolverError> {
         .map_err(|e| ResolverError::Setup(format!("moving the corrupt store aside: {e}")))?;
     tracing::warn!(moved_to = %aside.display(), "rebuilding the state store from the changelog");
     Ok(TaskStore::open(dir)?)
+}
+
+/// A poll error: logged; a fatal one (e.g. a fenced static member) ends the clients, which the
+/// run loop then rebuilds, instead of polling a dead consumer forever.
+fn poll_error(e: KafkaError) -> Result<(), ResolverError> {
+    if matches!(e, KafkaError::MessageConsumptionFatal(_)) {
+        tracing::error!(error = %e, "fatal consumer error; rebuilding clients");
+        return Err(ResolverError::Kafka(e));
+    }
+    tracing::warn!(error = %e, "resolver poll error");
+    Ok(())
 }
 
 fn detach(m: &BorrowedMessage<'_>) -> OwnedMessage {

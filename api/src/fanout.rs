@@ -1,0 +1,113 @@
+//! Fan-out of applied changes to this API node's WebSocket subscribers.
+//!
+//! One Redis pattern subscription per node (`<prefix>syncflow:changes:*`, published by the
+//! projector) feeds one bounded `broadcast` channel per bucket with local subscribers. A subscriber
+//! that falls behind the channel's capacity is told it lagged and catches up from its cursor;
+//! memory stays bounded whatever the subscriber does. When the Redis connection drops, every
+//! subscriber gets a [`HubMsg::Gap`] and catches up from its cursor once the hub is back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use processors::SyncEvent;
+use tokio::sync::broadcast;
+
+/// What a subscriber receives from the hub.
+#[derive(Debug, Clone)]
+pub enum HubMsg {
+    /// An applied change of the bucket.
+    Change(Arc<SyncEvent>),
+    /// Changes may have been missed (Redis reconnected): catch up from the cursor.
+    Gap,
+}
+
+type Channels = Arc<Mutex<HashMap<String, broadcast::Sender<HubMsg>>>>;
+
+/// The node's hub.
+#[derive(Clone)]
+pub struct Hub {
+    channels: Channels,
+    capacity: usize,
+    prefix: String,
+}
+
+impl Hub {
+    /// Starts the hub's Redis listener (it reconnects on its own, forever).
+    pub fn start(redis_url: &str, prefix: &str, capacity: usize) -> Result<Hub, redis::RedisError> {
+        let client = redis::Client::open(redis_url)?;
+        let hub = Hub {
+            channels: Arc::new(Mutex::new(HashMap::new())),
+            capacity: capacity.max(1),
+            prefix: prefix.into(),
+        };
+        let listener = hub.clone();
+        tokio::spawn(async move { listener.listen(client).await });
+        Ok(hub)
+    }
+
+    fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<HubMsg>>> {
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Receives the bucket's changes from now on.
+    pub fn subscribe(&self, tenant: &str, bucket: &str) -> broadcast::Receiver<HubMsg> {
+        let channel = crate::view::change_channel(&self.prefix, tenant, bucket);
+        let mut channels = self.channels();
+        channels
+            .entry(channel)
+            .or_insert_with(|| broadcast::channel(self.capacity).0)
+            .subscribe()
+    }
+
+    fn gap_for_all(&self) {
+        for sender in self.channels().values() {
+            let _ = sender.send(HubMsg::Gap);
+        }
+    }
+
+    async fn listen(self, client: redis::Client) {
+        let pattern = format!("{}syncflow:changes:*", self.prefix);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match client.get_async_pubsub().await {
+                Ok(mut pubsub) => match pubsub.psubscribe(&pattern).await {
+                    Ok(()) => {
+                        tracing::info!(%pattern, "fan-out hub subscribed");
+                        backoff = Duration::from_millis(100);
+                        // Anything published while we were away is unknown: everyone catches up.
+                        self.gap_for_all();
+                        let mut messages = pubsub.on_message();
+                        while let Some(msg) = messages.next().await {
+                            self.dispatch(msg.get_channel_name(), msg.get_payload::<String>().ok());
+                        }
+                        tracing::warn!("fan-out hub lost its Redis connection");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "fan-out hub cannot subscribe"),
+                },
+                Err(e) => tracing::warn!(error = %e, "fan-out hub cannot reach Redis"),
+            }
+            self.gap_for_all();
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn dispatch(&self, channel: &str, payload: Option<String>) {
+        let mut channels = self.channels();
+        let Some(sender) = channels.get(channel) else {
+            return;
+        };
+        if sender.receiver_count() == 0 {
+            channels.remove(channel);
+            return;
+        }
+        match payload.as_deref().map(serde_json::from_str::<SyncEvent>) {
+            Some(Ok(event)) => {
+                let _ = sender.send(HubMsg::Change(Arc::new(event)));
+            }
+            _ => tracing::warn!(channel, "undecodable change announcement ignored"),
+        }
+    }
+}

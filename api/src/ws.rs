@@ -1,0 +1,409 @@
+//! WebSocket subscriptions (protocol 1): a snapshot or catch-up from the view, then live changes,
+//! with no gap between them. See `docs/API.md` for the message protocol.
+//!
+//! Per subscription the server first registers with the node's [`Hub`](crate::fanout::Hub), then
+//! reads the view up to the bucket's projected watermark, then forwards live changes whose
+//! sequence number follows the cursor. The projector raises the watermark before it announces a
+//! batch, so every change past the watermark is announced after the registration: nothing falls
+//! between. A live change that does not follow the cursor (a lost announcement), a Redis outage,
+//! or a subscriber too slow for its bounded channel all lead to the same recovery: tell the client
+//! (`lagged`), then catch up from its cursor.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::StreamMap;
+
+use crate::auth::{Claims, Perm};
+use crate::error::ApiError;
+use crate::fanout::HubMsg;
+use crate::routes::Cursor;
+use crate::AppState;
+
+/// Version of the message protocol.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Close code: missing, invalid or expired token.
+pub const CLOSE_UNAUTHORIZED: u16 = 4001;
+/// Close code: the client could not keep up, repeatedly.
+pub const CLOSE_TOO_SLOW: u16 = 4008;
+/// Close code: no pong within two heartbeats.
+pub const CLOSE_DEAD: u16 = 4002;
+
+/// WebSocket settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WsConfig {
+    /// Most buckets one connection may subscribe to.
+    pub max_subscriptions: usize,
+    /// Largest client message, in bytes (larger closes the connection with 1009).
+    pub max_message_bytes: usize,
+    /// Seconds between pings; two without a pong close the connection.
+    pub heartbeat_secs: u64,
+    /// Live changes buffered per bucket and node; a subscriber further behind is resynced.
+    pub queue: usize,
+    /// Resyncs for slowness allowed per minute before the connection is closed (4008).
+    pub max_lags_per_minute: u32,
+    /// Seconds a client without an `Authorization` header has to send its `auth` message.
+    pub auth_timeout_secs: u64,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            max_subscriptions: 100,
+            max_message_bytes: 64 * 1024,
+            heartbeat_secs: 15,
+            queue: 1024,
+            max_lags_per_minute: 3,
+            auth_timeout_secs: 10,
+        }
+    }
+}
+
+/// A message from the client.
+#[derive(Debug, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum ClientMsg {
+    Auth {
+        token: String,
+    },
+    Subscribe {
+        bucket: String,
+        cursor: Option<String>,
+    },
+    Unsubscribe {
+        bucket: String,
+    },
+}
+
+struct Sub {
+    cursor: Cursor,
+}
+
+enum End {
+    Closed,
+    Close(u16, String),
+}
+
+type Tx = futures::stream::SplitSink<WebSocket, Message>;
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// `GET /v1/subscribe`: upgrades to a WebSocket. A token in the header is checked before the
+/// upgrade (401 on failure); without one, the first message must be `{"type":"auth"}`.
+pub async fn ws_handler(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let claims = match bearer(&headers) {
+        Some(token) => Some(
+            state
+                .keys
+                .verify(token.trim())
+                .map_err(|e| ApiError::Unauthorized(e.to_string()))?,
+        ),
+        None => None,
+    };
+    if state.hub.is_none() {
+        return Err(ApiError::Unavailable(
+            "subscriptions need Redis, which this node has not configured".into(),
+        ));
+    }
+    let max = state.ws.max_message_bytes;
+    Ok(ws
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| session(socket, state, claims))
+        .into_response())
+}
+
+async fn send(tx: &mut Tx, value: Value) -> Result<(), End> {
+    tx.send(Message::Text(Utf8Bytes::from(value.to_string())))
+        .await
+        .map_err(|_| End::Closed)
+}
+
+fn error_msg(code: &str, message: impl Into<String>, bucket: Option<&str>) -> Value {
+    let mut v = json!({"type": "error", "code": code, "message": message.into()});
+    if let Some(b) = bucket {
+        v["bucket"] = json!(b);
+    }
+    v
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+async fn session(socket: WebSocket, state: AppState, claims: Option<Claims>) {
+    let (mut tx, mut rx) = socket.split();
+    let end = run_session(&mut tx, &mut rx, &state, claims).await;
+    if let End::Close(code, reason) = end {
+        let frame = CloseFrame {
+            code,
+            reason: Utf8Bytes::from(reason),
+        };
+        let _ = tx.send(Message::Close(Some(frame))).await;
+    }
+}
+
+async fn authenticate(
+    tx: &mut Tx,
+    rx: &mut futures::stream::SplitStream<WebSocket>,
+    state: &AppState,
+) -> Result<Claims, End> {
+    let wait = Duration::from_secs(state.ws.auth_timeout_secs.max(1));
+    let first = tokio::time::timeout(wait, rx.next()).await;
+    let text = match first {
+        Ok(Some(Ok(Message::Text(t)))) => t,
+        Ok(Some(Ok(_))) | Err(_) => {
+            let _ = send(tx, error_msg("unauthorized", "send {\"type\":\"auth\",\"token\":\"...\"} first, or connect with an Authorization header", None)).await;
+            return Err(End::Close(
+                CLOSE_UNAUTHORIZED,
+                "authentication required".into(),
+            ));
+        }
+        _ => return Err(End::Closed),
+    };
+    match serde_json::from_str::<ClientMsg>(&text) {
+        Ok(ClientMsg::Auth { token }) => match state.keys.verify(token.trim()) {
+            Ok(c) => Ok(c),
+            Err(e) => {
+                let _ = send(tx, error_msg("unauthorized", e.to_string(), None)).await;
+                Err(End::Close(CLOSE_UNAUTHORIZED, "invalid token".into()))
+            }
+        },
+        _ => {
+            let _ = send(
+                tx,
+                error_msg(
+                    "unauthorized",
+                    "the first message must be {\"type\":\"auth\",\"token\":\"...\"}",
+                    None,
+                ),
+            )
+            .await;
+            Err(End::Close(
+                CLOSE_UNAUTHORIZED,
+                "authentication required".into(),
+            ))
+        }
+    }
+}
+
+async fn run_session(
+    tx: &mut Tx,
+    rx: &mut futures::stream::SplitStream<WebSocket>,
+    state: &AppState,
+    claims: Option<Claims>,
+) -> End {
+    if let Err(e) = send(tx, json!({"type": "hello", "protocol": PROTOCOL_VERSION})).await {
+        return e;
+    }
+    let claims = match claims {
+        Some(c) => c,
+        None => match authenticate(tx, rx, state).await {
+            Ok(c) => c,
+            Err(e) => return e,
+        },
+    };
+    let hub = state.hub.clone().expect("checked before the upgrade");
+    let mut subs: HashMap<String, Sub> = HashMap::new();
+    let mut live: StreamMap<String, BroadcastStream<HubMsg>> = StreamMap::new();
+    let heartbeat_every = Duration::from_secs(state.ws.heartbeat_secs.max(1));
+    let mut heartbeat = tokio::time::interval(heartbeat_every);
+    heartbeat.tick().await;
+    let mut last_pong = Instant::now();
+    let mut lags: Vec<Instant> = Vec::new();
+    loop {
+        tokio::select! {
+            incoming = rx.next() => {
+                let text = match incoming {
+                    None | Some(Err(_)) => return End::Closed,
+                    Some(Ok(Message::Close(_))) => return End::Closed,
+                    Some(Ok(Message::Pong(_))) => { last_pong = Instant::now(); continue; }
+                    Some(Ok(Message::Ping(_))) => continue,
+                    Some(Ok(Message::Binary(_))) => {
+                        if let Err(e) = send(tx, error_msg("invalid_message", "binary frames are not part of the protocol; send JSON text", None)).await { return e; }
+                        continue;
+                    }
+                    Some(Ok(Message::Text(t))) => t,
+                };
+                last_pong = Instant::now();
+                let msg = match serde_json::from_str::<ClientMsg>(&text) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        if let Err(e) = send(tx, error_msg("invalid_message", format!("not a protocol message: {e}"), None)).await { return e; }
+                        continue;
+                    }
+                };
+                match msg {
+                    ClientMsg::Auth { .. } => {
+                        if let Err(e) = send(tx, error_msg("invalid_message", "already authenticated", None)).await { return e; }
+                    }
+                    ClientMsg::Unsubscribe { bucket } => {
+                        subs.remove(&bucket);
+                        live.remove(&bucket);
+                        if let Err(e) = send(tx, json!({"type": "unsubscribed", "bucket": bucket})).await { return e; }
+                    }
+                    ClientMsg::Subscribe { bucket, cursor } => {
+                        if let Err(reason) = processors::limits::check_bucket(&bucket) {
+                            if let Err(e) = send(tx, error_msg("invalid_id", reason.message, Some(&bucket))).await { return e; }
+                            continue;
+                        }
+                        if !claims.allows(Perm::Read, &bucket) {
+                            if let Err(e) = send(tx, error_msg("forbidden", format!("the token does not grant read on bucket {bucket:?}"), Some(&bucket))).await { return e; }
+                            continue;
+                        }
+                        if !subs.contains_key(&bucket) && subs.len() >= state.ws.max_subscriptions {
+                            if let Err(e) = send(tx, error_msg("too_many_subscriptions", format!("at most {} subscriptions per connection", state.ws.max_subscriptions), Some(&bucket))).await { return e; }
+                            continue;
+                        }
+                        let cursor = match cursor.as_deref().map(str::parse::<Cursor>).transpose() {
+                            Ok(c) => c,
+                            Err(e) => {
+                                if let Err(e) = send(tx, error_msg("invalid_cursor", e.to_string(), Some(&bucket))).await { return e; }
+                                continue;
+                            }
+                        };
+                        // Listen first, then read the view: nothing can fall between.
+                        live.insert(bucket.clone(), BroadcastStream::new(hub.subscribe(&claims.tenant, &bucket)));
+                        if let Err(e) = send(tx, json!({"type": "subscribed", "bucket": bucket})).await { return e; }
+                        match catch_up(tx, state, &claims.tenant, &bucket, cursor).await {
+                            Ok(c) => { subs.insert(bucket, Sub { cursor: c }); }
+                            Err(e) => return e,
+                        }
+                    }
+                }
+            }
+            Some((bucket, item)) = live.next() => {
+                let Some(sub) = subs.get_mut(&bucket) else { continue };
+                let resync = match item {
+                    Ok(HubMsg::Change(event)) => {
+                        let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
+                        if seq <= sub.cursor.seq {
+                            None
+                        } else if seq == sub.cursor.seq + 1 {
+                            sub.cursor.seq = seq;
+                            let msg = json!({"type": "change", "bucket": bucket, "id": event.doc_id,
+                                "version": event.version, "seq": event.seq, "hlc": event.hlc,
+                                "deleted": event.deleted, "set": event.set, "unset": event.unset,
+                                "cursor": sub.cursor.to_string()});
+                            if let Err(e) = send(tx, msg).await { return e; }
+                            None
+                        } else {
+                            Some("missed_changes")
+                        }
+                    }
+                    Ok(HubMsg::Gap) => Some("fanout_interrupted"),
+                    Err(BroadcastStreamRecvError::Lagged(_)) => {
+                        let now = Instant::now();
+                        lags.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
+                        lags.push(now);
+                        if lags.len() as u32 > state.ws.max_lags_per_minute {
+                            let _ = send(tx, error_msg("too_slow", "the connection fell behind too often; reconnect with your cursor", None)).await;
+                            return End::Close(CLOSE_TOO_SLOW, "too slow".into());
+                        }
+                        Some("slow_consumer")
+                    }
+                };
+                if let Some(reason) = resync {
+                    let cursor = sub.cursor;
+                    if let Err(e) = send(tx, json!({"type": "lagged", "bucket": bucket, "reason": reason, "cursor": cursor.to_string()})).await { return e; }
+                    match catch_up(tx, state, &claims.tenant, &bucket, Some(cursor)).await {
+                        Ok(c) => { if let Some(s) = subs.get_mut(&bucket) { s.cursor = c; } }
+                        Err(e) => return e,
+                    }
+                }
+            }
+            _ = heartbeat.tick() => {
+                if last_pong.elapsed() > heartbeat_every * 2 {
+                    return End::Close(CLOSE_DEAD, "no pong".into());
+                }
+                if claims.exp <= now_secs() {
+                    let _ = send(tx, error_msg("unauthorized", "the token expired; reconnect with a fresh one and your cursors", None)).await;
+                    return End::Close(CLOSE_UNAUTHORIZED, "token expired".into());
+                }
+                if tx.send(Message::Ping(Default::default())).await.is_err() { return End::Closed; }
+            }
+        }
+    }
+}
+
+/// Sends the view's documents changed after `cursor` (all of them without one; after a `reset`
+/// when the cursor is stale), page by page, and returns the cursor reached.
+async fn catch_up(
+    tx: &mut Tx,
+    state: &AppState,
+    tenant: &str,
+    bucket: &str,
+    cursor: Option<Cursor>,
+) -> Result<Cursor, End> {
+    let unavailable = |e: crate::view::ViewError| {
+        tracing::warn!(error = %e, "catch-up read failed");
+        End::Close(1011, "view unavailable; reconnect with your cursor".into())
+    };
+    let meta = state
+        .reader
+        .bucket_meta(tenant, bucket)
+        .await
+        .map_err(unavailable)?
+        .unwrap_or(crate::view::BucketMeta {
+            projected_seq: 0,
+            horizon_seq: 0,
+            epoch: 1,
+        });
+    let mut from = match cursor {
+        None => 0,
+        Some(c)
+            if c.epoch != meta.epoch || c.seq < meta.horizon_seq || c.seq > meta.projected_seq =>
+        {
+            send(tx, json!({"type": "reset", "bucket": bucket,
+                "reason": "the cursor is of another epoch or outside the retained history; a full snapshot follows"})).await?;
+            0
+        }
+        Some(c) => c.seq,
+    };
+    let page = state.pages.max;
+    loop {
+        let docs = state
+            .reader
+            .changes(tenant, bucket, from, meta.projected_seq, page)
+            .await
+            .map_err(unavailable)?;
+        let more = docs.len() == page;
+        let next = if more {
+            docs.last().map_or(from, |d| d.seq)
+        } else {
+            meta.projected_seq
+        };
+        let cursor = Cursor {
+            epoch: meta.epoch,
+            seq: next,
+        };
+        let docs: Vec<Value> = docs.iter().map(crate::routes::doc_json).collect();
+        send(tx, json!({"type": "docs", "bucket": bucket, "docs": docs, "cursor": cursor.to_string(), "complete": !more})).await?;
+        from = next;
+        if !more {
+            return Ok(cursor);
+        }
+    }
+}
