@@ -87,6 +87,9 @@ enum ClientMsg {
 
 struct Sub {
     cursor: Cursor,
+    /// Documents the catch-up sent at a version past the cursor (read while a projector batch
+    /// was being written): their live changes up to that version are not sent again.
+    ahead: HashMap<String, u64>,
 }
 
 enum End {
@@ -288,7 +291,7 @@ async fn run_session(
                         live.insert(bucket.clone(), BroadcastStream::new(hub.subscribe(&claims.tenant, &bucket)));
                         if let Err(e) = send(tx, json!({"type": "subscribed", "bucket": bucket})).await { return e; }
                         match catch_up(tx, state, &claims.tenant, &bucket, cursor).await {
-                            Ok(c) => { subs.insert(bucket, Sub { cursor: c }); }
+                            Ok((cursor, ahead)) => { subs.insert(bucket, Sub { cursor, ahead }); }
                             Err(e) => return e,
                         }
                     }
@@ -303,6 +306,15 @@ async fn run_session(
                             None
                         } else if seq == sub.cursor.seq + 1 {
                             sub.cursor.seq = seq;
+                            if let Some(&have) = sub.ahead.get(&event.doc_id) {
+                                if have >= event.version {
+                                    if have == event.version {
+                                        sub.ahead.remove(&event.doc_id);
+                                    }
+                                    continue;
+                                }
+                                sub.ahead.remove(&event.doc_id);
+                            }
                             let msg = json!({"type": "change", "bucket": bucket, "id": event.doc_id,
                                 "version": event.version, "seq": event.seq, "hlc": event.hlc,
                                 "deleted": event.deleted, "set": event.set, "unset": event.unset,
@@ -329,7 +341,7 @@ async fn run_session(
                     let cursor = sub.cursor;
                     if let Err(e) = send(tx, json!({"type": "lagged", "bucket": bucket, "reason": reason, "cursor": cursor.to_string()})).await { return e; }
                     match catch_up(tx, state, &claims.tenant, &bucket, Some(cursor)).await {
-                        Ok(c) => { if let Some(s) = subs.get_mut(&bucket) { s.cursor = c; } }
+                        Ok((cursor, ahead)) => { if let Some(s) = subs.get_mut(&bucket) { s.cursor = cursor; s.ahead = ahead; } }
                         Err(e) => return e,
                     }
                 }
@@ -349,14 +361,20 @@ async fn run_session(
 }
 
 /// Sends the view's documents changed after `cursor` (all of them without one; after a `reset`
-/// when the cursor is stale), page by page, and returns the cursor reached.
+/// when the cursor is stale), page by page. Returns the cursor reached — the bucket's projected
+/// watermark — and the documents sent at a version past it.
+///
+/// Documents whose last change is past the watermark belong to a projector batch being written
+/// right now; they are sent as they are (the client needs their current state before any later
+/// diff), but the cursor stays at the watermark, because other documents of that batch may not be
+/// written yet: their changes come live, and the ones already sent are not repeated.
 async fn catch_up(
     tx: &mut Tx,
     state: &AppState,
     tenant: &str,
     bucket: &str,
     cursor: Option<Cursor>,
-) -> Result<Cursor, End> {
+) -> Result<(Cursor, HashMap<String, u64>), End> {
     let unavailable = |e: crate::view::ViewError| {
         tracing::warn!(error = %e, "catch-up read failed");
         End::Close(1011, "view unavailable; reconnect with your cursor".into())
@@ -371,39 +389,43 @@ async fn catch_up(
             horizon_seq: 0,
             epoch: 1,
         });
+    let watermark = meta.projected_seq;
     let mut from = match cursor {
         None => 0,
-        Some(c)
-            if c.epoch != meta.epoch || c.seq < meta.horizon_seq || c.seq > meta.projected_seq =>
-        {
+        Some(c) if c.epoch != meta.epoch || c.seq < meta.horizon_seq || c.seq > watermark => {
             send(tx, json!({"type": "reset", "bucket": bucket,
                 "reason": "the cursor is of another epoch or outside the retained history; a full snapshot follows"})).await?;
             0
         }
         Some(c) => c.seq,
     };
+    let start = from;
     let page = state.pages.max;
+    let mut ahead = HashMap::new();
     loop {
         let docs = state
             .reader
-            .changes(tenant, bucket, from, meta.projected_seq, page)
+            .changes(tenant, bucket, from, i64::MAX, page)
             .await
             .map_err(unavailable)?;
         let more = docs.len() == page;
-        let next = if more {
-            docs.last().map_or(from, |d| d.seq)
-        } else {
-            meta.projected_seq
-        };
+        for d in docs.iter().filter(|d| d.seq > watermark) {
+            ahead.insert(d.doc_id.clone(), u64::try_from(d.version).unwrap_or(0));
+        }
+        let last = docs.last().map_or(from, |d| d.seq);
         let cursor = Cursor {
             epoch: meta.epoch,
-            seq: next,
+            seq: if more {
+                last.min(watermark).max(start)
+            } else {
+                watermark
+            },
         };
         let docs: Vec<Value> = docs.iter().map(crate::routes::doc_json).collect();
         send(tx, json!({"type": "docs", "bucket": bucket, "docs": docs, "cursor": cursor.to_string(), "complete": !more})).await?;
-        from = next;
+        from = last;
         if !more {
-            return Ok(cursor);
+            return Ok((cursor, ahead));
         }
     }
 }
