@@ -311,6 +311,9 @@ async fn run_session(
                                     if have == event.version {
                                         sub.ahead.remove(&event.doc_id);
                                     }
+                                    // The client holds this version already: only the cursor moves.
+                                    let msg = json!({"type": "progress", "bucket": bucket, "cursor": sub.cursor.to_string()});
+                                    if let Err(e) = send(tx, msg).await { return e; }
                                     continue;
                                 }
                                 sub.ahead.remove(&event.doc_id);

@@ -63,6 +63,22 @@ pub async fn run(
     let redis = redis::Client::open(cfg.redis.url.as_str()).ok();
     let mut publisher: Option<redis::aio::MultiplexedConnection> = None;
     let mut indexed: HashSet<String> = HashSet::new();
+    // The indexes reads need, for every tenant already in the view (idempotent).
+    match view.tenants().await {
+        Ok(tenants) => {
+            for tenant in tenants {
+                match view.ensure_indexes(&tenant).await {
+                    Ok(()) => {
+                        indexed.insert(tenant);
+                    }
+                    Err(e) => tracing::warn!(error = %e, %tenant, "index creation failed"),
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "listing tenants failed; indexes follow on first write")
+        }
+    }
     let settings = &cfg.projector;
     let sweep_every = Duration::from_secs(settings.sweep_interval_secs.max(1));
     let mut next_sweep = tokio::time::Instant::now() + sweep_every;

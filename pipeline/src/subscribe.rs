@@ -73,7 +73,7 @@ pub async fn run(
                 continue;
             };
             match value["type"].as_str() {
-                Some("docs") | Some("change") => {
+                Some("docs") | Some("change") | Some("progress") => {
                     cursor = value["cursor"].as_str().map(str::to_owned);
                     backoff = Duration::from_millis(200);
                 }

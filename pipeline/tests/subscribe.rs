@@ -86,6 +86,7 @@ impl Replica {
                 *entry = (version, (!event.deleted).then_some(fields));
                 self.set_cursor(msg);
             }
+            "progress" => self.set_cursor(msg),
             "hello" | "subscribed" | "lagged" => {}
             other => panic!("unexpected message {other}: {msg}"),
         }
@@ -252,5 +253,249 @@ async fn subscribers_that_come_and_go_end_with_the_view_exactly() {
     }
     drop(node_b);
     node_a.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next text message as JSON, or `None` when the connection closed (with its close code).
+async fn next_json(ws: &mut Ws) -> Result<Value, Option<u16>> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a message within 10 s")
+        {
+            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| u16::from(f.code))),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => return Err(None),
+        }
+    }
+}
+
+async fn send_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::Text(text.to_string().into()))
+        .await
+        .unwrap();
+}
+
+/// Reads until a message of `kind` arrives (skipping others) and returns it.
+async fn expect_type(ws: &mut Ws, kind: &str) -> Value {
+    loop {
+        let msg = next_json(ws)
+            .await
+            .unwrap_or_else(|code| panic!("closed ({code:?}) while waiting for {kind}"));
+        if msg["type"] == kind {
+            return msg;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_websocket_input_gets_reasons_and_the_connection_survives() {
+    let mut env = TestEnv::new("wsbad").await;
+    env.cfg.ws.max_subscriptions = 2;
+    env.cfg.ws.max_message_bytes = 1024;
+    env.cfg.ws.heartbeat_secs = 1;
+    env.cfg.ws.auth_timeout_secs = 2;
+    let node = env
+        .start(&[Role::Api, Role::Processor, Role::Projector])
+        .await;
+    let addr = node.api_addr.unwrap();
+    let token = env.token("acme", "notes:rw,a:r,b:r,c:r");
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!(
+            "http://{addr}/v1/buckets/notes/docs/n1?wait=applied"
+        ))
+        .bearer_auth(&token)
+        .json(&json!({"t": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    // A bad token in the header is refused before the upgrade.
+    let mut req = format!("ws://{addr}/v1/subscribe")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", "Bearer nonsense".parse().unwrap());
+    match tokio_tungstenite::connect_async(req).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 401)
+        }
+        other => panic!("expected 401, got {:?}", other.map(|_| ())),
+    }
+
+    // Without a header, the first message must authenticate.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/subscribe"))
+        .await
+        .unwrap();
+    expect_type(&mut ws, "hello").await;
+    send_text(&mut ws, r#"{"type":"subscribe","bucket":"notes"}"#).await;
+    let err = expect_type(&mut ws, "error").await;
+    assert_eq!(err["code"], "unauthorized");
+    assert_eq!(next_json(&mut ws).await.unwrap_err(), Some(4001));
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/subscribe"))
+        .await
+        .unwrap();
+    send_text(
+        &mut ws,
+        &json!({"type": "auth", "token": token}).to_string(),
+    )
+    .await;
+    send_text(&mut ws, r#"{"type":"subscribe","bucket":"notes"}"#).await;
+    let docs = expect_type(&mut ws, "docs").await;
+    assert_eq!(docs["docs"][0]["doc"], json!({"t": 1}));
+
+    // Garbage, unknown types, bad names, no grant, bad cursors, too many: reasons, no close.
+    let cases = [
+        ("not json", "invalid_message"),
+        (r#"{"type":"dance"}"#, "invalid_message"),
+        (r#"{"type":"subscribe","bucket":"a/b"}"#, "invalid_id"),
+        (r#"{"type":"subscribe","bucket":"secret"}"#, "forbidden"),
+        (
+            r#"{"type":"subscribe","bucket":"a","cursor":"yesterday"}"#,
+            "invalid_cursor",
+        ),
+        (r#"{"type":"subscribe","bucket":"a"}"#, ""),
+        (
+            r#"{"type":"subscribe","bucket":"b"}"#,
+            "too_many_subscriptions",
+        ),
+    ];
+    for (text, code) in cases {
+        send_text(&mut ws, text).await;
+        if code.is_empty() {
+            expect_type(&mut ws, "subscribed").await;
+            continue;
+        }
+        let err = expect_type(&mut ws, "error").await;
+        assert_eq!(err["code"], code, "{text}: {err}");
+        assert!(!err["message"].as_str().unwrap().is_empty());
+    }
+    // A cursor of another epoch: reset, then a full snapshot.
+    send_text(&mut ws, r#"{"type":"unsubscribe","bucket":"notes"}"#).await;
+    expect_type(&mut ws, "unsubscribed").await;
+    send_text(
+        &mut ws,
+        r#"{"type":"subscribe","bucket":"notes","cursor":"7.1"}"#,
+    )
+    .await;
+    expect_type(&mut ws, "reset").await;
+    let docs = expect_type(&mut ws, "docs").await;
+    assert_eq!(docs["docs"].as_array().unwrap().len(), 1);
+    // Still alive: a change arrives live.
+    http.patch(format!("http://{addr}/v1/buckets/notes/docs/n1"))
+        .bearer_auth(&token)
+        .json(&json!({"t": 2}))
+        .send()
+        .await
+        .unwrap();
+    let change = expect_type(&mut ws, "change").await;
+    assert_eq!(
+        (change["version"].clone(), change["set"].clone()),
+        (json!(2), json!({"t": 2}))
+    );
+    // An oversized message closes the connection (1009), the server stays up.
+    send_text(
+        &mut ws,
+        &format!(r#"{{"type":"subscribe","bucket":"{}"}}"#, "x".repeat(4096)),
+    )
+    .await;
+    loop {
+        match next_json(&mut ws).await {
+            Ok(_) => continue,
+            Err(code) => {
+                assert!(matches!(code, Some(1009) | None), "close code {code:?}");
+                break;
+            }
+        }
+    }
+    let r = http
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+
+    // A token that expires mid-connection: told, then closed with 4001.
+    let keys = api::auth::TokenKeys::new(&env.cfg.auth);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let short = keys.mint(
+        "tester",
+        "acme",
+        api::auth::parse_grants("notes:r").unwrap(),
+        now,
+        2,
+    );
+    let mut ws = connect(addr, &short).await;
+    send_text(&mut ws, r#"{"type":"subscribe","bucket":"notes"}"#).await;
+    let err = expect_type(&mut ws, "error").await;
+    assert_eq!(err["code"], "unauthorized", "{err}");
+    assert_eq!(next_json(&mut ws).await.unwrap_err(), Some(4001));
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_too_slow_for_its_queue_is_told_and_caught_up() {
+    let mut env = TestEnv::new("wsslow").await;
+    env.cfg.ws.queue = 1;
+    env.cfg.ws.max_lags_per_minute = 1_000;
+    let node = env
+        .start(&[Role::Api, Role::Processor, Role::Projector])
+        .await;
+    let addr = node.api_addr.unwrap();
+    let token = env.token("acme", "live:rw");
+    let mut replica = Replica::default();
+    let mut ws = connect(addr, &token).await;
+    send_text(&mut ws, r#"{"type":"subscribe","bucket":"live"}"#).await;
+    // Writes straight to Kafka in one burst: the projector announces them in large batches.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    let writes: Vec<(String, Vec<u8>)> = (0..400)
+        .map(|i| {
+            let w = json!({"v": 1, "event_id": format!("e{i}"), "tenant": "acme", "bucket": "live",
+                "doc_id": format!("d{}", i % 20), "device_id": "bulk", "hlc": format!("{now_ms}:{i}"),
+                "op": "patch", "patch": {"n": i}});
+            ("acme/live".to_string(), serde_json::to_vec(&w).unwrap())
+        })
+        .collect();
+    common::faults::produce_all(&env, &writes).await;
+    let mut lagged = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while replica.seq < 400 {
+        assert!(
+            Instant::now() < deadline,
+            "did not reach seq 400 (at {})",
+            replica.seq
+        );
+        let msg = next_json(&mut ws).await.expect("open");
+        if msg["type"] == "lagged" && msg["reason"] == "slow_consumer" {
+            lagged += 1;
+        }
+        replica.apply(&msg);
+    }
+    assert!(
+        lagged > 0,
+        "a one-slot queue must overflow during a 400-change burst"
+    );
+    let live = replica.live();
+    assert_eq!(live.len(), 20);
+    for (id, (version, doc)) in live {
+        assert_eq!(version, 20, "{id}");
+        let n = doc["n"].as_i64().unwrap();
+        assert_eq!(n % 20, id[1..].parse::<i64>().unwrap());
+        assert!(n >= 380, "{id} is not at its last write: {n}");
+    }
+    node.stop().await.unwrap();
     env.cleanup().await;
 }

@@ -88,7 +88,12 @@ pub fn compute_diff(write: &Write, ctx: &DiffContext<'_>) -> Result<Option<Chang
     let op = match &write.op {
         WriteOp::Set { doc } => {
             ctx.limits.check_body(doc)?;
-            let set = crate::path::flatten(doc).into_iter().collect();
+            // The leaves in path order, as `path::flatten` sorts them.
+            let mut set = Vec::new();
+            leaves(doc, &mut Vec::new(), &mut set);
+            if !set.is_sorted_by(|a, b| a.0 < b.0) {
+                set.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+            }
             ChangeOp::Fields {
                 replace: true,
                 set,
@@ -125,22 +130,51 @@ pub fn compute_diff(write: &Write, ctx: &DiffContext<'_>) -> Result<Option<Chang
     }))
 }
 
+/// The path `prefix` + `key`, owned.
+fn path_to(prefix: &[&String], key: &str) -> FieldPath {
+    let mut path = Vec::with_capacity(prefix.len() + 1);
+    path.extend(prefix.iter().map(|s| (*s).clone()));
+    path.push(key.to_owned());
+    path
+}
+
+/// The leaves of a document (every non-object value and every empty object), in document order:
+/// `path::flatten` without the map.
+fn leaves<'a>(
+    obj: &'a Map<String, Value>,
+    prefix: &mut Vec<&'a String>,
+    out: &mut Vec<(FieldPath, Value)>,
+) {
+    for (key, value) in obj {
+        match value {
+            Value::Object(inner) if !inner.is_empty() => {
+                prefix.push(key);
+                leaves(inner, prefix, out);
+                prefix.pop();
+            }
+            other => out.push((path_to(prefix, key), other.clone())),
+        }
+    }
+}
+
 /// RFC 7396 as field changes: `null` unsets, a non-empty object merges into the field, an empty
 /// object changes nothing, anything else sets.
-fn split_patch(
-    patch: &Map<String, Value>,
-    prefix: &mut Vec<String>,
+fn split_patch<'a>(
+    patch: &'a Map<String, Value>,
+    prefix: &mut Vec<&'a String>,
     set: &mut Vec<(FieldPath, Value)>,
     unset: &mut Vec<FieldPath>,
 ) {
     for (key, value) in patch {
-        prefix.push(key.clone());
         match value {
-            Value::Null => unset.push(prefix.clone()),
-            Value::Object(inner) => split_patch(inner, prefix, set, unset),
-            other => set.push((prefix.clone(), other.clone())),
+            Value::Null => unset.push(path_to(prefix, key)),
+            Value::Object(inner) => {
+                prefix.push(key);
+                split_patch(inner, prefix, set, unset);
+                prefix.pop();
+            }
+            other => set.push((path_to(prefix, key), other.clone())),
         }
-        prefix.pop();
     }
 }
 

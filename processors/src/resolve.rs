@@ -22,10 +22,12 @@
 //! `docs/CONFLICTS.md`; `tests/properties.rs` checks it against exactly that sequential model.
 //! The conflict rules are listed on `detect_conflicts` and explained in `docs/CONFLICTS.md`.
 
+use std::borrow::Cow;
 use std::cmp::max;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::ops::Bound;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -46,12 +48,31 @@ pub const MAX_DEVICES_PER_DOC: usize = 256;
 pub struct Register {
     /// The value, or `None` when the field was removed.
     pub value: Option<Value>,
-    /// The write that set it.
-    pub stamp: Stamp,
+    /// The write that set it. Shared by every register one write sets (it serialises as a plain
+    /// [`Stamp`]).
+    #[serde(with = "shared_stamp")]
+    pub stamp: Arc<Stamp>,
     /// The document version at which the field's value last changed: the version after the
     /// write that set it, or, when that write rewrote the value the field already had, the
     /// version the value dates from.
     pub changed_version: u64,
+}
+
+/// Serde for an [`Arc<Stamp>`], exactly as for the [`Stamp`] itself.
+mod shared_stamp {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::diff::Stamp;
+
+    pub fn serialize<S: Serializer>(stamp: &Arc<Stamp>, s: S) -> Result<S::Ok, S::Error> {
+        Stamp::serialize(stamp, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<Stamp>, D::Error> {
+        Stamp::deserialize(d).map(Arc::new)
+    }
 }
 
 /// Everything the resolver keeps about one document.
@@ -95,7 +116,7 @@ impl DocState {
             .take_while(|(p, _)| is_prefix(path, p));
         ancestors
             .chain(descendants)
-            .filter(|(_, r)| r.stamp > *than)
+            .filter(|(_, r)| *r.stamp > *than)
             .max_by(|a, b| a.1.stamp.cmp(&b.1.stamp))
     }
 
@@ -164,7 +185,7 @@ struct Entry<'a> {
 impl Entry<'_> {
     /// Visible: has a value, not older than the newest delete/replace, not hidden on its chain.
     fn visible(&self, cleared: Option<&Stamp>) -> bool {
-        self.reg.value.is_some() && !self.hidden && cleared.is_none_or(|c| self.reg.stamp >= *c)
+        self.reg.value.is_some() && !self.hidden && cleared.is_none_or(|c| *self.reg.stamp >= *c)
     }
 }
 
@@ -205,7 +226,7 @@ fn sweep<'a>(registers: impl Iterator<Item = (&'a FieldPath, &'a Register)>) -> 
         entries.push(Entry {
             path,
             reg,
-            hidden: above.is_some_and(|a| *a > reg.stamp),
+            hidden: above.is_some_and(|a| *a > *reg.stamp),
         });
         stack.push(Open {
             index: entries.len() - 1,
@@ -240,8 +261,15 @@ pub struct Applied {
 }
 
 fn keep_max(slot: &mut Option<Stamp>, stamp: &Stamp) {
-    if slot.as_ref() < Some(stamp) {
-        *slot = Some(stamp.clone());
+    match slot {
+        Some(s) if *s < *stamp => {
+            // Reuses the strings' buffers (a derived `clone_from` would not).
+            s.hlc = stamp.hlc;
+            s.device_id.clone_from(&stamp.device_id);
+            s.event_id.clone_from(&stamp.event_id);
+        }
+        Some(_) => {}
+        None => *slot = Some(stamp.clone()),
     }
 }
 
@@ -275,20 +303,20 @@ fn subtrees<'a>(
 /// `current` with the registers in `displaced` (sorted by path; `None` = absent) put back.
 fn overlay<'a>(
     current: impl Iterator<Item = (&'a FieldPath, &'a Register)>,
-    displaced: &'a [(&'a FieldPath, Option<Register>)],
+    displaced: &'a [(Cow<'a, FieldPath>, Option<Register>)],
 ) -> Vec<(&'a FieldPath, &'a Register)> {
     let mut out = Vec::new();
     let mut old = displaced.iter().peekable();
     for (path, reg) in current {
-        while let Some((p, r)) = old.next_if(|(p, _)| *p < path) {
-            out.extend(r.as_ref().map(|r| (*p, r)));
+        while let Some((p, r)) = old.next_if(|(p, _)| **p < *path) {
+            out.extend(r.as_ref().map(|r| (&**p, r)));
         }
-        match old.next_if(|(p, _)| *p == path) {
+        match old.next_if(|(p, _)| **p == *path) {
             Some((_, r)) => out.extend(r.as_ref().map(|r| (path, r))),
             None => out.push((path, reg)),
         }
     }
-    out.extend(old.filter_map(|(p, r)| r.as_ref().map(|r| (*p, r))));
+    out.extend(old.filter_map(|(p, r)| r.as_ref().map(|r| (&**p, r))));
     out
 }
 
@@ -324,9 +352,11 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
         SideOp::Unset
     };
     let clears = replace || matches!(change.op, ChangeOp::Delete);
+    // Every register this write sets shares one copy of its stamp.
+    let shared = std::cell::OnceCell::new();
     let new_register = |value: Option<&Value>, version: u64| Register {
         value: value.cloned(),
-        stamp: stamp.clone(),
+        stamp: Arc::clone(shared.get_or_init(|| Arc::new(stamp.clone()))),
         changed_version: version,
     };
 
@@ -340,9 +370,9 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
             .is_none_or(|(p, _)| !p.is_empty());
 
     let version = doc.version;
-    let old_registers;
     let before_cleared: Option<Stamp>;
-    let mut displaced: Vec<(&FieldPath, Option<Register>)> = Vec::new();
+    // The registers the write replaced or removed (`None`: there was none), in path order.
+    let mut displaced: Vec<(Cow<'_, FieldPath>, Option<Register>)> = Vec::new();
     let mut keys: Vec<&String> = Vec::new();
     let patch_in_place = !clears && before_exists && simple_paths;
     if patch_in_place {
@@ -356,33 +386,33 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
             if too_old {
                 // Older than the newest delete/replace: it can never be visible, and neither can
                 // an older register at its path.
-                if doc.registers.get(*path).is_some_and(|r| r.stamp >= *stamp) {
+                if doc.registers.get(*path).is_some_and(|r| *r.stamp >= *stamp) {
                     continue;
                 }
-                displaced.push((*path, doc.registers.remove(*path)));
+                displaced.push((Cow::Borrowed(*path), doc.registers.remove(*path)));
                 continue;
             }
             match doc.registers.get_mut(*path) {
-                Some(r) if r.stamp >= *stamp => {}
+                Some(r) if *r.stamp >= *stamp => {}
                 Some(r) => displaced.push((
-                    *path,
+                    Cow::Borrowed(*path),
                     Some(std::mem::replace(r, new_register(*value, version))),
                 )),
                 None => {
                     doc.registers
                         .insert((*path).clone(), new_register(*value, version));
-                    displaced.push((*path, None));
+                    displaced.push((Cow::Borrowed(*path), None));
                 }
             }
         }
-        displaced.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        displaced.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         keys = sorted.iter().map(|p| &p[0]).collect();
         keys.dedup();
-        old_registers = BTreeMap::new();
         before_cleared = None;
     } else {
-        // Everything else: keep the old registers whole and build the new set beside them.
-        old_registers = std::mem::take(&mut doc.registers);
+        // Everything else: rebuild the registers in one merge pass, moving them; the ones the
+        // write replaced or removed are kept aside to see the document as it was.
+        let old_registers = std::mem::take(&mut doc.registers);
         before_cleared = doc.cleared_at().cloned();
         match &change.op {
             ChangeOp::Delete => keep_max(&mut doc.deleted_at, stamp),
@@ -395,7 +425,7 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
                 }
             }
         }
-        let cleared = doc.cleared_at();
+        let cleared = max(doc.deleted_at.as_ref(), doc.replaced_at.as_ref());
         let live = |s: &Stamp| cleared.is_none_or(|c| s >= c);
         // Merge the surviving registers with the write's, both in path order. (A hand-made
         // change naming a path twice: the first entry wins.)
@@ -406,35 +436,38 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
         };
         named.sort_by(|a, b| a.0.cmp(b.0));
         named.dedup_by(|later, first| later.0 == first.0);
-        let mut merged: Vec<(FieldPath, Register)> = Vec::with_capacity(named.len());
+        let mut merged: Vec<(FieldPath, Register)> =
+            Vec::with_capacity(old_registers.len() + named.len());
         let mut named = named.into_iter().peekable();
-        for (path, reg) in &old_registers {
-            while let Some((p, v)) = named.next_if(|(p, _)| *p < path) {
+        for (path, reg) in old_registers {
+            while let Some((p, v)) = named.next_if(|(p, _)| **p < path) {
                 merged.push((p.clone(), new_register(v, version)));
+                displaced.push((Cow::Borrowed(p), None));
             }
-            let theirs = named.next_if(|(p, _)| *p == path);
-            match theirs {
-                Some((p, v)) if reg.stamp < *stamp => {
-                    merged.push((p.clone(), new_register(v, version)))
+            match named.next_if(|(p, _)| **p == path) {
+                Some((p, v)) if *reg.stamp < *stamp => {
+                    merged.push((path, new_register(v, version)));
+                    displaced.push((Cow::Borrowed(p), Some(reg)));
                 }
-                _ if live(&reg.stamp) => merged.push((path.clone(), reg.clone())),
-                _ => {}
+                _ if live(&reg.stamp) => merged.push((path, reg)),
+                _ => displaced.push((Cow::Owned(path), Some(reg))),
             }
         }
-        merged.extend(named.map(|(p, v)| (p.clone(), new_register(v, version))));
-        let registers: BTreeMap<FieldPath, Register> = merged.into_iter().collect();
-        doc.registers = registers;
+        for (p, v) in named {
+            merged.push((p.clone(), new_register(v, version)));
+            displaced.push((Cow::Borrowed(p), None));
+        }
+        doc.registers = merged.into_iter().collect();
     }
 
     // The visible leaves before and after, over the part of the document that can differ.
     let (before, after) = if patch_in_place {
-        let region = overlay(subtrees(&doc.registers, &keys), &displaced);
-        (
-            sweep(region.into_iter()),
-            sweep(subtrees(&doc.registers, &keys)),
-        )
+        let now: Vec<_> = subtrees(&doc.registers, &keys).collect();
+        let region = overlay(now.iter().copied(), &displaced);
+        (sweep(region.into_iter()), sweep(now.into_iter()))
     } else {
-        (sweep(old_registers.iter()), sweep(doc.registers.iter()))
+        let region = overlay(doc.registers.iter(), &displaced);
+        (sweep(region.into_iter()), sweep(doc.registers.iter()))
     };
     let before_cleared = if patch_in_place {
         doc.cleared_at()
@@ -470,7 +503,7 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
                     let (b, a) = (before[i], after_visible[j]);
                     if b.reg.value != a.reg.value {
                         set_out.insert(dotted(a.path), a.reg.value.clone().unwrap_or_default());
-                    } else if a.reg.stamp == *stamp && b.reg.stamp != *stamp {
+                    } else if *a.reg.stamp == *stamp && *b.reg.stamp != *stamp {
                         // Rewritten with the same value: the field's last change stays where it
                         // was (what `stale_base_version` compares against).
                         let at = sorted.binary_search(&a.path).map(|k| sorted[k]);
@@ -535,12 +568,12 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
         // before (a retransmission, or a device forgotten from the table).
         if patch_in_place && !retransmission && doc.devices.len() < MAX_DEVICES_PER_DOC {
             for (path, _) in &touched {
-                if let Some(r) = doc.registers.get_mut(*path).filter(|r| r.stamp == *stamp) {
+                if let Some(r) = doc.registers.get_mut(*path).filter(|r| *r.stamp == *stamp) {
                     r.changed_version = new_version;
                 }
             }
         } else {
-            for r in doc.registers.values_mut().filter(|r| r.stamp == *stamp) {
+            for r in doc.registers.values_mut().filter(|r| *r.stamp == *stamp) {
                 r.changed_version = new_version;
             }
         }
@@ -654,7 +687,7 @@ fn detect_conflicts(
 
     // 1. Named fields the write lost.
     for (&(path, value), entry) in touched.iter().zip(found) {
-        let entry = entry.filter(|e| e.reg.stamp == *stamp);
+        let entry = entry.filter(|e| *e.reg.stamp == *stamp);
         if entry.is_some_and(|e| value.is_none() || !e.hidden) {
             continue;
         }
@@ -662,14 +695,14 @@ fn detect_conflicts(
         let at_path = doc
             .registers
             .get_key_value(path)
-            .filter(|(_, r)| r.stamp > *stamp);
+            .filter(|(_, r)| *r.stamp > *stamp);
         let by_register = [at_path, hidden_by]
             .into_iter()
             .flatten()
             .max_by(|a, b| a.1.stamp.cmp(&b.1.stamp));
         let by_doc = doc.cleared_at().filter(|c| *c > stamp);
         let winner = match (by_register, by_doc) {
-            (Some((_, r)), Some(c)) if c > &r.stamp => doc_side(c),
+            (Some((_, r)), Some(c)) if *c > *r.stamp => doc_side(c),
             (Some((at, r)), _) => register_side(path, at, r),
             (None, Some(c)) => doc_side(c),
             (None, None) => continue,
@@ -689,11 +722,11 @@ fn detect_conflicts(
             .base_version
             .is_some_and(|b| b < prev.reg.changed_version)
             && prev.reg.stamp.device_id != stamp.device_id;
-        if !unseen || prev.reg.stamp >= *stamp {
+        if !unseen || *prev.reg.stamp >= *stamp {
             continue;
         }
         let replaced = !is_visible_after(path)
-            || find(view.after_all, path).is_some_and(|e| e.reg.stamp == *stamp);
+            || find(view.after_all, path).is_some_and(|e| *e.reg.stamp == *stamp);
         if !replaced {
             continue;
         }
@@ -726,7 +759,7 @@ fn detect_conflicts(
                 cursor += 1;
             }
             let now = view.after_all.get(cursor).filter(|e| e.path == path);
-            let Some(now) = now.filter(|e| e.reg.stamp > *stamp) else {
+            let Some(now) = now.filter(|e| *e.reg.stamp > *stamp) else {
                 continue;
             };
             let named = touched
@@ -783,8 +816,8 @@ pub fn resolve_lww<S: ResolveState>(
 /// An in-memory [`ResolveState`], for tests, benchmarks and tools.
 #[derive(Debug, Clone, Default)]
 pub struct MemState {
-    /// Documents by key.
-    pub docs: BTreeMap<DocKey, DocState>,
+    /// Documents by key (unordered: sort the keys for a stable order).
+    pub docs: HashMap<DocKey, DocState>,
     /// Last sequence number by bucket.
     pub seqs: BTreeMap<BucketKey, u64>,
 }
@@ -811,7 +844,12 @@ impl ResolveState for MemState {
         Ok(self.seqs.get(bucket).copied().unwrap_or(0))
     }
     fn store_last_seq(&mut self, bucket: &BucketKey, seq: u64) -> Result<(), Infallible> {
-        self.seqs.insert(bucket.clone(), seq);
+        match self.seqs.get_mut(bucket) {
+            Some(slot) => *slot = seq,
+            None => {
+                self.seqs.insert(bucket.clone(), seq);
+            }
+        }
         Ok(())
     }
 }

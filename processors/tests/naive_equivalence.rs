@@ -55,7 +55,7 @@ mod naive {
             .take_while(|(p, _)| is_prefix(path, p));
         ancestors
             .chain(descendants)
-            .filter(|(_, r)| r.stamp > *than)
+            .filter(|(_, r)| *r.stamp > *than)
             .max_by(|a, b| a.1.stamp.cmp(&b.1.stamp))
     }
 
@@ -65,7 +65,7 @@ mod naive {
             .iter()
             .filter(|(p, r)| {
                 r.value.is_some()
-                    && cleared.is_none_or(|c| r.stamp >= *c)
+                    && cleared.is_none_or(|c| *r.stamp >= *c)
                     && newer_on_chain(doc, p, &r.stamp).is_none()
             })
             .filter_map(|(p, r)| r.value.clone().map(|v| (p.clone(), v)))
@@ -74,7 +74,7 @@ mod naive {
 
     fn compact(doc: &mut DocState) {
         if let Some(cleared) = cleared_at(doc).cloned() {
-            doc.registers.retain(|_, r| r.stamp >= cleared);
+            doc.registers.retain(|_, r| *r.stamp >= cleared);
         }
     }
 
@@ -147,11 +147,11 @@ mod naive {
                     keep_max(&mut doc.upserted_at, stamp);
                 }
                 for (path, value) in &touched {
-                    let newer = doc.registers.get(path).is_none_or(|r| r.stamp < *stamp);
+                    let newer = doc.registers.get(path).is_none_or(|r| *r.stamp < *stamp);
                     if newer {
                         let register = Register {
                             value: value.clone(),
-                            stamp: stamp.clone(),
+                            stamp: std::sync::Arc::new(stamp.clone()),
                             changed_version: doc.version,
                         };
                         doc.registers.insert(path.clone(), register);
@@ -171,7 +171,7 @@ mod naive {
         if before != after || before_exists != after_exists {
             doc.version += 1;
             doc.hlc = Some(stamp.hlc);
-            for r in doc.registers.values_mut().filter(|r| r.stamp == *stamp) {
+            for r in doc.registers.values_mut().filter(|r| *r.stamp == *stamp) {
                 r.changed_version = doc.version;
             }
             let set: Map<String, Value> = after
@@ -207,9 +207,9 @@ mod naive {
         // Same-value rewrites keep the field's last change (see `Register::changed_version`).
         for (p, v) in &after {
             if let Some(r) = doc.registers.get_mut(p) {
-                if r.stamp == *stamp && before.get(p) == Some(v) {
+                if *r.stamp == *stamp && before.get(p) == Some(v) {
                     if let Some(prev) = before_doc.registers.get(p) {
-                        if prev.stamp != *stamp {
+                        if *prev.stamp != *stamp {
                             r.changed_version = prev.changed_version;
                         }
                     }
@@ -295,7 +295,7 @@ mod naive {
 
         // 1. Named fields the write lost.
         for (path, value) in touched {
-            let holds = doc.registers.get(path).is_some_and(|r| r.stamp == *stamp);
+            let holds = doc.registers.get(path).is_some_and(|r| *r.stamp == *stamp);
             let hidden_by = newer_on_chain(doc, path, stamp);
             if holds && (value.is_none() || hidden_by.is_none()) {
                 continue;
@@ -303,7 +303,7 @@ mod naive {
             let at_path = doc
                 .registers
                 .get_key_value(path)
-                .filter(|(_, r)| r.stamp > *stamp);
+                .filter(|(_, r)| *r.stamp > *stamp);
             let by_register = [at_path, hidden_by]
                 .into_iter()
                 .flatten()
@@ -329,12 +329,12 @@ mod naive {
                 continue;
             };
             let replaced = !after.contains_key(path)
-                || doc.registers.get(path).is_some_and(|r| r.stamp == *stamp);
+                || doc.registers.get(path).is_some_and(|r| *r.stamp == *stamp);
             let unseen = prev.stamp.device_id != stamp.device_id
                 && change
                     .base_version
                     .is_some_and(|b| b < prev.changed_version);
-            if !replaced || !unseen || prev.stamp >= *stamp {
+            if !replaced || !unseen || *prev.stamp >= *stamp {
                 continue;
             }
             let via = touched
@@ -366,7 +366,7 @@ mod naive {
                 let Some(reg) = doc.registers.get(path) else {
                     continue;
                 };
-                if !named && after.contains_key(path) && reg.stamp > *stamp {
+                if !named && after.contains_key(path) && *reg.stamp > *stamp {
                     let winner = register_side(path, path, reg);
                     report(
                         path,

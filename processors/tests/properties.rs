@@ -598,10 +598,10 @@ proptest! {
         let (ra, rb) = (run(&a), run(&b));
         prop_assert_eq!(final_docs(&ra.state), final_docs(&rb.state));
         // Stronger: the registers and document-level stamps converge too.
-        let regs = |s: &MemState| -> Vec<_> {
+        let regs = |s: &MemState| -> BTreeMap<_, _> {
             s.docs.iter().map(|(k, d)| {
                 let r: Vec<_> = d.registers.iter().map(|(p, r)| (p.clone(), r.value.clone(), r.stamp.clone())).collect();
-                (k.clone(), r, d.deleted_at.clone(), d.replaced_at.clone(), d.upserted_at.clone())
+                (k.clone(), (r, d.deleted_at.clone(), d.replaced_at.clone(), d.upserted_at.clone()))
             }).collect()
         };
         prop_assert_eq!(regs(&ra.state), regs(&rb.state));

@@ -4,7 +4,8 @@
 //! encoding of [`StoredDoc`]. JSON values are stored as compact JSON text, because bincode cannot
 //! decode self-describing types. A new format gets a new byte and a migration in [`decode_doc`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use processors::{DocState, Hlc, Register, Stamp};
 use serde::{Deserialize, Serialize};
@@ -117,6 +118,8 @@ pub fn decode_doc(bytes: &[u8]) -> Result<DocState, CodecError> {
         return Err(CodecError::Corrupt("trailing bytes".into()));
     }
     let mut registers = BTreeMap::new();
+    // Registers set by one write share one stamp in memory, as the resolver keeps them.
+    let mut stamps: HashMap<Stamp, Arc<Stamp>> = HashMap::new();
     for r in stored.registers {
         let value = match r.value_json {
             Some(text) => {
@@ -128,7 +131,11 @@ pub fn decode_doc(bytes: &[u8]) -> Result<DocState, CodecError> {
             r.path,
             Register {
                 value,
-                stamp: from_stored(r.stamp),
+                stamp: Arc::clone(
+                    stamps
+                        .entry(from_stored(r.stamp))
+                        .or_insert_with_key(|s| Arc::new(s.clone())),
+                ),
                 changed_version: r.changed_version,
             },
         );
