@@ -499,3 +499,103 @@ async fn a_subscriber_too_slow_for_its_queue_is_told_and_caught_up() {
     node.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// The next counter value the client printed (from a `docs` or `change` line).
+async fn next_n(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+) -> i64 {
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("a line within 20 s")
+            .unwrap()
+            .expect("the client keeps running");
+        let v: Value = serde_json::from_str(&line).expect("JSON lines");
+        let n = match v["type"].as_str() {
+            Some("docs") => v["docs"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find_map(|d| d["doc"]["n"].as_i64()),
+            Some("change") => v["set"]["n"].as_i64(),
+            _ => None,
+        };
+        if let Some(n) = n {
+            return n;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscribe_client_prints_changes_and_resumes_after_the_server_goes_away() {
+    let mut env = TestEnv::new("wscli").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    env.cfg.api.listen = format!("127.0.0.1:{port}");
+    let pipeline_node = env.start(&[Role::Processor, Role::Projector]).await;
+    let api_node = env.start(&[Role::Api]).await;
+    let token = env.token("acme", "notes:rw");
+    let http = reqwest::Client::new();
+    let write = |n: i64| {
+        let (http, token) = (&http, &token);
+        async move {
+            let r = http
+                .patch(format!(
+                    "http://127.0.0.1:{port}/v1/buckets/notes/docs/n1?wait=applied"
+                ))
+                .bearer_auth(token)
+                .json(&json!({"n": n}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+        }
+    };
+    write(1).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_syncflow"))
+        .args([
+            "subscribe",
+            "--bucket",
+            "notes",
+            "--url",
+            &format!("ws://127.0.0.1:{port}/v1/subscribe"),
+        ])
+        .env("SYNCFLOW_TOKEN", &token)
+        .env("SYNCFLOW_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    assert_eq!(next_n(&mut lines).await, 1, "snapshot");
+    write(2).await;
+    assert_eq!(next_n(&mut lines).await, 2, "live change");
+    // The API node goes away; a write lands meanwhile; a new node comes back on the same port.
+    api_node.stop().await.unwrap();
+    {
+        let w = json!({"v": 1, "event_id": "while-away", "tenant": "acme", "bucket": "notes", "doc_id": "n1",
+            "device_id": "server", "op": "patch", "patch": {"n": 3}});
+        common::faults::produce_all(
+            &env,
+            &[("acme/notes".to_string(), serde_json::to_vec(&w).unwrap())],
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let api_node = env.start(&[Role::Api]).await;
+    assert_eq!(
+        next_n(&mut lines).await,
+        3,
+        "resumed from its cursor and caught up"
+    );
+    write(4).await;
+    assert_eq!(next_n(&mut lines).await, 4, "live again");
+    child.kill().await.unwrap();
+    api_node.stop().await.unwrap();
+    pipeline_node.stop().await.unwrap();
+    env.cleanup().await;
+}
