@@ -599,3 +599,58 @@ async fn the_subscribe_client_prints_changes_and_resumes_after_the_server_goes_a
     pipeline_node.stop().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_each_see_every_write_and_tenants_stay_apart() {
+    let env = TestEnv::new("wsnodes").await;
+    let node_a = env
+        .start(&[Role::Api, Role::Processor, Role::Projector])
+        .await;
+    let node_b = env.start(&[Role::Api]).await;
+    let nodes = [node_a.api_addr.unwrap(), node_b.api_addr.unwrap()];
+    let acme = env.token("acme", "room:rw");
+    let globex = env.token("globex", "room:rw");
+    // Two subscribers on each node, plus globex subscribed to its own bucket of the same name.
+    let mut subs = Vec::new();
+    for i in 0..4 {
+        let mut ws = connect(nodes[i % 2], &acme).await;
+        send_text(&mut ws, r#"{"type":"subscribe","bucket":"room"}"#).await;
+        expect_type(&mut ws, "docs").await;
+        subs.push(ws);
+    }
+    let mut other = connect(nodes[1], &globex).await;
+    send_text(&mut other, r#"{"type":"subscribe","bucket":"room"}"#).await;
+    let snapshot = expect_type(&mut other, "docs").await;
+    assert_eq!(snapshot["docs"], json!([]));
+    // One write through each node.
+    let http = reqwest::Client::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let r = http
+            .put(format!("http://{node}/v1/buckets/room/docs/m{i}"))
+            .bearer_auth(&acme)
+            .json(&json!({"from": i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+    }
+    for ws in &mut subs {
+        let mut seen = std::collections::BTreeSet::new();
+        while seen.len() < 2 {
+            let change = expect_type(ws, "change").await;
+            seen.insert(change["id"].as_str().unwrap().to_owned());
+        }
+        assert_eq!(seen.into_iter().collect::<Vec<_>>(), vec!["m0", "m1"]);
+    }
+    // globex's subscriber saw nothing of acme's bucket.
+    match tokio::time::timeout(Duration::from_millis(1500), other.next()).await {
+        Err(_) => {}
+        Ok(Some(Ok(Message::Text(t)))) => {
+            assert!(!t.contains("from"), "another tenant's data leaked: {t}")
+        }
+        Ok(_) => {}
+    }
+    drop(node_b);
+    node_a.stop().await.unwrap();
+    env.cleanup().await;
+}
