@@ -291,7 +291,27 @@ impl MongoView {
                 }
                 current.insert(id, next);
             }
-            for id in order {
+            // Documents the view does not have yet go in one unordered insert; if it fails in
+            // any way, they take the per-document path below, whose upsert is idempotent.
+            let (fresh, mut one_by_one): (Vec<String>, Vec<String>) =
+                order.into_iter().partition(|id| !stored.contains_key(id));
+            if !fresh.is_empty() {
+                let docs = fresh
+                    .iter()
+                    .map(|id| {
+                        mongodb::bson::to_document(&current[id])
+                            .map_err(|e| ViewError::Malformed(id.clone(), e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                match coll.insert_many(docs).ordered(false).await {
+                    Ok(_) => outcome.written += fresh.len(),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "batch insert failed; writing one by one");
+                        one_by_one.extend(fresh);
+                    }
+                }
+            }
+            for id in one_by_one {
                 let next = &current[&id];
                 let replacement = mongodb::bson::to_document(next)
                     .map_err(|e| ViewError::Malformed(id.clone(), e.to_string()))?;
