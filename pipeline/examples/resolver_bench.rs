@@ -320,7 +320,7 @@ fn main() -> anyhow::Result<()> {
         l.seconds = args.seconds;
         report.passthrough_latency = Some(l);
     }
-    report.disk = topic_bytes(&root, &cleanup.topics);
+    report.disk = topic_bytes(&cleanup.topics);
     report.print(&cfg.kafka.topic_prefix);
     drop(cleanup);
     Ok(())
@@ -1191,9 +1191,42 @@ fn stat_cpu(text: &str) -> Option<f64> {
     Some((utime + stime) / CLK_TCK)
 }
 
+/// The local broker's pid: `scripts/services.sh`'s pid file, else any `kafka.Kafka` process.
 fn broker_pid() -> Option<u32> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.data/pids/kafka.pid");
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+    static PID: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    *PID.get_or_init(|| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.data/pids/kafka.pid");
+        let from_file = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .filter(|p| Path::new(&format!("/proc/{p}")).exists());
+        from_file.or_else(|| {
+            std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+                let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+                let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+                let cmd = String::from_utf8_lossy(&cmd);
+                cmd.split('\0').any(|a| a == "kafka.Kafka").then_some(pid)
+            })
+        })
+    })
+}
+
+/// The broker's `log.dirs`, from the properties file on its command line.
+fn broker_log_dirs() -> Vec<PathBuf> {
+    let Some(pid) = broker_pid() else {
+        return Vec::new();
+    };
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmd = String::from_utf8_lossy(&cmd);
+    let Some(props) = cmd.split('\0').rfind(|a| a.ends_with(".properties")) else {
+        return Vec::new();
+    };
+    std::fs::read_to_string(props)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("log.dirs="))
+        .map(|d| d.split(',').map(|x| PathBuf::from(x.trim())).collect())
+        .unwrap_or_default()
 }
 
 impl CpuSnapshot {
@@ -1355,13 +1388,13 @@ fn machine() -> String {
     format!("{cores} cores ({model}){mem}, Kafka broker on the same machine")
 }
 
-/// Bytes of the broker's log segments per topic (the broker keeps its data in .data/kafka/data).
-fn topic_bytes(root: &Path, topics: &[String]) -> BTreeMap<String, u64> {
-    let dir = root.join(".data/kafka/data");
+/// Bytes of the broker's log segments per topic (read from its `log.dirs`, when it is local).
+fn topic_bytes(topics: &[String]) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return out;
-    };
+    let entries = broker_log_dirs()
+        .into_iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
         let Some((topic, part)) = name.rsplit_once('-') else {
