@@ -117,13 +117,13 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>,
 /// Builds, checks and sends one write; answers 202 with the event id once Kafka acknowledged it.
 async fn submit(
     state: &AppState,
+    claims: Claims,
     headers: &HeaderMap,
     bucket: String,
     doc_id: String,
     params: WriteParams,
     op: WriteOp,
 ) -> Result<impl IntoResponse, ApiError> {
-    let claims = authorize(state, headers, Perm::Write, &bucket)?;
     let wait_applied = match params.wait.as_deref() {
         None => false,
         Some("applied") => true,
@@ -229,9 +229,19 @@ async fn put_doc(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    authorize(&state, &headers, Perm::Write, &bucket)?;
+    // The token is checked before the body, so a bad token is a 401 whatever the body says.
+    let claims = authorize(&state, &headers, Perm::Write, &bucket)?;
     let doc = parse_body(&body)?;
-    submit(&state, &headers, bucket, id, params, WriteOp::Set { doc }).await
+    submit(
+        &state,
+        claims,
+        &headers,
+        bucket,
+        id,
+        params,
+        WriteOp::Set { doc },
+    )
+    .await
 }
 
 async fn patch_doc(
@@ -241,10 +251,11 @@ async fn patch_doc(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    authorize(&state, &headers, Perm::Write, &bucket)?;
+    let claims = authorize(&state, &headers, Perm::Write, &bucket)?;
     let patch = parse_body(&body)?;
     submit(
         &state,
+        claims,
         &headers,
         bucket,
         id,
@@ -260,7 +271,17 @@ async fn delete_doc(
     Query(params): Query<WriteParams>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    submit(&state, &headers, bucket, id, params, WriteOp::Delete).await
+    let claims = authorize(&state, &headers, Perm::Write, &bucket)?;
+    submit(
+        &state,
+        claims,
+        &headers,
+        bucket,
+        id,
+        params,
+        WriteOp::Delete,
+    )
+    .await
 }
 
 async fn get_doc(

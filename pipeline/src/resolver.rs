@@ -600,18 +600,15 @@ impl Resolver {
             }
             offsets.insert(m.partition(), m.offset() + 1);
         }
+        // Encode every changed state record once: the same bytes go to the changelog and to sled.
         let changelog = self.cfg.topic(topics::RESOLVER_CHANGELOG);
-        for (p, overlay) in &overlays {
-            for (key, payload) in overlay.changelog_records() {
-                send(
-                    producer,
-                    Output {
-                        topic: changelog.clone(),
-                        partition: *p,
-                        key,
-                        payload,
-                    },
-                )?;
+        let records: BTreeMap<i32, state::store::Records> = overlays
+            .into_iter()
+            .map(|(p, overlay)| (p, overlay.changelog_records()))
+            .collect();
+        for (p, pairs) in &records {
+            for (key, payload) in pairs {
+                send_bytes(producer, &changelog, *p, key, payload)?;
             }
         }
         let input = self.cfg.topic(topics::DATA_CHANGED);
@@ -627,9 +624,10 @@ impl Resolver {
             return Err(ResolverError::Rebalanced);
         }
         producer.commit_transaction(Duration::from_secs(30))?;
-        for (p, overlay) in overlays {
+        for (p, pairs) in records {
+            let next = producer.context().next_offset(p);
             trees[&p]
-                .apply_batch(overlay.into_batch(producer.context().next_offset(p)))
+                .apply_batch(state::store::sled_batch(pairs, next))
                 .map_err(StateError::from)?;
         }
         Ok(())
@@ -768,10 +766,20 @@ fn now_ms() -> u64 {
 }
 
 fn send(producer: &ThreadedProducer<DeliveryTracker>, out: Output) -> Result<(), ResolverError> {
-    let mut record = BaseRecord::to(&out.topic)
-        .partition(out.partition)
-        .key(&out.key[..])
-        .payload(&out.payload[..]);
+    send_bytes(producer, &out.topic, out.partition, &out.key, &out.payload)
+}
+
+fn send_bytes(
+    producer: &ThreadedProducer<DeliveryTracker>,
+    topic: &str,
+    partition: i32,
+    key: &[u8],
+    payload: &[u8],
+) -> Result<(), ResolverError> {
+    let mut record = BaseRecord::to(topic)
+        .partition(partition)
+        .key(key)
+        .payload(payload);
     loop {
         match producer.send(record) {
             Ok(()) => return Ok(()),

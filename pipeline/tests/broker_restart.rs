@@ -5,21 +5,10 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::faults::{produce_all, wait_until_caught_up, workload, Oracle, ProcessorProcess};
-use common::TestEnv;
-
-fn services(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
-    let status = Command::new("bash")
-        .arg(script)
-        .args(args)
-        .status()
-        .expect("services.sh");
-    assert!(status.success(), "services.sh {args:?} failed");
-}
+use common::{services, TestEnv};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_resolver_survives_a_broker_restart_without_loss_or_duplicates() {

@@ -5,25 +5,14 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::TestEnv;
+use common::{services, TestEnv};
 use futures::{SinkExt, StreamExt};
 use pipeline::app::Role;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-
-fn services(args: &[&str]) {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
-    let status = Command::new("bash")
-        .arg(script)
-        .args(args)
-        .status()
-        .expect("services.sh");
-    assert!(status.success(), "services.sh {args:?} failed");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_recover_from_a_redis_outage_without_missing_a_change() {

@@ -34,6 +34,9 @@ pub enum StateError {
     },
 }
 
+/// Encoded state records as `(key, value)`: changelog records and sled entries alike.
+pub type Records = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The key of the next changelog offset in a task tree.
 pub const CHANGELOG_OFFSET_KEY: &[u8] = b"m\0changelog_offset";
 
@@ -154,7 +157,7 @@ impl<'a> Overlay<'a> {
     }
 
     /// The changed records as `(key, value)` pairs: what the changelog must carry.
-    pub fn changelog_records(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pub fn changelog_records(&self) -> Records {
         let docs = self
             .docs
             .iter()
@@ -173,15 +176,25 @@ impl<'a> Overlay<'a> {
 
     /// The sled batch writing every change, plus the next changelog offset when known.
     pub fn into_batch(self, next_changelog_offset: Option<i64>) -> sled::Batch {
-        let mut batch = sled::Batch::default();
-        for (k, v) in self.changelog_records() {
-            batch.insert(k, v);
-        }
-        if let Some(offset) = next_changelog_offset {
-            batch.insert(CHANGELOG_OFFSET_KEY, &offset.to_be_bytes());
-        }
-        batch
+        sled_batch(self.changelog_records(), next_changelog_offset)
     }
+}
+
+/// The sled batch writing already-encoded changelog records (from [`Overlay::changelog_records`]),
+/// plus the next changelog offset when known. Lets a caller encode each record once for both the
+/// changelog topic and the store.
+pub fn sled_batch(
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+    next_changelog_offset: Option<i64>,
+) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (k, v) in records {
+        batch.insert(k, v);
+    }
+    if let Some(offset) = next_changelog_offset {
+        batch.insert(CHANGELOG_OFFSET_KEY, &offset.to_be_bytes());
+    }
+    batch
 }
 
 impl ResolveState for Overlay<'_> {

@@ -169,3 +169,14 @@ pub fn read_committed(
     out.sort_by_key(|m| (m.partition(), m.offset()));
     out
 }
+
+/// Runs `scripts/services.sh` with `args` (fault tests restart a shared service with it).
+pub fn services(args: &[&str]) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
+    let status = std::process::Command::new("bash")
+        .arg(script)
+        .args(args)
+        .status()
+        .expect("services.sh");
+    assert!(status.success(), "services.sh {args:?} failed");
+}
