@@ -73,11 +73,11 @@ struct Args {
     /// for what-if experiments, e.g. `retry.backoff.ms=10`; the resolver is not affected).
     #[arg(long = "passthrough-set", value_name = "KEY=VALUE")]
     passthrough_set: Vec<String>,
-    /// Pass-through only: before `commit_transaction`, wait in 1 ms steps until the producer has
-    /// nothing in flight (rdkafka's own pre-commit flush then returns at once instead of sleeping
-    /// in a 100 ms poll that the ThreadedProducer's thread wins).
+    /// Pass-through only: commit without first waiting for deliveries (the resolver waits in
+    /// 1 ms steps until nothing is in flight, so that rdkafka's pre-commit flush does not sleep a
+    /// 100 ms poll; this shows the cost of not doing so).
     #[arg(long)]
-    passthrough_flush_wait: bool,
+    passthrough_no_flush_wait: bool,
 }
 
 const BUCKETS: usize = 1_000;
@@ -198,7 +198,7 @@ fn main() -> anyhow::Result<()> {
             &cfg.topic(PASSTHROUGH),
             args.events,
             &args.passthrough_set,
-            args.passthrough_flush_wait,
+            !args.passthrough_no_flush_wait,
         )?);
     }
 
@@ -742,7 +742,8 @@ impl Passthrough {
             .set("enable.idempotence", "true")
             .set("transaction.timeout.ms", "20000")
             .set("message.timeout.ms", "15000")
-            .set("linger.ms", "2");
+            .set("linger.ms", "2")
+            .set("retry.backoff.ms", "10");
         for kv in extra {
             let (k, v) = kv
                 .split_once('=')
@@ -869,8 +870,8 @@ fn baseline_passthrough(
 
 fn settings_text(extra: &[String], flush_wait: bool) -> String {
     let mut e = extra.join(" ");
-    if flush_wait {
-        e.push_str(" +flush-wait");
+    if !flush_wait {
+        e.push_str(" no-flush-wait");
     }
     e.trim().to_string()
 }
@@ -890,7 +891,10 @@ fn passthrough_latency(
     let runner = {
         let (cfg, input, output, stop) = (cfg.clone(), input.clone(), output.clone(), stop.clone());
         let (txns, records) = (txns.clone(), records.clone());
-        let (extra, flush_wait) = (args.passthrough_set.clone(), args.passthrough_flush_wait);
+        let (extra, flush_wait) = (
+            args.passthrough_set.clone(),
+            !args.passthrough_no_flush_wait,
+        );
         std::thread::Builder::new()
             .name("passthrough".into())
             .spawn(move || -> anyhow::Result<()> {
@@ -940,7 +944,7 @@ fn passthrough_latency(
     let mut result = result?;
     result.batches = t1 - t0;
     result.records = r1 - r0;
-    result.settings = settings_text(&args.passthrough_set, args.passthrough_flush_wait);
+    result.settings = settings_text(&args.passthrough_set, !args.passthrough_no_flush_wait);
     Ok(result)
 }
 

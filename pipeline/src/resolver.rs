@@ -347,6 +347,10 @@ impl Resolver {
             .set("transaction.timeout.ms", "20000")
             .set("message.timeout.ms", "15000")
             .set("linger.ms", "2")
+            // A transaction's first produce to a partition can meet CONCURRENT_TRANSACTIONS while
+            // the broker finishes the previous commit; librdkafka's default 100 ms backoff would
+            // then hold every batch for a tenth of a second.
+            .set("retry.backoff.ms", "10")
             .create_with_context(tracker)?;
         p.init_transactions(Duration::from_secs(30))?;
         Ok(p)
@@ -623,6 +627,7 @@ impl Resolver {
         if generation.load(Ordering::SeqCst) != gen_at_start {
             return Err(ResolverError::Rebalanced);
         }
+        wait_delivered(producer);
         producer.commit_transaction(Duration::from_secs(30))?;
         for (p, pairs) in records {
             let next = producer.context().next_offset(p);
@@ -789,6 +794,19 @@ fn send_bytes(
             }
             Err((e, _)) => return Err(e.into()),
         }
+    }
+}
+
+/// Waits, in 1 ms steps and for at most 30 s, until every produced record is acknowledged.
+///
+/// `commit_transaction` flushes too, but rdkafka's flush on a `ThreadedProducer` sleeps a whole
+/// 100 ms poll interval when anything is still in flight; waiting here first makes a commit cost
+/// a broker round trip instead of a tenth of a second. Anything left after the cap is flushed by
+/// the commit itself.
+fn wait_delivered(producer: &ThreadedProducer<DeliveryTracker>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
