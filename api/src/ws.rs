@@ -54,6 +54,9 @@ pub struct WsConfig {
     pub max_lags_per_minute: u32,
     /// Seconds a client without an `Authorization` header has to send its `auth` message.
     pub auth_timeout_secs: u64,
+    /// Seconds one message may wait for a client that stopped reading before the connection
+    /// is dropped.
+    pub send_timeout_secs: u64,
 }
 
 impl Default for WsConfig {
@@ -65,6 +68,7 @@ impl Default for WsConfig {
             queue: 1024,
             max_lags_per_minute: 3,
             auth_timeout_secs: 10,
+            send_timeout_secs: 10,
         }
     }
 }
@@ -94,10 +98,31 @@ struct Sub {
 
 enum End {
     Closed,
+    /// The client stopped reading; nothing more can be sent.
+    Stalled,
     Close(u16, String),
 }
 
-type Tx = futures::stream::SplitSink<WebSocket, Message>;
+/// The sending half of a connection. A frame the client does not take within `timeout` (its
+/// socket buffers are full: it stopped reading) ends the connection, so a stalled client holds
+/// no more than those buffers and one message.
+struct Tx {
+    sink: futures::stream::SplitSink<WebSocket, Message>,
+    timeout: Duration,
+}
+
+impl Tx {
+    async fn frame(&mut self, msg: Message) -> Result<(), End> {
+        match tokio::time::timeout(self.timeout, self.sink.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(End::Closed),
+            Err(_) => {
+                tracing::info!("closing a WebSocket whose client stopped reading");
+                Err(End::Stalled)
+            }
+        }
+    }
+}
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
     headers
@@ -136,9 +161,8 @@ pub async fn ws_handler(
 }
 
 async fn send(tx: &mut Tx, value: Value) -> Result<(), End> {
-    tx.send(Message::Text(Utf8Bytes::from(value.to_string())))
+    tx.frame(Message::Text(Utf8Bytes::from(value.to_string())))
         .await
-        .map_err(|_| End::Closed)
 }
 
 fn error_msg(code: &str, message: impl Into<String>, bucket: Option<&str>) -> Value {
@@ -157,14 +181,30 @@ fn now_secs() -> u64 {
 }
 
 async fn session(socket: WebSocket, state: AppState, claims: Option<Claims>) {
-    let (mut tx, mut rx) = socket.split();
+    let (sink, mut rx) = socket.split();
+    let mut tx = Tx {
+        sink,
+        timeout: Duration::from_secs(state.ws.send_timeout_secs.max(1)),
+    };
     let end = run_session(&mut tx, &mut rx, &state, claims).await;
     if let End::Close(code, reason) = end {
         let frame = CloseFrame {
             code,
             reason: Utf8Bytes::from(reason),
         };
-        let _ = tx.send(Message::Close(Some(frame))).await;
+        if tx.frame(Message::Close(Some(frame))).await.is_ok() {
+            // Closing handshake (RFC 6455 §7.1.1): wait briefly for the client's close before
+            // the socket goes, so that frames it still sends (a pong) do not reset the connection
+            // before it has read our close code.
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while let Some(Ok(m)) = rx.next().await {
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
     }
 }
 
@@ -357,7 +397,7 @@ async fn run_session(
                     let _ = send(tx, error_msg("unauthorized", "the token expired; reconnect with a fresh one and your cursors", None)).await;
                     return End::Close(CLOSE_UNAUTHORIZED, "token expired".into());
                 }
-                if tx.send(Message::Ping(Default::default())).await.is_err() { return End::Closed; }
+                if let Err(e) = tx.frame(Message::Ping(Default::default())).await { return e; }
             }
         }
     }
@@ -403,7 +443,7 @@ async fn catch_up(
         Some(c) => c.seq,
     };
     let start = from;
-    let page = state.pages.max;
+    let page = state.pages.default.max(1);
     let mut ahead = HashMap::new();
     loop {
         let docs = state
@@ -415,20 +455,88 @@ async fn catch_up(
         for d in docs.iter().filter(|d| d.seq > watermark) {
             ahead.insert(d.doc_id.clone(), u64::try_from(d.version).unwrap_or(0));
         }
-        let last = docs.last().map_or(from, |d| d.seq);
-        let cursor = Cursor {
-            epoch: meta.epoch,
-            seq: if more {
-                last.min(watermark).max(start)
-            } else {
-                watermark
-            },
-        };
-        let docs: Vec<Value> = docs.iter().map(crate::routes::doc_json).collect();
-        send(tx, json!({"type": "docs", "bucket": bucket, "docs": docs, "cursor": cursor.to_string(), "complete": !more})).await?;
-        from = last;
-        if !more {
-            return Ok((cursor, ahead));
+        let encoded: Vec<(i64, String)> = docs
+            .iter()
+            .map(|d| (d.seq, crate::routes::doc_json(d).to_string()))
+            .collect();
+        let chunks = split_by_bytes(&encoded, CATCH_UP_MESSAGE_BYTES);
+        let last_chunk = chunks.len().saturating_sub(1);
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let complete = !more && i == last_chunk;
+            let last = chunk.last().map_or(from, |(seq, _)| *seq);
+            let cursor = Cursor {
+                epoch: meta.epoch,
+                seq: if complete {
+                    watermark
+                } else {
+                    last.min(watermark).max(start)
+                },
+            };
+            let docs: Vec<&str> = chunk.iter().map(|(_, json)| json.as_str()).collect();
+            let msg = format!(
+                r#"{{"type":"docs","bucket":{},"docs":[{}],"cursor":"{cursor}","complete":{complete}}}"#,
+                Value::from(bucket),
+                docs.join(",")
+            );
+            tx.frame(Message::Text(Utf8Bytes::from(msg))).await?;
+            from = last;
+            if complete {
+                return Ok((cursor, ahead));
+            }
         }
+    }
+}
+
+/// Largest catch-up message, in bytes of encoded documents (a single larger document still goes
+/// in a message of its own). With 100-document reads this bounds what one catching-up connection
+/// holds, whatever the documents' size.
+const CATCH_UP_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Splits encoded documents into consecutive runs of at most `budget` bytes each (at least one
+/// document per run; always at least one run, possibly empty).
+fn split_by_bytes(docs: &[(i64, String)], budget: usize) -> Vec<&[(i64, String)]> {
+    let mut runs = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, json)) in docs.iter().enumerate() {
+        if i > start && bytes + json.len() > budget {
+            runs.push(&docs[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += json.len() + 1;
+    }
+    runs.push(&docs[start..]);
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_by_bytes;
+
+    fn docs(sizes: &[usize]) -> Vec<(i64, String)> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i as i64, "x".repeat(*n)))
+            .collect()
+    }
+
+    #[test]
+    fn catch_up_messages_stay_under_the_budget_and_keep_every_document_in_order() {
+        let d = docs(&[400, 400, 400, 1500, 10, 10]);
+        let runs = split_by_bytes(&d, 1000);
+        let sizes: Vec<usize> = runs.iter().map(|r| r.len()).collect();
+        assert_eq!(sizes, [2, 1, 1, 2], "a larger document goes alone");
+        let flat: Vec<i64> = runs
+            .iter()
+            .flat_map(|r| r.iter().map(|(s, _)| *s))
+            .collect();
+        assert_eq!(flat, [0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn an_empty_page_is_one_empty_message() {
+        let runs = split_by_bytes(&[], 1000);
+        assert_eq!(runs.len(), 1);
+        assert!(runs[0].is_empty());
     }
 }

@@ -7,6 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use common::ws::{connect, expect_type, next_json, send_text, Replica};
 use common::TestEnv;
 use futures::{SinkExt, StreamExt};
 use pipeline::app::Role;
@@ -14,118 +15,6 @@ use rand::Rng;
 use serde_json::{json, Map, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
-
-/// A subscriber's local replica: per document, version and fields (`None` for a tombstone).
-#[derive(Default, Debug)]
-struct Replica {
-    docs: BTreeMap<String, (i64, Option<Map<String, Value>>)>,
-    cursor: Option<String>,
-    seq: i64,
-    messages: usize,
-}
-
-impl Replica {
-    /// Applies one server message; panics on a gap or a repeat.
-    fn apply(&mut self, msg: &Value) {
-        self.messages += 1;
-        match msg["type"].as_str().unwrap() {
-            "reset" => {
-                self.docs.clear();
-                self.seq = 0;
-            }
-            "docs" => {
-                for d in msg["docs"].as_array().unwrap() {
-                    let id = d["id"].as_str().unwrap().to_owned();
-                    let fields =
-                        (d["deleted"] != true).then(|| d["doc"].as_object().unwrap().clone());
-                    let version = d["version"].as_i64().unwrap();
-                    if let Some((have, _)) = self.docs.get(&id) {
-                        assert!(
-                            version >= *have,
-                            "catch-up went back on {id}: {have} -> {version}"
-                        );
-                    }
-                    self.docs.insert(id, (version, fields));
-                }
-                self.set_cursor(msg);
-            }
-            "change" => {
-                let seq = msg["seq"].as_i64().unwrap();
-                // Sequence numbers only grow (no repeats); whether one was skipped is judged per
-                // document below, where a missed change shows as a version gap.
-                assert!(
-                    seq > self.seq,
-                    "live change repeated or out of order: {msg}"
-                );
-                let id = msg["id"].as_str().unwrap().to_owned();
-                let version = msg["version"].as_i64().unwrap();
-                let entry = self.docs.entry(id.clone()).or_insert((0, None));
-                assert_eq!(
-                    version,
-                    entry.0 + 1,
-                    "version gap on {id}: have {}, got {msg}",
-                    entry.0
-                );
-                let event = processors::SyncEvent {
-                    v: 1,
-                    tenant: String::new(),
-                    bucket: String::new(),
-                    doc_id: id,
-                    version: version as u64,
-                    seq: seq as u64,
-                    hlc: processors::Hlc::default(),
-                    event_id: String::new(),
-                    device_id: String::new(),
-                    deleted: msg["deleted"] == true,
-                    set: msg["set"].as_object().unwrap().clone(),
-                    unset: serde_json::from_value(msg["unset"].clone()).unwrap(),
-                    clamped_from: None,
-                };
-                let mut fields = entry.1.take().unwrap_or_default();
-                event.apply_to(&mut fields);
-                *entry = (version, (!event.deleted).then_some(fields));
-                self.set_cursor(msg);
-            }
-            "progress" => self.set_cursor(msg),
-            "hello" | "subscribed" | "lagged" => {}
-            other => panic!("unexpected message {other}: {msg}"),
-        }
-    }
-
-    fn set_cursor(&mut self, msg: &Value) {
-        let cursor = msg["cursor"].as_str().unwrap().to_owned();
-        let seq: i64 = cursor.split_once('.').unwrap().1.parse().unwrap();
-        assert!(
-            seq >= self.seq,
-            "cursor went back: {} -> {cursor}",
-            self.seq
-        );
-        self.seq = seq;
-        self.cursor = Some(cursor);
-    }
-
-    fn live(&self) -> BTreeMap<String, (i64, Map<String, Value>)> {
-        self.docs
-            .iter()
-            .filter_map(|(k, (v, d))| d.clone().map(|d| (k.clone(), (*v, d))))
-            .collect()
-    }
-}
-
-async fn connect(
-    addr: std::net::SocketAddr,
-    token: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
-    let mut req = format!("ws://{addr}/v1/subscribe")
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    tokio_tungstenite::connect_async(req)
-        .await
-        .expect("ws connect")
-        .0
-}
 
 /// Runs one subscription until `until` says stop; returns how it ended.
 async fn session(
@@ -254,42 +143,6 @@ async fn subscribers_that_come_and_go_end_with_the_view_exactly() {
     drop(node_b);
     node_a.stop().await.unwrap();
     env.cleanup().await;
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// The next text message as JSON, or `None` when the connection closed (with its close code).
-async fn next_json(ws: &mut Ws) -> Result<Value, Option<u16>> {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next())
-            .await
-            .expect("a message within 10 s")
-        {
-            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).unwrap()),
-            Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| u16::from(f.code))),
-            Some(Ok(_)) => continue,
-            Some(Err(_)) | None => return Err(None),
-        }
-    }
-}
-
-async fn send_text(ws: &mut Ws, text: &str) {
-    ws.send(Message::Text(text.to_string().into()))
-        .await
-        .unwrap();
-}
-
-/// Reads until a message of `kind` arrives (skipping others) and returns it.
-async fn expect_type(ws: &mut Ws, kind: &str) -> Value {
-    loop {
-        let msg = next_json(ws)
-            .await
-            .unwrap_or_else(|code| panic!("closed ({code:?}) while waiting for {kind}"));
-        if msg["type"] == kind {
-            return msg;
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod faults;
+pub mod ws;
 
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,257 @@
+//! WebSocket backpressure and liveness against real Kafka, FerretDB and Redis: a connection that
+//! stops answering pings is closed with 4002, one that lags too often with 4008, and one that
+//! stops reading altogether is dropped while the API node's memory stays bounded and the other
+//! subscribers of the same bucket keep up.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::faults::{produce_all, ProcessorProcess};
+use common::ws::{connect, expect_type, next_json, send_text, Replica};
+use common::TestEnv;
+use futures::StreamExt;
+use pipeline::app::Role;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+/// `n` patches straight to `data.changed`, one per document `d<i>` of `acme/<bucket>`, each
+/// setting `n` and a `blob` of `blob_bytes`.
+fn writes(bucket: &str, from: usize, n: usize, blob_bytes: usize) -> Vec<(String, Vec<u8>)> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    (from..from + n)
+        .map(|i| {
+            let blob: String = format!("{i:08}").repeat(blob_bytes / 8);
+            let w = json!({"v": 1, "event_id": format!("e{i}"), "tenant": "acme", "bucket": bucket,
+                "doc_id": format!("d{i}"), "device_id": "bulk", "hlc": format!("{now_ms}:{i}"),
+                "op": "patch", "patch": {"n": i, "blob": blob}});
+            (format!("acme/{bucket}"), serde_json::to_vec(&w).unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_stops_answering_pings_is_closed_with_4002() {
+    let mut env = TestEnv::new("wsdead").await;
+    env.cfg.ws.heartbeat_secs = 1;
+    let node = env.start(&[Role::Api]).await;
+    let addr = node.api_addr.unwrap();
+    let mut ws = connect(addr, &env.token("acme", "live:r")).await;
+    send_text(&mut ws, r#"{"type":"subscribe","bucket":"live"}"#).await;
+    expect_type(&mut ws, "subscribed").await;
+    // A live client answers pings as it reads: this one keeps the connection and stops reading.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    next_json(&mut ws).await.expect("still open after 2 s");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let code = loop {
+        if let Err(code) = next_json(&mut ws).await {
+            break code;
+        }
+    };
+    assert_eq!(
+        code,
+        Some(4002),
+        "no pong for two heartbeats closes with 4002"
+    );
+    // The node is fine and serves the next connection.
+    let mut again = connect(addr, &env.token("acme", "live:r")).await;
+    send_text(&mut again, r#"{"type":"subscribe","bucket":"live"}"#).await;
+    expect_type(&mut again, "subscribed").await;
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_lags_too_often_is_closed_with_4008() {
+    let mut env = TestEnv::new("wslagclose").await;
+    env.cfg.ws.queue = 1;
+    env.cfg.ws.max_lags_per_minute = 0;
+    let node = env
+        .start(&[Role::Api, Role::Processor, Role::Projector])
+        .await;
+    let addr = node.api_addr.unwrap();
+    let mut ws = connect(addr, &env.token("acme", "live:rw")).await;
+    send_text(&mut ws, r#"{"type":"subscribe","bucket":"live"}"#).await;
+    expect_type(&mut ws, "subscribed").await;
+    produce_all(&env, &writes("live", 0, 400, 8)).await;
+    let mut replica = Replica::default();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (error, code) = loop {
+        assert!(Instant::now() < deadline, "not closed within 60 s");
+        match next_json(&mut ws).await {
+            Ok(msg) if msg["type"] == "error" => break (msg, next_json(&mut ws).await.err()),
+            Ok(msg) => {
+                // (A `fanout_interrupted` resync can come when the node's hub connects to Redis
+                // after the subscription; it does not count as lagging.)
+                assert_ne!(
+                    msg["reason"], "slow_consumer",
+                    "no resync is allowed: {msg}"
+                );
+                replica.apply(&msg);
+            }
+            Err(code) => panic!("closed with {code:?} before an error message"),
+        }
+    };
+    assert_eq!(error["code"], "too_slow", "{error}");
+    assert_eq!(code, Some(Some(4008)), "then the 4008 close");
+    assert!(
+        replica.seq < 400,
+        "a one-slot queue must overflow in a 400-change burst"
+    );
+    // Reconnecting with the last cursor gets the rest.
+    let mut again = connect(addr, &env.token("acme", "live:r")).await;
+    let sub = json!({"type": "subscribe", "bucket": "live", "cursor": replica.cursor});
+    send_text(&mut again, &sub.to_string()).await;
+    while replica.seq < 400 {
+        assert!(
+            Instant::now() < deadline,
+            "resume stopped at {}",
+            replica.seq
+        );
+        replica.apply(&next_json(&mut again).await.expect("open"));
+    }
+    assert_eq!(replica.live().len(), 400);
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// Resident and peak memory of a process, KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_is_dropped_while_memory_stays_bounded_and_others_keep_up() {
+    const WRITES: usize = 300;
+    const BLOB: usize = 150 * 1024;
+    let mut env = TestEnv::new("wsstall").await;
+    env.cfg.projector.batch_max = 20;
+    let pipeline = env.start(&[Role::Processor, Role::Projector]).await;
+    // The API node runs alone in its own process, so its memory can be measured.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut api = ProcessorProcess::start_role(
+        &env,
+        "api",
+        "api",
+        &[
+            ("SYNCFLOW_API_LISTEN", listen.as_str()),
+            ("SYNCFLOW_WS_QUEUE", "32"),
+            ("SYNCFLOW_WS_SEND_TIMEOUT_SECS", "2"),
+        ],
+    );
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    common::eventually(Duration::from_secs(30), "the API node answers", || async {
+        reqwest::get(format!("http://{addr}/healthz"))
+            .await
+            .ok()
+            .filter(|r| r.status().is_success())
+            .map(|_| ())
+    })
+    .await;
+    let token = env.token("acme", "big:r");
+    let mut healthy = connect(addr, &token).await;
+    let mut stalled = connect(addr, &token).await;
+    for ws in [&mut healthy, &mut stalled] {
+        send_text(ws, r#"{"type":"subscribe","bucket":"big"}"#).await;
+        expect_type(ws, "docs").await;
+    }
+    // Warm up the node's allocator with a few changes both subscribers read, then measure.
+    produce_all(&env, &writes("big", 0, 5, BLOB)).await;
+    let mut replica = Replica::default();
+    while replica.seq < 5 {
+        replica.apply(&next_json(&mut healthy).await.expect("open"));
+    }
+    while let Ok(Some(Ok(_))) =
+        tokio::time::timeout(Duration::from_millis(500), stalled.next()).await
+    {}
+    let api_pid = api.pid();
+    let before = rss_kib(api_pid).expect("API RSS");
+    let peak = Arc::new(AtomicU64::new(before));
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = {
+        let (peak, sampling) = (peak.clone(), sampling.clone());
+        std::thread::spawn(move || {
+            while sampling.load(Ordering::SeqCst) {
+                if let Some(kib) = rss_kib(api_pid) {
+                    peak.fetch_max(kib, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // `stalled` reads nothing from here on; `healthy` reads everything as it comes.
+    let total = 5 + WRITES as i64;
+    let reader = tokio::spawn(async move {
+        let started = Instant::now();
+        while replica.seq < total {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the healthy subscriber stopped at {}",
+                replica.seq
+            );
+            let msg = next_json(&mut healthy)
+                .await
+                .expect("the healthy one stays open");
+            assert_ne!(
+                msg["reason"], "slow_consumer",
+                "the healthy subscriber is unaffected: {msg}"
+            );
+            replica.apply(&msg);
+        }
+        replica
+    });
+    for chunk in 0..(WRITES / 10) {
+        produce_all(&env, &writes("big", 5 + chunk * 10, 10, BLOB)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let replica = reader
+        .await
+        .expect("the healthy subscriber saw every change");
+    sampling.store(false, Ordering::SeqCst);
+    sampler.join().unwrap();
+    let growth_mib = peak.load(Ordering::SeqCst).saturating_sub(before) as f64 / 1024.0;
+    let pushed_mib = (WRITES * BLOB) as f64 / (1024.0 * 1024.0);
+    eprintln!(
+        "API RSS before {:.1} MiB, peak growth {growth_mib:.1} MiB while {pushed_mib:.0} MiB of changes went to a subscriber that read nothing",
+        before as f64 / 1024.0
+    );
+    assert!(
+        growth_mib < pushed_mib / 2.0,
+        "API memory grew {growth_mib:.1} MiB for {pushed_mib:.0} MiB sent to a stalled subscriber"
+    );
+    assert_eq!(replica.live().len(), total as usize);
+    // The stalled one was dropped: what the socket buffers held, then the end, well before the
+    // whole stream.
+    let mut received = 0usize;
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(20), stalled.next()).await {
+            Ok(Some(Ok(Message::Text(_)))) => received += 1,
+            Ok(Some(Ok(Message::Close(_)))) | Ok(Some(Err(_))) | Ok(None) => break true,
+            Ok(Some(Ok(_))) => {}
+            Err(_) => break false,
+        }
+    };
+    assert!(end, "the stalled connection was not closed");
+    assert!(
+        received < WRITES,
+        "the stalled subscriber got {received} of {WRITES} changes: it was not dropped"
+    );
+    assert!(api.alive(), "the API node survives");
+    api.kill();
+    pipeline.stop().await.unwrap();
+    env.cleanup().await;
+}
