@@ -104,6 +104,10 @@ pub struct Claims {
     pub nbf: u64,
     /// Issued at, seconds since the epoch.
     pub iat: u64,
+    /// An operator token: may use the cluster-wide operations (`GET /v1/checkpoints`). Grants no
+    /// bucket by itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub operator: bool,
 }
 
 impl Claims {
@@ -172,6 +176,24 @@ impl TokenKeys {
             exp: now_secs + ttl_secs,
             nbf: now_secs.saturating_sub(1),
             iat: now_secs,
+            operator: false,
+        };
+        encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+            .expect("HS256 signing of plain claims cannot fail")
+    }
+
+    /// Mints an operator token (no bucket grants) for `sub`.
+    pub fn mint_operator(&self, sub: &str, tenant: &str, now_secs: u64, ttl_secs: u64) -> String {
+        let claims = Claims {
+            sub: sub.into(),
+            tenant: tenant.into(),
+            grants: Vec::new(),
+            iss: self.issuer.clone(),
+            aud: self.audience.clone(),
+            exp: now_secs + ttl_secs,
+            nbf: now_secs.saturating_sub(1),
+            iat: now_secs,
+            operator: true,
         };
         encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
             .expect("HS256 signing of plain claims cannot fail")
@@ -248,6 +270,7 @@ mod tests {
             exp: 0,
             nbf: 0,
             iat: 0,
+            operator: false,
         };
         assert!(c.allows(Perm::Write, "todos"));
         assert!(!c.allows(Perm::Write, "todos2"));

@@ -19,7 +19,8 @@ use tokio::sync::broadcast;
 pub enum HubMsg {
     /// An applied change of the bucket.
     Change(Arc<SyncEvent>),
-    /// Changes may have been missed (Redis reconnected): catch up from the cursor.
+    /// Changes may have been missed (Redis reconnected, or the view was restored to a
+    /// checkpoint): catch up from the cursor.
     Gap,
 }
 
@@ -95,6 +96,11 @@ impl Hub {
     }
 
     fn dispatch(&self, channel: &str, payload: Option<String>) {
+        if channel == crate::view::reset_channel(&self.prefix) {
+            tracing::info!("the view was restored: every subscriber catches up from its cursor");
+            self.gap_for_all();
+            return;
+        }
         let mut channels = self.channels();
         let Some(sender) = channels.get(channel) else {
             return;

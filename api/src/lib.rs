@@ -71,9 +71,14 @@ pub struct AppState {
     pub ws: ws::WsConfig,
     /// Read-your-writes: where applied changes are announced.
     pub applied: Option<applied::AppliedWatch>,
+    /// The complete checkpoints for `GET /v1/checkpoints`, when this node can see them.
+    pub checkpoints: Option<CheckpointList>,
     /// Process status for `GET /status` (counters of the roles running in this process).
     pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
+
+/// Lists the complete checkpoints as JSON (an error says why they cannot be read).
+pub type CheckpointList = Arc<dyn Fn() -> Result<serde_json::Value, String> + Send + Sync>;
 
 /// Page sizes of listings and feeds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -29,6 +29,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/buckets/{bucket}/docs", get(list_docs))
         .route("/v1/buckets/{bucket}/changes", get(changes))
         .route("/v1/subscribe", get(crate::ws::ws_handler))
+        .route("/v1/checkpoints", get(checkpoints))
         .route(
             "/v1/buckets/{bucket}/docs/{id}",
             get(get_doc)
@@ -50,22 +51,44 @@ fn now_ms() -> u64 {
 }
 
 /// Verifies the bearer token and the grant for `perm` on `bucket`.
-fn authorize(
-    state: &AppState,
-    headers: &HeaderMap,
-    perm: Perm,
-    bucket: &str,
-) -> Result<Claims, ApiError> {
+/// `GET /v1/checkpoints`: the complete checkpoints, oldest first (operator tokens only).
+async fn checkpoints(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    if !verified(&state, &headers)?.operator {
+        return Err(ApiError::Forbidden(
+            "listing checkpoints needs an operator token".into(),
+        ));
+    }
+    let list = state.checkpoints.as_ref().ok_or_else(|| {
+        ApiError::Unavailable("this node is not configured with a checkpoint directory".into())
+    })?;
+    let checkpoints = list().map_err(ApiError::Unavailable)?;
+    Ok(Json(json!({ "checkpoints": checkpoints })))
+}
+
+/// The claims of the request's bearer token (401 when missing or invalid).
+fn verified(state: &AppState, headers: &HeaderMap) -> Result<Claims, ApiError> {
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or(AuthError::Missing)
         .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
-    let claims = state
+    state
         .keys
         .verify(token.trim())
-        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
+        .map_err(|e| ApiError::Unauthorized(e.to_string()))
+}
+
+fn authorize(
+    state: &AppState,
+    headers: &HeaderMap,
+    perm: Perm,
+    bucket: &str,
+) -> Result<Claims, ApiError> {
+    let claims = verified(state, headers)?;
     check_bucket(bucket).map_err(ApiError::from)?;
     if !claims.allows(perm, bucket) {
         let what = match perm {

@@ -60,6 +60,12 @@ pub fn change_channel(prefix: &str, tenant: &str, bucket: &str) -> String {
     format!("{prefix}syncflow:changes:{tenant}/{bucket}")
 }
 
+/// The Redis channel on which a restore tells every API node that all cursors changed epoch
+/// (it matches the hub's pattern, and no bucket's channel, which always has a `/`).
+pub fn reset_channel(prefix: &str) -> String {
+    format!("{prefix}syncflow:changes:!reset")
+}
+
 /// The `_id` of a document.
 pub fn view_id(bucket: &str, doc_id: &str) -> String {
     format!("{bucket}/{doc_id}")
@@ -391,6 +397,46 @@ impl MongoView {
                 .deleted_count;
         }
         Ok(deleted)
+    }
+
+    /// The buckets of `tenant` the view has metadata for.
+    pub async fn bucket_names(&self, tenant: &str) -> Result<Vec<String>, ViewError> {
+        let mut cursor = self
+            .buckets(tenant)
+            .find(doc! {})
+            .projection(doc! {"_id": 1})
+            .await?;
+        let mut out = Vec::new();
+        while let Some(d) = cursor.try_next().await? {
+            if let Ok(id) = d.get_str("_id") {
+                out.push(id.to_owned());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Replaces every document of `bucket` with `docs` (restore): one range delete, then unordered
+    /// inserts of 1,000. Readers may see the bucket part-written while it runs.
+    pub async fn replace_bucket(
+        &self,
+        tenant: &str,
+        bucket: &str,
+        docs: &[ViewDoc],
+    ) -> Result<u64, ViewError> {
+        let coll = self.docs(tenant);
+        let range = doc! {"_id": {"$gte": format!("{bucket}/"), "$lt": format!("{bucket}0")}};
+        coll.delete_many(range).await?;
+        for chunk in docs.chunks(1_000) {
+            let batch = chunk
+                .iter()
+                .map(|d| {
+                    mongodb::bson::to_document(d)
+                        .map_err(|e| ViewError::Malformed(d.id.clone(), e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            coll.insert_many(batch).ordered(false).await?;
+        }
+        Ok(docs.len() as u64)
     }
 
     /// Sets a bucket's metadata (rebuild, restore).

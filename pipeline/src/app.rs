@@ -118,6 +118,14 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
                 )
                 .map_err(|e| AppError::Startup(format!("redis {}: {e}", cfg.redis.url)))?,
             ),
+            checkpoints: {
+                let dir = crate::checkpoint::dir(&cfg);
+                Some(Arc::new(move || {
+                    dir.list()
+                        .map_err(|e| e.to_string())
+                        .and_then(|l| serde_json::to_value(l).map_err(|e| e.to_string()))
+                }))
+            },
             status: {
                 let stats = resolver_stats.clone();
                 let roles: Vec<String> = roles

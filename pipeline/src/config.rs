@@ -156,6 +156,8 @@ pub struct Config {
     pub projector: ProjectorConfig,
     /// WebSocket subscriptions.
     pub ws: api::ws::WsConfig,
+    /// Checkpoints.
+    pub checkpoint: crate::checkpoint::CheckpointConfig,
 }
 
 /// Every problem found while loading the configuration.
@@ -284,6 +286,7 @@ fn section_check(section: &str, value: Value) -> Result<(), String> {
         "resolver" => check::<ResolverConfig>(value),
         "projector" => check::<ProjectorConfig>(value),
         "ws" => check::<api::ws::WsConfig>(value),
+        "checkpoint" => check::<crate::checkpoint::CheckpointConfig>(value),
         other => Err(format!("unknown section {other:?}")),
     }
 }

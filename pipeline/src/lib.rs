@@ -7,15 +7,19 @@
 //!   the sled state, produce `sync.events` / `conflict.detected` / `data.rejected` / changelog in
 //!   one Kafka transaction per batch;
 //! - [`projector`]: applies `sync.events` to the MongoDB view and publishes changes to Redis;
+//! - [`checkpoint`]: checkpoint markers, task snapshots, completion and retention;
 //! - [`rebuild`]: rebuilds the MongoDB view from the resolver's changelog;
+//! - [`restore`]: restore to a checkpoint, and replay from one (`syncflow restore|replay`);
 //! - [`subscribe`]: the reference WebSocket client behind `syncflow subscribe`;
 //! - [`app`]: starts the chosen roles in one process.
 
 pub mod app;
+pub mod checkpoint;
 pub mod config;
 pub mod partition;
 pub mod projector;
 pub mod rebuild;
 pub mod resolver;
+pub mod restore;
 pub mod subscribe;
 pub mod topics;

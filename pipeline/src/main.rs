@@ -1,5 +1,7 @@
 //! `syncflow`: the one binary. `run` starts roles, `topics apply` manages topics, `token` mints a
-//! development JWT.
+//! development JWT, `checkpoint`/`restore`/`replay` are the operator's recovery tools.
+
+mod ops;
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -62,14 +64,51 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// Checkpoints: create (and wait), list, show, delete.
+    Checkpoint {
+        #[command(subcommand)]
+        action: ops::CheckpointAction,
+    },
+    /// Put the state and the view back to a checkpoint; later writes are not applied. Stop every
+    /// processor and projector first.
+    Restore {
+        /// The checkpoint id.
+        #[arg(long)]
+        checkpoint: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// Report what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Restore a checkpoint, then re-run data.changed from its offsets with the current code, up
+    /// to --until (default: the end). Stop every processor and projector first.
+    Replay {
+        /// The checkpoint id.
+        #[arg(long)]
+        from_checkpoint: String,
+        /// Stop at: ms since the epoch, YYYY-MM-DDTHH:MM:SS[.fff]Z, or partition:offset,…
+        #[arg(long)]
+        until: Option<String>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        /// Report what would change; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Mint a development JWT signed with the configured secret.
     Token {
         /// Tenant the token belongs to.
         #[arg(long)]
         tenant: String,
         /// Grant as bucket:perms (r, w, a), repeatable or comma-separated; `prefix*` matches many.
-        #[arg(long = "grant", required = true)]
+        #[arg(long = "grant", required_unless_present = "operator")]
         grants: Vec<String>,
+        /// An operator token (cluster-wide operations such as GET /v1/checkpoints; no buckets).
+        #[arg(long)]
+        operator: bool,
         /// Subject (user or service id).
         #[arg(long, default_value = "dev")]
         sub: String,
@@ -194,27 +233,52 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         Command::Subscribe { .. } => unreachable!("handled before the configuration is loaded"),
+        Command::Checkpoint { action } => {
+            tokio::task::spawn_blocking(move || ops::checkpoint(&cfg, action)).await??;
+        }
+        Command::Restore {
+            checkpoint,
+            yes,
+            dry_run,
+        } => {
+            let opts = pipeline::restore::RestoreOptions {
+                dry_run,
+                ..Default::default()
+            };
+            ops::restore(&cfg, &checkpoint, opts, yes).await?;
+        }
+        Command::Replay {
+            from_checkpoint,
+            until,
+            yes,
+            dry_run,
+        } => {
+            let opts = pipeline::restore::RestoreOptions {
+                replay: true,
+                until: until.as_deref().map(ops::parse_until).transpose()?,
+                dry_run,
+            };
+            ops::restore(&cfg, &from_checkpoint, opts, yes).await?;
+        }
         Command::Token {
             tenant,
             grants,
             sub,
             ttl,
+            operator,
         } => {
             processors::limits::check_tenant(&tenant).map_err(|e| anyhow::anyhow!(e.message))?;
             let grants =
                 api::auth::parse_grants(&grants.join(",")).map_err(|e| anyhow::anyhow!(e))?;
             let keys = api::auth::TokenKeys::new(&cfg.auth);
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-            println!(
-                "{}",
-                keys.mint(
-                    &sub,
-                    &tenant,
-                    grants,
-                    now,
-                    ttl.unwrap_or(cfg.auth.token_ttl_secs)
-                )
-            );
+            let ttl = ttl.unwrap_or(cfg.auth.token_ttl_secs);
+            let token = if operator {
+                keys.mint_operator(&sub, &tenant, now, ttl)
+            } else {
+                keys.mint(&sub, &tenant, grants, now, ttl)
+            };
+            println!("{token}");
         }
     }
     Ok(())

@@ -57,7 +57,7 @@ pub async fn run(
     let topic = cfg.topic(topics::SYNC_EVENTS);
     // Blocking metadata calls: keep them off the async workers.
     tokio::task::block_in_place(|| {
-        topics::wait_for_topic(&consumer, &topic, Duration::from_secs(30))
+        topics::wait_for_topic(consumer.client(), &topic, Duration::from_secs(30))
     })?;
     consumer.subscribe(&[&topic])?;
     let redis = redis::Client::open(cfg.redis.url.as_str()).ok();

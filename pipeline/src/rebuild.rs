@@ -56,7 +56,7 @@ pub fn read_changelog(cfg: &Config) -> Result<HashMap<Vec<u8>, Vec<u8>>, Rebuild
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
         .create_with_context(topics::QuietEof)?;
-    let partitions = topics::wait_for_topic(&reader, &topic, Duration::from_secs(30))
+    let partitions = topics::wait_for_topic(reader.client(), &topic, Duration::from_secs(30))
         .map_err(|e| RebuildError::Corrupt(topic.clone(), e.to_string()))?;
     let mut tpl = TopicPartitionList::new();
     for p in 0..partitions as i32 {
@@ -90,15 +90,30 @@ pub async fn rebuild(
     cfg: &Config,
     view: &MongoView,
     only: Option<&BucketKey>,
-    mut progress: impl FnMut(u64, u64),
+    progress: impl FnMut(u64, u64),
 ) -> Result<RebuildReport, RebuildError> {
     let c = cfg.clone();
     let latest = tokio::task::spawn_blocking(move || read_changelog(&c))
         .await
         .expect("changelog reader panicked")?;
+    rebuild_from(&latest, view, only, false, progress).await
+}
+
+/// Rebuilds the view from the state records `latest` (changelog keys and values).
+///
+/// With `new_epoch` (a restore) every bucket the view or the state knows gets a new epoch, so
+/// clients' cursors are answered with a reset, and each bucket is rewritten whole (a range delete,
+/// then bulk inserts); buckets the state does not know are emptied.
+pub async fn rebuild_from(
+    latest: &HashMap<Vec<u8>, Vec<u8>>,
+    view: &MongoView,
+    only: Option<&BucketKey>,
+    new_epoch: bool,
+    mut progress: impl FnMut(u64, u64),
+) -> Result<RebuildReport, RebuildError> {
     let mut seqs: BTreeMap<BucketKey, u64> = BTreeMap::new();
     let mut docs: Vec<(processors::DocKey, processors::DocState)> = Vec::new();
-    for (key, value) in &latest {
+    for (key, value) in latest {
         if let Some(doc_key) = state::store::parse_doc_key(key) {
             if only.is_some_and(|b| *b != doc_key.bucket) {
                 continue;
@@ -110,7 +125,7 @@ pub async fn rebuild(
                 )
             })?;
             docs.push((doc_key, doc));
-        } else if let Some(bucket) = parse_seq_key(key) {
+        } else if let Some(bucket) = state::store::parse_seq_key(key) {
             if only.is_none_or(|b| *b == bucket) {
                 let seq = value
                     .as_slice()
@@ -121,17 +136,56 @@ pub async fn rebuild(
             }
         }
     }
+    if new_epoch {
+        for tenant in view.tenants().await? {
+            for bucket in view.bucket_names(&tenant).await? {
+                let key = BucketKey {
+                    tenant: tenant.clone(),
+                    bucket,
+                };
+                if only.is_none_or(|b| *b == key) {
+                    seqs.entry(key).or_insert(0);
+                }
+            }
+        }
+    }
     let total = docs.len() as u64;
     let mut report = RebuildReport::default();
     let mut metas: HashMap<BucketKey, BucketMeta> = HashMap::new();
     for bucket in seqs.keys() {
         let old = view.bucket_meta(&bucket.tenant, &bucket.bucket).await?;
+        let projected_seq = i64::try_from(seqs[bucket]).unwrap_or(i64::MAX);
         let meta = BucketMeta {
-            projected_seq: i64::try_from(seqs[bucket]).unwrap_or(i64::MAX),
-            horizon_seq: old.map_or(0, |m| m.horizon_seq),
-            epoch: old.map_or(1, |m| m.epoch),
+            projected_seq,
+            horizon_seq: old.map_or(0, |m| m.horizon_seq.min(projected_seq)),
+            epoch: old.map_or(1, |m| m.epoch) + i64::from(new_epoch),
         };
         metas.insert(bucket.clone(), meta);
+    }
+    if new_epoch {
+        let mut by_bucket: HashMap<&BucketKey, Vec<ViewDoc>> =
+            metas.keys().map(|b| (b, Vec::new())).collect();
+        for (key, doc) in &docs {
+            let horizon = metas.get(&key.bucket).map_or(0, |m| m.horizon_seq);
+            if let Some(view_doc) =
+                view_doc_of(key, doc).filter(|d| !(d.deleted && d.seq <= horizon))
+            {
+                by_bucket.entry(&key.bucket).or_default().push(view_doc);
+            }
+        }
+        let mut done = 0u64;
+        for (bucket, view_docs) in by_bucket {
+            view.ensure_indexes(&bucket.tenant).await?;
+            report.written += view
+                .replace_bucket(&bucket.tenant, &bucket.bucket, &view_docs)
+                .await?;
+            view.set_bucket_meta(&bucket.tenant, &bucket.bucket, metas[bucket])
+                .await?;
+            done += view_docs.len() as u64;
+            progress(done, total);
+        }
+        report.buckets = metas.len();
+        return Ok(report);
     }
     let mut kept: HashMap<BucketKey, HashSet<String>> = HashMap::new();
     let mut tenants: HashSet<String> = HashSet::new();
@@ -163,15 +217,6 @@ pub async fn rebuild(
     Ok(report)
 }
 
-fn parse_seq_key(k: &[u8]) -> Option<BucketKey> {
-    let rest = k.strip_prefix(b"s\0")?;
-    let (tenant, bucket) = rest.split_at(rest.iter().position(|b| *b == 0)?);
-    Some(BucketKey {
-        tenant: std::str::from_utf8(tenant).ok()?.to_owned(),
-        bucket: std::str::from_utf8(&bucket[1..]).ok()?.to_owned(),
-    })
-}
-
 /// The view document the projector would hold for this state; `None` if it never existed.
 pub fn view_doc_of(key: &processors::DocKey, doc: &processors::DocState) -> Option<ViewDoc> {
     if doc.version == 0 {
@@ -192,19 +237,4 @@ pub fn view_doc_of(key: &processors::DocKey, doc: &processors::DocState) -> Opti
         seq: i64::try_from(doc.seq).unwrap_or(i64::MAX),
         hlc: hlc.to_string(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn seq_keys_parse() {
-        let b = BucketKey {
-            tenant: "t".into(),
-            bucket: "b.x".into(),
-        };
-        assert_eq!(parse_seq_key(&state::store::seq_key_bytes(&b)), Some(b));
-        assert_eq!(parse_seq_key(b"d\0t\0b\0x"), None);
-    }
 }

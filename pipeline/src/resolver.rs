@@ -268,6 +268,8 @@ pub struct Resolver {
     restored: HashSet<i32>,
     restored_generation: u64,
     stats: Arc<ResolverStats>,
+    /// When this process next considers a periodic checkpoint (ms since the epoch).
+    checkpoint_due_ms: Option<u64>,
 }
 
 fn transactional_id(cfg: &Config) -> String {
@@ -294,12 +296,13 @@ impl Resolver {
             .map_err(|e| ResolverError::Setup(format!("state dir {}: {e}", cfg.state.dir)))?;
         let store = open_or_rebuild(std::path::Path::new(&cfg.state.dir))?;
         Ok(Self {
-            cfg,
             store,
             trees: HashMap::new(),
             partitions: 0,
             restored: HashSet::new(),
             restored_generation: 0,
+            checkpoint_due_ms: crate::checkpoint::next_due_ms(&cfg),
+            cfg,
             stats,
         })
     }
@@ -329,7 +332,7 @@ impl Resolver {
             .set("topic.metadata.refresh.interval.ms", "5000")
             .create_with_context(TaskContext { generation })?;
         let topic = self.cfg.topic(topics::DATA_CHANGED);
-        topics::wait_for_topic(&c, &topic, Duration::from_secs(30))
+        topics::wait_for_topic(c.client(), &topic, Duration::from_secs(30))
             .map_err(|e| ResolverError::Setup(e.to_string()))?;
         c.subscribe(&[&topic])?;
         Ok(c)
@@ -396,7 +399,8 @@ impl Resolver {
                 }
                 Some(Ok(m)) => batch.push(detach(&m)),
             }
-            while (batch.len() as u64) < self.cfg.resolver.batch_max {
+            // A checkpoint marker ends the batch: the task snapshots right after its commit.
+            while (batch.len() as u64) < self.cfg.resolver.batch_max && !ends_batch(&batch) {
                 match consumer.poll(Duration::ZERO) {
                     Some(Ok(m)) => batch.push(detach(&m)),
                     Some(Err(e)) => poll_error(e)?,
@@ -434,6 +438,12 @@ impl Resolver {
                         ms = started.elapsed().as_millis() as u64,
                         "batch committed"
                     );
+                    if let Some(last) = batch.last() {
+                        if let Some(Ok(marker)) = crate::checkpoint::marker_of(last) {
+                            self.checkpoint_task(&consumer, &producer, last, &marker);
+                        }
+                    }
+                    self.maybe_request_checkpoint(&consumer);
                 }
                 Err(e) => {
                     self.stats.aborted.fetch_add(1, Ordering::Relaxed);
@@ -584,6 +594,13 @@ impl Resolver {
         generation: &AtomicU64,
         gen_at_start: u64,
     ) -> Result<(), ResolverError> {
+        if batch
+            .iter()
+            .all(|m| matches!(crate::checkpoint::marker_of(m), Some(Ok(_))))
+        {
+            // Only a marker: nothing to commit before its snapshot.
+            return Ok(());
+        }
         producer.begin_transaction()?;
         let mut partitions: Vec<i32> = batch.iter().map(|m| m.partition()).collect();
         partitions.sort_unstable();
@@ -596,6 +613,10 @@ impl Resolver {
             trees.iter().map(|(p, t)| (*p, Overlay::new(t))).collect();
         let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
         for m in batch {
+            if matches!(crate::checkpoint::marker_of(m), Some(Ok(_))) {
+                // Committed after the snapshot: a task that dies before it meets the marker again.
+                continue;
+            }
             let overlay = overlays
                 .get_mut(&m.partition())
                 .expect("overlay per partition");
@@ -636,6 +657,109 @@ impl Resolver {
                 .map_err(StateError::from)?;
         }
         Ok(())
+    }
+
+    /// This task's part of a checkpoint: the tree now holds exactly the state before `marker_msg`.
+    /// A failure is logged; the checkpoint stays incomplete (and unlisted) and processing goes on.
+    fn checkpoint_task(
+        &mut self,
+        consumer: &BaseConsumer<TaskContext>,
+        producer: &ThreadedProducer<DeliveryTracker>,
+        marker_msg: &OwnedMessage,
+        marker: &crate::checkpoint::Marker,
+    ) {
+        let partition = marker_msg.partition();
+        let result = self
+            .tree(partition)
+            .map_err(|e| e.to_string())
+            .and_then(|tree| {
+                let mut outputs = BTreeMap::new();
+                for name in [
+                    topics::SYNC_EVENTS,
+                    topics::CONFLICT_DETECTED,
+                    topics::DATA_REJECTED,
+                    topics::RESOLVER_CHANGELOG,
+                ] {
+                    let (_, high) = consumer
+                        .fetch_watermarks(&self.cfg.topic(name), partition, Duration::from_secs(10))
+                        .map_err(|e| e.to_string())?;
+                    outputs.insert(name.to_string(), high);
+                }
+                let changelog = producer
+                    .context()
+                    .next_offset(partition)
+                    .or_else(|| outputs.get(topics::RESOLVER_CHANGELOG).copied());
+                crate::checkpoint::snapshot_task(
+                    &self.cfg,
+                    &tree,
+                    marker,
+                    partition,
+                    marker_msg.offset(),
+                    changelog,
+                    outputs,
+                )
+                .map_err(|e| e.to_string())
+            });
+        match result {
+            Ok(_) => {
+                // The snapshot is safe: move the partition's committed offset past the marker
+                // (a transaction with offsets only), so an idle partition shows no lag.
+                if let Err(e) =
+                    self.commit_offset(consumer, producer, partition, marker_msg.offset() + 1)
+                {
+                    tracing::warn!(partition, error = %e, "committing past a checkpoint marker failed; it is met again after a restart");
+                    let _ = producer.abort_transaction(Duration::from_secs(30));
+                }
+            }
+            Err(e) => {
+                tracing::error!(id = %marker.id, partition, error = %e, "checkpoint snapshot failed")
+            }
+        }
+    }
+
+    fn commit_offset(
+        &self,
+        consumer: &BaseConsumer<TaskContext>,
+        producer: &ThreadedProducer<DeliveryTracker>,
+        partition: i32,
+        next: i64,
+    ) -> Result<(), ResolverError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(
+            &self.cfg.topic(topics::DATA_CHANGED),
+            partition,
+            Offset::Offset(next),
+        )?;
+        let group = consumer
+            .group_metadata()
+            .ok_or_else(|| ResolverError::Setup("consumer has no group metadata".into()))?;
+        producer.begin_transaction()?;
+        producer.send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))?;
+        producer.commit_transaction(Duration::from_secs(30))?;
+        Ok(())
+    }
+
+    /// Requests a periodic checkpoint when one is due and this process owns partition 0.
+    fn maybe_request_checkpoint(&mut self, consumer: &BaseConsumer<TaskContext>) {
+        let (Some(due), interval) = (self.checkpoint_due_ms, self.cfg.checkpoint.interval_secs)
+        else {
+            return;
+        };
+        let now = crate::checkpoint::now_ms();
+        if now < due {
+            return;
+        }
+        self.checkpoint_due_ms = Some(now + interval * 1000);
+        let topic = self.cfg.topic(topics::DATA_CHANGED);
+        let owner = consumer
+            .assignment()
+            .map(|a| a.find_partition(&topic, 0).is_some())
+            .unwrap_or(false);
+        if owner {
+            if let Err(e) = crate::checkpoint::request(&self.cfg) {
+                tracing::error!(error = %e, "periodic checkpoint request failed");
+            }
+        }
     }
 
     fn process_record(
@@ -808,6 +932,13 @@ fn wait_delivered(producer: &ThreadedProducer<DeliveryTracker>) {
     while producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Whether the batch must end here (its last record is a checkpoint marker).
+fn ends_batch(batch: &[OwnedMessage]) -> bool {
+    batch
+        .last()
+        .is_some_and(|m| matches!(crate::checkpoint::marker_of(m), Some(Ok(_))))
 }
 
 /// Moves every assigned partition back to its committed offset (after an aborted batch).

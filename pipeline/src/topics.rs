@@ -161,8 +161,8 @@ impl TopicsFile {
 
 /// Waits until `topic` shows up with partitions in `client`'s metadata (fresh topics take a moment
 /// to propagate), so a subscription does not start on an unknown topic.
-pub fn wait_for_topic<C: rdkafka::consumer::Consumer<X>, X: rdkafka::consumer::ConsumerContext>(
-    client: &C,
+pub fn wait_for_topic<X: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<X>,
     topic: &str,
     timeout: Duration,
 ) -> Result<usize, TopicsError> {

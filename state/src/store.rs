@@ -77,6 +77,16 @@ pub fn parse_doc_key(k: &[u8]) -> Option<DocKey> {
     })
 }
 
+/// Parses a bucket's sequence-number key back.
+pub fn parse_seq_key(k: &[u8]) -> Option<BucketKey> {
+    let rest = k.strip_prefix(b"s\0")?;
+    let (tenant, bucket) = rest.split_at(rest.iter().position(|b| *b == 0)?);
+    Some(BucketKey {
+        tenant: std::str::from_utf8(tenant).ok()?.to_owned(),
+        bucket: std::str::from_utf8(&bucket[1..]).ok()?.to_owned(),
+    })
+}
+
 /// The state of all tasks of one process: a sled database with one tree per task.
 #[derive(Clone)]
 pub struct TaskStore {
@@ -234,6 +244,16 @@ impl ResolveState for Overlay<'_> {
 mod tests {
     use super::*;
     use processors::{compute_diff, decode_write, resolve_lww, DiffContext, Limits};
+
+    #[test]
+    fn seq_keys_parse() {
+        let b = BucketKey {
+            tenant: "t".into(),
+            bucket: "b.x".into(),
+        };
+        assert_eq!(parse_seq_key(&seq_key_bytes(&b)), Some(b));
+        assert_eq!(parse_seq_key(b"d\0t\0b\0x"), None);
+    }
 
     #[test]
     fn overlay_is_invisible_until_applied_then_durable() {

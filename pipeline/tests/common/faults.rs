@@ -324,6 +324,28 @@ fn assert_same_json<T: serde::Serialize>(what: &str, got: &[OwnedMessage], want:
     assert_eq!(got.len(), want.len(), "{what}: count (committed vs oracle)");
 }
 
+/// The documents' state as the changelog holds it now (latest record per key; tombstones remove).
+pub fn changelog_docs(env: &TestEnv) -> BTreeMap<processors::DocKey, processors::DocState> {
+    let changelog = read_all(
+        &env.cfg.kafka.brokers,
+        &env.topic(topics::RESOLVER_CHANGELOG),
+    );
+    let mut docs = BTreeMap::new();
+    for m in changelog.values().flatten() {
+        if let Some(key) = state::store::parse_doc_key(m.key().unwrap()) {
+            match m.payload() {
+                Some(v) if !v.is_empty() => {
+                    docs.insert(key, state::codec::decode_doc(v).unwrap());
+                }
+                _ => {
+                    docs.remove(&key);
+                }
+            }
+        }
+    }
+    docs
+}
+
 /// What the resolver should have committed, per partition, computed sequentially from the log.
 pub struct Oracle {
     pub events: BTreeMap<i32, Vec<SyncEvent>>,
@@ -335,6 +357,12 @@ pub struct Oracle {
 impl Oracle {
     /// Replays `data.changed` in order through the same per-record logic, with no Kafka.
     pub fn from_log(env: &TestEnv) -> Oracle {
+        Self::from_log_until(env, None)
+    }
+
+    /// [`Oracle::from_log`] over each partition's records before `until[partition]` (all when
+    /// `None`). Checkpoint markers are skipped, as the resolver skips them.
+    pub fn from_log_until(env: &TestEnv, until: Option<&BTreeMap<i32, i64>>) -> Oracle {
         let input = read_all(&env.cfg.kafka.brokers, &env.topic(topics::DATA_CHANGED));
         let mut oracle = Oracle {
             events: BTreeMap::new(),
@@ -344,6 +372,12 @@ impl Oracle {
         };
         for (p, records) in input {
             for m in records {
+                if until.is_some_and(|u| m.offset() >= u.get(&p).copied().unwrap_or(i64::MAX)) {
+                    break;
+                }
+                if pipeline::checkpoint::marker_of(&m).is_some_and(|r| r.is_ok()) {
+                    continue;
+                }
                 let record = InputRecord {
                     key: m.key(),
                     payload: m.payload().unwrap_or_default(),
@@ -431,13 +465,7 @@ impl Oracle {
             );
         }
         // The state, as the compacted changelog holds it, equals the oracle's, document by document.
-        let changelog = decode_all(topics::RESOLVER_CHANGELOG);
-        let mut docs = BTreeMap::new();
-        for m in changelog.values().flatten() {
-            if let Some(key) = state::store::parse_doc_key(m.key().unwrap()) {
-                docs.insert(key, state::codec::decode_doc(m.payload().unwrap()).unwrap());
-            }
-        }
+        let docs = changelog_docs(env);
         assert_eq!(
             docs.len(),
             self.state.docs.len(),

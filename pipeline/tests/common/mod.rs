@@ -20,6 +20,7 @@ use rdkafka::ClientConfig;
 pub const SECRET: &str = "integration-test-secret-0123456789abcdef";
 
 /// One test's isolated environment.
+#[derive(Clone)]
 pub struct TestEnv {
     pub cfg: Config,
     pub name: String,

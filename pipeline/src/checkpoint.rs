@@ -1,0 +1,294 @@
+//! Checkpoints: a consistent cut of every task's state, taken with markers that flow through
+//! `data.changed` itself.
+//!
+//! [`request`] appends one marker record (header `syncflow-control: checkpoint`) to every
+//! partition of `data.changed`. A task that reaches a marker ends its batch just before it,
+//! commits, and then snapshots its sled tree: that state is exactly the result of the partition's
+//! records before the marker, whichever process owns the partition and however often it crashed.
+//! The marker's own offset is committed only after the snapshot is safe (a transaction of offsets
+//! only), so a task that dies between its commit and its snapshot meets the marker again after
+//! restart. The last task to finish
+//! publishes the manifest (see [`state::checkpoint`]), announces it on `checkpoint.created` and
+//! applies the retention policy.
+//!
+//! Periodic checkpoints are requested by whichever processor owns partition 0 of `data.changed`.
+//! The checkpoint directory must be shared by every processor (one machine or a shared file
+//! system); object storage is a later step.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::ClientConfig;
+use serde::{Deserialize, Serialize};
+use state::checkpoint::{
+    CheckpointDir, CheckpointError, Manifest, SnapshotHeader, CHECKPOINT_FORMAT,
+};
+
+use crate::config::Config;
+use crate::topics;
+
+/// Record header that marks a control record of `data.changed`.
+pub const CONTROL_HEADER: &str = "syncflow-control";
+/// Its value on checkpoint markers.
+pub const CHECKPOINT_CONTROL: &[u8] = b"checkpoint";
+
+/// Checkpoint settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Directory of checkpoint files, shared by every processor.
+    pub dir: String,
+    /// Seconds between periodic checkpoints; 0 = only on demand.
+    pub interval_secs: u64,
+    /// Retention: keep the newest N checkpoints (0 = no count rule).
+    pub keep_last: usize,
+    /// Retention: keep checkpoints younger than this many seconds (0 = no age rule).
+    pub keep_secs: u64,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            dir: ".data/checkpoints".into(),
+            interval_secs: 3600,
+            keep_last: 24,
+            keep_secs: 0,
+        }
+    }
+}
+
+/// Why a checkpoint operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointRunError {
+    /// Kafka failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// The files failed.
+    #[error(transparent)]
+    Files(#[from] CheckpointError),
+    /// The local state failed.
+    #[error("state: {0}")]
+    State(String),
+    /// The checkpoint did not complete in time.
+    #[error("checkpoint {0} did not complete within {1:?}; is every processor running?")]
+    Timeout(String, Duration),
+}
+
+/// The payload of a checkpoint marker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marker {
+    /// The checkpoint's id.
+    pub id: String,
+    /// When it was requested, ms since the epoch.
+    pub created_at_ms: u64,
+    /// Partitions of `data.changed` (snapshots needed).
+    pub partitions: i32,
+}
+
+/// The checkpoint marker a record carries, if it is one. A control record whose payload does not
+/// decode is still a control record (`Some(Err)`): it is never treated as a write.
+pub fn marker_of(m: &impl Message) -> Option<Result<Marker, String>> {
+    let headers = m.headers()?;
+    let control = headers
+        .iter()
+        .find(|h| h.key == CONTROL_HEADER)
+        .map(|h| h.value == Some(CHECKPOINT_CONTROL))?;
+    if !control {
+        return Some(Err("unknown control record".into()));
+    }
+    Some(
+        serde_json::from_slice(m.payload().unwrap_or_default())
+            .map_err(|e| format!("undecodable checkpoint marker: {e}")),
+    )
+}
+
+/// The configured checkpoint directory.
+pub fn dir(cfg: &Config) -> CheckpointDir {
+    CheckpointDir::new(PathBuf::from(&cfg.checkpoint.dir))
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn producer(cfg: &Config) -> Result<BaseProducer, rdkafka::error::KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "0")
+        .create()
+}
+
+/// Requests a checkpoint: one marker on every partition of `data.changed`. Blocking.
+pub fn request(cfg: &Config) -> Result<Marker, CheckpointRunError> {
+    let topic = cfg.topic(topics::DATA_CHANGED);
+    let p = producer(cfg)?;
+    let partitions = topics::wait_for_topic(p.client(), &topic, Duration::from_secs(30))
+        .map_err(|e| CheckpointRunError::State(e.to_string()))? as i32;
+    let marker = Marker {
+        id: uuid::Uuid::now_v7().simple().to_string(),
+        created_at_ms: now_ms(),
+        partitions,
+    };
+    let payload = serde_json::to_vec(&marker).expect("marker serializes");
+    for partition in 0..partitions {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: CONTROL_HEADER,
+            value: Some(CHECKPOINT_CONTROL),
+        });
+        let record = BaseRecord::<(), [u8]>::to(&topic)
+            .partition(partition)
+            .payload(&payload)
+            .headers(headers);
+        p.send(record).map_err(|(e, _)| e)?;
+    }
+    p.flush(Duration::from_secs(30))?;
+    tracing::info!(id = %marker.id, partitions, "checkpoint requested");
+    Ok(marker)
+}
+
+/// Waits until checkpoint `id` is complete and returns its manifest.
+pub fn wait(cfg: &Config, id: &str, timeout: Duration) -> Result<Manifest, CheckpointRunError> {
+    let dir = dir(cfg);
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match dir.manifest(id) {
+            Ok(m) => return Ok(m),
+            Err(CheckpointError::NotFound(_)) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(CheckpointError::NotFound(_)) => {
+                return Err(CheckpointRunError::Timeout(id.into(), timeout))
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Whether a sled key belongs in a snapshot (the changelog's keys; not local metadata).
+pub fn is_state_key(key: &[u8]) -> bool {
+    !key.starts_with(b"m\0")
+}
+
+/// One task's part of a checkpoint: snapshots `tree` (the state before the marker at
+/// `marker_offset`), then completes the checkpoint if this was the last part. Does nothing when
+/// the checkpoint is already complete (a marker met again after a restart).
+pub fn snapshot_task(
+    cfg: &Config,
+    tree: &state::TaskTree,
+    marker: &Marker,
+    partition: i32,
+    marker_offset: i64,
+    changelog_offset: Option<i64>,
+    outputs: BTreeMap<String, i64>,
+) -> Result<Option<Manifest>, CheckpointRunError> {
+    let dir = dir(cfg);
+    if dir.manifest(&marker.id).is_ok() {
+        return Ok(None);
+    }
+    let started = std::time::Instant::now();
+    let header = SnapshotHeader {
+        format: CHECKPOINT_FORMAT,
+        checkpoint: marker.id.clone(),
+        partition,
+        input_offset: marker_offset,
+    };
+    let entries = tree.iter().filter_map(|r| match r {
+        Ok((k, v)) if is_state_key(&k) => Some(Ok((k.to_vec(), v.to_vec()))),
+        Ok(_) => None,
+        Err(e) => Some(Err(CheckpointError::Io {
+            path: format!("sled task {partition}"),
+            source: std::io::Error::other(e.to_string()),
+        })),
+    });
+    let info = dir.write_part(&header, changelog_offset, outputs, entries)?;
+    tracing::info!(
+        id = %marker.id,
+        partition,
+        entries = info.entries,
+        bytes = info.bytes,
+        ms = started.elapsed().as_millis() as u64,
+        "checkpoint snapshot written"
+    );
+    let Some(manifest) = dir.try_complete(
+        &marker.id,
+        marker.created_at_ms,
+        marker.partitions,
+        now_ms(),
+    )?
+    else {
+        return Ok(None);
+    };
+    tracing::info!(
+        id = %manifest.id,
+        entries = manifest.total_entries,
+        bytes = manifest.total_bytes,
+        "checkpoint complete"
+    );
+    if let Err(e) = announce(cfg, &manifest) {
+        tracing::warn!(id = %manifest.id, error = %e, "checkpoint.created announcement failed; the checkpoint is listed anyway");
+    }
+    prune(cfg)?;
+    Ok(Some(manifest))
+}
+
+/// The `checkpoint.created` record of a manifest (key: the id).
+#[derive(Debug, Serialize)]
+struct Announcement<'a> {
+    v: u32,
+    #[serde(flatten)]
+    manifest: &'a Manifest,
+    location: String,
+}
+
+fn announce(cfg: &Config, manifest: &Manifest) -> Result<(), rdkafka::error::KafkaError> {
+    let location = Path::new(&cfg.checkpoint.dir)
+        .join(&manifest.id)
+        .display()
+        .to_string();
+    let payload = serde_json::to_vec(&Announcement {
+        v: 1,
+        manifest,
+        location,
+    })
+    .expect("announcement serializes");
+    let p = producer(cfg)?;
+    let topic = cfg.topic(topics::CHECKPOINT_CREATED);
+    p.send(BaseRecord::to(&topic).key(&manifest.id).payload(&payload))
+        .map_err(|(e, _)| e)?;
+    p.flush(Duration::from_secs(10))
+}
+
+/// Applies the retention policy; unfinished checkpoints older than a day are removed too.
+pub fn prune(cfg: &Config) -> Result<Vec<String>, CheckpointError> {
+    let gone = dir(cfg).prune(
+        cfg.checkpoint.keep_last,
+        cfg.checkpoint.keep_secs,
+        24 * 3600,
+        now_ms(),
+    )?;
+    if !gone.is_empty() {
+        tracing::info!(deleted = ?gone, "checkpoint retention");
+    }
+    Ok(gone)
+}
+
+/// When the next periodic checkpoint is due, given the newest one (ms since the epoch).
+pub fn next_due_ms(cfg: &Config) -> Option<u64> {
+    if cfg.checkpoint.interval_secs == 0 {
+        return None;
+    }
+    let newest = dir(cfg)
+        .list()
+        .ok()
+        .and_then(|l| l.last().map(|m| m.created_at_ms))
+        .unwrap_or(0);
+    Some(newest + cfg.checkpoint.interval_secs * 1000)
+}

@@ -1,0 +1,211 @@
+//! The operator commands of the binary: `checkpoint`, `restore`, `replay`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Subcommand;
+use pipeline::config::Config;
+use pipeline::restore::{RestoreOptions, RestoreReport, Until};
+
+/// `syncflow checkpoint …`
+#[derive(Subcommand)]
+pub enum CheckpointAction {
+    /// Take a checkpoint now and wait until every task has written its snapshot.
+    Create {
+        /// Longest wait, in seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
+    },
+    /// List the complete checkpoints, oldest first.
+    List,
+    /// Show one checkpoint's manifest (offsets, files, sizes, checksums).
+    Show {
+        /// The checkpoint id.
+        id: String,
+    },
+    /// Delete a checkpoint.
+    Delete {
+        /// The checkpoint id.
+        id: String,
+    },
+}
+
+/// Runs a `checkpoint` subcommand.
+pub fn checkpoint(cfg: &Config, action: CheckpointAction) -> anyhow::Result<()> {
+    let dir = pipeline::checkpoint::dir(cfg);
+    match action {
+        CheckpointAction::Create { timeout_secs } => {
+            let started = std::time::Instant::now();
+            let marker = pipeline::checkpoint::request(cfg)?;
+            eprintln!(
+                "checkpoint {} requested on {} partitions; waiting for the processors",
+                marker.id, marker.partitions
+            );
+            let m = pipeline::checkpoint::wait(cfg, &marker.id, Duration::from_secs(timeout_secs))?;
+            eprintln!(
+                "checkpoint {} complete in {:.1}s: {} entries, {} bytes",
+                m.id,
+                started.elapsed().as_secs_f64(),
+                m.total_entries,
+                m.total_bytes
+            );
+            println!("{}", m.id);
+        }
+        CheckpointAction::List => {
+            for m in dir.list()? {
+                println!(
+                    "{}  created_at_ms={}  partitions={}  entries={}  bytes={}",
+                    m.id,
+                    m.created_at_ms,
+                    m.partitions.len(),
+                    m.total_entries,
+                    m.total_bytes
+                );
+            }
+        }
+        CheckpointAction::Show { id } => {
+            println!("{}", serde_json::to_string_pretty(&dir.manifest(&id)?)?);
+        }
+        CheckpointAction::Delete { id } => {
+            dir.delete(&id)?;
+            eprintln!("checkpoint {id} deleted");
+        }
+    }
+    Ok(())
+}
+
+/// Parses `--until`: ms since the epoch, an RFC 3339 UTC time (`2026-11-25T10:00:00Z`), or
+/// per-partition offsets (`0:120,1:98`).
+pub fn parse_until(text: &str) -> anyhow::Result<Until> {
+    if let Ok(ms) = text.parse::<u64>() {
+        return Ok(Until::Time(ms));
+    }
+    if text.contains(':') && !text.contains('T') {
+        let mut offsets = BTreeMap::new();
+        for item in text.split(',') {
+            let (p, o) = item
+                .split_once(':')
+                .with_context(|| format!("--until {item:?}: expected partition:offset"))?;
+            offsets.insert(p.trim().parse()?, o.trim().parse()?);
+        }
+        return Ok(Until::Offsets(offsets));
+    }
+    rfc3339_utc_ms(text)
+        .map(Until::Time)
+        .with_context(|| format!("--until {text:?}: expected ms since the epoch, YYYY-MM-DDTHH:MM:SS[.fff]Z, or partition:offset,…"))
+}
+
+/// Milliseconds since the epoch of `YYYY-MM-DDTHH:MM:SS[.fff]Z`.
+fn rfc3339_utc_ms(text: &str) -> Option<u64> {
+    let body = text.strip_suffix('Z')?;
+    let (date, time) = body.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
+    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
+    let mut t = hms.split(':').map(|x| x.parse::<i64>().ok());
+    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
+    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+        return None;
+    }
+    // Days from the civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let ms_frac: i64 = format!("{frac:0<3}").get(..3)?.parse().ok()?;
+    u64::try_from(((days * 24 + hh) * 60 + mm) * 60_000 + ss * 1000 + ms_frac).ok()
+}
+
+fn describe(r: &RestoreReport) -> String {
+    format!(
+        "checkpoint {}: {} input records replayed; {} later input records will not be applied; \
+         {} document states change ({} visible), {} documents removed; {} changelog records; \
+         the resolver resumes at {:?}",
+        r.checkpoint,
+        r.replayed,
+        r.not_applied,
+        r.docs_changed,
+        r.visible_changed,
+        r.docs_removed,
+        r.changelog_records,
+        r.resume_offsets
+    )
+}
+
+fn confirm(yes: bool, report: &RestoreReport) -> bool {
+    eprintln!("{}", describe(report));
+    if yes {
+        return true;
+    }
+    if !std::io::stdin().is_terminal() {
+        eprintln!("refusing without --yes: stdin is not a terminal");
+        return false;
+    }
+    eprint!("Stop-the-world restore: type \"yes\" to go on: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    line.trim() == "yes"
+}
+
+/// Runs `restore` (no `replay`) or `replay`.
+pub async fn restore(
+    cfg: &Config,
+    id: &str,
+    opts: RestoreOptions,
+    yes: bool,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let report = pipeline::restore::run(
+        cfg,
+        id,
+        &opts,
+        |r| confirm(yes, r),
+        |step| eprintln!("[{:>6.1}s] {step}", started.elapsed().as_secs_f64()),
+    )
+    .await?;
+    if report.dry_run {
+        eprintln!("dry run, nothing changed: {}", describe(&report));
+    } else {
+        eprintln!(
+            "restored in {:.1}s: {} bucket(s) rewritten with a new epoch, {} view documents",
+            started.elapsed().as_secs_f64(),
+            report.buckets,
+            report.view_docs
+        );
+    }
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn until_accepts_epoch_ms_rfc3339_and_offsets() {
+        assert_eq!(
+            parse_until("1764064800000").unwrap(),
+            Until::Time(1_764_064_800_000)
+        );
+        assert_eq!(
+            parse_until("2025-11-25T10:00:00Z").unwrap(),
+            Until::Time(1_764_064_800_000)
+        );
+        assert_eq!(
+            parse_until("1970-01-01T00:00:01.5Z").unwrap(),
+            Until::Time(1_500)
+        );
+        assert_eq!(
+            parse_until("0:12,3:40").unwrap(),
+            Until::Offsets(BTreeMap::from([(0, 12), (3, 40)]))
+        );
+        assert!(parse_until("yesterday").is_err());
+        assert!(parse_until("2025-13-01T00:00:00Z").is_err());
+    }
+}

@@ -1,0 +1,481 @@
+//! `syncflow restore` and `syncflow replay`: put the state and the view back to a checkpoint, and
+//! optionally re-run `data.changed` from there with the current code.
+//!
+//! Both work offline, with the processors and projectors stopped (checked: their consumer groups
+//! must be empty):
+//!
+//! 1. the checkpoint's snapshots are verified (size and SHA-256) and loaded; nothing is changed if
+//!    one is missing or damaged;
+//! 2. for a replay, the input after the checkpoint's offsets is run through the same
+//!    [`decide`](crate::resolver::decide) the resolver uses, up to `--until` or the end;
+//! 3. the target state is compared with the changelog; `--dry-run` stops here and reports;
+//! 4. the changelog gets the difference (new values and tombstones), so every task, wherever it
+//!    runs, restores exactly the target state from its changelog;
+//! 5. the resolver's committed input offsets move to where the target ends (the end of the input
+//!    at the time of the plan: later writes are not applied; they stay in Kafka for another
+//!    replay), and the projector's to the end of `sync.events`;
+//! 6. the view is rebuilt from the target state with a new epoch per bucket, and every API node
+//!    is told (Redis), so subscribers get a `reset` and a fresh snapshot.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use processors::{BucketKey, MemState};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
+use state::checkpoint::Manifest;
+
+use crate::config::Config;
+use crate::partition::partition_for;
+use crate::resolver::{decide, InputRecord};
+use crate::topics;
+
+/// Why a restore or replay did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The checkpoint is missing or damaged.
+    #[error(transparent)]
+    Checkpoint(#[from] state::checkpoint::CheckpointError),
+    /// Kafka failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// Rebuilding the view failed.
+    #[error("view: {0}")]
+    View(#[from] crate::rebuild::RebuildError),
+    /// Redis failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Something still runs that must be stopped first.
+    #[error("{0}")]
+    Busy(String),
+    /// A snapshot record does not decode.
+    #[error("checkpoint {0}: {1}")]
+    Corrupt(String, String),
+    /// The operator said no.
+    #[error("cancelled; nothing was changed")]
+    Cancelled,
+}
+
+/// Where a replay stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Until {
+    /// Records with a timestamp after this (ms since the epoch) are not replayed.
+    Time(u64),
+    /// Per partition, the first offset not replayed.
+    Offsets(BTreeMap<i32, i64>),
+}
+
+/// What to do.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    /// Re-run the input after the checkpoint.
+    pub replay: bool,
+    /// Where a replay stops (the end of the input when `None`).
+    pub until: Option<Until>,
+    /// Report, change nothing.
+    pub dry_run: bool,
+}
+
+/// What a restore or replay did (or, dry, would do).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RestoreReport {
+    /// The checkpoint.
+    pub checkpoint: String,
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// Input records run through the resolver logic (replay).
+    pub replayed: u64,
+    /// Input records after the target that will not be applied.
+    pub not_applied: u64,
+    /// Documents whose state differs between now and the target.
+    pub docs_changed: u64,
+    /// Documents known now and unknown to the target (removed).
+    pub docs_removed: u64,
+    /// Documents whose visible content (fields, existence) differs.
+    pub visible_changed: u64,
+    /// Changelog records written (values and tombstones).
+    pub changelog_records: u64,
+    /// Buckets whose view was rewritten with a new epoch.
+    pub buckets: usize,
+    /// View documents written.
+    pub view_docs: u64,
+    /// Input offsets the resolver resumes from.
+    pub resume_offsets: BTreeMap<i32, i64>,
+}
+
+type Records = HashMap<Vec<u8>, Vec<u8>>;
+
+fn corrupt(id: &str, key: &[u8], e: impl std::fmt::Display) -> RestoreError {
+    RestoreError::Corrupt(
+        id.into(),
+        format!("{}: {e}", String::from_utf8_lossy(key).replace('\0', "/")),
+    )
+}
+
+/// The key's bucket as the partitioner sees it (`tenant/bucket`), for doc and sequence keys.
+fn bucket_of(key: &[u8]) -> Option<BucketKey> {
+    state::store::parse_doc_key(key)
+        .map(|k| k.bucket)
+        .or_else(|| state::store::parse_seq_key(key))
+}
+
+fn reader(cfg: &Config, group: &str) -> Result<BaseConsumer<topics::QuietEof>, RestoreError> {
+    Ok(ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create_with_context(topics::QuietEof)?)
+}
+
+fn resolver_group(cfg: &Config) -> String {
+    format!("{}syncflow-resolver", cfg.kafka.topic_prefix)
+}
+
+fn projector_group(cfg: &Config) -> String {
+    format!("{}syncflow-projector", cfg.kafka.topic_prefix)
+}
+
+/// Loads the checkpoint's records (state keys only).
+fn load(cfg: &Config, manifest: &Manifest) -> Result<Records, RestoreError> {
+    let dir = crate::checkpoint::dir(cfg);
+    let mut out = HashMap::new();
+    for part in &manifest.partitions {
+        let (_, entries) = dir.read_part(manifest, part)?;
+        out.extend(
+            entries
+                .into_iter()
+                .filter(|(k, _)| crate::checkpoint::is_state_key(k)),
+        );
+    }
+    Ok(out)
+}
+
+fn to_mem(id: &str, records: &Records) -> Result<MemState, RestoreError> {
+    let mut mem = MemState::default();
+    for (k, v) in records {
+        if let Some(key) = state::store::parse_doc_key(k) {
+            let doc = state::codec::decode_doc(v).map_err(|e| corrupt(id, k, e))?;
+            mem.docs.insert(key, doc);
+        } else if let Some(bucket) = state::store::parse_seq_key(k) {
+            let seq = v
+                .as_slice()
+                .try_into()
+                .map(u64::from_be_bytes)
+                .map_err(|_| corrupt(id, k, "not a sequence number"))?;
+            mem.seqs.insert(bucket, seq);
+        }
+    }
+    Ok(mem)
+}
+
+fn from_mem(mem: &MemState) -> Records {
+    let mut out = HashMap::with_capacity(mem.docs.len() + mem.seqs.len());
+    for (key, doc) in &mem.docs {
+        out.insert(
+            state::store::doc_key_bytes(key),
+            state::codec::encode_doc(doc),
+        );
+    }
+    for (bucket, seq) in &mem.seqs {
+        out.insert(
+            state::store::seq_key_bytes(bucket),
+            seq.to_be_bytes().to_vec(),
+        );
+    }
+    out
+}
+
+/// The current end of every partition of `topic` (read_committed readers stop there).
+fn ends(
+    consumer: &BaseConsumer<topics::QuietEof>,
+    topic: &str,
+) -> Result<BTreeMap<i32, i64>, RestoreError> {
+    let n = topics::wait_for_topic(consumer.client(), topic, Duration::from_secs(30))
+        .map_err(|e| RestoreError::Busy(e.to_string()))?;
+    let mut out = BTreeMap::new();
+    for p in 0..n as i32 {
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        out.insert(p, high);
+    }
+    Ok(out)
+}
+
+/// Runs the input from the checkpoint's offsets through `decide`, up to `until` or `ends`.
+/// Returns (replayed, not applied, where the resolver resumes).
+fn replay_input(
+    cfg: &Config,
+    manifest: &Manifest,
+    mem: &mut MemState,
+    until: Option<&Until>,
+    ends: &BTreeMap<i32, i64>,
+) -> Result<(u64, u64, BTreeMap<i32, i64>), RestoreError> {
+    let topic = cfg.topic(topics::DATA_CHANGED);
+    let consumer = reader(cfg, &format!("{}syncflow-replay", cfg.kafka.topic_prefix))?;
+    let partitions = ends.len() as i32;
+    let (mut replayed, mut skipped) = (0u64, 0u64);
+    let mut resume = BTreeMap::new();
+    for part in &manifest.partitions {
+        let p = part.partition;
+        let end = ends.get(&p).copied().unwrap_or(part.input_offset);
+        resume.insert(p, end);
+        if part.input_offset >= end {
+            continue;
+        }
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, p, Offset::Offset(part.input_offset))?;
+        consumer.assign(&tpl)?;
+        let mut stopped = false;
+        loop {
+            let m = match consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => m,
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "replay read error; retrying");
+                    continue;
+                }
+                None => continue,
+            };
+            if m.offset() >= end {
+                break;
+            }
+            let timestamp_ms = m
+                .timestamp()
+                .to_millis()
+                .and_then(|t| u64::try_from(t).ok())
+                .unwrap_or(0);
+            stopped = stopped
+                || match until {
+                    Some(Until::Time(t)) => timestamp_ms > *t,
+                    Some(Until::Offsets(o)) => o.get(&p).is_some_and(|stop| m.offset() >= *stop),
+                    None => false,
+                };
+            if stopped || crate::checkpoint::marker_of(&m).is_some_and(|r| r.is_ok()) {
+                skipped += u64::from(stopped);
+                continue;
+            }
+            let record = InputRecord {
+                key: m.key(),
+                payload: m.payload().unwrap_or_default(),
+                partition: p,
+                timestamp_ms,
+            };
+            let _ = decide(
+                mem,
+                &record,
+                partitions,
+                &cfg.limits,
+                cfg.resolver.max_skew_ms,
+            );
+            replayed += 1;
+        }
+    }
+    Ok((replayed, skipped, resume))
+}
+
+/// Input records between each partition's checkpoint offset and the end (what a restore drops).
+fn count_after(manifest: &Manifest, ends: &BTreeMap<i32, i64>) -> u64 {
+    manifest
+        .partitions
+        .iter()
+        .map(|p| (ends.get(&p.partition).copied().unwrap_or(0) - p.input_offset).max(0) as u64)
+        .sum()
+}
+
+/// Whether the group has active members (processes that must be stopped first).
+fn members(consumer: &BaseConsumer<topics::QuietEof>, group: &str) -> Result<usize, RestoreError> {
+    let list = consumer.fetch_group_list(Some(group), Duration::from_secs(10))?;
+    Ok(list.groups().iter().map(|g| g.members().len()).sum())
+}
+
+fn commit_offsets(
+    cfg: &Config,
+    group: &str,
+    topic: &str,
+    offsets: &BTreeMap<i32, i64>,
+) -> Result<(), RestoreError> {
+    let consumer = reader(cfg, group)?;
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in offsets {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
+    }
+    consumer.commit(&tpl, CommitMode::Sync)?;
+    Ok(())
+}
+
+/// Plans and (unless dry) performs a restore or replay. `confirm` sees the plan and may cancel.
+pub async fn run(
+    cfg: &Config,
+    id: &str,
+    opts: &RestoreOptions,
+    confirm: impl FnOnce(&RestoreReport) -> bool,
+    mut progress: impl FnMut(&str),
+) -> Result<RestoreReport, RestoreError> {
+    let (cfg_b, id_b, opts_b) = (cfg.clone(), id.to_owned(), opts.clone());
+    progress("verifying the checkpoint's snapshots");
+    let planned = tokio::task::spawn_blocking(move || plan(&cfg_b, &id_b, &opts_b))
+        .await
+        .expect("restore planner panicked")?;
+    let (mut report, target, writes) = planned;
+    if opts.dry_run || !confirm(&report) {
+        return if opts.dry_run {
+            Ok(report)
+        } else {
+            Err(RestoreError::Cancelled)
+        };
+    }
+    progress("writing the difference to the changelog");
+    let c = cfg.clone();
+    let resume = report.resume_offsets.clone();
+    tokio::task::spawn_blocking(move || apply_kafka(&c, writes, &resume))
+        .await
+        .expect("restore writer panicked")?;
+    progress("rebuilding the view with a new epoch");
+    let view = api::view::MongoView::new(
+        mongodb::Client::with_uri_str(&cfg.mongo.uri)
+            .await
+            .map_err(|e| RestoreError::View(api::view::ViewError::from(e).into()))?
+            .database(&cfg.mongo.database),
+    );
+    let rebuilt = crate::rebuild::rebuild_from(&target, &view, None, true, |done, total| {
+        tracing::info!(done, total, "view rebuild");
+    })
+    .await?;
+    report.buckets = rebuilt.buckets;
+    report.view_docs = rebuilt.written;
+    let redis = redis::Client::open(cfg.redis.url.as_str())?;
+    let mut conn = redis.get_multiplexed_async_connection().await?;
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(api::view::reset_channel(&cfg.kafka.topic_prefix))
+        .arg(id)
+        .query_async(&mut conn)
+        .await?;
+    progress("done");
+    Ok(report)
+}
+
+type Plan = (RestoreReport, Records, Vec<(Vec<u8>, Option<Vec<u8>>)>);
+
+fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreError> {
+    let manifest = crate::checkpoint::dir(cfg).verify(id)?;
+    let control = reader(cfg, &format!("{}syncflow-restore", cfg.kafka.topic_prefix))?;
+    let input_ends = ends(&control, &cfg.topic(topics::DATA_CHANGED))?;
+    if !opts.dry_run {
+        for group in [resolver_group(cfg), projector_group(cfg)] {
+            let n = members(&control, &group)?;
+            if n > 0 {
+                return Err(RestoreError::Busy(format!(
+                    "{n} process(es) are still in consumer group {group}: stop every processor and projector first (nothing was changed)"
+                )));
+            }
+        }
+    }
+    let mut target = load(cfg, &manifest)?;
+    let mut report = RestoreReport {
+        checkpoint: manifest.id.clone(),
+        dry_run: opts.dry_run,
+        ..Default::default()
+    };
+    if opts.replay {
+        let mut mem = to_mem(id, &target)?;
+        let (replayed, skipped, resume) =
+            replay_input(cfg, &manifest, &mut mem, opts.until.as_ref(), &input_ends)?;
+        report.replayed = replayed;
+        report.not_applied = skipped;
+        report.resume_offsets = resume;
+        target = from_mem(&mem);
+    } else {
+        report.not_applied = count_after(&manifest, &input_ends);
+        report.resume_offsets = input_ends.clone();
+    }
+    let current = crate::rebuild::read_changelog(cfg)?;
+    let mut writes = Vec::new();
+    for (k, v) in &target {
+        if current.get(k) != Some(v) {
+            if state::store::parse_doc_key(k).is_some() {
+                report.docs_changed += 1;
+                let visible = |bytes: Option<&Vec<u8>>| {
+                    bytes
+                        .and_then(|b| state::codec::decode_doc(b).ok())
+                        .and_then(|d| d.document())
+                };
+                if visible(current.get(k)) != visible(Some(v)) {
+                    report.visible_changed += 1;
+                }
+            }
+            writes.push((k.clone(), Some(v.clone())));
+        }
+    }
+    for (k, v) in &current {
+        if !target.contains_key(k) {
+            if state::store::parse_doc_key(k).is_some() {
+                report.docs_removed += 1;
+                let existed = state::codec::decode_doc(v)
+                    .ok()
+                    .and_then(|d| d.document())
+                    .is_some();
+                report.visible_changed += u64::from(existed);
+            }
+            writes.push((k.clone(), None));
+        }
+    }
+    report.changelog_records = writes.len() as u64;
+    Ok((report, target, writes))
+}
+
+fn apply_kafka(
+    cfg: &Config,
+    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    resume: &BTreeMap<i32, i64>,
+) -> Result<(), RestoreError> {
+    let changelog = cfg.topic(topics::RESOLVER_CHANGELOG);
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &cfg.kafka.brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()?;
+    let partitions = resume.len().max(1) as i32;
+    for (key, value) in &writes {
+        let bucket = bucket_of(key).map(|b| b.to_string()).unwrap_or_default();
+        let mut record = BaseRecord::<[u8], [u8]>::to(&changelog)
+            .key(key.as_slice())
+            .partition(partition_for(bucket.as_bytes(), partitions));
+        if let Some(v) = value {
+            record = record.payload(v.as_slice());
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    back,
+                )) => {
+                    record = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120))?;
+    commit_offsets(
+        cfg,
+        &resolver_group(cfg),
+        &cfg.topic(topics::DATA_CHANGED),
+        resume,
+    )?;
+    let control = reader(cfg, &format!("{}syncflow-restore", cfg.kafka.topic_prefix))?;
+    let events_end = ends(&control, &cfg.topic(topics::SYNC_EVENTS))?;
+    commit_offsets(
+        cfg,
+        &projector_group(cfg),
+        &cfg.topic(topics::SYNC_EVENTS),
+        &events_end,
+    )?;
+    Ok(())
+}

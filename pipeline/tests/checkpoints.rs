@@ -1,0 +1,450 @@
+//! Checkpoints, restore and replay against real Kafka, FerretDB and Redis.
+//!
+//! Every expectation comes from the sequential oracle (`decide` over `data.changed` in order, up
+//! to the checkpoint's offsets where it matters), the same one the crash tests use.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use common::faults::{changelog_docs, produce_all, workload, Oracle, ProcessorProcess, PARTITIONS};
+use common::ws::{connect, next_json, send_text};
+use common::TestEnv;
+use futures::TryStreamExt;
+use pipeline::app::Role;
+use pipeline::restore::{RestoreError, RestoreOptions, Until};
+use processors::{DocKey, DocState};
+
+/// The view as MongoDB holds it: `(tenant, _id)` → (version, deleted, fields).
+type View = BTreeMap<(String, String), (i64, bool, serde_json::Map<String, serde_json::Value>)>;
+
+async fn view_of(env: &TestEnv) -> View {
+    let client = mongodb::Client::with_uri_str(&env.cfg.mongo.uri)
+        .await
+        .unwrap();
+    let db = client.database(&env.cfg.mongo.database);
+    let mut out = View::new();
+    for tenant in ["acme", "globex"] {
+        let coll = db.collection::<api::view::ViewDoc>(&api::view::collection_name(tenant));
+        let mut cursor = coll.find(mongodb::bson::doc! {}).await.unwrap();
+        while let Some(d) = cursor.try_next().await.unwrap() {
+            out.insert((tenant.to_string(), d.id), (d.version, d.deleted, d.doc));
+        }
+    }
+    out
+}
+
+/// The view the projector would hold for a state.
+fn view_for(docs: &BTreeMap<DocKey, DocState>) -> View {
+    docs.iter()
+        .filter_map(|(k, d)| {
+            pipeline::rebuild::view_doc_of(k, d).map(|v| {
+                (
+                    (k.bucket.tenant.clone(), v.id),
+                    (v.version, v.deleted, v.doc),
+                )
+            })
+        })
+        .collect()
+}
+
+fn sorted(mem: &processors::MemState) -> BTreeMap<DocKey, DocState> {
+    mem.docs
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+fn checkpoint_env(env: &mut TestEnv) {
+    env.cfg.checkpoint.dir = env.state_dir.join("checkpoints").display().to_string();
+    env.cfg.checkpoint.interval_secs = 0;
+}
+
+/// Waits until the resolver committed all input.
+async fn caught_up(env: &TestEnv) {
+    let env = env.clone();
+    tokio::task::spawn_blocking(move || {
+        common::faults::wait_until_caught_up(&env, Duration::from_secs(120), || true)
+    })
+    .await
+    .unwrap();
+}
+
+/// Waits until the resolver committed all input and the view equals `want`.
+async fn settle(env: &TestEnv, want: &View) {
+    caught_up(env).await;
+    let started = Instant::now();
+    loop {
+        let got = view_of(env).await;
+        if &got == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the view did not reach the expected state: {} docs vs {} expected",
+            got.len(),
+            want.len()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The documents of a checkpoint's snapshots, decoded.
+fn snapshot_docs(env: &TestEnv, id: &str) -> BTreeMap<DocKey, DocState> {
+    let dir = pipeline::checkpoint::dir(&env.cfg);
+    let m = dir.verify(id).unwrap();
+    let mut out = BTreeMap::new();
+    for part in &m.partitions {
+        for (k, v) in dir.read_part(&m, part).unwrap().1 {
+            if let Some(key) = state::store::parse_doc_key(&k) {
+                out.insert(key, state::codec::decode_doc(&v).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn input_offsets(m: &state::checkpoint::Manifest) -> BTreeMap<i32, i64> {
+    m.partitions
+        .iter()
+        .map(|p| (p.partition, p.input_offset))
+        .collect()
+}
+
+async fn oracle_until(env: &TestEnv, until: Option<BTreeMap<i32, i64>>) -> Oracle {
+    let env = env.clone();
+    tokio::task::spawn_blocking(move || Oracle::from_log_until(&env, until.as_ref()))
+        .await
+        .unwrap()
+}
+
+/// Restores or replays without asking.
+async fn restore(
+    env: &TestEnv,
+    id: &str,
+    opts: &RestoreOptions,
+) -> Result<pipeline::restore::RestoreReport, RestoreError> {
+    pipeline::restore::run(&env.cfg, id, opts, |_| true, |_| {}).await
+}
+
+async fn checkpoint_now(env: &TestEnv) -> state::checkpoint::Manifest {
+    let cfg = env.cfg.clone();
+    tokio::task::spawn_blocking(move || {
+        let marker = pipeline::checkpoint::request(&cfg).unwrap();
+        pipeline::checkpoint::wait(&cfg, &marker.id, Duration::from_secs(60)).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_puts_state_and_view_back_and_subscribers_get_a_reset() {
+    let mut env = TestEnv::new("ckrestore").await;
+    checkpoint_env(&mut env);
+    let api_node = env.start(&[Role::Api]).await;
+    let node = env.start(&[Role::Processor, Role::Projector]).await;
+    // Writes A; the checkpoint is requested while the second half of A is still being produced.
+    let a = workload(11, 2_000, 4, 40);
+    produce_all(&env, &a[..1_000]).await;
+    let (_, manifest) = tokio::join!(produce_all(&env, &a[1_000..]), checkpoint_now(&env));
+    let at = input_offsets(&manifest);
+    let oracle_a = oracle_until(&env, Some(at.clone())).await;
+    assert_eq!(
+        snapshot_docs(&env, &manifest.id),
+        sorted(&oracle_a.state),
+        "a checkpoint taken while writes flow equals the oracle at its offsets"
+    );
+    assert!(
+        oracle_a.state.docs.len() > 50,
+        "the checkpoint holds real state"
+    );
+    // Operators see it over HTTP; bucket tokens do not.
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/v1/checkpoints", api_node.api_addr.unwrap());
+    let keys = api::auth::TokenKeys::new(&env.cfg.auth);
+    let operator = keys.mint_operator("ops", "ops", pipeline::checkpoint::now_ms() / 1000, 600);
+    let listed: serde_json::Value = http
+        .get(&url)
+        .bearer_auth(&operator)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["checkpoints"][0]["id"],
+        manifest.id.as_str(),
+        "{listed}"
+    );
+    let denied = http
+        .get(&url)
+        .bearer_auth(env.token("acme", "*:a"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 403);
+    // Writes B, then a subscriber that is fully caught up.
+    produce_all(&env, &workload(12, 1_000, 6, 40)).await;
+    let full = oracle_until(&env, None).await;
+    settle(&env, &view_for(&sorted(&full.state))).await;
+    let addr = api_node.api_addr.unwrap();
+    let mut ws = connect(addr, &env.token("acme", "b*:r")).await;
+    send_text(&mut ws, r#"{"type":"subscribe","bucket":"b1"}"#).await;
+    loop {
+        let msg = next_json(&mut ws).await.expect("open");
+        if msg["type"] == "docs" && msg["complete"] == true {
+            break;
+        }
+    }
+    // Restore A.
+    node.stop().await.unwrap();
+    let report = restore(&env, &manifest.id, &RestoreOptions::default())
+        .await
+        .expect("restore");
+    assert!(report.visible_changed > 0, "{report:?}");
+    assert!(report.not_applied >= 1_000, "{report:?}");
+    assert_eq!(
+        changelog_docs(&env),
+        sorted(&oracle_a.state),
+        "the state is the oracle over A"
+    );
+    assert_eq!(view_of(&env).await, view_for(&sorted(&oracle_a.state)));
+    // The subscriber is told: a resync, then a reset with a fresh snapshot.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(Instant::now() < deadline, "no reset reached the subscriber");
+        let msg = next_json(&mut ws).await.expect("open");
+        if msg["type"] == "reset" {
+            assert_eq!(msg["bucket"], "b1");
+            break;
+        }
+    }
+    // New writes continue normally on top of A.
+    let node = env.start(&[Role::Processor, Role::Projector]).await;
+    let now_ms = pipeline::checkpoint::now_ms();
+    let w = serde_json::json!({"v": 1, "event_id": "after-restore", "tenant": "acme", "bucket": "b1",
+        "doc_id": "fresh", "device_id": "ops", "hlc": format!("{now_ms}:0"), "op": "set",
+        "doc": {"after": true}});
+    produce_all(
+        &env,
+        &[("acme/b1".to_string(), serde_json::to_vec(&w).unwrap())],
+    )
+    .await;
+    let mut want = view_for(&sorted(&oracle_a.state));
+    let mut fresh = serde_json::Map::new();
+    fresh.insert("after".into(), serde_json::Value::Bool(true));
+    want.insert(("acme".into(), "b1/fresh".into()), (1, false, fresh));
+    settle(&env, &want).await;
+    let change = loop {
+        let msg = next_json(&mut ws).await.expect("open");
+        if msg["type"] == "change" {
+            break msg;
+        }
+    };
+    assert_eq!(change["id"], "fresh");
+    node.stop().await.unwrap();
+    api_node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_from_a_checkpoint_reproduces_the_uninterrupted_run() {
+    let mut env = TestEnv::new("ckreplay").await;
+    checkpoint_env(&mut env);
+    let node = env.start(&[Role::Processor, Role::Projector]).await;
+    produce_all(&env, &workload(21, 1_000, 4, 30)).await;
+    let c = checkpoint_now(&env).await;
+    produce_all(&env, &workload(22, 1_000, 4, 30)).await;
+    let full = oracle_until(&env, None).await;
+    settle(&env, &view_for(&sorted(&full.state))).await;
+    let c2 = checkpoint_now(&env).await;
+    node.stop().await.unwrap();
+    let full_state = changelog_docs(&env);
+    let full_view = view_of(&env).await;
+    assert_eq!(full_state, sorted(&full.state));
+    let replay = |until: Option<Until>, dry_run: bool| RestoreOptions {
+        replay: true,
+        until,
+        dry_run,
+    };
+
+    // A damaged or missing snapshot is refused, and nothing changes.
+    let dir = pipeline::checkpoint::dir(&env.cfg);
+    let file = dir.root().join(&c2.id).join(&c2.partitions[2].file);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&file, &bytes).unwrap();
+    let err = restore(&env, &c2.id, &RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RestoreError::Checkpoint(_)), "{err}");
+    assert!(err.to_string().contains("checksum"), "{err}");
+    std::fs::remove_file(&file).unwrap();
+    let err = restore(&env, &c2.id, &RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+    assert_eq!(
+        changelog_docs(&env),
+        full_state,
+        "a refused restore changes nothing"
+    );
+
+    // Through the binary: the list shows both; a restore without --yes and no terminal is refused.
+    let syncflow = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_syncflow"))
+            .args(args)
+            .env("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET)
+            .env("SYNCFLOW_KAFKA_TOPIC_PREFIX", &env.cfg.kafka.topic_prefix)
+            .env("SYNCFLOW_MONGO_DATABASE", &env.cfg.mongo.database)
+            .env("SYNCFLOW_CHECKPOINT_DIR", &env.cfg.checkpoint.dir)
+            .env("SYNCFLOW_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let list = syncflow(&["checkpoint", "list"]);
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listed.contains(&c.id) && listed.contains(&c2.id),
+        "{listed}"
+    );
+    let refused = syncflow(&["restore", "--checkpoint", &c.id]);
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        why.contains("refusing without --yes") && why.contains("nothing was changed"),
+        "{why}"
+    );
+    let unknown = syncflow(&["checkpoint", "show", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no checkpoint \"nope\""));
+    assert_eq!(
+        changelog_docs(&env),
+        full_state,
+        "a refused restore changes nothing"
+    );
+
+    // Dry runs report and change nothing: the whole replay reproduces what is there.
+    let dry_all = restore(&env, &c.id, &replay(None, true)).await.unwrap();
+    assert_eq!(
+        (
+            dry_all.docs_changed,
+            dry_all.docs_removed,
+            dry_all.changelog_records
+        ),
+        (0, 0, 0),
+        "replaying all of B changes nothing: {dry_all:?}"
+    );
+    assert!(dry_all.replayed >= 1_000, "{dry_all:?}");
+    let half: BTreeMap<i32, i64> = c
+        .partitions
+        .iter()
+        .map(|p| (p.partition, p.input_offset + 80))
+        .collect();
+    let dry_half = restore(
+        &env,
+        &c.id,
+        &replay(Some(Until::Offsets(half.clone())), true),
+    )
+    .await
+    .unwrap();
+    assert!(dry_half.visible_changed > 0, "{dry_half:?}");
+    assert!(dry_half.not_applied > 0, "{dry_half:?}");
+    assert_eq!(
+        changelog_docs(&env),
+        full_state,
+        "a dry run changes nothing"
+    );
+    assert_eq!(view_of(&env).await, full_view);
+
+    // Replay up to a point: the oracle over the input before it.
+    restore(
+        &env,
+        &c.id,
+        &replay(Some(Until::Offsets(half.clone())), false),
+    )
+    .await
+    .unwrap();
+    let partial = oracle_until(&env, Some(half)).await;
+    assert_eq!(changelog_docs(&env), sorted(&partial.state));
+    assert_eq!(view_of(&env).await, view_for(&sorted(&partial.state)));
+
+    // Replay over all of B: exactly the uninterrupted run, state and view.
+    restore(&env, &c.id, &replay(None, false)).await.unwrap();
+    assert_eq!(changelog_docs(&env), full_state);
+    assert_eq!(view_of(&env).await, full_view);
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_killed_during_a_checkpoint_leaves_nothing_listed_until_it_completes() {
+    let mut env = TestEnv::new("ckkill").await;
+    checkpoint_env(&mut env);
+    let ckdir = env.cfg.checkpoint.dir.clone();
+    let extra = [
+        ("SYNCFLOW_CHECKPOINT_DIR", ckdir.as_str()),
+        ("SYNCFLOW_CHECKPOINT_INTERVAL_SECS", "0"),
+    ];
+    let a = ProcessorProcess::start_role(&env, "a", "processor", &extra);
+    let b = ProcessorProcess::start_role(&env, "b", "processor", &extra);
+    produce_all(&env, &workload(31, 1_500, 6, 30)).await;
+    caught_up(&env).await;
+    // b dies (SIGKILL) while the checkpoint is under way: its tasks write no snapshot, and its
+    // partitions stay its own until the group's session timeout.
+    b.kill();
+    let cfg = env.cfg.clone();
+    let marker = tokio::task::spawn_blocking(move || pipeline::checkpoint::request(&cfg).unwrap())
+        .await
+        .unwrap();
+    let dir = pipeline::checkpoint::dir(&env.cfg);
+    let parts = || {
+        std::fs::read_dir(dir.root().join(&marker.id))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(8);
+    while parts() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the live processor wrote no snapshot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        parts() < PARTITIONS as usize,
+        "b's partitions cannot be done"
+    );
+    assert!(
+        dir.list().unwrap().is_empty(),
+        "half a checkpoint is never listed"
+    );
+    assert!(matches!(
+        dir.manifest(&marker.id),
+        Err(state::checkpoint::CheckpointError::NotFound(_))
+    ));
+    // b comes back, meets the markers it never committed, and the checkpoint completes.
+    let b = ProcessorProcess::start_role(&env, "b", "processor", &extra);
+    let cfg = env.cfg.clone();
+    let id = marker.id.clone();
+    let m = tokio::task::spawn_blocking(move || {
+        pipeline::checkpoint::wait(&cfg, &id, Duration::from_secs(90)).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(m.partitions.len(), PARTITIONS as usize);
+    let oracle = oracle_until(&env, Some(input_offsets(&m))).await;
+    assert_eq!(snapshot_docs(&env, &m.id), sorted(&oracle.state));
+    assert_eq!(dir.list().unwrap().len(), 1);
+    a.kill();
+    b.kill();
+    env.cleanup().await;
+}

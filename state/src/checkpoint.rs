@@ -1,0 +1,620 @@
+//! Checkpoint files: per-partition snapshots of a task's state, and the manifest that makes a set
+//! of them one checkpoint.
+//!
+//! Layout under the checkpoint directory:
+//!
+//! ```text
+//! <root>/<id>/p0003.snap     one task's state (all changelog keys and values)
+//! <root>/<id>/p0003.json     that snapshot's PartInfo (offsets, size, SHA-256)
+//! <root>/<id>/manifest.json  written last, once every partition is there
+//! ```
+//!
+//! Every file is written to a temporary name, synced and renamed, so a crash leaves either the old
+//! state or the new one. The manifest is published with a hard link, which fails if it exists, so
+//! exactly one writer completes (and announces) a checkpoint. Only directories with a manifest are
+//! checkpoints: a process killed half-way leaves nothing that is listed.
+//!
+//! A snapshot file is `SFSNAP01`, a little-endian `u32` length and a JSON [`SnapshotHeader`], then
+//! `(u32 key length, key, u32 value length, value)` entries. Its SHA-256 is kept in the part info
+//! and the manifest and checked before anything is read back.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Version of the snapshot and manifest formats.
+pub const CHECKPOINT_FORMAT: u32 = 1;
+const MAGIC: &[u8; 8] = b"SFSNAP01";
+const MANIFEST: &str = "manifest.json";
+
+/// Why a checkpoint cannot be written, listed or read.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file operation failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: String,
+        /// The error.
+        source: io::Error,
+    },
+    /// No complete checkpoint has this id.
+    #[error("no checkpoint {0:?} (see `syncflow checkpoint list`)")]
+    NotFound(String),
+    /// A snapshot is missing, truncated or fails its checksum.
+    #[error("checkpoint {id}: {reason}")]
+    Damaged {
+        /// The checkpoint.
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The id is not a plain name.
+    #[error("invalid checkpoint id {0:?}")]
+    InvalidId(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// One state entry (key, value) read for a snapshot, or why it could not be read.
+pub type Entry = Result<(Vec<u8>, Vec<u8>), CheckpointError>;
+
+/// What a snapshot file says about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotHeader {
+    /// [`CHECKPOINT_FORMAT`].
+    pub format: u32,
+    /// The checkpoint.
+    pub checkpoint: String,
+    /// The input partition (task).
+    pub partition: i32,
+    /// The first input offset the state does not include.
+    pub input_offset: i64,
+}
+
+/// One partition's snapshot, as listed in the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartInfo {
+    /// The input partition (task).
+    pub partition: i32,
+    /// File name inside the checkpoint's directory.
+    pub file: String,
+    /// File size.
+    pub bytes: u64,
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    /// Keys in the snapshot.
+    pub entries: u64,
+    /// The first input offset (`data.changed`) the state does not include.
+    pub input_offset: i64,
+    /// The changelog's next offset when the snapshot was taken, if known.
+    pub changelog_offset: Option<i64>,
+    /// End offsets of the task's output partitions (topic name without prefix → offset).
+    pub outputs: BTreeMap<String, i64>,
+}
+
+/// A complete checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// [`CHECKPOINT_FORMAT`].
+    pub format: u32,
+    /// Its id.
+    pub id: String,
+    /// When it was requested, ms since the epoch.
+    pub created_at_ms: u64,
+    /// When its last snapshot was written, ms since the epoch.
+    pub completed_at_ms: u64,
+    /// One entry per input partition, in partition order.
+    pub partitions: Vec<PartInfo>,
+    /// Sum of the snapshot sizes.
+    pub total_bytes: u64,
+    /// Sum of the snapshot entries.
+    pub total_entries: u64,
+}
+
+/// A checkpoint directory.
+#[derive(Debug, Clone)]
+pub struct CheckpointDir {
+    root: PathBuf,
+}
+
+fn check_id(id: &str) -> Result<(), CheckpointError> {
+    let plain = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain {
+        Ok(())
+    } else {
+        Err(CheckpointError::InvalidId(id.into()))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `bytes` to `path` through a synced temporary file and a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+    f.write_all(bytes).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// A writer that hashes and counts what passes through.
+struct Hashing<W: Write> {
+    inner: W,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn len_u32(n: usize, path: &Path) -> Result<[u8; 4], CheckpointError> {
+    u32::try_from(n)
+        .map(u32::to_le_bytes)
+        .map_err(|_| io_err(path)(io::Error::other("entry larger than 4 GiB")))
+}
+
+impl CheckpointDir {
+    /// The directory `root` (created when the first snapshot is written).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dir(&self, id: &str) -> Result<PathBuf, CheckpointError> {
+        check_id(id)?;
+        Ok(self.root.join(id))
+    }
+
+    /// Writes one partition's snapshot of checkpoint `header.checkpoint` from `entries`, then its
+    /// part info. Writing the same partition again replaces it (snapshots are deterministic).
+    pub fn write_part<I>(
+        &self,
+        header: &SnapshotHeader,
+        changelog_offset: Option<i64>,
+        outputs: BTreeMap<String, i64>,
+        entries: I,
+    ) -> Result<PartInfo, CheckpointError>
+    where
+        I: IntoIterator<Item = Entry>,
+    {
+        let dir = self.dir(&header.checkpoint)?;
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let file = format!("p{:04}.snap", header.partition);
+        let path = dir.join(&file);
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let f = File::create(&tmp).map_err(io_err(&tmp))?;
+        let mut w = Hashing {
+            inner: BufWriter::with_capacity(1 << 20, f),
+            hash: Sha256::new(),
+            bytes: 0,
+        };
+        let head = serde_json::to_vec(header).expect("header serializes");
+        let mut count = 0u64;
+        let write = |w: &mut Hashing<BufWriter<File>>| -> Result<(), CheckpointError> {
+            w.write_all(MAGIC).map_err(io_err(&tmp))?;
+            w.write_all(&len_u32(head.len(), &tmp)?)
+                .map_err(io_err(&tmp))?;
+            w.write_all(&head).map_err(io_err(&tmp))?;
+            for entry in entries {
+                let (k, v) = entry?;
+                w.write_all(&len_u32(k.len(), &tmp)?)
+                    .map_err(io_err(&tmp))?;
+                w.write_all(&k).map_err(io_err(&tmp))?;
+                w.write_all(&len_u32(v.len(), &tmp)?)
+                    .map_err(io_err(&tmp))?;
+                w.write_all(&v).map_err(io_err(&tmp))?;
+                count += 1;
+            }
+            w.flush().map_err(io_err(&tmp))
+        };
+        write(&mut w)?;
+        let Hashing {
+            inner, hash, bytes, ..
+        } = w;
+        let f = inner
+            .into_inner()
+            .map_err(|e| io_err(&tmp)(e.into_error()))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        let info = PartInfo {
+            partition: header.partition,
+            file,
+            bytes,
+            sha256: hex(&hash.finalize()),
+            entries: count,
+            input_offset: header.input_offset,
+            changelog_offset,
+            outputs,
+        };
+        let sidecar = dir.join(format!("p{:04}.json", header.partition));
+        write_atomic(
+            &sidecar,
+            &serde_json::to_vec_pretty(&info).expect("part info serializes"),
+        )?;
+        sync_dir(&dir);
+        Ok(info)
+    }
+
+    /// Completes checkpoint `id` if all `partitions` have their snapshot. Returns the manifest
+    /// only to the one caller that published it; `None` when parts are missing or another writer
+    /// completed it first.
+    pub fn try_complete(
+        &self,
+        id: &str,
+        created_at_ms: u64,
+        partitions: i32,
+        now_ms: u64,
+    ) -> Result<Option<Manifest>, CheckpointError> {
+        let dir = self.dir(id)?;
+        if dir.join(MANIFEST).exists() {
+            return Ok(None);
+        }
+        let mut parts = Vec::new();
+        for p in 0..partitions {
+            let sidecar = dir.join(format!("p{p:04}.json"));
+            match fs::read(&sidecar) {
+                Ok(bytes) => match serde_json::from_slice::<PartInfo>(&bytes) {
+                    Ok(info) => parts.push(info),
+                    Err(_) => return Ok(None),
+                },
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io_err(&sidecar)(e)),
+            }
+        }
+        let manifest = Manifest {
+            format: CHECKPOINT_FORMAT,
+            id: id.into(),
+            created_at_ms,
+            completed_at_ms: now_ms,
+            total_bytes: parts.iter().map(|p| p.bytes).sum(),
+            total_entries: parts.iter().map(|p| p.entries).sum(),
+            partitions: parts,
+        };
+        let tmp = dir.join(format!("{MANIFEST}.tmp-{}", std::process::id()));
+        write_atomic(
+            &tmp,
+            &serde_json::to_vec_pretty(&manifest).expect("manifest serializes"),
+        )?;
+        let published = fs::hard_link(&tmp, dir.join(MANIFEST));
+        let _ = fs::remove_file(&tmp);
+        match published {
+            Ok(()) => {
+                sync_dir(&dir);
+                Ok(Some(manifest))
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(None),
+            Err(e) => Err(io_err(&dir)(e)),
+        }
+    }
+
+    /// The complete checkpoints, oldest first.
+    pub fn list(&self) -> Result<Vec<Manifest>, CheckpointError> {
+        let entries = match fs::read_dir(&self.root) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&self.root)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path().join(MANIFEST);
+            if let Ok(bytes) = fs::read(&path) {
+                match serde_json::from_slice::<Manifest>(&bytes) {
+                    Ok(m) => out.push(m),
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "unreadable checkpoint manifest")
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| (a.created_at_ms, &a.id).cmp(&(b.created_at_ms, &b.id)));
+        Ok(out)
+    }
+
+    /// The manifest of checkpoint `id`.
+    pub fn manifest(&self, id: &str) -> Result<Manifest, CheckpointError> {
+        let path = self.dir(id)?.join(MANIFEST);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Damaged {
+                id: id.into(),
+                reason: format!("unreadable manifest: {e}"),
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                Err(CheckpointError::NotFound(id.into()))
+            }
+            Err(e) => Err(io_err(&path)(e)),
+        }
+    }
+
+    /// Checks every snapshot of checkpoint `id` against its size and checksum.
+    pub fn verify(&self, id: &str) -> Result<Manifest, CheckpointError> {
+        let manifest = self.manifest(id)?;
+        for part in &manifest.partitions {
+            self.check_file(&manifest, part)?;
+        }
+        Ok(manifest)
+    }
+
+    fn check_file(&self, manifest: &Manifest, part: &PartInfo) -> Result<Vec<u8>, CheckpointError> {
+        let path = self.dir(&manifest.id)?.join(&part.file);
+        let damaged = |reason: String| CheckpointError::Damaged {
+            id: manifest.id.clone(),
+            reason,
+        };
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(damaged(format!(
+                    "snapshot {} of partition {} is missing",
+                    part.file, part.partition
+                )))
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        };
+        if bytes.len() as u64 != part.bytes {
+            return Err(damaged(format!(
+                "snapshot {} has {} bytes, the manifest says {}",
+                part.file,
+                bytes.len(),
+                part.bytes
+            )));
+        }
+        if hex(&Sha256::digest(&bytes)) != part.sha256 {
+            return Err(damaged(format!(
+                "snapshot {} fails its SHA-256 checksum",
+                part.file
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Reads one partition's snapshot after checking it: its header and entries.
+    #[allow(clippy::type_complexity)]
+    pub fn read_part(
+        &self,
+        manifest: &Manifest,
+        part: &PartInfo,
+    ) -> Result<(SnapshotHeader, Vec<(Vec<u8>, Vec<u8>)>), CheckpointError> {
+        let bytes = self.check_file(manifest, part)?;
+        let damaged = |reason: &str| CheckpointError::Damaged {
+            id: manifest.id.clone(),
+            reason: format!("snapshot {}: {reason}", part.file),
+        };
+        let mut r: &[u8] = &bytes;
+        let mut magic = [0u8; 8];
+        r.read_exact(&mut magic).map_err(|_| damaged("truncated"))?;
+        if &magic != MAGIC {
+            return Err(damaged("not a SyncFlow snapshot"));
+        }
+        let read_chunk = |r: &mut &[u8]| -> Option<Vec<u8>> {
+            let mut len = [0u8; 4];
+            r.read_exact(&mut len).ok()?;
+            let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
+            r.read_exact(&mut buf).ok()?;
+            Some(buf)
+        };
+        let head = read_chunk(&mut r).ok_or_else(|| damaged("truncated header"))?;
+        let header: SnapshotHeader =
+            serde_json::from_slice(&head).map_err(|_| damaged("unreadable header"))?;
+        if header.format != CHECKPOINT_FORMAT {
+            return Err(damaged("unknown snapshot format"));
+        }
+        let mut entries = Vec::with_capacity(part.entries as usize);
+        while !r.is_empty() {
+            let k = read_chunk(&mut r).ok_or_else(|| damaged("truncated entry"))?;
+            let v = read_chunk(&mut r).ok_or_else(|| damaged("truncated entry"))?;
+            entries.push((k, v));
+        }
+        Ok((header, entries))
+    }
+
+    /// Deletes checkpoint `id`: the manifest first, so it is no longer listed, then the files.
+    pub fn delete(&self, id: &str) -> Result<(), CheckpointError> {
+        let dir = self.dir(id)?;
+        let manifest = dir.join(MANIFEST);
+        match fs::remove_file(&manifest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !dir.exists() {
+                    return Err(CheckpointError::NotFound(id.into()));
+                }
+            }
+            Err(e) => return Err(io_err(&manifest)(e)),
+        }
+        fs::remove_dir_all(&dir).map_err(io_err(&dir))
+    }
+
+    /// Applies the retention policy: a checkpoint is kept when it is one of the newest
+    /// `keep_last` or younger than `keep_secs` (a rule of 0 keeps nothing by itself; both 0 keep
+    /// everything); the newest is always kept. Unfinished checkpoints older than `stale_secs` are
+    /// removed too. Returns the ids deleted.
+    pub fn prune(
+        &self,
+        keep_last: usize,
+        keep_secs: u64,
+        stale_secs: u64,
+        now_ms: u64,
+    ) -> Result<Vec<String>, CheckpointError> {
+        let mut deleted = Vec::new();
+        let all = self.list()?;
+        if keep_last > 0 || keep_secs > 0 {
+            let newest = all.len().saturating_sub(keep_last.max(1));
+            for (i, m) in all.iter().enumerate() {
+                let recent =
+                    keep_secs > 0 && now_ms.saturating_sub(m.created_at_ms) < keep_secs * 1000;
+                let among_last = keep_last > 0 && i >= newest || i + 1 == all.len();
+                if !recent && !among_last {
+                    self.delete(&m.id)?;
+                    deleted.push(m.id.clone());
+                }
+            }
+        }
+        let listed: std::collections::HashSet<&str> = all.iter().map(|m| m.id.as_str()).collect();
+        if let Ok(entries) = fs::read_dir(&self.root) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let path = entry.path();
+                if listed.contains(name.as_str()) || path.join(MANIFEST).exists() {
+                    continue;
+                }
+                let age_ms = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .map_or(0, |d| d.as_millis() as u64);
+                if path.is_dir() && check_id(&name).is_ok() && age_ms >= stale_secs * 1000 {
+                    fs::remove_dir_all(&path).map_err(io_err(&path))?;
+                    deleted.push(name);
+                }
+            }
+        }
+        Ok(deleted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(id: &str, partition: i32) -> SnapshotHeader {
+        SnapshotHeader {
+            format: CHECKPOINT_FORMAT,
+            checkpoint: id.into(),
+            partition,
+            input_offset: 10 + partition as i64,
+        }
+    }
+
+    fn entries(n: u8) -> Vec<Entry> {
+        (0..n)
+            .map(|i| Ok((vec![b'k', i], vec![i; i as usize])))
+            .collect()
+    }
+
+    fn temp() -> (CheckpointDir, PathBuf) {
+        let root = std::env::temp_dir().join(format!(
+            "sf-ckpt-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        (CheckpointDir::new(&root), root)
+    }
+
+    #[test]
+    fn a_checkpoint_is_listed_only_once_every_partition_is_written_and_reads_back() {
+        let (dir, root) = temp();
+        dir.write_part(&header("c1", 0), Some(5), BTreeMap::new(), entries(3))
+            .unwrap();
+        assert_eq!(dir.try_complete("c1", 100, 2, 200).unwrap(), None);
+        assert!(
+            dir.list().unwrap().is_empty(),
+            "half a checkpoint is not listed"
+        );
+        dir.write_part(&header("c1", 1), None, BTreeMap::new(), entries(0))
+            .unwrap();
+        let m = dir
+            .try_complete("c1", 100, 2, 200)
+            .unwrap()
+            .expect("completes");
+        assert_eq!(m.total_entries, 3);
+        assert_eq!(
+            dir.try_complete("c1", 100, 2, 300).unwrap(),
+            None,
+            "only once"
+        );
+        assert_eq!(dir.list().unwrap(), vec![m.clone()]);
+        let verified = dir.verify("c1").unwrap();
+        let (h, e) = dir.read_part(&verified, &verified.partitions[0]).unwrap();
+        assert_eq!(h, header("c1", 0));
+        let want: Vec<_> = entries(3).into_iter().map(Result::unwrap).collect();
+        assert_eq!(e, want);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_or_missing_snapshot_is_refused() {
+        let (dir, root) = temp();
+        dir.write_part(&header("c2", 0), None, BTreeMap::new(), entries(4))
+            .unwrap();
+        dir.try_complete("c2", 1, 1, 2).unwrap().unwrap();
+        let file = root.join("c2").join("p0000.snap");
+        let mut bytes = fs::read(&file).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        fs::write(&file, &bytes).unwrap();
+        let err = dir.verify("c2").unwrap_err().to_string();
+        assert!(err.contains("checksum"), "{err}");
+        fs::remove_file(&file).unwrap();
+        let err = dir.verify("c2").unwrap_err().to_string();
+        assert!(err.contains("missing"), "{err}");
+        assert!(matches!(
+            dir.verify("nope"),
+            Err(CheckpointError::NotFound(_))
+        ));
+        assert!(matches!(
+            dir.verify("../etc"),
+            Err(CheckpointError::InvalidId(_))
+        ));
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_and_the_recent_and_drops_stale_halves() {
+        let (dir, root) = temp();
+        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            dir.write_part(&header(id, 0), None, BTreeMap::new(), entries(1))
+                .unwrap();
+            dir.try_complete(id, 1_000 * i as u64, 1, 0)
+                .unwrap()
+                .unwrap();
+        }
+        dir.write_part(&header("half", 0), None, BTreeMap::new(), entries(1))
+            .unwrap();
+        // Keep the last 2, or anything younger than 3 s at t = 3.5 s: "b" (2.5 s old) stays.
+        let mut gone = dir.prune(2, 3, 0, 3_500).unwrap();
+        gone.sort();
+        assert_eq!(gone, ["a", "half"]);
+        let left: Vec<String> = dir.list().unwrap().into_iter().map(|m| m.id).collect();
+        assert_eq!(left, ["b", "c", "d"]);
+        assert_eq!(dir.prune(1, 0, 3_600, 10_000).unwrap(), ["b", "c"]);
+        fs::remove_dir_all(root).unwrap();
+    }
+}
