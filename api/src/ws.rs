@@ -196,7 +196,7 @@ async fn session(socket: WebSocket, state: AppState, claims: Option<Claims>) {
             // Closing handshake (RFC 6455 §7.1.1): wait briefly for the client's close before
             // the socket goes, so that frames it still sends (a pong) do not reset the connection
             // before it has read our close code.
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
                 while let Some(Ok(m)) = rx.next().await {
                     if matches!(m, Message::Close(_)) {
                         break;

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::faults::{produce_all, ProcessorProcess};
-use common::ws::{connect, expect_type, next_json, send_text, Replica};
+use common::ws::{connect, expect_type, next_json, next_json_within, send_text, Replica};
 use common::TestEnv;
 use futures::StreamExt;
 use pipeline::app::Role;
@@ -44,10 +44,9 @@ async fn a_connection_that_stops_answering_pings_is_closed_with_4002() {
     let mut ws = connect(addr, &env.token("acme", "live:r")).await;
     send_text(&mut ws, r#"{"type":"subscribe","bucket":"live"}"#).await;
     expect_type(&mut ws, "subscribed").await;
-    // A live client answers pings as it reads: this one keeps the connection and stops reading.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    next_json(&mut ws).await.expect("still open after 2 s");
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // A live client answers pings as it reads: this one keeps the connection and stops reading
+    // for longer than two heartbeats, then reads while the server waits for its closing reply.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
     let code = loop {
         if let Err(code) = next_json(&mut ws).await {
             break code;
@@ -203,7 +202,7 @@ async fn a_stalled_subscriber_is_dropped_while_memory_stays_bounded_and_others_k
                 "the healthy subscriber stopped at {}",
                 replica.seq
             );
-            let msg = next_json(&mut healthy)
+            let msg = next_json_within(&mut healthy, Duration::from_secs(60))
                 .await
                 .expect("the healthy one stays open");
             assert_ne!(

@@ -127,10 +127,15 @@ pub type Ws =
 
 /// The next text message as JSON, or `None` when the connection closed (with its close code).
 pub async fn next_json(ws: &mut Ws) -> Result<Value, Option<u16>> {
+    next_json_within(ws, Duration::from_secs(10)).await
+}
+
+/// [`next_json`], waiting up to `wait` for it.
+pub async fn next_json_within(ws: &mut Ws, wait: Duration) -> Result<Value, Option<u16>> {
     loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+        match tokio::time::timeout(wait, ws.next())
             .await
-            .expect("a message within 10 s")
+            .unwrap_or_else(|_| panic!("a message within {wait:?}"))
         {
             Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).unwrap()),
             Some(Ok(Message::Close(frame))) => return Err(frame.map(|f| u16::from(f.code))),
