@@ -24,7 +24,6 @@
 //! Prints a markdown table and the exact command; removes its topics, database and files unless
 //! `--keep`.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -154,7 +153,7 @@ fn seed(cfg: &Config, args: &Args, partitions: i32) -> anyhow::Result<u64> {
         .set("compression.type", "lz4")
         .create()?;
     let changelog = cfg.topic(topics::RESOLVER_CHANGELOG);
-    let mut send = |key: Vec<u8>, value: Vec<u8>, bucket: String| -> anyhow::Result<()> {
+    let send = |key: Vec<u8>, value: Vec<u8>, bucket: String| -> anyhow::Result<()> {
         let partition = partition_for(bucket.as_bytes(), partitions);
         let mut record = BaseRecord::<[u8], [u8]>::to(&changelog)
             .key(&key)
@@ -528,31 +527,30 @@ async fn run(cfg: &Config, args: &Args, partitions: i32, work: &Path) -> anyhow:
     // Baseline: insert_many of the same view documents into a scratch collection.
     let client = mongodb::Client::with_uri_str(&cfg.mongo.uri).await?;
     let db = client.database(&cfg.mongo.database);
-    let docs: Vec<mongodb::bson::Document> = {
+    let mut n_docs = 0usize;
+    let mut insert_floor = Duration::ZERO;
+    for tenant in TENANTS {
         use futures::TryStreamExt;
-        let mut all = Vec::new();
-        for tenant in TENANTS {
-            let mut cur = db
-                .collection::<mongodb::bson::Document>(&api::view::collection_name(tenant))
-                .find(mongodb::bson::doc! {})
-                .await?;
-            while let Some(d) = cur.try_next().await? {
-                all.push(d);
-            }
+        let mut docs = Vec::new();
+        let mut cur = db
+            .collection::<mongodb::bson::Document>(&api::view::collection_name(tenant))
+            .find(mongodb::bson::doc! {})
+            .await?;
+        while let Some(d) = cur.try_next().await? {
+            docs.push(d);
         }
-        all
-    };
-    let scratch = db.collection::<mongodb::bson::Document>("scratch_insert_baseline");
-    let n_docs = docs.len();
-    let t = Instant::now();
-    for chunk in docs.chunks(1_000) {
-        scratch
-            .insert_many(chunk.to_vec())
-            .ordered(false)
-            .await
-            .context("baseline insert")?;
+        n_docs += docs.len();
+        let scratch = db.collection::<mongodb::bson::Document>(&format!("scratch_{tenant}"));
+        let t = Instant::now();
+        for chunk in docs.chunks(1_000) {
+            scratch
+                .insert_many(chunk.to_vec())
+                .ordered(false)
+                .await
+                .context("baseline insert")?;
+        }
+        insert_floor += t.elapsed();
     }
-    let insert_floor = t.elapsed();
     rows.push((
         format!("**restore** ({} document states changed back, {} changelog records, {} view documents)", report.docs_changed, report.changelog_records, report.view_docs),
         format!("**{:.1} s**", restore.as_secs_f64()),
