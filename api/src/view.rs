@@ -415,6 +415,26 @@ impl MongoView {
         Ok(out)
     }
 
+    /// Replaces every document of `tenant` with `docs` (a whole-view restore): drops the
+    /// collection, recreates its indexes, then unordered inserts of 1,000. Readers see the tenant
+    /// empty or part-written while it runs.
+    pub async fn replace_tenant(&self, tenant: &str, docs: &[ViewDoc]) -> Result<u64, ViewError> {
+        let coll = self.docs(tenant);
+        coll.drop().await?;
+        self.ensure_indexes(tenant).await?;
+        for chunk in docs.chunks(1_000) {
+            let batch = chunk
+                .iter()
+                .map(|d| {
+                    mongodb::bson::to_document(d)
+                        .map_err(|e| ViewError::Malformed(d.id.clone(), e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            coll.insert_many(batch).ordered(false).await?;
+        }
+        Ok(docs.len() as u64)
+    }
+
     /// Replaces every document of `bucket` with `docs` (restore): one range delete, then unordered
     /// inserts of 1,000. Readers may see the bucket part-written while it runs.
     pub async fn replace_bucket(

@@ -153,7 +153,10 @@ pub async fn ws_handler(
         ));
     }
     let max = state.ws.max_message_bytes;
+    // tungstenite's default 128 KiB read buffer, zero-filled per connection, was most of an idle
+    // connection's memory; client messages are small, and larger ones still fit (it grows).
     Ok(ws
+        .read_buffer_size(8 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| session(socket, state, claims))

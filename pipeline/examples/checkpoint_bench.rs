@@ -451,7 +451,7 @@ async fn run(cfg: &Config, args: &Args, partitions: i32, work: &Path) -> anyhow:
             mb / create.as_secs_f64()
         ),
         format!(
-            "copy the same files + fsync: {:.1} s; read them: {:.2} s ({read} B)",
+            "copy the same files + fsync: {:.2} s; read them: {:.2} s ({read} B)",
             copy_floor.as_secs_f64(),
             read_floor.as_secs_f64()
         ),

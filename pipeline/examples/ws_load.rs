@@ -885,7 +885,7 @@ fn kafka_observer(
         .set("enable.auto.commit", "false")
         .create()?;
     let topic = cfg.topic(topics::SYNC_EVENTS);
-    topics::wait_for_topic(&consumer, &topic, Duration::from_secs(30))?;
+    topics::wait_for_topic(consumer.client(), &topic, Duration::from_secs(30))?;
     consumer.subscribe(&[&topic])?;
     Ok(std::thread::Builder::new()
         .name("kafka-observer".into())
@@ -927,7 +927,7 @@ fn announcer(
         .set("heartbeat.interval.ms", "1000")
         .create()?;
     let topic = cfg.topic(topics::SYNC_EVENTS);
-    topics::wait_for_topic(&consumer, &topic, Duration::from_secs(30))?;
+    topics::wait_for_topic(consumer.client(), &topic, Duration::from_secs(30))?;
     consumer.subscribe(&[&topic])?;
     let mut redis = redis::Client::open(cfg.redis.url.as_str())?.get_connection()?;
     let prefix = cfg.kafka.topic_prefix.clone();

@@ -137,7 +137,13 @@ pub async fn run(
         }
         let mut backoff = Duration::from_millis(50);
         let outcome = loop {
-            match view.apply_batch(&events).await {
+            // A slow view must not hold up a shutdown: an interrupted batch stores no offsets,
+            // and applying it again later is idempotent.
+            let applied = tokio::select! {
+                r = view.apply_batch(&events) => r,
+                _ = shutdown.changed() => break None,
+            };
+            match applied {
                 Ok(outcome) => break Some(outcome),
                 Err(e) => {
                     tracing::warn!(error = %e, events = events.len(), "view apply failed; retrying");

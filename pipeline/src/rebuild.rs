@@ -163,26 +163,50 @@ pub async fn rebuild_from(
         metas.insert(bucket.clone(), meta);
     }
     if new_epoch {
-        let mut by_bucket: HashMap<&BucketKey, Vec<ViewDoc>> =
-            metas.keys().map(|b| (b, Vec::new())).collect();
-        for (key, doc) in &docs {
+        let keep = |key: &processors::DocKey, doc: &processors::DocState| {
             let horizon = metas.get(&key.bucket).map_or(0, |m| m.horizon_seq);
-            if let Some(view_doc) =
-                view_doc_of(key, doc).filter(|d| !(d.deleted && d.seq <= horizon))
-            {
-                by_bucket.entry(&key.bucket).or_default().push(view_doc);
+            view_doc_of(key, doc).filter(|d| !(d.deleted && d.seq <= horizon))
+        };
+        if only.is_none() {
+            // The whole view: per tenant, drop and bulk-insert (no per-bucket range scans).
+            let mut by_tenant: HashMap<String, Vec<ViewDoc>> = view
+                .tenants()
+                .await?
+                .into_iter()
+                .map(|t| (t, Vec::new()))
+                .collect();
+            for (key, doc) in &docs {
+                if let Some(view_doc) = keep(key, doc) {
+                    by_tenant
+                        .entry(key.bucket.tenant.clone())
+                        .or_default()
+                        .push(view_doc);
+                }
+            }
+            let mut done = 0u64;
+            for (tenant, view_docs) in by_tenant {
+                report.written += view.replace_tenant(&tenant, &view_docs).await?;
+                done += view_docs.len() as u64;
+                progress(done, total);
+            }
+        } else {
+            let mut by_bucket: HashMap<&BucketKey, Vec<ViewDoc>> =
+                metas.keys().map(|b| (b, Vec::new())).collect();
+            for (key, doc) in &docs {
+                if let Some(view_doc) = keep(key, doc) {
+                    by_bucket.entry(&key.bucket).or_default().push(view_doc);
+                }
+            }
+            for (bucket, view_docs) in by_bucket {
+                view.ensure_indexes(&bucket.tenant).await?;
+                report.written += view
+                    .replace_bucket(&bucket.tenant, &bucket.bucket, &view_docs)
+                    .await?;
             }
         }
-        let mut done = 0u64;
-        for (bucket, view_docs) in by_bucket {
-            view.ensure_indexes(&bucket.tenant).await?;
-            report.written += view
-                .replace_bucket(&bucket.tenant, &bucket.bucket, &view_docs)
+        for (bucket, meta) in &metas {
+            view.set_bucket_meta(&bucket.tenant, &bucket.bucket, *meta)
                 .await?;
-            view.set_bucket_meta(&bucket.tenant, &bucket.bucket, metas[bucket])
-                .await?;
-            done += view_docs.len() as u64;
-            progress(done, total);
         }
         report.buckets = metas.len();
         return Ok(report);

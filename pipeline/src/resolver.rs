@@ -669,6 +669,7 @@ impl Resolver {
         marker: &crate::checkpoint::Marker,
     ) {
         let partition = marker_msg.partition();
+        let started = Instant::now();
         let result = self
             .tree(partition)
             .map_err(|e| e.to_string())
@@ -680,11 +681,17 @@ impl Resolver {
                     topics::DATA_REJECTED,
                     topics::RESOLVER_CHANGELOG,
                 ] {
-                    let (_, high) = consumer
+                    let (_, high) = producer
+                        .client()
                         .fetch_watermarks(&self.cfg.topic(name), partition, Duration::from_secs(10))
                         .map_err(|e| e.to_string())?;
                     outputs.insert(name.to_string(), high);
                 }
+                tracing::debug!(
+                    partition,
+                    ms = started.elapsed().as_millis() as u64,
+                    "checkpoint: output offsets read"
+                );
                 let changelog = producer
                     .context()
                     .next_offset(partition)
@@ -702,6 +709,11 @@ impl Resolver {
             });
         match result {
             Ok(_) => {
+                tracing::debug!(
+                    partition,
+                    ms = started.elapsed().as_millis() as u64,
+                    "checkpoint: snapshot done"
+                );
                 // The snapshot is safe: move the partition's committed offset past the marker
                 // (a transaction with offsets only), so an idle partition shows no lag.
                 if let Err(e) =
@@ -710,6 +722,11 @@ impl Resolver {
                     tracing::warn!(partition, error = %e, "committing past a checkpoint marker failed; it is met again after a restart");
                     let _ = producer.abort_transaction(Duration::from_secs(30));
                 }
+                tracing::debug!(
+                    partition,
+                    ms = started.elapsed().as_millis() as u64,
+                    "checkpoint: marker committed"
+                );
             }
             Err(e) => {
                 tracing::error!(id = %marker.id, partition, error = %e, "checkpoint snapshot failed")
