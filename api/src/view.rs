@@ -60,6 +60,21 @@ pub fn change_channel(prefix: &str, tenant: &str, bucket: &str) -> String {
     format!("{prefix}syncflow:changes:{tenant}/{bucket}")
 }
 
+/// Inserts `docs` in unordered batches of 1,000; returns how many.
+async fn insert_all(coll: &Collection<Document>, docs: &[ViewDoc]) -> Result<u64, ViewError> {
+    for chunk in docs.chunks(1_000) {
+        let batch = chunk
+            .iter()
+            .map(|d| {
+                mongodb::bson::to_document(d)
+                    .map_err(|e| ViewError::Malformed(d.id.clone(), e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        coll.insert_many(batch).ordered(false).await?;
+    }
+    Ok(docs.len() as u64)
+}
+
 /// The Redis channel on which a restore tells every API node that all cursors changed epoch
 /// (it matches the hub's pattern, and no bucket's channel, which always has a `/`).
 pub fn reset_channel(prefix: &str) -> String {
@@ -422,17 +437,7 @@ impl MongoView {
         let coll = self.docs(tenant);
         coll.drop().await?;
         self.ensure_indexes(tenant).await?;
-        for chunk in docs.chunks(1_000) {
-            let batch = chunk
-                .iter()
-                .map(|d| {
-                    mongodb::bson::to_document(d)
-                        .map_err(|e| ViewError::Malformed(d.id.clone(), e.to_string()))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            coll.insert_many(batch).ordered(false).await?;
-        }
-        Ok(docs.len() as u64)
+        insert_all(&coll, docs).await
     }
 
     /// Replaces every document of `bucket` with `docs` (restore): one range delete, then unordered
@@ -446,17 +451,7 @@ impl MongoView {
         let coll = self.docs(tenant);
         let range = doc! {"_id": {"$gte": format!("{bucket}/"), "$lt": format!("{bucket}0")}};
         coll.delete_many(range).await?;
-        for chunk in docs.chunks(1_000) {
-            let batch = chunk
-                .iter()
-                .map(|d| {
-                    mongodb::bson::to_document(d)
-                        .map_err(|e| ViewError::Malformed(d.id.clone(), e.to_string()))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            coll.insert_many(batch).ordered(false).await?;
-        }
-        Ok(docs.len() as u64)
+        insert_all(&coll, docs).await
     }
 
     /// Sets a bucket's metadata (rebuild, restore).
