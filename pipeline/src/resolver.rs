@@ -389,6 +389,8 @@ impl Resolver {
         tracing::info!(partitions = self.partitions, "resolver started");
         let poll = Duration::from_millis(self.cfg.resolver.poll_ms.max(1));
         while !shutdown.load(Ordering::SeqCst) {
+            // Between batches, idle or not: a quiet system still gets its periodic checkpoints.
+            self.maybe_request_checkpoint(&consumer);
             let gen_at_start = generation.load(Ordering::SeqCst);
             let mut batch: Vec<OwnedMessage> = Vec::new();
             match consumer.poll(poll) {
@@ -443,7 +445,6 @@ impl Resolver {
                             self.checkpoint_task(&consumer, &producer, last, &marker);
                         }
                     }
-                    self.maybe_request_checkpoint(&consumer);
                 }
                 Err(e) => {
                     self.stats.aborted.fetch_add(1, Ordering::Relaxed);

@@ -56,11 +56,6 @@ fn sorted(mem: &processors::MemState) -> BTreeMap<DocKey, DocState> {
         .collect()
 }
 
-fn checkpoint_env(env: &mut TestEnv) {
-    env.cfg.checkpoint.dir = env.state_dir.join("checkpoints").display().to_string();
-    env.cfg.checkpoint.interval_secs = 0;
-}
-
 /// Waits until the resolver committed all input.
 async fn caught_up(env: &TestEnv) {
     let env = env.clone();
@@ -140,8 +135,7 @@ async fn checkpoint_now(env: &TestEnv) -> state::checkpoint::Manifest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_puts_state_and_view_back_and_subscribers_get_a_reset() {
-    let mut env = TestEnv::new("ckrestore").await;
-    checkpoint_env(&mut env);
+    let env = TestEnv::new("ckrestore").await;
     let api_node = env.start(&[Role::Api]).await;
     let node = env.start(&[Role::Processor, Role::Projector]).await;
     // Writes A; the checkpoint is requested while the second half of A is still being produced.
@@ -251,8 +245,7 @@ async fn restore_puts_state_and_view_back_and_subscribers_get_a_reset() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_from_a_checkpoint_reproduces_the_uninterrupted_run() {
-    let mut env = TestEnv::new("ckreplay").await;
-    checkpoint_env(&mut env);
+    let env = TestEnv::new("ckreplay").await;
     let node = env.start(&[Role::Processor, Role::Projector]).await;
     produce_all(&env, &workload(21, 1_000, 4, 30)).await;
     let c = checkpoint_now(&env).await;
@@ -382,8 +375,7 @@ async fn replay_from_a_checkpoint_reproduces_the_uninterrupted_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_processor_killed_during_a_checkpoint_leaves_nothing_listed_until_it_completes() {
-    let mut env = TestEnv::new("ckkill").await;
-    checkpoint_env(&mut env);
+    let env = TestEnv::new("ckkill").await;
     let ckdir = env.cfg.checkpoint.dir.clone();
     let extra = [
         ("SYNCFLOW_CHECKPOINT_DIR", ckdir.as_str()),
@@ -446,5 +438,62 @@ async fn a_processor_killed_during_a_checkpoint_leaves_nothing_listed_until_it_c
     assert_eq!(dir.list().unwrap().len(), 1);
     a.kill();
     b.kill();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_system_gets_periodic_checkpoints_announced_and_pruned() {
+    let mut env = TestEnv::new("ckperiodic").await;
+    env.cfg.checkpoint.interval_secs = 1;
+    env.cfg.checkpoint.keep_last = 2;
+    let node = env.start(&[Role::Processor]).await;
+    produce_all(&env, &workload(41, 200, 4, 10)).await;
+    caught_up(&env).await;
+    // No more writes: checkpoints keep coming, and retention keeps the newest two.
+    let dir = pipeline::checkpoint::dir(&env.cfg);
+    let started = Instant::now();
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "periodic checkpoints stopped after {seen:?}"
+        );
+        for m in dir.list().unwrap() {
+            seen.insert(m.id);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    node.stop().await.unwrap();
+    let left = dir.list().unwrap();
+    assert!(left.len() <= 2, "retention keeps the newest 2: {left:?}");
+    let newest = left.last().unwrap();
+    let oracle = oracle_until(&env, Some(input_offsets(newest))).await;
+    assert_eq!(snapshot_docs(&env, &newest.id), sorted(&oracle.state));
+    // Every completed checkpoint was announced on checkpoint.created, keyed by its id.
+    let announced: std::collections::BTreeSet<String> = {
+        let env = env.clone();
+        tokio::task::spawn_blocking(move || {
+            common::faults::read_all(
+                &env.cfg.kafka.brokers,
+                &env.topic(pipeline::topics::CHECKPOINT_CREATED),
+            )
+        })
+        .await
+        .unwrap()
+        .into_values()
+        .flatten()
+        .map(|m| {
+            let v: serde_json::Value =
+                serde_json::from_slice(rdkafka::Message::payload(&m).unwrap()).unwrap();
+            assert_eq!(
+                rdkafka::Message::key(&m),
+                Some(v["id"].as_str().unwrap().as_bytes())
+            );
+            assert!(v["partitions"][0]["sha256"].is_string(), "{v}");
+            v["id"].as_str().unwrap().to_string()
+        })
+        .collect()
+    };
+    assert!(announced.is_superset(&seen), "{announced:?} vs {seen:?}");
     env.cleanup().await;
 }

@@ -55,6 +55,11 @@ impl ProcessorProcess {
         }
         let child = cmd
             .args(["run", "--role", role])
+            .env("SYNCFLOW_CHECKPOINT_DIR", &env.cfg.checkpoint.dir)
+            .env(
+                "SYNCFLOW_CHECKPOINT_INTERVAL_SECS",
+                env.cfg.checkpoint.interval_secs.to_string(),
+            )
             .envs(extra.iter().copied())
             .env("SYNCFLOW_MONGO_DATABASE", &env.cfg.mongo.database)
             .env("SYNCFLOW_AUTH_JWT_SECRET", super::SECRET)

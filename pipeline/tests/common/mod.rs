@@ -55,6 +55,15 @@ impl TestEnv {
             ),
             ("SYNCFLOW_API_LISTEN".to_string(), "127.0.0.1:0".to_string()),
             (
+                "SYNCFLOW_CHECKPOINT_DIR".to_string(),
+                state_dir.join("checkpoints").display().to_string(),
+            ),
+            // Checkpoints only where a test asks for them.
+            (
+                "SYNCFLOW_CHECKPOINT_INTERVAL_SECS".to_string(),
+                "0".to_string(),
+            ),
+            (
                 "SYNCFLOW_KAFKA_TOPICS_FILE".to_string(),
                 concat!(env!("CARGO_MANIFEST_DIR"), "/../topics.yaml").to_string(),
             ),
