@@ -4,10 +4,10 @@
 //! encoding of [`StoredDoc`]. JSON values are stored as compact JSON text, because bincode cannot
 //! decode self-describing types. A new format gets a new byte and a migration in [`decode_doc`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use processors::{DocState, Hlc, Register, Stamp};
+use processors::{DocState, Hlc, Register, Registers, Stamp};
 use serde::{Deserialize, Serialize};
 
 /// Format byte of the current state encoding.
@@ -117,7 +117,7 @@ pub fn decode_doc(bytes: &[u8]) -> Result<DocState, CodecError> {
     if used != body.len() {
         return Err(CodecError::Corrupt("trailing bytes".into()));
     }
-    let mut registers = BTreeMap::new();
+    let mut registers = Registers::new();
     // Registers set by one write share one stamp in memory, as the resolver keeps them.
     let mut stamps: HashMap<Stamp, Arc<Stamp>> = HashMap::new();
     for r in stored.registers {
