@@ -119,9 +119,8 @@ impl Limits {
         // `{}`, a comma between members, and per member its key, a colon and its value.
         let mut size = 2 + obj.len().saturating_sub(1);
         for (key, value) in obj {
-            self.check_key(key, at)?;
+            size += self.check_key(key, at)? + 1;
             let here = At { parent: at, key };
-            size += json_str_len(key) + 1;
             size += match value {
                 Value::Object(inner) if !inner.is_empty() => {
                     self.check_object(inner, depth + 1, fields, Some(&here))?
@@ -181,22 +180,30 @@ impl Limits {
         }
     }
 
-    fn check_key(&self, key: &str, at: Option<&At<'_>>) -> Result<(), Rejection> {
+    /// Checks a field name, returning its size as a JSON string.
+    fn check_key(&self, key: &str, at: Option<&At<'_>>) -> Result<usize, Rejection> {
+        // One pass over the bytes for every byte rule and the escapes.
+        let (mut dot, mut nul, mut escapes) = (false, false, 0);
+        for b in key.bytes() {
+            dot |= b == b'.';
+            nul |= b == 0;
+            escapes += escape_len(b);
+        }
         let why = if key.is_empty() {
             Some("is empty")
         } else if key.len() > self.max_key_bytes {
             Some("is too long")
-        } else if key.contains('.') {
+        } else if dot {
             Some("contains '.'")
         } else if key.starts_with('$') {
             Some("starts with '$'")
-        } else if key.contains('\0') {
+        } else if nul {
             Some("contains NUL")
         } else {
             None
         };
         match why {
-            None => Ok(()),
+            None => Ok(2 + key.len() + escapes),
             Some(why) => Err(Rejection::new(
                 RejectCode::InvalidFieldName,
                 format!(
@@ -234,15 +241,16 @@ impl At<'_> {
 /// `\\`, the short forms of backspace, tab, newline, form feed and carriage return, and `\u00XX`
 /// for the other control characters; nothing else is escaped).
 fn json_str_len(s: &str) -> usize {
-    let escapes: usize = s
-        .bytes()
-        .map(|b| match b {
-            b'"' | b'\\' | 0x08 | 0x09 | 0x0A | 0x0C | 0x0D => 1,
-            0x00..=0x1F => 5,
-            _ => 0,
-        })
-        .sum();
-    2 + s.len() + escapes
+    2 + s.len() + s.bytes().map(escape_len).sum::<usize>()
+}
+
+/// The bytes `serde_json` adds to escape `b` in a string.
+fn escape_len(b: u8) -> usize {
+    match b {
+        b'"' | b'\\' | 0x08 | 0x09 | 0x0A | 0x0C | 0x0D => 1,
+        0x00..=0x1F => 5,
+        _ => 0,
+    }
 }
 
 /// The length of a number as `serde_json` writes it.

@@ -1,8 +1,8 @@
 //! Long field names behave exactly like short ones.
 //!
-//! The resolver's register table searches dense 16-byte keys of field names and reads the names
-//! themselves only when those keys cannot decide (names longer than 15 bytes sharing their first
-//! 15). The other property tests use one-letter names, so this one renames them: each of `a`,
+//! The resolver's register table searches dense 32-byte keys of field paths and reads the names
+//! themselves only when those keys cannot decide (paths whose encoding is longer than 31 bytes
+//! sharing the first 31). The other property tests use one-letter names, so this one renames them: each of `a`,
 //! `b`, `c` becomes a long name, in the same order, and the same writes must give the same
 //! outputs (with the names mapped) and the same documents.
 
@@ -11,15 +11,24 @@ use serde_json::{json, Map, Value};
 
 use processors::{compute_diff, DiffContext, DocState, Hlc, Limits, Write, WriteOp};
 
-/// Order-preserving renamings: all names long and sharing 15 bytes, or a mix of short, long, and
-/// a long name that is a string prefix of another.
-const RENAMINGS: [[&str; 3]; 2] = [
+/// Order-preserving renamings: long names sharing their first 31 bytes; a short name, a long
+/// one and a long one that extends it; names right at the 31-byte boundary of the keys.
+const RENAMINGS: [[&str; 3]; 3] = [
     [
-        "a_long_shared_prefix_a",
-        "a_long_shared_prefix_b",
-        "a_long_shared_prefix_c",
+        "a_long_shared_prefix_that_goes_on_a",
+        "a_long_shared_prefix_that_goes_on_b",
+        "a_long_shared_prefix_that_goes_on_c",
     ],
-    ["a", "bxxxxxxxxxxxxxxx", "bxxxxxxxxxxxxxxxy"],
+    [
+        "a",
+        "bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        "bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxy",
+    ],
+    [
+        "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+        "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxa",
+        "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxb",
+    ],
 ];
 
 fn rename_key(key: &str, names: &[&str; 3]) -> String {

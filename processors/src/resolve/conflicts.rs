@@ -7,8 +7,8 @@ use crate::diff::{ChangeOp, ChangeSet, Stamp};
 use crate::events::{ConflictEvent, ConflictRule, ConflictSide, SideOp, EVENT_FORMAT_VERSION};
 use crate::path::{dotted, is_prefix, FieldPath};
 
+use super::path_key::{is_prefix_keyed, PathKey};
 use super::plan::Named;
-use super::sort_key::{is_prefix_keyed, SortKey};
 use super::sweep::{find, search, Entry};
 
 /// The document around a write, over the region that can change visibility (the named paths'
@@ -35,7 +35,7 @@ fn newer_on_chain<'e, 'a>(
     path: &FieldPath,
     than: &Stamp,
 ) -> Option<&'e Entry<'a>> {
-    let key = SortKey::of_first(path);
+    let key = PathKey::of(path);
     let ancestors = (0..path.len()).filter_map(|i| find(entries, &path[..i]));
     let past = search(entries, key, path).map_or_else(|i| i, |i| i + 1);
     let descendants = entries[past..]

@@ -3,15 +3,20 @@
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
+use rustc_hash::FxBuildHasher;
+
 use crate::write::{BucketKey, DocKey};
 
 use super::{DocState, ResolveState};
 
 /// An in-memory [`ResolveState`], for tests, benchmarks and tools.
+///
+/// Its maps hash with FxHash, which is fast but not resistant to chosen keys: do not serve
+/// untrusted tenants from it.
 #[derive(Debug, Clone, Default)]
 pub struct MemState {
     /// Documents by key (unordered: sort the keys for a stable order).
-    pub docs: HashMap<DocKey, DocState>,
+    pub docs: HashMap<DocKey, DocState, FxBuildHasher>,
     /// Last sequence number by bucket.
     pub seqs: BTreeMap<BucketKey, u64>,
 }

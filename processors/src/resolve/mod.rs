@@ -26,7 +26,8 @@
 //! # Where things are
 //!
 //! - [`DocState`] (`doc.rs`), its [`Registers`] (`registers.rs`), a flat map in path order, and
-//!   its [`Devices`] (`devices.rs`); both search dense keys (`sort_key.rs`) before strings;
+//!   its [`Devices`] (`devices.rs`); both search dense keys (`path_key.rs`, `sort_key.rs`) before
+//!   strings;
 //! - `plan.rs`: what a write does to the registers, worked out before anything changes;
 //! - `sweep.rs`: which registers are visible, in one pass;
 //! - `conflicts.rs`: the conflict rules;
@@ -36,6 +37,7 @@ mod conflicts;
 mod devices;
 mod doc;
 mod mem;
+mod path_key;
 mod plan;
 pub mod registers;
 mod sort_key;
@@ -52,9 +54,9 @@ use crate::path::{dotted, FieldPath};
 use crate::write::{BucketKey, DocKey};
 
 use conflicts::{detect_conflicts, ConflictView};
-use plan::{after_entries, before_entries, commit, plan_patch, plan_rebuild, Named, Region};
-use sort_key::cmp_paths;
-use sweep::mark_visible;
+use path_key::cmp_paths;
+use plan::{after_entries, before_entries, commit, plan_patch, plan_rebuild, Edits, Named, Region};
+use sweep::{mark_visible, Entries};
 
 pub use devices::{Devices, Seen};
 pub use doc::{DocState, MAX_DEVICES_PER_DOC};
@@ -132,22 +134,29 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
     let in_place = !(replace || is_delete) && before_exists && simple_paths;
 
     // The edits, the region of the registers that can change visibility, and that region as it
-    // is (swept against the newest delete/replace before the write).
-    let (edits, region, before) = if in_place {
+    // is (swept against the newest delete/replace before the write) and as it will be.
+    let (mut edits, mut region) = (Edits::new(), Region::new());
+    let (mut before, mut after) = (Entries::new(), Entries::new());
+    if in_place {
         // A merge patch to an existing document: only the named paths' registers change.
         if !set.is_empty() {
             keep_max(&mut doc.upserted_at, stamp);
         }
         let too_old = doc.cleared_at().is_some_and(|c| stamp < c);
-        let (edits, region) = plan_patch(&doc.registers, &sorted, stamp, too_old);
-        let mut before = before_entries(&doc.registers, &region);
+        plan_patch(
+            &doc.registers,
+            &sorted,
+            stamp,
+            too_old,
+            &mut edits,
+            &mut region,
+        );
+        before_entries(&doc.registers, &region, &mut before);
         mark_visible(&mut before, doc.cleared_at());
-        (edits, region, before)
     } else {
         // Everything else: all registers, and those older than a newer delete/replace go.
-        let mut region = Region::new();
         region.push(0..doc.registers.len());
-        let mut before = before_entries(&doc.registers, &region);
+        before_entries(&doc.registers, &region, &mut before);
         mark_visible(&mut before, doc.cleared_at());
         match &change.op {
             ChangeOp::Delete => keep_max(&mut doc.deleted_at, stamp),
@@ -168,11 +177,16 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
         } else {
             sorted.clear();
         }
-        let edits = plan_rebuild(&doc.registers, &sorted, stamp, live);
-        (edits, region, before)
-    };
+        plan_rebuild(&doc.registers, &sorted, stamp, live, &mut edits);
+    }
     let after_cleared = doc.cleared_at();
-    let mut after = after_entries(&doc.registers, &region, &edits, stamp, version);
+    after_entries(
+        &doc.registers,
+        &region,
+        &edits,
+        (stamp, version),
+        &mut after,
+    );
     mark_visible(&mut after, after_cleared);
     let after_exists = doc.exists();
 

@@ -14,8 +14,8 @@ use smallvec::SmallVec;
 use crate::diff::Stamp;
 use crate::path::FieldPath;
 
+use super::path_key::PathKey;
 use super::registers::{Register, Registers};
-use super::sort_key::SortKey;
 use super::sweep::{Entries, Entry};
 
 /// A path the write names, with the value it gives it (`None`: removes it).
@@ -60,24 +60,30 @@ impl Edit<'_> {
 }
 
 /// The edits of a merge patch to an existing document (no delete or replace): only the named
-/// paths change. `sorted` is in path order with distinct, non-empty paths. Returns the edits and
-/// the region: the index ranges of the top-level subtrees the patch names (every chain through a
-/// named path lies inside them).
+/// paths change. `sorted` is in path order with distinct, non-empty paths. Adds the edits and
+/// the region: index ranges, in order, holding every chain through a named path.
+///
+/// A named path with no register on any of its ancestors needs only its own subtree (itself and
+/// its descendants); otherwise its whole top-level subtree is taken, as an ancestor's visibility
+/// depends on all of its descendants.
 pub(super) fn plan_patch<'c>(
     registers: &Registers,
     sorted: &[Named<'c>],
     stamp: &Stamp,
     too_old: bool,
-) -> (Edits<'c>, Region) {
+    edits: &mut Edits<'c>,
+    region: &mut Region,
+) {
     let entries = registers.as_slice();
-    let mut edits = Edits::new();
-    let mut region = Region::new();
     let mut rest = sorted;
     while let Some(((first, _), _)) = rest.split_first() {
-        let key = first[0].as_str();
-        let group = rest.iter().take_while(|(p, _)| p[0] == key).count();
+        let top = &first[..1];
+        let group = rest.iter().take_while(|(p, _)| p[0] == top[0]).count();
+        let (group_start, mut whole) = (region.len(), false);
         for &(path, value) in &rest[..group] {
-            match registers.position(path) {
+            let key = PathKey::of(path);
+            let found = registers.search(key, path);
+            match found {
                 Ok(at) if *entries[at].1.stamp >= *stamp => {}
                 // Older than the newest delete/replace: it can never be visible, and neither can
                 // an older register at its path.
@@ -86,11 +92,26 @@ pub(super) fn plan_patch<'c>(
                 Err(_) if too_old => {}
                 Err(at) => edits.push(Edit::Insert { at, path, value }),
             }
+            whole = whole || (1..path.len()).any(|i| registers.position(&path[..i]).is_ok());
+            if !whole {
+                // Subtrees of paths in order are nested or disjoint, and in order.
+                let start = found.unwrap_or_else(|at| at);
+                let range = start..start + registers.count_under(start, key, path);
+                let in_group = region.len() > group_start;
+                match region.last_mut() {
+                    Some(last) if in_group && range.start < last.end => {
+                        last.end = last.end.max(range.end);
+                    }
+                    _ => region.push(range),
+                }
+            }
         }
-        region.push(registers.subtree(key));
+        if whole {
+            region.truncate(group_start);
+            region.push(registers.subtree(top));
+        }
         rest = &rest[group..];
     }
-    (edits, region)
 }
 
 /// The edits of any other write, over all registers: the named paths (in path order, distinct;
@@ -101,9 +122,9 @@ pub(super) fn plan_rebuild<'c>(
     named: &[Named<'c>],
     stamp: &Stamp,
     live: impl Fn(&Stamp) -> bool,
-) -> Edits<'c> {
+    edits: &mut Edits<'c>,
+) {
     let entries = registers.as_slice();
-    let mut edits = Edits::new();
     let mut named = named.iter().peekable();
     for (at, (path, reg)) in entries.iter().enumerate() {
         while let Some(&(p, value)) = named.next_if(|(p, _)| *p < path) {
@@ -124,30 +145,31 @@ pub(super) fn plan_rebuild<'c>(
             value,
         });
     }
-    edits
 }
 
 /// The registers of `region`, as they are.
-pub(super) fn before_entries<'a>(registers: &'a Registers, region: &[Range<usize>]) -> Entries<'a> {
+pub(super) fn before_entries<'a>(
+    registers: &'a Registers,
+    region: &[Range<usize>],
+    out: &mut Entries<'a>,
+) {
     let (keys, entries) = (registers.keys_slice(), registers.as_slice());
-    let mut out = Entries::new();
     for range in region {
         let pairs = keys[range.clone()].iter().zip(&entries[range.clone()]);
         out.extend(pairs.map(|(k, (p, r))| Entry::new(*k, p, r)));
     }
-    out
 }
 
-/// The registers of `region` as they will be after `edits` (by the write with `stamp`, on a
-/// document at `version`); each of the write's registers carries the index of its edit.
+/// The registers of `region` as they will be after `edits` by the write with `stamp` on a
+/// document at `version`; each of the write's registers carries the index of its edit.
 pub(super) fn after_entries<'a>(
     registers: &'a Registers,
     region: &[Range<usize>],
     edits: &[Edit<'a>],
-    stamp: &'a Stamp,
-    version: u64,
-) -> Entries<'a> {
-    let written = |index: usize, key: SortKey, path: &'a FieldPath, value| Entry {
+    (stamp, version): (&'a Stamp, u64),
+    out: &mut Entries<'a>,
+) {
+    let written = |index: usize, key: PathKey, path: &'a FieldPath, value| Entry {
         key,
         path,
         value,
@@ -158,7 +180,6 @@ pub(super) fn after_entries<'a>(
         visible: false,
     };
     let (keys, entries) = (registers.keys_slice(), registers.as_slice());
-    let mut out = Entries::new();
     let mut edits = edits.iter().copied().enumerate().peekable();
     for range in region {
         for at in range.start..=range.end {
@@ -166,7 +187,7 @@ pub(super) fn after_entries<'a>(
             while let Some((k, Edit::Insert { path, value, .. })) =
                 edits.next_if(|(_, e)| e.at() == at && matches!(e, Edit::Insert { .. }))
             {
-                out.push(written(k, SortKey::of_first(path), path, value));
+                out.push(written(k, PathKey::of(path), path, value));
             }
             if at == range.end {
                 break;
@@ -182,7 +203,6 @@ pub(super) fn after_entries<'a>(
         }
     }
     debug_assert!(edits.next().is_none(), "edits lie inside the region");
-    out
 }
 
 /// Sets `slot` to `value`, reusing the old value's buffer where the kinds match.
@@ -260,7 +280,7 @@ fn rebuild(
         while let Some((k, Edit::Insert { path, value, .. })) =
             edits.next_if(|(_, e)| e.at() == at && matches!(e, Edit::Insert { .. }))
         {
-            keys.push(SortKey::of_first(path));
+            keys.push(PathKey::of(path));
             out.push((path.clone(), make(k, value)));
         }
         let Some((key, (path, reg))) = old.next() else {

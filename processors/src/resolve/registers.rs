@@ -1,6 +1,7 @@
 //! [`Registers`]: a document's registers, one per field path, kept in path order.
 
 use std::borrow::Borrow;
+use std::cmp::Ordering;
 use std::fmt;
 use std::ops::{Bound, Range, RangeBounds};
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use serde_json::Value;
 use crate::diff::Stamp;
 use crate::path::FieldPath;
 
-use super::sort_key::{cmp_paths, SortKey};
+use super::path_key::{cmp_paths, is_prefix_keyed, PathKey};
 
 /// One field's register.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -52,14 +53,15 @@ mod shared_stamp {
 /// A document has tens of fields, not thousands. One contiguous block is cheaper to search,
 /// iterate and copy than tree nodes, and a path's descendants are the entries right after it
 /// (see [`crate::path::FieldPath`]), so a top-level field's subtree is one slice. Beside the
-/// entries sits a dense array of [`SortKey`]s of their first segments: a search reads that array
-/// and looks at the path strings themselves (each behind two pointers) only to break ties. The
+/// entries sits a dense array of 32-byte keys of their paths (`PathKey`): searches and chain
+/// tests read that array, and look at the path strings themselves (each behind two pointers)
+/// only for paths too long for their keys to decide. The
 /// methods mirror `BTreeMap`'s where they overlap; unlike `BTreeMap::range`,
 /// [`Registers::range`] never panics (an empty or inverted range yields nothing).
 #[derive(Clone, Default, PartialEq)]
 pub struct Registers {
-    /// `keys[i]` is the key of `entries[i]`'s first segment.
-    keys: Vec<SortKey>,
+    /// `keys[i]` is the key of `entries[i]`'s path.
+    keys: Vec<PathKey>,
     /// Sorted by path, paths distinct.
     entries: Vec<(FieldPath, Register)>,
 }
@@ -82,28 +84,21 @@ impl Registers {
 
     /// Where `path` is (`Ok`), or where it would go (`Err`).
     pub(crate) fn position(&self, path: &[String]) -> Result<usize, usize> {
-        let key = SortKey::of_first(path);
-        let range = self.key_range(key);
-        if key.is_exact() && path.len() <= 1 {
-            // The path is its first segment (or empty), which sorts first among its equals.
-            let found = range.start < range.end && self.entries[range.start].0.len() == path.len();
-            return if found {
-                Ok(range.start)
-            } else {
-                Err(range.start)
-            };
-        }
-        self.entries[range.clone()]
-            .binary_search_by(|(p, _)| cmp_paths(key, p, key, path))
-            .map(|i| range.start + i)
-            .map_err(|i| range.start + i)
+        self.search(PathKey::of(path), path)
     }
 
-    /// The index range of the entries whose first segment has key `key`.
-    fn key_range(&self, key: SortKey) -> Range<usize> {
-        let start = self.keys.partition_point(|k| *k < key);
-        let len = self.keys[start..].iter().take_while(|k| **k == key).count();
-        start..start + len
+    /// [`Registers::position`] of `path`, whose key is `key`.
+    pub(crate) fn search(&self, key: PathKey, path: &[String]) -> Result<usize, usize> {
+        let (mut lo, mut hi) = (0, self.keys.len());
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match cmp_paths(self.keys[mid], &self.entries[mid].0, key, path) {
+                Ordering::Less => lo = mid + 1,
+                Ordering::Greater => hi = mid,
+                Ordering::Equal => return Ok(mid),
+            }
+        }
+        Err(lo)
     }
 
     /// The register at `path`.
@@ -134,7 +129,7 @@ impl Registers {
         match self.position(&path) {
             Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, register)),
             Err(i) => {
-                self.keys.insert(i, SortKey::of_first(&path));
+                self.keys.insert(i, PathKey::of(&path));
                 self.entries.insert(i, (path, register));
                 None
             }
@@ -211,8 +206,8 @@ impl Registers {
         &self.entries
     }
 
-    /// The keys of the entries' first segments, in path order.
-    pub(crate) fn keys_slice(&self) -> &[SortKey] {
+    /// The keys of the entries' paths, in path order.
+    pub(crate) fn keys_slice(&self) -> &[PathKey] {
         &self.keys
     }
 
@@ -221,25 +216,26 @@ impl Registers {
         &mut self.entries
     }
 
-    /// The index range of the registers under the top-level field `key` (`key` itself and its
-    /// descendants).
-    pub(crate) fn subtree(&self, key: &str) -> Range<usize> {
-        let sort_key = SortKey::of(key);
-        let range = self.key_range(sort_key);
-        if sort_key.is_exact() {
-            return range;
-        }
-        let slice = &self.entries[range.clone()];
-        let start = slice.partition_point(|(p, _)| p[0].as_str() < key);
-        let len = slice[start..]
+    /// The index range of the registers under the top-level field `top` (a one-segment path):
+    /// `top` itself and its descendants.
+    pub(crate) fn subtree(&self, top: &[String]) -> Range<usize> {
+        debug_assert_eq!(top.len(), 1);
+        let key = PathKey::of(top);
+        let start = self.search(key, top).unwrap_or_else(|i| i);
+        start..start + self.count_under(start, key, top)
+    }
+
+    /// How many registers from index `start` on are `path` (with key `key`) or its descendants.
+    pub(crate) fn count_under(&self, start: usize, key: PathKey, path: &[String]) -> usize {
+        self.keys[start..]
             .iter()
-            .take_while(|(p, _)| p[0] == key)
-            .count();
-        range.start + start..range.start + start + len
+            .zip(&self.entries[start..])
+            .take_while(|(k, (p, _))| is_prefix_keyed(key, path, **k, p))
+            .count()
     }
 
     /// Takes every entry out, with its key, leaving none.
-    pub(crate) fn take_parts(&mut self) -> (Vec<SortKey>, Vec<(FieldPath, Register)>) {
+    pub(crate) fn take_parts(&mut self) -> (Vec<PathKey>, Vec<(FieldPath, Register)>) {
         (
             std::mem::take(&mut self.keys),
             std::mem::take(&mut self.entries),
@@ -247,12 +243,12 @@ impl Registers {
     }
 
     /// Registers from entries already in path order with distinct paths, with their keys.
-    pub(crate) fn from_parts(keys: Vec<SortKey>, entries: Vec<(FieldPath, Register)>) -> Self {
+    pub(crate) fn from_parts(keys: Vec<PathKey>, entries: Vec<(FieldPath, Register)>) -> Self {
         debug_assert!(entries.windows(2).all(|w| w[0].0 < w[1].0));
         debug_assert!(keys
             .iter()
             .zip(&entries)
-            .all(|(k, (p, _))| *k == SortKey::of_first(p)));
+            .all(|(k, (p, _))| *k == PathKey::of(p)));
         Self { keys, entries }
     }
 }
@@ -315,7 +311,7 @@ impl FromIterator<(FieldPath, Register)> for Registers {
             }
             entries = deduped;
         }
-        let keys = entries.iter().map(|(p, _)| SortKey::of_first(p)).collect();
+        let keys = entries.iter().map(|(p, _)| PathKey::of(p)).collect();
         Self { keys, entries }
     }
 }
@@ -407,9 +403,9 @@ mod tests {
                 .range::<FieldPath, _>(upto)
                 .eq(tree.range::<FieldPath, _>(upto)));
         }
-        assert_eq!(flat.subtree("a"), 0..3);
-        assert_eq!(flat.subtree("c"), 5..7);
-        assert_eq!(flat.subtree("x"), 7..7);
+        assert_eq!(flat.subtree(&path("a")), 0..3);
+        assert_eq!(flat.subtree(&path("c")), 5..7);
+        assert_eq!(flat.subtree(&path("x")), 7..7);
         assert_eq!(flat.remove(&path("a.x")), tree.remove(&path("a.x")));
         flat.retain(|p, _| p.len() < 3);
         tree.retain(|p, _| p.len() < 3);

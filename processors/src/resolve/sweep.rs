@@ -8,8 +8,8 @@ use smallvec::SmallVec;
 use crate::diff::Stamp;
 use crate::path::FieldPath;
 
+use super::path_key::{cmp_paths, is_prefix_keyed, PathKey};
 use super::registers::Register;
-use super::sort_key::{cmp_paths, is_prefix_keyed, SortKey};
 
 /// Entries of one write's region; most writes fit without a heap allocation.
 pub(super) type Entries<'a> = SmallVec<[Entry<'a>; 16]>;
@@ -18,8 +18,8 @@ pub(super) type Entries<'a> = SmallVec<[Entry<'a>; 16]>;
 /// is adding (which borrows the write's value and stamp until it is stored).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Entry<'a> {
-    /// The key of its path's first segment.
-    pub key: SortKey,
+    /// The key of its path.
+    pub key: PathKey,
     /// Its path.
     pub path: &'a FieldPath,
     /// Its value (`None`: the field was removed).
@@ -38,9 +38,9 @@ pub(super) struct Entry<'a> {
 }
 
 impl<'a> Entry<'a> {
-    /// An existing register, not yet swept; `key` is the key of `path`'s first segment.
-    pub fn new(key: SortKey, path: &'a FieldPath, reg: &'a Register) -> Self {
-        debug_assert_eq!(key, SortKey::of_first(path));
+    /// An existing register, not yet swept; `key` is the key of `path`.
+    pub fn new(key: PathKey, path: &'a FieldPath, reg: &'a Register) -> Self {
+        debug_assert_eq!(key, PathKey::of(path));
         Self {
             key,
             path,
@@ -59,15 +59,14 @@ impl<'a> Entry<'a> {
     }
 }
 
-/// Where `path` (with `key`, the key of its first segment) is in `entries` (in path order), or
-/// where it would go.
-pub(super) fn search(entries: &[Entry<'_>], key: SortKey, path: &[String]) -> Result<usize, usize> {
+/// Where `path` (with key `key`) is in `entries` (in path order), or where it would go.
+pub(super) fn search(entries: &[Entry<'_>], key: PathKey, path: &[String]) -> Result<usize, usize> {
     entries.binary_search_by(|e| cmp_paths(e.key, e.path, key, path))
 }
 
 /// The entry at `path` in `entries` (in path order).
 pub(super) fn find<'e, 'a>(entries: &'e [Entry<'a>], path: &[String]) -> Option<&'e Entry<'a>> {
-    let i = search(entries, SortKey::of_first(path), path).ok()?;
+    let i = search(entries, PathKey::of(path), path).ok()?;
     Some(&entries[i])
 }
 
