@@ -87,6 +87,11 @@ impl Limits {
     /// One walk checks the structure and adds up the body's size as compact JSON (what
     /// `serde_json::to_vec` would produce), so nothing is serialised.
     pub fn check_body(&self, body: &Map<String, Value>) -> Result<(), Rejection> {
+        self.check_body_fields(body).map(|_| ())
+    }
+
+    /// [`Limits::check_body`], returning the body's number of leaf fields.
+    pub(crate) fn check_body_fields(&self, body: &Map<String, Value>) -> Result<usize, Rejection> {
         let mut fields = 0usize;
         let size = self.check_object(body, 1, &mut fields, None)?;
         if size > self.max_doc_bytes {
@@ -95,7 +100,7 @@ impl Limits {
                 format!("body is {size} bytes; the limit is {}", self.max_doc_bytes),
             ));
         }
-        Ok(())
+        Ok(fields)
     }
 
     /// Checks an object at `at` (`None`: the body), returning its size as compact JSON.

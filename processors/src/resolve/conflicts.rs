@@ -9,7 +9,7 @@ use crate::path::{dotted, is_prefix, FieldPath};
 
 use super::path_key::{is_prefix_keyed, PathKey};
 use super::plan::Named;
-use super::sweep::{find, search, Entry};
+use super::sweep::{find, search, Cursor, Entry};
 
 /// The document around a write, over the region that can change visibility (the named paths'
 /// top-level subtrees, or the whole document), swept.
@@ -89,7 +89,6 @@ pub(super) fn detect_conflicts<'c>(
     touched: impl Iterator<Item = Named<'c>> + Clone,
 ) -> Vec<ConflictEvent> {
     let stamp = &change.stamp;
-    let is_visible_after = |path: &FieldPath| find(view.after, path).is_some_and(|e| e.visible);
     let mut out = Vec::new();
     let mut report = |field: &FieldPath, rule, winner: ConflictSide, loser: ConflictSide| {
         if agree(&winner, &loser) {
@@ -160,6 +159,7 @@ pub(super) fn detect_conflicts<'c>(
     }
 
     // 2. Visible fields the write replaced or removed without having seen them.
+    let mut after = Cursor::new(view.after);
     let visible_before = view.before.iter().filter(|e| e.visible);
     for prev in visible_before.filter(|_| change.base_version.is_some()) {
         let path = prev.path;
@@ -170,7 +170,7 @@ pub(super) fn detect_conflicts<'c>(
         if !unseen || *prev.stamp >= *stamp {
             continue;
         }
-        let now = find(view.after, path);
+        let now = after.find(prev.key, path);
         let replaced = !now.is_some_and(|e| e.visible) || now.is_some_and(|e| *e.stamp == *stamp);
         if !replaced {
             continue;
@@ -197,15 +197,16 @@ pub(super) fn detect_conflicts<'c>(
         ChangeOp::Fields { replace, .. } => *replace,
     };
     if implicit {
+        let mut after = Cursor::new(view.after);
         for prev in view.before.iter().filter(|e| e.visible) {
             let path = prev.path;
-            let Some(now) = find(view.after, path).filter(|e| *e.stamp > *stamp) else {
+            let Some(now) = after.find(prev.key, path).filter(|e| *e.stamp > *stamp) else {
                 continue;
             };
             let named = touched
                 .clone()
                 .any(|(n, _)| is_prefix(n, path) || is_prefix(path, n));
-            if !named && is_visible_after(path) {
+            if !named && now.visible {
                 let winner = register_side(path, now);
                 let loser = ConflictSide::new(stamp, side_op, None);
                 report(path, ConflictRule::LwwTimestamp, winner, loser);

@@ -39,6 +39,20 @@ impl ResolveState for MemState {
         }
         Ok(())
     }
+    /// Changes the document where it lies (one lookup, no copy).
+    fn update_doc<R>(
+        &mut self,
+        key: &DocKey,
+        f: impl FnOnce(&mut DocState) -> R,
+    ) -> Result<R, Infallible> {
+        if let Some(doc) = self.docs.get_mut(key) {
+            return Ok(f(doc));
+        }
+        let mut doc = DocState::default();
+        let out = f(&mut doc);
+        self.docs.insert(key.clone(), doc);
+        Ok(out)
+    }
     fn last_seq(&mut self, bucket: &BucketKey) -> Result<u64, Infallible> {
         Ok(self.seqs.get(bucket).copied().unwrap_or(0))
     }

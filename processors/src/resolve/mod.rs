@@ -309,6 +309,20 @@ pub trait ResolveState {
     }
     /// Stores a document's state.
     fn store_doc(&mut self, key: &DocKey, doc: DocState) -> Result<(), Self::Error>;
+    /// Runs `f` on a document's state (an empty one when there is none) and stores the result:
+    /// what [`resolve_lww`] does with each write's document. Defaults to
+    /// [`ResolveState::take_doc`], `f`, [`ResolveState::store_doc`]; a store that can change the
+    /// state where it lies may do that instead.
+    fn update_doc<R>(
+        &mut self,
+        key: &DocKey,
+        f: impl FnOnce(&mut DocState) -> R,
+    ) -> Result<R, Self::Error> {
+        let mut doc = self.take_doc(key)?.unwrap_or_default();
+        let out = f(&mut doc);
+        self.store_doc(key, doc)?;
+        Ok(out)
+    }
     /// The bucket's last sequence number (0 before the first change).
     fn last_seq(&mut self, bucket: &BucketKey) -> Result<u64, Self::Error>;
     /// Stores the bucket's last sequence number.
@@ -321,14 +335,17 @@ pub fn resolve_lww<S: ResolveState>(
     state: &mut S,
     change: &ChangeSet,
 ) -> Result<Applied, S::Error> {
-    let mut doc = state.take_doc(&change.key)?.unwrap_or_default();
-    let mut applied = apply_change(&mut doc, change);
-    if let Some(event) = applied.change.as_mut() {
-        let seq = state.last_seq(&change.key.bucket)? + 1;
+    let seq = state.last_seq(&change.key.bucket)? + 1;
+    let applied = state.update_doc(&change.key, |doc| {
+        let mut applied = apply_change(doc, change);
+        if let Some(event) = applied.change.as_mut() {
+            event.seq = seq;
+            doc.seq = seq;
+        }
+        applied
+    })?;
+    if applied.change.is_some() {
         state.store_last_seq(&change.key.bucket, seq)?;
-        event.seq = seq;
-        doc.seq = seq;
     }
-    state.store_doc(&change.key, doc)?;
     Ok(applied)
 }

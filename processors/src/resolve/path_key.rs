@@ -35,27 +35,34 @@ pub(crate) struct PathKey {
 impl PathKey {
     /// The key of `path`.
     pub fn of(path: &[String]) -> Self {
-        fn push(bytes: &mut [u8; HELD + 1], len: &mut usize, b: u8) {
-            if *len < HELD {
-                bytes[*len] = b;
-            }
-            *len += 1;
-        }
         let (mut bytes, mut len) = ([0u8; HELD + 1], 0usize);
         for segment in path {
-            push(&mut bytes, &mut len, 0);
-            for b in segment.bytes() {
-                match b {
-                    0 | 1 => {
-                        push(&mut bytes, &mut len, 1);
-                        push(&mut bytes, &mut len, b + 1);
-                    }
-                    _ => push(&mut bytes, &mut len, b),
-                }
-            }
-            if len > HELD {
-                // The rest only makes the encoding longer, which the length byte caps anyway.
+            if len >= HELD {
+                // Only the length grows from here, and the length byte caps it.
+                len += 1;
                 break;
+            }
+            len += 1; // the separator, already 0
+            let raw = segment.as_bytes();
+            if raw.iter().all(|&b| b > 1) {
+                let n = raw.len().min(HELD - len.min(HELD));
+                bytes[len..len + n].copy_from_slice(&raw[..n]);
+                len += raw.len();
+                continue;
+            }
+            for &b in raw {
+                let escaped = [1, b + 1];
+                let unit: &[u8] = if b <= 1 {
+                    &escaped
+                } else {
+                    std::slice::from_ref(&b)
+                };
+                for &u in unit {
+                    if len < HELD {
+                        bytes[len] = u;
+                    }
+                    len += 1;
+                }
             }
         }
         bytes[HELD] = len.min(HELD + 1) as u8;
@@ -77,12 +84,28 @@ impl PathKey {
         self.exact_len().is_some()
     }
 
-    /// The held bytes and the length byte.
-    fn bytes(self) -> [u8; HELD + 1] {
-        let mut out = [0u8; HELD + 1];
-        out[..16].copy_from_slice(&self.high.to_be_bytes());
-        out[16..].copy_from_slice(&self.low.to_be_bytes());
-        out
+    /// Whether the first `n` held bytes of `self` and `other` are equal (`n` at most 31).
+    fn same_start(self, other: PathKey, n: usize) -> bool {
+        // A mask of the first `k` bytes (`k` at most 16) of a big-endian 16-byte half.
+        let mask = |k: usize| {
+            if k == 0 {
+                0
+            } else {
+                u128::MAX << (8 * (16 - k))
+            }
+        };
+        let high = (self.high ^ other.high) & mask(n.min(16));
+        let low = (self.low ^ other.low) & mask(n.saturating_sub(16));
+        high == 0 && low == 0
+    }
+
+    /// Held byte `i` (below 31).
+    fn byte(self, i: usize) -> u8 {
+        if i < 16 {
+            (self.high >> (8 * (15 - i))) as u8
+        } else {
+            (self.low >> (8 * (31 - i))) as u8
+        }
     }
 
     /// The order of the paths with keys `self` and `other`, if the keys decide it.
@@ -98,16 +121,15 @@ impl PathKey {
     /// the keys decide it.
     pub fn is_prefix_of(self, other: PathKey) -> Option<bool> {
         let len = self.exact_len()?;
-        let (mine, theirs) = (self.bytes(), other.bytes());
-        let other_len = usize::from(theirs[HELD]);
-        if len > other_len || mine[..len] != theirs[..len] {
+        let other_len = usize::from(other.low as u8);
+        if len > other_len || !self.same_start(other, len) {
             return Some(false);
         }
         if len == other_len {
             return Some(true);
         }
         // The other encoding goes on: a separator next means a descendant.
-        (len < HELD).then(|| theirs[len] == 0)
+        (len < HELD).then(|| other.byte(len) == 0)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Which registers are visible: one pass over registers in path order.
 
-use std::cmp::max;
+use std::cmp::{max, Ordering};
 
 use serde_json::Value;
 use smallvec::SmallVec;
@@ -68,6 +68,35 @@ pub(super) fn search(entries: &[Entry<'_>], key: PathKey, path: &[String]) -> Re
 pub(super) fn find<'e, 'a>(entries: &'e [Entry<'a>], path: &[String]) -> Option<&'e Entry<'a>> {
     let i = search(entries, PathKey::of(path), path).ok()?;
     Some(&entries[i])
+}
+
+/// Finds entries for paths asked in path order, in one pass over the entries.
+pub(super) struct Cursor<'e, 'a> {
+    entries: &'e [Entry<'a>],
+    next: usize,
+}
+
+impl<'e, 'a> Cursor<'e, 'a> {
+    /// A cursor at the start of `entries` (in path order).
+    pub fn new(entries: &'e [Entry<'a>]) -> Self {
+        Self { entries, next: 0 }
+    }
+
+    /// The entry at `path` (with key `key`); paths must be asked in order.
+    pub fn find(&mut self, key: PathKey, path: &[String]) -> Option<&'e Entry<'a>> {
+        let order = |e: &Entry<'_>| cmp_paths(e.key, e.path, key, path);
+        while self
+            .entries
+            .get(self.next)
+            .is_some_and(|e| order(e) == Ordering::Less)
+        {
+            self.next += 1;
+        }
+        let entries = self.entries;
+        entries
+            .get(self.next)
+            .filter(|e| order(e) == Ordering::Equal)
+    }
 }
 
 /// Sets `hidden` and `visible` on every entry. `entries` must be in path order and contain, with
