@@ -179,7 +179,9 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
         }
         plan_rebuild(&doc.registers, &sorted, stamp, live, &mut edits);
     }
-    let after_cleared = doc.cleared_at();
+    // The write's own stamp when it is the newest delete/replace, so its registers compare with
+    // it by address.
+    let after_cleared = doc.cleared_at().map(|c| if c == stamp { stamp } else { c });
     after_entries(
         &doc.registers,
         &region,

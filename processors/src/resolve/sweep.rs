@@ -154,7 +154,18 @@ pub(super) fn mark_visible(entries: &mut [Entry<'_>], cleared: Option<&Stamp>) {
     while !stack.is_empty() {
         close(entries, &mut stack);
     }
+    // Registers of one write share a stamp and usually sit together: compare each stamp once.
+    let mut last: Option<(&Stamp, bool)> = None;
     for e in entries {
-        e.visible = e.value.is_some() && !e.hidden && cleared.is_none_or(|c| *e.stamp >= *c);
+        let live = match (cleared, last) {
+            (None, _) => true,
+            (Some(_), Some((s, live))) if std::ptr::eq(s, e.stamp) => live,
+            (Some(c), _) => {
+                let live = std::ptr::eq(e.stamp, c) || *e.stamp >= *c;
+                last = Some((e.stamp, live));
+                live
+            }
+        };
+        e.visible = e.value.is_some() && !e.hidden && live;
     }
 }
