@@ -21,7 +21,6 @@
 //! (a full set replaces, a merge patch merges, a delete removes), with the merge-patch details of
 //! `docs/CONFLICTS.md`; `tests/properties.rs` checks it against exactly that sequential model.
 //! The conflict rules are listed on `detect_conflicts` and explained in `docs/CONFLICTS.md`.
-
 //!
 //! # Where things are
 //!
@@ -56,7 +55,7 @@ use crate::write::{BucketKey, DocKey};
 use conflicts::{detect_conflicts, ConflictView};
 use path_key::cmp_paths;
 use plan::{after_entries, before_entries, commit, plan_patch, plan_rebuild, Edits, Named, Region};
-use sweep::{mark_visible, Entries};
+use sweep::{mark_visible, Entries, Entry};
 
 pub use devices::{Devices, Seen};
 pub use doc::{DocState, MAX_DEVICES_PER_DOC};
@@ -90,10 +89,10 @@ fn keep_max(slot: &mut Option<Stamp>, stamp: &Stamp) {
 /// Applies one change set to a document's state. Pure; `seq` of the returned change is 0.
 ///
 /// The state after a change is the model of the module docs. To stay fast the write is worked out
-/// before the state changes: a merge patch to an existing document only looks at the top-level
-/// fields it names (nothing else can change), the registers before and after are compared only
-/// there, and registers are moved rather than cloned. `tests/naive_equivalence.rs` checks this
-/// against the straightforward formulation.
+/// before the state changes, and a merge patch to an existing document only looks at the chains
+/// of the paths it names (nothing else can change): the registers before and after are compared
+/// only there, and the write's registers are stored once its outputs are known.
+/// `tests/naive_equivalence.rs` checks this against the straightforward formulation.
 pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
     let stamp = &change.stamp;
     let retransmission = doc.note_device(stamp);
@@ -192,42 +191,11 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
     mark_visible(&mut after, after_cleared);
     let after_exists = doc.exists();
 
-    // The diff of the visible registers, both in path order. A field rewritten with the value it
-    // had keeps the version its value dates from (what `stale_base_version` compares against):
-    // `(edit, version)`.
-    let mut set_out = Map::new();
-    let mut unset_out: Vec<String> = Vec::new();
-    let mut unchanged: SmallVec<[(usize, u64); 8]> = SmallVec::new();
-    {
-        let mut was = before.iter().filter(|e| e.visible).peekable();
-        let mut now = after.iter().filter(|e| e.visible).peekable();
-        loop {
-            let order = match (was.peek(), now.peek()) {
-                (Some(b), Some(a)) => cmp_paths(b.key, b.path, a.key, a.path),
-                (Some(_), None) => Ordering::Less,
-                (None, Some(_)) => Ordering::Greater,
-                (None, None) => break,
-            };
-            match order {
-                Ordering::Less => {
-                    let b = was.next().expect("peeked");
-                    unset_out.push(dotted(b.path));
-                }
-                Ordering::Equal => {
-                    let (b, a) = (was.next().expect("peeked"), now.next().expect("peeked"));
-                    if b.value != a.value {
-                        set_out.insert(dotted(a.path), a.value.cloned().unwrap_or_default());
-                    } else if let Some(k) = a.fresh.filter(|_| *b.stamp != *stamp) {
-                        unchanged.push((k, b.changed_version));
-                    }
-                }
-                Ordering::Greater => {
-                    let a = now.next().expect("peeked");
-                    set_out.insert(dotted(a.path), a.value.cloned().unwrap_or_default());
-                }
-            }
-        }
-    }
+    let VisibleDiff {
+        set: set_out,
+        unset: unset_out,
+        unchanged,
+    } = visible_diff(&before, &after, stamp);
     let changed = !set_out.is_empty() || !unset_out.is_empty() || before_exists != after_exists;
     let new_version = version + u64::from(changed);
 
@@ -297,15 +265,67 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
     applied
 }
 
+/// How the visible registers differ before and after a write.
+struct VisibleDiff {
+    /// Fields whose value changed or that appeared, by dotted path.
+    set: Map<String, Value>,
+    /// Fields that disappeared, by dotted path, in path order.
+    unset: Vec<String>,
+    /// The write's registers that rewrote the value their field already had, as
+    /// `(edit, version the value dates from)`: they keep that version (what
+    /// `stale_base_version` compares against).
+    unchanged: SmallVec<[(usize, u64); 8]>,
+}
+
+/// The diff of the visible entries of `before` and `after` (both in path order) for the write
+/// with `stamp`.
+fn visible_diff(before: &[Entry<'_>], after: &[Entry<'_>], stamp: &Stamp) -> VisibleDiff {
+    let mut diff = VisibleDiff {
+        set: Map::new(),
+        unset: Vec::new(),
+        unchanged: SmallVec::new(),
+    };
+    let mut was = before.iter().filter(|e| e.visible).peekable();
+    let mut now = after.iter().filter(|e| e.visible).peekable();
+    loop {
+        let order = match (was.peek(), now.peek()) {
+            (Some(b), Some(a)) => cmp_paths(b.key, b.path, a.key, a.path),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => return diff,
+        };
+        match order {
+            Ordering::Less => {
+                let b = was.next().expect("peeked");
+                diff.unset.push(dotted(b.path));
+            }
+            Ordering::Equal => {
+                let (b, a) = (was.next().expect("peeked"), now.next().expect("peeked"));
+                if b.value != a.value {
+                    let value = a.value.cloned().unwrap_or_default();
+                    diff.set.insert(dotted(a.path), value);
+                } else if let Some(k) = a.fresh.filter(|_| *b.stamp != *stamp) {
+                    diff.unchanged.push((k, b.changed_version));
+                }
+            }
+            Ordering::Greater => {
+                let a = now.next().expect("peeked");
+                diff.set
+                    .insert(dotted(a.path), a.value.cloned().unwrap_or_default());
+            }
+        }
+    }
+}
+
 /// What the resolver reads and writes. The runtime implements it over sled with an overlay.
 pub trait ResolveState {
     /// The store's error.
     type Error;
     /// A document's state.
     fn load_doc(&mut self, key: &DocKey) -> Result<Option<DocState>, Self::Error>;
-    /// A document's state, to be updated: [`resolve_lww`] stores it back with
-    /// [`ResolveState::store_doc`] right after (when neither call fails), so a store may hand over
-    /// its own copy instead of cloning it. Defaults to [`ResolveState::load_doc`].
+    /// A document's state, to be updated: the default [`ResolveState::update_doc`] stores it back
+    /// with [`ResolveState::store_doc`] right after (when neither call fails), so a store may hand
+    /// over its own copy instead of cloning it. Defaults to [`ResolveState::load_doc`].
     fn take_doc(&mut self, key: &DocKey) -> Result<Option<DocState>, Self::Error> {
         self.load_doc(key)
     }

@@ -55,9 +55,9 @@ mod shared_stamp {
 /// (see [`crate::path::FieldPath`]), so a top-level field's subtree is one slice. Beside the
 /// entries sits a dense array of 32-byte keys of their paths (`PathKey`): searches and chain
 /// tests read that array, and look at the path strings themselves (each behind two pointers)
-/// only for paths too long for their keys to decide. The
-/// methods mirror `BTreeMap`'s where they overlap; unlike `BTreeMap::range`,
-/// [`Registers::range`] never panics (an empty or inverted range yields nothing).
+/// only for paths too long for their keys to decide. The methods mirror `BTreeMap`'s where they
+/// overlap; unlike `BTreeMap::range`, [`Registers::range`] never panics (an empty or inverted
+/// range yields nothing).
 #[derive(Clone, Default, PartialEq)]
 pub struct Registers {
     /// `keys[i]` is the key of `entries[i]`'s path.
