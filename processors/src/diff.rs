@@ -1,6 +1,7 @@
 //! `compute_diff`: the stateless stage. Validates a write and turns it into a field-level change set.
 
 use serde_json::{Map, Value};
+use smallvec::SmallVec;
 
 use crate::hlc::{bound_skew, Hlc};
 use crate::limits::{check_bucket, check_tenant, Limits};
@@ -87,10 +88,10 @@ pub fn compute_diff(write: &Write, ctx: &DiffContext<'_>) -> Result<Option<Chang
     non_empty("device_id", &write.device_id)?;
     let op = match &write.op {
         WriteOp::Set { doc } => {
-            ctx.limits.check_body(doc)?;
+            let fields = ctx.limits.check_body_fields(doc)?;
             // The leaves in path order, as `path::flatten` sorts them.
-            let mut set = Vec::new();
-            leaves(doc, &mut Vec::new(), &mut set);
+            let mut set = Vec::with_capacity(fields);
+            leaves(doc, &mut Prefix::new(), &mut set);
             if !set.is_sorted_by(|a, b| a.0 < b.0) {
                 set.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             }
@@ -101,9 +102,9 @@ pub fn compute_diff(write: &Write, ctx: &DiffContext<'_>) -> Result<Option<Chang
             }
         }
         WriteOp::Patch { patch } => {
-            ctx.limits.check_body(patch)?;
-            let (mut set, mut unset) = (Vec::new(), Vec::new());
-            split_patch(patch, &mut Vec::new(), &mut set, &mut unset);
+            let fields = ctx.limits.check_body_fields(patch)?;
+            let (mut set, mut unset) = (Vec::with_capacity(fields), Vec::new());
+            split_patch(patch, &mut Prefix::new(), &mut set, &mut unset);
             if set.is_empty() && unset.is_empty() {
                 return Ok(None);
             }
@@ -130,6 +131,9 @@ pub fn compute_diff(write: &Write, ctx: &DiffContext<'_>) -> Result<Option<Chang
     }))
 }
 
+/// The keys from the body's root down to the object being walked.
+type Prefix<'a> = SmallVec<[&'a String; 8]>;
+
 /// The path `prefix` + `key`, owned.
 fn path_to(prefix: &[&String], key: &str) -> FieldPath {
     let mut path = Vec::with_capacity(prefix.len() + 1);
@@ -142,7 +146,7 @@ fn path_to(prefix: &[&String], key: &str) -> FieldPath {
 /// `path::flatten` without the map.
 fn leaves<'a>(
     obj: &'a Map<String, Value>,
-    prefix: &mut Vec<&'a String>,
+    prefix: &mut Prefix<'a>,
     out: &mut Vec<(FieldPath, Value)>,
 ) {
     for (key, value) in obj {
@@ -161,7 +165,7 @@ fn leaves<'a>(
 /// object changes nothing, anything else sets.
 fn split_patch<'a>(
     patch: &'a Map<String, Value>,
-    prefix: &mut Vec<&'a String>,
+    prefix: &mut Prefix<'a>,
     set: &mut Vec<(FieldPath, Value)>,
     unset: &mut Vec<FieldPath>,
 ) {

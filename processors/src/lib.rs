@@ -28,5 +28,8 @@ pub use events::{ConflictEvent, ConflictRule, ConflictSide, SideOp, SyncEvent};
 pub use hlc::{Hlc, HlcClock};
 pub use limits::Limits;
 pub use reject::{RejectCode, Rejection};
-pub use resolve::{apply_change, resolve_lww, Applied, DocState, MemState, Register, ResolveState};
+pub use resolve::{
+    apply_change, resolve_lww, Applied, Devices, DocState, MemState, Register, Registers,
+    ResolveState,
+};
 pub use write::{decode_write, BucketKey, DocKey, Write, WriteOp};

@@ -83,46 +83,52 @@ impl Limits {
     }
 
     /// Checks a document or patch body against every limit and the field-name rules.
+    ///
+    /// One walk checks the structure and adds up the body's size as compact JSON (what
+    /// `serde_json::to_vec` would produce), so nothing is serialised.
     pub fn check_body(&self, body: &Map<String, Value>) -> Result<(), Rejection> {
+        self.check_body_fields(body).map(|_| ())
+    }
+
+    /// [`Limits::check_body`], returning the body's number of leaf fields.
+    pub(crate) fn check_body_fields(&self, body: &Map<String, Value>) -> Result<usize, Rejection> {
         let mut fields = 0usize;
-        self.check_object(body, 1, &mut fields, &mut Vec::new())?;
-        let mut counter = ByteCounter(0);
-        let size = serde_json::to_writer(&mut counter, body)
-            .map(|()| counter.0)
-            .unwrap_or(usize::MAX);
+        let size = self.check_object(body, 1, &mut fields, None)?;
         if size > self.max_doc_bytes {
             return Err(Rejection::new(
                 RejectCode::TooLarge,
                 format!("body is {size} bytes; the limit is {}", self.max_doc_bytes),
             ));
         }
-        Ok(())
+        Ok(fields)
     }
 
-    /// `at` is the path of `obj`, joined with dots only for an error message.
-    fn check_object<'a>(
+    /// Checks an object at `at` (`None`: the body), returning its size as compact JSON.
+    fn check_object(
         &self,
-        obj: &'a Map<String, Value>,
+        obj: &Map<String, Value>,
         depth: usize,
         fields: &mut usize,
-        at: &mut Vec<&'a str>,
-    ) -> Result<(), Rejection> {
+        at: Option<&At<'_>>,
+    ) -> Result<usize, Rejection> {
         if depth > self.max_depth {
             return Err(Rejection::new(
                 RejectCode::TooDeep,
                 format!(
                     "objects nest deeper than {} at '{}'",
                     self.max_depth,
-                    at.join(".")
+                    At::dotted(at)
                 ),
             ));
         }
+        // `{}`, a comma between members, and per member its key, a colon and its value.
+        let mut size = 2 + obj.len().saturating_sub(1);
         for (key, value) in obj {
-            self.check_key(key, at)?;
-            at.push(key);
-            match value {
+            size += self.check_key(key, at)? + 1;
+            let here = At { parent: at, key };
+            size += match value {
                 Value::Object(inner) if !inner.is_empty() => {
-                    self.check_object(inner, depth + 1, fields, at)?
+                    self.check_object(inner, depth + 1, fields, Some(&here))?
                 }
                 other => {
                     *fields += 1;
@@ -132,21 +138,21 @@ impl Limits {
                             format!("more than {} fields", self.max_fields),
                         ));
                     }
-                    self.check_value(other, depth, at, false)?;
+                    self.check_value(other, depth, &here, false)?
                 }
-            }
-            at.pop();
+            };
         }
-        Ok(())
+        Ok(size)
     }
 
-    fn check_value<'a>(
+    /// Checks a value at `at`, returning its size as compact JSON.
+    fn check_value(
         &self,
-        value: &'a Value,
+        value: &Value,
         depth: usize,
-        at: &mut Vec<&'a str>,
+        at: &At<'_>,
         in_array: bool,
-    ) -> Result<(), Rejection> {
+    ) -> Result<usize, Rejection> {
         match value {
             Value::Array(items) => {
                 if in_array && !self.allow_nested_arrays {
@@ -154,51 +160,123 @@ impl Limits {
                         RejectCode::InvalidValue,
                         format!(
                             "'{}' holds an array inside an array, which is not allowed",
-                            at.join(".")
+                            At::dotted(Some(at))
                         ),
                     ));
                 }
+                let mut size = 2 + items.len().saturating_sub(1);
                 for item in items {
-                    self.check_value(item, depth, at, true)?;
+                    size += self.check_value(item, depth, at, true)?;
                 }
-                Ok(())
+                Ok(size)
             }
             Value::Object(inner) => {
                 // Objects inside arrays are values, but their keys follow the same rules.
                 let mut ignored = 0usize;
                 let mut nested = self.clone();
                 nested.max_fields = usize::MAX;
-                nested.check_object(inner, depth + 1, &mut ignored, at)
+                nested.check_object(inner, depth + 1, &mut ignored, Some(at))
             }
-            _ => Ok(()),
+            Value::String(s) => Ok(json_str_len(s)),
+            Value::Number(n) => Ok(json_number_len(n)),
+            Value::Bool(true) => Ok(4),
+            Value::Bool(false) => Ok(5),
+            Value::Null => Ok(4),
         }
     }
 
-    fn check_key(&self, key: &str, at: &[&str]) -> Result<(), Rejection> {
+    /// Checks a field name, returning its size as a JSON string.
+    fn check_key(&self, key: &str, at: Option<&At<'_>>) -> Result<usize, Rejection> {
+        // One pass over the bytes for every byte rule and the escapes.
+        let (mut dot, mut nul, mut escapes) = (false, false, 0);
+        for b in key.bytes() {
+            dot |= b == b'.';
+            nul |= b == 0;
+            escapes += escape_len(b);
+        }
         let why = if key.is_empty() {
             Some("is empty")
         } else if key.len() > self.max_key_bytes {
             Some("is too long")
-        } else if key.contains('.') {
+        } else if dot {
             Some("contains '.'")
         } else if key.starts_with('$') {
             Some("starts with '$'")
-        } else if key.contains('\0') {
+        } else if nul {
             Some("contains NUL")
         } else {
             None
         };
         match why {
-            None => Ok(()),
+            None => Ok(2 + key.len() + escapes),
             Some(why) => Err(Rejection::new(
                 RejectCode::InvalidFieldName,
                 format!(
                     "field name {:?} under '{}' {why} (max {} bytes, no '.', no leading '$', no NUL)",
                     key.chars().take(40).collect::<String>(),
-                    at.join("."),
+                    At::dotted(at),
                     self.max_key_bytes
                 ),
             )),
+        }
+    }
+}
+
+/// Where a field is in a body, for messages: its key and its parent's, a list on the stack.
+struct At<'a> {
+    parent: Option<&'a At<'a>>,
+    key: &'a str,
+}
+
+impl At<'_> {
+    /// The dotted path of `at` (empty for the body itself).
+    fn dotted(at: Option<&At<'_>>) -> String {
+        let mut keys = Vec::new();
+        let mut cur = at;
+        while let Some(a) = cur {
+            keys.push(a.key);
+            cur = a.parent;
+        }
+        keys.reverse();
+        keys.join(".")
+    }
+}
+
+/// The length of `s` as a JSON string: quotes, and escapes as `serde_json` writes them (`\"`,
+/// `\\`, the short forms of backspace, tab, newline, form feed and carriage return, and `\u00XX`
+/// for the other control characters; nothing else is escaped).
+fn json_str_len(s: &str) -> usize {
+    2 + s.len() + s.bytes().map(escape_len).sum::<usize>()
+}
+
+/// The bytes `serde_json` adds to escape `b` in a string.
+fn escape_len(b: u8) -> usize {
+    match b {
+        b'"' | b'\\' | 0x08 | 0x09 | 0x0A | 0x0C | 0x0D => 1,
+        0x00..=0x1F => 5,
+        _ => 0,
+    }
+}
+
+/// The length of a number as `serde_json` writes it.
+fn json_number_len(n: &serde_json::Number) -> usize {
+    fn digits(mut v: u64) -> usize {
+        let mut len = 1;
+        while v >= 10 {
+            v /= 10;
+            len += 1;
+        }
+        len
+    }
+    if let Some(v) = n.as_u64() {
+        digits(v)
+    } else if let Some(v) = n.as_i64() {
+        1 + digits(v.unsigned_abs())
+    } else {
+        let mut counter = ByteCounter(0);
+        match serde_json::to_writer(&mut counter, n) {
+            Ok(()) => counter.0,
+            Err(_) => usize::MAX / 2,
         }
     }
 }
@@ -219,7 +297,44 @@ impl std::io::Write for ByteCounter {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
+
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "[a\"\\\\\u{0}-\u{1f}\u{7f}é/ ]{0,8}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map("[a\"\\\\\u{1}]{1,3}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// The size the walk adds up is the length of `serde_json`'s compact serialisation.
+        #[test]
+        fn walk_measures_compact_json(v in any_json()) {
+            let limits = Limits {
+                max_depth: usize::MAX,
+                max_key_bytes: usize::MAX,
+                allow_nested_arrays: true,
+                ..Limits::default()
+            };
+            let body: Map<String, Value> = [("k".to_string(), v)].into_iter().collect();
+            let mut fields = 0;
+            if let Ok(size) = limits.check_object(&body, 1, &mut fields, None) {
+                prop_assert_eq!(size, serde_json::to_vec(&body).unwrap().len());
+            }
+        }
+    }
 
     fn body(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()

@@ -1,17 +1,25 @@
 //! The binary encoding of [`DocState`], versioned.
 //!
 //! Layout: one format byte ([`STATE_FORMAT_VERSION`]) followed by the bincode (standard config)
-//! encoding of [`StoredDoc`]. JSON values are stored as compact JSON text, because bincode cannot
-//! decode self-describing types. A new format gets a new byte and a migration in [`decode_doc`].
+//! encoding of the stored shape of that format. JSON values are stored as compact JSON text,
+//! because bincode cannot decode self-describing types. A new format gets a new byte, and
+//! [`decode_doc`] keeps reading the old ones.
+//!
+//! - Format 2 (written): the stamps the registers carry are stored once per document, and each
+//!   register refers to its stamp by index. A write sets all its registers with one stamp, so a
+//!   document of tens of fields usually holds a handful of stamps.
+//! - Format 1 (read only): every register carries its own copy of its stamp.
+//!
+//! Both decode to the same [`DocState`]: registers with equal stamps share one copy.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use processors::{DocState, Hlc, Register, Stamp};
+use processors::{DocState, Hlc, Register, Registers, Stamp};
 use serde::{Deserialize, Serialize};
 
 /// Format byte of the current state encoding.
-pub const STATE_FORMAT_VERSION: u8 = 1;
+pub const STATE_FORMAT_VERSION: u8 = 2;
 
 /// Why a stored state record cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -27,133 +35,229 @@ pub enum CodecError {
     Corrupt(String),
 }
 
-#[derive(Serialize, Deserialize)]
-struct StoredStamp {
-    wall_ms: u64,
-    counter: u32,
-    device_id: String,
-    event_id: String,
+fn corrupt(e: impl std::fmt::Display) -> CodecError {
+    CodecError::Corrupt(e.to_string())
 }
 
+/// A stamp as stored. `S` is `String` when decoding and `&str` when encoding (the same bytes).
 #[derive(Serialize, Deserialize)]
-struct StoredRegister {
-    path: Vec<String>,
+struct StoredStamp<S> {
+    wall_ms: u64,
+    counter: u32,
+    device_id: S,
+    event_id: S,
+}
+
+impl<'a> From<&'a Stamp> for StoredStamp<&'a str> {
+    fn from(s: &'a Stamp) -> Self {
+        StoredStamp {
+            wall_ms: s.hlc.wall_ms,
+            counter: s.hlc.counter,
+            device_id: &s.device_id,
+            event_id: &s.event_id,
+        }
+    }
+}
+
+impl From<StoredStamp<String>> for Stamp {
+    fn from(s: StoredStamp<String>) -> Self {
+        Stamp {
+            hlc: Hlc::new(s.wall_ms, s.counter),
+            device_id: s.device_id,
+            event_id: s.event_id,
+        }
+    }
+}
+
+/// A device's newest applied write as stored: `(device, wall_ms, counter, event id)`.
+type StoredDevice<S> = (S, u64, u32, S);
+
+/// Format 2: one register as stored; `stamp` indexes [`StoredDocV2::stamps`].
+#[derive(Serialize, Deserialize)]
+struct StoredRegisterV2<P> {
+    path: P,
     value_json: Option<String>,
-    stamp: StoredStamp,
+    stamp: u32,
     changed_version: u64,
 }
 
-/// The on-disk shape of a document's state (format 1).
+/// Format 2: a document's state as stored. `S` and `P` are owned when decoding and borrowed
+/// when encoding (the same bytes).
 #[derive(Serialize, Deserialize)]
-pub struct StoredDoc {
+struct StoredDocV2<S, P> {
     version: u64,
     seq: u64,
     hlc: Option<(u64, u32)>,
-    registers: Vec<StoredRegister>,
-    deleted_at: Option<StoredStamp>,
-    replaced_at: Option<StoredStamp>,
-    upserted_at: Option<StoredStamp>,
-    devices: Vec<(String, u64, u32, String)>,
+    stamps: Vec<StoredStamp<S>>,
+    registers: Vec<StoredRegisterV2<P>>,
+    deleted_at: Option<StoredStamp<S>>,
+    replaced_at: Option<StoredStamp<S>>,
+    upserted_at: Option<StoredStamp<S>>,
+    devices: Vec<StoredDevice<S>>,
 }
 
-fn to_stored(s: &Stamp) -> StoredStamp {
-    StoredStamp {
-        wall_ms: s.hlc.wall_ms,
-        counter: s.hlc.counter,
-        device_id: s.device_id.clone(),
-        event_id: s.event_id.clone(),
-    }
+/// Format 1: one register as stored, with its own stamp.
+#[derive(Deserialize)]
+struct StoredRegisterV1 {
+    path: Vec<String>,
+    value_json: Option<String>,
+    stamp: StoredStamp<String>,
+    changed_version: u64,
 }
 
-fn from_stored(s: StoredStamp) -> Stamp {
-    Stamp {
-        hlc: Hlc::new(s.wall_ms, s.counter),
-        device_id: s.device_id,
-        event_id: s.event_id,
-    }
+/// Format 1: a document's state as stored.
+#[derive(Deserialize)]
+struct StoredDocV1 {
+    version: u64,
+    seq: u64,
+    hlc: Option<(u64, u32)>,
+    registers: Vec<StoredRegisterV1>,
+    deleted_at: Option<StoredStamp<String>>,
+    replaced_at: Option<StoredStamp<String>>,
+    upserted_at: Option<StoredStamp<String>>,
+    devices: Vec<StoredDevice<String>>,
 }
 
-/// Encodes a document's state.
+/// Encodes a document's state (format [`STATE_FORMAT_VERSION`]).
 pub fn encode_doc(doc: &DocState) -> Vec<u8> {
-    let stored = StoredDoc {
+    // Each distinct stamp once, in order of first use; a write's registers share one copy.
+    let mut index: HashMap<*const Stamp, u32> = HashMap::new();
+    let mut stamps: Vec<StoredStamp<&str>> = Vec::new();
+    let mut registers = Vec::with_capacity(doc.registers.len());
+    for (path, r) in doc.registers.iter() {
+        let stamp = *index.entry(Arc::as_ptr(&r.stamp)).or_insert_with(|| {
+            stamps.push(StoredStamp::from(&*r.stamp));
+            (stamps.len() - 1) as u32
+        });
+        registers.push(StoredRegisterV2 {
+            path: path.as_slice(),
+            value_json: r.value.as_ref().map(|v| v.to_string()),
+            stamp,
+            changed_version: r.changed_version,
+        });
+    }
+    let stored = StoredDocV2 {
         version: doc.version,
         seq: doc.seq,
         hlc: doc.hlc.map(|h| (h.wall_ms, h.counter)),
-        registers: doc
-            .registers
-            .iter()
-            .map(|(path, r)| StoredRegister {
-                path: path.clone(),
-                value_json: r.value.as_ref().map(|v| v.to_string()),
-                stamp: to_stored(&r.stamp),
-                changed_version: r.changed_version,
-            })
-            .collect(),
-        deleted_at: doc.deleted_at.as_ref().map(to_stored),
-        replaced_at: doc.replaced_at.as_ref().map(to_stored),
-        upserted_at: doc.upserted_at.as_ref().map(to_stored),
+        stamps,
+        registers,
+        deleted_at: doc.deleted_at.as_ref().map(StoredStamp::from),
+        replaced_at: doc.replaced_at.as_ref().map(StoredStamp::from),
+        upserted_at: doc.upserted_at.as_ref().map(StoredStamp::from),
         devices: doc
             .devices
             .iter()
-            .map(|(d, (h, e))| (d.clone(), h.wall_ms, h.counter, e.clone()))
+            .map(|(d, (h, e))| (d.as_str(), h.wall_ms, h.counter, e.as_str()))
             .collect(),
     };
     let mut out = vec![STATE_FORMAT_VERSION];
-    let body = bincode::serde::encode_to_vec(&stored, bincode::config::standard())
+    bincode::serde::encode_into_std_write(&stored, &mut out, bincode::config::standard())
         .expect("encoding plain data to a Vec cannot fail");
-    out.extend_from_slice(&body);
     out
 }
 
 /// Decodes a document's state written by any known format.
 pub fn decode_doc(bytes: &[u8]) -> Result<DocState, CodecError> {
     let (&format, body) = bytes.split_first().ok_or(CodecError::Empty)?;
-    if format != STATE_FORMAT_VERSION {
-        return Err(CodecError::UnknownFormat(format));
+    match format {
+        2 => decode_v2(body),
+        1 => decode_v1(body),
+        other => Err(CodecError::UnknownFormat(other)),
     }
-    let (stored, used): (StoredDoc, usize) =
-        bincode::serde::decode_from_slice(body, bincode::config::standard())
-            .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+}
+
+/// The bincode value of a whole record body.
+fn decode_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
+    let (stored, used): (T, usize) =
+        bincode::serde::decode_from_slice(body, bincode::config::standard()).map_err(corrupt)?;
     if used != body.len() {
         return Err(CodecError::Corrupt("trailing bytes".into()));
     }
-    let mut registers = BTreeMap::new();
-    // Registers set by one write share one stamp in memory, as the resolver keeps them.
-    let mut stamps: HashMap<Stamp, Arc<Stamp>> = HashMap::new();
-    for r in stored.registers {
-        let value = match r.value_json {
-            Some(text) => {
-                Some(serde_json::from_str(&text).map_err(|e| CodecError::Corrupt(e.to_string()))?)
-            }
-            None => None,
-        };
-        registers.insert(
-            r.path,
-            Register {
-                value,
-                stamp: Arc::clone(
-                    stamps
-                        .entry(from_stored(r.stamp))
-                        .or_insert_with_key(|s| Arc::new(s.clone())),
-                ),
-                changed_version: r.changed_version,
-            },
-        );
-    }
-    Ok(DocState {
-        version: stored.version,
-        seq: stored.seq,
-        hlc: stored.hlc.map(|(w, c)| Hlc::new(w, c)),
+    Ok(stored)
+}
+
+fn decode_value(text: Option<String>) -> Result<Option<serde_json::Value>, CodecError> {
+    text.map(|t| serde_json::from_str(&t).map_err(corrupt))
+        .transpose()
+}
+
+/// The parts every format shares, around the registers.
+fn doc_state(
+    (version, seq, hlc): (u64, u64, Option<(u64, u32)>),
+    registers: Registers,
+    [deleted_at, replaced_at, upserted_at]: [Option<StoredStamp<String>>; 3],
+    devices: Vec<StoredDevice<String>>,
+) -> DocState {
+    DocState {
+        version,
+        seq,
+        hlc: hlc.map(|(w, c)| Hlc::new(w, c)),
         registers,
-        deleted_at: stored.deleted_at.map(from_stored),
-        replaced_at: stored.replaced_at.map(from_stored),
-        upserted_at: stored.upserted_at.map(from_stored),
-        devices: stored
-            .devices
+        deleted_at: deleted_at.map(Stamp::from),
+        replaced_at: replaced_at.map(Stamp::from),
+        upserted_at: upserted_at.map(Stamp::from),
+        devices: devices
             .into_iter()
             .map(|(d, w, c, e)| (d, (Hlc::new(w, c), e)))
             .collect(),
-    })
+    }
+}
+
+fn decode_v2(body: &[u8]) -> Result<DocState, CodecError> {
+    let stored: StoredDocV2<String, Vec<String>> = decode_body(body)?;
+    let stamps: Vec<Arc<Stamp>> = stored
+        .stamps
+        .into_iter()
+        .map(|s| Arc::new(s.into()))
+        .collect();
+    let registers = stored
+        .registers
+        .into_iter()
+        .map(|r| {
+            let stamp = stamps
+                .get(r.stamp as usize)
+                .ok_or_else(|| corrupt(format!("register stamp {} out of range", r.stamp)))?;
+            let register = Register {
+                value: decode_value(r.value_json)?,
+                stamp: Arc::clone(stamp),
+                changed_version: r.changed_version,
+            };
+            Ok((r.path, register))
+        })
+        .collect::<Result<Registers, CodecError>>()?;
+    Ok(doc_state(
+        (stored.version, stored.seq, stored.hlc),
+        registers,
+        [stored.deleted_at, stored.replaced_at, stored.upserted_at],
+        stored.devices,
+    ))
+}
+
+fn decode_v1(body: &[u8]) -> Result<DocState, CodecError> {
+    let stored: StoredDocV1 = decode_body(body)?;
+    // Registers set by one write share one stamp in memory, as the resolver keeps them.
+    let mut stamps: HashMap<Stamp, Arc<Stamp>> = HashMap::new();
+    let mut registers = Registers::new();
+    for r in stored.registers {
+        let stamp = Arc::clone(
+            stamps
+                .entry(r.stamp.into())
+                .or_insert_with_key(|s| Arc::new(s.clone())),
+        );
+        let register = Register {
+            value: decode_value(r.value_json)?,
+            stamp,
+            changed_version: r.changed_version,
+        };
+        registers.insert(r.path, register);
+    }
+    Ok(doc_state(
+        (stored.version, stored.seq, stored.hlc),
+        registers,
+        [stored.deleted_at, stored.replaced_at, stored.upserted_at],
+        stored.devices,
+    ))
 }
 
 #[cfg(test)]
@@ -177,16 +281,56 @@ mod tests {
         doc
     }
 
+    /// Three writers, an older delete, removals, nested and escaped values.
+    const HISTORY: [&str; 4] = [
+        r#"{"v":1,"event_id":"e1","tenant":"t","bucket":"b","doc_id":"d","device_id":"x","hlc":"5:0","op":"set","doc":{"a":{"b":[1,"two",{"c":null}]},"n":1.5,"s":"q\"uote"}}"#,
+        r#"{"v":1,"event_id":"e2","tenant":"t","bucket":"b","doc_id":"d","device_id":"y","hlc":"6:1","op":"patch","patch":{"n":null,"z":true,"a":{"d":"x"}}}"#,
+        r#"{"v":1,"event_id":"e3","tenant":"t","bucket":"b","doc_id":"d","device_id":"z","hlc":"4:0","op":"delete"}"#,
+        r#"{"v":1,"event_id":"e4","tenant":"t","bucket":"b","doc_id":"d","device_id":"x","hlc":"8:0","op":"patch","patch":{"r":{"s":1},"gone":null}}"#,
+    ];
+
+    /// The state after [`HISTORY`] as format 1 wrote it (by the code before format 2).
+    const HISTORY_FORMAT_1: &str = "01030001080007020161016201145b312c2274776f222c7b2263223a6e756c6c7d5d05000178026531010201610164010322782206010179026532020104676f6e6500080001780265340301016e00060101790265320202017201730101310800017802653403010173010922715c22756f746522050001780265310101017a0104747275650601017902653202010400017a02653301050001780265310108000178026534030178080002653401790601026532017a0400026533";
+
+    fn hex(text: &str) -> Vec<u8> {
+        (0..text.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
     #[test]
     fn round_trips_a_real_state() {
-        let doc = state_after(&[
-            r#"{"v":1,"event_id":"e1","tenant":"t","bucket":"b","doc_id":"d","device_id":"x","hlc":"5:0","op":"set","doc":{"a":{"b":[1,"two",{"c":null}]},"n":1.5}}"#,
-            r#"{"v":1,"event_id":"e2","tenant":"t","bucket":"b","doc_id":"d","device_id":"y","hlc":"6:1","op":"patch","patch":{"n":null,"z":true}}"#,
-        ]);
-        assert_eq!(doc.version, 2);
+        let doc = state_after(&HISTORY);
+        assert_eq!(doc.version, 3, "the older delete changed nothing visible");
+        assert_eq!(doc.registers.len(), 7);
         let bytes = encode_doc(&doc);
         assert_eq!(bytes[0], STATE_FORMAT_VERSION);
-        assert_eq!(decode_doc(&bytes).unwrap(), doc);
+        let back = decode_doc(&bytes).unwrap();
+        assert_eq!(back, doc);
+        // One copy per stamp, shared by the registers of one write.
+        let distinct = |d: &DocState| {
+            let mut ptrs: Vec<_> = d
+                .registers
+                .values()
+                .map(|r| Arc::as_ptr(&r.stamp))
+                .collect();
+            ptrs.sort();
+            ptrs.dedup();
+            ptrs.len()
+        };
+        assert_eq!(distinct(&back), 3);
+    }
+
+    #[test]
+    fn reads_format_1() {
+        let doc = decode_doc(&hex(HISTORY_FORMAT_1)).unwrap();
+        assert_eq!(doc, state_after(&HISTORY));
+        // Written again, it is format 2 and reads back the same.
+        let again = encode_doc(&doc);
+        assert_eq!(again[0], 2);
+        assert!(again.len() < HISTORY_FORMAT_1.len() / 2);
+        assert_eq!(decode_doc(&again).unwrap(), doc);
     }
 
     #[test]
@@ -199,9 +343,23 @@ mod tests {
         let mut bytes = encode_doc(&DocState::default());
         bytes.push(0);
         assert!(matches!(decode_doc(&bytes), Err(CodecError::Corrupt(_))));
-        assert!(matches!(
-            decode_doc(&[1, 0xff, 0xff]),
-            Err(CodecError::Corrupt(_))
-        ));
+        for format in [1, 2] {
+            assert!(matches!(
+                decode_doc(&[format, 0xff, 0xff]),
+                Err(CodecError::Corrupt(_))
+            ));
+        }
+        // A register whose stamp index points nowhere.
+        let doc = state_after(&HISTORY[..1]);
+        let good = encode_doc(&doc);
+        let stored: StoredDocV2<String, Vec<String>> = decode_body(&good[1..]).unwrap();
+        let mut broken = StoredDocV2 {
+            stamps: Vec::new(),
+            ..stored
+        };
+        broken.registers.truncate(1);
+        let mut bytes = vec![2];
+        bytes.extend(bincode::serde::encode_to_vec(&broken, bincode::config::standard()).unwrap());
+        assert!(matches!(decode_doc(&bytes), Err(CodecError::Corrupt(_))));
     }
 }

@@ -222,6 +222,21 @@ impl ResolveState for Overlay<'_> {
         Ok(())
     }
 
+    /// A document already in the overlay is changed where it lies, not cloned and put back.
+    fn update_doc<R>(
+        &mut self,
+        key: &DocKey,
+        f: impl FnOnce(&mut DocState) -> R,
+    ) -> Result<R, StateError> {
+        if let Some(doc) = self.docs.get_mut(key) {
+            return Ok(f(doc));
+        }
+        let mut doc = read_doc(self.tree, key)?.unwrap_or_default();
+        let out = f(&mut doc);
+        self.docs.insert(key.clone(), doc);
+        Ok(out)
+    }
+
     fn last_seq(&mut self, bucket: &BucketKey) -> Result<u64, StateError> {
         if let Some(seq) = self.seqs.get(bucket) {
             return Ok(*seq);

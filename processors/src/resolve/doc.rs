@@ -1,0 +1,109 @@
+//! [`DocState`]: everything the resolver keeps about one document.
+
+use std::cmp::max;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use crate::diff::Stamp;
+use crate::hlc::Hlc;
+use crate::path::{set_path, FieldPath};
+
+use super::devices::Devices;
+use super::registers::Registers;
+use super::sweep::{mark_visible, Entry};
+
+/// Most devices remembered per document for retransmission detection; the oldest are forgotten.
+pub const MAX_DEVICES_PER_DOC: usize = 256;
+
+/// Everything the resolver keeps about one document.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DocState {
+    /// Current document version (0 = never existed).
+    pub version: u64,
+    /// Bucket sequence number of the last change (0 = none).
+    pub seq: u64,
+    /// Clock of the last change.
+    pub hlc: Option<Hlc>,
+    /// One register per touched field path.
+    pub registers: Registers,
+    /// The newest delete.
+    pub deleted_at: Option<Stamp>,
+    /// The newest full-document replace.
+    pub replaced_at: Option<Stamp>,
+    /// The newest write that set a field or replaced the document.
+    pub upserted_at: Option<Stamp>,
+    /// Per device, the newest `(hlc, event id)` applied: older ones are retransmissions.
+    pub devices: Devices,
+}
+
+impl DocState {
+    /// The stamp below which registers are invisible (newest delete or replace).
+    pub fn cleared_at(&self) -> Option<&Stamp> {
+        max(self.deleted_at.as_ref(), self.replaced_at.as_ref())
+    }
+
+    /// Whether the document exists.
+    pub fn exists(&self) -> bool {
+        self.upserted_at.as_ref() > self.deleted_at.as_ref()
+    }
+
+    /// Every register, swept: which are visible.
+    fn swept(&self) -> Vec<Entry<'_>> {
+        let keys = self.registers.keys_slice().iter();
+        let mut entries: Vec<Entry<'_>> = keys
+            .zip(self.registers.iter())
+            .map(|(k, (p, r))| Entry::new(*k, p, r))
+            .collect();
+        mark_visible(&mut entries, self.cleared_at());
+        entries
+    }
+
+    /// The visible leaves by path.
+    pub fn visible_leaves(&self) -> BTreeMap<FieldPath, Value> {
+        self.swept()
+            .into_iter()
+            .filter(|e| e.visible)
+            .filter_map(|e| e.value.map(|v| (e.path.clone(), v.clone())))
+            .collect()
+    }
+
+    /// The visible document, or `None` when it does not exist.
+    pub fn document(&self) -> Option<Map<String, Value>> {
+        self.exists().then(|| {
+            let mut doc = Map::new();
+            for e in self.swept().into_iter().filter(|e| e.visible) {
+                if let Some(v) = e.value {
+                    set_path(&mut doc, e.path, v.clone());
+                }
+            }
+            doc
+        })
+    }
+
+    /// Records the write in the per-device table; true when it is a retransmission.
+    pub(super) fn note_device(&mut self, stamp: &Stamp) -> bool {
+        if let Some(last) = self.devices.get_mut(&stamp.device_id) {
+            if (stamp.hlc, stamp.event_id.as_str()) <= (last.0, last.1.as_str()) {
+                return true;
+            }
+            last.0 = stamp.hlc;
+            last.1.clone_from(&stamp.event_id);
+            return false;
+        }
+        let incoming = (stamp.hlc, stamp.event_id.clone());
+        self.devices.insert(stamp.device_id.clone(), incoming);
+        if self.devices.len() > MAX_DEVICES_PER_DOC {
+            let oldest = self
+                .devices
+                .iter()
+                .min_by(|a, b| a.1.cmp(b.1))
+                .map(|(d, _)| d.clone());
+            if let Some(d) = oldest {
+                self.devices.remove(&d);
+            }
+        }
+        false
+    }
+}

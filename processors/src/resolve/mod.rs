@@ -1,0 +1,373 @@
+//! `resolve_lww`: the stateful stage. Per-field Last-Write-Wins over a small state interface.
+//!
+//! # The model
+//!
+//! A document's state ([`DocState`]) is a set of **registers**, one per field path that any write
+//! touched: the value (or none, for a removal), the write's [`Stamp`] and the document version at
+//! which it last changed. Three document-level stamps complete it: the newest delete, the newest
+//! full-document replace and the newest write that created or set anything.
+//!
+//! Applying a write keeps, per path, the register with the greater stamp. Every part of the state
+//! is such a maximum, so the state after any set of writes is the same whatever their order and
+//! however often each arrives: replicas converge.
+//!
+//! The visible document is a pure function of the state: a register with a value is visible when
+//! it is not older than the newest delete or replace, and no register on its root-to-leaf chain (an
+//! ancestor or a descendant path) is newer. A document exists when its newest create/set is newer
+//! than its newest delete. Events carry the difference between the visible documents before and
+//! after a write; nothing is emitted when they are equal.
+//!
+//! The visible document equals applying the distinct writes one after the other in stamp order
+//! (a full set replaces, a merge patch merges, a delete removes), with the merge-patch details of
+//! `docs/CONFLICTS.md`; `tests/properties.rs` checks it against exactly that sequential model.
+//! The conflict rules are listed on `detect_conflicts` and explained in `docs/CONFLICTS.md`.
+//!
+//! # Where things are
+//!
+//! - [`DocState`] (`doc.rs`), its [`Registers`] (`registers.rs`), a flat map in path order, and
+//!   its [`Devices`] (`devices.rs`); both search dense keys (`path_key.rs`, `sort_key.rs`) before
+//!   strings;
+//! - `plan.rs`: what a write does to the registers, worked out before anything changes;
+//! - `sweep.rs`: which registers are visible, in one pass;
+//! - `conflicts.rs`: the conflict rules;
+//! - [`MemState`] (`mem.rs`): an in-memory [`ResolveState`].
+
+mod conflicts;
+mod devices;
+mod doc;
+mod mem;
+mod path_key;
+mod plan;
+pub mod registers;
+mod sort_key;
+mod sweep;
+
+use std::cmp::{max, Ordering};
+
+use serde_json::{Map, Value};
+use smallvec::SmallVec;
+
+use crate::diff::{ChangeOp, ChangeSet, Stamp};
+use crate::events::{ConflictEvent, SideOp, SyncEvent, EVENT_FORMAT_VERSION};
+use crate::path::{dotted, FieldPath};
+use crate::write::{BucketKey, DocKey};
+
+use conflicts::{detect_conflicts, ConflictView};
+use path_key::cmp_paths;
+use plan::{after_entries, before_entries, commit, plan_patch, plan_rebuild, Edits, Named, Region};
+use sweep::{mark_visible, Entries, Entry};
+
+pub use devices::{Devices, Seen};
+pub use doc::{DocState, MAX_DEVICES_PER_DOC};
+pub use mem::MemState;
+pub use registers::{Register, Registers};
+
+/// The output of applying one change to one document.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Applied {
+    /// The visible change, if any (without `seq`, which the bucket assigns).
+    pub change: Option<SyncEvent>,
+    /// Conflicts revealed by this write.
+    pub conflicts: Vec<ConflictEvent>,
+    /// True when the write was recognised as a retransmission (no conflicts are reported).
+    pub retransmission: bool,
+}
+
+fn keep_max(slot: &mut Option<Stamp>, stamp: &Stamp) {
+    match slot {
+        Some(s) if *s < *stamp => {
+            // Reuses the strings' buffers (a derived `clone_from` would not).
+            s.hlc = stamp.hlc;
+            s.device_id.clone_from(&stamp.device_id);
+            s.event_id.clone_from(&stamp.event_id);
+        }
+        Some(_) => {}
+        None => *slot = Some(stamp.clone()),
+    }
+}
+
+/// Applies one change set to a document's state. Pure; `seq` of the returned change is 0.
+///
+/// The state after a change is the model of the module docs. To stay fast the write is worked out
+/// before the state changes, and a merge patch to an existing document only looks at the chains
+/// of the paths it names (nothing else can change): the registers before and after are compared
+/// only there, and the write's registers are stored once its outputs are known.
+/// `tests/naive_equivalence.rs` checks this against the straightforward formulation.
+pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
+    let stamp = &change.stamp;
+    let retransmission = doc.note_device(stamp);
+    let before_exists = doc.exists();
+
+    // Paths the write names, with the value it gives them; what it does to fields it does not
+    // name (a delete deletes, a full set unsets).
+    let (replace, set, unset): (bool, &[(FieldPath, Value)], &[FieldPath]) = match &change.op {
+        ChangeOp::Fields {
+            replace,
+            set,
+            unset,
+        } => (*replace, set, unset),
+        ChangeOp::Delete => (false, &[], &[]),
+    };
+    let touched = || {
+        let sets = set.iter().map(|(p, v)| (p, Some(v)));
+        sets.chain(unset.iter().map(|p| (p, None)))
+    };
+    let is_delete = matches!(change.op, ChangeOp::Delete);
+    let side_op = if is_delete {
+        SideOp::Delete
+    } else {
+        SideOp::Unset
+    };
+    let version = doc.version;
+
+    let mut sorted: SmallVec<[Named<'_>; 8]> = touched().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let repeated = sorted.windows(2).filter(|w| w[0].0 == w[1].0).count();
+    let distinct_named = sorted.len() - repeated;
+    let simple_paths = repeated == 0
+        && sorted.first().is_none_or(|(p, _)| !p.is_empty())
+        && doc
+            .registers
+            .first_key_value()
+            .is_none_or(|(p, _)| !p.is_empty());
+    let in_place = !(replace || is_delete) && before_exists && simple_paths;
+
+    // The edits, the region of the registers that can change visibility, and that region as it
+    // is (swept against the newest delete/replace before the write) and as it will be.
+    let (mut edits, mut region) = (Edits::new(), Region::new());
+    let (mut before, mut after) = (Entries::new(), Entries::new());
+    if in_place {
+        // A merge patch to an existing document: only the named paths' registers change.
+        if !set.is_empty() {
+            keep_max(&mut doc.upserted_at, stamp);
+        }
+        let too_old = doc.cleared_at().is_some_and(|c| stamp < c);
+        plan_patch(
+            &doc.registers,
+            &sorted,
+            stamp,
+            too_old,
+            &mut edits,
+            &mut region,
+        );
+        before_entries(&doc.registers, &region, &mut before);
+        mark_visible(&mut before, doc.cleared_at());
+    } else {
+        // Everything else: all registers, and those older than a newer delete/replace go.
+        region.push(0..doc.registers.len());
+        before_entries(&doc.registers, &region, &mut before);
+        mark_visible(&mut before, doc.cleared_at());
+        match &change.op {
+            ChangeOp::Delete => keep_max(&mut doc.deleted_at, stamp),
+            ChangeOp::Fields { .. } => {
+                if replace {
+                    keep_max(&mut doc.replaced_at, stamp);
+                }
+                if replace || !set.is_empty() {
+                    keep_max(&mut doc.upserted_at, stamp);
+                }
+            }
+        }
+        let cleared = max(doc.deleted_at.as_ref(), doc.replaced_at.as_ref());
+        let live = |s: &Stamp| cleared.is_none_or(|c| s >= c);
+        // A hand-made change naming a path twice: the first entry wins.
+        if live(stamp) {
+            sorted.dedup_by(|later, first| later.0 == first.0);
+        } else {
+            sorted.clear();
+        }
+        plan_rebuild(&doc.registers, &sorted, stamp, live, &mut edits);
+    }
+    // The write's own stamp when it is the newest delete/replace, so its registers compare with
+    // it by address.
+    let after_cleared = doc.cleared_at().map(|c| if c == stamp { stamp } else { c });
+    after_entries(
+        &doc.registers,
+        &region,
+        &edits,
+        (stamp, version),
+        &mut after,
+    );
+    mark_visible(&mut after, after_cleared);
+    let after_exists = doc.exists();
+
+    let VisibleDiff {
+        set: set_out,
+        unset: unset_out,
+        unchanged,
+    } = visible_diff(&before, &after, stamp);
+    let changed = !set_out.is_empty() || !unset_out.is_empty() || before_exists != after_exists;
+    let new_version = version + u64::from(changed);
+
+    let mut applied = Applied {
+        retransmission,
+        ..Applied::default()
+    };
+    if changed {
+        applied.change = Some(SyncEvent {
+            v: EVENT_FORMAT_VERSION,
+            tenant: change.key.bucket.tenant.clone(),
+            bucket: change.key.bucket.bucket.clone(),
+            doc_id: change.key.doc_id.clone(),
+            version: new_version,
+            seq: 0,
+            hlc: stamp.hlc,
+            event_id: stamp.event_id.clone(),
+            device_id: stamp.device_id.clone(),
+            deleted: !after_exists,
+            set: if after_exists { set_out } else { Map::new() },
+            unset: if after_exists {
+                unset_out
+            } else {
+                before
+                    .iter()
+                    .filter(|e| e.visible)
+                    .map(|e| dotted(e.path))
+                    .collect()
+            },
+            clamped_from: change.clamped_from,
+        });
+    }
+    if !retransmission {
+        let stored = edits.iter().filter(|e| e.stores()).count();
+        let view = ConflictView {
+            deleted_at: doc.deleted_at.as_ref(),
+            cleared_at: after_cleared,
+            version: new_version,
+            before: &before,
+            after: &after,
+            all_named_won: stored == distinct_named
+                && after
+                    .iter()
+                    .filter(|e| e.fresh.is_some())
+                    .all(|e| e.value.is_none() || !e.hidden),
+        };
+        applied.conflicts = detect_conflicts(&view, change, side_op, touched());
+    }
+    drop((before, after));
+
+    if changed {
+        doc.version = new_version;
+        doc.hlc = Some(stamp.hlc);
+        // Only this write's registers can carry its stamp, unless the same stamp was applied
+        // before (a retransmission, or a device forgotten from the table).
+        let applied_before =
+            !in_place || retransmission || doc.devices.len() >= MAX_DEVICES_PER_DOC;
+        if applied_before {
+            for r in doc.registers.values_mut().filter(|r| *r.stamp == *stamp) {
+                r.changed_version = new_version;
+            }
+        }
+    }
+    // The write's registers date from this version, unless their value did not change.
+    let since = if changed { new_version } else { version };
+    commit(&mut doc.registers, &edits, stamp, since, &unchanged);
+    applied
+}
+
+/// How the visible registers differ before and after a write.
+struct VisibleDiff {
+    /// Fields whose value changed or that appeared, by dotted path.
+    set: Map<String, Value>,
+    /// Fields that disappeared, by dotted path, in path order.
+    unset: Vec<String>,
+    /// The write's registers that rewrote the value their field already had, as
+    /// `(edit, version the value dates from)`: they keep that version (what
+    /// `stale_base_version` compares against).
+    unchanged: SmallVec<[(usize, u64); 8]>,
+}
+
+/// The diff of the visible entries of `before` and `after` (both in path order) for the write
+/// with `stamp`.
+fn visible_diff(before: &[Entry<'_>], after: &[Entry<'_>], stamp: &Stamp) -> VisibleDiff {
+    let mut diff = VisibleDiff {
+        set: Map::new(),
+        unset: Vec::new(),
+        unchanged: SmallVec::new(),
+    };
+    let mut was = before.iter().filter(|e| e.visible).peekable();
+    let mut now = after.iter().filter(|e| e.visible).peekable();
+    loop {
+        let order = match (was.peek(), now.peek()) {
+            (Some(b), Some(a)) => cmp_paths(b.key, b.path, a.key, a.path),
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (None, None) => return diff,
+        };
+        match order {
+            Ordering::Less => {
+                let b = was.next().expect("peeked");
+                diff.unset.push(dotted(b.path));
+            }
+            Ordering::Equal => {
+                let (b, a) = (was.next().expect("peeked"), now.next().expect("peeked"));
+                if b.value != a.value {
+                    let value = a.value.cloned().unwrap_or_default();
+                    diff.set.insert(dotted(a.path), value);
+                } else if let Some(k) = a.fresh.filter(|_| *b.stamp != *stamp) {
+                    diff.unchanged.push((k, b.changed_version));
+                }
+            }
+            Ordering::Greater => {
+                let a = now.next().expect("peeked");
+                diff.set
+                    .insert(dotted(a.path), a.value.cloned().unwrap_or_default());
+            }
+        }
+    }
+}
+
+/// What the resolver reads and writes. The runtime implements it over sled with an overlay.
+pub trait ResolveState {
+    /// The store's error.
+    type Error;
+    /// A document's state.
+    fn load_doc(&mut self, key: &DocKey) -> Result<Option<DocState>, Self::Error>;
+    /// A document's state, to be updated: the default [`ResolveState::update_doc`] stores it back
+    /// with [`ResolveState::store_doc`] right after (when neither call fails), so a store may hand
+    /// over its own copy instead of cloning it. Defaults to [`ResolveState::load_doc`].
+    fn take_doc(&mut self, key: &DocKey) -> Result<Option<DocState>, Self::Error> {
+        self.load_doc(key)
+    }
+    /// Stores a document's state.
+    fn store_doc(&mut self, key: &DocKey, doc: DocState) -> Result<(), Self::Error>;
+    /// Runs `f` on a document's state (an empty one when there is none) and stores the result:
+    /// what [`resolve_lww`] does with each write's document. Defaults to
+    /// [`ResolveState::take_doc`], `f`, [`ResolveState::store_doc`]; a store that can change the
+    /// state where it lies may do that instead.
+    fn update_doc<R>(
+        &mut self,
+        key: &DocKey,
+        f: impl FnOnce(&mut DocState) -> R,
+    ) -> Result<R, Self::Error> {
+        let mut doc = self.take_doc(key)?.unwrap_or_default();
+        let out = f(&mut doc);
+        self.store_doc(key, doc)?;
+        Ok(out)
+    }
+    /// The bucket's last sequence number (0 before the first change).
+    fn last_seq(&mut self, bucket: &BucketKey) -> Result<u64, Self::Error>;
+    /// Stores the bucket's last sequence number.
+    fn store_last_seq(&mut self, bucket: &BucketKey, seq: u64) -> Result<(), Self::Error>;
+}
+
+/// Resolves one change set against the state: per-field LWW, a bucket sequence number for the
+/// visible change, and the conflicts it revealed.
+pub fn resolve_lww<S: ResolveState>(
+    state: &mut S,
+    change: &ChangeSet,
+) -> Result<Applied, S::Error> {
+    let seq = state.last_seq(&change.key.bucket)? + 1;
+    let applied = state.update_doc(&change.key, |doc| {
+        let mut applied = apply_change(doc, change);
+        if let Some(event) = applied.change.as_mut() {
+            event.seq = seq;
+            doc.seq = seq;
+        }
+        applied
+    })?;
+    if applied.change.is_some() {
+        state.store_last_seq(&change.key.bucket, seq)?;
+    }
+    Ok(applied)
+}

@@ -1,0 +1,204 @@
+//! [`PathKey`]: a field path's order in 32 bytes, so the register table can be searched, and
+//! chains found, without following pointers to the path's strings.
+
+use std::cmp::Ordering;
+
+use crate::path::is_prefix;
+
+/// Bytes of the encoded path a key holds.
+const HELD: usize = 31;
+
+/// The first 31 bytes of a path's byte encoding and the encoding's length (capped), packed so
+/// that comparing two keys compares the paths, except when both encodings are longer than 31
+/// bytes and share their first 31.
+///
+/// The encoding writes, for each segment, a 0 byte and then the segment with bytes 0 and 1
+/// escaped as `1 1` and `1 2`. The escape keeps the order of segments, and every escaped byte is
+/// above the separator, so a segment that ends sorts before one that goes on: comparing
+/// encodings compares paths, and a path is another's ancestor exactly when its encoding is a
+/// prefix of the other's followed by a separator. Field names cannot contain NUL anyway (see
+/// [`crate::limits`]), so in practice the encoding is the names with a 0 byte before each.
+///
+/// The key is the encoding's first 31 bytes, zero-padded, then `min(len, 32)`. If the held
+/// bytes differ, they decide. If they are equal and one encoding is at most 31 bytes long, it is
+/// a prefix of the other (the padding equals the other's bytes), so the shorter path is smaller,
+/// as the length byte says; equal lengths mean equal paths. Only when both are longer than 31
+/// bytes do equal keys leave the order open ([`PathKey::is_exact`] is false).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub(crate) struct PathKey {
+    /// Held bytes 0..16, big-endian.
+    high: u128,
+    /// Held bytes 16..31, big-endian, then the length byte.
+    low: u128,
+}
+
+impl PathKey {
+    /// The key of `path`.
+    pub fn of(path: &[String]) -> Self {
+        let (mut bytes, mut len) = ([0u8; HELD + 1], 0usize);
+        for segment in path {
+            if len >= HELD {
+                // Only the length grows from here, and the length byte caps it.
+                len += 1;
+                break;
+            }
+            len += 1; // the separator, already 0
+            let raw = segment.as_bytes();
+            if raw.iter().all(|&b| b > 1) {
+                let n = raw.len().min(HELD - len.min(HELD));
+                bytes[len..len + n].copy_from_slice(&raw[..n]);
+                len += raw.len();
+                continue;
+            }
+            for &b in raw {
+                let escaped = [1, b + 1];
+                let unit: &[u8] = if b <= 1 {
+                    &escaped
+                } else {
+                    std::slice::from_ref(&b)
+                };
+                for &u in unit {
+                    if len < HELD {
+                        bytes[len] = u;
+                    }
+                    len += 1;
+                }
+            }
+        }
+        bytes[HELD] = len.min(HELD + 1) as u8;
+        let (high, low) = bytes.split_at(16);
+        PathKey {
+            high: u128::from_be_bytes(high.try_into().expect("16 bytes")),
+            low: u128::from_be_bytes(low.try_into().expect("16 bytes")),
+        }
+    }
+
+    /// The encoding's length, when the key holds all of it.
+    fn exact_len(self) -> Option<usize> {
+        let len = usize::from(self.low as u8);
+        (len <= HELD).then_some(len)
+    }
+
+    /// Whether equal keys mean equal paths (the key holds the whole encoding).
+    pub fn is_exact(self) -> bool {
+        self.exact_len().is_some()
+    }
+
+    /// Whether the first `n` held bytes of `self` and `other` are equal (`n` at most 31).
+    fn same_start(self, other: PathKey, n: usize) -> bool {
+        // A mask of the first `k` bytes (`k` at most 16) of a big-endian 16-byte half.
+        let mask = |k: usize| {
+            if k == 0 {
+                0
+            } else {
+                u128::MAX << (8 * (16 - k))
+            }
+        };
+        let high = (self.high ^ other.high) & mask(n.min(16));
+        let low = (self.low ^ other.low) & mask(n.saturating_sub(16));
+        high == 0 && low == 0
+    }
+
+    /// Held byte `i` (below 31).
+    fn byte(self, i: usize) -> u8 {
+        if i < 16 {
+            (self.high >> (8 * (15 - i))) as u8
+        } else {
+            (self.low >> (8 * (31 - i))) as u8
+        }
+    }
+
+    /// The order of the paths with keys `self` and `other`, if the keys decide it.
+    pub fn order(self, other: PathKey) -> Option<Ordering> {
+        if self == other && !self.is_exact() {
+            None
+        } else {
+            Some(self.cmp(&other))
+        }
+    }
+
+    /// Whether the path with key `self` is the one with key `other` or one of its ancestors, if
+    /// the keys decide it.
+    pub fn is_prefix_of(self, other: PathKey) -> Option<bool> {
+        let len = self.exact_len()?;
+        let other_len = usize::from(other.low as u8);
+        if len > other_len || !self.same_start(other, len) {
+            return Some(false);
+        }
+        if len == other_len {
+            return Some(true);
+        }
+        // The other encoding goes on: a separator next means a descendant.
+        (len < HELD).then(|| other.byte(len) == 0)
+    }
+}
+
+/// Compares two paths, `a` with key `ka` and `b` with `kb`, reading the strings only when the
+/// keys do not decide.
+pub(crate) fn cmp_paths(ka: PathKey, a: &[String], kb: PathKey, b: &[String]) -> Ordering {
+    ka.order(kb).unwrap_or_else(|| a.cmp(b))
+}
+
+/// [`crate::path::is_prefix`], reading the strings only when the keys do not decide.
+pub(crate) fn is_prefix_keyed(
+    kp: PathKey,
+    prefix: &[String],
+    kq: PathKey,
+    path: &[String],
+) -> bool {
+    kp.is_prefix_of(kq)
+        .unwrap_or_else(|| is_prefix(prefix, path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn segment() -> impl Strategy<Value = String> {
+        // Short and long names sharing prefixes, the escaped bytes and multi-byte characters.
+        prop_oneof![
+            "[ab\u{0}\u{1}\u{2}]{0,3}",
+            "[ab]{8,12}",
+            "aaaaaaaaaaaaaa[ab\u{0}é]{0,3}",
+        ]
+    }
+
+    fn path() -> impl Strategy<Value = Vec<String>> {
+        prop::collection::vec(segment(), 0..4)
+    }
+
+    proptest! {
+        #[test]
+        fn keys_decide_like_the_paths(a in path(), b in path()) {
+            let (ka, kb) = (PathKey::of(&a), PathKey::of(&b));
+            if let Some(order) = ka.order(kb) {
+                prop_assert_eq!(order, a.cmp(&b));
+            }
+            if let Some(prefix) = ka.is_prefix_of(kb) {
+                prop_assert_eq!(prefix, is_prefix(&a, &b));
+            }
+            prop_assert_eq!(cmp_paths(ka, &a, kb, &b), a.cmp(&b));
+            prop_assert_eq!(is_prefix_keyed(ka, &a, kb, &b), is_prefix(&a, &b));
+            // Every ancestor of `b` is found to be one.
+            for i in 0..=b.len() {
+                let head = &b[..i];
+                prop_assert!(is_prefix_keyed(PathKey::of(head), head, kb, &b));
+            }
+        }
+    }
+
+    #[test]
+    fn short_paths_are_exact_and_decided() {
+        let p = |s: &str| -> Vec<String> { s.split('.').map(str::to_owned).collect() };
+        let (a, b) = (p("stats.daily.field_40"), p("stats.daily"));
+        assert!(PathKey::of(&a).is_exact());
+        assert_eq!(PathKey::of(&b).is_prefix_of(PathKey::of(&a)), Some(true));
+        assert_eq!(
+            PathKey::of(&a).order(PathKey::of(&b)),
+            Some(Ordering::Greater)
+        );
+        assert!(PathKey::of(&[]) < PathKey::of(&[String::new()]));
+        assert!(!PathKey::of(&p("a_rather_long_field_name.and_another_one")).is_exact());
+    }
+}

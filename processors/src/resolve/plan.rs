@@ -1,0 +1,302 @@
+//! What one write does to a document's registers, worked out before anything changes.
+//!
+//! [`plan_patch`] and [`plan_rebuild`] list the [`Edit`]s; [`before_entries`] and
+//! [`after_entries`] are the registers of the region that can change visibility, as they are and
+//! as they will be; [`commit`] applies the edits once the write's outputs are known. Until then
+//! the write's new registers exist only as entries borrowing its values.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use serde_json::Value;
+use smallvec::SmallVec;
+
+use crate::diff::Stamp;
+use crate::path::FieldPath;
+
+use super::path_key::PathKey;
+use super::registers::{Register, Registers};
+use super::sweep::{Entries, Entry};
+
+/// A path the write names, with the value it gives it (`None`: removes it).
+pub(super) type Named<'c> = (&'c FieldPath, Option<&'c Value>);
+
+/// The edits of one write, in path order.
+pub(super) type Edits<'c> = SmallVec<[Edit<'c>; 8]>;
+
+/// Index ranges of the registers, in order.
+pub(super) type Region = SmallVec<[Range<usize>; 4]>;
+
+/// One change to the registers. Indices are positions in the registers before the write.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Edit<'c> {
+    /// The write's register for `path` replaces the one at `at`.
+    Replace {
+        at: usize,
+        path: &'c FieldPath,
+        value: Option<&'c Value>,
+    },
+    /// The write's register for a new `path` goes in before the one at `at`.
+    Insert {
+        at: usize,
+        path: &'c FieldPath,
+        value: Option<&'c Value>,
+    },
+    /// The register at `at` goes: it can never be visible again.
+    Remove { at: usize },
+}
+
+impl Edit<'_> {
+    fn at(&self) -> usize {
+        match self {
+            Edit::Replace { at, .. } | Edit::Insert { at, .. } | Edit::Remove { at } => *at,
+        }
+    }
+
+    /// Whether the edit stores one of the write's registers.
+    pub fn stores(&self) -> bool {
+        !matches!(self, Edit::Remove { .. })
+    }
+}
+
+/// The edits of a merge patch to an existing document (no delete or replace): only the named
+/// paths change. `sorted` is in path order with distinct, non-empty paths. Adds the edits and
+/// the region: index ranges, in order, holding every chain through a named path.
+///
+/// A named path with no register on any of its ancestors needs only its own subtree (itself and
+/// its descendants); otherwise its whole top-level subtree is taken, as an ancestor's visibility
+/// depends on all of its descendants.
+pub(super) fn plan_patch<'c>(
+    registers: &Registers,
+    sorted: &[Named<'c>],
+    stamp: &Stamp,
+    too_old: bool,
+    edits: &mut Edits<'c>,
+    region: &mut Region,
+) {
+    let entries = registers.as_slice();
+    let mut rest = sorted;
+    while let Some(((first, _), _)) = rest.split_first() {
+        let top = &first[..1];
+        let group = rest.iter().take_while(|(p, _)| p[0] == top[0]).count();
+        let (group_start, mut whole) = (region.len(), false);
+        for &(path, value) in &rest[..group] {
+            let key = PathKey::of(path);
+            let found = registers.search(key, path);
+            match found {
+                Ok(at) if *entries[at].1.stamp >= *stamp => {}
+                // Older than the newest delete/replace: it can never be visible, and neither can
+                // an older register at its path.
+                Ok(at) if too_old => edits.push(Edit::Remove { at }),
+                Ok(at) => edits.push(Edit::Replace { at, path, value }),
+                Err(_) if too_old => {}
+                Err(at) => edits.push(Edit::Insert { at, path, value }),
+            }
+            whole = whole || (1..path.len()).any(|i| registers.position(&path[..i]).is_ok());
+            if !whole {
+                // Subtrees of paths in order are nested or disjoint, and in order.
+                let start = found.unwrap_or_else(|at| at);
+                let range = start..start + registers.count_under(start, key, path);
+                let in_group = region.len() > group_start;
+                match region.last_mut() {
+                    Some(last) if in_group && range.start < last.end => {
+                        last.end = last.end.max(range.end);
+                    }
+                    _ => region.push(range),
+                }
+            }
+        }
+        if whole {
+            region.truncate(group_start);
+            region.push(registers.subtree(top));
+        }
+        rest = &rest[group..];
+    }
+}
+
+/// The edits of any other write, over all registers: the named paths (in path order, distinct;
+/// empty when the write is itself cleared) take the write's registers where they are newer, and
+/// registers that are no longer `live` (older than the newest delete or replace) go.
+pub(super) fn plan_rebuild<'c>(
+    registers: &Registers,
+    named: &[Named<'c>],
+    stamp: &Stamp,
+    live: impl Fn(&Stamp) -> bool,
+    edits: &mut Edits<'c>,
+) {
+    let entries = registers.as_slice();
+    let mut named = named.iter().peekable();
+    for (at, (path, reg)) in entries.iter().enumerate() {
+        while let Some(&(p, value)) = named.next_if(|(p, _)| *p < path) {
+            edits.push(Edit::Insert { at, path: p, value });
+        }
+        match named.next_if(|(p, _)| *p == path) {
+            Some(&(p, value)) if *reg.stamp < *stamp => {
+                edits.push(Edit::Replace { at, path: p, value })
+            }
+            _ if live(&reg.stamp) => {}
+            _ => edits.push(Edit::Remove { at }),
+        }
+    }
+    for &(path, value) in named {
+        edits.push(Edit::Insert {
+            at: entries.len(),
+            path,
+            value,
+        });
+    }
+}
+
+/// The registers of `region`, as they are.
+pub(super) fn before_entries<'a>(
+    registers: &'a Registers,
+    region: &[Range<usize>],
+    out: &mut Entries<'a>,
+) {
+    let (keys, entries) = (registers.keys_slice(), registers.as_slice());
+    for range in region {
+        let pairs = keys[range.clone()].iter().zip(&entries[range.clone()]);
+        out.extend(pairs.map(|(k, (p, r))| Entry::new(*k, p, r)));
+    }
+}
+
+/// The registers of `region` as they will be after `edits` by the write with `stamp` on a
+/// document at `version`; each of the write's registers carries the index of its edit.
+pub(super) fn after_entries<'a>(
+    registers: &'a Registers,
+    region: &[Range<usize>],
+    edits: &[Edit<'a>],
+    (stamp, version): (&'a Stamp, u64),
+    out: &mut Entries<'a>,
+) {
+    let written = |index: usize, key: PathKey, path: &'a FieldPath, value| Entry {
+        key,
+        path,
+        value,
+        stamp,
+        changed_version: version,
+        fresh: Some(index),
+        hidden: false,
+        visible: false,
+    };
+    let (keys, entries) = (registers.keys_slice(), registers.as_slice());
+    let mut edits = edits.iter().copied().enumerate().peekable();
+    for range in region {
+        for at in range.start..=range.end {
+            // The write's new paths that go in before index `at`.
+            while let Some((k, Edit::Insert { path, value, .. })) =
+                edits.next_if(|(_, e)| e.at() == at && matches!(e, Edit::Insert { .. }))
+            {
+                out.push(written(k, PathKey::of(path), path, value));
+            }
+            if at == range.end {
+                break;
+            }
+            let key = keys[at];
+            match edits.next_if(|(_, e)| e.at() == at) {
+                Some((k, Edit::Replace { path, value, .. })) => {
+                    out.push(written(k, key, path, value));
+                }
+                Some((_, Edit::Remove { .. })) => {}
+                _ => out.push(Entry::new(key, &entries[at].0, &entries[at].1)),
+            }
+        }
+    }
+    debug_assert!(edits.next().is_none(), "edits lie inside the region");
+}
+
+/// Sets `slot` to `value`, reusing the old value's buffer where the kinds match.
+fn assign(slot: &mut Option<Value>, value: Option<&Value>) {
+    match (slot, value) {
+        (Some(Value::String(old)), Some(Value::String(new))) => old.clone_from(new),
+        (Some(Value::Array(old)), Some(Value::Array(new))) => old.clone_from(new),
+        (slot, value) => *slot = value.cloned(),
+    }
+}
+
+/// Applies `edits` (in path order) to the registers: the write's registers (one shared copy of
+/// `stamp`) date from `since`, or from the version given in `unchanged` (by edit index, in
+/// order) when the write rewrote the value a field already had.
+pub(super) fn commit(
+    registers: &mut Registers,
+    edits: &[Edit<'_>],
+    stamp: &Stamp,
+    since: u64,
+    unchanged: &[(usize, u64)],
+) {
+    if !edits.iter().any(Edit::stores) {
+        if !edits.is_empty() {
+            rebuild(registers, edits, |_, _| {
+                unreachable!("no register is stored")
+            });
+        }
+        return;
+    }
+    let shared = Arc::new(stamp.clone());
+    let mut unchanged = unchanged.iter().peekable();
+    let mut version_of = |k: usize| {
+        unchanged
+            .next_if(|(i, _)| *i == k)
+            .map_or(since, |(_, v)| *v)
+    };
+    if edits.iter().all(|e| matches!(e, Edit::Replace { .. })) {
+        // The common case: no register comes or goes, so they change where they are.
+        let entries = registers.as_mut_slice();
+        for (k, edit) in edits.iter().enumerate() {
+            if let Edit::Replace { at, value, .. } = *edit {
+                let reg = &mut entries[at].1;
+                assign(&mut reg.value, value);
+                reg.stamp = Arc::clone(&shared);
+                reg.changed_version = version_of(k);
+            }
+        }
+        return;
+    }
+    rebuild(registers, edits, |k, value| Register {
+        value: value.cloned(),
+        stamp: Arc::clone(&shared),
+        changed_version: version_of(k),
+    });
+}
+
+/// Applies edits that insert or remove registers, in one pass; `make(k, value)` makes the
+/// register of edit `k`.
+fn rebuild(
+    registers: &mut Registers,
+    edits: &[Edit<'_>],
+    mut make: impl FnMut(usize, Option<&Value>) -> Register,
+) {
+    let (old_keys, old) = registers.take_parts();
+    let inserts = edits
+        .iter()
+        .filter(|e| matches!(e, Edit::Insert { .. }))
+        .count();
+    let mut keys = Vec::with_capacity(old.len() + inserts);
+    let mut out = Vec::with_capacity(old.len() + inserts);
+    let mut edits = edits.iter().copied().enumerate().peekable();
+    let len = old.len();
+    let mut old = old_keys.into_iter().zip(old);
+    for at in 0..=len {
+        while let Some((k, Edit::Insert { path, value, .. })) =
+            edits.next_if(|(_, e)| e.at() == at && matches!(e, Edit::Insert { .. }))
+        {
+            keys.push(PathKey::of(path));
+            out.push((path.clone(), make(k, value)));
+        }
+        let Some((key, (path, reg))) = old.next() else {
+            break;
+        };
+        match edits.next_if(|(_, e)| e.at() == at) {
+            Some((k, Edit::Replace { value, .. })) => {
+                keys.push(key);
+                out.push((path, make(k, value)));
+            }
+            Some((_, Edit::Remove { .. })) => {}
+            _ => {
+                keys.push(key);
+                out.push((path, reg));
+            }
+        }
+    }
+    *registers = Registers::from_parts(keys, out);
+}
