@@ -767,16 +767,21 @@ impl Resolver {
         if now < due {
             return;
         }
-        self.checkpoint_due_ms = Some(now + interval * 1000);
         let topic = self.cfg.topic(topics::DATA_CHANGED);
         let owner = consumer
             .assignment()
             .map(|a| a.find_partition(&topic, 0).is_some())
             .unwrap_or(false);
-        if owner {
-            if let Err(e) = crate::checkpoint::request(&self.cfg) {
-                tracing::error!(error = %e, "periodic checkpoint request failed");
-            }
+        if !owner {
+            // Not (yet) the owner of partition 0, e.g. still joining the group: look again
+            // soon, going by the newest checkpoint whoever took it.
+            let next = crate::checkpoint::next_due_ms(&self.cfg).unwrap_or(u64::MAX);
+            self.checkpoint_due_ms = Some(next.max(now + NOT_OWNER_RECHECK_MS));
+            return;
+        }
+        self.checkpoint_due_ms = Some(now + interval * 1000);
+        if let Err(e) = crate::checkpoint::request(&self.cfg) {
+            tracing::error!(error = %e, "periodic checkpoint request failed");
         }
     }
 
@@ -951,6 +956,9 @@ fn wait_delivered(producer: &ThreadedProducer<DeliveryTracker>) {
         std::thread::sleep(Duration::from_millis(1));
     }
 }
+
+/// How often a processor that does not own partition 0 checks whether a periodic checkpoint is due.
+const NOT_OWNER_RECHECK_MS: u64 = 5_000;
 
 /// Whether the batch must end here (its last record is a checkpoint marker).
 fn ends_batch(batch: &[OwnedMessage]) -> bool {

@@ -497,3 +497,22 @@ async fn an_idle_system_gets_periodic_checkpoints_announced_and_pruned() {
     assert!(announced.is_superset(&seen), "{announced:?} vs {seen:?}");
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_processor_takes_its_first_periodic_checkpoint_at_once() {
+    let mut env = TestEnv::new("ckfirst").await;
+    env.cfg.checkpoint.interval_secs = 3_600;
+    let node = env.start(&[Role::Processor]).await;
+    // Its first check comes before it owns partition 0; it must look again, not wait an hour.
+    let dir = pipeline::checkpoint::dir(&env.cfg);
+    let started = Instant::now();
+    while dir.list().unwrap().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no checkpoint within 30 s of a start with none"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
