@@ -33,6 +33,11 @@ pub enum ProjectorError {
 
 pub use api::view::change_channel;
 
+/// The projector's consumer group.
+pub fn group_id(cfg: &Config) -> String {
+    cfg.topic("syncflow-projector")
+}
+
 /// Runs the projector until `shutdown` turns true.
 pub async fn run(
     cfg: Config,
@@ -41,10 +46,7 @@ pub async fn run(
 ) -> Result<(), ProjectorError> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set(
-            "group.id",
-            format!("{}syncflow-projector", cfg.kafka.topic_prefix),
-        )
+        .set("group.id", group_id(&cfg))
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "500")

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use api::view::{BucketMeta, DocReader, MongoView, ViewDoc};
 use processors::BucketKey;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::{ClientConfig, Message};
+use rdkafka::Message;
 
 use crate::config::Config;
 use crate::topics;
@@ -46,16 +46,7 @@ pub struct RebuildReport {
 /// Reads the latest value of every key of the changelog (all partitions, committed records only).
 pub fn read_changelog(cfg: &Config) -> Result<HashMap<Vec<u8>, Vec<u8>>, RebuildError> {
     let topic = cfg.topic(topics::RESOLVER_CHANGELOG);
-    let reader: BaseConsumer<topics::QuietEof> = ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set(
-            "group.id",
-            format!("{}syncflow-rebuild", cfg.kafka.topic_prefix),
-        )
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .create_with_context(topics::QuietEof)?;
+    let reader = topics::end_reader(&cfg.kafka.brokers, &cfg.topic("syncflow-rebuild"))?;
     let partitions = topics::wait_for_topic(reader.client(), &topic, Duration::from_secs(30))
         .map_err(|e| RebuildError::Corrupt(topic.clone(), e.to_string()))?;
     let mut tpl = TopicPartitionList::new();

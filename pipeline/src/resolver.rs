@@ -272,6 +272,11 @@ pub struct Resolver {
     checkpoint_due_ms: Option<u64>,
 }
 
+/// The resolver's consumer group.
+pub fn group_id(cfg: &Config) -> String {
+    cfg.topic("syncflow-resolver")
+}
+
 fn transactional_id(cfg: &Config) -> String {
     if !cfg.kafka.instance_id.is_empty() {
         return format!(
@@ -318,10 +323,7 @@ impl Resolver {
         }
         let c: BaseConsumer<TaskContext> = config
             .set("bootstrap.servers", &self.cfg.kafka.brokers)
-            .set(
-                "group.id",
-                format!("{}syncflow-resolver", self.cfg.kafka.topic_prefix),
-            )
+            .set("group.id", group_id(&self.cfg))
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
@@ -507,17 +509,8 @@ impl Resolver {
         };
         let started = Instant::now();
         let topic = self.cfg.topic(topics::RESOLVER_CHANGELOG);
-        let reader: BaseConsumer<topics::QuietEof> = ClientConfig::new()
-            .set("bootstrap.servers", &self.cfg.kafka.brokers)
-            .set(
-                "group.id",
-                format!("{}syncflow-restore", self.cfg.kafka.topic_prefix),
-            )
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            .set("auto.offset.reset", "earliest")
-            .create_with_context(topics::QuietEof)?;
+        let reader =
+            topics::end_reader(&self.cfg.kafka.brokers, &self.cfg.topic("syncflow-restore"))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, partition, Offset::Offset(from))?;
         reader.assign(&tpl)?;

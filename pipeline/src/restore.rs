@@ -122,21 +122,7 @@ fn bucket_of(key: &[u8]) -> Option<BucketKey> {
 }
 
 fn reader(cfg: &Config, group: &str) -> Result<BaseConsumer<topics::QuietEof>, RestoreError> {
-    Ok(ClientConfig::new()
-        .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .create_with_context(topics::QuietEof)?)
-}
-
-fn resolver_group(cfg: &Config) -> String {
-    format!("{}syncflow-resolver", cfg.kafka.topic_prefix)
-}
-
-fn projector_group(cfg: &Config) -> String {
-    format!("{}syncflow-projector", cfg.kafka.topic_prefix)
+    Ok(topics::end_reader(&cfg.kafka.brokers, group)?)
 }
 
 /// Loads the checkpoint's records (state keys only).
@@ -214,7 +200,7 @@ fn replay_input(
     ends: &BTreeMap<i32, i64>,
 ) -> Result<(u64, u64, BTreeMap<i32, i64>), RestoreError> {
     let topic = cfg.topic(topics::DATA_CHANGED);
-    let consumer = reader(cfg, &format!("{}syncflow-replay", cfg.kafka.topic_prefix))?;
+    let consumer = reader(cfg, &cfg.topic("syncflow-replay"))?;
     let partitions = ends.len() as i32;
     let (mut replayed, mut skipped) = (0u64, 0u64);
     let mut resume = BTreeMap::new();
@@ -361,10 +347,13 @@ type Plan = (RestoreReport, Records, Vec<(Vec<u8>, Option<Vec<u8>>)>);
 
 fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreError> {
     let manifest = crate::checkpoint::dir(cfg).verify(id)?;
-    let control = reader(cfg, &format!("{}syncflow-restore", cfg.kafka.topic_prefix))?;
+    let control = reader(cfg, &cfg.topic("syncflow-restore-tool"))?;
     let input_ends = ends(&control, &cfg.topic(topics::DATA_CHANGED))?;
     if !opts.dry_run {
-        for group in [resolver_group(cfg), projector_group(cfg)] {
+        for group in [
+            crate::resolver::group_id(cfg),
+            crate::projector::group_id(cfg),
+        ] {
             let n = members(&control, &group)?;
             if n > 0 {
                 return Err(RestoreError::Busy(format!(
@@ -465,15 +454,15 @@ fn apply_kafka(
     producer.flush(Duration::from_secs(120))?;
     commit_offsets(
         cfg,
-        &resolver_group(cfg),
+        &crate::resolver::group_id(cfg),
         &cfg.topic(topics::DATA_CHANGED),
         resume,
     )?;
-    let control = reader(cfg, &format!("{}syncflow-restore", cfg.kafka.topic_prefix))?;
+    let control = reader(cfg, &cfg.topic("syncflow-restore-tool"))?;
     let events_end = ends(&control, &cfg.topic(topics::SYNC_EVENTS))?;
     commit_offsets(
         cfg,
-        &projector_group(cfg),
+        &crate::projector::group_id(cfg),
         &cfg.topic(topics::SYNC_EVENTS),
         &events_end,
     )?;

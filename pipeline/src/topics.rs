@@ -189,6 +189,23 @@ pub fn wait_for_topic<X: rdkafka::ClientContext>(
     }
 }
 
+/// A consumer for tools and restores that read partitions they assign themselves up to their
+/// end: `read_committed`, no offset commits, partition-EOF events on (quietly), `group.id` only
+/// for the broker's bookkeeping.
+pub fn end_reader(
+    brokers: &str,
+    group: &str,
+) -> rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer<QuietEof>> {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .create_with_context(QuietEof)
+}
+
 /// A client context for readers that stop at the end of a partition (`enable.partition.eof`):
 /// librdkafka reports each end as an error; here it is expected, so it is not logged.
 pub struct QuietEof;
