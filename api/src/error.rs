@@ -26,6 +26,22 @@ pub enum ApiError {
     /// 404: nothing there (or nothing the token may see).
     #[error("{0}")]
     NotFound(String),
+    /// 409: a unique name is taken, or a single-use thing was used.
+    #[error("{message}")]
+    Conflict {
+        /// Machine-readable code.
+        code: &'static str,
+        /// What is taken.
+        message: String,
+    },
+    /// 429: over a rate limit; retry after the given seconds.
+    #[error("{message}")]
+    TooManyRequests {
+        /// Which limit.
+        message: String,
+        /// Seconds until a retry can succeed (`Retry-After`).
+        retry_after_secs: u64,
+    },
     /// 410: the cursor is too old (behind the tombstone horizon) or of another epoch: resync.
     #[error("{0}")]
     ResyncRequired(String),
@@ -46,15 +62,34 @@ impl ApiError {
         }
     }
 
+    /// The 429 of a refused request.
+    pub fn limited(l: crate::ratelimit::Limited) -> Self {
+        ApiError::TooManyRequests {
+            message: format!("rate limit reached; retry in {} s", l.retry_after_secs()),
+            retry_after_secs: l.retry_after_secs(),
+        }
+    }
+
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
+            ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::ResyncRequired(_) => (StatusCode::GONE, "resync_required"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        }
+    }
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        match e {
+            crate::auth::AuthError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            _ => ApiError::Unauthorized(e.to_string()),
         }
     }
 }
@@ -79,6 +114,15 @@ impl IntoResponse for ApiError {
         }
         let body = json!({"error": {"code": code, "message": self.to_string()}});
         let mut response = (status, Json(body)).into_response();
+        if let ApiError::TooManyRequests {
+            retry_after_secs, ..
+        } = self
+        {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(retry_after_secs),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,

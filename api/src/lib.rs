@@ -1,7 +1,11 @@
 //! # api — SyncFlow's HTTP API
 //!
 //! - [`routes`]: REST writes (`PUT`/`PATCH`/`DELETE` → `data.changed`) and reads (from the view);
-//! - [`auth`]: JWT verification, bucket grants, development token minting;
+//! - [`auth`]: tokens and their keys, grants, passwords, sessions and service tokens;
+//! - [`accounts`]: register, log in, refresh, log out, who am I;
+//! - [`admin`]: tenant administration (grants, invitations, service tokens) and bucket listing;
+//! - [`users`]: user events and the users view;
+//! - [`ratelimit`]: per-tenant and per-user limits kept in Redis;
 //! - [`view`]: the MongoDB view's layout, reads, and the idempotent apply used by the projector;
 //! - [`sink`]: the Kafka producer writes go through;
 //! - [`applied`]: `?wait=applied` — waiting for the projector to announce a write;
@@ -11,12 +15,17 @@
 //!
 //! Writes never touch MongoDB: they become Kafka events, and the pipeline does the rest.
 
+pub mod accounts;
+pub mod admin;
 pub mod applied;
 pub mod auth;
 pub mod error;
 pub mod fanout;
+pub mod ratelimit;
+pub mod redis_conn;
 pub mod routes;
 pub mod sink;
+pub mod users;
 pub mod view;
 pub mod ws;
 
@@ -73,8 +82,21 @@ pub struct AppState {
     pub applied: Option<applied::AppliedWatch>,
     /// The complete checkpoints for `GET /v1/checkpoints`, when this node can see them.
     pub checkpoints: Option<CheckpointList>,
+    /// Accounts, sessions and service tokens; `None` without Redis and MongoDB (then only
+    /// development tokens work).
+    pub accounts: Option<accounts::Accounts>,
+    /// Rate limits; `None`: unlimited.
+    pub limiter: Option<ratelimit::RateLimiter>,
     /// Process status for `GET /status` (counters of the roles running in this process).
     pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
+}
+
+/// Milliseconds since the epoch.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Lists the complete checkpoints as JSON (an error says why they cannot be read).

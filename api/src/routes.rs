@@ -1,21 +1,19 @@
 //! REST handlers: writes become `data.changed` events; reads come from the MongoDB view.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use processors::limits::check_bucket;
 use processors::{Hlc, Write, WriteOp};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::auth::{AuthError, Claims, Perm};
+use crate::auth::{AuthError, Claims, Perm, TokenKind};
 use crate::error::ApiError;
-use crate::AppState;
+use crate::{now_ms, AppState};
 
 /// The REST routes.
 pub fn router(state: AppState) -> Router {
@@ -30,6 +28,26 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/buckets/{bucket}/changes", get(changes))
         .route("/v1/subscribe", get(crate::ws::ws_handler))
         .route("/v1/checkpoints", get(checkpoints))
+        .route("/v1/buckets", get(crate::admin::list_buckets))
+        .route("/v1/auth/register", post(crate::accounts::register))
+        .route("/v1/auth/login", post(crate::accounts::login))
+        .route("/v1/auth/refresh", post(crate::accounts::refresh))
+        .route("/v1/auth/logout", post(crate::accounts::logout))
+        .route("/v1/auth/me", get(crate::accounts::me))
+        .route("/v1/tenant/users", get(crate::admin::list_users))
+        .route(
+            "/v1/tenant/users/{username}/grants",
+            put(crate::admin::set_grants),
+        )
+        .route("/v1/tenant/invites", post(crate::admin::create_invite))
+        .route(
+            "/v1/tenant/service-tokens",
+            get(crate::admin::list_service_tokens).post(crate::admin::create_service_token),
+        )
+        .route(
+            "/v1/tenant/service-tokens/{id}",
+            delete(crate::admin::revoke_service_token),
+        )
         .route(
             "/v1/buckets/{bucket}/docs/{id}",
             get(get_doc)
@@ -43,20 +61,12 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Verifies the bearer token and the grant for `perm` on `bucket`.
 /// `GET /v1/checkpoints`: the complete checkpoints, oldest first (operator tokens only).
 async fn checkpoints(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    if !verified(&state, &headers)?.operator {
+    if !verified(&state, &headers).await?.operator {
         return Err(ApiError::Forbidden(
             "listing checkpoints needs an operator token".into(),
         ));
@@ -68,36 +78,47 @@ async fn checkpoints(
     Ok(Json(json!({ "checkpoints": checkpoints })))
 }
 
+/// Verifies an access or service token: signature, claims, and that its session or registration
+/// still lives (the same check for REST and WebSocket).
+pub async fn authenticate(state: &AppState, token: &str) -> Result<Claims, AuthError> {
+    let claims = state.keys.verify(token)?;
+    let session_bound = claims.sid.is_some() || claims.typ == TokenKind::Service;
+    if session_bound {
+        match &state.accounts {
+            Some(acc) => acc.store.check_live(&claims).await?,
+            None => {
+                return Err(AuthError::Unavailable(
+                    "this node cannot check sessions (no Redis configured)".into(),
+                ))
+            }
+        }
+    }
+    Ok(claims)
+}
+
 /// The claims of the request's bearer token (401 when missing or invalid).
-fn verified(state: &AppState, headers: &HeaderMap) -> Result<Claims, ApiError> {
+pub async fn verified(state: &AppState, headers: &HeaderMap) -> Result<Claims, ApiError> {
     let token = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(AuthError::Missing)
-        .map_err(|e| ApiError::Unauthorized(e.to_string()))?;
-    state
-        .keys
-        .verify(token.trim())
-        .map_err(|e| ApiError::Unauthorized(e.to_string()))
+        .ok_or(AuthError::Missing)?;
+    Ok(authenticate(state, token.trim()).await?)
 }
 
-fn authorize(
+/// Verifies the bearer token and the grant for `perm` on `bucket`.
+async fn authorize(
     state: &AppState,
     headers: &HeaderMap,
     perm: Perm,
     bucket: &str,
 ) -> Result<Claims, ApiError> {
-    let claims = verified(state, headers)?;
+    let claims = verified(state, headers).await?;
     check_bucket(bucket).map_err(ApiError::from)?;
     if !claims.allows(perm, bucket) {
-        let what = match perm {
-            Perm::Read => "read",
-            Perm::Write => "write",
-            Perm::Admin => "admin",
-        };
         return Err(ApiError::Forbidden(format!(
-            "the token does not grant {what} on bucket {bucket:?}"
+            "the token does not grant {} on bucket {bucket:?}",
+            perm.as_str()
         )));
     }
     Ok(claims)
@@ -158,6 +179,12 @@ async fn submit(
         }
     };
     state.limits.check_doc_id(&doc_id)?;
+    if let Some(limiter) = &state.limiter {
+        limiter
+            .check(crate::ratelimit::Action::Write, &claims.tenant, &claims.sub)
+            .await
+            .map_err(ApiError::limited)?;
+    }
     match &op {
         WriteOp::Set { doc } => state.limits.check_body(doc)?,
         WriteOp::Patch { patch } => state.limits.check_body(patch)?,
@@ -253,7 +280,7 @@ async fn put_doc(
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     // The token is checked before the body, so a bad token is a 401 whatever the body says.
-    let claims = authorize(&state, &headers, Perm::Write, &bucket)?;
+    let claims = authorize(&state, &headers, Perm::Write, &bucket).await?;
     let doc = parse_body(&body)?;
     submit(
         &state,
@@ -274,7 +301,7 @@ async fn patch_doc(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let claims = authorize(&state, &headers, Perm::Write, &bucket)?;
+    let claims = authorize(&state, &headers, Perm::Write, &bucket).await?;
     let patch = parse_body(&body)?;
     submit(
         &state,
@@ -294,7 +321,7 @@ async fn delete_doc(
     Query(params): Query<WriteParams>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    let claims = authorize(&state, &headers, Perm::Write, &bucket)?;
+    let claims = authorize(&state, &headers, Perm::Write, &bucket).await?;
     submit(
         &state,
         claims,
@@ -312,7 +339,7 @@ async fn get_doc(
     Path((bucket, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    let claims = authorize(&state, &headers, Perm::Read, &bucket)?;
+    let claims = authorize(&state, &headers, Perm::Read, &bucket).await?;
     state.limits.check_doc_id(&id)?;
     let found = state
         .reader
@@ -446,7 +473,7 @@ async fn list_docs(
     Query(query): Query<std::collections::HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    let claims = authorize(&state, &headers, Perm::Read, &bucket)?;
+    let claims = authorize(&state, &headers, Perm::Read, &bucket).await?;
     params(&query, &["after", "limit"])?;
     let limit = page_limit(&state, query.get("limit"))?;
     if let Some(after) = query.get("after") {
@@ -480,7 +507,7 @@ async fn changes(
     Query(query): Query<std::collections::HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    let claims = authorize(&state, &headers, Perm::Read, &bucket)?;
+    let claims = authorize(&state, &headers, Perm::Read, &bucket).await?;
     params(&query, &["since", "limit"])?;
     let limit = page_limit(&state, query.get("limit"))?;
     let since = query

@@ -170,6 +170,10 @@ pub trait DocReader: Send + Sync + 'static {
         bucket: &'a str,
     ) -> BoxFuture<'a, Result<Option<BucketMeta>, ViewError>>;
 
+    /// The names of a tenant's buckets (every bucket anything was projected into).
+    fn bucket_names<'a>(&'a self, tenant: &'a str)
+        -> BoxFuture<'a, Result<Vec<String>, ViewError>>;
+
     /// Live documents with an id after `after`, in id order, at most `limit`.
     fn list<'a>(
         &'a self,
@@ -526,6 +530,13 @@ impl DocReader for MongoView {
                 None => Ok(None),
             }
         })
+    }
+
+    fn bucket_names<'a>(
+        &'a self,
+        tenant: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
+        Box::pin(MongoView::bucket_names(self, tenant))
     }
 
     fn bucket_meta<'a>(

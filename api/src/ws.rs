@@ -26,6 +26,7 @@ use tokio_stream::StreamMap;
 use crate::auth::{Claims, Perm};
 use crate::error::ApiError;
 use crate::fanout::HubMsg;
+use crate::ratelimit::Action;
 use crate::routes::Cursor;
 use crate::AppState;
 
@@ -37,6 +38,8 @@ pub const CLOSE_UNAUTHORIZED: u16 = 4001;
 pub const CLOSE_TOO_SLOW: u16 = 4008;
 /// Close code: no pong within two heartbeats.
 pub const CLOSE_DEAD: u16 = 4002;
+/// Close code: too many connections opened by this tenant or user; the reason says when to retry.
+pub const CLOSE_RATE_LIMITED: u16 = 4029;
 
 /// WebSocket settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,12 +142,16 @@ pub async fn ws_handler(
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let claims = match bearer(&headers) {
-        Some(token) => Some(
-            state
-                .keys
-                .verify(token.trim())
-                .map_err(|e| ApiError::Unauthorized(e.to_string()))?,
-        ),
+        Some(token) => {
+            let claims = crate::routes::authenticate(&state, token.trim()).await?;
+            if let Some(limiter) = &state.limiter {
+                limiter
+                    .check(Action::Connect, &claims.tenant, &claims.sub)
+                    .await
+                    .map_err(ApiError::limited)?;
+            }
+            Some(claims)
+        }
         None => None,
     };
     if state.hub.is_none() {
@@ -230,13 +237,37 @@ async fn authenticate(
         _ => return Err(End::Closed),
     };
     match serde_json::from_str::<ClientMsg>(&text) {
-        Ok(ClientMsg::Auth { token }) => match state.keys.verify(token.trim()) {
-            Ok(c) => Ok(c),
-            Err(e) => {
-                let _ = send(tx, error_msg("unauthorized", e.to_string(), None)).await;
-                Err(End::Close(CLOSE_UNAUTHORIZED, "invalid token".into()))
+        Ok(ClientMsg::Auth { token }) => {
+            match crate::routes::authenticate(state, token.trim()).await {
+                Ok(c) => {
+                    let limited = match &state.limiter {
+                        Some(l) => l.check(Action::Connect, &c.tenant, &c.sub).await.err(),
+                        None => None,
+                    };
+                    if let Some(l) = limited {
+                        let secs = l.retry_after_secs();
+                        let _ = send(
+                            tx,
+                            error_msg(
+                                "rate_limited",
+                                format!("too many connections; retry in {secs} s"),
+                                None,
+                            ),
+                        )
+                        .await;
+                        return Err(End::Close(
+                            CLOSE_RATE_LIMITED,
+                            format!("rate limited; retry in {secs} s"),
+                        ));
+                    }
+                    Ok(c)
+                }
+                Err(e) => {
+                    let _ = send(tx, error_msg("unauthorized", e.to_string(), None)).await;
+                    Err(End::Close(CLOSE_UNAUTHORIZED, "invalid token".into()))
+                }
             }
-        },
+        }
         _ => {
             let _ = send(
                 tx,
@@ -399,6 +430,13 @@ async fn run_session(
                 if claims.exp <= now_secs() {
                     let _ = send(tx, error_msg("unauthorized", "the token expired; reconnect with a fresh one and your cursors", None)).await;
                     return End::Close(CLOSE_UNAUTHORIZED, "token expired".into());
+                }
+                // A logout or a revoked service token ends its connections too.
+                if let Some(acc) = &state.accounts {
+                    if let Err(crate::auth::AuthError::Invalid(why)) = acc.store.check_live(&claims).await {
+                        let _ = send(tx, error_msg("unauthorized", why, None)).await;
+                        return End::Close(CLOSE_UNAUTHORIZED, "session ended".into());
+                    }
                 }
                 if let Err(e) = tx.frame(Message::Ping(Default::default())).await { return e; }
             }

@@ -800,13 +800,15 @@ async fn run(
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let addr = running.api_addr.context("api address")?;
-    let token = TokenKeys::new(&cfg.auth).mint(
-        "bench",
-        TENANT,
-        parse_grants(&format!("{BUCKET}:r")).map_err(|e| anyhow::anyhow!(e))?,
-        now_ms() / 1000,
-        24 * 3600,
-    );
+    let token = TokenKeys::new(&cfg.auth)
+        .expect("valid auth configuration")
+        .mint(
+            "bench",
+            TENANT,
+            parse_grants(&format!("{BUCKET}:r")).map_err(|e| anyhow::anyhow!(e))?,
+            now_ms() / 1000,
+            24 * 3600,
+        );
     if fresh_done == 0 {
         // Nothing applied yet (--fresh-budget-secs 0): create the bucket's metadata.
         view.raise_projected_seq(TENANT, BUCKET, 0).await?;

@@ -218,6 +218,10 @@ async fn run(args: &Args, guard: &mut Guard) -> anyhow::Result<()> {
             "SYNCFLOW_KAFKA_TOPICS_FILE".into(),
             root.join("topics.yaml").display().to_string(),
         ),
+        // All subscribers share one token per tenant: lift the per-user connection limit (the
+        // write limits stay on, so their cost is part of the measurement).
+        ("SYNCFLOW_RATE_USER_CONNECTS_PER_MIN".into(), "0".into()),
+        ("SYNCFLOW_RATE_TENANT_CONNECTS_PER_MIN".into(), "0".into()),
     ];
     let passed: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| {
@@ -302,7 +306,7 @@ async fn run(args: &Args, guard: &mut Guard) -> anyhow::Result<()> {
 
     // ---- observers, readiness
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
-    let keys = api::auth::TokenKeys::new(&cfg.auth);
+    let keys = api::auth::TokenKeys::new(&cfg.auth).expect("valid auth configuration");
     let mint = |tenant: &str, grants: &str| -> anyhow::Result<String> {
         let grants = api::auth::parse_grants(grants).map_err(|e| anyhow::anyhow!(e))?;
         Ok(keys.mint("ws-load", tenant, grants, now, 4 * 3600))

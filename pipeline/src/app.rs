@@ -4,7 +4,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use api::auth::password::Passwords;
+use api::auth::sessions::AuthStore;
 use api::auth::TokenKeys;
+use api::ratelimit::RateLimiter;
 use api::sink::KafkaSink;
 use api::view::MongoView;
 use api::AppState;
@@ -78,6 +81,7 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
     }
     if roles.contains(&Role::Projector) {
         let view = mongo_view(&cfg).await?;
+        let users = api::users::UsersView::new(view.database().clone());
         let rx = stop_rx.clone();
         let c = cfg.clone();
         let handle = tokio::spawn(async move {
@@ -94,14 +98,48 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             }
         });
         tasks.push((Role::Projector, handle));
+        let rx = stop_rx.clone();
+        let c = cfg.clone();
+        let handle = tokio::spawn(async move {
+            loop {
+                match crate::users_projector::run(c.clone(), users.clone(), rx.clone()).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) if *rx.borrow() => return Err(e.to_string()),
+                    Err(e) => {
+                        tracing::error!(error = %e, "users projector failed; restarting it");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
+        tasks.push((Role::Projector, handle));
     }
     if roles.contains(&Role::Api) {
         let sink = KafkaSink::new(&cfg.kafka.brokers, &cfg.topic(topics::DATA_CHANGED))
             .map_err(|e| AppError::Startup(e.to_string()))?;
+        let keys = TokenKeys::new(&cfg.auth).map_err(AppError::Startup)?;
+        let redis_conn = api::redis_conn::manager(&cfg.redis.url)
+            .map_err(|e| AppError::Startup(format!("redis {}: {e}", cfg.redis.url)))?;
+        let view = mongo_view(&cfg).await?;
+        let user_events = KafkaSink::new(&cfg.kafka.brokers, &cfg.topic(topics::USER_EVENTS))
+            .map_err(|e| AppError::Startup(e.to_string()))?;
+        let accounts = api::accounts::Accounts {
+            store: AuthStore::new(redis_conn.clone(), &cfg.kafka.topic_prefix),
+            users: api::users::UsersView::new(view.database().clone()),
+            events: Arc::new(user_events),
+            passwords: Passwords::new(cfg.auth.max_concurrent_hashes),
+            cfg: cfg.auth.clone(),
+        };
         let state = AppState {
-            keys: TokenKeys::new(&cfg.auth),
+            keys,
+            accounts: Some(accounts),
+            limiter: Some(RateLimiter::new(
+                redis_conn,
+                &cfg.kafka.topic_prefix,
+                cfg.rate.clone(),
+            )),
             sink: Arc::new(sink),
-            reader: Arc::new(mongo_view(&cfg).await?),
+            reader: Arc::new(view),
             limits: cfg.limits.clone(),
             clock: Arc::new(Mutex::new(HlcClock::new())),
             pages: api::PageLimits::from(&cfg.api),

@@ -158,6 +158,8 @@ pub struct Config {
     pub ws: api::ws::WsConfig,
     /// Checkpoints.
     pub checkpoint: crate::checkpoint::CheckpointConfig,
+    /// Rate limits.
+    pub rate: api::ratelimit::RateConfig,
 }
 
 /// Every problem found while loading the configuration.
@@ -287,6 +289,7 @@ fn section_check(section: &str, value: Value) -> Result<(), String> {
         "projector" => check::<ProjectorConfig>(value),
         "ws" => check::<api::ws::WsConfig>(value),
         "checkpoint" => check::<crate::checkpoint::CheckpointConfig>(value),
+        "rate" => check::<api::ratelimit::RateConfig>(value),
         other => Err(format!("unknown section {other:?}")),
     }
 }

@@ -11,6 +11,7 @@
 //! - [`rebuild`]: rebuilds the MongoDB view from the resolver's changelog;
 //! - [`restore`]: restore to a checkpoint, and replay from one (`syncflow restore|replay`);
 //! - [`subscribe`]: the reference WebSocket client behind `syncflow subscribe`;
+//! - [`users_projector`]: applies `user.events` to the users view;
 //! - [`app`]: starts the chosen roles in one process.
 
 pub mod app;
@@ -23,3 +24,4 @@ pub mod resolver;
 pub mod restore;
 pub mod subscribe;
 pub mod topics;
+pub mod users_projector;

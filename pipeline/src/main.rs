@@ -270,7 +270,7 @@ async fn main() -> anyhow::Result<()> {
             processors::limits::check_tenant(&tenant).map_err(|e| anyhow::anyhow!(e.message))?;
             let grants =
                 api::auth::parse_grants(&grants.join(",")).map_err(|e| anyhow::anyhow!(e))?;
-            let keys = api::auth::TokenKeys::new(&cfg.auth);
+            let keys = api::auth::TokenKeys::new(&cfg.auth).map_err(anyhow::Error::msg)?;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
             let ttl = ttl.unwrap_or(cfg.auth.token_ttl_secs);
             let token = if operator {

@@ -38,15 +38,16 @@ pub fn group_id(cfg: &Config) -> String {
     cfg.topic("syncflow-projector")
 }
 
-/// Runs the projector until `shutdown` turns true.
-pub async fn run(
-    cfg: Config,
-    view: MongoView,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), ProjectorError> {
+/// A `read_committed` consumer of `topic` in `group` that stores offsets only when told to
+/// (`store_offset*`) and commits the stored ones every 500 ms.
+pub(crate) fn subscribe(
+    cfg: &Config,
+    group: &str,
+    topic: &str,
+) -> Result<StreamConsumer, ProjectorError> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("group.id", group_id(&cfg))
+        .set("group.id", group)
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "true")
         .set("auto.commit.interval.ms", "500")
@@ -56,12 +57,22 @@ pub async fn run(
         .set("heartbeat.interval.ms", "1000")
         .set("topic.metadata.refresh.interval.ms", "5000")
         .create()?;
-    let topic = cfg.topic(topics::SYNC_EVENTS);
+    let topic = cfg.topic(topic);
     // Blocking metadata calls: keep them off the async workers.
     tokio::task::block_in_place(|| {
         topics::wait_for_topic(consumer.client(), &topic, Duration::from_secs(30))
     })?;
     consumer.subscribe(&[&topic])?;
+    Ok(consumer)
+}
+
+/// Runs the projector until `shutdown` turns true.
+pub async fn run(
+    cfg: Config,
+    view: MongoView,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ProjectorError> {
+    let consumer = subscribe(&cfg, &group_id(&cfg), topics::SYNC_EVENTS)?;
     let redis = redis::Client::open(cfg.redis.url.as_str()).ok();
     let mut publisher: Option<redis::aio::MultiplexedConnection> = None;
     let mut indexed: HashSet<String> = HashSet::new();

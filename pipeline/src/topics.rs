@@ -20,7 +20,7 @@ pub const REQUIRED: [&str; 7] = [
     CONFLICT_DETECTED,
     RESOLVER_CHANGELOG,
     CHECKPOINT_CREATED,
-    USER_CREATED,
+    USER_EVENTS,
 ];
 /// Writes.
 pub const DATA_CHANGED: &str = "data.changed";
@@ -34,8 +34,8 @@ pub const CONFLICT_DETECTED: &str = "conflict.detected";
 pub const RESOLVER_CHANGELOG: &str = "resolver.changelog";
 /// Checkpoint announcements.
 pub const CHECKPOINT_CREATED: &str = "checkpoint.created";
-/// User registrations.
-pub const USER_CREATED: &str = "user.created";
+/// User registrations and grant changes, keyed by user name.
+pub const USER_EVENTS: &str = "user.events";
 
 /// Errors of topic management.
 #[derive(Debug, thiserror::Error)]
@@ -368,7 +368,7 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topics.yaml");
         let mut file = TopicsFile::load(&path).unwrap();
         file.topics.get_mut(SYNC_EVENTS).unwrap().partitions = 2;
-        file.topics.remove(USER_CREATED);
+        file.topics.remove(USER_EVENTS);
         let TopicsError::Invalid(problems) = file.validate().unwrap_err() else {
             panic!("expected Invalid")
         };

@@ -27,11 +27,13 @@ fn now() -> u64 {
 /// `(name, token, refused_outright)`: every bad token, and whether it must fail authentication
 /// (401) rather than authorization.
 fn bad_tokens(env: &TestEnv) -> Vec<(&'static str, String, bool)> {
-    let keys = api::auth::TokenKeys::new(&env.cfg.auth);
+    let keys = api::auth::TokenKeys::new(&env.cfg.auth).expect("valid auth configuration");
     let grants = |g: &str| api::auth::parse_grants(g).unwrap();
     let mut other = env.cfg.auth.clone();
     other.jwt_secret = "another-secret-of-the-same-length-0123456789".into();
-    let forged = api::auth::TokenKeys::new(&other).mint("eve", "acme", grants("*:a"), now(), 600);
+    let forged = api::auth::TokenKeys::new(&other)
+        .expect("valid auth configuration")
+        .mint("eve", "acme", grants("*:a"), now(), 600);
     let expired = keys.mint("ann", "acme", grants("vault:rw"), now() - 3_600, 60);
     let not_yet = keys.mint("ann", "acme", grants("vault:rw"), now() + 3_600, 600);
     // alg none: a valid-looking claim set with no signature.
@@ -49,10 +51,16 @@ fn bad_tokens(env: &TestEnv) -> Vec<(&'static str, String, bool)> {
         B64.encode(serde_json::to_vec(&payload).unwrap()),
         parts[2]
     );
+    // A signed invitation is not an access token, even with the grants in it.
+    let mut claims = api::auth::Claims::access("ann", "acme", grants("vault:rw"), now(), 600);
+    claims.typ = api::auth::TokenKind::Invite;
+    claims.jti = Some("inv-1".into());
+    let invite = keys.sign(claims);
     let mut wrong_aud = env.cfg.auth.clone();
     wrong_aud.audience = "someone-else".into();
-    let other_aud =
-        api::auth::TokenKeys::new(&wrong_aud).mint("ann", "acme", grants("vault:rw"), now(), 600);
+    let other_aud = api::auth::TokenKeys::new(&wrong_aud)
+        .expect("valid auth configuration")
+        .mint("ann", "acme", grants("vault:rw"), now(), 600);
     vec![
         ("wrongly signed", forged, true),
         ("expired", expired, true),
@@ -61,9 +69,27 @@ fn bad_tokens(env: &TestEnv) -> Vec<(&'static str, String, bool)> {
         ("tampered claim", tampered, true),
         ("other audience", other_aud, true),
         ("garbage", "not.a.token".into(), true),
+        ("an invitation", invite, true),
         ("no grant", env.token("acme", "public:rw"), false),
         ("read only, writing", env.token("acme", "vault:r"), false),
     ]
+}
+
+/// Sends one request with `token` and returns its status and body.
+async fn send(
+    http: &reqwest::Client,
+    method: &reqwest::Method,
+    url: &str,
+    token: &str,
+    body: Option<&Value>,
+) -> (u16, String) {
+    let mut req = http.request(method.clone(), url).bearer_auth(token);
+    if let Some(b) = body {
+        req = req.json(b);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,13 +140,7 @@ async fn every_endpoint_refuses_bad_tokens_and_never_leaks_another_tenants_data(
     let writes = |m: &reqwest::Method| *m != reqwest::Method::GET;
     for (name, token, unauthenticated) in bad_tokens(&env) {
         for (method, url, body) in &endpoints {
-            let mut req = http.request(method.clone(), url).bearer_auth(&token);
-            if let Some(b) = body {
-                req = req.json(b);
-            }
-            let resp = req.send().await.unwrap();
-            let status = resp.status().as_u16();
-            let text = resp.text().await.unwrap();
+            let (status, text) = send(&http, method, url, &token, body.as_ref()).await;
             let checkpoints = url.ends_with("/v1/checkpoints");
             let allowed_read = name == "read only, writing" && !writes(method) && !checkpoints;
             if allowed_read {
@@ -141,8 +161,77 @@ async fn every_endpoint_refuses_bad_tokens_and_never_leaks_another_tenants_data(
             );
         }
     }
+    // The account and tenant-administration endpoints: bad tokens are refused outright; a
+    // token without admin grants gets 403, and the bucket listing shows it nothing of the vault.
+    let admin_endpoints: Vec<(reqwest::Method, String, Option<Value>)> = vec![
+        (reqwest::Method::GET, format!("{base}/v1/buckets"), None),
+        (reqwest::Method::GET, format!("{base}/v1/auth/me"), None),
+        (
+            reqwest::Method::POST,
+            format!("{base}/v1/auth/logout"),
+            None,
+        ),
+        (
+            reqwest::Method::GET,
+            format!("{base}/v1/tenant/users"),
+            None,
+        ),
+        (
+            reqwest::Method::PUT,
+            format!("{base}/v1/tenant/users/ann/grants"),
+            Some(json!({"grants": [{"bucket": "vault", "perms": ["admin"]}]})),
+        ),
+        (
+            reqwest::Method::POST,
+            format!("{base}/v1/tenant/invites"),
+            Some(json!({"grants": [{"bucket": "vault", "perms": ["read"]}]})),
+        ),
+        (
+            reqwest::Method::GET,
+            format!("{base}/v1/tenant/service-tokens"),
+            None,
+        ),
+        (
+            reqwest::Method::POST,
+            format!("{base}/v1/tenant/service-tokens"),
+            Some(json!({"name": "x", "grants": [{"bucket": "vault", "perms": ["read"]}]})),
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("{base}/v1/tenant/service-tokens/some-id"),
+            None,
+        ),
+    ];
+    for (name, token, unauthenticated) in bad_tokens(&env) {
+        for (method, url, body) in &admin_endpoints {
+            let (status, text) = send(&http, method, url, &token, body.as_ref()).await;
+            assert!(
+                !text.contains(SECRET_VALUE),
+                "{name} {method} {url}: {text}"
+            );
+            if unauthenticated {
+                assert_eq!(status, 401, "{name} {method} {url}: {text}");
+                continue;
+            }
+            if url.ends_with("/v1/buckets") {
+                assert_eq!(status, 200, "{name}: {text}");
+                let listed: Value = serde_json::from_str(&text).unwrap();
+                let sees_vault = listed["buckets"] == json!(["vault"]);
+                assert_eq!(sees_vault, name == "read only, writing", "{name}: {text}");
+            } else if url.ends_with("/v1/auth/me") {
+                assert_eq!(status, 200, "{name}: {text}");
+            } else if url.ends_with("/logout") {
+                assert_eq!(status, 400, "a development token has no session: {text}");
+            } else if url.ends_with("/some-id") {
+                // Revoking is checked against the token being revoked: there is none here.
+                assert_eq!(status, 404, "{name}: {text}");
+            } else {
+                assert_eq!(status, 403, "{name} {method} {url}: {text}");
+            }
+        }
+    }
     // Without any token.
-    for (method, url, _) in &endpoints {
+    for (method, url, _) in endpoints.iter().chain(&admin_endpoints) {
         let resp = http.request(method.clone(), url).send().await.unwrap();
         assert_eq!(resp.status().as_u16(), 401, "no token {method} {url}");
     }

@@ -156,7 +156,7 @@ async fn restore_puts_state_and_view_back_and_subscribers_get_a_reset() {
     // Operators see it over HTTP; bucket tokens do not.
     let http = reqwest::Client::new();
     let url = format!("http://{}/v1/checkpoints", api_node.api_addr.unwrap());
-    let keys = api::auth::TokenKeys::new(&env.cfg.auth);
+    let keys = api::auth::TokenKeys::new(&env.cfg.auth).expect("valid auth configuration");
     let operator = keys.mint_operator("ops", "ops", pipeline::checkpoint::now_ms() / 1000, 600);
     let listed: serde_json::Value = http
         .get(&url)

@@ -64,6 +64,24 @@ fn every_configuration_problem_is_reported_at_start() {
         err.contains("jwt_secret") && err.contains("api.listen"),
         "{err}"
     );
+    // The public development secret, or a short one, outside development mode: refused.
+    for secret in [api::auth::DEV_SECRET, "short-secret"] {
+        let (code, _, err) = syncflow(&[("SYNCFLOW_AUTH_JWT_SECRET", secret)], &["run"]);
+        assert_ne!(code, 0, "{secret}");
+        assert!(
+            err.contains("development") || err.contains("32 bytes"),
+            "{err}"
+        );
+    }
+    let (code, _, err) = syncflow(
+        &[
+            ("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET),
+            ("SYNCFLOW_AUTH_SIGNING_KID", "2027-01"),
+        ],
+        &["run"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("signing_kid"), "{err}");
 }
 
 #[test]
@@ -79,7 +97,8 @@ fn token_mints_a_verifiable_jwt() {
     let keys = api::auth::TokenKeys::new(&api::auth::AuthConfig {
         jwt_secret: common::SECRET.into(),
         ..Default::default()
-    });
+    })
+    .expect("valid auth configuration");
     let claims = keys.verify(out.trim()).expect("minted token verifies");
     assert_eq!(claims.tenant, "acme");
     assert_eq!(claims.sub, "ann");

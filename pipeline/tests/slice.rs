@@ -227,7 +227,8 @@ async fn tokens_are_checked_and_tenants_isolated() {
     let other_keys = api::auth::TokenKeys::new(&api::auth::AuthConfig {
         jwt_secret: "a-different-secret-a-different-secret".into(),
         ..api::auth::AuthConfig::default()
-    });
+    })
+    .expect("valid auth configuration");
     let forged = other_keys.mint(
         "x",
         "acme",

@@ -275,7 +275,7 @@ async fn bad_websocket_input_gets_reasons_and_the_connection_survives() {
     assert_eq!(r.status().as_u16(), 200);
 
     // A token that expires mid-connection: told, then closed with 4001.
-    let keys = api::auth::TokenKeys::new(&env.cfg.auth);
+    let keys = api::auth::TokenKeys::new(&env.cfg.auth).expect("valid auth configuration");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

@@ -90,7 +90,7 @@ impl TestEnv {
 
     /// A token of `tenant` with grants like `todos:rw`.
     pub fn token(&self, tenant: &str, grants: &str) -> String {
-        let keys = api::auth::TokenKeys::new(&self.cfg.auth);
+        let keys = api::auth::TokenKeys::new(&self.cfg.auth).expect("valid auth configuration");
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()

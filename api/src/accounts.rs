@@ -1,0 +1,513 @@
+//! Accounts: `POST /v1/auth/register|login|refresh|logout` and `GET /v1/auth/me`.
+//!
+//! A registration reserves the user name, the e-mail address and (for a new tenant) the tenant
+//! name in Redis, all or none, so of concurrent duplicate registrations exactly one succeeds and
+//! the others get `409`. It then produces `user.created` to Kafka; the projector puts the user in
+//! the users view, which login reads. Access tokens are short-lived and bound to a session;
+//! refresh tokens rotate on every use, and a reused one revokes its session
+//! ([`crate::auth::sessions`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::password::Passwords;
+use crate::auth::sessions::{AuthStore, Refreshed, Reservation, Session, Taken};
+use crate::auth::{AuthConfig, Claims, Grant, Perm, TokenKind};
+use crate::error::ApiError;
+use crate::sink::WriteSink;
+use crate::users::{User, UserEvent, UsersView, USER_EVENT_VERSION};
+use crate::{now_ms, AppState};
+
+/// Everything accounts need: Redis, the users view, the `user.events` producer, the hasher.
+#[derive(Clone)]
+pub struct Accounts {
+    /// Sessions, service tokens, invitations, reservations.
+    pub store: AuthStore,
+    /// The users view.
+    pub users: UsersView,
+    /// Producer of `user.events`.
+    pub events: Arc<dyn WriteSink>,
+    /// Password hashing.
+    pub passwords: Passwords,
+    /// Lifetimes and waits.
+    pub cfg: AuthConfig,
+}
+
+/// How long a reservation waits for its `user.created` to reach Kafka before it lapses.
+const RESERVATION_MS: u64 = 60_000;
+
+pub(crate) fn accounts(state: &AppState) -> Result<&Accounts, ApiError> {
+    state.accounts.as_ref().ok_or_else(|| {
+        ApiError::Unavailable(
+            "accounts need Redis and MongoDB, which this node has not configured".into(),
+        )
+    })
+}
+
+fn view_err(e: crate::view::ViewError) -> ApiError {
+    ApiError::Unavailable(e.to_string())
+}
+
+fn store_err(e: crate::auth::sessions::StoreError) -> ApiError {
+    ApiError::Unavailable(e.to_string())
+}
+
+/// Lower-cases and checks a user name: 3-64 of `a-z 0-9 . _ -`, starting with a letter or digit.
+pub fn normalize_username(raw: &str) -> Result<String, ApiError> {
+    let name = raw.trim().to_ascii_lowercase();
+    let ok = (3..=64).contains(&name.len())
+        && name
+            .bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_username",
+            "a user name is 3-64 characters of a-z, 0-9, '.', '_' and '-', starting with a letter or digit",
+        ))
+    }
+}
+
+/// Lower-cases and checks an e-mail address (one `@`, a dotted domain, no spaces, at most 254).
+pub fn normalize_email(raw: &str) -> Result<String, ApiError> {
+    let email = raw.trim().to_lowercase();
+    let ok = email.len() <= 254
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control())
+        && email.split_once('@').is_some_and(|(local, domain)| {
+            !local.is_empty()
+                && !domain.contains('@')
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !domain.ends_with('.')
+        });
+    if ok {
+        Ok(email)
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_email",
+            "the e-mail address is not valid",
+        ))
+    }
+}
+
+/// Parses a JSON body into `T`, with a 400 that says what is wrong.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("invalid_body", format!("the body is not valid: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Register {
+    username: String,
+    email: String,
+    password: String,
+    tenant: Option<String>,
+    invite: Option<String>,
+}
+
+impl Accounts {
+    /// Mints the access token of a session.
+    fn access_token(&self, state: &AppState, session: &Session, grants: Vec<Grant>) -> String {
+        let mut claims = Claims::access(
+            &session.user_id,
+            &session.tenant,
+            grants,
+            now_ms() / 1000,
+            self.cfg.access_ttl_secs,
+        );
+        claims.sid = Some(session.sid.clone());
+        claims.name = Some(session.username.clone());
+        state.keys.sign(claims)
+    }
+
+    fn token_body(&self, access: String, refresh: String) -> Value {
+        json!({
+            "access_token": access,
+            "refresh_token": refresh,
+            "token_type": "Bearer",
+            "expires_in": self.cfg.access_ttl_secs,
+        })
+    }
+
+    /// Produces a user event and waits until `visible` holds in the view (bounded).
+    pub(crate) async fn emit(&self, event: &UserEvent) -> Result<(), ApiError> {
+        let payload = serde_json::to_vec(event).expect("plain event");
+        self.events
+            .send(event.key(), &payload)
+            .await
+            .map_err(|e| ApiError::Unavailable(e.to_string()))
+    }
+
+    /// Polls the users view until `done` says the user is as expected, or the wait ends.
+    pub(crate) async fn wait_view(&self, username: &str, done: impl Fn(&User) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.cfg.view_wait_ms);
+        loop {
+            if let Ok(Some(u)) = self.users.find(username).await {
+                if done(&u) {
+                    return true;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// `POST /v1/auth/register`.
+pub async fn register(
+    State(state): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let acc = accounts(&state)?;
+    let req: Register = json_body(&body)?;
+    let username = normalize_username(&req.username)?;
+    let email = normalize_email(&req.email)?;
+    Passwords::check(&req.password)
+        .map_err(|e| ApiError::bad_request("invalid_password", e.to_string()))?;
+    if let Some(limiter) = &state.limiter {
+        limiter
+            .check_registration()
+            .await
+            .map_err(ApiError::limited)?;
+    }
+    // The tenant: a new one (the user administers it), or the one of an invitation.
+    let (tenant, grants, invite_id, creates_tenant) =
+        match (req.tenant, req.invite) {
+            (Some(tenant), None) => {
+                processors::limits::check_tenant(&tenant).map_err(ApiError::from)?;
+                let admin = vec![Grant {
+                    bucket: "*".into(),
+                    perms: vec![Perm::Admin],
+                }];
+                (tenant, admin, None, true)
+            }
+            (None, Some(invite)) => {
+                let claims = state
+                    .keys
+                    .verify_kind(invite.trim(), &[TokenKind::Invite])
+                    .map_err(|e| ApiError::Unauthorized(format!("invitation: {e}")))?;
+                let jti = claims
+                    .jti
+                    .ok_or_else(|| ApiError::Unauthorized("invitation without an id".into()))?;
+                (claims.tenant, claims.grants, Some(jti), false)
+            }
+            _ => return Err(ApiError::bad_request(
+                "invalid_body",
+                "give exactly one of \"tenant\" (create a new tenant) and \"invite\" (join one)",
+            )),
+        };
+    let taken = |what: Taken| {
+        let (code, message) = match what {
+            Taken::Username => (
+                "username_taken",
+                format!("the user name {username:?} is taken"),
+            ),
+            Taken::Email => (
+                "email_taken",
+                "the e-mail address is already registered".to_string(),
+            ),
+            Taken::Tenant => (
+                "tenant_taken",
+                format!("the tenant {tenant:?} exists; ask its admin for an invitation"),
+            ),
+        };
+        ApiError::Conflict { code, message }
+    };
+    // The view knows every registration that reached it, even if Redis lost its reservations.
+    if acc.users.find(&username).await.map_err(view_err)?.is_some() {
+        return Err(taken(Taken::Username));
+    }
+    if acc
+        .users
+        .find_by_email(&email)
+        .await
+        .map_err(view_err)?
+        .is_some()
+    {
+        return Err(taken(Taken::Email));
+    }
+    if creates_tenant && acc.users.tenant_exists(&tenant).await.map_err(view_err)? {
+        return Err(taken(Taken::Tenant));
+    }
+    let user_id = uuid::Uuid::now_v7().to_string();
+    let names = Reservation {
+        owner: &user_id,
+        username: &username,
+        email: &email,
+        new_tenant: creates_tenant.then_some(tenant.as_str()),
+    };
+    if let Some(what) = acc
+        .store
+        .reserve(&names, RESERVATION_MS)
+        .await
+        .map_err(store_err)?
+    {
+        return Err(taken(what));
+    }
+    let release = || async {
+        if let Err(e) = acc.store.release(&names).await {
+            tracing::warn!(error = %e, "releasing a failed registration's reservations");
+        }
+    };
+    if let Some(jti) = &invite_id {
+        match acc.store.use_invite(jti).await {
+            Ok(true) => {}
+            Ok(false) => {
+                release().await;
+                return Err(ApiError::Conflict {
+                    code: "invite_used",
+                    message: "this invitation was used already or has expired".into(),
+                });
+            }
+            Err(e) => {
+                release().await;
+                return Err(store_err(e));
+            }
+        }
+    }
+    let hash = match acc.passwords.hash(&req.password).await {
+        Ok(h) => h,
+        Err(e) => {
+            release().await;
+            return Err(ApiError::Unavailable(e.to_string()));
+        }
+    };
+    let user = User {
+        username: username.clone(),
+        user_id: user_id.clone(),
+        email: email.clone(),
+        tenant: tenant.clone(),
+        password_hash: hash,
+        grants,
+        created_at_ms: now_ms() as i64,
+    };
+    let event = UserEvent::Created {
+        v: USER_EVENT_VERSION,
+        event_id: uuid::Uuid::now_v7().to_string(),
+        user: user.clone(),
+        creates_tenant,
+    };
+    if let Err(e) = acc.emit(&event).await {
+        release().await;
+        return Err(e);
+    }
+    acc.store.confirm(&names).await.map_err(store_err)?;
+    tracing::info!(%username, %tenant, "user registered");
+    let (session, refresh) = acc
+        .store
+        .open_session(&user_id, &username, &tenant, acc.cfg.refresh_ttl_secs)
+        .await
+        .map_err(store_err)?;
+    let access = acc.access_token(&state, &session, user.grants.clone());
+    let visible = acc.wait_view(&username, |u| u.user_id == user_id).await;
+    let mut body = acc.token_body(access, refresh);
+    body["user"] = user.public();
+    body["visible"] = json!(visible);
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Login {
+    username: String,
+    password: String,
+}
+
+/// `POST /v1/auth/login`: by user name or e-mail address.
+pub async fn login(
+    State(state): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let acc = accounts(&state)?;
+    let req: Login = json_body(&body)?;
+    let name = req.username.trim().to_lowercase();
+    if name.is_empty() || name.len() > 254 {
+        return Err(ApiError::Unauthorized("wrong user name or password".into()));
+    }
+    if let Some(limiter) = &state.limiter {
+        limiter
+            .check_login(&name)
+            .await
+            .map_err(ApiError::limited)?;
+    }
+    let user = if name.contains('@') {
+        acc.users.find_by_email(&name).await
+    } else {
+        acc.users.find(&name).await
+    }
+    .map_err(view_err)?;
+    let ok = acc
+        .passwords
+        .verify(
+            &req.password,
+            user.as_ref().map(|u| u.password_hash.as_str()),
+        )
+        .await;
+    let Some(user) = user.filter(|_| ok) else {
+        return Err(ApiError::Unauthorized("wrong user name or password".into()));
+    };
+    let (session, refresh) = acc
+        .store
+        .open_session(
+            &user.user_id,
+            &user.username,
+            &user.tenant,
+            acc.cfg.refresh_ttl_secs,
+        )
+        .await
+        .map_err(store_err)?;
+    let access = acc.access_token(&state, &session, user.grants.clone());
+    let mut body = acc.token_body(access, refresh);
+    body["user"] = user.public();
+    Ok(Json(body))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshReq {
+    refresh_token: String,
+}
+
+/// `POST /v1/auth/refresh`: a new access token and a new refresh token; the old one is spent.
+pub async fn refresh(
+    State(state): State<AppState>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let acc = accounts(&state)?;
+    let req: RefreshReq = json_body(&body)?;
+    match acc
+        .store
+        .refresh(req.refresh_token.trim())
+        .await
+        .map_err(store_err)?
+    {
+        Refreshed::Rotated(session, refresh) => {
+            // Grants come from the view, so a change by an admin arrives with the next refresh.
+            let user = acc.users.find(&session.username).await.map_err(view_err)?;
+            let Some(user) = user.filter(|u| u.user_id == session.user_id) else {
+                let _ = acc.store.end_session(&session.sid).await;
+                return Err(ApiError::Unauthorized("the user no longer exists".into()));
+            };
+            let access = acc.access_token(&state, &session, user.grants);
+            Ok(Json(acc.token_body(access, refresh)))
+        }
+        Refreshed::Reused => {
+            tracing::warn!("a refresh token was used twice; its session is revoked");
+            Err(ApiError::Unauthorized(
+                "this refresh token was used already, so its session has been revoked: log in again".into(),
+            ))
+        }
+        Refreshed::Unknown => Err(ApiError::Unauthorized(
+            "unknown or expired refresh token (logged out, revoked or expired)".into(),
+        )),
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LogoutReq {
+    refresh_token: Option<String>,
+}
+
+/// `POST /v1/auth/logout`: ends the session of the refresh token in the body, or of the bearer
+/// access token. Its access tokens stop working at once.
+pub async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let acc = accounts(&state)?;
+    let req: LogoutReq = if body.is_empty() {
+        LogoutReq::default()
+    } else {
+        json_body(&body)?
+    };
+    if let Some(token) = req.refresh_token {
+        return if acc
+            .store
+            .logout_refresh(token.trim())
+            .await
+            .map_err(store_err)?
+        {
+            Ok(StatusCode::NO_CONTENT)
+        } else {
+            Err(ApiError::Unauthorized(
+                "unknown, spent or expired refresh token".into(),
+            ))
+        };
+    }
+    let claims = crate::routes::verified(&state, &headers).await?;
+    match claims.sid {
+        Some(sid) => {
+            acc.store.end_session(&sid).await.map_err(store_err)?;
+            Ok(StatusCode::NO_CONTENT)
+        }
+        None => Err(ApiError::bad_request(
+            "invalid_body",
+            "this token has no session to end; send {\"refresh_token\": ...}",
+        )),
+    }
+}
+
+/// `GET /v1/auth/me`: the token's identity, and the user when it is a user's.
+pub async fn me(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let claims = crate::routes::verified(&state, &headers).await?;
+    let mut body = json!({
+        "sub": claims.sub,
+        "tenant": claims.tenant,
+        "kind": claims.typ,
+        "grants": claims.grants,
+        "expires_at": claims.exp,
+        "operator": claims.operator,
+    });
+    if let (Some(name), Some(acc)) = (&claims.name, &state.accounts) {
+        if let Some(user) = acc.users.find(name).await.map_err(view_err)? {
+            if user.user_id == claims.sub && user.tenant == claims.tenant {
+                body["user"] = user.public();
+            }
+        }
+    }
+    Ok(Json(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_addresses_are_normalized_and_checked() {
+        assert_eq!(normalize_username(" Ann.Lee ").unwrap(), "ann.lee");
+        assert!(normalize_username("ab").is_err());
+        assert!(normalize_username("-ann").is_err());
+        assert!(normalize_username("ann lee").is_err());
+        assert!(normalize_username("ann/lee").is_err());
+        assert!(normalize_username(&"a".repeat(65)).is_err());
+        assert_eq!(
+            normalize_email("Ann@Example.COM").unwrap(),
+            "ann@example.com"
+        );
+        for bad in [
+            "ann", "ann@", "@x.io", "ann@x", "a b@x.io", "a@b@x.io", "a@.x", "a@x.",
+        ] {
+            assert!(normalize_email(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Tenant administration: grants, invitations, service tokens, and the bucket listing.
+//!
+//! Whoever administers a bucket pattern (an `admin` grant covering it) may hand out access to it:
+//! a token may only grant, invite with, or create a service token for patterns it administers,
+//! and may only change a user's grants if it administers every pattern the user holds or gets.
+//! A tenant admin (admin on `*`) administers everything of the tenant. Nothing here reaches
+//! another tenant: the tenant always comes from the caller's token.
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::accounts::{accounts, json_body};
+use crate::auth::sessions::ServiceToken;
+use crate::auth::{Claims, Grant, Perm, TokenKind};
+use crate::error::ApiError;
+use crate::routes::verified;
+use crate::users::{UserEvent, USER_EVENT_VERSION};
+use crate::{now_ms, AppState};
+
+/// Most grants one user, invitation or service token may carry.
+pub const MAX_GRANTS: usize = 100;
+
+fn check_grants(caller: &Claims, grants: &[Grant]) -> Result<(), ApiError> {
+    if grants.len() > MAX_GRANTS {
+        return Err(ApiError::bad_request(
+            "invalid_grants",
+            format!("at most {MAX_GRANTS} grants"),
+        ));
+    }
+    for g in grants {
+        g.check()
+            .map_err(|m| ApiError::bad_request("invalid_grants", m))?;
+        if !caller.administers(&g.bucket) {
+            return Err(ApiError::Forbidden(format!(
+                "the token does not administer {:?}, so it cannot grant on it",
+                g.bucket
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Claims of a new token of `kind` with a fresh id, valid `ttl` seconds from now.
+fn issued(kind: TokenKind, sub: &str, tenant: &str, grants: Vec<Grant>, ttl: u64) -> Claims {
+    let mut claims = Claims::access(sub, tenant, grants, now_ms() / 1000, ttl);
+    claims.typ = kind;
+    claims.jti = Some(uuid::Uuid::now_v7().to_string());
+    claims
+}
+
+fn require_tenant_admin(caller: &Claims) -> Result<(), ApiError> {
+    if caller.is_tenant_admin() {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "this needs a tenant admin (an admin grant on \"*\")".into(),
+        ))
+    }
+}
+
+/// `GET /v1/buckets`: the tenant's buckets the token may read.
+pub async fn list_buckets(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = verified(&state, &headers).await?;
+    let names = state
+        .reader
+        .bucket_names(&caller.tenant)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let readable: Vec<String> = names
+        .into_iter()
+        .filter(|b| caller.allows(Perm::Read, b))
+        .collect();
+    Ok(Json(json!({ "buckets": readable })))
+}
+
+/// `GET /v1/tenant/users`: the tenant's users (tenant admins only).
+pub async fn list_users(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = verified(&state, &headers).await?;
+    require_tenant_admin(&caller)?;
+    let users = accounts(&state)?
+        .users
+        .list(&caller.tenant)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(Json(
+        json!({ "users": users.iter().map(|u| u.public()).collect::<Vec<_>>() }),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GrantsReq {
+    grants: Vec<Grant>,
+}
+
+/// `PUT /v1/tenant/users/{username}/grants`: replaces a user's grants. They reach the user's
+/// tokens at the next refresh or login.
+pub async fn set_grants(
+    State(state): State<AppState>,
+    Path(username): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = verified(&state, &headers).await?;
+    let acc = accounts(&state)?;
+    let req: GrantsReq = json_body(&body)?;
+    check_grants(&caller, &req.grants)?;
+    let username = username.to_ascii_lowercase();
+    let user = acc
+        .users
+        .find(&username)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .filter(|u| u.tenant == caller.tenant)
+        .ok_or_else(|| ApiError::NotFound(format!("no user {username:?} in this tenant")))?;
+    if let Some(g) = user.grants.iter().find(|g| !caller.administers(&g.bucket)) {
+        return Err(ApiError::Forbidden(format!(
+            "the user holds a grant on {:?}, which this token does not administer",
+            g.bucket
+        )));
+    }
+    let event = UserEvent::GrantsSet {
+        v: USER_EVENT_VERSION,
+        event_id: uuid::Uuid::now_v7().to_string(),
+        username: username.clone(),
+        tenant: caller.tenant.clone(),
+        grants: req.grants.clone(),
+        by: caller.sub.clone(),
+        at_ms: now_ms() as i64,
+    };
+    acc.emit(&event).await?;
+    let visible = acc.wait_view(&username, |u| u.grants == req.grants).await;
+    Ok(Json(
+        json!({"username": username, "grants": req.grants, "visible": visible}),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InviteReq {
+    grants: Vec<Grant>,
+    ttl_secs: Option<u64>,
+}
+
+/// `POST /v1/tenant/invites`: a single-use invitation to register into the caller's tenant with
+/// the given grants.
+pub async fn create_invite(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = verified(&state, &headers).await?;
+    let acc = accounts(&state)?;
+    let req: InviteReq = json_body(&body)?;
+    check_grants(&caller, &req.grants)?;
+    let ttl = req
+        .ttl_secs
+        .unwrap_or(acc.cfg.invite_ttl_secs)
+        .clamp(1, acc.cfg.invite_ttl_secs);
+    let claims = issued(
+        TokenKind::Invite,
+        &caller.sub,
+        &caller.tenant,
+        req.grants,
+        ttl,
+    );
+    let jti = claims.jti.clone().expect("issued with an id");
+    let expires_at = claims.exp;
+    acc.store
+        .add_invite(&jti, ttl)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let invite = state.keys.sign(claims);
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"invite": invite, "id": jti, "expires_at": expires_at})),
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceReq {
+    name: String,
+    grants: Vec<Grant>,
+    ttl_secs: Option<u64>,
+}
+
+/// `POST /v1/tenant/service-tokens`: a long-lived token for a server-side producer, with grants
+/// the caller administers; valid until it expires or is revoked.
+pub async fn create_service_token(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = verified(&state, &headers).await?;
+    let acc = accounts(&state)?;
+    let req: ServiceReq = json_body(&body)?;
+    let name = req.name.trim();
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_name",
+            "a service token name is 1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-'",
+        ));
+    }
+    check_grants(&caller, &req.grants)?;
+    let max = acc.cfg.service_token_max_ttl_secs;
+    let ttl = req.ttl_secs.unwrap_or(max).clamp(1, max);
+    let claims = issued(
+        TokenKind::Service,
+        &format!("service:{name}"),
+        &caller.tenant,
+        req.grants.clone(),
+        ttl,
+    );
+    let record = ServiceToken {
+        id: claims.jti.clone().expect("issued with an id"),
+        name: name.into(),
+        grants: req.grants,
+        created_by: caller.sub.clone(),
+        created_at: claims.iat,
+        expires_at: claims.exp,
+    };
+    acc.store
+        .add_service(&caller.tenant, &record)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let token = state.keys.sign(claims);
+    let mut body = serde_json::to_value(&record).expect("plain struct");
+    body["token"] = json!(token);
+    Ok((StatusCode::CREATED, Json(body)))
+}
+
+/// `GET /v1/tenant/service-tokens`: the tenant's live service tokens (never the tokens).
+pub async fn list_service_tokens(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = verified(&state, &headers).await?;
+    require_tenant_admin(&caller)?;
+    let list = accounts(&state)?
+        .store
+        .list_services(&caller.tenant, now_ms() / 1000)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    Ok(Json(json!({ "service_tokens": list })))
+}
+
+/// `DELETE /v1/tenant/service-tokens/{id}`: revokes at once. Allowed to whoever administers
+/// every grant of the token.
+pub async fn revoke_service_token(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = verified(&state, &headers).await?;
+    let acc = accounts(&state)?;
+    let unavailable = |e: crate::auth::sessions::StoreError| ApiError::Unavailable(e.to_string());
+    let list = acc
+        .store
+        .list_services(&caller.tenant, now_ms() / 1000)
+        .await
+        .map_err(unavailable)?;
+    let token = list
+        .iter()
+        .find(|t| t.id == id)
+        .ok_or_else(|| ApiError::NotFound(format!("no service token {id:?} in this tenant")))?;
+    if let Some(g) = token.grants.iter().find(|g| !caller.administers(&g.bucket)) {
+        return Err(ApiError::Forbidden(format!(
+            "the service token grants on {:?}, which this token does not administer",
+            g.bucket
+        )));
+    }
+    acc.store
+        .revoke_service(&caller.tenant, &id)
+        .await
+        .map_err(unavailable)?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,436 @@
+//! What authentication keeps in Redis: login sessions with rotating refresh tokens, the registry
+//! of service tokens, single-use invitations, and the reservations that make user names and
+//! e-mail addresses unique.
+//!
+//! # Sessions and refresh tokens
+//!
+//! A login opens a session (`…auth:session:<sid>`, a hash with the user, the tenant and the
+//! SHA-256 of the one refresh token currently valid; it expires `auth.refresh_ttl_secs` after the
+//! login). A refresh token is `<sid>.<secret>`. Refreshing swaps the current token for a new one
+//! atomically (a Lua script). Presenting a token of the session that is not the current one — it
+//! was used already, so someone holds a copy — deletes the session: the whole family is revoked,
+//! and every access token of the session (they carry `sid`) stops working at once, because
+//! session-bound tokens are accepted only while their session exists. Logout deletes it too.
+//!
+//! # Service tokens and invitations
+//!
+//! A service token is valid while its id is in its tenant's registry (`…auth:services:<tenant>`);
+//! revoking deletes it. An invitation's id is stored until it is used once or expires.
+
+use base64::Engine;
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{AuthError, Claims, TokenKind};
+
+/// The Redis side of authentication.
+#[derive(Clone)]
+pub struct AuthStore {
+    conn: ConnectionManager,
+    prefix: String,
+}
+
+/// A session as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    /// Session id (`sid` of its access tokens).
+    pub sid: String,
+    /// The user's id.
+    pub user_id: String,
+    /// The user's name.
+    pub username: String,
+    /// The user's tenant.
+    pub tenant: String,
+}
+
+/// What a refresh attempt found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refreshed {
+    /// The token was current: here is the session, and the returned token replaces it.
+    Rotated(Session, String),
+    /// No such session (expired, logged out, or revoked).
+    Unknown,
+    /// The token was already used: the session was revoked.
+    Reused,
+}
+
+/// A registered service token (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceToken {
+    /// Its id (`jti`).
+    pub id: String,
+    /// Its name.
+    pub name: String,
+    /// What it grants.
+    pub grants: Vec<super::Grant>,
+    /// Who created it.
+    pub created_by: String,
+    /// When, seconds since the epoch.
+    pub created_at: u64,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: u64,
+}
+
+/// Which unique name is already taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// The user name.
+    Username,
+    /// The e-mail address.
+    Email,
+    /// The tenant name.
+    Tenant,
+}
+
+/// Errors talking to Redis.
+#[derive(Debug, thiserror::Error)]
+#[error("redis: {0}")]
+pub struct StoreError(#[from] pub redis::RedisError);
+
+impl From<StoreError> for AuthError {
+    fn from(e: StoreError) -> Self {
+        AuthError::Unavailable(e.to_string())
+    }
+}
+
+fn digest(secret: &str) -> String {
+    let mut out = String::with_capacity(64);
+    for b in Sha256::digest(secret.as_bytes()) {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
+}
+
+fn random_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// Splits a refresh token into its session id and secret.
+fn split_refresh(token: &str) -> Option<(&str, &str)> {
+    let (sid, secret) = token.split_once('.')?;
+    let ok = |s: &str, max: usize| {
+        !s.is_empty()
+            && s.len() <= max
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    (ok(sid, 64) && ok(secret, 64)).then_some((sid, secret))
+}
+
+const ROTATE: &str = r"
+local cur = redis.call('HGET', KEYS[1], 'current')
+if not cur then return {0} end
+if cur ~= ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  return {-1}
+end
+redis.call('HSET', KEYS[1], 'current', ARGV[2])
+local f = redis.call('HMGET', KEYS[1], 'user', 'name', 'tenant')
+return {1, f[1], f[2], f[3]}
+";
+
+const RESERVE: &str = r"
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 then return i end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+end
+return 0
+";
+
+const RELEASE: &str = r"
+local n = 0
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then n = n + redis.call('DEL', key) end
+end
+return n
+";
+
+const CONFIRM: &str = r"
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('PERSIST', key) end
+end
+return 0
+";
+
+impl AuthStore {
+    /// A store on `conn`; keys start with `prefix` (the topic prefix, so environments are apart).
+    pub fn new(conn: ConnectionManager, prefix: &str) -> Self {
+        Self {
+            conn,
+            prefix: prefix.into(),
+        }
+    }
+
+    fn key(&self, what: &str, id: &str) -> String {
+        format!("{}syncflow:auth:{what}:{id}", self.prefix)
+    }
+
+    /// Opens a session for a user; returns it with its first refresh token.
+    pub async fn open_session(
+        &self,
+        user_id: &str,
+        username: &str,
+        tenant: &str,
+        ttl_secs: u64,
+    ) -> Result<(Session, String), StoreError> {
+        let sid = uuid::Uuid::now_v7().simple().to_string();
+        let secret = random_secret();
+        let key = self.key("session", &sid);
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .hset_multiple(
+                &key,
+                &[
+                    ("user", user_id),
+                    ("name", username),
+                    ("tenant", tenant),
+                    ("current", &digest(&secret)),
+                ],
+            )
+            .expire(&key, ttl_secs as i64)
+            .query_async::<()>(&mut conn)
+            .await?;
+        let session = Session {
+            sid: sid.clone(),
+            user_id: user_id.into(),
+            username: username.into(),
+            tenant: tenant.into(),
+        };
+        Ok((session, format!("{sid}.{secret}")))
+    }
+
+    /// Rotates a refresh token (see the module documentation).
+    pub async fn refresh(&self, token: &str) -> Result<Refreshed, StoreError> {
+        let Some((sid, secret)) = split_refresh(token) else {
+            return Ok(Refreshed::Unknown);
+        };
+        let next = random_secret();
+        let mut conn = self.conn.clone();
+        let out: Vec<redis::Value> = redis::Script::new(ROTATE)
+            .key(self.key("session", sid))
+            .arg(digest(secret))
+            .arg(digest(&next))
+            .invoke_async(&mut conn)
+            .await?;
+        let text = |v: Option<&redis::Value>| -> String {
+            v.and_then(|v| redis::from_redis_value_ref::<String>(v).ok())
+                .unwrap_or_default()
+        };
+        let status = out
+            .first()
+            .and_then(|v| redis::from_redis_value_ref::<i64>(v).ok())
+            .unwrap_or(0);
+        Ok(match status {
+            1 => Refreshed::Rotated(
+                Session {
+                    sid: sid.into(),
+                    user_id: text(out.get(1)),
+                    username: text(out.get(2)),
+                    tenant: text(out.get(3)),
+                },
+                format!("{sid}.{next}"),
+            ),
+            -1 => Refreshed::Reused,
+            _ => Refreshed::Unknown,
+        })
+    }
+
+    /// Ends the session of a current refresh token. Returns whether one ended.
+    pub async fn logout_refresh(&self, token: &str) -> Result<bool, StoreError> {
+        let Some((sid, secret)) = split_refresh(token) else {
+            return Ok(false);
+        };
+        let key = self.key("session", sid);
+        let mut conn = self.conn.clone();
+        let current: Option<String> = conn.hget(&key, "current").await?;
+        if current.as_deref() != Some(digest(secret).as_str()) {
+            return Ok(false);
+        }
+        Ok(conn.del::<_, i64>(&key).await? > 0)
+    }
+
+    /// Ends a session by id (logout with an access token). Returns whether one ended.
+    pub async fn end_session(&self, sid: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.del::<_, i64>(self.key("session", sid)).await? > 0)
+    }
+
+    /// Whether a verified token is still live: its session exists (user tokens) or it is still
+    /// registered (service tokens). Development tokens (no session) are always live.
+    pub async fn check_live(&self, claims: &Claims) -> Result<(), AuthError> {
+        let mut conn = self.conn.clone();
+        match (claims.typ, &claims.sid, &claims.jti) {
+            (TokenKind::Access, Some(sid), _) => {
+                let exists: bool = conn
+                    .exists(self.key("session", sid))
+                    .await
+                    .map_err(StoreError)?;
+                if !exists {
+                    return Err(AuthError::Invalid(
+                        "the session of this token has ended (logged out or revoked)".into(),
+                    ));
+                }
+            }
+            (TokenKind::Service, _, Some(jti)) => {
+                let exists: bool = conn
+                    .hexists(self.key("services", &claims.tenant), jti)
+                    .await
+                    .map_err(StoreError)?;
+                if !exists {
+                    return Err(AuthError::Invalid(
+                        "this service token has been revoked".into(),
+                    ));
+                }
+            }
+            (TokenKind::Service, _, None) => {
+                return Err(AuthError::Invalid("a service token needs an id".into()))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Registers a service token.
+    pub async fn add_service(&self, tenant: &str, t: &ServiceToken) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let json = serde_json::to_string(t).expect("plain struct");
+        conn.hset::<_, _, _, ()>(self.key("services", tenant), &t.id, json)
+            .await?;
+        Ok(())
+    }
+
+    /// The live service tokens of `tenant` (expired ones are dropped from the registry).
+    pub async fn list_services(
+        &self,
+        tenant: &str,
+        now_secs: u64,
+    ) -> Result<Vec<ServiceToken>, StoreError> {
+        let key = self.key("services", tenant);
+        let mut conn = self.conn.clone();
+        let all: Vec<(String, String)> = conn.hgetall(&key).await?;
+        let mut out = Vec::new();
+        for (id, json) in all {
+            match serde_json::from_str::<ServiceToken>(&json) {
+                Ok(t) if t.expires_at > now_secs => out.push(t),
+                _ => {
+                    conn.hdel::<_, _, ()>(&key, &id).await?;
+                }
+            }
+        }
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Revokes a service token of `tenant`. Returns whether it existed.
+    pub async fn revoke_service(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn
+            .hdel::<_, _, i64>(self.key("services", tenant), id)
+            .await?
+            > 0)
+    }
+
+    /// Stores an invitation's id until it is used or `ttl_secs` pass.
+    pub async fn add_invite(&self, jti: &str, ttl_secs: u64) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        conn.set_ex::<_, _, ()>(self.key("invite", jti), 1, ttl_secs)
+            .await?;
+        Ok(())
+    }
+
+    /// Uses an invitation. Returns false if it was used already or expired.
+    pub async fn use_invite(&self, jti: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.del::<_, i64>(self.key("invite", jti)).await? > 0)
+    }
+
+    fn unique_keys(&self, r: &Reservation<'_>) -> Vec<String> {
+        let mut keys = vec![self.key("username", r.username), self.key("email", r.email)];
+        if let Some(t) = r.new_tenant {
+            keys.push(self.key("tenant", t));
+        }
+        keys
+    }
+
+    /// Reserves the names of `r`, all or none, for `pending_ms`; [`AuthStore::confirm`] makes
+    /// them permanent. Returns the first name already taken, if any.
+    pub async fn reserve(
+        &self,
+        r: &Reservation<'_>,
+        pending_ms: u64,
+    ) -> Result<Option<Taken>, StoreError> {
+        let which = self.run_owned(RESERVE, r, Some(pending_ms)).await?;
+        Ok(match which {
+            0 => None,
+            1 => Some(Taken::Username),
+            2 => Some(Taken::Email),
+            _ => Some(Taken::Tenant),
+        })
+    }
+
+    /// Makes the reservations of `r` permanent.
+    pub async fn confirm(&self, r: &Reservation<'_>) -> Result<(), StoreError> {
+        self.run_owned(CONFIRM, r, None).await.map(drop)
+    }
+
+    /// Gives up the reservations of `r` (the registration failed).
+    pub async fn release(&self, r: &Reservation<'_>) -> Result<(), StoreError> {
+        self.run_owned(RELEASE, r, None).await.map(drop)
+    }
+
+    async fn run_owned(
+        &self,
+        lua: &str,
+        r: &Reservation<'_>,
+        extra: Option<u64>,
+    ) -> Result<i64, StoreError> {
+        let lua = redis::Script::new(lua);
+        let mut script = lua.prepare_invoke();
+        for k in self.unique_keys(r) {
+            script.key(k);
+        }
+        script.arg(r.owner);
+        if let Some(x) = extra {
+            script.arg(x);
+        }
+        let mut conn = self.conn.clone();
+        Ok(script.invoke_async::<i64>(&mut conn).await?)
+    }
+}
+
+/// The unique names one registration claims.
+#[derive(Debug, Clone, Copy)]
+pub struct Reservation<'a> {
+    /// Who claims them (the new user's id).
+    pub owner: &'a str,
+    /// The user name.
+    pub username: &'a str,
+    /// The e-mail address.
+    pub email: &'a str,
+    /// The tenant name, when the registration creates the tenant.
+    pub new_tenant: Option<&'a str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_tokens_split_strictly() {
+        assert_eq!(split_refresh("abc.def"), Some(("abc", "def")));
+        assert_eq!(split_refresh("abc."), None);
+        assert_eq!(split_refresh(".def"), None);
+        assert_eq!(split_refresh("a*c.def"), None);
+        assert_eq!(split_refresh("nodot"), None);
+        assert_eq!(split_refresh(&format!("a.{}", "x".repeat(65))), None);
+        assert_eq!(digest("x").len(), 64);
+        assert_ne!(random_secret(), random_secret());
+    }
+}

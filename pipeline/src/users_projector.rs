@@ -1,0 +1,88 @@
+//! The users projector: applies `user.events` (registrations, grant changes) to the users view
+//! in MongoDB, one event at a time, storing each offset only after MongoDB acknowledged it.
+//! [`UsersView::apply`] is idempotent, so a re-delivery after a crash changes nothing.
+
+use std::time::Duration;
+
+use api::users::{UserEvent, UsersView};
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::projector::{subscribe, ProjectorError};
+use crate::topics;
+
+/// The users projector's consumer group.
+pub fn group_id(cfg: &Config) -> String {
+    cfg.topic("syncflow-users")
+}
+
+/// Runs until `shutdown` turns true.
+pub async fn run(
+    cfg: Config,
+    users: UsersView,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ProjectorError> {
+    let consumer = subscribe(&cfg, &group_id(&cfg), topics::USER_EVENTS)?;
+    if let Err(e) = users.ensure_indexes().await {
+        tracing::warn!(error = %e, "users view index creation failed");
+    }
+    tracing::info!("users projector started");
+    loop {
+        let message = tokio::select! {
+            _ = shutdown.changed() => break,
+            m = consumer.recv() => m,
+        };
+        let message = match message {
+            Ok(m) => m,
+            Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
+                return Err(ProjectorError::Kafka(e));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "users projector receive error");
+                continue;
+            }
+        };
+        let event = match message.payload().map(serde_json::from_slice::<UserEvent>) {
+            Some(Ok(e)) => Some(e),
+            other => {
+                // Only the API writes this topic; a bad record is a bug, never a reason to stall.
+                tracing::error!(
+                    offset = message.offset(),
+                    ?other,
+                    "undecodable user event skipped"
+                );
+                None
+            }
+        };
+        if let Some(event) = event {
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                let applied = tokio::select! {
+                    r = users.apply(&event, message.offset()) => r,
+                    _ = shutdown.changed() => return Ok(()),
+                };
+                match applied {
+                    Ok(outcome) => {
+                        tracing::debug!(key = event.key(), ?outcome, "user event applied");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "users view apply failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        }
+        if let Err(e) = consumer.store_offset_from_message(&message) {
+            tracing::warn!(error = %e, "storing users projector offset failed");
+        }
+    }
+    if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+        tracing::debug!(error = %e, "final users projector commit");
+    }
+    tracing::info!("users projector stopped");
+    Ok(())
+}

@@ -1,0 +1,649 @@
+//! Accounts, sessions, grants, service tokens and rate limits (issue 8), against the real Kafka,
+//! FerretDB and Redis: registration goes through `user.events` and the projector into the users
+//! view; refresh tokens rotate and a reused one revokes its session; tenant admins manage grants,
+//! invitations and service tokens; one tenant's rate limit does not touch another.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestEnv;
+use pipeline::app::Role;
+use rdkafka::Message;
+use serde_json::{json, Value};
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Api {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        (status, value, headers)
+    }
+
+    async fn post(&self, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
+        let (s, v, _) = self
+            .call(reqwest::Method::POST, path, token, Some(body))
+            .await;
+        (s, v)
+    }
+
+    async fn get(&self, path: &str, token: &str) -> (u16, Value) {
+        let (s, v, _) = self
+            .call(reqwest::Method::GET, path, Some(token), None)
+            .await;
+        (s, v)
+    }
+
+    async fn put_doc(&self, token: &str, bucket: &str, id: &str) -> u16 {
+        let path = format!("/v1/buckets/{bucket}/docs/{id}?wait=applied");
+        self.call(
+            reqwest::Method::PUT,
+            &path,
+            Some(token),
+            Some(json!({"n": 1})),
+        )
+        .await
+        .0
+    }
+
+    async fn register(&self, username: &str, extra: Value) -> (u16, Value) {
+        let mut body = json!({
+            "username": username,
+            "email": format!("{username}@example.com"),
+            "password": format!("{}-correct-horse", username.to_lowercase()),
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        self.post("/v1/auth/register", None, body).await
+    }
+}
+
+fn token(v: &Value, field: &str) -> String {
+    v[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} in {v}"))
+        .to_string()
+}
+
+async fn start(env: &TestEnv, roles: &[Role]) -> (pipeline::app::Running, Api) {
+    let node = env.start(roles).await;
+    let api = Api {
+        base: format!("http://{}", node.api_addr.unwrap()),
+        http: reqwest::Client::new(),
+    };
+    (node, api)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_login_refresh_rotation_reuse_and_logout() {
+    let mut env = TestEnv::new("accounts").await;
+    env.cfg.ws.heartbeat_secs = 1;
+    let (node, api) = start(&env, &[Role::Api, Role::Processor, Role::Projector]).await;
+
+    // Registration creates the tenant; the user administers it and is in the users view.
+    let (s, reg) = api.register("Ann", json!({"tenant": "acme"})).await;
+    assert_eq!(s, 201, "{reg}");
+    assert_eq!(reg["visible"], true, "{reg}");
+    assert_eq!(reg["user"]["username"], "ann");
+    assert_eq!(
+        reg["user"]["grants"],
+        json!([{"bucket": "*", "perms": ["admin"]}])
+    );
+    assert!(reg["user"].get("password_hash").is_none(), "{reg}");
+    let access = token(&reg, "access_token");
+    assert_eq!(api.put_doc(&access, "todos", "t1").await, 200);
+    let (s, me) = api.get("/v1/auth/me", &access).await;
+    assert_eq!(s, 200, "{me}");
+    assert_eq!(me["user"]["email"], "ann@example.com", "{me}");
+    assert_eq!(me["tenant"], "acme");
+
+    // The users view holds an argon2id hash, never the password; user.created went through Kafka.
+    let db = mongodb::Client::with_uri_str(&env.cfg.mongo.uri)
+        .await
+        .unwrap()
+        .database(&env.cfg.mongo.database);
+    let stored = db
+        .collection::<mongodb::bson::Document>("users")
+        .find_one(mongodb::bson::doc! {"_id": "ann"})
+        .await
+        .unwrap()
+        .expect("ann in the users view");
+    let hash = stored.get_str("password_hash").unwrap();
+    assert!(hash.starts_with("$argon2id$"), "{hash}");
+    assert!(!stored.to_string().contains("ann-correct-horse"));
+    let events = common::read_committed(
+        &env.cfg.kafka.brokers,
+        &env.topic("user.events"),
+        1,
+        Duration::from_secs(20),
+    );
+    assert_eq!(events.len(), 1);
+    let event: Value = serde_json::from_slice(events[0].payload().unwrap()).unwrap();
+    assert_eq!(event["type"], "user.created");
+    assert_eq!(event["user"]["_id"], "ann");
+    assert_eq!(events[0].key(), Some(&b"ann"[..]));
+
+    // Duplicates are a clear 409, whichever unique name they repeat.
+    let (s, e) = api.register("ann", json!({"tenant": "other"})).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("username_taken")),
+        "{e}"
+    );
+    let (s, e) = api
+        .post(
+            "/v1/auth/register",
+            None,
+            json!({"username": "ann2", "email": "ANN@example.com", "password": "long-enough-pw", "tenant": "other"}),
+        )
+        .await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("email_taken")),
+        "{e}"
+    );
+    let (s, e) = api.register("bob", json!({"tenant": "acme"})).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("tenant_taken")),
+        "{e}"
+    );
+    // Bad input: reasons, no account.
+    for (body, code) in [
+        (
+            json!({"username": "x", "email": "x@example.com", "password": "long-enough-pw", "tenant": "t1"}),
+            "invalid_username",
+        ),
+        (
+            json!({"username": "xavier", "email": "nope", "password": "long-enough-pw", "tenant": "t1"}),
+            "invalid_email",
+        ),
+        (
+            json!({"username": "xavier", "email": "x@example.com", "password": "short", "tenant": "t1"}),
+            "invalid_password",
+        ),
+        (
+            json!({"username": "xavier", "email": "x@example.com", "password": "long-enough-pw"}),
+            "invalid_body",
+        ),
+        (
+            json!({"username": "xavier", "email": "x@example.com", "password": "long-enough-pw", "tenant": "t1", "admin": true}),
+            "invalid_body",
+        ),
+    ] {
+        let (s, e) = api.post("/v1/auth/register", None, body.clone()).await;
+        assert_eq!(
+            (s, e["error"]["code"].as_str()),
+            (400, Some(code)),
+            "{body}: {e}"
+        );
+    }
+
+    // Login: wrong password and unknown user get the same answer.
+    let (s, wrong) = api
+        .post(
+            "/v1/auth/login",
+            None,
+            json!({"username": "ann", "password": "not-her-password"}),
+        )
+        .await;
+    let (s2, unknown) = api
+        .post(
+            "/v1/auth/login",
+            None,
+            json!({"username": "nobody", "password": "not-her-password"}),
+        )
+        .await;
+    assert_eq!((s, s2), (401, 401));
+    assert_eq!(wrong, unknown, "no user enumeration");
+    let (s, login) = api
+        .post(
+            "/v1/auth/login",
+            None,
+            json!({"username": "ann@example.com", "password": "ann-correct-horse"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{login}");
+
+    // Rotation: every refresh spends the token and returns a new pair.
+    let r1 = token(&login, "refresh_token");
+    let (s, second) = api
+        .post("/v1/auth/refresh", None, json!({"refresh_token": r1}))
+        .await;
+    assert_eq!(s, 200, "{second}");
+    let r2 = token(&second, "refresh_token");
+    let a2 = token(&second, "access_token");
+    assert_ne!(r1, r2);
+    assert_eq!(api.put_doc(&a2, "todos", "t2").await, 200);
+    // Reuse of the spent token: refused, and the whole family is revoked.
+    let (s, e) = api
+        .post("/v1/auth/refresh", None, json!({"refresh_token": r1}))
+        .await;
+    assert_eq!(s, 401, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("used already"),
+        "{e}"
+    );
+    let (s, _) = api
+        .post("/v1/auth/refresh", None, json!({"refresh_token": r2}))
+        .await;
+    assert_eq!(
+        s, 401,
+        "the current token of a revoked family is refused too"
+    );
+    assert_eq!(
+        api.put_doc(&a2, "todos", "t3").await,
+        401,
+        "its access token too"
+    );
+    // The registration's own session is another family: untouched.
+    assert_eq!(api.put_doc(&access, "todos", "t4").await, 200);
+
+    // Logout revokes: the refresh token and the session's access tokens stop working at once.
+    let (_, login) = api
+        .post(
+            "/v1/auth/login",
+            None,
+            json!({"username": "ann", "password": "ann-correct-horse"}),
+        )
+        .await;
+    let r3 = token(&login, "refresh_token");
+    let a3 = token(&login, "access_token");
+    assert_eq!(api.put_doc(&a3, "todos", "t5").await, 200);
+    let mut ws = {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let url = format!("{}/v1/subscribe", api.base.replace("http://", "ws://"));
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {a3}").parse().unwrap());
+        tokio_tungstenite::connect_async(req).await.unwrap().0
+    };
+    common::ws::send_text(&mut ws, r#"{"type":"subscribe","bucket":"todos"}"#).await;
+    let (s, _) = api
+        .post("/v1/auth/logout", None, json!({"refresh_token": r3}))
+        .await;
+    assert_eq!(s, 204);
+    // The session's live subscription is closed too (checked at each heartbeat).
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Err(code) = common::ws::next_json(&mut ws).await {
+                return code;
+            }
+        }
+    })
+    .await
+    .expect("the subscription ends after logout");
+    assert_eq!(closed, Some(4001));
+    let (s, _) = api
+        .post("/v1/auth/refresh", None, json!({"refresh_token": r3}))
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = api.get("/v1/auth/me", &a3).await;
+    assert_eq!(s, 401);
+    // Logout with the bearer access token ends that session.
+    let (s, _, _) = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/auth/logout",
+            Some(&access),
+            None,
+        )
+        .await;
+    assert_eq!(s, 204);
+    assert_eq!(api.put_doc(&access, "todos", "t6").await, 401);
+    let (s, _) = api
+        .post(
+            "/v1/auth/refresh",
+            None,
+            json!({"refresh_token": token(&reg, "refresh_token")}),
+        )
+        .await;
+    assert_eq!(s, 401);
+
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenant_admins_manage_grants_invitations_and_service_tokens() {
+    let env = TestEnv::new("grants").await;
+    let (node, api) = start(&env, &[Role::Api, Role::Processor, Role::Projector]).await;
+    let (s, ann) = api.register("ann", json!({"tenant": "acme"})).await;
+    assert_eq!(s, 201, "{ann}");
+    let admin = token(&ann, "access_token");
+    for bucket in ["todos", "notes-1", "secrets"] {
+        assert_eq!(api.put_doc(&admin, bucket, "d").await, 200, "{bucket}");
+    }
+
+    // An invitation carries grants the admin holds; bob joins acme with them, once.
+    let (s, inv) = api
+        .post(
+            "/v1/tenant/invites",
+            Some(&admin),
+            json!({"grants": [{"bucket": "todos", "perms": ["read", "write"]}]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{inv}");
+    let invite = token(&inv, "invite");
+    let (s, e, _) = api
+        .call(reqwest::Method::GET, "/v1/auth/me", Some(&invite), None)
+        .await;
+    assert_eq!(s, 401, "an invitation is not an access token: {e}");
+    let (s, bob) = api.register("bob", json!({"invite": invite})).await;
+    assert_eq!(s, 201, "{bob}");
+    assert_eq!(bob["user"]["tenant"], "acme");
+    let (s, e) = api.register("bob2", json!({"invite": invite})).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("invite_used")),
+        "{e}"
+    );
+    let bob_access = token(&bob, "access_token");
+    assert_eq!(api.put_doc(&bob_access, "todos", "b1").await, 200);
+    assert_eq!(api.put_doc(&bob_access, "secrets", "b1").await, 403);
+    let (s, _) = api.get("/v1/tenant/users", &bob_access).await;
+    assert_eq!(s, 403, "bob is no tenant admin");
+    let (s, _) = api
+        .post(
+            "/v1/tenant/invites",
+            Some(&bob_access),
+            json!({"grants": [{"bucket": "todos", "perms": ["admin"]}]}),
+        )
+        .await;
+    assert_eq!(s, 403, "bob cannot grant what he does not administer");
+    // Listing shows only what the token may read.
+    let (s, list) = api.get("/v1/buckets", &bob_access).await;
+    assert_eq!(s, 200);
+    assert_eq!(list["buckets"], json!(["todos"]), "{list}");
+    let (_, list) = api.get("/v1/buckets", &admin).await;
+    let mut all: Vec<String> = serde_json::from_value(list["buckets"].clone()).unwrap();
+    all.sort();
+    assert_eq!(all, ["notes-1", "secrets", "todos"]);
+
+    // The admin changes bob's grants through the API; they reach bob's next token.
+    let (s, set, _) = api
+        .call(
+            reqwest::Method::PUT,
+            "/v1/tenant/users/bob/grants",
+            Some(&admin),
+            Some(json!({"grants": [{"bucket": "todos", "perms": ["read"]}, {"bucket": "notes*", "perms": ["read", "write"]}]})),
+        )
+        .await;
+    assert_eq!(s, 200, "{set}");
+    assert_eq!(set["visible"], true);
+    let (s, refreshed) = api
+        .post(
+            "/v1/auth/refresh",
+            None,
+            json!({"refresh_token": token(&bob, "refresh_token")}),
+        )
+        .await;
+    assert_eq!(s, 200, "{refreshed}");
+    let bob_access = token(&refreshed, "access_token");
+    assert_eq!(api.put_doc(&bob_access, "notes-1", "b2").await, 200);
+    assert_eq!(api.put_doc(&bob_access, "todos", "b3").await, 403);
+    let (s, users) = api.get("/v1/tenant/users", &admin).await;
+    assert_eq!(s, 200);
+    let names: Vec<&str> = users["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["username"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["ann", "bob"]);
+    assert!(!users.to_string().contains("argon2"), "{users}");
+
+    // Service tokens: scoped, listed without the token, revoked at once.
+    let (s, svc) = api
+        .post("/v1/tenant/service-tokens", Some(&admin), json!({"name": "ingest", "grants": [{"bucket": "todos", "perms": ["write"]}], "ttl_secs": 3600}))
+        .await;
+    assert_eq!(s, 201, "{svc}");
+    let svc_token = token(&svc, "token");
+    assert_eq!(api.put_doc(&svc_token, "todos", "s1").await, 200);
+    assert_eq!(api.put_doc(&svc_token, "secrets", "s1").await, 403);
+    let (_, listed) = api.get("/v1/tenant/service-tokens", &admin).await;
+    assert_eq!(
+        listed["service_tokens"].as_array().unwrap().len(),
+        1,
+        "{listed}"
+    );
+    assert!(!listed.to_string().contains(&svc_token));
+    let id = svc["id"].as_str().unwrap();
+    let (s, _, _) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/tenant/service-tokens/{id}"),
+            Some(&bob_access),
+            None,
+        )
+        .await;
+    assert_eq!(s, 403, "bob does not administer todos");
+    let (s, _, _) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/tenant/service-tokens/{id}"),
+            Some(&admin),
+            None,
+        )
+        .await;
+    assert_eq!(s, 204);
+    let (s, _, _) = api
+        .call(
+            reqwest::Method::PUT,
+            "/v1/buckets/todos/docs/s2",
+            Some(&svc_token),
+            Some(json!({"n": 1})),
+        )
+        .await;
+    assert_eq!(s, 401, "a revoked service token is refused");
+
+    // Another tenant's admin reaches nothing of acme.
+    let (s, carol) = api.register("carol", json!({"tenant": "globex"})).await;
+    assert_eq!(s, 201, "{carol}");
+    let carol = token(&carol, "access_token");
+    let (_, users) = api.get("/v1/tenant/users", &carol).await;
+    assert_eq!(users["users"].as_array().unwrap().len(), 1, "{users}");
+    let (s, _, _) = api
+        .call(
+            reqwest::Method::PUT,
+            "/v1/tenant/users/bob/grants",
+            Some(&carol),
+            Some(json!({"grants": []})),
+        )
+        .await;
+    assert_eq!(s, 404, "bob is not in globex");
+    let (_, list) = api.get("/v1/buckets", &carol).await;
+    assert_eq!(list["buckets"], json!([]), "{list}");
+    let (_, listed) = api.get("/v1/tenant/service-tokens", &carol).await;
+    assert_eq!(listed["service_tokens"], json!([]));
+
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_storm_yields_exactly_one_account() {
+    let env = TestEnv::new("storm").await;
+    let (node, api) = start(&env, &[Role::Api, Role::Projector]).await;
+    let api = std::sync::Arc::new(api);
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        // Half repeat the user name, half the e-mail address; each asks for its own tenant.
+        let api = api.clone();
+        let body = if i % 2 == 0 {
+            json!({"username": "dora", "email": format!("dora{i}@example.com"), "password": "storm-password", "tenant": format!("t{i}")})
+        } else {
+            json!({"username": format!("dora{i}"), "email": "dora@example.com", "password": "storm-password", "tenant": format!("t{i}")})
+        };
+        tasks.push(tokio::spawn(async move {
+            api.post("/v1/auth/register", None, body).await
+        }));
+    }
+    let mut created = Vec::new();
+    let mut conflicts = 0;
+    for t in tasks {
+        let (s, v) = t.await.unwrap();
+        match s {
+            201 => created.push(v),
+            409 => conflicts += 1,
+            other => panic!("unexpected {other}: {v}"),
+        }
+    }
+    // "dora" by name and dora@example.com by address: each taken at most once. The winner of the
+    // name may also hold the address only if it asked for it, which no request did.
+    let by_name = created
+        .iter()
+        .filter(|v| v["user"]["username"] == "dora")
+        .count();
+    let by_mail = created
+        .iter()
+        .filter(|v| v["user"]["email"] == "dora@example.com")
+        .count();
+    assert_eq!((by_name, by_mail), (1, 1), "{created:?}");
+    assert_eq!(conflicts, 14);
+    // The view and the log agree: one account per name and per address.
+    let db = mongodb::Client::with_uri_str(&env.cfg.mongo.uri)
+        .await
+        .unwrap()
+        .database(&env.cfg.mongo.database);
+    let users = db.collection::<mongodb::bson::Document>("users");
+    let count = |filter| {
+        let users = users.clone();
+        async move { users.count_documents(filter).await.unwrap() }
+    };
+    common::eventually(
+        Duration::from_secs(20),
+        "both accounts in the view",
+        || async { (count(mongodb::bson::doc! {}).await == 2).then_some(()) },
+    )
+    .await;
+    assert_eq!(count(mongodb::bson::doc! {"_id": "dora"}).await, 1);
+    assert_eq!(
+        count(mongodb::bson::doc! {"email": "dora@example.com"}).await,
+        1
+    );
+    let events = common::read_committed(
+        &env.cfg.kafka.brokers,
+        &env.topic("user.events"),
+        3,
+        Duration::from_secs(10),
+    );
+    assert_eq!(events.len(), 2, "exactly two user.created records");
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_over_its_limit_gets_429_while_another_does_not() {
+    let mut env = TestEnv::new("ratelimit").await;
+    env.cfg.rate.tenants.insert(
+        "noisy".into(),
+        api::ratelimit::TenantRate {
+            tenant_writes_per_sec: Some(5),
+            user_connects_per_min: Some(2),
+            ..Default::default()
+        },
+    );
+    let (node, api) = start(&env, &[Role::Api]).await;
+    let noisy = env.token("noisy", "*:rw");
+    let quiet = env.token("quiet", "*:rw");
+    let write = |token: String, i: usize| {
+        let http = api.http.clone();
+        let url = format!("{}/v1/buckets/b/docs/d{i}", api.base);
+        async move {
+            let resp = http
+                .put(url)
+                .bearer_auth(token)
+                .json(&json!({"i": i}))
+                .send()
+                .await
+                .unwrap();
+            let retry = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+            (resp.status().as_u16(), retry)
+        }
+    };
+    // Both tenants write 20 at the same moment.
+    let mut tasks = Vec::new();
+    let started = std::time::Instant::now();
+    for i in 0..20 {
+        tasks.push(tokio::spawn(write(noisy.clone(), i)));
+        tasks.push(tokio::spawn(write(quiet.clone(), i)));
+    }
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    // 5 per second in bursts of 5: the burst, plus one more per 200 ms the requests took.
+    let most = 5 + started.elapsed().as_millis() as usize / 200 + 1;
+    let (noisy_r, quiet_r): (Vec<_>, Vec<_>) =
+        results.chunks(2).map(|pair| (pair[0], pair[1])).unzip();
+    let noisy_ok = noisy_r.iter().filter(|(s, _)| *s == 202).count();
+    let noisy_limited: Vec<_> = noisy_r.iter().filter(|(s, _)| *s == 429).collect();
+    assert!(quiet_r.iter().all(|(s, _)| *s == 202), "quiet: {quiet_r:?}");
+    assert!((5..=most).contains(&noisy_ok), "noisy: {noisy_r:?}");
+    assert!(
+        noisy_ok < 20 && most < 15,
+        "the burst took too long to prove anything"
+    );
+    assert_eq!(noisy_ok + noisy_limited.len(), 20, "{noisy_r:?}");
+    assert!(
+        noisy_limited.iter().all(|(_, r)| matches!(r, Some(1..=2))),
+        "429 says when to retry: {noisy_limited:?}"
+    );
+    // After the advertised wait, the noisy tenant may write again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(write(noisy.clone(), 100).await.0, 202);
+
+    // Connections: the noisy tenant's user may open two per minute; the third is refused.
+    let ws_url = format!("{}/v1/subscribe", api.base.replace("http://", "ws://"));
+    let connect = |token: &str| {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = ws_url.as_str().into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        tokio_tungstenite::connect_async(req)
+    };
+    let _c1 = connect(&noisy).await.expect("first connection");
+    let _c2 = connect(&noisy).await.expect("second connection");
+    match connect(&noisy).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 429);
+            assert!(resp.headers().get("retry-after").is_some());
+        }
+        other => panic!("third connection: {:?}", other.map(|_| ())),
+    }
+    let _q = connect(&quiet).await.expect("another tenant connects");
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
