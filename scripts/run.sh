@@ -70,6 +70,11 @@ for i in $(seq 1 50); do
   [ "$i" -eq 50 ] && { echo "the demo document did not appear" >&2; exit 1; }
   sleep 0.2
 done
+user="demo$(date +%s)"
+echo "\$ curl -X POST http://$API/v1/auth/register -d '{\"username\":\"$user\",...,\"tenant\":\"$user\"}'"
+curl -sS -X POST -H 'content-type: application/json' \
+  -d "{\"username\":\"$user\",\"email\":\"$user@example.com\",\"password\":\"demo-password-$user\",\"tenant\":\"$user\"}" \
+  -f "http://$API/v1/auth/register" -o .data/logs/demo-register.json -w '  (HTTP %{http_code}: a user, its tenant, an access and a refresh token; .data/logs/demo-register.json)\n'
 cat <<MSG
 
 SyncFlow is running (pid $(cat "$PIDFILE")) on http://$API.

@@ -390,18 +390,31 @@ pub async fn refresh(
 ) -> Result<impl IntoResponse, ApiError> {
     let acc = accounts(&state)?;
     let req: RefreshReq = json_body(&body)?;
-    match acc
-        .store
-        .refresh(req.refresh_token.trim())
-        .await
-        .map_err(store_err)?
-    {
+    let token = req.refresh_token.trim();
+    // The user first, without spending the token: grants come from the view (so an admin's
+    // change arrives with the next refresh), and a user the view does not show yet (just
+    // registered) can retry with the same token.
+    let mut user = None;
+    if let Some(session) = acc.store.session_of(token).await.map_err(store_err)? {
+        user = acc
+            .users
+            .find(&session.username)
+            .await
+            .map_err(view_err)?
+            .filter(|u| u.user_id == session.user_id);
+        if user.is_none() {
+            return Err(ApiError::Unavailable(
+                "the account is not visible yet; retry with the same refresh token".into(),
+            ));
+        }
+    }
+    match acc.store.refresh(token).await.map_err(store_err)? {
         Refreshed::Rotated(session, refresh) => {
-            // Grants come from the view, so a change by an admin arrives with the next refresh.
-            let user = acc.users.find(&session.username).await.map_err(view_err)?;
             let Some(user) = user.filter(|u| u.user_id == session.user_id) else {
                 let _ = acc.store.end_session(&session.sid).await;
-                return Err(ApiError::Unauthorized("the user no longer exists".into()));
+                return Err(ApiError::Unauthorized(
+                    "the session changed; log in again".into(),
+                ));
             };
             let access = acc.access_token(&state, &session, user.grants);
             Ok(Json(acc.token_body(access, refresh)))

@@ -647,3 +647,31 @@ async fn a_tenant_over_its_limit_gets_429_while_another_does_not() {
     node.stop().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_before_the_user_is_visible_can_be_retried_with_the_same_token() {
+    let mut env = TestEnv::new("notvisible").await;
+    env.cfg.auth.view_wait_ms = 200;
+    // No projector yet: the registration is in Kafka, not in the users view.
+    let (node, api) = start(&env, &[Role::Api]).await;
+    let (s, reg) = api.register("eve", json!({"tenant": "evecorp"})).await;
+    assert_eq!(s, 201, "{reg}");
+    assert_eq!(reg["visible"], false, "{reg}");
+    let refresh = token(&reg, "refresh_token");
+    let (s, e) = api
+        .post("/v1/auth/refresh", None, json!({"refresh_token": refresh}))
+        .await;
+    assert_eq!(s, 503, "{e}");
+    let projector = env.start(&[Role::Projector]).await;
+    let rotated = common::eventually(Duration::from_secs(30), "the user to appear", || async {
+        let (s, v) = api
+            .post("/v1/auth/refresh", None, json!({"refresh_token": refresh}))
+            .await;
+        (s == 200).then_some(v)
+    })
+    .await;
+    assert_ne!(token(&rotated, "refresh_token"), refresh);
+    projector.stop().await.unwrap();
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}

@@ -206,6 +206,28 @@ impl AuthStore {
         Ok((session, format!("{sid}.{secret}")))
     }
 
+    /// The session a refresh token names, without checking or spending the token.
+    pub async fn session_of(&self, token: &str) -> Result<Option<Session>, StoreError> {
+        let Some((sid, _)) = split_refresh(token) else {
+            return Ok(None);
+        };
+        let mut conn = self.conn.clone();
+        let fields: Vec<Option<String>> = redis::cmd("HMGET")
+            .arg(self.key("session", sid))
+            .arg(&["user", "name", "tenant"])
+            .query_async(&mut conn)
+            .await?;
+        Ok(match fields.as_slice() {
+            [Some(user_id), Some(username), Some(tenant)] => Some(Session {
+                sid: sid.into(),
+                user_id: user_id.clone(),
+                username: username.clone(),
+                tenant: tenant.clone(),
+            }),
+            _ => None,
+        })
+    }
+
     /// Rotates a refresh token (see the module documentation).
     pub async fn refresh(&self, token: &str) -> Result<Refreshed, StoreError> {
         let Some((sid, secret)) = split_refresh(token) else {
