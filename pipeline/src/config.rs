@@ -98,6 +98,8 @@ pub struct ResolverConfig {
     pub batch_max: u64,
     /// Longest wait for a first record before an idle loop turn, in ms.
     pub poll_ms: u64,
+    /// Threads a batch's partitions are spread over (each partition stays on one thread).
+    pub threads: usize,
 }
 
 impl Default for ResolverConfig {
@@ -106,6 +108,7 @@ impl Default for ResolverConfig {
             max_skew_ms: 60_000,
             batch_max: 2_000,
             poll_ms: 100,
+            threads: 2,
         }
     }
 }

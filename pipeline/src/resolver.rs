@@ -603,32 +603,53 @@ impl Resolver {
             .iter()
             .map(|p| self.tree(*p).map(|t| (*p, t)))
             .collect::<Result<_, _>>()?;
-        let mut overlays: BTreeMap<i32, Overlay<'_>> =
-            trees.iter().map(|(p, t)| (*p, Overlay::new(t))).collect();
-        let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
+        // Tasks are independent: each partition's records run in order on one thread, and the
+        // partitions are shared out over `resolver.threads`.
+        let mut by_partition: BTreeMap<i32, Vec<&OwnedMessage>> = BTreeMap::new();
         for m in batch {
-            if matches!(crate::checkpoint::marker_of(m), Some(Ok(_))) {
-                // Committed after the snapshot: a task that dies before it meets the marker again.
-                continue;
-            }
-            let overlay = overlays
-                .get_mut(&m.partition())
-                .expect("overlay per partition");
-            for out in self.process_record(m, overlay)? {
-                send(producer, out)?;
-            }
-            offsets.insert(m.partition(), m.offset() + 1);
+            by_partition.entry(m.partition()).or_default().push(m);
         }
-        // Encode every changed state record once: the same bytes go to the changelog and to sled.
         let changelog = self.cfg.topic(topics::RESOLVER_CHANGELOG);
-        let records: BTreeMap<i32, state::store::Records> = overlays
-            .into_iter()
-            .map(|(p, overlay)| (p, overlay.changelog_records()))
-            .collect();
-        for (p, pairs) in &records {
-            for (key, payload) in pairs {
-                send_bytes(producer, &changelog, *p, key, payload)?;
+        let this = &*self;
+        let threads = if batch.len() >= PARALLEL_MIN_RECORDS {
+            self.cfg.resolver.threads.max(1)
+        } else {
+            1
+        };
+        let done = on_threads(
+            by_partition.into_iter().collect(),
+            threads,
+            |(_, msgs)| msgs.len(),
+            |(p, msgs)| {
+                let mut overlay = Overlay::new(&trees[&p]);
+                let mut next = None;
+                for m in msgs {
+                    if matches!(crate::checkpoint::marker_of(m), Some(Ok(_))) {
+                        // Committed after the snapshot: a task that dies before it meets the
+                        // marker again.
+                        continue;
+                    }
+                    for out in this.process_record(m, &mut overlay)? {
+                        send(producer, out)?;
+                    }
+                    next = Some(m.offset() + 1);
+                }
+                // Encode every changed state record once: the same bytes go to the changelog
+                // and to sled.
+                let pairs = overlay.changelog_records();
+                for (key, payload) in &pairs {
+                    send_bytes(producer, &changelog, p, key, payload)?;
+                }
+                Ok((p, next, pairs))
+            },
+        )?;
+        let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut records: Vec<(i32, state::store::Records)> = Vec::new();
+        for (p, next, pairs) in done {
+            if let Some(next) = next {
+                offsets.insert(p, next);
             }
+            records.push((p, pairs));
         }
         let input = self.cfg.topic(topics::DATA_CHANGED);
         let mut tpl = TopicPartitionList::new();
@@ -644,12 +665,18 @@ impl Resolver {
         }
         wait_delivered(producer);
         producer.commit_transaction(Duration::from_secs(30))?;
-        for (p, pairs) in records {
-            let next = producer.context().next_offset(p);
-            trees[&p]
-                .apply_batch(state::store::sled_batch(pairs, next))
-                .map_err(StateError::from)?;
-        }
+        on_threads(
+            records,
+            threads,
+            |(_, pairs)| pairs.len(),
+            |(p, pairs)| {
+                let next = producer.context().next_offset(p);
+                trees[&p]
+                    .apply_batch(state::store::sled_batch(pairs, next))
+                    .map_err(StateError::from)?;
+                Ok(())
+            },
+        )?;
         Ok(())
     }
 
@@ -935,6 +962,50 @@ fn send_bytes(
             Err((e, _)) => return Err(e.into()),
         }
     }
+}
+
+/// Batches smaller than this run on one thread (starting threads would cost more than it saves).
+const PARALLEL_MIN_RECORDS: usize = 64;
+
+/// Runs `work` on every item, spread over at most `threads` threads (the calling one included),
+/// heaviest items first onto the least loaded thread. Results come back in no particular order;
+/// the first error is returned.
+fn on_threads<I, T, W, F>(
+    items: Vec<I>,
+    threads: usize,
+    weight: W,
+    work: F,
+) -> Result<Vec<T>, ResolverError>
+where
+    I: Send,
+    T: Send,
+    W: Fn(&I) -> usize,
+    F: Fn(I) -> Result<T, ResolverError> + Sync,
+{
+    let threads = threads.clamp(1, items.len().max(1));
+    let mut items = items;
+    items.sort_by_key(|i| std::cmp::Reverse(weight(i)));
+    let mut bins: Vec<(usize, Vec<I>)> = (0..threads).map(|_| (0, Vec::new())).collect();
+    for item in items {
+        let w = weight(&item);
+        let bin = bins
+            .iter_mut()
+            .min_by_key(|(load, _)| *load)
+            .expect("at least one bin");
+        bin.0 += w.max(1);
+        bin.1.push(item);
+    }
+    let run = |bin: Vec<I>| bin.into_iter().map(&work).collect::<Result<Vec<T>, _>>();
+    let mut bins = bins.into_iter().map(|(_, b)| b);
+    let first = bins.next().unwrap_or_default();
+    std::thread::scope(|scope| {
+        let others: Vec<_> = bins.map(|b| scope.spawn(move || run(b))).collect();
+        let mut out = run(first)?;
+        for h in others {
+            out.extend(h.join().expect("a resolver worker panicked")?);
+        }
+        Ok(out)
+    })
 }
 
 /// Waits, in 1 ms steps and for at most 30 s, until every produced record is acknowledged.

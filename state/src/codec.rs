@@ -12,7 +12,7 @@
 //!
 //! Both decode to the same [`DocState`]: registers with equal stamps share one copy.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::sync::Arc;
 
 use processors::{DocState, Hlc, Register, Registers, Stamp};
@@ -121,7 +121,7 @@ struct StoredDocV1 {
 /// Encodes a document's state (format [`STATE_FORMAT_VERSION`]).
 pub fn encode_doc(doc: &DocState) -> Vec<u8> {
     // Each distinct stamp once, in order of first use; a write's registers share one copy.
-    let mut index: HashMap<*const Stamp, u32> = HashMap::new();
+    let mut index: HashMap<*const Stamp, u32> = HashMap::default();
     let mut stamps: Vec<StoredStamp<&str>> = Vec::new();
     let mut registers = Vec::with_capacity(doc.registers.len());
     for (path, r) in doc.registers.iter() {
@@ -237,7 +237,7 @@ fn decode_v2(body: &[u8]) -> Result<DocState, CodecError> {
 fn decode_v1(body: &[u8]) -> Result<DocState, CodecError> {
     let stored: StoredDocV1 = decode_body(body)?;
     // Registers set by one write share one stamp in memory, as the resolver keeps them.
-    let mut stamps: HashMap<Stamp, Arc<Stamp>> = HashMap::new();
+    let mut stamps: HashMap<Stamp, Arc<Stamp>> = HashMap::default();
     let mut registers = Registers::new();
     for r in stored.registers {
         let stamp = Arc::clone(

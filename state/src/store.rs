@@ -11,7 +11,7 @@
 //! Tenant, bucket and document ids cannot contain NUL (see `processors::limits`), so keys are
 //! unambiguous. The same keys and values are the changelog records.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 use std::path::Path;
 
 use processors::{BucketKey, DocKey, DocState, ResolveState};
@@ -161,8 +161,8 @@ impl<'a> Overlay<'a> {
     pub fn new(tree: &'a sled::Tree) -> Self {
         Self {
             tree,
-            docs: HashMap::new(),
-            seqs: HashMap::new(),
+            docs: HashMap::default(),
+            seqs: HashMap::default(),
         }
     }
 
