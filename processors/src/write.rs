@@ -101,6 +101,72 @@ impl Write {
 ///
 /// Never panics: every failure is a [`Rejection`] saying what is wrong.
 pub fn decode_write(key: Option<&[u8]>, payload: &[u8]) -> Result<Write, Rejection> {
+    let write = match fast_decode(payload) {
+        Some(w) => w,
+        None => slow_decode(payload)?,
+    };
+    check_key(key, &write)?;
+    Ok(write)
+}
+
+/// The fields of a write, read in one pass (no intermediate `Value` tree and no buffering for
+/// the flattened, tagged `op`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireWrite {
+    v: u32,
+    event_id: String,
+    tenant: String,
+    bucket: String,
+    doc_id: String,
+    device_id: String,
+    #[serde(default)]
+    hlc: Option<Hlc>,
+    #[serde(default)]
+    base_version: Option<u64>,
+    op: WireOp,
+    #[serde(default)]
+    doc: Option<Map<String, Value>>,
+    #[serde(default)]
+    patch: Option<Map<String, Value>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WireOp {
+    Set,
+    Patch,
+    Delete,
+}
+
+/// The common case, fast: a well-formed write of the current version. `None` for anything else,
+/// which [`slow_decode`] then rejects with its reason (or accepts exactly as before), so the
+/// fast path never changes what is accepted or how a rejection reads.
+fn fast_decode(payload: &[u8]) -> Option<Write> {
+    let w: WireWrite = serde_json::from_slice(payload).ok()?;
+    if w.v != WRITE_FORMAT_VERSION {
+        return None;
+    }
+    let op = match (w.op, w.doc, w.patch) {
+        (WireOp::Set, Some(doc), None) => WriteOp::Set { doc },
+        (WireOp::Patch, None, Some(patch)) => WriteOp::Patch { patch },
+        (WireOp::Delete, None, None) => WriteOp::Delete,
+        _ => return None,
+    };
+    Some(Write {
+        v: w.v,
+        event_id: w.event_id,
+        tenant: w.tenant,
+        bucket: w.bucket,
+        doc_id: w.doc_id,
+        device_id: w.device_id,
+        hlc: w.hlc,
+        base_version: w.base_version,
+        op,
+    })
+}
+
+fn slow_decode(payload: &[u8]) -> Result<Write, Rejection> {
     let value: Value = serde_json::from_slice(payload)
         .map_err(|e| Rejection::new(RejectCode::MalformedJson, format!("not JSON: {e}")))?;
     let Value::Object(obj) = &value else {
@@ -126,8 +192,11 @@ pub fn decode_write(key: Option<&[u8]>, payload: &[u8]) -> Result<Write, Rejecti
             ))
         }
     }
-    let write: Write = serde_json::from_value(value)
-        .map_err(|e| Rejection::new(RejectCode::InvalidEvent, e.to_string()))?;
+    serde_json::from_value(value)
+        .map_err(|e| Rejection::new(RejectCode::InvalidEvent, e.to_string()))
+}
+
+fn check_key(key: Option<&[u8]>, write: &Write) -> Result<(), Rejection> {
     if let Some(key) = key {
         let expected = format!("{}/{}", write.tenant, write.bucket);
         if key != expected.as_bytes() {
@@ -143,13 +212,96 @@ pub fn decode_write(key: Option<&[u8]>, payload: &[u8]) -> Result<Write, Rejecti
             ));
         }
     }
-    Ok(write)
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
+
+    /// The fast path accepts only what the slow path accepts, and decodes it the same way.
+    fn agree(payload: &[u8]) {
+        if let Some(fast) = fast_decode(payload) {
+            assert_eq!(
+                slow_decode(payload).as_ref(),
+                Ok(&fast),
+                "{}",
+                String::from_utf8_lossy(payload)
+            );
+        }
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_slow_one() {
+        let base = r#""event_id":"e","tenant":"t","bucket":"b","doc_id":"d","device_id":"x""#;
+        for rest in [
+            r#""v":1,"op":"set","doc":{"a":1}"#,
+            r#""v":1,"op":"patch","patch":{"a":null,"b":{"c":[1,2]}}"#,
+            r#""v":1,"op":"delete""#,
+            r#""v":1,"op":"delete","hlc":"10:2","base_version":3"#,
+            r#""v":1,"op":"delete","hlc":null,"base_version":null"#,
+            r#""v":1,"op":"set","doc":{"a":1},"patch":{"a":2}"#,
+            r#""v":1,"op":"delete","doc":{}"#,
+            r#""v":1,"op":"set""#,
+            r#""v":1,"op":"set","doc":{},"extra":true"#,
+            r#""v":1,"v":1,"op":"delete""#,
+            r#""v":2,"op":"delete""#,
+            r#""v":1.0,"op":"delete""#,
+            r#""v":1,"op":"upsert","doc":{}"#,
+            r#""v":1"#,
+        ] {
+            agree(format!("{{{base},{rest}}}").as_bytes());
+        }
+        assert!(fast_decode(format!("{{{base},\"v\":1,\"op\":\"delete\"}}").as_bytes()).is_some());
+    }
+
+    fn field() -> impl Strategy<Value = (String, Value)> {
+        let name = prop::sample::select(vec![
+            "v",
+            "event_id",
+            "tenant",
+            "bucket",
+            "doc_id",
+            "device_id",
+            "hlc",
+            "base_version",
+            "op",
+            "doc",
+            "patch",
+            "other",
+        ]);
+        let value = prop_oneof![
+            Just(json!(1)),
+            Just(json!(2)),
+            Just(json!(null)),
+            Just(json!("set")),
+            Just(json!("patch")),
+            Just(json!("delete")),
+            Just(json!("5:1")),
+            Just(json!({"a": 1})),
+            Just(json!([1])),
+            Just(json!(1.5)),
+        ];
+        (name, value).prop_map(|(n, v)| (n.to_string(), v))
+    }
+
+    proptest! {
+        #[test]
+        fn fast_and_slow_decoding_agree_on_write_like_objects(
+            fields in prop::collection::vec(field(), 0..12)
+        ) {
+            let mut obj = serde_json::Map::new();
+            for k in ["event_id", "tenant", "bucket", "doc_id", "device_id"] {
+                obj.insert(k.into(), json!("x"));
+            }
+            for (k, v) in fields {
+                obj.insert(k, v);
+            }
+            agree(&serde_json::to_vec(&Value::Object(obj)).unwrap());
+        }
+    }
 
     fn bytes(v: Value) -> Vec<u8> {
         serde_json::to_vec(&v).unwrap()
