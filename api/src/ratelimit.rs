@@ -6,7 +6,8 @@
 //! refused by the user's limit does not use up the tenant's. A refusal says how long to wait.
 //!
 //! If Redis cannot be reached, requests are let through (and a warning is logged): the limits
-//! protect capacity, and a Redis outage should not take writes down with it.
+//! protect capacity, and a Redis outage should not take writes down with it. After a failure the
+//! limiter skips Redis for a few seconds, so requests do not each wait for a timeout.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -129,6 +130,7 @@ pub struct RateLimiter {
     conn: ConnectionManager,
     prefix: String,
     cfg: RateConfig,
+    breaker: std::sync::Arc<crate::redis_conn::Breaker>,
 }
 
 /// What is being limited.
@@ -147,6 +149,7 @@ impl RateLimiter {
             conn,
             prefix: prefix.into(),
             cfg,
+            breaker: Default::default(),
         }
     }
 
@@ -216,7 +219,8 @@ impl RateLimiter {
     }
 
     async fn take(&self, buckets: Vec<Bucket>) -> Result<(), Limited> {
-        if buckets.is_empty() {
+        if buckets.is_empty() || self.breaker.is_open() {
+            // Redis failed a moment ago: let requests through without waiting for it again.
             return Ok(());
         }
         let script = redis::Script::new(GCRA);
@@ -225,7 +229,9 @@ impl RateLimiter {
             call.key(&b.key).arg(b.interval_us).arg(b.tolerance_us);
         }
         let mut conn = self.conn.clone();
-        match call.invoke_async::<i64>(&mut conn).await {
+        let result = call.invoke_async::<i64>(&mut conn).await;
+        self.breaker.record(&result);
+        match result {
             Ok(wait_us) if wait_us > 0 => Err(Limited {
                 retry_after: Duration::from_micros(wait_us as u64),
             }),

@@ -15,3 +15,33 @@ pub fn manager(url: &str) -> Result<ConnectionManager, redis::RedisError> {
         .set_max_delay(Duration::from_millis(500));
     ConnectionManager::new_lazy_with_config(client, config)
 }
+
+/// Remembers that Redis just failed, so that for a few seconds callers skip it (or fail fast)
+/// instead of each waiting for a timeout while it is down.
+#[derive(Debug, Default)]
+pub struct Breaker {
+    open_until_ms: std::sync::atomic::AtomicU64,
+}
+
+/// How long the breaker stays open after a failure.
+pub const BREAKER_OPEN_MS: u64 = 3_000;
+
+impl Breaker {
+    /// Whether Redis failed within the last [`BREAKER_OPEN_MS`].
+    pub fn is_open(&self) -> bool {
+        crate::now_ms()
+            < self
+                .open_until_ms
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records the outcome of a Redis call.
+    pub fn record<T, E>(&self, result: &Result<T, E>) {
+        if result.is_err() {
+            self.open_until_ms.store(
+                crate::now_ms() + BREAKER_OPEN_MS,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! A Redis outage while subscribers are connected: they are told (`lagged`), catch up from their
-//! cursor once the hub is back, and miss nothing written meanwhile.
+//! cursor once the hub is back, and miss nothing written meanwhile. Writes go on (rate limits
+//! fail open), and session tokens are refused with 503 (fail closed).
 //!
 //! Its own test binary: it restarts the shared Redis, and cargo runs test binaries one at a time.
 
@@ -58,10 +59,44 @@ async fn subscribers_recover_from_a_redis_outage_without_missing_a_change() {
         latest = read_n(&mut ws, &mut saw_lagged).await.unwrap_or(latest);
     }
 
+    // A user's session token, to see how it fares while its session cannot be checked.
+    let registered: Value = http
+        .post(format!("http://{addr}/v1/auth/register"))
+        .json(&json!({"username": "rita", "email": "rita@example.com", "password": "outage-password", "tenant": "ritacorp"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session_token = registered["access_token"].as_str().unwrap().to_string();
+
     tokio::task::block_in_place(|| services(&["down", "redis"]));
+    // Writes go on: the rate limiter fails open, and after its first failure skips Redis instead
+    // of making every write wait for a timeout.
+    let started = Instant::now();
     for n in 1..=5 {
         put(n).await;
     }
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "writes waited for Redis: {:?}",
+        started.elapsed()
+    );
+    // A session token cannot be checked: refused with 503 (fail closed), and promptly.
+    let started = Instant::now();
+    let me = http
+        .get(format!("http://{addr}/v1/auth/me"))
+        .bearer_auth(&session_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status().as_u16(), 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
     tokio::task::block_in_place(|| services(&["up", "redis"]));
     put(6).await;
     let (target, deadline) = wait_for(6);

@@ -30,6 +30,7 @@ use super::{AuthError, Claims, TokenKind};
 pub struct AuthStore {
     conn: ConnectionManager,
     prefix: String,
+    breaker: std::sync::Arc<crate::redis_conn::Breaker>,
 }
 
 /// A session as stored.
@@ -164,6 +165,7 @@ impl AuthStore {
         Self {
             conn,
             prefix: prefix.into(),
+            breaker: Default::default(),
         }
     }
 
@@ -286,14 +288,21 @@ impl AuthStore {
 
     /// Whether a verified token is still live: its session exists (user tokens) or it is still
     /// registered (service tokens). Development tokens (no session) are always live.
+    /// While Redis is failing (see [`crate::redis_conn::Breaker`]) this fails at once instead of
+    /// waiting for a timeout per request.
     pub async fn check_live(&self, claims: &Claims) -> Result<(), AuthError> {
         let mut conn = self.conn.clone();
+        let session_bound = claims.sid.is_some() || claims.typ == TokenKind::Service;
+        if session_bound && self.breaker.is_open() {
+            return Err(AuthError::Unavailable(
+                "redis failed a moment ago; the token cannot be checked".into(),
+            ));
+        }
         match (claims.typ, &claims.sid, &claims.jti) {
             (TokenKind::Access, Some(sid), _) => {
-                let exists: bool = conn
-                    .exists(self.key("session", sid))
-                    .await
-                    .map_err(StoreError)?;
+                let exists = conn.exists(self.key("session", sid)).await;
+                self.breaker.record(&exists);
+                let exists: bool = exists.map_err(StoreError)?;
                 if !exists {
                     return Err(AuthError::Invalid(
                         "the session of this token has ended (logged out or revoked)".into(),
@@ -301,10 +310,11 @@ impl AuthStore {
                 }
             }
             (TokenKind::Service, _, Some(jti)) => {
-                let exists: bool = conn
+                let exists = conn
                     .hexists(self.key("services", &claims.tenant), jti)
-                    .await
-                    .map_err(StoreError)?;
+                    .await;
+                self.breaker.record(&exists);
+                let exists: bool = exists.map_err(StoreError)?;
                 if !exists {
                     return Err(AuthError::Invalid(
                         "this service token has been revoked".into(),
