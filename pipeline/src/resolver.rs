@@ -1049,3 +1049,58 @@ fn rewind(consumer: &BaseConsumer<TaskContext>) -> Result<(), ResolverError> {
     consumer.seek_partitions(target, Duration::from_secs(10))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn on_threads_runs_every_item_once_and_keeps_each_items_own_order() {
+        // Items are (partition, records); each item's records must be handled in order.
+        let items: Vec<(i32, Vec<u32>)> = (0..6)
+            .map(|p| (p, (0..(p as u32 * 7 + 1)).collect()))
+            .collect();
+        for threads in [1, 2, 4, 10] {
+            let seen = std::sync::Mutex::new(Vec::new());
+            let out = on_threads(
+                items.clone(),
+                threads,
+                |(_, r)| r.len(),
+                |(p, records)| {
+                    let tid = std::thread::current().id();
+                    let mut prev = None;
+                    for r in &records {
+                        assert!(prev < Some(*r), "order within an item");
+                        prev = Some(*r);
+                    }
+                    seen.lock().unwrap().push((p, tid));
+                    Ok(p)
+                },
+            )
+            .unwrap();
+            let mut out = out;
+            out.sort_unstable();
+            assert_eq!(out, (0..6).collect::<Vec<_>>(), "threads={threads}");
+            let used: HashSet<_> = seen.into_inner().unwrap().iter().map(|(_, t)| *t).collect();
+            assert_eq!(used.len(), threads.min(6), "threads={threads}");
+        }
+    }
+
+    #[test]
+    fn on_threads_returns_an_error_of_any_thread() {
+        let items: Vec<i32> = (0..8).collect();
+        let r = on_threads(
+            items,
+            2,
+            |_| 1,
+            |i| {
+                if i == 5 {
+                    Err(ResolverError::Setup("boom".into()))
+                } else {
+                    Ok(i)
+                }
+            },
+        );
+        assert!(matches!(r, Err(ResolverError::Setup(m)) if m == "boom"));
+    }
+}
