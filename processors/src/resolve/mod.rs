@@ -30,7 +30,8 @@
 //! - `plan.rs`: what a write does to the registers, worked out before anything changes;
 //! - `sweep.rs`: which registers are visible, in one pass;
 //! - `conflicts.rs`: the conflict rules;
-//! - [`MemState`] (`mem.rs`): an in-memory [`ResolveState`].
+//! - [`MemState`] (`mem.rs`): an in-memory [`ResolveState`];
+//! - `prefetch.rs`: the read-ahead of [`resolve_batch`].
 
 mod conflicts;
 mod devices;
@@ -38,6 +39,7 @@ mod doc;
 mod mem;
 mod path_key;
 mod plan;
+mod prefetch;
 pub mod registers;
 mod sort_key;
 mod sweep;
@@ -60,6 +62,7 @@ use sweep::{mark_visible, Entries, Entry};
 pub use devices::{Devices, Seen};
 pub use doc::{DocState, MAX_DEVICES_PER_DOC};
 pub use mem::MemState;
+pub use prefetch::Prefetch;
 pub use registers::{Register, Registers};
 
 /// The output of applying one change to one document.
@@ -345,10 +348,55 @@ pub trait ResolveState {
         self.store_doc(key, doc)?;
         Ok(out)
     }
+    /// A hint that `change` is resolved soon: a store may start bringing its document's state
+    /// into memory or the CPU caches. [`resolve_batch`] gives each change
+    /// [`Prefetch::Tables`] some writes ahead and [`Prefetch::Registers`] closer; a store that
+    /// holds documents in memory can pass them to [`DocState::prefetch`]. Never changes what is
+    /// stored. Defaults to nothing.
+    fn prefetch(&mut self, change: &ChangeSet, stage: Prefetch) {
+        let _ = (change, stage);
+    }
     /// The bucket's last sequence number (0 before the first change).
     fn last_seq(&mut self, bucket: &BucketKey) -> Result<u64, Self::Error>;
     /// Stores the bucket's last sequence number.
     fn store_last_seq(&mut self, bucket: &BucketKey, seq: u64) -> Result<(), Self::Error>;
+}
+
+/// How many changes ahead [`resolve_batch`] asks for [`Prefetch::Tables`].
+const TABLES_AHEAD: usize = 8;
+/// How many changes ahead [`resolve_batch`] asks for [`Prefetch::Registers`].
+const REGISTERS_AHEAD: usize = 3;
+
+/// Resolves change sets in order, exactly as [`resolve_lww`] on each one after the other, and
+/// hands each result to `each` with the change's index, while telling the state which documents
+/// come next ([`ResolveState::prefetch`]) so that fetching them overlaps with resolving the ones
+/// before. On an error the changes before the failing one have been applied (and handed over),
+/// as in such a loop.
+///
+/// The results are handed over one at a time rather than collected: a caller that serialises
+/// each and drops it keeps the batch's memory small (collecting a thousand results before
+/// dropping them made a batch of patches 2–3× slower in the benchmark).
+pub fn resolve_batch<S: ResolveState>(
+    state: &mut S,
+    changes: &[ChangeSet],
+    mut each: impl FnMut(usize, Applied),
+) -> Result<(), S::Error> {
+    for c in changes.iter().take(TABLES_AHEAD) {
+        state.prefetch(c, Prefetch::Tables);
+    }
+    for c in changes.iter().take(REGISTERS_AHEAD) {
+        state.prefetch(c, Prefetch::Registers);
+    }
+    for (i, change) in changes.iter().enumerate() {
+        if let Some(c) = changes.get(i + TABLES_AHEAD) {
+            state.prefetch(c, Prefetch::Tables);
+        }
+        if let Some(c) = changes.get(i + REGISTERS_AHEAD) {
+            state.prefetch(c, Prefetch::Registers);
+        }
+        each(i, resolve_lww(state, change)?);
+    }
+    Ok(())
 }
 
 /// Resolves one change set against the state: per-field LWW, a bucket sequence number for the
