@@ -78,12 +78,8 @@ pub struct Applied {
 
 fn keep_max(slot: &mut Option<Stamp>, stamp: &Stamp) {
     match slot {
-        Some(s) if *s < *stamp => {
-            // Reuses the strings' buffers (a derived `clone_from` would not).
-            s.hlc = stamp.hlc;
-            s.device_id.clone_from(&stamp.device_id);
-            s.event_id.clone_from(&stamp.event_id);
-        }
+        // Reuses the strings' buffers.
+        Some(s) if *s < *stamp => s.clone_from(stamp),
         Some(_) => {}
         None => *slot = Some(stamp.clone()),
     }
