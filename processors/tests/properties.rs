@@ -21,9 +21,9 @@ use proptest::sample::Index;
 use serde_json::{json, Map, Value};
 
 use processors::{
-    compute_diff, decode_write, resolve_batch, resolve_lww, Applied, BucketKey, ConflictEvent,
-    ConflictRule, ConflictSide, DiffContext, DocKey, Hlc, Limits, MemState, SideOp, SyncEvent,
-    Write, WriteOp,
+    compute_diff, decode_write, resolve_batch, resolve_lww, Applied, BucketKey, ChangeSet,
+    ConflictEvent, ConflictRule, ConflictSide, DiffContext, DocKey, Hlc, Limits, MemState, SideOp,
+    SyncEvent, Write, WriteOp,
 };
 
 type Path = Vec<String>;
@@ -693,13 +693,13 @@ proptest! {
         ends.sort_unstable();
         let (mut batched, mut in_batches, mut start) = (MemState::default(), Vec::new(), 0);
         for end in ends {
-            let batch = &changes[start..end];
-            resolve_batch(&mut batched, batch, |i, a| in_batches.push((start + i, a))).unwrap();
+            let batch = changes[start..end].to_vec();
+            resolve_batch(&mut batched, batch, |c, a| in_batches.push((c, a))).unwrap();
             start = end;
         }
-        let indices: Vec<usize> = in_batches.iter().map(|(i, _)| *i).collect();
-        prop_assert_eq!(indices, (0..changes.len()).collect::<Vec<_>>());
-        let in_batches: Vec<Applied> = in_batches.into_iter().map(|(_, a)| a).collect();
+        let (handed_back, in_batches): (Vec<ChangeSet>, Vec<Applied>) =
+            in_batches.into_iter().unzip();
+        prop_assert_eq!(handed_back, changes);
         prop_assert_eq!(in_batches, one_by_one);
         prop_assert_eq!(&batched.docs, &single.docs);
         prop_assert_eq!(&batched.seqs, &single.seqs);

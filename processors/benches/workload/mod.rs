@@ -224,24 +224,15 @@ pub fn apply_writes(state: &mut MemState, writes: &[Write], ctx: &DiffContext<'_
     }
 }
 
-/// Writes per [`resolve_batch`] call in [`apply_writes_batched`]. Larger batches leave the change
-/// sets cold by the time they are resolved: with all 1,000 writes of a chunk in one batch, a
-/// `patch` write was slower than one at a time.
-pub const BATCH: usize = 16;
-
-/// The same work as [`apply_writes`] in batches of [`BATCH`], as a pipeline batch could run it:
-/// `compute_diff` of the batch's writes, then [`resolve_batch`] over their change sets, which
-/// reads the next documents ahead.
+/// The same work as [`apply_writes`] as a pipeline batch could run it: [`resolve_batch`] over the
+/// change sets of the writes, computed as its read-ahead asks for them.
 #[inline(never)]
 pub fn apply_writes_batched(state: &mut MemState, writes: &[Write], ctx: &DiffContext<'_>) {
-    for batch in writes.chunks(BATCH) {
-        let changes: Vec<_> = batch
-            .iter()
-            .filter_map(|w| compute_diff(black_box(w), ctx).unwrap())
-            .collect();
-        resolve_batch(state, &changes, |_, applied| {
-            black_box(applied);
-        })
-        .unwrap();
-    }
+    let changes = writes
+        .iter()
+        .filter_map(|w| compute_diff(black_box(w), ctx).unwrap());
+    resolve_batch(state, changes, |change, applied| {
+        black_box((change, applied));
+    })
+    .unwrap();
 }
