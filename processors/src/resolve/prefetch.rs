@@ -5,10 +5,14 @@
 //! A hint changes nothing: the functions here only read pointers and issue prefetch
 //! instructions (none on targets without one).
 
-use crate::diff::ChangeSet;
-use crate::diff::{ChangeOp, Stamp};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::diff::{ChangeOp, ChangeSet, Stamp};
 
 use super::doc::DocState;
+use super::path_key::PathKey;
 
 /// How far along the read-ahead of one document is; see [`super::ResolveState::prefetch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +25,9 @@ pub enum Prefetch {
 }
 
 const LINE: usize = 64;
+
+/// Most paths a patch names for [`Prefetch::Registers`] to search for each one's register.
+const SEARCHED: usize = 8;
 
 /// Hints that the cache line holding `p` will be read soon.
 #[inline(always)]
@@ -61,6 +68,16 @@ fn slice<T>(s: &[T]) {
     bytes(s.as_ptr().cast(), size_of_val(s));
 }
 
+/// Hints a shared stamp with the reference counts before it (replacing a register changes them;
+/// that they sit right before the value is how `std` lays out an `Arc` today, and a hint that
+/// misses costs nothing but the hint).
+#[inline(always)]
+fn shared(stamp: &Arc<Stamp>) {
+    let counts = 2 * size_of::<usize>();
+    let start: *const u8 = Arc::as_ptr(stamp).cast();
+    bytes(start.wrapping_sub(counts), counts + size_of::<Stamp>());
+}
+
 /// Hints a string's bytes.
 #[inline(always)]
 fn text(s: &str) {
@@ -96,16 +113,45 @@ pub(super) fn registers(doc: &DocState, change: &ChangeSet) {
     if let Some(seen) = doc.devices.get(&change.stamp.device_id) {
         text(&seen.1);
     }
-    let ChangeOp::Fields { set, unset, .. } = &change.op else {
-        return;
-    };
-    let named = set.iter().map(|(p, _)| p).chain(unset);
-    for reg in named.filter_map(|p| doc.registers.get(p)) {
-        object(&*reg.stamp);
-        match &reg.value {
-            Some(serde_json::Value::String(s)) => text(s),
-            Some(serde_json::Value::Array(a)) => slice(a),
-            _ => {}
+    // A delete or full set sweeps every register, and a long patch finds its registers anyway:
+    // walking the table is then cheaper than a search per path.
+    let named = match &change.op {
+        ChangeOp::Fields {
+            replace: false,
+            set,
+            unset,
+        } if set.len() + unset.len() <= SEARCHED => set.iter().map(|(p, _)| p).chain(unset),
+        _ => {
+            let mut last = std::ptr::null();
+            for (_, reg) in doc.registers.as_slice() {
+                if !std::ptr::eq(Arc::as_ptr(&reg.stamp), last) {
+                    last = Arc::as_ptr(&reg.stamp);
+                    shared(&reg.stamp);
+                }
+                value(reg.value.as_ref());
+            }
+            return;
         }
+    };
+    // The keys alone find the register, or one whose path shares the key's 31 bytes: as good
+    // for a hint, and cheaper than the exact search.
+    let (keys, entries) = (doc.registers.keys_slice(), doc.registers.as_slice());
+    for path in named {
+        let key = PathKey::of(path);
+        let at = keys.partition_point(|k| *k < key);
+        if keys.get(at) == Some(&key) {
+            let reg = &entries[at].1;
+            shared(&reg.stamp);
+            value(reg.value.as_ref());
+        }
+    }
+}
+
+/// Hints where a register's value keeps its contents (strings and arrays).
+fn value(v: Option<&Value>) {
+    match v {
+        Some(Value::String(s)) => text(s),
+        Some(Value::Array(a)) => slice(a),
+        _ => {}
     }
 }
