@@ -11,10 +11,15 @@
 //!   another device than the fields' last writer, so almost every write reports
 //!   `stale_base_version` conflicts (the cost of conflict reporting).
 //!
+//! Group `resolve` resolves each write as it comes (`compute_diff`, then `resolve_lww`); group
+//! `resolve_batch` runs each chunk of 1,000 writes as a pipeline batch would: `compute_diff` of
+//! every write, then `resolve_batch`, which reads the next documents' state ahead.
+//!
 //! Writes are generated in chunks of 1,000 outside the measurement, so they are in cache as
 //! right after decoding, while the documents they hit are not. Every write gets a fresh,
 //! increasing HLC, so each one wins, as in steady state. Run with
-//! `cargo bench -p processors --bench resolve`; `thrpt` is writes per second on one core. The
+//! `cargo bench -p processors --bench resolve` (with `--features mimalloc`, mimalloc is the
+//! allocator); `thrpt` is writes per second on one core. The
 //! workload lives in `benches/workload/`; `examples/resolve_profile.rs` runs it without criterion,
 //! for profilers (see `docs/BENCHMARKS.md`).
 
@@ -25,15 +30,27 @@ use processors::{DiffContext, Limits};
 
 mod workload;
 
-use workload::{apply_writes, Mix, Workload, CHUNK};
+/// With `--features mimalloc`, the benchmark allocates with mimalloc instead of the system's
+/// allocator.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn run(c: &mut Criterion, name: &str, mix: Mix) {
-    let mut workload = Workload::new(mix);
+use workload::{apply_writes, apply_writes_batched, Mix, Workload, CHUNK};
+
+/// How a chunk of writes is applied: one at a time, or as one batch.
+type Apply = fn(&mut processors::MemState, &[processors::Write], &DiffContext<'_>);
+
+fn run(c: &mut Criterion, group: &str, name: &str, mix: Mix, apply: Apply) {
+    // Made when the benchmark first runs: one left out by a filter makes no documents (making
+    // and dropping them would leave the allocator's heap different for the next one).
+    let mut workload: Option<Workload> = None;
     let limits = Limits::default();
     let mut clock = 10u64;
-    let mut group = c.benchmark_group("resolve");
+    let mut group = c.benchmark_group(group);
     group.throughput(Throughput::Elements(1));
     group.bench_function(name, |b| {
+        let workload = workload.get_or_insert_with(|| Workload::new(mix));
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             let mut left = iters as usize;
@@ -48,7 +65,7 @@ fn run(c: &mut Criterion, name: &str, mix: Mix) {
                     max_skew_ms: 60_000,
                 };
                 let start = Instant::now();
-                apply_writes(&mut workload.state, &writes, &ctx);
+                apply(&mut workload.state, &writes, &ctx);
                 total += start.elapsed();
             }
             total
@@ -59,7 +76,9 @@ fn run(c: &mut Criterion, name: &str, mix: Mix) {
 
 fn benches(c: &mut Criterion) {
     for name in ["patch", "set", "mixed", "patch_stale"] {
-        run(c, name, Mix::named(name).expect("a known mix"));
+        let mix = Mix::named(name).expect("a known mix");
+        run(c, "resolve", name, mix, apply_writes);
+        run(c, "resolve_batch", name, mix, apply_writes_batched);
     }
 }
 

@@ -13,9 +13,7 @@ use crate::write::{DocKey, Write, WriteOp};
 ///
 /// `hlc` decides; the device id breaks ties between devices; the event id only separates two
 /// different writes that share both (a misbehaving client), so the order stays total.
-#[derive(
-    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Stamp {
     /// The (bounded) hybrid logical clock of the write.
     pub hlc: Hlc,
@@ -23,6 +21,23 @@ pub struct Stamp {
     pub device_id: String,
     /// The write's event id.
     pub event_id: String,
+}
+
+impl Clone for Stamp {
+    fn clone(&self) -> Self {
+        Stamp {
+            hlc: self.hlc,
+            device_id: self.device_id.clone(),
+            event_id: self.event_id.clone(),
+        }
+    }
+
+    /// Reuses the strings' buffers (a derived `clone_from` would allocate new ones).
+    fn clone_from(&mut self, source: &Self) {
+        self.hlc = source.hlc;
+        self.device_id.clone_from(&source.device_id);
+        self.event_id.clone_from(&source.event_id);
+    }
 }
 
 /// A field-level change set for one document.

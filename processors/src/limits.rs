@@ -187,12 +187,16 @@ impl Limits {
 
     /// Checks a field name, returning its size as a JSON string.
     fn check_key(&self, key: &str, at: Option<&At<'_>>) -> Result<usize, Rejection> {
-        // One pass over the bytes for every byte rule and the escapes.
+        // Usually nothing is escaped (and so there is no NUL): then only the dot needs a look.
         let (mut dot, mut nul, mut escapes) = (false, false, 0);
-        for b in key.bytes() {
-            dot |= b == b'.';
-            nul |= b == 0;
-            escapes += escape_len(b);
+        if has_escapes(key.as_bytes()) {
+            for b in key.bytes() {
+                dot |= b == b'.';
+                nul |= b == 0;
+                escapes += escape_len(b);
+            }
+        } else {
+            dot = key.as_bytes().contains(&b'.');
         }
         let why = if key.is_empty() {
             Some("is empty")
@@ -246,7 +250,31 @@ impl At<'_> {
 /// `\\`, the short forms of backspace, tab, newline, form feed and carriage return, and `\u00XX`
 /// for the other control characters; nothing else is escaped).
 fn json_str_len(s: &str) -> usize {
-    2 + s.len() + s.bytes().map(escape_len).sum::<usize>()
+    let escapes = if has_escapes(s.as_bytes()) {
+        s.bytes().map(escape_len).sum::<usize>()
+    } else {
+        0
+    };
+    2 + s.len() + escapes
+}
+
+/// Whether some byte of `bytes` has [`escape_len`] above 0 (a control character, `"` or `\`),
+/// tested eight bytes at a time.
+fn has_escapes(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = ONES << 7;
+    // Whether some byte of `x` is below `n` (at most 128): exact, as a test for any byte.
+    let any_below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let x = u64::from_ne_bytes(chunk.try_into().expect("eight bytes"));
+        let quote = x ^ (ONES * u64::from(b'"'));
+        let backslash = x ^ (ONES * u64::from(b'\\'));
+        if any_below(x, 0x20) || any_below(quote, 1) || any_below(backslash, 1) {
+            return true;
+        }
+    }
+    chunks.remainder().iter().any(|&b| escape_len(b) > 0)
 }
 
 /// The bytes `serde_json` adds to escape `b` in a string.
@@ -332,6 +360,20 @@ mod tests {
             let mut fields = 0;
             if let Ok(size) = limits.check_object(&body, 1, &mut fields, None) {
                 prop_assert_eq!(size, serde_json::to_vec(&body).unwrap().len());
+            }
+        }
+
+        /// The eight-at-a-time test finds exactly the strings with a byte to escape, wherever
+        /// it sits, also in long keys and values (the walk above sees only short ones).
+        #[test]
+        fn escapes_are_found_anywhere(
+            s in "[a~\"\\\\\u{0}-\u{1f}\u{7f}é !/.]{0,40}",
+            clean in "[a-z~ !é]{0,24}",
+        ) {
+            for text in [s.as_str(), clean.as_str()] {
+                let naive = text.bytes().any(|b| escape_len(b) > 0);
+                prop_assert_eq!(has_escapes(text.as_bytes()), naive);
+                prop_assert_eq!(json_str_len(text), serde_json::to_string(text).unwrap().len());
             }
         }
     }

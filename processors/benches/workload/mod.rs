@@ -3,7 +3,9 @@
 
 use std::hint::black_box;
 
-use processors::{compute_diff, resolve_lww, DiffContext, Hlc, Limits, MemState, Write, WriteOp};
+use processors::{
+    compute_diff, resolve_batch, resolve_lww, DiffContext, Hlc, Limits, MemState, Write, WriteOp,
+};
 use serde_json::{json, Map, Value};
 
 /// Documents to create: `BENCH_DOCS`, default 10,000.
@@ -220,4 +222,17 @@ pub fn apply_writes(state: &mut MemState, writes: &[Write], ctx: &DiffContext<'_
             black_box(resolve_lww(state, &change).unwrap());
         }
     }
+}
+
+/// The same work as [`apply_writes`] as a pipeline batch could run it: [`resolve_batch`] over the
+/// change sets of the writes, computed as its read-ahead asks for them.
+#[inline(never)]
+pub fn apply_writes_batched(state: &mut MemState, writes: &[Write], ctx: &DiffContext<'_>) {
+    let changes = writes
+        .iter()
+        .filter_map(|w| compute_diff(black_box(w), ctx).unwrap());
+    resolve_batch(state, changes, |change, applied| {
+        black_box((change, applied));
+    })
+    .unwrap();
 }

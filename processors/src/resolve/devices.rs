@@ -86,6 +86,11 @@ impl Devices {
         Some(self.entries.remove(i).1)
     }
 
+    /// The keys and the entries, in id order.
+    pub(crate) fn parts(&self) -> (&[SortKey], &[(String, Seen)]) {
+        (&self.keys, &self.entries)
+    }
+
     /// Every device, in id order.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = (&String, &Seen)> + ExactSizeIterator {
         self.entries.iter().map(|(d, s)| (d, s))

@@ -6,11 +6,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::diff::Stamp;
+use crate::diff::{ChangeSet, Stamp};
 use crate::hlc::Hlc;
 use crate::path::{set_path, FieldPath};
 
 use super::devices::Devices;
+use super::prefetch::{self, Prefetch};
 use super::registers::Registers;
 use super::sweep::{mark_visible, Entry};
 
@@ -80,6 +81,16 @@ impl DocState {
             }
             doc
         })
+    }
+
+    /// Hints the CPU to load the parts of this state that applying `change` reads (a prefetch;
+    /// nothing changes). `Tables` first, some writes ahead; `Registers`, which follows pointers
+    /// found in the tables, once they are in.
+    pub fn prefetch(&self, change: &ChangeSet, stage: Prefetch) {
+        match stage {
+            Prefetch::Tables => prefetch::tables(self),
+            Prefetch::Registers => prefetch::registers(self, change),
+        }
     }
 
     /// Records the write in the per-device table; true when it is a retransmission.

@@ -7,7 +7,8 @@ use rustc_hash::FxBuildHasher;
 
 use crate::write::{BucketKey, DocKey};
 
-use super::{DocState, ResolveState};
+use super::{DocState, Prefetch, ResolveState};
+use crate::diff::ChangeSet;
 
 /// An in-memory [`ResolveState`], for tests, benchmarks and tools.
 ///
@@ -52,6 +53,12 @@ impl ResolveState for MemState {
         let out = f(&mut doc);
         self.docs.insert(key.clone(), doc);
         Ok(out)
+    }
+    /// Looks the document up and hints its state into the CPU caches.
+    fn prefetch(&mut self, change: &ChangeSet, stage: Prefetch) {
+        if let Some(doc) = self.docs.get(&change.key) {
+            doc.prefetch(change, stage);
+        }
     }
     fn last_seq(&mut self, bucket: &BucketKey) -> Result<u64, Infallible> {
         Ok(self.seqs.get(bucket).copied().unwrap_or(0))

@@ -30,7 +30,8 @@
 //! - `plan.rs`: what a write does to the registers, worked out before anything changes;
 //! - `sweep.rs`: which registers are visible, in one pass;
 //! - `conflicts.rs`: the conflict rules;
-//! - [`MemState`] (`mem.rs`): an in-memory [`ResolveState`].
+//! - [`MemState`] (`mem.rs`): an in-memory [`ResolveState`];
+//! - `prefetch.rs`: the read-ahead of [`resolve_batch`].
 
 mod conflicts;
 mod devices;
@@ -38,11 +39,13 @@ mod doc;
 mod mem;
 mod path_key;
 mod plan;
+mod prefetch;
 pub mod registers;
 mod sort_key;
 mod sweep;
 
 use std::cmp::{max, Ordering};
+use std::collections::VecDeque;
 
 use serde_json::{Map, Value};
 use smallvec::SmallVec;
@@ -60,6 +63,7 @@ use sweep::{mark_visible, Entries, Entry};
 pub use devices::{Devices, Seen};
 pub use doc::{DocState, MAX_DEVICES_PER_DOC};
 pub use mem::MemState;
+pub use prefetch::Prefetch;
 pub use registers::{Register, Registers};
 
 /// The output of applying one change to one document.
@@ -75,12 +79,8 @@ pub struct Applied {
 
 fn keep_max(slot: &mut Option<Stamp>, stamp: &Stamp) {
     match slot {
-        Some(s) if *s < *stamp => {
-            // Reuses the strings' buffers (a derived `clone_from` would not).
-            s.hlc = stamp.hlc;
-            s.device_id.clone_from(&stamp.device_id);
-            s.event_id.clone_from(&stamp.event_id);
-        }
+        // Reuses the strings' buffers.
+        Some(s) if *s < *stamp => s.clone_from(stamp),
         Some(_) => {}
         None => *slot = Some(stamp.clone()),
     }
@@ -345,10 +345,65 @@ pub trait ResolveState {
         self.store_doc(key, doc)?;
         Ok(out)
     }
+    /// A hint that `change` is resolved soon: a store may start bringing its document's state
+    /// into memory or the CPU caches. [`resolve_batch`] gives each change
+    /// [`Prefetch::Tables`] some writes ahead and [`Prefetch::Registers`] closer; a store that
+    /// holds documents in memory can pass them to [`DocState::prefetch`]. Never changes what is
+    /// stored. Defaults to nothing.
+    fn prefetch(&mut self, change: &ChangeSet, stage: Prefetch) {
+        let _ = (change, stage);
+    }
     /// The bucket's last sequence number (0 before the first change).
     fn last_seq(&mut self, bucket: &BucketKey) -> Result<u64, Self::Error>;
     /// Stores the bucket's last sequence number.
     fn store_last_seq(&mut self, bucket: &BucketKey, seq: u64) -> Result<(), Self::Error>;
+}
+
+/// How many changes ahead [`resolve_batch`] asks for [`Prefetch::Tables`].
+const TABLES_AHEAD: usize = 8;
+/// How many changes ahead [`resolve_batch`] asks for [`Prefetch::Registers`].
+const REGISTERS_AHEAD: usize = 3;
+
+/// Resolves change sets in order, exactly as [`resolve_lww`] on each one after the other, and
+/// hands each change back to `each` with its result, while telling the state which documents
+/// come next ([`ResolveState::prefetch`]) so that fetching them overlaps with resolving the ones
+/// before. On an error the changes before the failing one have been applied and handed over, as
+/// in such a loop; the rest are dropped.
+///
+/// `changes` is read only 9 changes ahead of the one being resolved, so it can be
+/// lazy (`compute_diff` over a batch of records): then few change sets are alive at a time, and
+/// each result can be serialised and dropped before the next change is made, as without
+/// batching. (Collecting a thousand results before dropping them made a batch of patches 2–3×
+/// slower in the benchmark; computing sixteen change sets before resolving them cost 10 % more
+/// instructions in glibc's allocator.)
+pub fn resolve_batch<S: ResolveState>(
+    state: &mut S,
+    changes: impl IntoIterator<Item = ChangeSet>,
+    mut each: impl FnMut(ChangeSet, Applied),
+) -> Result<(), S::Error> {
+    let mut changes = changes.into_iter();
+    // The next changes, each told to the state as it comes in.
+    let mut window: VecDeque<ChangeSet> = VecDeque::with_capacity(TABLES_AHEAD + 1);
+    let mut fill = |window: &mut VecDeque<ChangeSet>, state: &mut S| {
+        while window.len() <= TABLES_AHEAD {
+            let Some(next) = changes.next() else { break };
+            state.prefetch(&next, Prefetch::Tables);
+            window.push_back(next);
+        }
+    };
+    fill(&mut window, state);
+    for c in window.iter().take(REGISTERS_AHEAD) {
+        state.prefetch(c, Prefetch::Registers);
+    }
+    while let Some(change) = window.pop_front() {
+        if let Some(c) = window.get(REGISTERS_AHEAD - 1) {
+            state.prefetch(c, Prefetch::Registers);
+        }
+        let applied = resolve_lww(state, &change)?;
+        each(change, applied);
+        fill(&mut window, state);
+    }
+    Ok(())
 }
 
 /// Resolves one change set against the state: per-field LWW, a bucket sequence number for the
