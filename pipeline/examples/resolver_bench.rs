@@ -28,6 +28,11 @@
 //! test producer changes without touching the resolver.
 
 use std::collections::{BTreeMap, HashMap};
+
+/// The same allocator as the `syncflow` binary, so the resolver runs as it does in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

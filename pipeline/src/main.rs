@@ -3,6 +3,11 @@
 
 mod ops;
 
+/// The resolver allocates and frees many small strings and maps per record; mimalloc does that
+/// faster than the system allocator (see docs/BENCHMARKS.md, resolver).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
