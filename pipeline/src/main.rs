@@ -103,7 +103,8 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Mint a development JWT signed with the configured secret.
+    /// Mint a development JWT signed with the configured secret, or (with `--service`) a
+    /// revocable service token registered in Redis.
     Token {
         /// Tenant the token belongs to.
         #[arg(long)]
@@ -117,6 +118,11 @@ enum Command {
         /// Subject (user or service id).
         #[arg(long, default_value = "dev")]
         sub: String,
+        /// Mint a service token with this name instead: registered in the tenant's registry in
+        /// Redis, so a tenant admin can list and revoke it (`/v1/tenant/service-tokens`).
+        /// Default lifetime: auth.service_token_max_ttl_secs.
+        #[arg(long, value_name = "NAME")]
+        service: Option<String>,
         /// Lifetime in seconds (default: auth.token_ttl_secs).
         #[arg(long)]
         ttl: Option<u64>,
@@ -271,12 +277,22 @@ async fn main() -> anyhow::Result<()> {
             sub,
             ttl,
             operator,
+            service,
         } => {
             processors::limits::check_tenant(&tenant).map_err(|e| anyhow::anyhow!(e.message))?;
             let grants =
                 api::auth::parse_grants(&grants.join(",")).map_err(|e| anyhow::anyhow!(e))?;
             let keys = api::auth::TokenKeys::new(&cfg.auth).map_err(anyhow::Error::msg)?;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+            if let Some(name) = service {
+                let ttl = ttl
+                    .unwrap_or(cfg.auth.service_token_max_ttl_secs)
+                    .clamp(1, cfg.auth.service_token_max_ttl_secs);
+                let token =
+                    ops::service_token(&cfg, &keys, &tenant, &name, grants, operator, ttl).await?;
+                println!("{token}");
+                return Ok(());
+            }
             let ttl = ttl.unwrap_or(cfg.auth.token_ttl_secs);
             let token = if operator {
                 keys.mint_operator(&sub, &tenant, now, ttl)

@@ -84,6 +84,58 @@ fn every_configuration_problem_is_reported_at_start() {
     assert!(err.contains("signing_kid"), "{err}");
 }
 
+/// The key ring of the tests' secret.
+fn test_keys() -> api::auth::TokenKeys {
+    api::auth::TokenKeys::new(&api::auth::AuthConfig {
+        jwt_secret: common::SECRET.into(),
+        ..Default::default()
+    })
+    .expect("valid auth configuration")
+}
+
+#[test]
+fn token_mints_a_revocable_service_token_registered_in_redis() {
+    let prefix = format!("cli_svc_{}.", std::process::id());
+    let (code, out, err) = syncflow(
+        &[
+            ("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET),
+            ("SYNCFLOW_KAFKA_TOPIC_PREFIX", &prefix),
+        ],
+        &[
+            "token",
+            "--tenant",
+            "acme",
+            "--grant",
+            "todos:w",
+            "--service",
+            "ingest",
+            "--ttl",
+            "600",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let claims = test_keys()
+        .verify(out.trim())
+        .expect("a service token verifies");
+    assert_eq!(claims.typ, api::auth::TokenKind::Service);
+    assert_eq!(claims.sub, "service:ingest");
+    let id = claims.jti.expect("service tokens have an id");
+    assert!(err.contains(&id), "the id is reported: {err}");
+    // Registered: a tenant admin can list and revoke it like one made through the API.
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379")
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let key = format!("{prefix}syncflow:auth:services:acme");
+    let registered: bool = redis::cmd("HEXISTS")
+        .arg(&key)
+        .arg(&id)
+        .query(&mut redis)
+        .unwrap();
+    assert!(registered);
+    let _: () = redis::cmd("DEL").arg(&key).query(&mut redis).unwrap();
+}
+
 #[test]
 fn token_mints_a_verifiable_jwt() {
     let (code, out, err) = syncflow(
@@ -94,12 +146,9 @@ fn token_mints_a_verifiable_jwt() {
         ],
     );
     assert_eq!(code, 0, "{err}");
-    let keys = api::auth::TokenKeys::new(&api::auth::AuthConfig {
-        jwt_secret: common::SECRET.into(),
-        ..Default::default()
-    })
-    .expect("valid auth configuration");
-    let claims = keys.verify(out.trim()).expect("minted token verifies");
+    let claims = test_keys()
+        .verify(out.trim())
+        .expect("minted token verifies");
     assert_eq!(claims.tenant, "acme");
     assert_eq!(claims.sub, "ann");
     assert!(claims.allows(api::auth::Perm::Write, "todos"));
