@@ -100,6 +100,10 @@ pub struct ResolverConfig {
     pub poll_ms: u64,
     /// Threads a batch's partitions are spread over (each partition stays on one thread).
     pub threads: usize,
+    /// Under load (the previous batch had 4 or more records), how long after a batch's first
+    /// record the resolver waits for more before processing it, in ms (0: only what is already
+    /// fetched).
+    pub linger_ms: u64,
 }
 
 impl Default for ResolverConfig {
@@ -109,6 +113,7 @@ impl Default for ResolverConfig {
             batch_max: 2_000,
             poll_ms: 100,
             threads: 2,
+            linger_ms: 10,
         }
     }
 }

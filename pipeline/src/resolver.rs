@@ -270,6 +270,8 @@ pub struct Resolver {
     stats: Arc<ResolverStats>,
     /// When this process next considers a periodic checkpoint (ms since the epoch).
     checkpoint_due_ms: Option<u64>,
+    /// Records in the previous batch (the linger applies only when it shows load).
+    last_batch_len: usize,
 }
 
 /// The resolver's consumer group.
@@ -307,6 +309,7 @@ impl Resolver {
             restored: HashSet::new(),
             restored_generation: 0,
             checkpoint_due_ms: crate::checkpoint::next_due_ms(&cfg),
+            last_batch_len: 0,
             cfg,
             stats,
         })
@@ -404,8 +407,18 @@ impl Resolver {
                 Some(Ok(m)) => batch.push(detach(&m)),
             }
             // A checkpoint marker ends the batch: the task snapshots right after its commit.
+            // Under load (the previous batch was not tiny), wait up to `linger_ms` after the
+            // first record for more: fewer, larger transactions cost the broker less (each writes
+            // markers to every partition it touched). A lone write at low load is not held.
+            let linger = if self.last_batch_len >= LINGER_MIN_PREVIOUS {
+                Duration::from_millis(self.cfg.resolver.linger_ms)
+            } else {
+                Duration::ZERO
+            };
+            let linger_until = Instant::now() + linger;
             while (batch.len() as u64) < self.cfg.resolver.batch_max && !ends_batch(&batch) {
-                match consumer.poll(Duration::ZERO) {
+                let wait = linger_until.saturating_duration_since(Instant::now());
+                match consumer.poll(wait) {
                     Some(Ok(m)) => batch.push(detach(&m)),
                     Some(Err(e)) => poll_error(e)?,
                     None => break,
@@ -430,6 +443,7 @@ impl Resolver {
                 restored?;
                 self.restored.insert(p);
             }
+            self.last_batch_len = batch.len();
             let started = Instant::now();
             match self.process_batch(&consumer, &producer, &batch, &generation, gen_at_start) {
                 Ok(()) => {
@@ -963,6 +977,9 @@ fn send_bytes(
         }
     }
 }
+
+/// The linger applies after a batch of at least this many records (a sign of load).
+const LINGER_MIN_PREVIOUS: usize = 4;
 
 /// Batches smaller than this run on one thread (starting threads would cost more than it saves).
 const PARALLEL_MIN_RECORDS: usize = 64;
