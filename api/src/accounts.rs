@@ -51,12 +51,10 @@ pub(crate) fn accounts(state: &AppState) -> Result<&Accounts, ApiError> {
     })
 }
 
-fn view_err(e: crate::view::ViewError) -> ApiError {
-    ApiError::Unavailable(e.to_string())
-}
-
-fn store_err(e: crate::auth::sessions::StoreError) -> ApiError {
-    ApiError::Unavailable(e.to_string())
+/// Whether `name` uses only `A-Z a-z 0-9 . _ -` (user names and service token names).
+pub(crate) fn plain_name(name: &str) -> bool {
+    name.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 /// Lower-cases and checks a user name: 3-64 of `a-z 0-9 . _ -`, starting with a letter or digit.
@@ -67,9 +65,7 @@ pub fn normalize_username(raw: &str) -> Result<String, ApiError> {
             .bytes()
             .next()
             .is_some_and(|b| b.is_ascii_alphanumeric())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && plain_name(&name);
     if ok {
         Ok(name)
     } else {
@@ -229,19 +225,13 @@ pub async fn register(
         ApiError::Conflict { code, message }
     };
     // The view knows every registration that reached it, even if Redis lost its reservations.
-    if acc.users.find(&username).await.map_err(view_err)?.is_some() {
+    if acc.users.find(&username).await?.is_some() {
         return Err(taken(Taken::Username));
     }
-    if acc
-        .users
-        .find_by_email(&email)
-        .await
-        .map_err(view_err)?
-        .is_some()
-    {
+    if acc.users.find_by_email(&email).await?.is_some() {
         return Err(taken(Taken::Email));
     }
-    if creates_tenant && acc.users.tenant_exists(&tenant).await.map_err(view_err)? {
+    if creates_tenant && acc.users.tenant_exists(&tenant).await? {
         return Err(taken(Taken::Tenant));
     }
     let user_id = uuid::Uuid::now_v7().to_string();
@@ -251,12 +241,7 @@ pub async fn register(
         email: &email,
         new_tenant: creates_tenant.then_some(tenant.as_str()),
     };
-    if let Some(what) = acc
-        .store
-        .reserve(&names, RESERVATION_MS)
-        .await
-        .map_err(store_err)?
-    {
+    if let Some(what) = acc.store.reserve(&names, RESERVATION_MS).await? {
         return Err(taken(what));
     }
     let release = || async {
@@ -276,7 +261,7 @@ pub async fn register(
             }
             Err(e) => {
                 release().await;
-                return Err(store_err(e));
+                return Err(e.into());
             }
         }
     }
@@ -306,13 +291,12 @@ pub async fn register(
         release().await;
         return Err(e);
     }
-    acc.store.confirm(&names).await.map_err(store_err)?;
+    acc.store.confirm(&names).await?;
     tracing::info!(%username, %tenant, "user registered");
     let (session, refresh) = acc
         .store
         .open_session(&user_id, &username, &tenant, acc.cfg.refresh_ttl_secs)
-        .await
-        .map_err(store_err)?;
+        .await?;
     let access = acc.access_token(&state, &session, user.grants.clone());
     let visible = acc.wait_view(&username, |u| u.user_id == user_id).await;
     let mut body = acc.token_body(access, refresh);
@@ -349,8 +333,7 @@ pub async fn login(
         acc.users.find_by_email(&name).await
     } else {
         acc.users.find(&name).await
-    }
-    .map_err(view_err)?;
+    }?;
     let ok = acc
         .passwords
         .verify(
@@ -369,8 +352,7 @@ pub async fn login(
             &user.tenant,
             acc.cfg.refresh_ttl_secs,
         )
-        .await
-        .map_err(store_err)?;
+        .await?;
     let access = acc.access_token(&state, &session, user.grants.clone());
     let mut body = acc.token_body(access, refresh);
     body["user"] = user.public();
@@ -395,12 +377,11 @@ pub async fn refresh(
     // change arrives with the next refresh), and a user the view does not show yet (just
     // registered) can retry with the same token.
     let mut user = None;
-    if let Some(session) = acc.store.session_of(token).await.map_err(store_err)? {
+    if let Some(session) = acc.store.session_of(token).await? {
         user = acc
             .users
             .find(&session.username)
-            .await
-            .map_err(view_err)?
+            .await?
             .filter(|u| u.user_id == session.user_id);
         if user.is_none() {
             return Err(ApiError::Unavailable(
@@ -408,7 +389,7 @@ pub async fn refresh(
             ));
         }
     }
-    match acc.store.refresh(token).await.map_err(store_err)? {
+    match acc.store.refresh(token).await? {
         Refreshed::Rotated(session, refresh) => {
             let Some(user) = user.filter(|u| u.user_id == session.user_id) else {
                 let _ = acc.store.end_session(&session.sid).await;
@@ -451,12 +432,7 @@ pub async fn logout(
         json_body(&body)?
     };
     if let Some(token) = req.refresh_token {
-        return if acc
-            .store
-            .logout_refresh(token.trim())
-            .await
-            .map_err(store_err)?
-        {
+        return if acc.store.logout_refresh(token.trim()).await? {
             Ok(StatusCode::NO_CONTENT)
         } else {
             Err(ApiError::Unauthorized(
@@ -467,7 +443,7 @@ pub async fn logout(
     let claims = crate::routes::verified(&state, &headers).await?;
     match claims.sid {
         Some(sid) => {
-            acc.store.end_session(&sid).await.map_err(store_err)?;
+            acc.store.end_session(&sid).await?;
             Ok(StatusCode::NO_CONTENT)
         }
         None => Err(ApiError::bad_request(
@@ -492,7 +468,7 @@ pub async fn me(
         "operator": claims.operator,
     });
     if let (Some(name), Some(acc)) = (&claims.name, &state.accounts) {
-        if let Some(user) = acc.users.find(name).await.map_err(view_err)? {
+        if let Some(user) = acc.users.find(name).await? {
             if user.user_id == claims.sub && user.tenant == claims.tenant {
                 body["user"] = user.public();
             }

@@ -24,7 +24,8 @@ use crate::{now_ms, AppState};
 /// Most grants one user, invitation or service token may carry.
 pub const MAX_GRANTS: usize = 100;
 
-fn check_grants(caller: &Claims, grants: &[Grant]) -> Result<(), ApiError> {
+/// Checks the number and the shape of grants someone asks for (whoever asks).
+pub fn check_grant_shapes(grants: &[Grant]) -> Result<(), ApiError> {
     if grants.len() > MAX_GRANTS {
         return Err(ApiError::bad_request(
             "invalid_grants",
@@ -34,6 +35,13 @@ fn check_grants(caller: &Claims, grants: &[Grant]) -> Result<(), ApiError> {
     for g in grants {
         g.check()
             .map_err(|m| ApiError::bad_request("invalid_grants", m))?;
+    }
+    Ok(())
+}
+
+fn check_grants(caller: &Claims, grants: &[Grant]) -> Result<(), ApiError> {
+    check_grant_shapes(grants)?;
+    for g in grants {
         if !caller.administers(&g.bucket) {
             return Err(ApiError::Forbidden(format!(
                 "the token does not administer {:?}, so it cannot grant on it",
@@ -68,11 +76,7 @@ pub async fn list_buckets(
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = verified(&state, &headers).await?;
-    let names = state
-        .reader
-        .bucket_names(&caller.tenant)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let names = state.reader.bucket_names(&caller.tenant).await?;
     let readable: Vec<String> = names
         .into_iter()
         .filter(|b| caller.allows(Perm::Read, b))
@@ -87,11 +91,7 @@ pub async fn list_users(
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = verified(&state, &headers).await?;
     require_tenant_admin(&caller)?;
-    let users = accounts(&state)?
-        .users
-        .list(&caller.tenant)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let users = accounts(&state)?.users.list(&caller.tenant).await?;
     Ok(Json(
         json!({ "users": users.iter().map(|u| u.public()).collect::<Vec<_>>() }),
     ))
@@ -119,8 +119,7 @@ pub async fn set_grants(
     let user = acc
         .users
         .find(&username)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .await?
         .filter(|u| u.tenant == caller.tenant)
         .ok_or_else(|| ApiError::NotFound(format!("no user {username:?} in this tenant")))?;
     if let Some(g) = user.grants.iter().find(|g| !caller.administers(&g.bucket)) {
@@ -176,10 +175,7 @@ pub async fn create_invite(
     );
     let jti = claims.jti.clone().expect("issued with an id");
     let expires_at = claims.exp;
-    acc.store
-        .add_invite(&jti, ttl)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    acc.store.add_invite(&jti, ttl).await?;
     let invite = state.keys.sign(claims);
     Ok((
         StatusCode::CREATED,
@@ -195,6 +191,65 @@ struct ServiceReq {
     ttl_secs: Option<u64>,
 }
 
+/// Checks a service token's name: 1-64 characters of `A-Z a-z 0-9 . _ -`. Returns it trimmed.
+pub fn check_service_name(name: &str) -> Result<&str, ApiError> {
+    let name = name.trim();
+    let ok = !name.is_empty() && name.len() <= 64 && crate::accounts::plain_name(name);
+    if ok {
+        Ok(name)
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_name",
+            "a service token name is 1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-'",
+        ))
+    }
+}
+
+/// A service token to issue (name and grants already checked).
+pub struct ServiceTokenSpec<'a> {
+    /// Its tenant.
+    pub tenant: &'a str,
+    /// Its name (`sub` is `service:<name>`).
+    pub name: &'a str,
+    /// What it grants.
+    pub grants: Vec<Grant>,
+    /// Whether it may use the cluster-wide operations.
+    pub operator: bool,
+    /// Its lifetime, capped to the configured maximum.
+    pub ttl_secs: u64,
+    /// Who issues it.
+    pub created_by: &'a str,
+}
+
+/// Mints a service token and registers it in its tenant's registry (the API and
+/// `syncflow token --service` both issue tokens this way). Returns the record and the token.
+pub async fn issue_service_token(
+    keys: &crate::auth::TokenKeys,
+    store: &crate::auth::sessions::AuthStore,
+    spec: ServiceTokenSpec<'_>,
+    max_ttl_secs: u64,
+) -> Result<(ServiceToken, String), ApiError> {
+    let ttl = spec.ttl_secs.clamp(1, max_ttl_secs.max(1));
+    let mut claims = issued(
+        TokenKind::Service,
+        &format!("service:{}", spec.name),
+        spec.tenant,
+        spec.grants,
+        ttl,
+    );
+    claims.operator = spec.operator;
+    let record = ServiceToken {
+        id: claims.jti.clone().expect("issued with an id"),
+        name: spec.name.into(),
+        grants: claims.grants.clone(),
+        created_by: spec.created_by.into(),
+        created_at: claims.iat,
+        expires_at: claims.exp,
+    };
+    store.add_service(spec.tenant, &record).await?;
+    Ok((record, keys.sign(claims)))
+}
+
 /// `POST /v1/tenant/service-tokens`: a long-lived token for a server-side producer, with grants
 /// the caller administers; valid until it expires or is revoked.
 pub async fn create_service_token(
@@ -205,41 +260,23 @@ pub async fn create_service_token(
     let caller = verified(&state, &headers).await?;
     let acc = accounts(&state)?;
     let req: ServiceReq = json_body(&body)?;
-    let name = req.name.trim();
-    if name.is_empty()
-        || name.len() > 64
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err(ApiError::bad_request(
-            "invalid_name",
-            "a service token name is 1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-'",
-        ));
-    }
+    let name = check_service_name(&req.name)?;
     check_grants(&caller, &req.grants)?;
-    let max = acc.cfg.service_token_max_ttl_secs;
-    let ttl = req.ttl_secs.unwrap_or(max).clamp(1, max);
-    let claims = issued(
-        TokenKind::Service,
-        &format!("service:{name}"),
-        &caller.tenant,
-        req.grants.clone(),
-        ttl,
-    );
-    let record = ServiceToken {
-        id: claims.jti.clone().expect("issued with an id"),
-        name: name.into(),
+    let spec = ServiceTokenSpec {
+        tenant: &caller.tenant,
+        name,
         grants: req.grants,
-        created_by: caller.sub.clone(),
-        created_at: claims.iat,
-        expires_at: claims.exp,
+        operator: false,
+        ttl_secs: req.ttl_secs.unwrap_or(acc.cfg.service_token_max_ttl_secs),
+        created_by: &caller.sub,
     };
-    acc.store
-        .add_service(&caller.tenant, &record)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
-    let token = state.keys.sign(claims);
+    let (record, token) = issue_service_token(
+        &state.keys,
+        &acc.store,
+        spec,
+        acc.cfg.service_token_max_ttl_secs,
+    )
+    .await?;
     let mut body = serde_json::to_value(&record).expect("plain struct");
     body["token"] = json!(token);
     Ok((StatusCode::CREATED, Json(body)))
@@ -255,8 +292,7 @@ pub async fn list_service_tokens(
     let list = accounts(&state)?
         .store
         .list_services(&caller.tenant, now_ms() / 1000)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .await?;
     Ok(Json(json!({ "service_tokens": list })))
 }
 
@@ -269,12 +305,10 @@ pub async fn revoke_service_token(
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = verified(&state, &headers).await?;
     let acc = accounts(&state)?;
-    let unavailable = |e: crate::auth::sessions::StoreError| ApiError::Unavailable(e.to_string());
     let list = acc
         .store
         .list_services(&caller.tenant, now_ms() / 1000)
-        .await
-        .map_err(unavailable)?;
+        .await?;
     let token = list
         .iter()
         .find(|t| t.id == id)
@@ -285,9 +319,6 @@ pub async fn revoke_service_token(
             g.bucket
         )));
     }
-    acc.store
-        .revoke_service(&caller.tenant, &id)
-        .await
-        .map_err(unavailable)?;
+    acc.store.revoke_service(&caller.tenant, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

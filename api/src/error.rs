@@ -85,6 +85,18 @@ impl ApiError {
     }
 }
 
+impl From<crate::auth::sessions::StoreError> for ApiError {
+    fn from(e: crate::auth::sessions::StoreError) -> Self {
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
+impl From<crate::view::ViewError> for ApiError {
+    fn from(e: crate::view::ViewError) -> Self {
+        ApiError::Unavailable(e.to_string())
+    }
+}
+
 impl From<crate::auth::AuthError> for ApiError {
     fn from(e: crate::auth::AuthError) -> Self {
         match e {

@@ -194,27 +194,22 @@ impl RateLimiter {
 
     /// Checks a login attempt for `username`.
     pub async fn check_login(&self, username: &str) -> Result<(), Limited> {
-        if !self.cfg.enabled {
-            return Ok(());
-        }
-        let b = Bucket::new(
-            self.key("login", username),
-            self.cfg.logins_per_min,
-            Duration::from_secs(60),
-        );
-        self.take(b.into_iter().collect()).await
+        self.check_one("login", username, self.cfg.logins_per_min)
+            .await
     }
 
     /// Checks a registration.
     pub async fn check_registration(&self) -> Result<(), Limited> {
+        self.check_one("register", "all", self.cfg.registrations_per_min)
+            .await
+    }
+
+    /// Checks one bucket of `per_min` requests a minute.
+    async fn check_one(&self, what: &str, id: &str, per_min: u32) -> Result<(), Limited> {
         if !self.cfg.enabled {
             return Ok(());
         }
-        let b = Bucket::new(
-            self.key("register", "all"),
-            self.cfg.registrations_per_min,
-            Duration::from_secs(60),
-        );
+        let b = Bucket::new(self.key(what, id), per_min, Duration::from_secs(60));
         self.take(b.into_iter().collect()).await
     }
 

@@ -341,11 +341,7 @@ async fn get_doc(
 ) -> Result<impl IntoResponse, ApiError> {
     let claims = authorize(&state, &headers, Perm::Read, &bucket).await?;
     state.limits.check_doc_id(&id)?;
-    let found = state
-        .reader
-        .get(&claims.tenant, &bucket, &id)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    let found = state.reader.get(&claims.tenant, &bucket, &id).await?;
     match found {
         Some(d) if !d.deleted => Ok(Json(json!({
             "bucket": d.bucket,
@@ -451,8 +447,7 @@ async fn known_bucket(
     state
         .reader
         .bucket_meta(tenant, bucket)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?
+        .await?
         .ok_or_else(|| ApiError::NotFound(format!("no bucket {bucket:?}")))
 }
 
@@ -488,8 +483,7 @@ async fn list_docs(
             query.get("after").map(String::as_str),
             limit,
         )
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .await?;
     let next = page
         .more
         .then(|| page.docs.last().map(|d| d.doc_id.clone()))
@@ -534,8 +528,7 @@ async fn changes(
     let docs = state
         .reader
         .changes(&claims.tenant, &bucket, from, meta.projected_seq, limit)
-        .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .await?;
     let more = docs.len() == limit;
     let next_seq = if more {
         docs.last().map_or(from, |d| d.seq)

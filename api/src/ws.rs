@@ -10,7 +10,7 @@
 //! (`lagged`), then catch up from its cursor.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -144,12 +144,9 @@ pub async fn ws_handler(
     let claims = match bearer(&headers) {
         Some(token) => {
             let claims = crate::routes::authenticate(&state, token.trim()).await?;
-            if let Some(limiter) = &state.limiter {
-                limiter
-                    .check(Action::Connect, &claims.tenant, &claims.sub)
-                    .await
-                    .map_err(ApiError::limited)?;
-            }
+            may_connect(&state, &claims)
+                .await
+                .map_err(ApiError::limited)?;
             Some(claims)
         }
         None => None,
@@ -170,6 +167,14 @@ pub async fn ws_handler(
         .into_response())
 }
 
+/// The connection rate limits of the token's tenant and subject.
+async fn may_connect(state: &AppState, claims: &Claims) -> Result<(), crate::ratelimit::Limited> {
+    match &state.limiter {
+        Some(l) => l.check(Action::Connect, &claims.tenant, &claims.sub).await,
+        None => Ok(()),
+    }
+}
+
 async fn send(tx: &mut Tx, value: Value) -> Result<(), End> {
     tx.frame(Message::Text(Utf8Bytes::from(value.to_string())))
         .await
@@ -181,13 +186,6 @@ fn error_msg(code: &str, message: impl Into<String>, bucket: Option<&str>) -> Va
         v["bucket"] = json!(b);
     }
     v
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 async fn session(socket: WebSocket, state: AppState, claims: Option<Claims>) {
@@ -240,11 +238,7 @@ async fn authenticate(
         Ok(ClientMsg::Auth { token }) => {
             match crate::routes::authenticate(state, token.trim()).await {
                 Ok(c) => {
-                    let limited = match &state.limiter {
-                        Some(l) => l.check(Action::Connect, &c.tenant, &c.sub).await.err(),
-                        None => None,
-                    };
-                    if let Some(l) = limited {
+                    if let Err(l) = may_connect(state, &c).await {
                         let secs = l.retry_after_secs();
                         let _ = send(
                             tx,
@@ -427,7 +421,7 @@ async fn run_session(
                 if last_pong.elapsed() > heartbeat_every * 2 {
                     return End::Close(CLOSE_DEAD, "no pong".into());
                 }
-                if claims.exp <= now_secs() {
+                if claims.exp <= crate::now_ms() / 1000 {
                     let _ = send(tx, error_msg("unauthorized", "the token expired; reconnect with a fresh one and your cursors", None)).await;
                     return End::Close(CLOSE_UNAUTHORIZED, "token expired".into());
                 }

@@ -285,9 +285,7 @@ async fn main() -> anyhow::Result<()> {
             let keys = api::auth::TokenKeys::new(&cfg.auth).map_err(anyhow::Error::msg)?;
             let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
             if let Some(name) = service {
-                let ttl = ttl
-                    .unwrap_or(cfg.auth.service_token_max_ttl_secs)
-                    .clamp(1, cfg.auth.service_token_max_ttl_secs);
+                let ttl = ttl.unwrap_or(cfg.auth.service_token_max_ttl_secs);
                 let token =
                     ops::service_token(&cfg, &keys, &tenant, &name, grants, operator, ttl).await?;
                 println!("{token}");

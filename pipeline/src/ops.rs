@@ -183,8 +183,9 @@ pub async fn restore(
     Ok(())
 }
 
-/// Mints a service token `name` of `tenant` and registers it in Redis, so it is valid until it
-/// expires or a tenant admin revokes it. Its id goes to stderr, the token to the caller.
+/// Mints a service token `name` of `tenant` and registers it in Redis, the same way the API
+/// does, so it is valid until it expires or a tenant admin revokes it. Its id goes to stderr,
+/// the token to the caller.
 pub async fn service_token(
     cfg: &Config,
     keys: &api::auth::TokenKeys,
@@ -192,33 +193,30 @@ pub async fn service_token(
     name: &str,
     grants: Vec<api::auth::Grant>,
     operator: bool,
-    ttl: u64,
+    ttl_secs: u64,
 ) -> anyhow::Result<String> {
-    let now = pipeline::checkpoint::now_ms() / 1000;
-    let mut claims =
-        api::auth::Claims::access(&format!("service:{name}"), tenant, grants, now, ttl);
-    claims.typ = api::auth::TokenKind::Service;
-    claims.jti = Some(uuid::Uuid::now_v7().to_string());
-    claims.operator = operator;
-    let record = api::auth::sessions::ServiceToken {
-        id: claims.jti.clone().unwrap_or_default(),
-        name: name.into(),
-        grants: claims.grants.clone(),
-        created_by: "cli".into(),
-        created_at: now,
-        expires_at: claims.exp,
-    };
+    let name = api::admin::check_service_name(name)?;
+    api::admin::check_grant_shapes(&grants)?;
     let conn = api::redis_conn::manager(&cfg.redis.url)
         .with_context(|| format!("redis {}", cfg.redis.url))?;
-    api::auth::sessions::AuthStore::new(conn, &cfg.kafka.topic_prefix)
-        .add_service(tenant, &record)
-        .await
-        .with_context(|| format!("registering the service token in redis {}", cfg.redis.url))?;
+    let store = api::auth::sessions::AuthStore::new(conn, &cfg.kafka.topic_prefix);
+    let spec = api::admin::ServiceTokenSpec {
+        tenant,
+        name,
+        grants,
+        operator,
+        ttl_secs,
+        created_by: "cli",
+    };
+    let (record, token) =
+        api::admin::issue_service_token(keys, &store, spec, cfg.auth.service_token_max_ttl_secs)
+            .await
+            .with_context(|| format!("registering the service token in redis {}", cfg.redis.url))?;
     eprintln!(
         "service token {} ({name}) of tenant {tenant}, expires at {}",
         record.id, record.expires_at
     );
-    Ok(keys.sign(claims))
+    Ok(token)
 }
 
 #[cfg(test)]

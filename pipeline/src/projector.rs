@@ -66,6 +66,39 @@ pub(crate) fn subscribe(
     Ok(consumer)
 }
 
+/// Runs `apply` until it succeeds, backing off from 50 ms to 5 s between failures. `None` when
+/// `shutdown` changes first: a slow or failing view never holds up a shutdown, and whatever was
+/// interrupted is applied again (idempotently) after the restart.
+pub(crate) async fn until_applied<T, E, F, Fut>(
+    shutdown: &mut watch::Receiver<bool>,
+    what: &str,
+    mut apply: F,
+) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let result = tokio::select! {
+            r = apply() => r,
+            _ = shutdown.changed() => return None,
+        };
+        match result {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed; retrying");
+                tokio::select! {
+                    _ = shutdown.changed() => return None,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// Runs the projector until `shutdown` turns true.
 pub async fn run(
     cfg: Config,
@@ -148,26 +181,10 @@ pub async fn run(
                 }
             }
         }
-        let mut backoff = Duration::from_millis(50);
-        let outcome = loop {
-            // A slow view must not hold up a shutdown: an interrupted batch stores no offsets,
-            // and applying it again later is idempotent.
-            let applied = tokio::select! {
-                r = view.apply_batch(&events) => r,
-                _ = shutdown.changed() => break None,
-            };
-            match applied {
-                Ok(outcome) => break Some(outcome),
-                Err(e) => {
-                    tracing::warn!(error = %e, events = events.len(), "view apply failed; retrying");
-                    tokio::select! {
-                        _ = shutdown.changed() => break None,
-                        _ = tokio::time::sleep(backoff) => {}
-                    }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        };
+        // A slow view must not hold up a shutdown: an interrupted batch stores no offsets, and
+        // applying it again later is idempotent.
+        let what = format!("view apply of {} events", events.len());
+        let outcome = until_applied(&mut shutdown, &what, || view.apply_batch(&events)).await;
         let Some(outcome) = outcome else { break };
         tracing::debug!(
             events = events.len(),

@@ -2,15 +2,13 @@
 //! in MongoDB, one event at a time, storing each offset only after MongoDB acknowledged it.
 //! [`UsersView::apply`] is idempotent, so a re-delivery after a crash changes nothing.
 
-use std::time::Duration;
-
 use api::users::{UserEvent, UsersView};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::projector::{subscribe, ProjectorError};
+use crate::projector::{subscribe, until_applied, ProjectorError};
 use crate::topics;
 
 /// The users projector's consumer group.
@@ -57,24 +55,13 @@ pub async fn run(
             }
         };
         if let Some(event) = event {
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                let applied = tokio::select! {
-                    r = users.apply(&event, message.offset()) => r,
-                    _ = shutdown.changed() => return Ok(()),
-                };
-                match applied {
-                    Ok(outcome) => {
-                        tracing::debug!(key = event.key(), ?outcome, "user event applied");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "users view apply failed; retrying");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
+            let offset = message.offset();
+            let applied = until_applied(&mut shutdown, "users view apply", || {
+                users.apply(&event, offset)
+            })
+            .await;
+            let Some(outcome) = applied else { break };
+            tracing::debug!(key = event.key(), ?outcome, "user event applied");
         }
         if let Err(e) = consumer.store_offset_from_message(&message) {
             tracing::warn!(error = %e, "storing users projector offset failed");

@@ -134,6 +134,29 @@ fn token_mints_a_revocable_service_token_registered_in_redis() {
         .unwrap();
     assert!(registered);
     let _: () = redis::cmd("DEL").arg(&key).query(&mut redis).unwrap();
+    // Bad input is refused with the same reasons the API gives.
+    for (grant, name, reason) in [
+        ("todos:w", "bad name", "service token name"),
+        ("a*b:w", "ingest", "may only end with '*'"),
+    ] {
+        let (code, out, err) = syncflow(
+            &[
+                ("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET),
+                ("SYNCFLOW_KAFKA_TOPIC_PREFIX", &prefix),
+            ],
+            &[
+                "token",
+                "--tenant",
+                "acme",
+                "--grant",
+                grant,
+                "--service",
+                name,
+            ],
+        );
+        assert_ne!(code, 0, "{name} {grant}: {out}");
+        assert!(err.contains(reason), "{err}");
+    }
 }
 
 #[test]
