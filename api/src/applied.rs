@@ -1,6 +1,7 @@
-//! `?wait=applied`: read-your-writes. The API subscribes to the bucket's Redis channel (where the
-//! projector announces every change it applied) before sending the write, then waits for the
-//! change carrying the write's event id.
+//! `?wait=applied`: read-your-writes. The API subscribes to the bucket's Redis channel (where
+//! every committed change is announced) before sending the write, waits for the change carrying
+//! the write's event id, then for the view to hold it (the bucket's projected watermark reaching
+//! the change's sequence number), so a read that follows sees the write.
 //!
 //! A write that changes nothing visible (it lost to a newer write on every field, or repeated the
 //! current values) produces no change to announce: the wait then ends at the timeout with
@@ -53,8 +54,15 @@ impl AppliedWatch {
 }
 
 impl Pending {
-    /// The applied change of `event_id`, or `None` at the timeout.
-    pub async fn wait(mut self, event_id: &str) -> Option<SyncEvent> {
+    /// The change of `event_id` once the view holds it, or `None` at the timeout.
+    pub async fn wait(
+        mut self,
+        event_id: &str,
+        reader: &dyn crate::view::DocReader,
+        tenant: &str,
+        bucket: &str,
+    ) -> Option<SyncEvent> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let mut messages = self.pubsub.on_message();
         let found = async {
             while let Some(msg) = messages.next().await {
@@ -69,9 +77,24 @@ impl Pending {
             }
             None
         };
-        tokio::time::timeout(self.timeout, found)
+        let event = tokio::time::timeout_at(deadline, found)
             .await
             .ok()
-            .flatten()
+            .flatten()?;
+        let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
+        let projected = async {
+            let mut pause = Duration::from_millis(2);
+            loop {
+                if let Ok(Some(meta)) = reader.bucket_meta(tenant, bucket).await {
+                    if meta.projected_seq >= seq {
+                        return;
+                    }
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+        };
+        tokio::time::timeout_at(deadline, projected).await.ok()?;
+        Some(event)
     }
 }

@@ -5,6 +5,12 @@
 //! that falls behind the channel's capacity is told it lagged and catches up from its cursor;
 //! memory stays bounded whatever the subscriber does. When the Redis connection drops, every
 //! subscriber gets a [`HubMsg::Gap`] and catches up from its cursor once the hub is back.
+//!
+//! Changes are announced as soon as the resolver committed them, before (or while) the projector
+//! writes them to the view, so delivery never waits for the view database. Beside each
+//! announcement the announcer raises the bucket's *announced mark* in Redis; a subscription
+//! reads it and waits for the view to reach it before it reads its snapshot, so a snapshot is
+//! never older than a change already announced.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,7 +18,21 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use processors::SyncEvent;
+use redis::aio::ConnectionManager;
 use tokio::sync::broadcast;
+
+use crate::redis_conn::Breaker;
+
+/// The Redis hash of announced marks: field `<tenant>/<bucket>`, value the highest sequence
+/// number announced for that bucket in the current epoch (a restore deletes the hash).
+pub fn announced_key(prefix: &str) -> String {
+    format!("{prefix}syncflow:announced")
+}
+
+/// The field of a bucket in [`announced_key`].
+pub fn announced_field(tenant: &str, bucket: &str) -> String {
+    format!("{tenant}/{bucket}")
+}
 
 /// What a subscriber receives from the hub.
 #[derive(Debug, Clone)]
@@ -32,6 +52,8 @@ pub struct Hub {
     channels: Channels,
     capacity: usize,
     prefix: String,
+    marks: ConnectionManager,
+    breaker: Arc<Breaker>,
 }
 
 impl Hub {
@@ -42,6 +64,8 @@ impl Hub {
             channels: Arc::new(Mutex::new(HashMap::new())),
             capacity: capacity.max(1),
             prefix: prefix.into(),
+            marks: crate::redis_conn::manager(redis_url)?,
+            breaker: Arc::new(Breaker::default()),
         };
         let listener = hub.clone();
         tokio::spawn(async move { listener.listen(client).await });
@@ -60,6 +84,28 @@ impl Hub {
             .entry(channel)
             .or_insert_with(|| broadcast::channel(self.capacity).0)
             .subscribe()
+    }
+
+    /// The highest sequence number announced for the bucket, or `None` when Redis cannot say
+    /// (then nothing is known to be ahead of the view).
+    pub async fn announced(&self, tenant: &str, bucket: &str) -> Option<i64> {
+        if self.breaker.is_open() {
+            return None;
+        }
+        let mut conn = self.marks.clone();
+        let result: redis::RedisResult<Option<i64>> = redis::cmd("HGET")
+            .arg(announced_key(&self.prefix))
+            .arg(announced_field(tenant, bucket))
+            .query_async(&mut conn)
+            .await;
+        self.breaker.record(&result);
+        match result {
+            Ok(mark) => Some(mark.unwrap_or(0)),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the announced mark failed");
+                None
+            }
+        }
     }
 
     fn gap_for_all(&self) {

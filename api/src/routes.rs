@@ -130,7 +130,7 @@ async fn authorize(
 pub struct WriteParams {
     /// The document version the writer last saw (enables stale-write conflict reports).
     pub base_version: Option<u64>,
-    /// `applied`: answer only once the projector applied the write (read-your-writes).
+    /// `applied`: answer only once the view holds the write (read-your-writes).
     pub wait: Option<String>,
 }
 
@@ -256,7 +256,15 @@ async fn submit(
     let Some(pending) = pending else {
         return Ok((StatusCode::ACCEPTED, Json(body)));
     };
-    match pending.wait(&write.event_id).await {
+    match pending
+        .wait(
+            &write.event_id,
+            state.reader.as_ref(),
+            &write.tenant,
+            &write.bucket,
+        )
+        .await
+    {
         Some(event) => {
             body["applied"] = json!(true);
             body["version"] = json!(event.version);

@@ -2,12 +2,16 @@
 //! with no gap between them. See `docs/API.md` for the message protocol.
 //!
 //! Per subscription the server first registers with the node's [`Hub`](crate::fanout::Hub), then
-//! reads the view up to the bucket's projected watermark, then forwards live changes whose
-//! sequence number follows the cursor. The projector raises the watermark before it announces a
-//! batch, so every change past the watermark is announced after the registration: nothing falls
-//! between. A live change that does not follow the cursor (a lost announcement), a Redis outage,
-//! or a subscriber too slow for its bounded channel all lead to the same recovery: tell the client
-//! (`lagged`), then catch up from its cursor.
+//! waits until the view has every change already announced for the bucket (its *announced
+//! mark*), then reads the view up to the bucket's projected watermark, then forwards live changes
+//! whose sequence number follows the cursor. Changes are announced when the resolver commits
+//! them, not after the view write, so the view may be a little behind the live stream; every
+//! change past the announced mark is announced after the registration, so nothing falls between.
+//! A live change that does not follow the cursor (the view was behind, or an announcement was
+//! lost), a Redis outage, or a subscriber too slow for its bounded channel all lead to the same
+//! recovery: tell the client (`lagged`), wait until the view has the missing changes, then catch
+//! up from its cursor. A view that stays behind longer than `ws.view_wait_ms` closes the
+//! connection with 1013 (try again later); the client reconnects with its cursor.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -40,6 +44,9 @@ pub const CLOSE_TOO_SLOW: u16 = 4008;
 pub const CLOSE_DEAD: u16 = 4002;
 /// Close code: too many connections opened by this tenant or user; the reason says when to retry.
 pub const CLOSE_RATE_LIMITED: u16 = 4029;
+/// Close code (RFC 6455 "try again later"): the view did not catch up with the live changes
+/// within `ws.view_wait_ms`; reconnect with the cursor.
+pub const CLOSE_VIEW_BEHIND: u16 = 1013;
 
 /// WebSocket settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +67,9 @@ pub struct WsConfig {
     /// Seconds one message may wait for a client that stopped reading before the connection
     /// is dropped.
     pub send_timeout_secs: u64,
+    /// Milliseconds a subscription waits for the view to catch up with changes already
+    /// announced before it closes the connection with 1013.
+    pub view_wait_ms: u64,
 }
 
 impl Default for WsConfig {
@@ -72,6 +82,7 @@ impl Default for WsConfig {
             max_lags_per_minute: 3,
             auth_timeout_secs: 10,
             send_timeout_secs: 10,
+            view_wait_ms: 10_000,
         }
     }
 }
@@ -358,7 +369,7 @@ async fn run_session(
                         // Listen first, then read the view: nothing can fall between.
                         live.insert(bucket.clone(), BroadcastStream::new(hub.subscribe(&claims.tenant, &bucket)));
                         if let Err(e) = send(tx, json!({"type": "subscribed", "bucket": bucket})).await { return e; }
-                        match catch_up(tx, state, &claims.tenant, &bucket, cursor).await {
+                        match catch_up(tx, state, &claims.tenant, &bucket, cursor, 0).await {
                             Ok((cursor, ahead)) => { subs.insert(bucket, Sub { cursor, ahead }); }
                             Err(e) => return e,
                         }
@@ -367,35 +378,19 @@ async fn run_session(
             }
             Some((bucket, item)) = live.next() => {
                 let Some(sub) = subs.get_mut(&bucket) else { continue };
+                let mut pending = None;
                 let resync = match item {
-                    Ok(HubMsg::Change(event)) => {
-                        let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
-                        if seq <= sub.cursor.seq {
-                            None
-                        } else if seq == sub.cursor.seq + 1 {
-                            sub.cursor.seq = seq;
-                            if let Some(&have) = sub.ahead.get(&event.doc_id) {
-                                if have >= event.version {
-                                    if have == event.version {
-                                        sub.ahead.remove(&event.doc_id);
-                                    }
-                                    // The client holds this version already: only the cursor moves.
-                                    let msg = json!({"type": "progress", "bucket": bucket, "cursor": sub.cursor.to_string()});
-                                    if let Err(e) = send(tx, msg).await { return e; }
-                                    continue;
-                                }
-                                sub.ahead.remove(&event.doc_id);
-                            }
-                            let msg = json!({"type": "change", "bucket": bucket, "id": event.doc_id,
-                                "version": event.version, "seq": event.seq, "hlc": event.hlc,
-                                "deleted": event.deleted, "set": event.set, "unset": event.unset,
-                                "cursor": sub.cursor.to_string()});
-                            if let Err(e) = send(tx, msg).await { return e; }
-                            None
-                        } else {
+                    Ok(HubMsg::Change(event)) => match deliver(tx, &bucket, sub, &event).await {
+                        Ok(true) => None,
+                        Ok(false) => {
+                            // The changes before this one are missing: the view must have them
+                            // before the catch-up, and this one follows it.
+                            let need = i64::try_from(event.seq).unwrap_or(i64::MAX) - 1;
+                            pending = Some((event, need));
                             Some("missed_changes")
                         }
-                    }
+                        Err(e) => return e,
+                    },
                     Ok(HubMsg::Gap) => Some("fanout_interrupted"),
                     Err(BroadcastStreamRecvError::Lagged(_)) => {
                         let now = Instant::now();
@@ -411,8 +406,16 @@ async fn run_session(
                 if let Some(reason) = resync {
                     let cursor = sub.cursor;
                     if let Err(e) = send(tx, json!({"type": "lagged", "bucket": bucket, "reason": reason, "cursor": cursor.to_string()})).await { return e; }
-                    match catch_up(tx, state, &claims.tenant, &bucket, Some(cursor)).await {
-                        Ok((cursor, ahead)) => { if let Some(s) = subs.get_mut(&bucket) { s.cursor = cursor; s.ahead = ahead; } }
+                    let need = pending.as_ref().map_or(0, |(_, need)| *need);
+                    match catch_up(tx, state, &claims.tenant, &bucket, Some(cursor), need).await {
+                        Ok((cursor, ahead)) => {
+                            sub.cursor = cursor;
+                            sub.ahead = ahead;
+                            if let Some((event, _)) = pending {
+                                // Past the catch-up now: sent if it follows it, skipped if it holds it.
+                                if let Err(e) = deliver(tx, &bucket, sub, &event).await { return e; }
+                            }
+                        }
                         Err(e) => return e,
                     }
                 }
@@ -438,8 +441,98 @@ async fn run_session(
     }
 }
 
+/// Forwards a live change to the client if it follows the subscription's cursor. `Ok(true)` when
+/// it was sent or is already held (at or before the cursor, or sent by the last catch-up);
+/// `Ok(false)` when changes before it are missing.
+async fn deliver(
+    tx: &mut Tx,
+    bucket: &str,
+    sub: &mut Sub,
+    event: &processors::SyncEvent,
+) -> Result<bool, End> {
+    let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
+    if seq <= sub.cursor.seq {
+        return Ok(true);
+    }
+    if seq != sub.cursor.seq + 1 {
+        return Ok(false);
+    }
+    sub.cursor.seq = seq;
+    if let Some(&have) = sub.ahead.get(&event.doc_id) {
+        if have >= event.version {
+            if have == event.version {
+                sub.ahead.remove(&event.doc_id);
+            }
+            // The client holds this version already: only the cursor moves.
+            let msg =
+                json!({"type": "progress", "bucket": bucket, "cursor": sub.cursor.to_string()});
+            send(tx, msg).await?;
+            return Ok(true);
+        }
+        sub.ahead.remove(&event.doc_id);
+    }
+    let msg = json!({"type": "change", "bucket": bucket, "id": event.doc_id,
+        "version": event.version, "seq": event.seq, "hlc": event.hlc,
+        "deleted": event.deleted, "set": event.set, "unset": event.unset,
+        "cursor": sub.cursor.to_string()});
+    send(tx, msg).await?;
+    Ok(true)
+}
+
+/// The bucket's view metadata once the view holds every change up to `need` and every change
+/// already announced, polling while it catches up. Closes with 1013 after `ws.view_wait_ms`.
+async fn meta_when_current(
+    state: &AppState,
+    tenant: &str,
+    bucket: &str,
+    need: i64,
+) -> Result<crate::view::BucketMeta, End> {
+    let unavailable = |e: crate::view::ViewError| {
+        tracing::warn!(error = %e, "catch-up read failed");
+        End::Close(1011, "view unavailable; reconnect with your cursor".into())
+    };
+    let announced = match &state.hub {
+        Some(hub) => hub.announced(tenant, bucket).await.unwrap_or(0),
+        None => 0,
+    };
+    let need = need.max(announced);
+    let deadline = Instant::now() + Duration::from_millis(state.ws.view_wait_ms);
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let meta = state
+            .reader
+            .bucket_meta(tenant, bucket)
+            .await
+            .map_err(unavailable)?
+            .unwrap_or(crate::view::BucketMeta {
+                projected_seq: 0,
+                horizon_seq: 0,
+                epoch: 1,
+            });
+        if meta.projected_seq >= need {
+            return Ok(meta);
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                tenant,
+                bucket,
+                projected = meta.projected_seq,
+                need,
+                "the view stayed behind the live changes"
+            );
+            return Err(End::Close(
+                CLOSE_VIEW_BEHIND,
+                "the view is behind the live changes; reconnect with your cursor".into(),
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
 /// Sends the view's documents changed after `cursor` (all of them without one; after a `reset`
-/// when the cursor is stale), page by page. Returns the cursor reached — the bucket's projected
+/// when the cursor is stale), page by page, once the view holds every change up to `need` and
+/// every change already announced. Returns the cursor reached — the bucket's projected
 /// watermark — and the documents sent at a version past it.
 ///
 /// Documents whose last change is past the watermark belong to a projector batch being written
@@ -452,21 +545,13 @@ async fn catch_up(
     tenant: &str,
     bucket: &str,
     cursor: Option<Cursor>,
+    need: i64,
 ) -> Result<(Cursor, HashMap<String, u64>), End> {
     let unavailable = |e: crate::view::ViewError| {
         tracing::warn!(error = %e, "catch-up read failed");
         End::Close(1011, "view unavailable; reconnect with your cursor".into())
     };
-    let meta = state
-        .reader
-        .bucket_meta(tenant, bucket)
-        .await
-        .map_err(unavailable)?
-        .unwrap_or(crate::view::BucketMeta {
-            projected_seq: 0,
-            horizon_seq: 0,
-            epoch: 1,
-        });
+    let meta = meta_when_current(state, tenant, bucket, need).await?;
     let watermark = meta.projected_seq;
     let mut from = match cursor {
         None => 0,

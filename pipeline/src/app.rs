@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::resolver::{Resolver, ResolverStats};
-use crate::{projector, topics};
+use crate::{fanout, projector, topics};
 
 /// A role a process can play.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -26,8 +26,11 @@ pub enum Role {
     Api,
     /// The resolver (validate, diff, LWW resolve).
     Processor,
-    /// The MongoDB projector.
+    /// The MongoDB projector (the view and the users view), with the announcer.
     Projector,
+    /// The announcer alone: publishes committed changes to Redis for WebSocket subscribers
+    /// (part of `projector`; run it alone to scale it apart from the view write).
+    Fanout,
 }
 
 /// Why the process could not start or stopped with an error.
@@ -64,6 +67,32 @@ async fn mongo_view(cfg: &Config) -> Result<MongoView, AppError> {
     Ok(MongoView::new(client.database(&cfg.mongo.database)))
 }
 
+/// Runs `run` until it ends cleanly; a run that fails (a fatal consumer error) is replaced by a
+/// fresh one a second later, unless `stop` is already set.
+fn supervise<F, Fut, E>(
+    name: &'static str,
+    stop: watch::Receiver<bool>,
+    mut run: F,
+) -> JoinHandle<Result<(), String>>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display + Send,
+{
+    tokio::spawn(async move {
+        loop {
+            match run().await {
+                Ok(()) => return Ok(()),
+                Err(e) if *stop.borrow() => return Err(e.to_string()),
+                Err(e) => {
+                    tracing::error!(error = %e, "{name} failed; restarting it");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        }
+    })
+}
+
 /// Starts `roles`.
 pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -82,37 +111,23 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
     if roles.contains(&Role::Projector) {
         let view = mongo_view(&cfg).await?;
         let users = api::users::UsersView::new(view.database().clone());
-        let rx = stop_rx.clone();
-        let c = cfg.clone();
-        let handle = tokio::spawn(async move {
-            // A fatal consumer error ends one projector run; start a fresh one until shutdown.
-            loop {
-                match projector::run(c.clone(), view.clone(), rx.clone()).await {
-                    Ok(()) => return Ok(()),
-                    Err(e) if *rx.borrow() => return Err(e.to_string()),
-                    Err(e) => {
-                        tracing::error!(error = %e, "projector failed; restarting it");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                }
-            }
+        let (c, rx) = (cfg.clone(), stop_rx.clone());
+        let handle = supervise("projector", stop_rx.clone(), move || {
+            projector::run(c.clone(), view.clone(), rx.clone())
         });
         tasks.push((Role::Projector, handle));
-        let rx = stop_rx.clone();
-        let c = cfg.clone();
-        let handle = tokio::spawn(async move {
-            loop {
-                match crate::users_projector::run(c.clone(), users.clone(), rx.clone()).await {
-                    Ok(()) => return Ok(()),
-                    Err(e) if *rx.borrow() => return Err(e.to_string()),
-                    Err(e) => {
-                        tracing::error!(error = %e, "users projector failed; restarting it");
-                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-                    }
-                }
-            }
+        let (c, rx) = (cfg.clone(), stop_rx.clone());
+        let handle = supervise("users projector", stop_rx.clone(), move || {
+            crate::users_projector::run(c.clone(), users.clone(), rx.clone())
         });
         tasks.push((Role::Projector, handle));
+    }
+    if roles.contains(&Role::Projector) || roles.contains(&Role::Fanout) {
+        let (c, rx) = (cfg.clone(), stop_rx.clone());
+        let handle = supervise("announcer", stop_rx.clone(), move || {
+            fanout::run(c.clone(), rx.clone())
+        });
+        tasks.push((Role::Fanout, handle));
     }
     if roles.contains(&Role::Api) {
         let sink = KafkaSink::new(&cfg.kafka.brokers, &cfg.topic(topics::DATA_CHANGED))

@@ -17,6 +17,7 @@
 pub mod app;
 pub mod checkpoint;
 pub mod config;
+pub mod fanout;
 pub mod partition;
 pub mod projector;
 pub mod rebuild;

@@ -35,7 +35,7 @@ struct Cli {
 enum Command {
     /// Run SyncFlow: all roles, or the ones given with --role.
     Run {
-        /// Role to run (repeatable): api, processor, projector. Default: all.
+        /// Role to run (repeatable): api, processor, projector (includes fanout), fanout. Default: all.
         #[arg(long, value_enum)]
         role: Vec<Role>,
     },

@@ -1,5 +1,6 @@
-//! The projector: applies `sync.events` to the MongoDB view, then publishes each applied change
-//! to Redis for the API nodes' WebSocket subscribers.
+//! The projector: applies `sync.events` to the MongoDB view. (The announcer in
+//! [`crate::fanout`] publishes the same changes to Redis for WebSocket subscribers, without
+//! waiting for the view.)
 //!
 //! It reads with `read_committed`, so aborted resolver batches are never seen. Offsets are stored
 //! only after MongoDB acknowledged the write, and committed from the stored offsets, so a crash
@@ -13,7 +14,7 @@ use std::time::Duration;
 use api::view::MongoView;
 use processors::SyncEvent;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::ClientConfig;
 use tokio::sync::watch;
 
@@ -29,6 +30,9 @@ pub enum ProjectorError {
     /// A topic is missing.
     #[error(transparent)]
     Topics(#[from] topics::TopicsError),
+    /// The Redis URL is unusable.
+    #[error("redis: {0}")]
+    Redis(redis::RedisError),
 }
 
 pub use api::view::change_channel;
@@ -64,6 +68,35 @@ pub(crate) fn subscribe(
     })?;
     consumer.subscribe(&[&topic])?;
     Ok(consumer)
+}
+
+/// Adds to `messages` whatever the consumer has already fetched, up to `max` in all.
+pub(crate) fn fill_batch<'a>(
+    consumer: &'a StreamConsumer,
+    messages: &mut Vec<BorrowedMessage<'a>>,
+    max: usize,
+) {
+    while messages.len() < max {
+        match consumer.recv().now_or_never() {
+            Some(Ok(m)) => messages.push(m),
+            Some(Err(e)) => tracing::warn!(error = %e, "receive error"),
+            None => break,
+        }
+    }
+}
+
+/// Stores, per partition, the offset after the last of `messages` (committed by the consumer's
+/// next automatic commit).
+pub(crate) fn store_offsets(consumer: &StreamConsumer, messages: &[BorrowedMessage<'_>]) {
+    let mut last: BTreeMap<i32, usize> = BTreeMap::new();
+    for (i, m) in messages.iter().enumerate() {
+        last.insert(m.partition(), i);
+    }
+    for i in last.values() {
+        if let Err(e) = consumer.store_offset_from_message(&messages[*i]) {
+            tracing::warn!(error = %e, "storing an offset failed");
+        }
+    }
 }
 
 /// Runs `apply` until it succeeds, backing off from 50 ms to 5 s between failures. `None` when
@@ -106,8 +139,6 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ProjectorError> {
     let consumer = subscribe(&cfg, &group_id(&cfg), topics::SYNC_EVENTS)?;
-    let redis = redis::Client::open(cfg.redis.url.as_str()).ok();
-    let mut publisher: Option<redis::aio::MultiplexedConnection> = None;
     let mut indexed: HashSet<String> = HashSet::new();
     // The indexes reads need, for every tenant already in the view (idempotent).
     match view.tenants().await {
@@ -150,14 +181,7 @@ pub async fn run(
                 continue;
             }
         }
-        // Take whatever else is already fetched, up to the batch size.
-        while messages.len() < settings.batch_max.max(1) as usize {
-            match consumer.recv().now_or_never() {
-                Some(Ok(m)) => messages.push(m),
-                Some(Err(e)) => tracing::warn!(error = %e, "projector receive error"),
-                None => break,
-            }
-        }
+        fill_batch(&consumer, &mut messages, settings.batch_max.max(1) as usize);
         let mut events = Vec::with_capacity(messages.len());
         for m in &messages {
             match m.payload().map(serde_json::from_slice::<SyncEvent>) {
@@ -192,53 +216,14 @@ pub async fn run(
             skipped = outcome.skipped,
             "projected batch"
         );
-        publish(&redis, &mut publisher, &cfg.kafka.topic_prefix, &events).await;
         // Offsets only after MongoDB acknowledged every write of the batch.
-        let mut last: BTreeMap<i32, usize> = BTreeMap::new();
-        for (i, m) in messages.iter().enumerate() {
-            last.insert(m.partition(), i);
-        }
-        for i in last.values() {
-            if let Err(e) = consumer.store_offset_from_message(&messages[*i]) {
-                tracing::warn!(error = %e, "storing projector offset failed");
-            }
-        }
+        store_offsets(&consumer, &messages);
     }
     if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
         tracing::debug!(error = %e, "final projector commit");
     }
     tracing::info!("projector stopped");
     Ok(())
-}
-
-/// Publishes applied changes to each bucket's Redis channel. Best effort: subscribers recover
-/// from their cursor when Redis loses a message.
-async fn publish(
-    redis: &Option<redis::Client>,
-    publisher: &mut Option<redis::aio::MultiplexedConnection>,
-    prefix: &str,
-    events: &[SyncEvent],
-) {
-    let Some(client) = redis else { return };
-    if publisher.is_none() {
-        *publisher = client.get_multiplexed_async_connection().await.ok();
-    }
-    let Some(conn) = publisher.as_mut() else {
-        return;
-    };
-    let mut pipe = redis::pipe();
-    for e in events {
-        let channel = change_channel(prefix, &e.tenant, &e.bucket);
-        pipe.cmd("PUBLISH")
-            .arg(channel)
-            .arg(serde_json::to_string(e).expect("event serializes"))
-            .ignore();
-    }
-    let sent: redis::RedisResult<()> = pipe.query_async(conn).await;
-    if let Err(e) = sent {
-        tracing::warn!(error = %e, "redis publish failed");
-        *publisher = None;
-    }
 }
 
 /// Sweeps tombstones older than the retention; logs, never fails the projector.

@@ -334,6 +334,12 @@ pub async fn run(
     report.view_docs = rebuilt.written;
     let redis = redis::Client::open(cfg.redis.url.as_str())?;
     let mut conn = redis.get_multiplexed_async_connection().await?;
+    // The announced marks belong to the old epoch: sequence numbers start again from the
+    // checkpoint's, and subscribers must not wait for the view to reach the old ones.
+    let _: i64 = redis::cmd("DEL")
+        .arg(api::fanout::announced_key(&cfg.kafka.topic_prefix))
+        .query_async(&mut conn)
+        .await?;
     let _: i64 = redis::cmd("PUBLISH")
         .arg(api::view::reset_channel(&cfg.kafka.topic_prefix))
         .arg(id)

@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::ws::{connect, expect_type, next_json, send_text, Replica};
+use common::ws::{connect, expect_type, next_json, next_json_within, send_text, Replica};
 use common::TestEnv;
 use futures::{SinkExt, StreamExt};
 use pipeline::app::Role;
@@ -505,5 +505,133 @@ async fn two_nodes_each_see_every_write_and_tenants_stay_apart() {
     }
     drop(node_b);
     node_a.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// Live changes reach subscribers without waiting for the MongoDB view; a subscription made while
+/// the view is behind the announced changes waits for it (and is closed with 1013 when it does
+/// not catch up in time), so no snapshot is older than a change already announced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_changes_do_not_wait_for_the_view_and_snapshots_wait_for_it() {
+    let mut env = TestEnv::new("wsahead").await;
+    env.cfg.ws.view_wait_ms = 1_500;
+    env.cfg.api.wait_applied_timeout_ms = 1_500;
+    // Resolver and announcer, but no view writer yet: the view stays empty.
+    let node = env.start(&[Role::Api, Role::Processor, Role::Fanout]).await;
+    let addr = node.api_addr.unwrap();
+    let token = env.token("acme", "fast:rw");
+    let http = reqwest::Client::new();
+
+    let mut early = connect(addr, &token).await;
+    send_text(&mut early, r#"{"type":"subscribe","bucket":"fast"}"#).await;
+    let snapshot = expect_type(&mut early, "docs").await;
+    assert_eq!(snapshot["docs"], json!([]));
+    for (i, id) in ["d1", "d2", "d1"].iter().enumerate() {
+        let status = http
+            .patch(format!("http://{addr}/v1/buckets/fast/docs/{id}"))
+            .bearer_auth(&token)
+            .json(&json!({"n": i}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status.as_u16(), 202);
+    }
+    for seq in 1..=3 {
+        let change = expect_type(&mut early, "change").await;
+        assert_eq!(change["seq"], seq, "{change}");
+    }
+    // Delivered, yet not in the view.
+    let read = http
+        .get(format!("http://{addr}/v1/buckets/fast/docs/d1"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status().as_u16(), 404, "the view has no writer yet");
+    // Read-your-writes waits for the view, not for the announcement.
+    let waited = http
+        .patch(format!(
+            "http://{addr}/v1/buckets/fast/docs/d3?wait=applied"
+        ))
+        .bearer_auth(&token)
+        .json(&json!({"n": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(waited.status().as_u16(), 202);
+    let body: Value = waited.json().await.unwrap();
+    assert_eq!(body["applied"], false, "{body}");
+    let change = expect_type(&mut early, "change").await;
+    assert_eq!(change["seq"], 4, "{change}");
+    let cursor = change["cursor"].as_str().unwrap().to_owned();
+
+    // New subscriptions, with or without a cursor, cannot be served from a view that old.
+    for sub in [
+        json!({"type": "subscribe", "bucket": "fast"}),
+        json!({"type": "subscribe", "bucket": "fast", "cursor": cursor}),
+    ] {
+        let mut late = connect(addr, &token).await;
+        send_text(&mut late, &sub.to_string()).await;
+        assert_eq!(expect_type(&mut late, "subscribed").await["bucket"], "fast");
+        let end = next_json_within(&mut late, Duration::from_secs(10)).await;
+        assert_eq!(
+            end,
+            Err(Some(1013)),
+            "{sub}: no stale snapshot, a 1013 close"
+        );
+    }
+
+    // Once the view writer runs, a new subscriber gets a snapshot holding every announced change.
+    let projector = env.start(&[Role::Projector]).await;
+    let mut late = connect(addr, &token).await;
+    send_text(&mut late, r#"{"type":"subscribe","bucket":"fast"}"#).await;
+    let snapshot = loop {
+        let msg = next_json_within(&mut late, Duration::from_secs(30))
+            .await
+            .expect("a snapshot once the view caught up");
+        if msg["type"] == "docs" {
+            break msg;
+        }
+    };
+    assert_eq!(snapshot["complete"], true);
+    assert_eq!(snapshot["cursor"], cursor.as_str());
+    let mut ids: Vec<&str> = snapshot["docs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["d1", "d2", "d3"]);
+    // Both subscribers carry on with the next change, without a gap, and a waited write is
+    // readable at once.
+    let waited = http
+        .patch(format!(
+            "http://{addr}/v1/buckets/fast/docs/d2?wait=applied"
+        ))
+        .bearer_auth(&token)
+        .json(&json!({"n": 9}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(waited.status().as_u16(), 200);
+    let read: Value = http
+        .get(format!("http://{addr}/v1/buckets/fast/docs/d2"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read["doc"]["n"], 9, "{read}");
+    for ws in [&mut early, &mut late] {
+        let change = expect_type(ws, "change").await;
+        assert_eq!(change["seq"], 5, "{change}");
+        assert_eq!(change["set"], json!({"n": 9}));
+    }
+    projector.stop().await.unwrap();
+    node.stop().await.unwrap();
     env.cleanup().await;
 }

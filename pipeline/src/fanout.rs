@@ -1,0 +1,121 @@
+//! The announcer: publishes every committed change to Redis for the API nodes' WebSocket
+//! subscribers, as soon as the resolver committed it, independently of the MongoDB view write.
+//!
+//! It reads `sync.events` with `read_committed` in its own consumer group, so aborted resolver
+//! batches are never announced and a slow view database never delays delivery. With each batch it
+//! raises every bucket's *announced mark* ([`api::fanout::announced_key`]); a new subscription
+//! waits until the view has reached that mark before it reads its snapshot, so no snapshot is
+//! older than a change already announced. A batch is announced until Redis takes it (a Redis
+//! outage delays announcements, it does not drop them; the API nodes tell their subscribers about
+//! the outage themselves). Offsets are stored only after Redis took the batch, so a crash
+//! announces a few changes again, which subscribers skip by sequence number.
+
+use std::collections::HashMap;
+
+use processors::SyncEvent;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::Message;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::projector::{fill_batch, store_offsets, subscribe, until_applied, ProjectorError};
+use crate::topics;
+
+/// Raises each `field` of the hash `KEYS[1]` to its value in `ARGV` (field, value pairs), never
+/// lowering it: an announcer re-announcing older changes after a rebalance leaves the mark alone.
+const RAISE_MARKS: &str = r"
+for i = 1, #ARGV, 2 do
+  local current = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  if tonumber(ARGV[i + 1]) > current then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return 0
+";
+
+/// The announcer's consumer group.
+pub fn group_id(cfg: &Config) -> String {
+    cfg.topic("syncflow-fanout")
+}
+
+/// Runs the announcer until `shutdown` turns true.
+pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), ProjectorError> {
+    let consumer = subscribe(&cfg, &group_id(&cfg), topics::SYNC_EVENTS)?;
+    let redis = api::redis_conn::manager(&cfg.redis.url).map_err(ProjectorError::Redis)?;
+    let prefix = cfg.kafka.topic_prefix.clone();
+    let batch_max = cfg.projector.batch_max.max(1) as usize;
+    tracing::info!("announcer started");
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.changed() => break,
+            m = consumer.recv() => m,
+        };
+        let mut messages = Vec::new();
+        match first {
+            Ok(m) => messages.push(m),
+            Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
+                return Err(ProjectorError::Kafka(e));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "announcer receive error");
+                continue;
+            }
+        }
+        fill_batch(&consumer, &mut messages, batch_max);
+        let mut marks: HashMap<String, u64> = HashMap::new();
+        let mut announcements = Vec::with_capacity(messages.len());
+        for m in &messages {
+            let Some(payload) = m.payload() else { continue };
+            // Only the resolver writes this topic; a record it cannot have written is skipped.
+            let Ok(event) = serde_json::from_slice::<SyncEvent>(payload) else {
+                tracing::error!(
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    "undecodable sync event not announced"
+                );
+                continue;
+            };
+            let mark = marks
+                .entry(api::fanout::announced_field(&event.tenant, &event.bucket))
+                .or_default();
+            *mark = (*mark).max(event.seq);
+            let channel = api::view::change_channel(&prefix, &event.tenant, &event.bucket);
+            announcements.push((channel, payload));
+        }
+        if !announcements.is_empty() {
+            // One pipeline, run in order: the marks before the changes, so a subscriber that
+            // registered after a change was published finds that change under the mark.
+            let mut pipe = redis::pipe();
+            let raise = pipe
+                .cmd("EVAL")
+                .arg(RAISE_MARKS)
+                .arg(1)
+                .arg(api::fanout::announced_key(&prefix));
+            for (field, seq) in &marks {
+                raise.arg(field).arg(seq);
+            }
+            pipe.ignore();
+            for (channel, payload) in &announcements {
+                pipe.cmd("PUBLISH").arg(channel).arg(*payload).ignore();
+            }
+            let announce = || {
+                let mut conn = redis.clone();
+                let pipe = &pipe;
+                async move { pipe.query_async::<()>(&mut conn).await }
+            };
+            let what = format!("announcing {} changes", announcements.len());
+            if until_applied(&mut shutdown, &what, announce)
+                .await
+                .is_none()
+            {
+                break;
+            }
+        }
+        store_offsets(&consumer, &messages);
+    }
+    if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+        tracing::debug!(error = %e, "final announcer commit");
+    }
+    tracing::info!("announcer stopped");
+    Ok(())
+}
