@@ -18,8 +18,8 @@
 //!    projector` as a second process, both with the same configuration.
 //! 2. Two observers in this process timestamp every change at inner points of the pipeline: a
 //!    `read_committed` consumer of `sync.events` (the resolver's committed output) and a Redis
-//!    pattern subscriber (the projector's announcement, published after MongoDB acknowledged the
-//!    batch). They split the end-to-end latency into stages.
+//!    pattern subscriber (the announcer's publish, which does not wait for the view write). They
+//!    split the end-to-end latency into stages.
 //! 3. Prefill (not measured): every document is written once, so that the measured writes are
 //!    updates and every resolver task exists.
 //! 4. Baseline (`--baseline-seconds`, no subscriber): the same writes at the same rate. It gives
@@ -43,7 +43,7 @@
 //! every write counts for loss. CPU is measured over each phase's writing window.
 //!
 //! `--skip-view` runs no projector; this process announces the committed changes on Redis
-//! instead, exactly as the projector does after its view write. It measures the API node and the
+//! instead, as the announcer does (without its announced marks). It measures the API node and the
 //! rest of the path when the view database is not the bottleneck (FerretDB/SQLite is; see
 //! docs/BENCHMARKS.md). `--csv DIR` writes every timestamp for further analysis.
 
@@ -107,7 +107,7 @@ struct Args {
     #[arg(long)]
     no_probe: bool,
     /// Leave the MongoDB view out of the path: run no projector; this process announces every
-    /// committed `sync.events` record on Redis the way the projector does after its view write
+    /// committed `sync.events` record on Redis the way the announcer does
     /// (same channels, same JSON, same batching), without writing documents. Isolates the API
     /// node and the rest of the pipeline from the view database.
     #[arg(long)]
@@ -912,10 +912,10 @@ fn kafka_observer(
         })?)
 }
 
-/// `--skip-view`: the projector without its view write. Reads committed `sync.events` like the
-/// projector (same group settings, batches of whatever is fetched, up to 500), publishes each
-/// batch to the buckets' Redis channels in one pipeline like `projector::publish`, and keeps each
-/// bucket's highest sequence number for `raise_projected_seq`.
+/// `--skip-view`: no projector. Reads committed `sync.events` like the announcer (same group
+/// settings, batches of whatever is fetched, up to 500), publishes each batch to the buckets'
+/// Redis channels in one pipeline, and keeps each bucket's highest sequence number for
+/// `raise_projected_seq`.
 fn announcer(
     cfg: &Config,
     seqs: Arc<Mutex<BTreeMap<(String, String), u64>>>,
@@ -974,7 +974,7 @@ fn announcer(
         })?)
 }
 
-/// Timestamps every change the projector announces on Redis, by marker.
+/// Timestamps every change announced on Redis, by marker.
 async fn redis_observer(
     url: String,
     pattern: String,
@@ -1080,6 +1080,14 @@ async fn subscriber(
                 .map_err(|_| "no snapshot within 30 s".to_string())?;
             let Some(Ok(Message::Text(text))) = frame else {
                 match frame {
+                    Some(Ok(Message::Close(Some(close)))) => {
+                        return Err(format!(
+                            "closed while subscribing: {} {:?} (1013: the view is behind the \
+                             announced changes; on FerretDB run with --baseline-seconds 0)",
+                            u16::from(close.code),
+                            close.reason.as_str()
+                        ))
+                    }
                     Some(Ok(_)) => continue,
                     other => return Err(format!("closed while subscribing: {other:?}")),
                 }
@@ -1868,9 +1876,9 @@ impl Report {
             "path: {}",
             if args.skip_view {
                 "--skip-view: processor only; this process announces committed sync.events on Redis \
-                 (the projector's publish, without the MongoDB view write)"
+                 (no MongoDB view write at all)"
             } else {
-                "full: processor + projector (MongoDB view write, then Redis announcement)"
+                "full: processor + projector (MongoDB view write; its announcer publishes to Redis without waiting for it)"
             }
         );
         println!(
@@ -1941,7 +1949,7 @@ impl Report {
             &|p| quartet(&p.to_kafka, p.missing_kafka),
         );
         row(
-            "stage: committed → announced on Redis (projector: view write + publish), ms",
+            "stage: committed → announced on Redis (announcer, or --skip-view's), ms",
             &|p| quartet(&p.kafka_to_redis, p.missing_redis),
         );
         row("stage: 202 → announced on Redis, ms", &|p| {
