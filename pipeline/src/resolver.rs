@@ -438,7 +438,7 @@ impl Resolver {
             fresh.dedup();
             for p in fresh {
                 self.stats.restoring.fetch_add(1, Ordering::Relaxed);
-                let restored = self.restore_task(p);
+                let restored = self.restore_task(&producer, p);
                 self.stats.restoring.fetch_sub(1, Ordering::Relaxed);
                 restored?;
                 self.restored.insert(p);
@@ -501,7 +501,11 @@ impl Resolver {
 
     /// Brings task `partition`'s sled state up to date from its changelog partition, starting at
     /// the offset stored in sled (0 for a new or wiped store), up to the last committed record.
-    fn restore_task(&mut self, partition: i32) -> Result<(), ResolverError> {
+    fn restore_task(
+        &mut self,
+        producer: &ThreadedProducer<DeliveryTracker>,
+        partition: i32,
+    ) -> Result<(), ResolverError> {
         let tree = self.tree(partition)?;
         let from = match state::store::changelog_offset(&tree) {
             Ok(Some(o)) => o,
@@ -523,6 +527,33 @@ impl Resolver {
         };
         let started = Instant::now();
         let topic = self.cfg.topic(topics::RESOLVER_CHANGELOG);
+        // Nothing past the stored offset (a new task, or this process wrote everything there
+        // is): no reader needed. One round trip instead of a reader's connect and empty fetch;
+        // asked through the producer, whose connection no long-polling fetch holds up.
+        match producer
+            .client()
+            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+        {
+            Ok((_, high)) if high <= from => {
+                if !tree
+                    .contains_key(state::store::CHANGELOG_OFFSET_KEY)
+                    .unwrap_or(false)
+                {
+                    tree.apply_batch(state::store::sled_batch(Vec::new(), Some(from)))
+                        .map_err(StateError::from)?;
+                }
+                tracing::info!(
+                    partition,
+                    from,
+                    records = 0,
+                    ms = started.elapsed().as_millis() as u64,
+                    "task restored (changelog already applied)"
+                );
+                return Ok(());
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(partition, error = %e, "changelog end unknown; reading it"),
+        }
         let reader =
             topics::end_reader(&self.cfg.kafka.brokers, &self.cfg.topic("syncflow-restore"))?;
         let mut tpl = TopicPartitionList::new();
@@ -609,6 +640,7 @@ impl Resolver {
             // Only a marker: nothing to commit before its snapshot.
             return Ok(());
         }
+        let t0 = Instant::now();
         producer.begin_transaction()?;
         let mut partitions: Vec<i32> = batch.iter().map(|m| m.partition()).collect();
         partitions.sort_unstable();
@@ -657,6 +689,7 @@ impl Resolver {
                 Ok((p, next, pairs))
             },
         )?;
+        let t_processed = Instant::now();
         let mut offsets: BTreeMap<i32, i64> = BTreeMap::new();
         let mut records: Vec<(i32, state::store::Records)> = Vec::new();
         for (p, next, pairs) in done {
@@ -677,9 +710,12 @@ impl Resolver {
         if generation.load(Ordering::SeqCst) != gen_at_start {
             return Err(ResolverError::Rebalanced);
         }
+        let t_offsets = Instant::now();
         wait_delivered(producer);
+        let t_delivered = Instant::now();
         producer.commit_transaction(Duration::from_secs(30))?;
-        on_threads(
+        let t_committed = Instant::now();
+        let applied = on_threads(
             records,
             threads,
             |(_, pairs)| pairs.len(),
@@ -690,7 +726,18 @@ impl Resolver {
                     .map_err(StateError::from)?;
                 Ok(())
             },
-        )?;
+        );
+        let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
+        tracing::debug!(
+            records = batch.len(),
+            process_ms = ms(t0, t_processed),
+            offsets_ms = ms(t_processed, t_offsets),
+            deliver_ms = ms(t_offsets, t_delivered),
+            commit_ms = ms(t_delivered, t_committed),
+            apply_ms = ms(t_committed, Instant::now()),
+            "batch phases"
+        );
+        applied?;
         Ok(())
     }
 

@@ -203,6 +203,9 @@ pub fn end_reader(
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
+        // At the end the broker holds a fetch this long before answering "nothing": the default
+        // 500 ms made every read that stops at the end (a task restore) last half a second.
+        .set("fetch.wait.max.ms", "10")
         .create_with_context(QuietEof)
 }
 
