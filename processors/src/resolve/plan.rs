@@ -214,13 +214,13 @@ fn assign(slot: &mut Option<Value>, value: Option<&Value>) {
     }
 }
 
-/// Applies `edits` (in path order) to the registers: the write's registers (one shared copy of
-/// `stamp`, reusing a replaced register's when no other holds it) date from `since`, or from the version given in `unchanged` (by edit index, in
-/// order) when the write rewrote the value a field already had.
+/// Applies `edits` (in path order) to the registers: the write's registers share `stamp` (the
+/// change set's own copy) and date from `since`, or from the version given in `unchanged` (by
+/// edit index, in order) when the write rewrote the value a field already had.
 pub(super) fn commit(
     registers: &mut Registers,
     edits: &[Edit<'_>],
-    stamp: &Stamp,
+    stamp: &Arc<Stamp>,
     since: u64,
     unchanged: &[(usize, u64)],
 ) {
@@ -232,7 +232,6 @@ pub(super) fn commit(
         }
         return;
     }
-    let shared = reuse_stamp(registers, edits, stamp).unwrap_or_else(|| Arc::new(stamp.clone()));
     let mut unchanged = unchanged.iter().peekable();
     let mut version_of = |k: usize| {
         unchanged
@@ -246,7 +245,7 @@ pub(super) fn commit(
             if let Edit::Replace { at, value, .. } = *edit {
                 let reg = &mut entries[at].1;
                 assign(&mut reg.value, value);
-                reg.stamp = Arc::clone(&shared);
+                reg.stamp = Arc::clone(stamp);
                 reg.changed_version = version_of(k);
             }
         }
@@ -254,24 +253,9 @@ pub(super) fn commit(
     }
     rebuild(registers, edits, |k, value| Register {
         value: value.cloned(),
-        stamp: Arc::clone(&shared),
+        stamp: Arc::clone(stamp),
         changed_version: version_of(k),
     });
-}
-
-/// The write's stamp, to share among its registers, in the buffers of a stamp that goes anyway:
-/// that of a register the write replaces, when no other register holds it. `None` when there is
-/// none (then the caller allocates a new one).
-fn reuse_stamp(registers: &mut Registers, edits: &[Edit<'_>], stamp: &Stamp) -> Option<Arc<Stamp>> {
-    let entries = registers.as_mut_slice();
-    edits.iter().find_map(|edit| {
-        let Edit::Replace { at, .. } = *edit else {
-            return None;
-        };
-        let old = &mut entries[at].1.stamp;
-        Arc::get_mut(old)?.clone_from(stamp);
-        Some(Arc::clone(old))
-    })
 }
 
 /// Applies edits that insert or remove registers, in one pass; `make(k, value)` makes the
