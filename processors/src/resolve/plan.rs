@@ -15,6 +15,7 @@ use crate::diff::Stamp;
 use crate::path::FieldPath;
 
 use super::path_key::PathKey;
+use super::prefetch;
 use super::registers::{Register, Registers};
 use super::sweep::{Entries, Entry};
 
@@ -75,14 +76,27 @@ pub(super) fn plan_patch<'c>(
     region: &mut Region,
 ) {
     let entries = registers.as_slice();
+    // Every named register first, each hinted into the caches as it is found: the stamps and
+    // values compared below then arrive together instead of one after another.
+    let searched: SmallVec<[(PathKey, Result<usize, usize>); 8]> = sorted
+        .iter()
+        .map(|&(path, _)| {
+            let key = PathKey::of(path);
+            let found = registers.search(key, path);
+            if let Ok(at) = found {
+                prefetch::register(&entries[at].1);
+            }
+            (key, found)
+        })
+        .collect();
+    let mut searched = searched.iter().copied();
     let mut rest = sorted;
     while let Some(((first, _), _)) = rest.split_first() {
         let top = &first[..1];
         let group = rest.iter().take_while(|(p, _)| p[0] == top[0]).count();
         let (group_start, mut whole) = (region.len(), false);
         for &(path, value) in &rest[..group] {
-            let key = PathKey::of(path);
-            let found = registers.search(key, path);
+            let (key, found) = searched.next().expect("one search per named path");
             match found {
                 Ok(at) if *entries[at].1.stamp >= *stamp => {}
                 // Older than the newest delete/replace: it can never be visible, and neither can
