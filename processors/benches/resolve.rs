@@ -34,7 +34,7 @@ mod workload;
 /// allocator.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: workload::alloc::MiMalloc = workload::alloc::MiMalloc;
 
 use workload::{apply_writes, apply_writes_batched, Mix, Workload, CHUNK};
 

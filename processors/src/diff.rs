@@ -1,5 +1,7 @@
 //! `compute_diff`: the stateless stage. Validates a write and turns it into a field-level change set.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 use smallvec::SmallVec;
 
@@ -45,8 +47,9 @@ impl Clone for Stamp {
 pub struct ChangeSet {
     /// The document.
     pub key: DocKey,
-    /// Where the write sits in the resolution order.
-    pub stamp: Stamp,
+    /// Where the write sits in the resolution order. Shared: the registers the write sets hold
+    /// this same copy, so storing them allocates no stamp.
+    pub stamp: Arc<Stamp>,
     /// The document version the writer last saw.
     pub base_version: Option<u64>,
     /// What changes.
@@ -135,11 +138,11 @@ pub fn compute_diff(write: &Write, ctx: &DiffContext<'_>) -> Result<Option<Chang
     let bounded = bound_skew(client, ctx.received_at_ms, ctx.max_skew_ms);
     Ok(Some(ChangeSet {
         key: write.doc_key(),
-        stamp: Stamp {
+        stamp: Arc::new(Stamp {
             hlc: bounded.hlc,
             device_id: write.device_id.clone(),
             event_id: write.event_id.clone(),
-        },
+        }),
         base_version: write.base_version,
         op,
         clamped_from: bounded.clamped_from,

@@ -91,9 +91,19 @@ impl Limits {
     }
 
     /// [`Limits::check_body`], returning the body's number of leaf fields.
+    ///
+    /// The walk first adds up an upper bound of the size ([`Sizes::Bound`]: no string value is
+    /// scanned and no float formatted); only a body whose bound is over the limit is walked again
+    /// for its exact size. The structural checks do not depend on the sizes, so both walks fail
+    /// alike, and the outcome is that of the exact walk alone.
     pub(crate) fn check_body_fields(&self, body: &Map<String, Value>) -> Result<usize, Rejection> {
         let mut fields = 0usize;
-        let size = self.check_object(body, 1, &mut fields, None)?;
+        let bound = self.check_object(body, 1, &mut fields, None, Sizes::Bound)?;
+        if bound <= self.max_doc_bytes {
+            return Ok(fields);
+        }
+        fields = 0;
+        let size = self.check_object(body, 1, &mut fields, None, Sizes::Exact)?;
         if size > self.max_doc_bytes {
             return Err(Rejection::new(
                 RejectCode::TooLarge,
@@ -103,13 +113,15 @@ impl Limits {
         Ok(fields)
     }
 
-    /// Checks an object at `at` (`None`: the body), returning its size as compact JSON.
+    /// Checks an object at `at` (`None`: the body), returning its size as compact JSON (or an
+    /// upper bound of it, as `sizes` says).
     fn check_object(
         &self,
         obj: &Map<String, Value>,
         depth: usize,
         fields: &mut usize,
         at: Option<&At<'_>>,
+        sizes: Sizes,
     ) -> Result<usize, Rejection> {
         if depth > self.max_depth {
             return Err(Rejection::new(
@@ -128,7 +140,7 @@ impl Limits {
             let here = At { parent: at, key };
             size += match value {
                 Value::Object(inner) if !inner.is_empty() => {
-                    self.check_object(inner, depth + 1, fields, Some(&here))?
+                    self.check_object(inner, depth + 1, fields, Some(&here), sizes)?
                 }
                 other => {
                     *fields += 1;
@@ -138,20 +150,22 @@ impl Limits {
                             format!("more than {} fields", self.max_fields),
                         ));
                     }
-                    self.check_value(other, depth, &here, false)?
+                    self.check_value(other, depth, &here, false, sizes)?
                 }
             };
         }
         Ok(size)
     }
 
-    /// Checks a value at `at`, returning its size as compact JSON.
+    /// Checks a value at `at`, returning its size as compact JSON (or an upper bound of it, as
+    /// `sizes` says).
     fn check_value(
         &self,
         value: &Value,
         depth: usize,
         at: &At<'_>,
         in_array: bool,
+        sizes: Sizes,
     ) -> Result<usize, Rejection> {
         match value {
             Value::Array(items) => {
@@ -166,7 +180,7 @@ impl Limits {
                 }
                 let mut size = 2 + items.len().saturating_sub(1);
                 for item in items {
-                    size += self.check_value(item, depth, at, true)?;
+                    size += self.check_value(item, depth, at, true, sizes)?;
                 }
                 Ok(size)
             }
@@ -175,10 +189,17 @@ impl Limits {
                 let mut ignored = 0usize;
                 let mut nested = self.clone();
                 nested.max_fields = usize::MAX;
-                nested.check_object(inner, depth + 1, &mut ignored, Some(at))
+                nested.check_object(inner, depth + 1, &mut ignored, Some(at), sizes)
             }
-            Value::String(s) => Ok(json_str_len(s)),
-            Value::Number(n) => Ok(json_number_len(n)),
+            Value::String(s) => Ok(match sizes {
+                Sizes::Exact => json_str_len(s),
+                // Each byte escapes to at most six (`\u00XX`).
+                Sizes::Bound => 2 + 6 * s.len(),
+            }),
+            Value::Number(n) => Ok(match sizes {
+                Sizes::Bound if n.is_f64() => MAX_FLOAT_LEN,
+                _ => json_number_len(n),
+            }),
             Value::Bool(true) => Ok(4),
             Value::Bool(false) => Ok(5),
             Value::Null => Ok(4),
@@ -225,6 +246,18 @@ impl Limits {
         }
     }
 }
+
+/// Whether a walk adds up exact sizes or upper bounds of them (cheaper: string values are not
+/// scanned for escapes and floats are not formatted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sizes {
+    Exact,
+    Bound,
+}
+
+/// The longest a finite `f64` is as `serde_json` writes it (the shortest round-trip form, e.g.
+/// `-2.2250738585072014e-308` is 24 bytes), with room to spare.
+const MAX_FLOAT_LEN: usize = 32;
 
 /// Where a field is in a body, for messages: its key and its parent's, a list on the stack.
 struct At<'a> {
@@ -358,8 +391,15 @@ mod tests {
             };
             let body: Map<String, Value> = [("k".to_string(), v)].into_iter().collect();
             let mut fields = 0;
-            if let Ok(size) = limits.check_object(&body, 1, &mut fields, None) {
+            if let Ok(size) = limits.check_object(&body, 1, &mut fields, None, Sizes::Exact) {
                 prop_assert_eq!(size, serde_json::to_vec(&body).unwrap().len());
+                let mut bound_fields = 0;
+                let bound = limits.check_object(&body, 1, &mut bound_fields, None, Sizes::Bound);
+                prop_assert!(bound.is_ok_and(|b| b >= size));
+                prop_assert_eq!(bound_fields, fields);
+            } else {
+                let mut ignored = 0;
+                prop_assert!(limits.check_object(&body, 1, &mut ignored, None, Sizes::Bound).is_err());
             }
         }
 
@@ -374,6 +414,54 @@ mod tests {
                 let naive = text.bytes().any(|b| escape_len(b) > 0);
                 prop_assert_eq!(has_escapes(text.as_bytes()), naive);
                 prop_assert_eq!(json_str_len(text), serde_json::to_string(text).unwrap().len());
+            }
+        }
+    }
+
+    /// Floats, extremes included, fit the bound the first walk uses.
+    #[test]
+    fn floats_fit_their_bound() {
+        let extremes = [
+            f64::MIN,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            -f64::MIN_POSITIVE,
+            f64::EPSILON,
+            -2.225_073_858_507_201e-308,
+            5e-324,
+            -5e-324,
+            -1.234_567_890_123_456_7e-123,
+            0.1 + 0.2,
+        ];
+        for x in extremes {
+            let n = serde_json::Number::from_f64(x).unwrap();
+            assert!(json_number_len(&n) <= MAX_FLOAT_LEN, "{x}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_float_fits_its_bound(x in any::<f64>()) {
+            if let Some(n) = serde_json::Number::from_f64(x) {
+                prop_assert!(json_number_len(&n) <= MAX_FLOAT_LEN);
+            }
+        }
+
+        /// A body over the limit is refused with its exact size, near the limit on either side.
+        #[test]
+        fn the_limit_is_exact(len in 0usize..80, escaped in 0usize..6, limit in 20usize..60) {
+            let limits = Limits { max_doc_bytes: limit, ..Limits::default() };
+            let text = format!("{}{}", "x".repeat(len), "\n".repeat(escaped));
+            let body: Map<String, Value> = [("k".to_string(), Value::from(text))].into_iter().collect();
+            let size = serde_json::to_vec(&body).unwrap().len();
+            match limits.check_body(&body) {
+                Ok(()) => prop_assert!(size <= limit),
+                Err(e) => {
+                    prop_assert_eq!(e.code, RejectCode::TooLarge);
+                    prop_assert!(size > limit);
+                    let said = format!("body is {size} bytes");
+                    prop_assert!(e.message.contains(&said));
+                }
             }
         }
     }

@@ -13,7 +13,20 @@ pub type FieldPath = Vec<String>;
 
 /// The dotted text form of a path.
 pub fn dotted(path: &[String]) -> String {
-    path.join(".")
+    // `join` without its generic machinery: one exact allocation, then plain copies.
+    let len = path
+        .iter()
+        .map(|s| s.len() + 1)
+        .sum::<usize>()
+        .saturating_sub(1);
+    let mut out = String::with_capacity(len);
+    for (i, segment) in path.iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        out.push_str(segment);
+    }
+    out
 }
 
 /// Parses a dotted path (every segment non-empty).
@@ -149,5 +162,9 @@ mod tests {
         assert_eq!(parse_dotted("a.b"), Some(vec!["a".into(), "b".into()]));
         assert_eq!(parse_dotted(""), None);
         assert_eq!(parse_dotted("a..b"), None);
+        for p in [vec![], vec!["a"], vec!["ab", "", "c"], vec!["é", "x.y"]] {
+            let p: Vec<String> = p.into_iter().map(String::from).collect();
+            assert_eq!(dotted(&p), p.join("."));
+        }
     }
 }

@@ -121,7 +121,7 @@ mod naive {
 
     /// Applies one change set to a document's state. Pure; `seq` of the returned change is 0.
     pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
-        let stamp = &change.stamp;
+        let stamp: &Stamp = &change.stamp;
         let retransmission = note_device(doc, stamp);
         let before_doc = doc.clone();
         let before = visible_leaves(doc);
@@ -252,7 +252,7 @@ mod naive {
         side_op: SideOp,
         touched: &[(FieldPath, Option<Value>)],
     ) -> Vec<ConflictEvent> {
-        let stamp = &change.stamp;
+        let stamp: &Stamp = &change.stamp;
         let mut out = Vec::new();
         let mut report = |field: &FieldPath, rule, winner: ConflictSide, loser: ConflictSide| {
             if agree(&winner, &loser) {

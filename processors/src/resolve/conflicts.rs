@@ -88,7 +88,7 @@ pub(super) fn detect_conflicts<'c>(
     side_op: SideOp,
     touched: impl Iterator<Item = Named<'c>> + Clone,
 ) -> Vec<ConflictEvent> {
-    let stamp = &change.stamp;
+    let stamp: &Stamp = &change.stamp;
     let mut out = Vec::new();
     let mut report = |field: &FieldPath, rule, winner: ConflictSide, loser: ConflictSide| {
         if agree(&winner, &loser) {

@@ -94,7 +94,10 @@ fn keep_max(slot: &mut Option<Stamp>, stamp: &Stamp) {
 /// only there, and the write's registers are stored once its outputs are known.
 /// `tests/naive_equivalence.rs` checks this against the straightforward formulation.
 pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
-    let stamp = &change.stamp;
+    let stamp: &Stamp = &change.stamp;
+    // Ask for the tables searched below all at once, so their cache misses overlap instead of
+    // each search step waiting for the one before (a hint: nothing changes).
+    prefetch::tables(doc);
     let retransmission = doc.note_device(stamp);
     let before_exists = doc.exists();
 
@@ -261,7 +264,7 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
     }
     // The write's registers date from this version, unless their value did not change.
     let since = if changed { new_version } else { version };
-    commit(&mut doc.registers, &edits, stamp, since, &unchanged);
+    commit(&mut doc.registers, &edits, &change.stamp, since, &unchanged);
     applied
 }
 

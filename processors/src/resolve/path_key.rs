@@ -74,32 +74,30 @@ impl PathKey {
     }
 
     /// The encoding's length, when the key holds all of it.
+    #[inline]
     fn exact_len(self) -> Option<usize> {
         let len = usize::from(self.low as u8);
         (len <= HELD).then_some(len)
     }
 
     /// Whether equal keys mean equal paths (the key holds the whole encoding).
+    #[inline]
     pub fn is_exact(self) -> bool {
         self.exact_len().is_some()
     }
 
     /// Whether the first `n` held bytes of `self` and `other` are equal (`n` at most 31).
+    #[inline]
     fn same_start(self, other: PathKey, n: usize) -> bool {
         // A mask of the first `k` bytes (`k` at most 16) of a big-endian 16-byte half.
-        let mask = |k: usize| {
-            if k == 0 {
-                0
-            } else {
-                u128::MAX << (8 * (16 - k))
-            }
-        };
+        let mask = |k: usize| u128::MAX.checked_shl(8 * (16 - k) as u32).unwrap_or(0);
         let high = (self.high ^ other.high) & mask(n.min(16));
         let low = (self.low ^ other.low) & mask(n.saturating_sub(16));
         high == 0 && low == 0
     }
 
     /// Held byte `i` (below 31).
+    #[inline]
     fn byte(self, i: usize) -> u8 {
         if i < 16 {
             (self.high >> (8 * (15 - i))) as u8
@@ -109,6 +107,7 @@ impl PathKey {
     }
 
     /// The order of the paths with keys `self` and `other`, if the keys decide it.
+    #[inline]
     pub fn order(self, other: PathKey) -> Option<Ordering> {
         if self == other && !self.is_exact() {
             None
@@ -119,10 +118,19 @@ impl PathKey {
 
     /// Whether the path with key `self` is the one with key `other` or one of its ancestors, if
     /// the keys decide it.
+    #[inline]
     pub fn is_prefix_of(self, other: PathKey) -> Option<bool> {
         let len = self.exact_len()?;
         let other_len = usize::from(other.low as u8);
-        if len > other_len || !self.same_start(other, len) {
+        if len > other_len {
+            return Some(false);
+        }
+        if len < HELD {
+            // `self`'s byte `len` is padding, 0: equal first `len + 1` bytes mean the same start
+            // and then a separator or, for the same path, the other's padding.
+            return Some(self.same_start(other, len + 1));
+        }
+        if !self.same_start(other, len) {
             return Some(false);
         }
         if len == other_len {
@@ -135,11 +143,13 @@ impl PathKey {
 
 /// Compares two paths, `a` with key `ka` and `b` with `kb`, reading the strings only when the
 /// keys do not decide.
+#[inline]
 pub(crate) fn cmp_paths(ka: PathKey, a: &[String], kb: PathKey, b: &[String]) -> Ordering {
     ka.order(kb).unwrap_or_else(|| a.cmp(b))
 }
 
 /// [`crate::path::is_prefix`], reading the strings only when the keys do not decide.
+#[inline]
 pub(crate) fn is_prefix_keyed(
     kp: PathKey,
     prefix: &[String],

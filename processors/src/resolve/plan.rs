@@ -15,6 +15,7 @@ use crate::diff::Stamp;
 use crate::path::FieldPath;
 
 use super::path_key::PathKey;
+use super::prefetch;
 use super::registers::{Register, Registers};
 use super::sweep::{Entries, Entry};
 
@@ -75,14 +76,27 @@ pub(super) fn plan_patch<'c>(
     region: &mut Region,
 ) {
     let entries = registers.as_slice();
+    // Every named register first, each hinted into the caches as it is found: the stamps and
+    // values compared below then arrive together instead of one after another.
+    let searched: SmallVec<[(PathKey, Result<usize, usize>); 8]> = sorted
+        .iter()
+        .map(|&(path, _)| {
+            let key = PathKey::of(path);
+            let found = registers.search(key, path);
+            if let Ok(at) = found {
+                prefetch::register(&entries[at].1);
+            }
+            (key, found)
+        })
+        .collect();
+    let mut searched = searched.iter().copied();
     let mut rest = sorted;
     while let Some(((first, _), _)) = rest.split_first() {
         let top = &first[..1];
         let group = rest.iter().take_while(|(p, _)| p[0] == top[0]).count();
         let (group_start, mut whole) = (region.len(), false);
         for &(path, value) in &rest[..group] {
-            let key = PathKey::of(path);
-            let found = registers.search(key, path);
+            let (key, found) = searched.next().expect("one search per named path");
             match found {
                 Ok(at) if *entries[at].1.stamp >= *stamp => {}
                 // Older than the newest delete/replace: it can never be visible, and neither can
@@ -214,13 +228,13 @@ fn assign(slot: &mut Option<Value>, value: Option<&Value>) {
     }
 }
 
-/// Applies `edits` (in path order) to the registers: the write's registers (one shared copy of
-/// `stamp`, reusing a replaced register's when no other holds it) date from `since`, or from the version given in `unchanged` (by edit index, in
-/// order) when the write rewrote the value a field already had.
+/// Applies `edits` (in path order) to the registers: the write's registers share `stamp` (the
+/// change set's own copy) and date from `since`, or from the version given in `unchanged` (by
+/// edit index, in order) when the write rewrote the value a field already had.
 pub(super) fn commit(
     registers: &mut Registers,
     edits: &[Edit<'_>],
-    stamp: &Stamp,
+    stamp: &Arc<Stamp>,
     since: u64,
     unchanged: &[(usize, u64)],
 ) {
@@ -232,7 +246,6 @@ pub(super) fn commit(
         }
         return;
     }
-    let shared = reuse_stamp(registers, edits, stamp).unwrap_or_else(|| Arc::new(stamp.clone()));
     let mut unchanged = unchanged.iter().peekable();
     let mut version_of = |k: usize| {
         unchanged
@@ -246,7 +259,7 @@ pub(super) fn commit(
             if let Edit::Replace { at, value, .. } = *edit {
                 let reg = &mut entries[at].1;
                 assign(&mut reg.value, value);
-                reg.stamp = Arc::clone(&shared);
+                reg.stamp = Arc::clone(stamp);
                 reg.changed_version = version_of(k);
             }
         }
@@ -254,24 +267,9 @@ pub(super) fn commit(
     }
     rebuild(registers, edits, |k, value| Register {
         value: value.cloned(),
-        stamp: Arc::clone(&shared),
+        stamp: Arc::clone(stamp),
         changed_version: version_of(k),
     });
-}
-
-/// The write's stamp, to share among its registers, in the buffers of a stamp that goes anyway:
-/// that of a register the write replaces, when no other register holds it. `None` when there is
-/// none (then the caller allocates a new one).
-fn reuse_stamp(registers: &mut Registers, edits: &[Edit<'_>], stamp: &Stamp) -> Option<Arc<Stamp>> {
-    let entries = registers.as_mut_slice();
-    edits.iter().find_map(|edit| {
-        let Edit::Replace { at, .. } = *edit else {
-            return None;
-        };
-        let old = &mut entries[at].1.stamp;
-        Arc::get_mut(old)?.clone_from(stamp);
-        Some(Arc::clone(old))
-    })
 }
 
 /// Applies edits that insert or remove registers, in one pass; `make(k, value)` makes the

@@ -13,6 +13,7 @@ use crate::diff::{ChangeOp, ChangeSet, Stamp};
 
 use super::doc::DocState;
 use super::path_key::PathKey;
+use super::registers::Register;
 
 /// How far along the read-ahead of one document is; see [`super::ResolveState::prefetch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +91,14 @@ fn text(s: &str) {
 fn stamp_strings(s: &Stamp) {
     text(&s.device_id);
     text(&s.event_id);
+}
+
+/// Hints what replacing `reg` reads and writes: its stamp (with the reference counts) and its
+/// value's contents.
+#[inline(always)]
+pub(super) fn register(reg: &Register) {
+    shared(&reg.stamp);
+    value(reg.value.as_ref());
 }
 
 /// Stage [`Prefetch::Tables`] for a document found in a store.

@@ -227,9 +227,12 @@ impl Registers {
 
     /// How many registers from index `start` on are `path` (with key `key`) or its descendants.
     pub(crate) fn count_under(&self, start: usize, key: PathKey, path: &[String]) -> usize {
-        self.keys[start..]
+        let keys = self.keys.get(start..).unwrap_or_default();
+        // The register at `start` is usually `path` itself (its key equal and exact).
+        let skip = usize::from(keys.first() == Some(&key) && key.is_exact());
+        skip + keys[skip..]
             .iter()
-            .zip(&self.entries[start..])
+            .zip(&self.entries[start + skip..])
             .take_while(|(k, (p, _))| is_prefix_keyed(key, path, **k, p))
             .count()
     }
