@@ -735,6 +735,11 @@ impl Resolver {
             deliver_ms = ms(t_offsets, t_delivered),
             commit_ms = ms(t_delivered, t_committed),
             apply_ms = ms(t_committed, Instant::now()),
+            // How long the batch's first record waited, from its produce to this commit.
+            first_age_ms = batch
+                .first()
+                .and_then(|m| m.timestamp().to_millis())
+                .map_or(0, |t| now_ms().saturating_sub(t.max(0) as u64)),
             "batch phases"
         );
         applied?;
