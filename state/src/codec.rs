@@ -72,11 +72,12 @@ impl From<StoredStamp<String>> for Stamp {
 /// A device's newest applied write as stored: `(device, wall_ms, counter, event id)`.
 type StoredDevice<S> = (S, u64, u32, S);
 
-/// Format 2: one register as stored; `stamp` indexes [`StoredDocV2::stamps`].
+/// Format 2: one register as stored; `stamp` indexes [`StoredDocV2::stamps`]. `V` is the
+/// value's JSON text: owned when encoding, borrowed from the record when decoding.
 #[derive(Serialize, Deserialize)]
-struct StoredRegisterV2<P> {
+struct StoredRegisterV2<P, V> {
     path: P,
-    value_json: Option<String>,
+    value_json: Option<V>,
     stamp: u32,
     changed_version: u64,
 }
@@ -84,12 +85,12 @@ struct StoredRegisterV2<P> {
 /// Format 2: a document's state as stored. `S` and `P` are owned when decoding and borrowed
 /// when encoding (the same bytes).
 #[derive(Serialize, Deserialize)]
-struct StoredDocV2<S, P> {
+struct StoredDocV2<S, P, V> {
     version: u64,
     seq: u64,
     hlc: Option<(u64, u32)>,
     stamps: Vec<StoredStamp<S>>,
-    registers: Vec<StoredRegisterV2<P>>,
+    registers: Vec<StoredRegisterV2<P, V>>,
     deleted_at: Option<StoredStamp<S>>,
     replaced_at: Option<StoredStamp<S>>,
     upserted_at: Option<StoredStamp<S>>,
@@ -131,7 +132,11 @@ pub fn encode_doc(doc: &DocState) -> Vec<u8> {
         });
         registers.push(StoredRegisterV2 {
             path: path.as_slice(),
-            value_json: r.value.as_ref().map(|v| v.to_string()),
+            // `to_string` writes straight into a buffer; `Display` goes through a formatter.
+            value_json: r
+                .value
+                .as_ref()
+                .map(|v| serde_json::to_string(v).expect("a JSON value always serializes")),
             stamp,
             changed_version: r.changed_version,
         });
@@ -205,7 +210,13 @@ fn doc_state(
 }
 
 fn decode_v2(body: &[u8]) -> Result<DocState, CodecError> {
-    let stored: StoredDocV2<String, Vec<String>> = decode_body(body)?;
+    // Borrowed: each value's JSON text is parsed from the record itself, not from a copy.
+    let (stored, used): (StoredDocV2<String, Vec<String>, &str>, usize) =
+        bincode::serde::borrow_decode_from_slice(body, bincode::config::standard())
+            .map_err(corrupt)?;
+    if used != body.len() {
+        return Err(CodecError::Corrupt("trailing bytes".into()));
+    }
     let stamps: Vec<Arc<Stamp>> = stored
         .stamps
         .into_iter()
@@ -219,7 +230,10 @@ fn decode_v2(body: &[u8]) -> Result<DocState, CodecError> {
                 .get(r.stamp as usize)
                 .ok_or_else(|| corrupt(format!("register stamp {} out of range", r.stamp)))?;
             let register = Register {
-                value: decode_value(r.value_json)?,
+                value: r
+                    .value_json
+                    .map(|t| serde_json::from_str(t).map_err(corrupt))
+                    .transpose()?,
                 stamp: Arc::clone(stamp),
                 changed_version: r.changed_version,
             };
@@ -352,7 +366,7 @@ mod tests {
         // A register whose stamp index points nowhere.
         let doc = state_after(&HISTORY[..1]);
         let good = encode_doc(&doc);
-        let stored: StoredDocV2<String, Vec<String>> = decode_body(&good[1..]).unwrap();
+        let stored: StoredDocV2<String, Vec<String>, String> = decode_body(&good[1..]).unwrap();
         let mut broken = StoredDocV2 {
             stamps: Vec::new(),
             ..stored
