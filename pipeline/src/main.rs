@@ -148,9 +148,9 @@ fn init_logging() {
         .init();
 }
 
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
+/// Resolves on SIGTERM or Ctrl-C. `term` is installed before start-up, so a SIGTERM that arrives
+/// while the roles are still starting stops them cleanly instead of killing the process.
+async fn shutdown_signal(mut term: tokio::signal::unix::Signal) {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -188,8 +188,10 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 role
             };
+            let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
             let running = app::start(cfg, &roles).await?;
-            running.run_until(shutdown_signal()).await?;
+            running.run_until(shutdown_signal(term)).await?;
         }
         Command::Topics {
             action: TopicsAction::Apply { strict },
