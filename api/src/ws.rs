@@ -479,6 +479,12 @@ async fn deliver(
     Ok(true)
 }
 
+/// A failed view read ends the connection with 1011; the client resumes with its cursor.
+fn view_unavailable(e: crate::view::ViewError) -> End {
+    tracing::warn!(error = %e, "catch-up read failed");
+    End::Close(1011, "view unavailable; reconnect with your cursor".into())
+}
+
 /// The bucket's view metadata once the view holds every change up to `need` and every change
 /// already announced, polling while it catches up. Closes with 1013 after `ws.view_wait_ms`.
 async fn meta_when_current(
@@ -487,10 +493,6 @@ async fn meta_when_current(
     bucket: &str,
     need: i64,
 ) -> Result<crate::view::BucketMeta, End> {
-    let unavailable = |e: crate::view::ViewError| {
-        tracing::warn!(error = %e, "catch-up read failed");
-        End::Close(1011, "view unavailable; reconnect with your cursor".into())
-    };
     let announced = match &state.hub {
         Some(hub) => hub.announced(tenant, bucket).await.unwrap_or(0),
         None => 0,
@@ -503,7 +505,7 @@ async fn meta_when_current(
             .reader
             .bucket_meta(tenant, bucket)
             .await
-            .map_err(unavailable)?
+            .map_err(view_unavailable)?
             .unwrap_or(crate::view::BucketMeta {
                 projected_seq: 0,
                 horizon_seq: 0,
@@ -547,10 +549,6 @@ async fn catch_up(
     cursor: Option<Cursor>,
     need: i64,
 ) -> Result<(Cursor, HashMap<String, u64>), End> {
-    let unavailable = |e: crate::view::ViewError| {
-        tracing::warn!(error = %e, "catch-up read failed");
-        End::Close(1011, "view unavailable; reconnect with your cursor".into())
-    };
     let meta = meta_when_current(state, tenant, bucket, need).await?;
     let watermark = meta.projected_seq;
     let mut from = match cursor {
@@ -570,7 +568,7 @@ async fn catch_up(
             .reader
             .changes(tenant, bucket, from, i64::MAX, page)
             .await
-            .map_err(unavailable)?;
+            .map_err(view_unavailable)?;
         let more = docs.len() == page;
         for d in docs.iter().filter(|d| d.seq > watermark) {
             ahead.insert(d.doc_id.clone(), u64::try_from(d.version).unwrap_or(0));

@@ -18,7 +18,9 @@ use rdkafka::message::Message;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::projector::{fill_batch, store_offsets, subscribe, until_applied, ProjectorError};
+use crate::projector::{
+    fill_batch, received, store_offsets, subscribe, until_applied, ProjectorError,
+};
 use crate::topics;
 
 /// Raises each `field` of the hash `KEYS[1]` to its value in `ARGV` (field, value pairs), never
@@ -50,17 +52,10 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
             _ = shutdown.changed() => break,
             m = consumer.recv() => m,
         };
-        let mut messages = Vec::new();
-        match first {
-            Ok(m) => messages.push(m),
-            Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
-                return Err(ProjectorError::Kafka(e));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "announcer receive error");
-                continue;
-            }
-        }
+        let Some(first) = received(first, "announcer")? else {
+            continue;
+        };
+        let mut messages = vec![first];
         fill_batch(&consumer, &mut messages, batch_max);
         let mut marks: HashMap<String, u64> = HashMap::new();
         let mut announcements = Vec::with_capacity(messages.len());

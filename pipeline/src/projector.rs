@@ -70,6 +70,24 @@ pub(crate) fn subscribe(
     Ok(consumer)
 }
 
+/// A received message; `Ok(None)` after a transient error (logged for `who`), `Err` when the
+/// consumer failed for good and must be rebuilt.
+pub(crate) fn received<'a>(
+    result: rdkafka::error::KafkaResult<BorrowedMessage<'a>>,
+    who: &str,
+) -> Result<Option<BorrowedMessage<'a>>, ProjectorError> {
+    match result {
+        Ok(m) => Ok(Some(m)),
+        Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
+            Err(ProjectorError::Kafka(e))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "{who} receive error");
+            Ok(None)
+        }
+    }
+}
+
 /// Adds to `messages` whatever the consumer has already fetched, up to `max` in all.
 pub(crate) fn fill_batch<'a>(
     consumer: &'a StreamConsumer,
@@ -170,17 +188,10 @@ pub async fn run(
             }
             m = consumer.recv() => m,
         };
-        let mut messages = Vec::new();
-        match first {
-            Ok(m) => messages.push(m),
-            Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
-                return Err(ProjectorError::Kafka(e));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "projector receive error");
-                continue;
-            }
-        }
+        let Some(first) = received(first, "projector")? else {
+            continue;
+        };
+        let mut messages = vec![first];
         fill_batch(&consumer, &mut messages, settings.batch_max.max(1) as usize);
         let mut events = Vec::with_capacity(messages.len());
         for m in &messages {

@@ -8,7 +8,7 @@ use rdkafka::message::Message;
 use tokio::sync::watch;
 
 use crate::config::Config;
-use crate::projector::{subscribe, until_applied, ProjectorError};
+use crate::projector::{received, subscribe, until_applied, ProjectorError};
 use crate::topics;
 
 /// The users projector's consumer group.
@@ -32,15 +32,8 @@ pub async fn run(
             _ = shutdown.changed() => break,
             m = consumer.recv() => m,
         };
-        let message = match message {
-            Ok(m) => m,
-            Err(e @ rdkafka::error::KafkaError::MessageConsumptionFatal(_)) => {
-                return Err(ProjectorError::Kafka(e));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "users projector receive error");
-                continue;
-            }
+        let Some(message) = received(message, "users projector")? else {
+            continue;
         };
         let event = match message.payload().map(serde_json::from_slice::<UserEvent>) {
             Some(Ok(e)) => Some(e),
