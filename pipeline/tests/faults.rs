@@ -21,6 +21,26 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// Waits until the processor logging to `log` was assigned at least one partition.
+fn owns_partitions(log: &std::path::Path, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if text
+            .lines()
+            .any(|l| l.contains("resolver tasks assigned") && !l.contains("parts=[]"))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} was assigned no partition within {timeout:?}",
+            log.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 fn restored_counts(log: &std::path::Path) -> Vec<u64> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     text.lines()
@@ -84,6 +104,13 @@ async fn a_surviving_processor_takes_over_and_restores_from_the_changelog() {
     let writes = workload(rand::random(), 6_000, 30, 20);
     let mut a = ProcessorProcess::start(&env, "a");
     let mut b = ProcessorProcess::start(&env, "b");
+    // Both own partitions before the writes, so that `a` has work for `b` to take over (a fast
+    // `b` could otherwise finish everything before `a` joins the group).
+    tokio::task::block_in_place(|| {
+        for p in [&a, &b] {
+            owns_partitions(&p.log, Duration::from_secs(60));
+        }
+    });
     produce_all(&env, &writes[..3_000]).await;
     tokio::task::block_in_place(|| {
         wait_until_caught_up(&env, Duration::from_secs(120), || a.alive() && b.alive())
