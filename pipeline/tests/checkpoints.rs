@@ -383,6 +383,11 @@ async fn a_processor_killed_during_a_checkpoint_leaves_nothing_listed_until_it_c
     ];
     let a = ProcessorProcess::start_role(&env, "a", "processor", &extra);
     let b = ProcessorProcess::start_role(&env, "b", "processor", &extra);
+    // Both in the group before b dies: killed in the middle of a join, b would stall the
+    // rebalance, and a would own nothing to snapshot until b's session times out.
+    tokio::task::block_in_place(|| {
+        common::faults::wait_until_sharing(&[&a, &b], Duration::from_secs(60))
+    });
     produce_all(&env, &workload(31, 1_500, 6, 30)).await;
     caught_up(&env).await;
     // b dies (SIGKILL) while the checkpoint is under way: its tasks write no snapshot, and its

@@ -9,7 +9,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::faults::{produce_all, wait_until_caught_up, workload, Oracle, ProcessorProcess};
+use common::faults::{
+    produce_all, wait_until_caught_up, wait_until_sharing, workload, Oracle, ProcessorProcess,
+};
 
 use common::TestEnv;
 use rand::{Rng, SeedableRng};
@@ -19,26 +21,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// Waits until the processor logging to `log` was assigned at least one partition.
-fn owns_partitions(log: &std::path::Path, timeout: Duration) {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text
-            .lines()
-            .any(|l| l.contains("resolver tasks assigned") && !l.contains("parts=[]"))
-        {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{} was assigned no partition within {timeout:?}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn restored_counts(log: &std::path::Path) -> Vec<u64> {
@@ -106,11 +88,7 @@ async fn a_surviving_processor_takes_over_and_restores_from_the_changelog() {
     let mut b = ProcessorProcess::start(&env, "b");
     // Both own partitions before the writes, so that `a` has work for `b` to take over (a fast
     // `b` could otherwise finish everything before `a` joins the group).
-    tokio::task::block_in_place(|| {
-        for p in [&a, &b] {
-            owns_partitions(&p.log, Duration::from_secs(60));
-        }
-    });
+    tokio::task::block_in_place(|| wait_until_sharing(&[&a, &b], Duration::from_secs(60)));
     produce_all(&env, &writes[..3_000]).await;
     tokio::task::block_in_place(|| {
         wait_until_caught_up(&env, Duration::from_secs(120), || a.alive() && b.alive())

@@ -106,6 +106,47 @@ impl ProcessorProcess {
     }
 }
 
+/// The partitions the processor logging to `log` owns now: those of its last assignment, or
+/// `None` while it has none (never assigned, or revoked since).
+fn current_partitions(log: &std::path::Path) -> Option<Vec<i32>> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let last = text
+        .lines()
+        .rfind(|l| l.contains("resolver tasks assigned") || l.contains("resolver tasks revoked"))?;
+    if !last.contains("assigned") {
+        return None;
+    }
+    let list = last.split("parts=[").nth(1)?.split(']').next()?;
+    let parts: Vec<i32> = list
+        .split(',')
+        .filter_map(|p| p.trim().parse().ok())
+        .collect();
+    (!parts.is_empty()).then_some(parts)
+}
+
+/// Waits until `procs` share all partitions, each owning at least one: the group has settled
+/// with every one of them in it. A process that is killed before then would otherwise leave
+/// nothing to hand over, or stall the rebalance it was part of.
+pub fn wait_until_sharing(procs: &[&ProcessorProcess], timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let owned: Option<Vec<Vec<i32>>> =
+            procs.iter().map(|p| current_partitions(&p.log)).collect();
+        if let Some(owned) = owned {
+            let mut all: Vec<i32> = owned.concat();
+            all.sort_unstable();
+            if all == (0..PARTITIONS).collect::<Vec<_>>() {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the processors did not settle on sharing {PARTITIONS} partitions within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Generates `n` writes over `buckets` × `docs` with several devices writing the same fields at
 /// nearly the same clock, so conflicts, deletes and revivals happen; every 97th record is poison.
 pub fn workload(seed: u64, n: usize, buckets: usize, docs: usize) -> Vec<(String, Vec<u8>)> {
