@@ -110,7 +110,7 @@ impl Default for ResolverConfig {
     fn default() -> Self {
         Self {
             max_skew_ms: 60_000,
-            batch_max: 2_000,
+            batch_max: 5_000,
             poll_ms: 100,
             threads: 2,
             linger_ms: 10,
