@@ -1,0 +1,81 @@
+//! Adaptive batching of the resolver against the real Kafka (issue 4, point 2): a lone write at
+//! low load is committed at once, not held for `resolver.linger_ms`; under load, the records that
+//! arrive within the linger are gathered into one transaction.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::faults::produce_all;
+use common::TestEnv;
+use pipeline::app::Role;
+use pipeline::resolver::ResolverStats;
+use serde_json::json;
+
+/// Long enough that a write held for it could not pass for one that was not.
+const LINGER: Duration = Duration::from_secs(3);
+
+/// A set of a new document `i` in `bucket`, keyed for its partition.
+fn write(bucket: &str, i: usize) -> (String, Vec<u8>) {
+    let body = json!({"v": 1, "event_id": format!("e-{bucket}-{i}"), "tenant": "acme",
+                      "bucket": bucket, "doc_id": format!("d{i}"), "device_id": "dev-1",
+                      "op": "set", "doc": {"n": i}});
+    (format!("acme/{bucket}"), body.to_string().into_bytes())
+}
+
+/// Waits until the resolver has committed `n` input records in all.
+async fn committed(stats: &ResolverStats, n: u64) {
+    common::eventually(Duration::from_secs(60), "committed records", || async {
+        (stats.records.load(Ordering::SeqCst) >= n).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_write_is_not_held_but_writes_under_load_share_a_transaction() {
+    let mut env = TestEnv::new("batching").await;
+    env.cfg.resolver.linger_ms = LINGER.as_millis() as u64;
+    let running = env.start(&[Role::Processor]).await;
+    let stats = running.resolver_stats.clone();
+
+    // Warm-up: the group join and the first task restore are not what this test is about.
+    produce_all(&env, &[write("quiet", 0)]).await;
+    committed(&stats, 1).await;
+
+    // Low load: each write is alone, so none waits for the linger.
+    for i in 1..=3u64 {
+        let start = Instant::now();
+        produce_all(&env, &[write("quiet", i as usize)]).await;
+        committed(&stats, 1 + i).await;
+        let took = start.elapsed();
+        assert!(
+            took < LINGER / 2,
+            "a lone write at low load took {took:?} to commit; the linger is {LINGER:?}"
+        );
+    }
+
+    // Load: a burst into one bucket (one partition, fetched together), so the resolver's last
+    // batch is large...
+    let burst: Vec<_> = (0..200).map(|i| write("busy", i)).collect();
+    produce_all(&env, &burst).await;
+    committed(&stats, 4 + 200).await;
+    let batches_before = stats.batches.load(Ordering::SeqCst);
+    // ...and the writes that follow, one every 50 ms, ride one transaction instead of ten.
+    for i in 200..210 {
+        produce_all(&env, &[write("busy", i)]).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    committed(&stats, 4 + 210).await;
+    let batches = stats.batches.load(Ordering::SeqCst) - batches_before;
+    assert!(
+        batches <= 2,
+        "10 writes 50 ms apart under load took {batches} transactions; with a {LINGER:?} linger \
+         they should share one"
+    );
+    assert_eq!(stats.records.load(Ordering::SeqCst), 214);
+    assert_eq!(stats.rejected.load(Ordering::SeqCst), 0);
+
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}
