@@ -1309,6 +1309,13 @@ impl CpuSnapshot {
             };
             *by_thread.entry(group).or_default() += cpu - was;
         }
+        // Threads that ended within the phase (the resolver's per-batch workers) are no longer
+        // listed, but their time is in the process's: show it rather than lose it.
+        let listed: f64 = by_thread.values().sum();
+        let ended = (self.process - before.process) - listed;
+        if ended > 0.0 {
+            by_thread.insert("threads that ended".to_string(), ended);
+        }
         let main_wait = self
             .threads
             .iter()
@@ -1334,6 +1341,17 @@ impl CpuSnapshot {
 }
 
 impl CpuUse {
+    /// CPU per record, µs: this process, and every process of the machine (the broker too).
+    fn per_record(&self, records: u64, cpus: f64) -> String {
+        let us = |s: f64| s * 1e6 / records.max(1) as f64;
+        format!(
+            "CPU per record: {:.1} µs in the bench process, {:.1} µs machine-wide ({} records)",
+            us(self.process),
+            us(self.machine_busy * cpus * self.wall),
+            records
+        )
+    }
+
     fn line(&self) -> String {
         let pct = |s: f64| 100.0 * s / self.wall.max(1e-9);
         let mut out = format!("bench process {:.0}%", pct(self.process));
@@ -1373,6 +1391,11 @@ fn proc_status_kib(field: &str) -> Option<u64> {
 /// Resets VmHWM to the current RSS (Linux ≥ 4.0), so the resolver phase's peak is its own.
 fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// CPUs of the machine (what "whole machine N% busy" is a share of).
+fn machine_cpus() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
 }
 
 fn machine() -> String {
@@ -1542,9 +1565,17 @@ impl Report {
                 }
             );
             println!("CPU, pass-through: {}", p.cpu.line());
+            println!(
+                "                   {}",
+                p.cpu.per_record(n64, machine_cpus())
+            );
         }
         if let Some(r) = &self.resolver {
             println!("CPU, resolver:     {}", r.cpu.line());
+            println!(
+                "                   {}",
+                r.cpu.per_record(r.records, machine_cpus())
+            );
             if let Some(kib) = r.peak_rss_kib {
                 println!(
                     "peak RSS of the bench process during the resolver phase (VmHWM): {:.0} MiB",
