@@ -10,6 +10,8 @@
 //! - `patch_stale`: `patch`, but every write claims to have seen only version 1 and comes from
 //!   another device than the fields' last writer, so almost every write reports
 //!   `stale_base_version` conflicts (the cost of conflict reporting).
+//! - `create`: full sets of new documents (the first write of each; half of the pipeline
+//!   benchmark's records). Every write adds a document, so the state grows as the bench runs.
 //!
 //! Group `resolve` resolves each write as it comes (`compute_diff`, then `resolve_lww`); group
 //! `resolve_batch` runs each chunk of 1,000 writes as a pipeline batch would: `compute_diff` of
@@ -75,7 +77,7 @@ fn run(c: &mut Criterion, group: &str, name: &str, mix: Mix, apply: Apply) {
 }
 
 fn benches(c: &mut Criterion) {
-    for name in ["patch", "set", "mixed", "patch_stale"] {
+    for name in ["patch", "set", "mixed", "patch_stale", "create"] {
         let mix = Mix::named(name).expect("a known mix");
         run(c, "resolve", name, mix, apply_writes);
         run(c, "resolve_batch", name, mix, apply_writes_batched);

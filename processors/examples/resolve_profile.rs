@@ -2,7 +2,7 @@
 //!
 //! `cargo run --release -p processors --example resolve_profile -- [MIX] [WRITES] [MODE]`
 //! creates the documents of `benches/resolve.rs` (`BENCH_DOCS`, default 10,000), runs `WRITES`
-//! (default 100,000) writes of `MIX` (`patch`, `set`, `mixed` or `patch_stale`; default `patch`)
+//! (default 100,000) writes of `MIX` (`patch`, `set`, `mixed`, `patch_stale` or `create`; default `patch`)
 //! and prints writes per second: by wall clock, by the process's CPU time on Linux (steadier on a
 //! shared machine), and the median of the 1,000-write chunks. It also prints the heap
 //! allocations per write of the measured work (a counting wrapper around the allocator).

@@ -131,6 +131,9 @@ pub struct Mix {
     pub delete_pct: usize,
     /// The `base_version` every write claims.
     pub base_version: Option<u64>,
+    /// Percent of full-document sets that create a new document (the first write of each
+    /// document; half of the pipeline benchmark's records). The state grows by one document each.
+    pub create_pct: usize,
 }
 
 impl Mix {
@@ -140,12 +143,17 @@ impl Mix {
             set_pct,
             delete_pct,
             base_version,
+            create_pct: 0,
         };
         match name {
             "patch" => Some(mix(0, 0, None)),
             "set" => Some(mix(100, 0, None)),
             "mixed" => Some(mix(8, 2, None)),
             "patch_stale" => Some(mix(0, 0, Some(1))),
+            "create" => Some(Mix {
+                create_pct: 100,
+                ..mix(0, 0, None)
+            }),
             _ => None,
         }
     }
@@ -159,6 +167,8 @@ pub struct Workload {
     pub state: MemState,
     mix: Mix,
     next_id: usize,
+    /// The next new document's number (`create`).
+    next_doc: usize,
 }
 
 impl Workload {
@@ -187,6 +197,7 @@ impl Workload {
             state,
             mix,
             next_id,
+            next_doc: next_id,
         }
     }
 
@@ -194,12 +205,19 @@ impl Workload {
     pub fn writes(&mut self, n: usize, clock: u64) -> Vec<Write> {
         (0..n)
             .map(|k| {
-                let d = self.rng.below(self.shapes.len());
+                let mut d = self.rng.below(self.shapes.len());
                 let fields = &self.shapes[d];
                 let roll = self.rng.below(100);
-                let op = if roll < self.mix.delete_pct {
+                let op = if roll < self.mix.create_pct {
+                    // A new document with an existing document's shape.
+                    d = self.next_doc;
+                    self.next_doc += 1;
+                    WriteOp::Set {
+                        doc: full_doc(&mut self.rng, fields),
+                    }
+                } else if roll < self.mix.create_pct + self.mix.delete_pct {
                     WriteOp::Delete
-                } else if roll < self.mix.delete_pct + self.mix.set_pct {
+                } else if roll < self.mix.create_pct + self.mix.delete_pct + self.mix.set_pct {
                     WriteOp::Set {
                         doc: full_doc(&mut self.rng, fields),
                     }
