@@ -131,7 +131,7 @@ pub struct Mix {
     pub delete_pct: usize,
     /// The `base_version` every write claims.
     pub base_version: Option<u64>,
-    /// Percent of full-document sets that create a new document (the first write of each
+    /// Percent of writes that are full sets of a new document (the first write of each
     /// document; half of the pipeline benchmark's records). The state grows by one document each.
     pub create_pct: usize,
 }
