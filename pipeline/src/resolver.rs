@@ -240,12 +240,12 @@ pub fn decide<S: processors::ResolveState>(
         received_at_ms: record.timestamp_ms,
         max_skew_ms,
     };
-    let change = match compute_diff(&write, &ctx) {
+    let change = match compute_diff(write, &ctx) {
         Ok(Some(c)) => c,
         Ok(None) => return Ok(Decision::Nothing),
         Err(r) => return Ok(Decision::Rejected(r)),
     };
-    let applied = resolve_lww(state, &change)?;
+    let applied = resolve_lww(state, change)?;
     Ok(Decision::Applied {
         key,
         applied: Box::new(applied),

@@ -69,7 +69,7 @@ fn cpu_seconds() -> Option<f64> {
 /// One way of applying writes, with its own documents and what it measured.
 struct Runner {
     label: String,
-    apply: fn(&mut MemState, &[Write], &DiffContext<'_>),
+    apply: fn(&mut MemState, Vec<Write>, &DiffContext<'_>),
     workload: Workload,
     wall: Duration,
     cpu: Option<f64>,
@@ -106,7 +106,7 @@ impl Runner {
         let cpu = cpu_seconds();
         let allocations = ALLOCATIONS.load(Relaxed);
         let start = Instant::now();
-        (self.apply)(&mut self.workload.state, &writes, &ctx);
+        (self.apply)(&mut self.workload.state, writes, &ctx);
         let wall = start.elapsed();
         let allocations = ALLOCATIONS.load(Relaxed) - allocations;
         if measured {

@@ -3,13 +3,12 @@
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
-use smallvec::SmallVec;
 
 use crate::hlc::{bound_skew, Hlc};
 use crate::limits::{check_bucket, check_tenant, Limits};
 use crate::path::FieldPath;
 use crate::reject::Rejection;
-use crate::write::{DocKey, Write, WriteOp};
+use crate::write::{BucketKey, DocKey, Write, WriteOp};
 
 /// The total order in which concurrent writes are resolved: `(hlc, device, event id)`.
 ///
@@ -87,8 +86,10 @@ pub struct DiffContext<'a> {
 
 /// Validates `write` and turns it into a change set.
 ///
-/// `Ok(None)` means the write changes nothing expressible (a patch of only empty objects).
-pub fn compute_diff(write: &Write, ctx: &DiffContext<'_>) -> Result<Option<ChangeSet>, Rejection> {
+/// The write is consumed: its ids, field names and leaf values move into the change set, so a
+/// field costs one new allocation (its path) instead of copies of everything. `Ok(None)` means
+/// the write changes nothing expressible (a patch of only empty objects).
+pub fn compute_diff(write: Write, ctx: &DiffContext<'_>) -> Result<Option<ChangeSet>, Rejection> {
     check_tenant(&write.tenant)?;
     check_bucket(&write.bucket)?;
     ctx.limits.check_doc_id(&write.doc_id)?;
@@ -104,12 +105,12 @@ pub fn compute_diff(write: &Write, ctx: &DiffContext<'_>) -> Result<Option<Chang
     };
     non_empty("event_id", &write.event_id)?;
     non_empty("device_id", &write.device_id)?;
-    let op = match &write.op {
+    let op = match write.op {
         WriteOp::Set { doc } => {
-            let fields = ctx.limits.check_body_fields(doc)?;
+            let fields = ctx.limits.check_body_fields(&doc)?;
             // The leaves in path order, as `path::flatten` sorts them.
             let mut set = Vec::with_capacity(fields);
-            leaves(doc, &mut Prefix::new(), &mut set);
+            leaves(doc, &mut Vec::new(), &mut set);
             if !set.is_sorted_by(|a, b| a.0 < b.0) {
                 set.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             }
@@ -120,9 +121,9 @@ pub fn compute_diff(write: &Write, ctx: &DiffContext<'_>) -> Result<Option<Chang
             }
         }
         WriteOp::Patch { patch } => {
-            let fields = ctx.limits.check_body_fields(patch)?;
+            let fields = ctx.limits.check_body_fields(&patch)?;
             let (mut set, mut unset) = (Vec::with_capacity(fields), Vec::new());
-            split_patch(patch, &mut Prefix::new(), &mut set, &mut unset);
+            split_patch(patch, &mut Vec::new(), &mut set, &mut unset);
             if set.is_empty() && unset.is_empty() {
                 return Ok(None);
             }
@@ -137,11 +138,17 @@ pub fn compute_diff(write: &Write, ctx: &DiffContext<'_>) -> Result<Option<Chang
     let client = write.hlc.unwrap_or(Hlc::new(ctx.received_at_ms, 0));
     let bounded = bound_skew(client, ctx.received_at_ms, ctx.max_skew_ms);
     Ok(Some(ChangeSet {
-        key: write.doc_key(),
+        key: DocKey {
+            bucket: BucketKey {
+                tenant: write.tenant,
+                bucket: write.bucket,
+            },
+            doc_id: write.doc_id,
+        },
         stamp: Arc::new(Stamp {
             hlc: bounded.hlc,
-            device_id: write.device_id.clone(),
-            event_id: write.event_id.clone(),
+            device_id: write.device_id,
+            event_id: write.event_id,
         }),
         base_version: write.base_version,
         op,
@@ -149,24 +156,17 @@ pub fn compute_diff(write: &Write, ctx: &DiffContext<'_>) -> Result<Option<Chang
     }))
 }
 
-/// The keys from the body's root down to the object being walked.
-type Prefix<'a> = SmallVec<[&'a String; 8]>;
-
-/// The path `prefix` + `key`, owned.
-fn path_to(prefix: &[&String], key: &str) -> FieldPath {
+/// The path `prefix` + `key`: the prefix's names copied, the key moved.
+fn path_to(prefix: &[String], key: String) -> FieldPath {
     let mut path = Vec::with_capacity(prefix.len() + 1);
-    path.extend(prefix.iter().map(|s| (*s).clone()));
-    path.push(key.to_owned());
+    path.extend_from_slice(prefix);
+    path.push(key);
     path
 }
 
 /// The leaves of a document (every non-object value and every empty object), in document order:
-/// `path::flatten` without the map.
-fn leaves<'a>(
-    obj: &'a Map<String, Value>,
-    prefix: &mut Prefix<'a>,
-    out: &mut Vec<(FieldPath, Value)>,
-) {
+/// `path::flatten` without the map, moving the values out.
+fn leaves(obj: Map<String, Value>, prefix: &mut Vec<String>, out: &mut Vec<(FieldPath, Value)>) {
     for (key, value) in obj {
         match value {
             Value::Object(inner) if !inner.is_empty() => {
@@ -174,16 +174,16 @@ fn leaves<'a>(
                 leaves(inner, prefix, out);
                 prefix.pop();
             }
-            other => out.push((path_to(prefix, key), other.clone())),
+            other => out.push((path_to(prefix, key), other)),
         }
     }
 }
 
 /// RFC 7396 as field changes: `null` unsets, a non-empty object merges into the field, an empty
 /// object changes nothing, anything else sets.
-fn split_patch<'a>(
-    patch: &'a Map<String, Value>,
-    prefix: &mut Prefix<'a>,
+fn split_patch(
+    patch: Map<String, Value>,
+    prefix: &mut Vec<String>,
     set: &mut Vec<(FieldPath, Value)>,
     unset: &mut Vec<FieldPath>,
 ) {
@@ -195,7 +195,7 @@ fn split_patch<'a>(
                 split_patch(inner, prefix, set, unset);
                 prefix.pop();
             }
-            other => set.push((path_to(prefix, key), other.clone())),
+            other => set.push((path_to(prefix, key), other)),
         }
     }
 }
@@ -240,7 +240,7 @@ mod tests {
             },
             Some(Hlc::new(900, 1)),
         );
-        let c = compute_diff(&w, &ctx(&l)).unwrap().unwrap();
+        let c = compute_diff(w.clone(), &ctx(&l)).unwrap().unwrap();
         let ChangeOp::Fields {
             replace,
             set,
@@ -265,9 +265,9 @@ mod tests {
             },
             None,
         );
-        assert_eq!(compute_diff(&w, &ctx(&l)).unwrap(), None);
+        assert_eq!(compute_diff(w.clone(), &ctx(&l)).unwrap(), None);
         let w = write(WriteOp::Set { doc: Map::new() }, None);
-        let c = compute_diff(&w, &ctx(&l)).unwrap().unwrap();
+        let c = compute_diff(w.clone(), &ctx(&l)).unwrap().unwrap();
         assert_eq!(
             c.stamp.hlc,
             Hlc::new(1_000, 0),
@@ -279,7 +279,7 @@ mod tests {
     fn clock_ahead_is_clamped_and_reported() {
         let l = Limits::default();
         let w = write(WriteOp::Delete, Some(Hlc::new(99_999, 3)));
-        let c = compute_diff(&w, &ctx(&l)).unwrap().unwrap();
+        let c = compute_diff(w.clone(), &ctx(&l)).unwrap().unwrap();
         assert_eq!(c.stamp.hlc, Hlc::new(1_500, 3));
         assert_eq!(c.clamped_from, Some(Hlc::new(99_999, 3)));
     }
@@ -289,9 +289,9 @@ mod tests {
         let l = Limits::default();
         let mut w = write(WriteOp::Delete, None);
         w.tenant = "BAD".into();
-        assert!(compute_diff(&w, &ctx(&l)).is_err());
+        assert!(compute_diff(w.clone(), &ctx(&l)).is_err());
         let mut w = write(WriteOp::Delete, None);
         w.device_id = String::new();
-        assert!(compute_diff(&w, &ctx(&l)).is_err());
+        assert!(compute_diff(w.clone(), &ctx(&l)).is_err());
     }
 }

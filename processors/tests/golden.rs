@@ -46,7 +46,7 @@ fn run_case(input: &str) -> (Vec<Value>, Value) {
             received_at_ms,
             max_skew_ms: MAX_SKEW_MS,
         };
-        let change = match decode_write(key, &payload).and_then(|w| compute_diff(&w, &ctx)) {
+        let change = match decode_write(key, &payload).and_then(|w| compute_diff(w, &ctx)) {
             Ok(Some(change)) => change,
             Ok(None) => continue,
             Err(r) => {
@@ -57,7 +57,7 @@ fn run_case(input: &str) -> (Vec<Value>, Value) {
         if !touched.contains(&change.key) {
             touched.push(change.key.clone());
         }
-        let applied = resolve_lww(&mut state, &change).unwrap();
+        let applied = resolve_lww(&mut state, change).unwrap();
         if let Some(e) = applied.change {
             out.push(json!({"line": line_no, "sync": e}));
         }

@@ -444,8 +444,8 @@ proptest! {
         let ctx = DiffContext { limits: &limits, received_at_ms: 1_000, max_skew_ms: 60_000 };
         let (mut fast, mut slow) = (DocState::default(), DocState::default());
         for w in &writes {
-            let Some(change) = compute_diff(w, &ctx).unwrap() else { continue };
-            let a = processors::apply_change(&mut fast, &change);
+            let Some(change) = compute_diff(w.clone(), &ctx).unwrap() else { continue };
+            let a = processors::apply_change(&mut fast, change.clone());
             let b = naive::apply_change(&mut slow, &change);
             prop_assert_eq!(&a, &b);
             prop_assert_eq!(&fast, &slow);

@@ -40,7 +40,7 @@ fn reject_bytes(key: Option<&[u8]>, bytes: &[u8]) -> Rejection {
         received_at_ms: 1_000,
         max_skew_ms: 5_000,
     };
-    let result = decode_write(key, bytes).and_then(|w| compute_diff(&w, &ctx).map(|_| ()));
+    let result = decode_write(key, bytes).and_then(|w| compute_diff(w, &ctx).map(|_| ()));
     let rejection = result.expect_err("expected a rejection");
     assert!(!rejection.message.is_empty());
     rejection
@@ -254,7 +254,7 @@ fn invalid_value_for_an_array_inside_an_array() {
         max_skew_ms: 5_000,
     };
     let w = decode_write(None, &serde_json::to_vec(&with(nested)).unwrap()).unwrap();
-    assert!(compute_diff(&w, &ctx).is_ok());
+    assert!(compute_diff(w, &ctx).is_ok());
 }
 
 /// Exhaustive on purpose: a new code fails to compile here until it gets an example.

@@ -289,8 +289,8 @@ mod tests {
         let mut doc = DocState::default();
         for line in lines {
             let w = decode_write(None, line.as_bytes()).unwrap();
-            let c = compute_diff(&w, &ctx).unwrap().unwrap();
-            apply_change(&mut doc, &c);
+            let c = compute_diff(w, &ctx).unwrap().unwrap();
+            apply_change(&mut doc, c);
         }
         doc
     }

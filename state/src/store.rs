@@ -285,18 +285,19 @@ mod tests {
             br#"{"v":1,"event_id":"e","tenant":"t","bucket":"b","doc_id":"d","device_id":"x","op":"set","doc":{"k":1}}"#,
         )
         .unwrap();
-        let change = compute_diff(&w, &ctx).unwrap().unwrap();
+        let change = compute_diff(w, &ctx).unwrap().unwrap();
+        let key = change.key.clone();
         let mut overlay = Overlay::new(&tree);
-        let out = resolve_lww(&mut overlay, &change).unwrap();
+        let out = resolve_lww(&mut overlay, change).unwrap();
         assert_eq!(out.change.unwrap().seq, 1);
         assert_eq!(overlay.changelog_records().len(), 2);
-        assert!(read_doc(&tree, &change.key).unwrap().is_none());
+        assert!(read_doc(&tree, &key).unwrap().is_none());
         tree.apply_batch(overlay.into_batch(Some(42))).unwrap();
-        let doc = read_doc(&tree, &change.key).unwrap().unwrap();
+        let doc = read_doc(&tree, &key).unwrap().unwrap();
         assert_eq!(doc.version, 1);
         assert_eq!(changelog_offset(&tree).unwrap(), Some(42));
         let mut again = Overlay::new(&tree);
-        assert_eq!(again.last_seq(&change.key.bucket).unwrap(), 1);
-        assert_eq!(parse_doc_key(&doc_key_bytes(&change.key)), Some(change.key));
+        assert_eq!(again.last_seq(&key.bucket).unwrap(), 1);
+        assert_eq!(parse_doc_key(&doc_key_bytes(&key)), Some(key));
     }
 }

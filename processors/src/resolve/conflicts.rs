@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::diff::{ChangeOp, ChangeSet, Stamp};
+use crate::diff::{ChangeSet, Stamp};
 use crate::events::{ConflictEvent, ConflictRule, ConflictSide, SideOp, EVENT_FORMAT_VERSION};
 use crate::path::{dotted, is_prefix, FieldPath};
 
@@ -24,6 +24,8 @@ pub(super) struct ConflictView<'v, 'a> {
     pub before: &'v [Entry<'a>],
     /// The registers after the write, in path order.
     pub after: &'v [Entry<'a>],
+    /// True when the write removes the fields it does not name (a delete or a full set).
+    pub implicit: bool,
     /// True when every path the write names got its own register from the write, visible or a
     /// removal (so the write lost nowhere).
     pub all_named_won: bool,
@@ -72,7 +74,7 @@ fn agree(a: &ConflictSide, b: &ConflictSide) -> bool {
 }
 
 /// Conflicts of `change` with what the document held, at most one per field. `touched` is every
-/// path the write names, in the change's order; `side_op` is what the write does to fields it
+/// path the write names, in the change's order (`change.op` is not read); `side_op` is what the write does to fields it
 /// does not name. See `docs/CONFLICTS.md`:
 ///
 /// 1. each field the write names but lost: `lww_timestamp`, against the newest write that beat
@@ -192,11 +194,7 @@ pub(super) fn detect_conflicts<'c>(
     }
 
     // 3. Fields a delete or a full-document set could not remove implicitly.
-    let implicit = match &change.op {
-        ChangeOp::Delete => true,
-        ChangeOp::Fields { replace, .. } => *replace,
-    };
-    if implicit {
+    if view.implicit {
         let mut after = Cursor::new(view.after);
         for prev in view.before.iter().filter(|e| e.visible) {
             let path = prev.path;

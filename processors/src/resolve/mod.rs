@@ -52,12 +52,15 @@ use smallvec::SmallVec;
 
 use crate::diff::{ChangeOp, ChangeSet, Stamp};
 use crate::events::{ConflictEvent, SideOp, SyncEvent, EVENT_FORMAT_VERSION};
-use crate::path::{dotted, FieldPath};
+use crate::path::dotted;
 use crate::write::{BucketKey, DocKey};
 
 use conflicts::{detect_conflicts, ConflictView};
 use path_key::cmp_paths;
-use plan::{after_entries, before_entries, commit, plan_patch, plan_rebuild, Edits, Named, Region};
+use plan::{
+    after_entries, before_entries, commit, plan_patch, plan_rebuild, Edits, Indexed, Named, Owned,
+    Region,
+};
 use sweep::{mark_visible, Entries, Entry};
 
 pub use devices::{Devices, Seen};
@@ -93,7 +96,15 @@ fn keep_max(slot: &mut Option<Stamp>, stamp: &Stamp) {
 /// of the paths it names (nothing else can change): the registers before and after are compared
 /// only there, and the write's registers are stored once its outputs are known.
 /// `tests/naive_equivalence.rs` checks this against the straightforward formulation.
-pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
+///
+/// The change set is consumed: its paths and values move into the registers it stores.
+pub fn apply_change(doc: &mut DocState, mut change: ChangeSet) -> Applied {
+    let op = std::mem::replace(&mut change.op, ChangeOp::Delete);
+    apply_op(doc, &change, op)
+}
+
+/// [`apply_change`] of `change` with its op `op`, taken out of it (`change.op` is not read).
+fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
     let stamp: &Stamp = &change.stamp;
     // Ask for the tables searched below all at once, so their cache misses overlap instead of
     // each search step waiting for the one before (a hint: nothing changes).
@@ -103,19 +114,28 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
 
     // Paths the write names, with the value it gives them; what it does to fields it does not
     // name (a delete deletes, a full set unsets).
-    let (replace, set, unset): (bool, &[(FieldPath, Value)], &[FieldPath]) = match &change.op {
+    let is_delete = matches!(op, ChangeOp::Delete);
+    let (replace, owned) = match op {
         ChangeOp::Fields {
             replace,
             set,
             unset,
-        } => (*replace, set, unset),
-        ChangeOp::Delete => (false, &[], &[]),
+        } => (replace, Owned { set, unset }),
+        ChangeOp::Delete => (
+            false,
+            Owned {
+                set: Vec::new(),
+                unset: Vec::new(),
+            },
+        ),
     };
+    let (set, unset) = (&owned.set, &owned.unset);
     let touched = || {
         let sets = set.iter().map(|(p, v)| (p, Some(v)));
         sets.chain(unset.iter().map(|p| (p, None)))
     };
-    let is_delete = matches!(change.op, ChangeOp::Delete);
+    // The named paths in the change set's order, which edits refer to.
+    let named: SmallVec<[Named<'_>; 8]> = touched().collect();
     let side_op = if is_delete {
         SideOp::Delete
     } else {
@@ -123,12 +143,16 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
     };
     let version = doc.version;
 
-    let mut sorted: SmallVec<[Named<'_>; 8]> = touched().collect();
+    let mut sorted: SmallVec<[Indexed<'_>; 8]> = named
+        .iter()
+        .enumerate()
+        .map(|(i, &(p, v))| (p, v, i))
+        .collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let repeated = sorted.windows(2).filter(|w| w[0].0 == w[1].0).count();
     let distinct_named = sorted.len() - repeated;
     let simple_paths = repeated == 0
-        && sorted.first().is_none_or(|(p, _)| !p.is_empty())
+        && sorted.first().is_none_or(|(p, _, _)| !p.is_empty())
         && doc
             .registers
             .first_key_value()
@@ -160,15 +184,14 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
         region.push(0..doc.registers.len());
         before_entries(&doc.registers, &region, &mut before);
         mark_visible(&mut before, doc.cleared_at());
-        match &change.op {
-            ChangeOp::Delete => keep_max(&mut doc.deleted_at, stamp),
-            ChangeOp::Fields { .. } => {
-                if replace {
-                    keep_max(&mut doc.replaced_at, stamp);
-                }
-                if replace || !set.is_empty() {
-                    keep_max(&mut doc.upserted_at, stamp);
-                }
+        if is_delete {
+            keep_max(&mut doc.deleted_at, stamp);
+        } else {
+            if replace {
+                keep_max(&mut doc.replaced_at, stamp);
+            }
+            if replace || !set.is_empty() {
+                keep_max(&mut doc.upserted_at, stamp);
             }
         }
         let cleared = max(doc.deleted_at.as_ref(), doc.replaced_at.as_ref());
@@ -188,6 +211,7 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
         &doc.registers,
         &region,
         &edits,
+        &named,
         (stamp, version),
         &mut after,
     );
@@ -218,7 +242,11 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
             event_id: stamp.event_id.clone(),
             device_id: stamp.device_id.clone(),
             deleted: !after_exists,
-            set: if after_exists { set_out } else { Map::new() },
+            set: if after_exists {
+                set_out.finish()
+            } else {
+                Map::new()
+            },
             unset: if after_exists {
                 unset_out
             } else {
@@ -239,6 +267,7 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
             version: new_version,
             before: &before,
             after: &after,
+            implicit: replace || is_delete,
             all_named_won: stored == distinct_named
                 && after
                     .iter()
@@ -247,7 +276,8 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
         };
         applied.conflicts = detect_conflicts(&view, change, side_op, touched());
     }
-    drop((before, after));
+    // Nothing borrows the change set's paths and values from here on: they can move.
+    drop((before, after, sorted, named));
 
     if changed {
         doc.version = new_version;
@@ -264,14 +294,63 @@ pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
     }
     // The write's registers date from this version, unless their value did not change.
     let since = if changed { new_version } else { version };
-    commit(&mut doc.registers, &edits, &change.stamp, since, &unchanged);
+    commit(
+        &mut doc.registers,
+        &edits,
+        owned,
+        &change.stamp,
+        since,
+        &unchanged,
+    );
     applied
+}
+
+/// The `set` of an event while it is built, in path order: a map for a few fields, and for
+/// many a list collected into a map at the end, which skips most of the rebalancing (or
+/// rehashing) of a map grown entry by entry (a create of 30 fields spends half as much on it).
+enum SetBuilder {
+    Few(Map<String, Value>),
+    Many(Vec<(String, Value)>),
+}
+
+impl SetBuilder {
+    /// Room for up to `n` fields.
+    fn for_up_to(n: usize) -> Self {
+        if n <= 8 {
+            SetBuilder::Few(Map::new())
+        } else {
+            SetBuilder::Many(Vec::with_capacity(n))
+        }
+    }
+
+    fn push(&mut self, field: String, value: Value) {
+        match self {
+            SetBuilder::Few(map) => {
+                map.insert(field, value);
+            }
+            SetBuilder::Many(list) => list.push((field, value)),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        match self {
+            SetBuilder::Few(map) => map.is_empty(),
+            SetBuilder::Many(list) => list.is_empty(),
+        }
+    }
+
+    fn finish(self) -> Map<String, Value> {
+        match self {
+            SetBuilder::Few(map) => map,
+            SetBuilder::Many(list) => list.into_iter().collect(),
+        }
+    }
 }
 
 /// How the visible registers differ before and after a write.
 struct VisibleDiff {
     /// Fields whose value changed or that appeared, by dotted path.
-    set: Map<String, Value>,
+    set: SetBuilder,
     /// Fields that disappeared, by dotted path, in path order.
     unset: Vec<String>,
     /// The write's registers that rewrote the value their field already had, as
@@ -284,7 +363,7 @@ struct VisibleDiff {
 /// with `stamp`.
 fn visible_diff(before: &[Entry<'_>], after: &[Entry<'_>], stamp: &Stamp) -> VisibleDiff {
     let mut diff = VisibleDiff {
-        set: Map::new(),
+        set: SetBuilder::for_up_to(after.len()),
         unset: Vec::new(),
         unchanged: SmallVec::new(),
     };
@@ -306,7 +385,7 @@ fn visible_diff(before: &[Entry<'_>], after: &[Entry<'_>], stamp: &Stamp) -> Vis
                 let (b, a) = (was.next().expect("peeked"), now.next().expect("peeked"));
                 if b.value != a.value {
                     let value = a.value.cloned().unwrap_or_default();
-                    diff.set.insert(dotted(a.path), value);
+                    diff.set.push(dotted(a.path), value);
                 } else if let Some(k) = a.fresh.filter(|_| *b.stamp != *stamp) {
                     diff.unchanged.push((k, b.changed_version));
                 }
@@ -314,7 +393,7 @@ fn visible_diff(before: &[Entry<'_>], after: &[Entry<'_>], stamp: &Stamp) -> Vis
             Ordering::Greater => {
                 let a = now.next().expect("peeked");
                 diff.set
-                    .insert(dotted(a.path), a.value.cloned().unwrap_or_default());
+                    .push(dotted(a.path), a.value.cloned().unwrap_or_default());
             }
         }
     }
@@ -368,7 +447,7 @@ const TABLES_AHEAD: usize = 8;
 const REGISTERS_AHEAD: usize = 3;
 
 /// Resolves change sets in order, exactly as [`resolve_lww`] on each one after the other, and
-/// hands each change back to `each` with its result, while telling the state which documents
+/// hands each result to `each`, while telling the state which documents
 /// come next ([`ResolveState::prefetch`]) so that fetching them overlaps with resolving the ones
 /// before. On an error the changes before the failing one have been applied and handed over, as
 /// in such a loop; the rest are dropped.
@@ -382,7 +461,7 @@ const REGISTERS_AHEAD: usize = 3;
 pub fn resolve_batch<S: ResolveState>(
     state: &mut S,
     changes: impl IntoIterator<Item = ChangeSet>,
-    mut each: impl FnMut(ChangeSet, Applied),
+    mut each: impl FnMut(Applied),
 ) -> Result<(), S::Error> {
     let mut changes = changes.into_iter();
     // The next changes, each told to the state as it comes in.
@@ -402,22 +481,23 @@ pub fn resolve_batch<S: ResolveState>(
         if let Some(c) = window.get(REGISTERS_AHEAD - 1) {
             state.prefetch(c, Prefetch::Registers);
         }
-        let applied = resolve_lww(state, &change)?;
-        each(change, applied);
+        each(resolve_lww(state, change)?);
         fill(&mut window, state);
     }
     Ok(())
 }
 
 /// Resolves one change set against the state: per-field LWW, a bucket sequence number for the
-/// visible change, and the conflicts it revealed.
+/// visible change, and the conflicts it revealed. The change set is consumed (see
+/// [`apply_change`]).
 pub fn resolve_lww<S: ResolveState>(
     state: &mut S,
-    change: &ChangeSet,
+    mut change: ChangeSet,
 ) -> Result<Applied, S::Error> {
     let seq = state.last_seq(&change.key.bucket)? + 1;
+    let op = std::mem::replace(&mut change.op, ChangeOp::Delete);
     let applied = state.update_doc(&change.key, |doc| {
-        let mut applied = apply_change(doc, change);
+        let mut applied = apply_op(doc, &change, op);
         if let Some(event) = applied.change.as_mut() {
             event.seq = seq;
             doc.seq = seq;

@@ -2,8 +2,9 @@
 //!
 //! [`plan_patch`] and [`plan_rebuild`] list the [`Edit`]s; [`before_entries`] and
 //! [`after_entries`] are the registers of the region that can change visibility, as they are and
-//! as they will be; [`commit`] applies the edits once the write's outputs are known. Until then
-//! the write's new registers exist only as entries borrowing its values.
+//! as they will be; [`commit`] applies the edits once the write's outputs are known, moving the
+//! write's paths and values into its registers. Until then the write's new registers exist only
+//! as entries borrowing them.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -22,32 +23,29 @@ use super::sweep::{Entries, Entry};
 /// A path the write names, with the value it gives it (`None`: removes it).
 pub(super) type Named<'c> = (&'c FieldPath, Option<&'c Value>);
 
+/// A [`Named`] path with its place among the paths the change set names (its sets, then its
+/// unsets): what an [`Edit`] refers to, and where [`commit`] takes the path and value from.
+pub(super) type Indexed<'c> = (&'c FieldPath, Option<&'c Value>, usize);
+
 /// The edits of one write, in path order.
-pub(super) type Edits<'c> = SmallVec<[Edit<'c>; 8]>;
+pub(super) type Edits = SmallVec<[Edit; 8]>;
 
 /// Index ranges of the registers, in order.
 pub(super) type Region = SmallVec<[Range<usize>; 4]>;
 
-/// One change to the registers. Indices are positions in the registers before the write.
+/// One change to the registers. `at` is a position in the registers before the write; `named`
+/// the place of the write's path among those it names (see [`Indexed`]).
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Edit<'c> {
-    /// The write's register for `path` replaces the one at `at`.
-    Replace {
-        at: usize,
-        path: &'c FieldPath,
-        value: Option<&'c Value>,
-    },
-    /// The write's register for a new `path` goes in before the one at `at`.
-    Insert {
-        at: usize,
-        path: &'c FieldPath,
-        value: Option<&'c Value>,
-    },
+pub(super) enum Edit {
+    /// The write's register for its `named` path replaces the one at `at`.
+    Replace { at: usize, named: usize },
+    /// The write's register for its `named` path, new, goes in before the one at `at`.
+    Insert { at: usize, named: usize },
     /// The register at `at` goes: it can never be visible again.
     Remove { at: usize },
 }
 
-impl Edit<'_> {
+impl Edit {
     fn at(&self) -> usize {
         match self {
             Edit::Replace { at, .. } | Edit::Insert { at, .. } | Edit::Remove { at } => *at,
@@ -67,12 +65,12 @@ impl Edit<'_> {
 /// A named path with no register on any of its ancestors needs only its own subtree (itself and
 /// its descendants); otherwise its whole top-level subtree is taken, as an ancestor's visibility
 /// depends on all of its descendants.
-pub(super) fn plan_patch<'c>(
+pub(super) fn plan_patch(
     registers: &Registers,
-    sorted: &[Named<'c>],
+    sorted: &[Indexed<'_>],
     stamp: &Stamp,
     too_old: bool,
-    edits: &mut Edits<'c>,
+    edits: &mut Edits,
     region: &mut Region,
 ) {
     let entries = registers.as_slice();
@@ -80,7 +78,7 @@ pub(super) fn plan_patch<'c>(
     // values compared below then arrive together instead of one after another.
     let searched: SmallVec<[(PathKey, Result<usize, usize>); 8]> = sorted
         .iter()
-        .map(|&(path, _)| {
+        .map(|&(path, _, _)| {
             let key = PathKey::of(path);
             let found = registers.search(key, path);
             if let Ok(at) = found {
@@ -91,20 +89,20 @@ pub(super) fn plan_patch<'c>(
         .collect();
     let mut searched = searched.iter().copied();
     let mut rest = sorted;
-    while let Some(((first, _), _)) = rest.split_first() {
+    while let Some(((first, _, _), _)) = rest.split_first() {
         let top = &first[..1];
-        let group = rest.iter().take_while(|(p, _)| p[0] == top[0]).count();
+        let group = rest.iter().take_while(|(p, _, _)| p[0] == top[0]).count();
         let (group_start, mut whole) = (region.len(), false);
-        for &(path, value) in &rest[..group] {
+        for &(path, _, named) in &rest[..group] {
             let (key, found) = searched.next().expect("one search per named path");
             match found {
                 Ok(at) if *entries[at].1.stamp >= *stamp => {}
                 // Older than the newest delete/replace: it can never be visible, and neither can
                 // an older register at its path.
                 Ok(at) if too_old => edits.push(Edit::Remove { at }),
-                Ok(at) => edits.push(Edit::Replace { at, path, value }),
+                Ok(at) => edits.push(Edit::Replace { at, named }),
                 Err(_) if too_old => {}
-                Err(at) => edits.push(Edit::Insert { at, path, value }),
+                Err(at) => edits.push(Edit::Insert { at, named }),
             }
             whole = whole || (1..path.len()).any(|i| registers.position(&path[..i]).is_ok());
             if !whole {
@@ -131,32 +129,29 @@ pub(super) fn plan_patch<'c>(
 /// The edits of any other write, over all registers: the named paths (in path order, distinct;
 /// empty when the write is itself cleared) take the write's registers where they are newer, and
 /// registers that are no longer `live` (older than the newest delete or replace) go.
-pub(super) fn plan_rebuild<'c>(
+pub(super) fn plan_rebuild(
     registers: &Registers,
-    named: &[Named<'c>],
+    named: &[Indexed<'_>],
     stamp: &Stamp,
     live: impl Fn(&Stamp) -> bool,
-    edits: &mut Edits<'c>,
+    edits: &mut Edits,
 ) {
     let entries = registers.as_slice();
     let mut named = named.iter().peekable();
     for (at, (path, reg)) in entries.iter().enumerate() {
-        while let Some(&(p, value)) = named.next_if(|(p, _)| *p < path) {
-            edits.push(Edit::Insert { at, path: p, value });
+        while let Some(&(_, _, n)) = named.next_if(|(p, _, _)| *p < path) {
+            edits.push(Edit::Insert { at, named: n });
         }
-        match named.next_if(|(p, _)| *p == path) {
-            Some(&(p, value)) if *reg.stamp < *stamp => {
-                edits.push(Edit::Replace { at, path: p, value })
-            }
+        match named.next_if(|(p, _, _)| *p == path) {
+            Some(&(_, _, n)) if *reg.stamp < *stamp => edits.push(Edit::Replace { at, named: n }),
             _ if live(&reg.stamp) => {}
             _ => edits.push(Edit::Remove { at }),
         }
     }
-    for &(path, value) in named {
+    for &(_, _, n) in named {
         edits.push(Edit::Insert {
             at: entries.len(),
-            path,
-            value,
+            named: n,
         });
     }
 }
@@ -175,11 +170,13 @@ pub(super) fn before_entries<'a>(
 }
 
 /// The registers of `region` as they will be after `edits` by the write with `stamp` on a
-/// document at `version`; each of the write's registers carries the index of its edit.
+/// document at `version`, whose named paths are `named` (in the change set's order); each of the
+/// write's registers carries the index of its edit.
 pub(super) fn after_entries<'a>(
     registers: &'a Registers,
     region: &[Range<usize>],
-    edits: &[Edit<'a>],
+    edits: &[Edit],
+    named: &[Named<'a>],
     (stamp, version): (&'a Stamp, u64),
     out: &mut Entries<'a>,
 ) {
@@ -198,9 +195,10 @@ pub(super) fn after_entries<'a>(
     for range in region {
         for at in range.start..=range.end {
             // The write's new paths that go in before index `at`.
-            while let Some((k, Edit::Insert { path, value, .. })) =
+            while let Some((k, Edit::Insert { named: n, .. })) =
                 edits.next_if(|(_, e)| e.at() == at && matches!(e, Edit::Insert { .. }))
             {
+                let (path, value) = named[n];
                 out.push(written(k, PathKey::of(path), path, value));
             }
             if at == range.end {
@@ -208,7 +206,8 @@ pub(super) fn after_entries<'a>(
             }
             let key = keys[at];
             match edits.next_if(|(_, e)| e.at() == at) {
-                Some((k, Edit::Replace { path, value, .. })) => {
+                Some((k, Edit::Replace { named: n, .. })) => {
+                    let (path, value) = named[n];
                     out.push(written(k, key, path, value));
                 }
                 Some((_, Edit::Remove { .. })) => {}
@@ -219,21 +218,35 @@ pub(super) fn after_entries<'a>(
     debug_assert!(edits.next().is_none(), "edits lie inside the region");
 }
 
-/// Sets `slot` to `value`, reusing the old value's buffer where the kinds match.
-fn assign(slot: &mut Option<Value>, value: Option<&Value>) {
-    match (slot, value) {
-        (Some(Value::String(old)), Some(Value::String(new))) => old.clone_from(new),
-        (Some(Value::Array(old)), Some(Value::Array(new))) => old.clone_from(new),
-        (slot, value) => *slot = value.cloned(),
+/// The paths a write names and their values, owned: [`commit`] moves them into the registers.
+pub(super) struct Owned {
+    /// The leaves it sets.
+    pub set: Vec<(FieldPath, Value)>,
+    /// The fields it removes.
+    pub unset: Vec<FieldPath>,
+}
+
+impl Owned {
+    /// Takes out the path and value of the `named`th path (see [`Indexed`]), leaving empty ones.
+    fn take(&mut self, named: usize) -> (FieldPath, Option<Value>) {
+        match named.checked_sub(self.set.len()) {
+            None => {
+                let (path, value) = std::mem::take(&mut self.set[named]);
+                (path, Some(value))
+            }
+            Some(i) => (std::mem::take(&mut self.unset[i]), None),
+        }
     }
 }
 
-/// Applies `edits` (in path order) to the registers: the write's registers share `stamp` (the
-/// change set's own copy) and date from `since`, or from the version given in `unchanged` (by
-/// edit index, in order) when the write rewrote the value a field already had.
+/// Applies `edits` (in path order) to the registers, moving the write's paths and values out of
+/// `owned` into them: the write's registers share `stamp` (the change set's own copy) and date
+/// from `since`, or from the version given in `unchanged` (by edit index, in order) when the
+/// write rewrote the value a field already had.
 pub(super) fn commit(
     registers: &mut Registers,
-    edits: &[Edit<'_>],
+    edits: &[Edit],
+    mut owned: Owned,
     stamp: &Arc<Stamp>,
     since: u64,
     unchanged: &[(usize, u64)],
@@ -256,28 +269,32 @@ pub(super) fn commit(
         // The common case: no register comes or goes, so they change where they are.
         let entries = registers.as_mut_slice();
         for (k, edit) in edits.iter().enumerate() {
-            if let Edit::Replace { at, value, .. } = *edit {
+            if let Edit::Replace { at, named } = *edit {
                 let reg = &mut entries[at].1;
-                assign(&mut reg.value, value);
+                reg.value = owned.take(named).1;
                 reg.stamp = Arc::clone(stamp);
                 reg.changed_version = version_of(k);
             }
         }
         return;
     }
-    rebuild(registers, edits, |k, value| Register {
-        value: value.cloned(),
-        stamp: Arc::clone(stamp),
-        changed_version: version_of(k),
+    rebuild(registers, edits, |k, named| {
+        let (path, value) = owned.take(named);
+        let register = Register {
+            value,
+            stamp: Arc::clone(stamp),
+            changed_version: version_of(k),
+        };
+        (path, register)
     });
 }
 
-/// Applies edits that insert or remove registers, in one pass; `make(k, value)` makes the
-/// register of edit `k`.
+/// Applies edits that insert or remove registers, in one pass; `make(k, named)` makes the path
+/// and register of edit `k`, which stores the write's `named`th path.
 fn rebuild(
     registers: &mut Registers,
-    edits: &[Edit<'_>],
-    mut make: impl FnMut(usize, Option<&Value>) -> Register,
+    edits: &[Edit],
+    mut make: impl FnMut(usize, usize) -> (FieldPath, Register),
 ) {
     let (old_keys, old) = registers.take_parts();
     let inserts = edits
@@ -290,19 +307,20 @@ fn rebuild(
     let len = old.len();
     let mut old = old_keys.into_iter().zip(old);
     for at in 0..=len {
-        while let Some((k, Edit::Insert { path, value, .. })) =
+        while let Some((k, Edit::Insert { named, .. })) =
             edits.next_if(|(_, e)| e.at() == at && matches!(e, Edit::Insert { .. }))
         {
-            keys.push(PathKey::of(path));
-            out.push((path.clone(), make(k, value)));
+            let (path, register) = make(k, named);
+            keys.push(PathKey::of(&path));
+            out.push((path, register));
         }
         let Some((key, (path, reg))) = old.next() else {
             break;
         };
         match edits.next_if(|(_, e)| e.at() == at) {
-            Some((k, Edit::Replace { value, .. })) => {
+            Some((k, Edit::Replace { named, .. })) => {
                 keys.push(key);
-                out.push((path, make(k, value)));
+                out.push((path, make(k, named).1));
             }
             Some((_, Edit::Remove { .. })) => {}
             _ => {
