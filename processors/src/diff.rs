@@ -108,12 +108,9 @@ pub fn compute_diff(write: Write, ctx: &DiffContext<'_>) -> Result<Option<Change
     let op = match write.op {
         WriteOp::Set { doc } => {
             let fields = ctx.limits.check_body_fields(&doc)?;
-            // The leaves in path order, as `path::flatten` sorts them.
+            // The leaves in the body's order (the resolver orders them by path).
             let mut set = Vec::with_capacity(fields);
             leaves(doc, &mut Vec::new(), &mut set);
-            if !set.is_sorted_by(|a, b| a.0 < b.0) {
-                set.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-            }
             ChangeOp::Fields {
                 replace: true,
                 set,
@@ -164,8 +161,8 @@ fn path_to(prefix: &[String], key: String) -> FieldPath {
     path
 }
 
-/// The leaves of a document (every non-object value and every empty object), in document order:
-/// `path::flatten` without the map, moving the values out.
+/// The leaves of a document (every non-object value and every empty object), in the body's order:
+/// `path::flatten` without the map (and its sorting), moving the values out.
 fn leaves(obj: Map<String, Value>, prefix: &mut Vec<String>, out: &mut Vec<(FieldPath, Value)>) {
     for (key, value) in obj {
         match value {

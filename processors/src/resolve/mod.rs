@@ -56,7 +56,7 @@ use crate::path::dotted;
 use crate::write::{BucketKey, DocKey};
 
 use conflicts::{detect_conflicts, ConflictView};
-use path_key::cmp_paths;
+use path_key::{cmp_paths, PathKey};
 use plan::{
     after_entries, before_entries, commit, plan_patch, plan_rebuild, Edits, Indexed, Named, Owned,
     Region,
@@ -134,8 +134,9 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
         let sets = set.iter().map(|(p, v)| (p, Some(v)));
         sets.chain(unset.iter().map(|p| (p, None)))
     };
-    // The named paths in the change set's order, which edits refer to.
+    // The named paths in the change set's order, which edits refer to, and their keys.
     let named: SmallVec<[Named<'_>; 8]> = touched().collect();
+    let keys: SmallVec<[PathKey; 8]> = named.iter().map(|(p, _)| PathKey::of(p)).collect();
     let side_op = if is_delete {
         SideOp::Delete
     } else {
@@ -146,13 +147,19 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
     let mut sorted: SmallVec<[Indexed<'_>; 8]> = named
         .iter()
         .enumerate()
-        .map(|(i, &(p, v))| (p, v, i))
+        .map(|(i, &(p, v))| (p, v, i, keys[i]))
         .collect();
-    sorted.sort_by(|a, b| a.0.cmp(b.0));
-    let repeated = sorted.windows(2).filter(|w| w[0].0 == w[1].0).count();
+    // By key (a change set's leaves come in the body's order, which need not be path order); of
+    // a path named twice, the first stays first.
+    let order = |a: &Indexed<'_>, b: &Indexed<'_>| cmp_paths(a.3, a.0, b.3, b.0);
+    sorted.sort_unstable_by(|a, b| order(a, b).then(a.2.cmp(&b.2)));
+    let repeated = sorted
+        .windows(2)
+        .filter(|w| order(&w[0], &w[1]).is_eq())
+        .count();
     let distinct_named = sorted.len() - repeated;
     let simple_paths = repeated == 0
-        && sorted.first().is_none_or(|(p, _, _)| !p.is_empty())
+        && sorted.first().is_none_or(|(p, ..)| !p.is_empty())
         && doc
             .registers
             .first_key_value()
@@ -198,7 +205,7 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
         let live = |s: &Stamp| cleared.is_none_or(|c| s >= c);
         // A hand-made change naming a path twice: the first entry wins.
         if live(stamp) {
-            sorted.dedup_by(|later, first| later.0 == first.0);
+            sorted.dedup_by(|later, first| order(later, first).is_eq());
         } else {
             sorted.clear();
         }
@@ -211,7 +218,7 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
         &doc.registers,
         &region,
         &edits,
-        &named,
+        (&named, &keys),
         (stamp, version),
         &mut after,
     );
@@ -297,7 +304,7 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
     commit(
         &mut doc.registers,
         &edits,
-        owned,
+        (owned, &keys),
         &change.stamp,
         since,
         &unchanged,

@@ -24,8 +24,9 @@ use super::sweep::{Entries, Entry};
 pub(super) type Named<'c> = (&'c FieldPath, Option<&'c Value>);
 
 /// A [`Named`] path with its place among the paths the change set names (its sets, then its
-/// unsets): what an [`Edit`] refers to, and where [`commit`] takes the path and value from.
-pub(super) type Indexed<'c> = (&'c FieldPath, Option<&'c Value>, usize);
+/// unsets: what an [`Edit`] refers to, and where [`commit`] takes the path and value from) and
+/// its key.
+pub(super) type Indexed<'c> = (&'c FieldPath, Option<&'c Value>, usize, PathKey);
 
 /// The edits of one write, in path order.
 pub(super) type Edits = SmallVec<[Edit; 8]>;
@@ -78,8 +79,7 @@ pub(super) fn plan_patch(
     // values compared below then arrive together instead of one after another.
     let searched: SmallVec<[(PathKey, Result<usize, usize>); 8]> = sorted
         .iter()
-        .map(|&(path, _, _)| {
-            let key = PathKey::of(path);
+        .map(|&(path, _, _, key)| {
             let found = registers.search(key, path);
             if let Ok(at) = found {
                 prefetch::register(&entries[at].1);
@@ -89,11 +89,11 @@ pub(super) fn plan_patch(
         .collect();
     let mut searched = searched.iter().copied();
     let mut rest = sorted;
-    while let Some(((first, _, _), _)) = rest.split_first() {
+    while let Some(((first, ..), _)) = rest.split_first() {
         let top = &first[..1];
-        let group = rest.iter().take_while(|(p, _, _)| p[0] == top[0]).count();
+        let group = rest.iter().take_while(|(p, ..)| p[0] == top[0]).count();
         let (group_start, mut whole) = (region.len(), false);
-        for &(path, _, named) in &rest[..group] {
+        for &(path, _, named, _) in &rest[..group] {
             let (key, found) = searched.next().expect("one search per named path");
             match found {
                 Ok(at) if *entries[at].1.stamp >= *stamp => {}
@@ -139,16 +139,18 @@ pub(super) fn plan_rebuild(
     let entries = registers.as_slice();
     let mut named = named.iter().peekable();
     for (at, (path, reg)) in entries.iter().enumerate() {
-        while let Some(&(_, _, n)) = named.next_if(|(p, _, _)| *p < path) {
+        while let Some(&(_, _, n, _)) = named.next_if(|(p, ..)| *p < path) {
             edits.push(Edit::Insert { at, named: n });
         }
-        match named.next_if(|(p, _, _)| *p == path) {
-            Some(&(_, _, n)) if *reg.stamp < *stamp => edits.push(Edit::Replace { at, named: n }),
+        match named.next_if(|(p, ..)| *p == path) {
+            Some(&(_, _, n, _)) if *reg.stamp < *stamp => {
+                edits.push(Edit::Replace { at, named: n })
+            }
             _ if live(&reg.stamp) => {}
             _ => edits.push(Edit::Remove { at }),
         }
     }
-    for &(_, _, n) in named {
+    for &(_, _, n, _) in named {
         edits.push(Edit::Insert {
             at: entries.len(),
             named: n,
@@ -170,13 +172,13 @@ pub(super) fn before_entries<'a>(
 }
 
 /// The registers of `region` as they will be after `edits` by the write with `stamp` on a
-/// document at `version`, whose named paths are `named` (in the change set's order); each of the
-/// write's registers carries the index of its edit.
+/// document at `version`, whose named paths are `named` (in the change set's order) with keys
+/// `named_keys`; each of the write's registers carries the index of its edit.
 pub(super) fn after_entries<'a>(
     registers: &'a Registers,
     region: &[Range<usize>],
     edits: &[Edit],
-    named: &[Named<'a>],
+    (named, named_keys): (&[Named<'a>], &[PathKey]),
     (stamp, version): (&'a Stamp, u64),
     out: &mut Entries<'a>,
 ) {
@@ -199,7 +201,7 @@ pub(super) fn after_entries<'a>(
                 edits.next_if(|(_, e)| e.at() == at && matches!(e, Edit::Insert { .. }))
             {
                 let (path, value) = named[n];
-                out.push(written(k, PathKey::of(path), path, value));
+                out.push(written(k, named_keys[n], path, value));
             }
             if at == range.end {
                 break;
@@ -240,20 +242,20 @@ impl Owned {
 }
 
 /// Applies `edits` (in path order) to the registers, moving the write's paths and values out of
-/// `owned` into them: the write's registers share `stamp` (the change set's own copy) and date
+/// `owned` into them (`keys` are the keys of its named paths): the write's registers share `stamp` (the change set's own copy) and date
 /// from `since`, or from the version given in `unchanged` (by edit index, in order) when the
 /// write rewrote the value a field already had.
 pub(super) fn commit(
     registers: &mut Registers,
     edits: &[Edit],
-    mut owned: Owned,
+    (mut owned, keys): (Owned, &[PathKey]),
     stamp: &Arc<Stamp>,
     since: u64,
     unchanged: &[(usize, u64)],
 ) {
     if !edits.iter().any(Edit::stores) {
         if !edits.is_empty() {
-            rebuild(registers, edits, |_, _| {
+            rebuild(registers, edits, keys, |_, _| {
                 unreachable!("no register is stored")
             });
         }
@@ -278,7 +280,7 @@ pub(super) fn commit(
         }
         return;
     }
-    rebuild(registers, edits, |k, named| {
+    rebuild(registers, edits, keys, |k, named| {
         let (path, value) = owned.take(named);
         let register = Register {
             value,
@@ -290,10 +292,11 @@ pub(super) fn commit(
 }
 
 /// Applies edits that insert or remove registers, in one pass; `make(k, named)` makes the path
-/// and register of edit `k`, which stores the write's `named`th path.
+/// and register of edit `k`, which stores the write's `named`th path (with key `keys[named]`).
 fn rebuild(
     registers: &mut Registers,
     edits: &[Edit],
+    keys: &[PathKey],
     mut make: impl FnMut(usize, usize) -> (FieldPath, Register),
 ) {
     let (old_keys, old) = registers.take_parts();
@@ -301,7 +304,7 @@ fn rebuild(
         .iter()
         .filter(|e| matches!(e, Edit::Insert { .. }))
         .count();
-    let mut keys = Vec::with_capacity(old.len() + inserts);
+    let mut new_keys = Vec::with_capacity(old.len() + inserts);
     let mut out = Vec::with_capacity(old.len() + inserts);
     let mut edits = edits.iter().copied().enumerate().peekable();
     let len = old.len();
@@ -311,7 +314,7 @@ fn rebuild(
             edits.next_if(|(_, e)| e.at() == at && matches!(e, Edit::Insert { .. }))
         {
             let (path, register) = make(k, named);
-            keys.push(PathKey::of(&path));
+            new_keys.push(keys[named]);
             out.push((path, register));
         }
         let Some((key, (path, reg))) = old.next() else {
@@ -319,15 +322,15 @@ fn rebuild(
         };
         match edits.next_if(|(_, e)| e.at() == at) {
             Some((k, Edit::Replace { named, .. })) => {
-                keys.push(key);
+                new_keys.push(key);
                 out.push((path, make(k, named).1));
             }
             Some((_, Edit::Remove { .. })) => {}
             _ => {
-                keys.push(key);
+                new_keys.push(key);
                 out.push((path, reg));
             }
         }
     }
-    *registers = Registers::from_parts(keys, out);
+    *registers = Registers::from_parts(new_keys, out);
 }
