@@ -32,7 +32,7 @@ use state::{Overlay, TaskStore};
 
 /// The allocator of the `syncflow` binary.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: mialloc::MiMalloc = mialloc::MiMalloc;
 
 #[path = "bench_workload/mod.rs"]
 mod bench_workload;

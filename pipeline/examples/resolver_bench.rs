@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, HashMap};
 
 /// The same allocator as the `syncflow` binary, so the resolver runs as it does in production.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: mialloc::MiMalloc = mialloc::MiMalloc;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -4,9 +4,10 @@
 mod ops;
 
 /// The resolver allocates and frees many small strings and maps per record; mimalloc does that
-/// faster than the system allocator (see docs/BENCHMARKS.md, resolver).
+/// faster than the system allocator (see docs/BENCHMARKS.md, resolver), and `mialloc` calls its
+/// plain entry points where `mimalloc::MiMalloc` would take the slower aligned ones.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: mialloc::MiMalloc = mialloc::MiMalloc;
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};

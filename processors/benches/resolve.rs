@@ -37,7 +37,7 @@ mod workload;
 /// allocator.
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
-static GLOBAL: workload::alloc::MiMalloc = workload::alloc::MiMalloc;
+static GLOBAL: mialloc::MiMalloc = mialloc::MiMalloc;
 
 use workload::{apply_writes, apply_writes_batched, Mix, Workload, CHUNK};
 

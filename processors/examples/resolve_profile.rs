@@ -30,7 +30,7 @@ use workload::{apply_writes, apply_writes_batched, Mix, Workload, CHUNK};
 
 /// The allocator being measured: mimalloc with `--features mimalloc`, else the system's.
 #[cfg(feature = "mimalloc")]
-const INNER: workload::alloc::MiMalloc = workload::alloc::MiMalloc;
+const INNER: mialloc::MiMalloc = mialloc::MiMalloc;
 #[cfg(not(feature = "mimalloc"))]
 const INNER: std::alloc::System = std::alloc::System;
 

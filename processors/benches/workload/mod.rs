@@ -3,9 +3,6 @@
 
 use std::hint::black_box;
 
-#[cfg(feature = "mimalloc")]
-pub mod alloc;
-
 use processors::{
     compute_diff, resolve_batch, resolve_lww, DiffContext, Hlc, Limits, MemState, Write, WriteOp,
 };
