@@ -240,7 +240,7 @@ fn event(
         event_id: uuid::Uuid::now_v7().to_string(),
         device_id: device.into(),
         deleted: false,
-        set,
+        set: set.into(),
         unset: Vec::new(),
         clamped_from: None,
     }

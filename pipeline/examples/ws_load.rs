@@ -755,7 +755,7 @@ impl Marks {
 }
 
 /// The marker of a change: the `w` field it set.
-fn marker_of(set: &serde_json::Map<String, Value>) -> Option<usize> {
+fn marker_of(set: &processors::SetFields) -> Option<usize> {
     set.get("w").and_then(Value::as_u64).map(|m| m as usize)
 }
 

@@ -8,6 +8,8 @@ use crate::diff::Stamp;
 use crate::hlc::Hlc;
 use crate::path::{parse_dotted, remove_path, set_path};
 
+pub use crate::set_fields::SetFields;
+
 /// Schema version of [`SyncEvent`] and [`ConflictEvent`].
 pub const EVENT_FORMAT_VERSION: u32 = 1;
 
@@ -35,7 +37,7 @@ pub struct SyncEvent {
     /// True when the document no longer exists after this change.
     pub deleted: bool,
     /// Fields set, by dotted path, with their new values.
-    pub set: Map<String, Value>,
+    pub set: SetFields,
     /// Fields removed, by dotted path.
     pub unset: Vec<String>,
     /// The writer's original clock when it was clamped to the allowed skew.

@@ -21,10 +21,11 @@ pub mod limits;
 pub mod path;
 pub mod reject;
 pub mod resolve;
+mod set_fields;
 pub mod write;
 
 pub use diff::{compute_diff, ChangeOp, ChangeSet, DiffContext, Stamp};
-pub use events::{ConflictEvent, ConflictRule, ConflictSide, SideOp, SyncEvent};
+pub use events::{ConflictEvent, ConflictRule, ConflictSide, SetFields, SideOp, SyncEvent};
 pub use hlc::{Hlc, HlcClock};
 pub use limits::Limits;
 pub use reject::{RejectCode, Rejection};

@@ -195,7 +195,11 @@ mod naive {
                 event_id: stamp.event_id.clone(),
                 device_id: stamp.device_id.clone(),
                 deleted: !after_exists,
-                set: if after_exists { set } else { Map::new() },
+                set: if after_exists {
+                    set.into()
+                } else {
+                    Default::default()
+                },
                 unset: if after_exists {
                     unset
                 } else {

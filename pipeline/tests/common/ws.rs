@@ -71,7 +71,7 @@ impl Replica {
                     event_id: String::new(),
                     device_id: String::new(),
                     deleted: msg["deleted"] == true,
-                    set: msg["set"].as_object().unwrap().clone(),
+                    set: msg["set"].as_object().unwrap().clone().into(),
                     unset: serde_json::from_value(msg["unset"].clone()).unwrap(),
                     clamped_from: None,
                 };

@@ -47,11 +47,11 @@ mod sweep;
 use std::cmp::{max, Ordering};
 use std::collections::VecDeque;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 use smallvec::SmallVec;
 
 use crate::diff::{ChangeOp, ChangeSet, Stamp};
-use crate::events::{ConflictEvent, SideOp, SyncEvent, EVENT_FORMAT_VERSION};
+use crate::events::{ConflictEvent, SetFields, SideOp, SyncEvent, EVENT_FORMAT_VERSION};
 use crate::path::dotted;
 use crate::write::{BucketKey, DocKey};
 
@@ -250,9 +250,9 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
             device_id: stamp.device_id.clone(),
             deleted: !after_exists,
             set: if after_exists {
-                set_out.finish()
+                SetFields::from_distinct(set_out)
             } else {
-                Map::new()
+                SetFields::new()
             },
             unset: if after_exists {
                 unset_out
@@ -281,7 +281,15 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
                     .filter(|e| e.fresh.is_some())
                     .all(|e| e.value.is_none() || !e.hidden),
         };
-        applied.conflicts = detect_conflicts(&view, change, side_op, touched());
+        // A full set reports the fields it lost in path order, whatever the order of its body
+        // (a merge patch in the order it names them).
+        let mut by_path: SmallVec<[Named<'_>; 8]> = SmallVec::new();
+        if replace && !view.all_named_won {
+            by_path.extend(named.iter().copied());
+            by_path.sort_by(|a, b| a.0.cmp(b.0));
+        }
+        let order = if by_path.is_empty() { &named } else { &by_path };
+        applied.conflicts = detect_conflicts(&view, change, side_op, order.iter().copied());
     }
     // Nothing borrows the change set's paths and values from here on: they can move.
     drop((before, after, sorted, named));
@@ -312,52 +320,10 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
     applied
 }
 
-/// The `set` of an event while it is built, in path order: a map for a few fields, and for
-/// many a list collected into a map at the end, which skips most of the rebalancing (or
-/// rehashing) of a map grown entry by entry (a create of 30 fields spends half as much on it).
-enum SetBuilder {
-    Few(Map<String, Value>),
-    Many(Vec<(String, Value)>),
-}
-
-impl SetBuilder {
-    /// Room for up to `n` fields.
-    fn for_up_to(n: usize) -> Self {
-        if n <= 8 {
-            SetBuilder::Few(Map::new())
-        } else {
-            SetBuilder::Many(Vec::with_capacity(n))
-        }
-    }
-
-    fn push(&mut self, field: String, value: Value) {
-        match self {
-            SetBuilder::Few(map) => {
-                map.insert(field, value);
-            }
-            SetBuilder::Many(list) => list.push((field, value)),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        match self {
-            SetBuilder::Few(map) => map.is_empty(),
-            SetBuilder::Many(list) => list.is_empty(),
-        }
-    }
-
-    fn finish(self) -> Map<String, Value> {
-        match self {
-            SetBuilder::Few(map) => map,
-            SetBuilder::Many(list) => list.into_iter().collect(),
-        }
-    }
-}
-
 /// How the visible registers differ before and after a write.
 struct VisibleDiff {
     /// Fields whose value changed or that appeared, by dotted path.
-    set: SetBuilder,
+    set: Vec<(String, Value)>,
     /// Fields that disappeared, by dotted path, in path order.
     unset: Vec<String>,
     /// The write's registers that rewrote the value their field already had, as
@@ -370,7 +336,7 @@ struct VisibleDiff {
 /// with `stamp`.
 fn visible_diff(before: &[Entry<'_>], after: &[Entry<'_>], stamp: &Stamp) -> VisibleDiff {
     let mut diff = VisibleDiff {
-        set: SetBuilder::for_up_to(after.len()),
+        set: Vec::new(),
         unset: Vec::new(),
         unchanged: SmallVec::new(),
     };
@@ -392,7 +358,7 @@ fn visible_diff(before: &[Entry<'_>], after: &[Entry<'_>], stamp: &Stamp) -> Vis
                 let (b, a) = (was.next().expect("peeked"), now.next().expect("peeked"));
                 if b.value != a.value {
                     let value = a.value.cloned().unwrap_or_default();
-                    diff.set.push(dotted(a.path), value);
+                    diff.set.push((dotted(a.path), value));
                 } else if let Some(k) = a.fresh.filter(|_| *b.stamp != *stamp) {
                     diff.unchanged.push((k, b.changed_version));
                 }
@@ -400,7 +366,7 @@ fn visible_diff(before: &[Entry<'_>], after: &[Entry<'_>], stamp: &Stamp) -> Vis
             Ordering::Greater => {
                 let a = now.next().expect("peeked");
                 diff.set
-                    .push(dotted(a.path), a.value.cloned().unwrap_or_default());
+                    .push((dotted(a.path), a.value.cloned().unwrap_or_default()));
             }
         }
     }
