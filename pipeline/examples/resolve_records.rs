@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use clap::Parser;
 use pipeline::partition::partition_for;
@@ -37,7 +37,7 @@ static GLOBAL: mialloc::MiMalloc = mialloc::MiMalloc;
 #[path = "bench_workload/mod.rs"]
 mod bench_workload;
 
-use bench_workload::Workload;
+use bench_workload::{now_ms, Workload};
 
 #[derive(Parser)]
 #[command(about = "The resolver's per-record work without Kafka: CPU per record")]
@@ -230,11 +230,4 @@ fn cpu_seconds() -> Option<f64> {
     let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some(ticks / 100.0)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -22,7 +22,7 @@ const SKEW_MS: i64 = 5;
 
 /// What the workload knows about one document.
 #[derive(Clone, Copy, Default)]
-pub struct DocInfo {
+struct DocInfo {
     fields: u8,
     exists: bool,
     version: u32,
@@ -217,7 +217,8 @@ impl Workload {
     }
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock time in ms since the epoch.
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)

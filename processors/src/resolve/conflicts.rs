@@ -74,8 +74,8 @@ fn agree(a: &ConflictSide, b: &ConflictSide) -> bool {
 }
 
 /// Conflicts of `change` with what the document held, at most one per field. `touched` is every
-/// path the write names, in the change's order (`change.op` is not read); `side_op` is what the write does to fields it
-/// does not name. See `docs/CONFLICTS.md`:
+/// path the write names, in the order to report them (`change.op` is not read); `side_op` is
+/// what the write does to fields it does not name. See `docs/CONFLICTS.md`:
 ///
 /// 1. each field the write names but lost: `lww_timestamp`, against the newest write that beat
 ///    it (on the field, an ancestor or descendant, or by deleting/replacing the document);

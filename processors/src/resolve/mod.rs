@@ -130,12 +130,13 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
         ),
     };
     let (set, unset) = (&owned.set, &owned.unset);
-    let touched = || {
-        let sets = set.iter().map(|(p, v)| (p, Some(v)));
-        sets.chain(unset.iter().map(|p| (p, None)))
-    };
-    // The named paths in the change set's order, which edits refer to, and their keys.
-    let named: SmallVec<[Named<'_>; 8]> = touched().collect();
+    // The named paths in the change set's order (its sets, then its unsets), which edits refer
+    // to, and their keys.
+    let named: SmallVec<[Named<'_>; 8]> = set
+        .iter()
+        .map(|(p, v)| (p, Some(v)))
+        .chain(unset.iter().map(|p| (p, None)))
+        .collect();
     let keys: SmallVec<[PathKey; 8]> = named.iter().map(|(p, _)| PathKey::of(p)).collect();
     let side_op = if is_delete {
         SideOp::Delete
@@ -288,8 +289,8 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
             by_path.extend(named.iter().copied());
             by_path.sort_by(|a, b| a.0.cmp(b.0));
         }
-        let order = if by_path.is_empty() { &named } else { &by_path };
-        applied.conflicts = detect_conflicts(&view, change, side_op, order.iter().copied());
+        let reported = if by_path.is_empty() { &named } else { &by_path };
+        applied.conflicts = detect_conflicts(&view, change, side_op, reported.iter().copied());
     }
     // Nothing borrows the change set's paths and values from here on: they can move.
     drop((before, after, sorted, named));

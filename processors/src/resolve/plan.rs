@@ -242,9 +242,9 @@ impl Owned {
 }
 
 /// Applies `edits` (in path order) to the registers, moving the write's paths and values out of
-/// `owned` into them (`keys` are the keys of its named paths): the write's registers share `stamp` (the change set's own copy) and date
-/// from `since`, or from the version given in `unchanged` (by edit index, in order) when the
-/// write rewrote the value a field already had.
+/// `owned` into them (`keys` are the keys of its named paths): the write's registers share
+/// `stamp` (the change set's own copy) and date from `since`, or from the version given in
+/// `unchanged` (by edit index, in order) when the write rewrote the value a field already had.
 pub(super) fn commit(
     registers: &mut Registers,
     edits: &[Edit],
