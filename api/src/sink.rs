@@ -24,14 +24,16 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    /// A producer for `topic` on `brokers`.
-    pub fn new(brokers: &str, topic: &str) -> Result<Self, SinkError> {
+    /// A producer for `topic` on `brokers`, compressing its batches with `compression`
+    /// (a librdkafka `compression.type`).
+    pub fn new(brokers: &str, topic: &str, compression: &str) -> Result<Self, SinkError> {
         let producer = ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "1")
             .set("message.timeout.ms", "10000")
+            .set("compression.type", compression)
             .create()
             .map_err(|e| SinkError(e.to_string()))?;
         Ok(Self {

@@ -5,7 +5,8 @@
 //! cargo run --release -p pipeline --example resolver_bench -- [--events N] [--rate R] [--seconds S]
 //! ```
 //! (or `scripts/bench.sh [args]`, which starts the services first). Needs Kafka on
-//! `SYNCFLOW_KAFKA_BROKERS` (default 127.0.0.1:9092). `SYNCFLOW_RESOLVER_*` variables in the
+//! `SYNCFLOW_KAFKA_BROKERS` (default 127.0.0.1:9092). `SYNCFLOW_RESOLVER_*` variables and
+//! `SYNCFLOW_KAFKA_COMPRESSION` (used by every producer here, as by the API) in the
 //! environment (e.g. `SYNCFLOW_RESOLVER_BATCH_MAX`) are passed to the resolver's configuration.
 //!
 //! 1. Creates fresh topics (topics.yaml, unique prefix) plus a pass-through output topic.
@@ -102,7 +103,11 @@ fn main() -> anyhow::Result<()> {
     let id = format!("bench_{}_{nanos:x}", std::process::id());
     let state_dir = std::env::temp_dir().join(format!("syncflow-{id}"));
     let mut env: Vec<(String, String)> = std::env::vars()
-        .filter(|(k, _)| k.starts_with("SYNCFLOW_RESOLVER_") || k == "SYNCFLOW_KAFKA_BROKERS")
+        .filter(|(k, _)| {
+            k.starts_with("SYNCFLOW_RESOLVER_")
+                || k == "SYNCFLOW_KAFKA_BROKERS"
+                || k == "SYNCFLOW_KAFKA_COMPRESSION"
+        })
         .collect();
     let passed: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
     env.extend([
@@ -156,6 +161,7 @@ fn main() -> anyhow::Result<()> {
         command: cmd,
         machine: machine(),
         batch_max: cfg.resolver.batch_max,
+        compression: cfg.kafka.compression.codec(),
         ..Report::default()
     };
 
@@ -164,13 +170,7 @@ fn main() -> anyhow::Result<()> {
     let mut workload = Workload::new(args.seed);
     eprintln!("[bench] preloading {} writes into {input} ...", args.events);
     let t = Instant::now();
-    let produced = preload(
-        &cfg.kafka.brokers,
-        &input,
-        partitions,
-        &mut workload,
-        args.events,
-    )?;
+    let produced = preload(&cfg, &input, partitions, &mut workload, args.events)?;
     report.preload = (args.events, t.elapsed(), produced);
     report.mix = workload.mix.clone();
     let ends = watermarks(&cfg.kafka.brokers, &input, partitions)?;
@@ -363,17 +363,18 @@ fn send_retry<C: ProducerContext<DeliveryOpaque = ()>>(
 
 /// Produces `n` writes, each to its bucket's partition; returns the payload bytes.
 fn preload(
-    brokers: &str,
+    cfg: &Config,
     topic: &str,
     partitions: i32,
     workload: &mut Workload,
     n: usize,
 ) -> anyhow::Result<u64> {
     let producer: ThreadedProducer<Delivered> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+        .set("bootstrap.servers", &cfg.kafka.brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "20")
         .set("batch.size", "1000000")
+        .set("compression.type", cfg.kafka.compression.codec())
         .create_with_context(Delivered {
             ok: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -552,7 +553,8 @@ impl Passthrough {
             .set("transaction.timeout.ms", "20000")
             .set("message.timeout.ms", "15000")
             .set("linger.ms", "2")
-            .set("retry.backoff.ms", "10");
+            .set("retry.backoff.ms", "10")
+            .set("compression.type", cfg.kafka.compression.codec());
         for kv in extra {
             let (k, v) = kv
                 .split_once('=')
@@ -890,6 +892,7 @@ fn latency_phase(
         .set("acks", "all")
         .set("linger.ms", "1")
         .set("message.timeout.ms", "10000")
+        .set("compression.type", cfg.kafka.compression.codec())
         .create_with_context(Delivered {
             ok: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -1259,6 +1262,7 @@ struct Report {
     command: String,
     machine: String,
     batch_max: u64,
+    compression: &'static str,
     preload: (usize, Duration, u64),
     mix: Mix,
     read: Option<ReadResult>,
@@ -1310,7 +1314,10 @@ impl Report {
             took.as_secs_f64(),
             rate(n as u64, took)
         );
-        println!("resolver.batch_max = {}", self.batch_max);
+        println!(
+            "resolver.batch_max = {}, kafka.compression = {} (every producer)",
+            self.batch_max, self.compression
+        );
         println!();
         println!("### Throughput ({n} preloaded writes, 6 partitions)");
         println!();

@@ -130,14 +130,23 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
         tasks.push((Role::Fanout, handle));
     }
     if roles.contains(&Role::Api) {
-        let sink = KafkaSink::new(&cfg.kafka.brokers, &cfg.topic(topics::DATA_CHANGED))
-            .map_err(|e| AppError::Startup(e.to_string()))?;
+        let compression = cfg.kafka.compression.codec();
+        let sink = KafkaSink::new(
+            &cfg.kafka.brokers,
+            &cfg.topic(topics::DATA_CHANGED),
+            compression,
+        )
+        .map_err(|e| AppError::Startup(e.to_string()))?;
         let keys = TokenKeys::new(&cfg.auth).map_err(AppError::Startup)?;
         let redis_conn = api::redis_conn::manager(&cfg.redis.url)
             .map_err(|e| AppError::Startup(format!("redis {}: {e}", cfg.redis.url)))?;
         let view = mongo_view(&cfg).await?;
-        let user_events = KafkaSink::new(&cfg.kafka.brokers, &cfg.topic(topics::USER_EVENTS))
-            .map_err(|e| AppError::Startup(e.to_string()))?;
+        let user_events = KafkaSink::new(
+            &cfg.kafka.brokers,
+            &cfg.topic(topics::USER_EVENTS),
+            compression,
+        )
+        .map_err(|e| AppError::Startup(e.to_string()))?;
         let accounts = api::accounts::Accounts {
             store: AuthStore::new(redis_conn.clone(), &cfg.kafka.topic_prefix),
             users: api::users::UsersView::new(view.database().clone()),

@@ -123,6 +123,7 @@ fn producer(cfg: &Config) -> Result<BaseProducer, rdkafka::error::KafkaError> {
         .set("bootstrap.servers", &cfg.kafka.brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "0")
+        .set("compression.type", cfg.kafka.compression.codec())
         .create()
 }
 

@@ -359,6 +359,7 @@ impl Resolver {
             // the broker finishes the previous commit; librdkafka's default 100 ms backoff would
             // then hold every batch for a tenth of a second.
             .set("retry.backoff.ms", "10")
+            .set("compression.type", self.cfg.kafka.compression.codec())
             .create_with_context(tracker)?;
         p.init_transactions(Duration::from_secs(30))?;
         Ok(p)

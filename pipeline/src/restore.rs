@@ -431,6 +431,7 @@ fn apply_kafka(
         .set("bootstrap.servers", &cfg.kafka.brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
+        .set("compression.type", cfg.kafka.compression.codec())
         .create()?;
     let partitions = resume.len().max(1) as i32;
     for (key, value) in &writes {
