@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use processors::{compute_diff, decode_write, resolve_lww, DiffContext, Rejection};
+use processors::{compute_diff, decode_change, decode_write, resolve_lww, DiffContext, Rejection};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
@@ -223,33 +223,58 @@ pub fn decide<S: processors::ResolveState>(
     limits: &processors::Limits,
     max_skew_ms: u64,
 ) -> Result<Decision, S::Error> {
-    let write = match decode_write(record.key, record.payload) {
-        Ok(w) => w,
-        Err(r) => return Ok(Decision::Rejected(r)),
-    };
-    let key = write.bucket_key().to_string();
-    let owner = partition_for(key.as_bytes(), partitions);
-    if owner != record.partition {
-        return Ok(Decision::Forward {
-            partition: owner,
-            key,
-        });
-    }
     let ctx = DiffContext {
         limits,
         received_at_ms: record.timestamp_ms,
         max_skew_ms,
     };
-    let change = match compute_diff(write, &ctx) {
-        Ok(Some(c)) => c,
-        Ok(None) => return Ok(Decision::Nothing),
-        Err(r) => return Ok(Decision::Rejected(r)),
+    // The common case in one pass; anything else (and every refusal) takes the general path.
+    let change = match decode_change(record.key, record.payload, &ctx) {
+        Some(change) => change,
+        None => {
+            let write = match decode_write(record.key, record.payload) {
+                Ok(w) => w,
+                Err(r) => return Ok(Decision::Rejected(r)),
+            };
+            if let Err(forward) = route(&write.bucket_key(), record.partition, partitions) {
+                return Ok(forward);
+            }
+            match compute_diff(write, &ctx) {
+                Ok(Some(c)) => c,
+                Ok(None) => return Ok(Decision::Nothing),
+                Err(r) => return Ok(Decision::Rejected(r)),
+            }
+        }
+    };
+    // A write is routed before it is validated: the partition that owns its bucket decides.
+    let key = match route(&change.key.bucket, record.partition, partitions) {
+        Ok(key) => key,
+        Err(forward) => return Ok(forward),
     };
     let applied = resolve_lww(state, change)?;
     Ok(Decision::Applied {
         key,
         applied: Box::new(applied),
     })
+}
+
+/// The record key `tenant/bucket` of a write read from `partition` if that partition owns its
+/// bucket, or where it must be forwarded.
+fn route(
+    bucket: &processors::BucketKey,
+    partition: i32,
+    partitions: i32,
+) -> Result<String, Decision> {
+    let key = bucket.to_string();
+    let owner = partition_for(key.as_bytes(), partitions);
+    if owner == partition {
+        Ok(key)
+    } else {
+        Err(Decision::Forward {
+            partition: owner,
+            key,
+        })
+    }
 }
 
 struct Output {

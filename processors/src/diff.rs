@@ -2,13 +2,14 @@
 
 use std::sync::Arc;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::hlc::{bound_skew, Hlc};
 use crate::limits::{check_bucket, check_tenant, Limits};
 use crate::path::FieldPath;
 use crate::reject::Rejection;
-use crate::write::{BucketKey, DocKey, Write, WriteOp};
+use crate::write::{key_matches, BucketKey, DocKey, Members, WireBody, WireHead, WireWrite};
+use crate::write::{Write, WriteOp};
 
 /// The total order in which concurrent writes are resolved: `(hlc, device, event id)`.
 ///
@@ -90,9 +91,73 @@ pub struct DiffContext<'a> {
 /// field costs one new allocation (its path) instead of copies of everything. `Ok(None)` means
 /// the write changes nothing expressible (a patch of only empty objects).
 pub fn compute_diff(write: Write, ctx: &DiffContext<'_>) -> Result<Option<ChangeSet>, Rejection> {
-    check_tenant(&write.tenant)?;
-    check_bucket(&write.bucket)?;
-    ctx.limits.check_doc_id(&write.doc_id)?;
+    let head = WireHead {
+        event_id: write.event_id,
+        tenant: write.tenant,
+        bucket: write.bucket,
+        doc_id: write.doc_id,
+        device_id: write.device_id,
+        hlc: write.hlc,
+        base_version: write.base_version,
+    };
+    check_head(&head, ctx.limits)?;
+    let op = match write.op {
+        WriteOp::Set { doc } => {
+            let fields = ctx.limits.check_body_fields(&doc)?;
+            full_set(doc, fields)
+        }
+        WriteOp::Patch { patch } => {
+            let fields = ctx.limits.check_body_fields(&patch)?;
+            match merge_patch(patch, fields) {
+                Some(op) => op,
+                None => return Ok(None),
+            }
+        }
+        WriteOp::Delete => ChangeOp::Delete,
+    };
+    Ok(Some(change_set(head, op, ctx)))
+}
+
+/// A `data.changed` record's bytes straight to its change set, for the common case: a valid write
+/// of the current version that changes something. Its body's top-level members are read into a
+/// list rather than a map that would only be taken apart again.
+///
+/// `None` for anything else: malformed or invalid records, a key that is not `tenant/bucket`, a
+/// body that breaks a limit or repeats a top-level name, a patch that changes nothing. The caller
+/// then takes the general path, [`decode_write`](crate::decode_write) and [`compute_diff`], which
+/// decides (and says why a record is refused) exactly as without this one; where this one
+/// answers, it answers as they would.
+pub fn decode_change(
+    key: Option<&[u8]>,
+    payload: &[u8],
+    ctx: &DiffContext<'_>,
+) -> Option<ChangeSet> {
+    // Checked as UTF-8 once, so the parser need not check each string again.
+    let text = std::str::from_utf8(payload).ok()?;
+    let wire: WireWrite<Members> = serde_json::from_str(text).ok()?;
+    let (head, body) = wire.split()?;
+    if !key_matches(key, &head.tenant, &head.bucket) || check_head(&head, ctx.limits).is_err() {
+        return None;
+    }
+    let op = match body {
+        WireBody::Set(Members(doc)) => {
+            let fields = check_members(&doc, ctx.limits)?;
+            full_set(doc, fields)
+        }
+        WireBody::Patch(Members(patch)) => {
+            let fields = check_members(&patch, ctx.limits)?;
+            merge_patch(patch, fields)?
+        }
+        WireBody::Delete => ChangeOp::Delete,
+    };
+    Some(change_set(head, op, ctx))
+}
+
+/// The checks of a write's ids, in the order `compute_diff` reports them.
+fn check_head(head: &WireHead, limits: &Limits) -> Result<(), Rejection> {
+    check_tenant(&head.tenant)?;
+    check_bucket(&head.bucket)?;
+    limits.check_doc_id(&head.doc_id)?;
     let non_empty = |field: &str, value: &str| {
         if value.is_empty() || value.len() > 256 || value.chars().any(char::is_control) {
             Err(Rejection::new(
@@ -103,54 +168,87 @@ pub fn compute_diff(write: Write, ctx: &DiffContext<'_>) -> Result<Option<Change
             Ok(())
         }
     };
-    non_empty("event_id", &write.event_id)?;
-    non_empty("device_id", &write.device_id)?;
-    let op = match write.op {
-        WriteOp::Set { doc } => {
-            let fields = ctx.limits.check_body_fields(&doc)?;
-            // The leaves in the body's order (the resolver orders them by path).
-            let mut set = Vec::with_capacity(fields);
-            leaves(doc, &mut Vec::new(), &mut set);
-            ChangeOp::Fields {
-                replace: true,
-                set,
-                unset: Vec::new(),
-            }
-        }
-        WriteOp::Patch { patch } => {
-            let fields = ctx.limits.check_body_fields(&patch)?;
-            let (mut set, mut unset) = (Vec::with_capacity(fields), Vec::new());
-            split_patch(patch, &mut Vec::new(), &mut set, &mut unset);
-            if set.is_empty() && unset.is_empty() {
-                return Ok(None);
-            }
-            ChangeOp::Fields {
-                replace: false,
-                set,
-                unset,
-            }
-        }
-        WriteOp::Delete => ChangeOp::Delete,
-    };
-    let client = write.hlc.unwrap_or(Hlc::new(ctx.received_at_ms, 0));
+    non_empty("event_id", &head.event_id)?;
+    non_empty("device_id", &head.device_id)
+}
+
+/// The body's number of leaf fields if it keeps every limit and names each top-level member once.
+fn check_members(members: &[(String, Value)], limits: &Limits) -> Option<usize> {
+    if repeats_a_name(members) {
+        return None;
+    }
+    limits
+        .check_members(members.iter().map(|(k, v)| (k, v)))
+        .ok()
+}
+
+/// Whether two members share a name (or, rarely, only a hash of it: then the caller falls back
+/// to the general path, which is never wrong).
+fn repeats_a_name(members: &[(String, Value)]) -> bool {
+    use std::hash::{Hash, Hasher};
+    let mut hashes: smallvec::SmallVec<[u64; 64]> = members
+        .iter()
+        .map(|(k, _)| {
+            let mut h = rustc_hash::FxHasher::default();
+            k.hash(&mut h);
+            h.finish()
+        })
+        .collect();
+    hashes.sort_unstable();
+    hashes.windows(2).any(|w| w[0] == w[1])
+}
+
+/// A full-document set of `doc`, which has `fields` leaves.
+fn full_set(doc: impl IntoIterator<Item = (String, Value)>, fields: usize) -> ChangeOp {
+    // The leaves in the body's order (the resolver orders them by path).
+    let mut set = Vec::with_capacity(fields);
+    leaves(doc, &mut Vec::new(), &mut set);
+    ChangeOp::Fields {
+        replace: true,
+        set,
+        unset: Vec::new(),
+    }
+}
+
+/// The field changes of merge patch `patch`, which has `fields` leaves; `None` if it changes
+/// nothing.
+fn merge_patch(
+    patch: impl IntoIterator<Item = (String, Value)>,
+    fields: usize,
+) -> Option<ChangeOp> {
+    let (mut set, mut unset) = (Vec::with_capacity(fields), Vec::new());
+    split_patch(patch, &mut Vec::new(), &mut set, &mut unset);
+    if set.is_empty() && unset.is_empty() {
+        return None;
+    }
+    Some(ChangeOp::Fields {
+        replace: false,
+        set,
+        unset,
+    })
+}
+
+/// The change set of a checked write.
+fn change_set(head: WireHead, op: ChangeOp, ctx: &DiffContext<'_>) -> ChangeSet {
+    let client = head.hlc.unwrap_or(Hlc::new(ctx.received_at_ms, 0));
     let bounded = bound_skew(client, ctx.received_at_ms, ctx.max_skew_ms);
-    Ok(Some(ChangeSet {
+    ChangeSet {
         key: DocKey {
             bucket: BucketKey {
-                tenant: write.tenant,
-                bucket: write.bucket,
+                tenant: head.tenant,
+                bucket: head.bucket,
             },
-            doc_id: write.doc_id,
+            doc_id: head.doc_id,
         },
         stamp: Arc::new(Stamp {
             hlc: bounded.hlc,
-            device_id: write.device_id,
-            event_id: write.event_id,
+            device_id: head.device_id,
+            event_id: head.event_id,
         }),
-        base_version: write.base_version,
+        base_version: head.base_version,
         op,
         clamped_from: bounded.clamped_from,
-    }))
+    }
 }
 
 /// The path `prefix` + `key`: the prefix's names copied, the key moved.
@@ -163,7 +261,11 @@ fn path_to(prefix: &[String], key: String) -> FieldPath {
 
 /// The leaves of a document (every non-object value and every empty object), in the body's order:
 /// `path::flatten` without the map (and its sorting), moving the values out.
-fn leaves(obj: Map<String, Value>, prefix: &mut Vec<String>, out: &mut Vec<(FieldPath, Value)>) {
+fn leaves(
+    obj: impl IntoIterator<Item = (String, Value)>,
+    prefix: &mut Vec<String>,
+    out: &mut Vec<(FieldPath, Value)>,
+) {
     for (key, value) in obj {
         match value {
             Value::Object(inner) if !inner.is_empty() => {
@@ -179,7 +281,7 @@ fn leaves(obj: Map<String, Value>, prefix: &mut Vec<String>, out: &mut Vec<(Fiel
 /// RFC 7396 as field changes: `null` unsets, a non-empty object merges into the field, an empty
 /// object changes nothing, anything else sets.
 fn split_patch(
-    patch: Map<String, Value>,
+    patch: impl IntoIterator<Item = (String, Value)>,
     prefix: &mut Vec<String>,
     set: &mut Vec<(FieldPath, Value)>,
     unset: &mut Vec<FieldPath>,
@@ -200,7 +302,7 @@ fn split_patch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Map};
 
     fn write(op: WriteOp, hlc: Option<Hlc>) -> Write {
         Write {

@@ -7,7 +7,8 @@
 //! - [`reject`]: machine-readable reasons a write is refused ([`Rejection`]);
 //! - [`hlc`]: hybrid logical clocks and the skew bound;
 //! - [`path`]: field paths, flattening and nesting of documents;
-//! - [`diff`]: the stateless stage, [`compute_diff`] (write → [`ChangeSet`]);
+//! - [`diff`]: the stateless stage, [`compute_diff`] (write → [`ChangeSet`]), and
+//!   [`decode_change`] (a record's bytes → [`ChangeSet`] in one pass, for the common case);
 //! - [`resolve`]: the stateful stage, [`resolve_lww`] (per-field Last-Write-Wins over
 //!   [`ResolveState`]), with conflict detection;
 //! - [`events`]: what the resolver emits, [`SyncEvent`] and [`ConflictEvent`].
@@ -24,7 +25,7 @@ pub mod resolve;
 mod set_fields;
 pub mod write;
 
-pub use diff::{compute_diff, ChangeOp, ChangeSet, DiffContext, Stamp};
+pub use diff::{compute_diff, decode_change, ChangeOp, ChangeSet, DiffContext, Stamp};
 pub use events::{ConflictEvent, ConflictRule, ConflictSide, SetFields, SideOp, SyncEvent};
 pub use hlc::{Hlc, HlcClock};
 pub use limits::Limits;

@@ -97,13 +97,23 @@ impl Limits {
     /// for its exact size. The structural checks do not depend on the sizes, so both walks fail
     /// alike, and the outcome is that of the exact walk alone.
     pub(crate) fn check_body_fields(&self, body: &Map<String, Value>) -> Result<usize, Rejection> {
+        self.check_members(body)
+    }
+
+    /// [`Limits::check_body_fields`] over a body's members as a list (in the body's order) rather
+    /// than a map: the same walk, so the same outcome for the same members.
+    pub(crate) fn check_members<'b, I>(&self, members: I) -> Result<usize, Rejection>
+    where
+        I: IntoIterator<Item = (&'b String, &'b Value)> + Clone,
+        I::IntoIter: ExactSizeIterator,
+    {
         let mut fields = 0usize;
-        let bound = self.check_object(body, 1, &mut fields, None, Sizes::Bound)?;
+        let bound = self.check_object(members.clone(), 1, &mut fields, None, Sizes::Bound)?;
         if bound <= self.max_doc_bytes {
             return Ok(fields);
         }
         fields = 0;
-        let size = self.check_object(body, 1, &mut fields, None, Sizes::Exact)?;
+        let size = self.check_object(members, 1, &mut fields, None, Sizes::Exact)?;
         if size > self.max_doc_bytes {
             return Err(Rejection::new(
                 RejectCode::TooLarge,
@@ -115,14 +125,18 @@ impl Limits {
 
     /// Checks an object at `at` (`None`: the body), returning its size as compact JSON (or an
     /// upper bound of it, as `sizes` says).
-    fn check_object(
+    fn check_object<'b, I>(
         &self,
-        obj: &Map<String, Value>,
+        obj: I,
         depth: usize,
         fields: &mut usize,
         at: Option<&At<'_>>,
         sizes: Sizes,
-    ) -> Result<usize, Rejection> {
+    ) -> Result<usize, Rejection>
+    where
+        I: IntoIterator<Item = (&'b String, &'b Value)>,
+        I::IntoIter: ExactSizeIterator,
+    {
         if depth > self.max_depth {
             return Err(Rejection::new(
                 RejectCode::TooDeep,
@@ -134,6 +148,7 @@ impl Limits {
             ));
         }
         // `{}`, a comma between members, and per member its key, a colon and its value.
+        let obj = obj.into_iter();
         let mut size = 2 + obj.len().saturating_sub(1);
         for (key, value) in obj {
             size += self.check_key(key, at)? + 1;

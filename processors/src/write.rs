@@ -105,15 +105,15 @@ pub fn decode_write(key: Option<&[u8]>, payload: &[u8]) -> Result<Write, Rejecti
         Some(w) => w,
         None => slow_decode(payload)?,
     };
-    check_key(key, &write)?;
+    check_key(key, &write.tenant, &write.bucket)?;
     Ok(write)
 }
 
 /// The fields of a write, read in one pass (no intermediate `Value` tree and no buffering for
-/// the flattened, tagged `op`).
+/// the flattened, tagged `op`), with the body as a `B`.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct WireWrite {
+pub(crate) struct WireWrite<B> {
     v: u32,
     event_id: String,
     tenant: String,
@@ -125,10 +125,14 @@ struct WireWrite {
     #[serde(default)]
     base_version: Option<u64>,
     op: WireOp,
-    #[serde(default)]
-    doc: Option<Map<String, Value>>,
-    #[serde(default)]
-    patch: Option<Map<String, Value>>,
+    #[serde(default = "none")]
+    doc: Option<B>,
+    #[serde(default = "none")]
+    patch: Option<B>,
+}
+
+fn none<B>() -> Option<B> {
+    None
 }
 
 #[derive(Deserialize)]
@@ -139,29 +143,102 @@ enum WireOp {
     Delete,
 }
 
+/// The operation of a [`WireWrite`] that is well formed for the current version.
+pub(crate) enum WireBody<B> {
+    /// `op: set` with its `doc`.
+    Set(B),
+    /// `op: patch` with its `patch`.
+    Patch(B),
+    /// `op: delete`.
+    Delete,
+}
+
+/// The ids, clock and version of a [`WireWrite`], apart from its body.
+pub(crate) struct WireHead {
+    pub(crate) event_id: String,
+    pub(crate) tenant: String,
+    pub(crate) bucket: String,
+    pub(crate) doc_id: String,
+    pub(crate) device_id: String,
+    pub(crate) hlc: Option<Hlc>,
+    pub(crate) base_version: Option<u64>,
+}
+
+impl<B> WireWrite<B> {
+    /// The write if it is of the current version and its `op` has exactly the body it needs;
+    /// `None` otherwise (the general path then decides, with its reason).
+    pub(crate) fn split(self) -> Option<(WireHead, WireBody<B>)> {
+        if self.v != WRITE_FORMAT_VERSION {
+            return None;
+        }
+        let body = match (self.op, self.doc, self.patch) {
+            (WireOp::Set, Some(doc), None) => WireBody::Set(doc),
+            (WireOp::Patch, None, Some(patch)) => WireBody::Patch(patch),
+            (WireOp::Delete, None, None) => WireBody::Delete,
+            _ => return None,
+        };
+        let head = WireHead {
+            event_id: self.event_id,
+            tenant: self.tenant,
+            bucket: self.bucket,
+            doc_id: self.doc_id,
+            device_id: self.device_id,
+            hlc: self.hlc,
+            base_version: self.base_version,
+        };
+        Some((head, body))
+    }
+}
+
+/// A body's top-level members as a list, in the body's order and with any repeated names kept
+/// (a map would keep the last value): what [`crate::decode_change`] reads a body into, without
+/// building the map that [`compute_diff`](crate::compute_diff) would then take apart. Nested
+/// objects are ordinary `Value`s.
+pub(crate) struct Members(pub(crate) Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for Members {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Members;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Members, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
+                while let Some(member) = map.next_entry::<String, Value>()? {
+                    members.push(member);
+                }
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
 /// The common case, fast: a well-formed write of the current version. `None` for anything else,
 /// which [`slow_decode`] then rejects with its reason (or accepts exactly as before), so the
 /// fast path never changes what is accepted or how a rejection reads.
 fn fast_decode(payload: &[u8]) -> Option<Write> {
-    let w: WireWrite = serde_json::from_slice(payload).ok()?;
-    if w.v != WRITE_FORMAT_VERSION {
-        return None;
-    }
-    let op = match (w.op, w.doc, w.patch) {
-        (WireOp::Set, Some(doc), None) => WriteOp::Set { doc },
-        (WireOp::Patch, None, Some(patch)) => WriteOp::Patch { patch },
-        (WireOp::Delete, None, None) => WriteOp::Delete,
-        _ => return None,
+    let w: WireWrite<Map<String, Value>> = serde_json::from_slice(payload).ok()?;
+    let (head, body) = w.split()?;
+    let op = match body {
+        WireBody::Set(doc) => WriteOp::Set { doc },
+        WireBody::Patch(patch) => WriteOp::Patch { patch },
+        WireBody::Delete => WriteOp::Delete,
     };
     Some(Write {
-        v: w.v,
-        event_id: w.event_id,
-        tenant: w.tenant,
-        bucket: w.bucket,
-        doc_id: w.doc_id,
-        device_id: w.device_id,
-        hlc: w.hlc,
-        base_version: w.base_version,
+        v: WRITE_FORMAT_VERSION,
+        event_id: head.event_id,
+        tenant: head.tenant,
+        bucket: head.bucket,
+        doc_id: head.doc_id,
+        device_id: head.device_id,
+        hlc: head.hlc,
+        base_version: head.base_version,
         op,
     })
 }
@@ -196,23 +273,31 @@ fn slow_decode(payload: &[u8]) -> Result<Write, Rejection> {
         .map_err(|e| Rejection::new(RejectCode::InvalidEvent, e.to_string()))
 }
 
-fn check_key(key: Option<&[u8]>, write: &Write) -> Result<(), Rejection> {
-    if let Some(key) = key {
-        let expected = format!("{}/{}", write.tenant, write.bucket);
-        if key != expected.as_bytes() {
-            return Err(Rejection::new(
-                RejectCode::KeyMismatch,
-                format!(
-                    "record key {:?} must be the event's \"tenant/bucket\" ({expected:?})",
-                    String::from_utf8_lossy(key)
-                        .chars()
-                        .take(80)
-                        .collect::<String>()
-                ),
-            ));
-        }
+/// Whether `key` is absent or reads `tenant/bucket`, without building the string.
+pub(crate) fn key_matches(key: Option<&[u8]>, tenant: &str, bucket: &str) -> bool {
+    key.is_none_or(|k| {
+        k.len() == tenant.len() + 1 + bucket.len()
+            && k.starts_with(tenant.as_bytes())
+            && k[tenant.len()] == b'/'
+            && k.ends_with(bucket.as_bytes())
+    })
+}
+
+fn check_key(key: Option<&[u8]>, tenant: &str, bucket: &str) -> Result<(), Rejection> {
+    match key {
+        Some(key) if !key_matches(Some(key), tenant, bucket) => Err(Rejection::new(
+            RejectCode::KeyMismatch,
+            format!(
+                "record key {:?} must be the event's \"tenant/bucket\" ({:?})",
+                String::from_utf8_lossy(key)
+                    .chars()
+                    .take(80)
+                    .collect::<String>(),
+                format!("{tenant}/{bucket}")
+            ),
+        )),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 #[cfg(test)]
