@@ -245,10 +245,25 @@ pub fn decode_doc(bytes: &[u8]) -> Result<DocState, CodecError> {
     }
 }
 
+/// Most memory bincode may set aside while decoding one record. Without a limit, bincode
+/// allocates what a damaged length asks for before it reads a byte of it, and panics or aborts
+/// the process when that is absurd; with one, such a length is an error. Far above any real
+/// record: Kafka refuses records over 1 MB by default.
+const DECODE_LIMIT: usize = 64 << 20;
+
+/// Bincode's standard configuration, with [`DECODE_LIMIT`].
+fn bincode_config() -> bincode::config::Configuration<
+    bincode::config::LittleEndian,
+    bincode::config::Varint,
+    bincode::config::Limit<DECODE_LIMIT>,
+> {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+}
+
 /// The bincode value of a whole record body.
 fn decode_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, CodecError> {
     let (stored, used): (T, usize) =
-        bincode::serde::decode_from_slice(body, bincode::config::standard()).map_err(corrupt)?;
+        bincode::serde::decode_from_slice(body, bincode_config()).map_err(corrupt)?;
     if used != body.len() {
         return Err(CodecError::Corrupt("trailing bytes".into()));
     }
@@ -285,8 +300,7 @@ fn doc_state(
 fn decode_v2(body: &[u8]) -> Result<DocState, CodecError> {
     // Borrowed: each value's JSON text is parsed from the record itself, not from a copy.
     let (stored, used): (StoredDocV2<String, Vec<String>, &str>, usize) =
-        bincode::serde::borrow_decode_from_slice(body, bincode::config::standard())
-            .map_err(corrupt)?;
+        bincode::serde::borrow_decode_from_slice(body, bincode_config()).map_err(corrupt)?;
     if used != body.len() {
         return Err(CodecError::Corrupt("trailing bytes".into()));
     }
@@ -557,8 +571,45 @@ mod tests {
             )
     }
 
+    /// A damage done to a record: a byte set, the record cut short, a byte inserted or added.
+    #[derive(Debug, Clone)]
+    enum Damage {
+        Set(prop::sample::Index, u8),
+        Cut(prop::sample::Index),
+        Insert(prop::sample::Index, u8),
+        Append(u8),
+    }
+
+    fn damage() -> impl Strategy<Value = Damage> {
+        prop_oneof![
+            (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| Damage::Set(i, b)),
+            any::<prop::sample::Index>().prop_map(Damage::Cut),
+            (any::<prop::sample::Index>(), any::<u8>()).prop_map(|(i, b)| Damage::Insert(i, b)),
+            any::<u8>().prop_map(Damage::Append),
+        ]
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// A damaged record is refused or read as some state, never a panic or an abort; a
+        /// state read from it writes and reads back as itself.
+        #[test]
+        fn damaged_records_are_refused_or_read_never_a_panic(doc in doc(), damage in damage()) {
+            let mut bytes = encode_doc(&doc);
+            match damage {
+                Damage::Set(i, b) => {
+                    let i = 1 + i.index(bytes.len() - 1);
+                    bytes[i] = b;
+                }
+                Damage::Cut(i) => bytes.truncate(1 + i.index(bytes.len() - 1)),
+                Damage::Insert(i, b) => bytes.insert(1 + i.index(bytes.len()), b),
+                Damage::Append(b) => bytes.push(b),
+            }
+            if let Ok(read) = decode_doc(&bytes) {
+                prop_assert_eq!(decode_doc(&encode_doc(&read)).unwrap(), read);
+            }
+        }
 
         /// The hand-written encoder writes bincode's bytes, and they read back as the state.
         #[test]
@@ -575,6 +626,38 @@ mod tests {
             let doc = state_after(&HISTORY[..n]);
             assert_eq!(encode_doc(&doc), encode_with_serde(&doc));
         }
+    }
+
+    /// A damaged length asks for more than the record holds: refused, with nothing allocated
+    /// for it (bincode without a limit panicked or aborted the process here).
+    #[test]
+    fn an_absurd_length_is_refused_without_a_panic() {
+        // Format 2: a document with one register whose path's first name claims 2^62 bytes.
+        let doc = state_after(&HISTORY[..1]);
+        let good = encode_doc(&doc);
+        let name = doc.registers.iter().next().unwrap().0[0].as_bytes();
+        let at = good.windows(name.len()).position(|w| w == name).unwrap() - 1;
+        assert_eq!(
+            usize::from(good[at]),
+            name.len(),
+            "the name's one-byte length"
+        );
+        let mut bad = good[..at].to_vec();
+        bad.push(253);
+        bad.extend_from_slice(&(1u64 << 62).to_le_bytes());
+        bad.extend_from_slice(&good[at + 1..]);
+        assert!(matches!(decode_doc(&bad), Err(CodecError::Corrupt(_))));
+        // Format 1: the first register's first path name claims 2^62
+        // bytes. After the format byte, version, seq, the hlc (tag, wall, counter), the number
+        // of registers and the path's length, one byte each, comes the name's length.
+        let mut v1 = hex(HISTORY_FORMAT_1);
+        let name_at = 8;
+        assert_eq!(&v1[name_at..name_at + 2], &[1, b'a'], "the name \"a\"");
+        v1.splice(
+            name_at..=name_at,
+            [253].into_iter().chain((1u64 << 62).to_le_bytes()),
+        );
+        assert!(matches!(decode_doc(&v1), Err(CodecError::Corrupt(_))));
     }
 
     #[test]
