@@ -220,8 +220,21 @@ fn main() -> anyhow::Result<()> {
     let mut quarter: Option<(Duration, u64)> = None;
     let deadline = started + Duration::from_secs(1800);
     let mut last_check = Instant::now();
+    // A resolver that cannot work (e.g. its producer cannot be built) retries forever: give up
+    // when nothing is committed for this long.
+    let stall = Duration::from_secs(120);
+    let mut progress = (Instant::now(), 0u64);
     loop {
         let committed = stats.records.load(Ordering::Relaxed);
+        if committed != progress.1 {
+            progress = (Instant::now(), committed);
+        } else if progress.0.elapsed() > stall {
+            bail!(
+                "the resolver committed nothing for {} s ({committed} records so far); \
+                 its warnings on stderr say why",
+                stall.as_secs()
+            );
+        }
         if first_commit.is_none() && committed > 0 {
             first_commit = Some(started.elapsed());
         }
