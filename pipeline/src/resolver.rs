@@ -229,27 +229,28 @@ pub fn decide<S: processors::ResolveState>(
         max_skew_ms,
     };
     // The common case in one pass; anything else (and every refusal) takes the general path.
-    let change = match decode_change(record.key, record.payload, &ctx) {
-        Some(change) => change,
+    // Either way a write is routed before it is validated: the partition owning its bucket
+    // decides.
+    let (key, change) = match decode_change(record.key, record.payload, &ctx) {
+        Some(change) => match route(&change.key.bucket, record.partition, partitions) {
+            Ok(key) => (key, change),
+            Err(forward) => return Ok(forward),
+        },
         None => {
             let write = match decode_write(record.key, record.payload) {
                 Ok(w) => w,
                 Err(r) => return Ok(Decision::Rejected(r)),
             };
-            if let Err(forward) = route(&write.bucket_key(), record.partition, partitions) {
-                return Ok(forward);
-            }
+            let key = match route(&write.bucket_key(), record.partition, partitions) {
+                Ok(key) => key,
+                Err(forward) => return Ok(forward),
+            };
             match compute_diff(write, &ctx) {
-                Ok(Some(c)) => c,
+                Ok(Some(c)) => (key, c),
                 Ok(None) => return Ok(Decision::Nothing),
                 Err(r) => return Ok(Decision::Rejected(r)),
             }
         }
-    };
-    // A write is routed before it is validated: the partition that owns its bucket decides.
-    let key = match route(&change.key.bucket, record.partition, partitions) {
-        Ok(key) => key,
-        Err(forward) => return Ok(forward),
     };
     let applied = resolve_lww(state, change)?;
     Ok(Decision::Applied {

@@ -103,11 +103,11 @@ pub fn compute_diff(write: Write, ctx: &DiffContext<'_>) -> Result<Option<Change
     check_head(&head, ctx.limits)?;
     let op = match write.op {
         WriteOp::Set { doc } => {
-            let fields = ctx.limits.check_body_fields(&doc)?;
+            let fields = ctx.limits.check_members(&doc)?;
             full_set(doc, fields)
         }
         WriteOp::Patch { patch } => {
-            let fields = ctx.limits.check_body_fields(&patch)?;
+            let fields = ctx.limits.check_members(&patch)?;
             match merge_patch(patch, fields) {
                 Some(op) => op,
                 None => return Ok(None),

@@ -87,21 +87,16 @@ impl Limits {
     /// One walk checks the structure and adds up the body's size as compact JSON (what
     /// `serde_json::to_vec` would produce), so nothing is serialised.
     pub fn check_body(&self, body: &Map<String, Value>) -> Result<(), Rejection> {
-        self.check_body_fields(body).map(|_| ())
+        self.check_members(body).map(|_| ())
     }
 
-    /// [`Limits::check_body`], returning the body's number of leaf fields.
+    /// [`Limits::check_body`] over a body's members (a map, or a list in the body's order),
+    /// returning the body's number of leaf fields.
     ///
     /// The walk first adds up an upper bound of the size ([`Sizes::Bound`]: no string value is
     /// scanned and no float formatted); only a body whose bound is over the limit is walked again
     /// for its exact size. The structural checks do not depend on the sizes, so both walks fail
     /// alike, and the outcome is that of the exact walk alone.
-    pub(crate) fn check_body_fields(&self, body: &Map<String, Value>) -> Result<usize, Rejection> {
-        self.check_members(body)
-    }
-
-    /// [`Limits::check_body_fields`] over a body's members as a list (in the body's order) rather
-    /// than a map: the same walk, so the same outcome for the same members.
     pub(crate) fn check_members<'b, I>(&self, members: I) -> Result<usize, Rejection>
     where
         I: IntoIterator<Item = (&'b String, &'b Value)> + Clone,

@@ -141,22 +141,30 @@ impl Serialize for SetFields {
 
 impl<'de> Deserialize<'de> for SetFields {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct FieldsVisitor;
-        impl<'de> Visitor<'de> for FieldsVisitor {
-            type Value = SetFields;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object of field paths and values")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<SetFields, A::Error> {
-                let mut entries = Vec::with_capacity(access.size_hint().unwrap_or(0).min(64));
-                while let Some(entry) = access.next_entry::<String, Value>()? {
-                    entries.push(entry);
-                }
-                Ok(entries.into_iter().collect())
-            }
-        }
-        d.deserialize_map(FieldsVisitor)
+        object_members(d).map(|entries| entries.into_iter().collect())
     }
+}
+
+/// A JSON object's members as a list, in its order and with any repeated names kept: what
+/// [`SetFields`] is built from, and what [`crate::decode_change`] reads a write's body into.
+pub(crate) fn object_members<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<(String, Value)>, D::Error> {
+    struct MembersVisitor;
+    impl<'de> Visitor<'de> for MembersVisitor {
+        type Value = Vec<(String, Value)>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object of field paths and values")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+            let mut entries = Vec::with_capacity(access.size_hint().unwrap_or(0).min(64));
+            while let Some(entry) = access.next_entry::<String, Value>()? {
+                entries.push(entry);
+            }
+            Ok(entries)
+        }
+    }
+    d.deserialize_map(MembersVisitor)
 }
 
 #[cfg(test)]
