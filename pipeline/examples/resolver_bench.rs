@@ -16,9 +16,11 @@
 //!      the resolver: poll a batch, begin, copy every record 1:1, send offsets, commit);
 //!    - resolver: the real `Resolver` on its own thread, from start until the resolver group's
 //!      committed offsets reach the end of every partition.
-//! 3. Latency: with the resolver caught up, produces at R writes/s for S s; `read_committed`
-//!    consumers of `data.changed` (baseline: produce → readable) and `sync.events` (produce →
-//!    committed resolver output) measure receive − send per event; the first second is skipped.
+//! 3. Latency: with the resolver caught up, produces at R writes/s for S s, twice: first a
+//!    `read_committed` consumer of `data.changed` measures receive − send per write (baseline:
+//!    produce → readable, Kafka alone), then one of `sync.events` (produce → committed resolver
+//!    output); the first second of each is skipped. Apart, so that the baseline's reader (a fetch
+//!    per write or so) does not load the broker while the resolver is measured.
 //!    Then, with the resolver stopped, the same for the pass-through (baseline: what exactly-once
 //!    alone costs in latency).
 //! 4. Prints a results table (with CPU use per phase: this process by thread, the broker, the
@@ -272,7 +274,26 @@ fn main() -> anyhow::Result<()> {
         peak_rss_kib: proc_status_kib("VmHWM"),
     });
 
-    // ---- latency at a fixed rate, resolver caught up
+    // ---- latency at a fixed rate, resolver caught up. Kafka alone first, then the resolver's
+    // output, each in its own run: a reader of `data.changed` fetches about once per write at
+    // this rate (hundreds of requests a second, a tenth of a core of the broker here), load that
+    // production does not have and that would otherwise slow the resolver being measured.
+    eprintln!(
+        "[bench] latency baseline: Kafka alone, {} writes/s for {} s ...",
+        args.rate, args.seconds
+    );
+    let kafka_alone = latency_phase(
+        "kafka",
+        &cfg,
+        partitions,
+        &mut workload,
+        args.rate,
+        args.seconds,
+        &[(
+            "baseline: produce → read_committed read of data.changed (own run)",
+            input.clone(),
+        )],
+    )?;
     eprintln!(
         "[bench] latency: {} writes/s for {} s ...",
         args.rate, args.seconds
@@ -284,24 +305,22 @@ fn main() -> anyhow::Result<()> {
     );
     let cpu0 = CpuSnapshot::take();
     let t = Instant::now();
-    let latency = latency_phase(
+    // What the resolver still has to do from the run before is left behind the warm-up second.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut latency = latency_phase(
+        "lat",
         &cfg,
         partitions,
         &mut workload,
         args.rate,
         args.seconds,
-        &[
-            (
-                "baseline: produce → read_committed read of data.changed",
-                input.clone(),
-            ),
-            (
-                "**produce → committed sync.events (resolver, EOS)**",
-                cfg.topic(topics::SYNC_EVENTS),
-            ),
-        ],
+        &[(
+            "**produce → committed sync.events (resolver, EOS)**",
+            cfg.topic(topics::SYNC_EVENTS),
+        )],
     )?;
     let cpu = CpuSnapshot::take().since(&cpu0, t.elapsed());
+    latency.paths.splice(0..0, kafka_alone.paths);
     report.latency = Some(LatencyResult {
         rate: args.rate,
         seconds: args.seconds,
@@ -747,6 +766,7 @@ fn passthrough_latency(
         records.load(Ordering::Relaxed),
     );
     let result = latency_phase(
+        "pass",
         cfg,
         partitions,
         workload,
@@ -816,11 +836,11 @@ struct EventId {
     event_id: String,
 }
 
-/// A `read_committed` reader of `topic` from its current end, recording when each `lat-` event
-/// (event id `lat-<index>-<send µs since base>`) arrives.
+/// A `read_committed` reader of `topic` from its current end, recording when each event of this
+/// run (event id `<tag>-<index>-<send µs since base>`) arrives.
 fn latency_reader(
-    brokers: &str,
-    group: &str,
+    tag: &'static str,
+    (brokers, group): (&str, &str),
     topic: &str,
     partitions: i32,
     base: Instant,
@@ -852,7 +872,7 @@ fn latency_reader(
                         continue;
                     };
                     let mut parts = e.event_id.split('-');
-                    if parts.next() != Some("lat") {
+                    if parts.next() != Some(tag) {
                         continue;
                     }
                     let (Some(Ok(i)), Some(Ok(sent))) = (
@@ -870,8 +890,10 @@ fn latency_reader(
 }
 
 /// Produces `rate` writes/s for `seconds` s into `data.changed` and measures, per `(label,
-/// topic)` of `paths`, send → `read_committed` receive of each write's event id.
+/// topic)` of `paths`, send → `read_committed` receive of each write's event id (`tag` tells
+/// this run's writes from another's that are still on their way).
 fn latency_phase(
+    tag: &'static str,
     cfg: &Config,
     partitions: i32,
     workload: &mut Workload,
@@ -888,8 +910,8 @@ fn latency_phase(
         .zip(&counts)
         .map(|((_, topic), count)| {
             latency_reader(
-                &cfg.kafka.brokers,
-                &cfg.topic("bench-latency"),
+                tag,
+                (&cfg.kafka.brokers, &cfg.topic("bench-latency")),
                 topic,
                 partitions,
                 base,
@@ -932,7 +954,7 @@ fn latency_phase(
         if sent >= warmup_us && measured_from == n {
             measured_from = i;
         }
-        write["event_id"] = format!("lat-{i}-{sent}").into();
+        write["event_id"] = format!("{tag}-{i}-{sent}").into();
         let payload = serde_json::to_vec(&write)?;
         let p = partition_for(key.as_bytes(), partitions);
         send_retry(
