@@ -294,6 +294,8 @@ fn main() -> anyhow::Result<()> {
             input.clone(),
         )],
     )?;
+    // Let the resolver finish the run before, outside this run's CPU and transaction counts.
+    std::thread::sleep(Duration::from_secs(1));
     eprintln!(
         "[bench] latency: {} writes/s for {} s ...",
         args.rate, args.seconds
@@ -305,8 +307,6 @@ fn main() -> anyhow::Result<()> {
     );
     let cpu0 = CpuSnapshot::take();
     let t = Instant::now();
-    // What the resolver still has to do from the run before is left behind the warm-up second.
-    std::thread::sleep(Duration::from_secs(1));
     let mut latency = latency_phase(
         "lat",
         &cfg,
