@@ -89,6 +89,27 @@ pub struct RejectedRecord {
     pub payload_b64: Option<String>,
 }
 
+/// Where the last committed batch spent its time, and how long its oldest record waited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct BatchTiming {
+    /// Input records in the batch.
+    pub records: u64,
+    /// Deciding the records and producing the outputs, ms.
+    pub process_ms: f64,
+    /// Sending the offsets to the transaction (alongside the processing), from the batch's
+    /// start, ms.
+    pub offsets_ms: f64,
+    /// Waiting for the outputs' acknowledgements after both, ms.
+    pub deliver_ms: f64,
+    /// `commit_transaction`, ms.
+    pub commit_ms: f64,
+    /// Writing the committed state into sled, ms.
+    pub apply_ms: f64,
+    /// From the first record's timestamp (when it was written to `data.changed`) to the commit,
+    /// ms: how far behind the writes the committed output runs.
+    pub lag_ms: u64,
+}
+
 /// Observable progress of the resolver.
 #[derive(Debug, Default)]
 pub struct ResolverStats {
@@ -104,6 +125,8 @@ pub struct ResolverStats {
     pub restored: AtomicU64,
     /// Tasks being restored right now.
     pub restoring: AtomicU64,
+    /// The last committed batch (none yet: `None`).
+    pub last_batch: Mutex<Option<BatchTiming>>,
 }
 
 impl ResolverStats {
@@ -117,6 +140,7 @@ impl ResolverStats {
             "aborted": get(&self.aborted),
             "restored_records": get(&self.restored),
             "tasks_restoring": get(&self.restoring),
+            "last_batch": *self.last_batch.lock().unwrap_or_else(|p| p.into_inner()),
         })
     }
 }
@@ -157,7 +181,10 @@ pub struct DeliveryTracker {
     changelog: String,
     next: Mutex<HashMap<i32, i64>>,
     /// Records handed to the producer by [`send_bytes`] whose delivery report has not run yet.
-    pending: Mutex<u64>,
+    pending: AtomicU64,
+    /// Held to notify `drained` and to wait on it (so that no notification falls between a
+    /// waiter's check and its wait).
+    drain_lock: Mutex<()>,
     /// Notified when `pending` drops to zero.
     drained: Condvar,
 }
@@ -174,11 +201,7 @@ impl ProducerContext for DeliveryTracker {
                 *slot = (*slot).max(m.offset() + 1);
             }
         }
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        *pending = pending.saturating_sub(1);
-        if *pending == 0 {
-            self.drained.notify_all();
-        }
+        self.count_sent(-1);
     }
 }
 
@@ -187,7 +210,8 @@ impl DeliveryTracker {
         DeliveryTracker {
             changelog,
             next: Mutex::new(HashMap::new()),
-            pending: Mutex::new(0),
+            pending: AtomicU64::new(0),
+            drain_lock: Mutex::new(()),
             drained: Condvar::new(),
         }
     }
@@ -197,12 +221,16 @@ impl DeliveryTracker {
         next.get(&partition).copied()
     }
 
-    /// Counts a record about to be handed to the producer (`n` = 1) or one the producer refused
-    /// (`n` = -1: no report will come for it).
+    /// Counts a record about to be handed to the producer (`n` = 1), or one whose delivery
+    /// report ran or that the producer refused (`n` = -1). Never below zero.
     fn count_sent(&self, n: i64) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        *pending = pending.saturating_add_signed(n);
-        if *pending == 0 {
+        let update = |p: u64| Some(p.saturating_add_signed(n));
+        let before = self
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, update)
+            .unwrap_or_default();
+        if n < 0 && before <= 1 {
+            let _held = self.drain_lock.lock().unwrap_or_else(|p| p.into_inner());
             self.drained.notify_all();
         }
     }
@@ -213,19 +241,19 @@ impl DeliveryTracker {
     /// outstanding whatever the count says, and the count starts again from zero, so a miscount
     /// costs at most 5 ms once, never a stall.
     fn wait_drained(&self, deadline: Instant, idle: impl Fn() -> bool) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        while *pending > 0 {
+        let mut held = self.drain_lock.lock().unwrap_or_else(|p| p.into_inner());
+        while self.pending.load(Ordering::Acquire) > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return;
             }
             let (guard, waited) = self
                 .drained
-                .wait_timeout(pending, left.min(Duration::from_millis(5)))
+                .wait_timeout(held, left.min(Duration::from_millis(5)))
                 .unwrap_or_else(|p| p.into_inner());
-            pending = guard;
-            if waited.timed_out() && *pending > 0 && idle() {
-                *pending = 0;
+            held = guard;
+            if waited.timed_out() && self.pending.load(Ordering::Acquire) > 0 && idle() {
+                self.pending.store(0, Ordering::Release);
             }
         }
     }
@@ -800,6 +828,7 @@ impl Resolver {
         let t_delivered = Instant::now();
         producer.commit_transaction(Duration::from_secs(30))?;
         let t_committed = Instant::now();
+        let committed_at_ms = now_ms();
         let applied = on_threads(
             records,
             threads,
@@ -813,21 +842,35 @@ impl Resolver {
             },
         );
         let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
-        tracing::debug!(
-            records = batch.len(),
-            process_ms = ms(t0, t_processed),
-            // Sent alongside the processing: the time from the batch's start.
-            offsets_ms = ms(t0, t_offsets),
-            deliver_ms = ms(t_processed.max(t_offsets), t_delivered),
-            commit_ms = ms(t_delivered, t_committed),
-            apply_ms = ms(t_committed, Instant::now()),
-            // How long the batch's first record waited, from its produce to this commit.
-            first_age_ms = batch
+        let timing = BatchTiming {
+            records: batch.len() as u64,
+            process_ms: ms(t0, t_processed),
+            offsets_ms: ms(t0, t_offsets),
+            deliver_ms: ms(t_processed.max(t_offsets), t_delivered),
+            commit_ms: ms(t_delivered, t_committed),
+            apply_ms: ms(t_committed, Instant::now()),
+            lag_ms: batch
                 .first()
                 .and_then(|m| m.timestamp().to_millis())
-                .map_or(0, |t| now_ms().saturating_sub(t.max(0) as u64)),
+                .map_or(0, |t| committed_at_ms.saturating_sub(t.max(0) as u64)),
+        };
+        tracing::debug!(
+            records = timing.records,
+            process_ms = timing.process_ms,
+            offsets_ms = timing.offsets_ms,
+            deliver_ms = timing.deliver_ms,
+            commit_ms = timing.commit_ms,
+            apply_ms = timing.apply_ms,
+            lag_ms = timing.lag_ms,
             "batch phases"
         );
+        if applied.is_ok() {
+            *self
+                .stats
+                .last_batch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some(timing);
+        }
         applied?;
         Ok(())
     }

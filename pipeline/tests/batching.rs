@@ -36,6 +36,9 @@ async fn committed(stats: &ResolverStats, n: u64) {
 async fn a_lone_write_is_not_held_but_writes_under_load_share_a_transaction() {
     let mut env = TestEnv::new("batching").await;
     env.cfg.resolver.linger_ms = LINGER.as_millis() as u64;
+    // No periodic checkpoint: its markers end batches, which would make the counts below
+    // depend on when one arrives.
+    env.cfg.checkpoint.interval_secs = 0;
     let running = env.start(&[Role::Processor]).await;
     let stats = running.resolver_stats.clone();
 
@@ -52,6 +55,14 @@ async fn a_lone_write_is_not_held_but_writes_under_load_share_a_transaction() {
         assert!(
             took < LINGER / 2,
             "a lone write at low load took {took:?} to commit; the linger is {LINGER:?}"
+        );
+        // `/status` shows that batch: one record, waited for no linger.
+        let last = stats.last_batch.lock().unwrap().expect("a committed batch");
+        assert_eq!(last.records, 1, "{last:?}");
+        assert!(
+            last.lag_ms < LINGER.as_millis() as u64 / 2,
+            "a lone write lagged {} ms behind its write: {last:?}",
+            last.lag_ms
         );
     }
 
@@ -73,6 +84,14 @@ async fn a_lone_write_is_not_held_but_writes_under_load_share_a_transaction() {
     );
     assert_eq!(stats.records.load(Ordering::SeqCst), 54);
     assert_eq!(stats.rejected.load(Ordering::SeqCst), 0);
+    // The last batch under load held its first record for the linger: the lag shows it.
+    let last = stats.last_batch.lock().unwrap().expect("a committed batch");
+    assert!(
+        last.records > 1 && last.lag_ms >= LINGER.as_millis() as u64 / 2,
+        "the last batch under load: {last:?}"
+    );
+    let json = stats.to_json();
+    assert_eq!(json["last_batch"]["records"], last.records, "{json}");
 
     running.stop().await.unwrap();
     env.cleanup().await;
