@@ -5,13 +5,13 @@
 //! 1. Poll a batch: wait up to `resolver.poll_ms` for a first record, then take whatever is
 //!    already fetched, up to `resolver.batch_max` — a lone write at low load is not held back.
 //! 2. Begin a Kafka transaction; compute every output against an in-memory [`Overlay`] of the
-//!    sled state of the record's task (input partition). Meanwhile, on a thread of its own, send
-//!    the batch's offsets to the transaction with the group metadata (they are known up front).
+//!    sled state of the record's task (input partition).
 //! 3. Produce `sync.events`, `conflict.detected` and `data.rejected` records and the changelog
 //!    records of every state record the batch changed, all to the input's partition number
 //!    (the topics are co-partitioned by bucket).
-//! 4. Wait for every record's delivery report and for the offsets; if the group generation
-//!    changed meanwhile, abort; commit.
+//! 4. Send the batch's offsets to the transaction with the group metadata (on a second thread)
+//!    while waiting for every record's delivery report; if the group generation changed
+//!    meanwhile, abort; commit.
 //! 5. Only then write the overlay into sled in one atomic batch per task. sled is never ahead of
 //!    Kafka. If anything fails before the commit, the transaction is aborted, the overlay dropped
 //!    and the consumer rewound to the committed offsets.
@@ -96,10 +96,9 @@ pub struct BatchTiming {
     pub records: u64,
     /// Deciding the records and producing the outputs, ms.
     pub process_ms: f64,
-    /// Sending the offsets to the transaction (alongside the processing), from the batch's
-    /// start, ms.
+    /// Sending the offsets to the transaction, after the processing, ms.
     pub offsets_ms: f64,
-    /// Waiting for the outputs' acknowledgements after both, ms.
+    /// Waiting for the outputs' acknowledgements after the processing (alongside the offsets), ms.
     pub deliver_ms: f64,
     /// `commit_transaction`, ms.
     pub commit_ms: f64,
@@ -753,9 +752,6 @@ impl Resolver {
         for (p, next) in batch_offsets(batch) {
             tpl.add_partition_offset(&input, p, Offset::Offset(next))?;
         }
-        let group = consumer
-            .group_metadata()
-            .ok_or_else(|| ResolverError::Setup("consumer has no group metadata".into()))?;
         producer.begin_transaction()?;
         let mut partitions: Vec<i32> = batch.iter().map(|m| m.partition()).collect();
         partitions.sort_unstable();
@@ -777,10 +773,40 @@ impl Resolver {
         } else {
             1
         };
-        // The offsets are known before the records are processed: they go to the transaction on
-        // a thread of their own meanwhile, so that their two round trips to the coordinators
-        // overlap the work instead of following it (at low load they were a fifth of a batch).
-        let ((done, t_processed), offsets_sent) = std::thread::scope(|scope| {
+        let records = on_threads(
+            by_partition.into_iter().collect(),
+            threads,
+            |(_, msgs)| msgs.len(),
+            |(p, msgs)| {
+                let mut overlay = Overlay::new(&trees[&p]);
+                for m in msgs {
+                    if matches!(crate::checkpoint::marker_of(m), Some(Ok(_))) {
+                        // Committed after the snapshot: a task that dies before it meets the
+                        // marker again.
+                        continue;
+                    }
+                    for out in this.process_record(m, &mut overlay)? {
+                        send(producer, out)?;
+                    }
+                }
+                // Encode every changed state record once: the same bytes go to the changelog
+                // and to sled.
+                let pairs = overlay.changelog_records();
+                for (key, payload) in &pairs {
+                    send_bytes(producer, &changelog, p, key, payload)?;
+                }
+                Ok((p, pairs))
+            },
+        )?;
+        let t_processed = Instant::now();
+        let group = consumer
+            .group_metadata()
+            .ok_or_else(|| ResolverError::Setup("consumer has no group metadata".into()))?;
+        // The offsets go to the transaction on a thread of their own while the outputs are
+        // acknowledged, so that their two round trips to the coordinators overlap that wait
+        // instead of preceding it. Not earlier: offsets pending in an open transaction make
+        // every reader that asks for stable offsets (KIP-447) wait until it ends.
+        let ((sent, t_offsets), t_delivered) = std::thread::scope(|scope| {
             let offsets = scope.spawn(|| {
                 let sent = if tpl.count() > 0 {
                     producer.send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))
@@ -789,43 +815,15 @@ impl Resolver {
                 };
                 (sent, Instant::now())
             });
-            let done = on_threads(
-                by_partition.into_iter().collect(),
-                threads,
-                |(_, msgs)| msgs.len(),
-                |(p, msgs)| {
-                    let mut overlay = Overlay::new(&trees[&p]);
-                    for m in msgs {
-                        if matches!(crate::checkpoint::marker_of(m), Some(Ok(_))) {
-                            // Committed after the snapshot: a task that dies before it meets
-                            // the marker again.
-                            continue;
-                        }
-                        for out in this.process_record(m, &mut overlay)? {
-                            send(producer, out)?;
-                        }
-                    }
-                    // Encode every changed state record once: the same bytes go to the
-                    // changelog and to sled.
-                    let pairs = overlay.changelog_records();
-                    for (key, payload) in &pairs {
-                        send_bytes(producer, &changelog, p, key, payload)?;
-                    }
-                    Ok((p, pairs))
-                },
-            );
-            let t_processed = Instant::now();
+            wait_delivered(producer);
+            let t_delivered = Instant::now();
             let sent = offsets.join().expect("the offsets thread panicked");
-            ((done, t_processed), sent)
+            (sent, t_delivered)
         });
-        let records = done?;
-        let (sent, t_offsets) = offsets_sent;
         sent?;
         if generation.load(Ordering::SeqCst) != gen_at_start {
             return Err(ResolverError::Rebalanced);
         }
-        wait_delivered(producer);
-        let t_delivered = Instant::now();
         producer.commit_transaction(Duration::from_secs(30))?;
         let t_committed = Instant::now();
         let committed_at_ms = now_ms();
@@ -845,9 +843,9 @@ impl Resolver {
         let timing = BatchTiming {
             records: batch.len() as u64,
             process_ms: ms(t0, t_processed),
-            offsets_ms: ms(t0, t_offsets),
-            deliver_ms: ms(t_processed.max(t_offsets), t_delivered),
-            commit_ms: ms(t_delivered, t_committed),
+            offsets_ms: ms(t_processed, t_offsets),
+            deliver_ms: ms(t_processed, t_delivered),
+            commit_ms: ms(t_delivered.max(t_offsets), t_committed),
             apply_ms: ms(t_committed, Instant::now()),
             lag_ms: batch
                 .first()
