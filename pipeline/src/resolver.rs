@@ -442,6 +442,13 @@ impl Resolver {
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
             .set("max.poll.interval.ms", "60000")
+            // Small chunks per partition, so that a batch holds records of most partitions
+            // and its tasks can be shared out over the threads (with the default of 1 MiB a
+            // batch of 5,000 records came from two or three partitions, one holding most).
+            .set(
+                "max.partition.fetch.bytes",
+                PARTITION_FETCH_BYTES.to_string(),
+            )
             .set("topic.metadata.refresh.interval.ms", "5000")
             .create_with_context(TaskContext { generation })?;
         let topic = self.cfg.topic(topics::DATA_CHANGED);
@@ -776,7 +783,12 @@ impl Resolver {
         let records = on_threads(
             by_partition.into_iter().collect(),
             threads,
-            |(_, msgs)| msgs.len(),
+            // Bytes, not records: a create costs several times a patch.
+            |(_, msgs)| {
+                msgs.iter()
+                    .map(|m| 64 + m.payload().map_or(0, <[u8]>::len))
+                    .sum()
+            },
             |(p, msgs)| {
                 let mut overlay = Overlay::new(&trees[&p]);
                 for m in msgs {
@@ -830,7 +842,7 @@ impl Resolver {
         let applied = on_threads(
             records,
             threads,
-            |(_, pairs)| pairs.len(),
+            |(_, pairs)| pairs.iter().map(|(k, v)| 64 + k.len() + v.len()).sum(),
             |(p, pairs)| {
                 let next = producer.context().next_offset(p);
                 trees[&p]
@@ -1165,12 +1177,18 @@ fn send_bytes(
 /// The linger applies after a batch of at least this many records (a sign of load).
 const LINGER_MIN_PREVIOUS: usize = 4;
 
+/// At most this many bytes of one partition per fetch (librdkafka's `max.partition.fetch.bytes`,
+/// default 1 MiB; a larger first record still comes whole).
+const PARTITION_FETCH_BYTES: usize = 64 * 1024;
+
 /// Batches smaller than this run on one thread (starting threads would cost more than it saves).
 const PARALLEL_MIN_RECORDS: usize = 64;
 
-/// Runs `work` on every item, spread over at most `threads` threads (the calling one included),
-/// heaviest items first onto the least loaded thread. Results come back in no particular order;
-/// the first error is returned.
+/// Runs `work` on every item, on at most `threads` threads (the calling one included). Each
+/// thread takes the heaviest item left whenever it is free, so an item that takes longer than
+/// its weight said does not hold up the items that a fixed split would have queued behind it.
+/// Results come back in no particular order; the first error is returned (items not started by
+/// then are skipped).
 fn on_threads<I, T, W, F>(
     items: Vec<I>,
     threads: usize,
@@ -1186,24 +1204,32 @@ where
     let threads = threads.clamp(1, items.len().max(1));
     let mut items = items;
     items.sort_by_key(|i| std::cmp::Reverse(weight(i)));
-    let mut bins: Vec<(usize, Vec<I>)> = (0..threads).map(|_| (0, Vec::new())).collect();
-    for item in items {
-        let w = weight(&item);
-        let bin = bins
-            .iter_mut()
-            .min_by_key(|(load, _)| *load)
-            .expect("at least one bin");
-        bin.0 += w.max(1);
-        bin.1.push(item);
-    }
-    let run = |bin: Vec<I>| bin.into_iter().map(&work).collect::<Result<Vec<T>, _>>();
-    let mut bins = bins.into_iter().map(|(_, b)| b);
-    let first = bins.next().unwrap_or_default();
+    let queue = Mutex::new(items.into_iter());
+    let failed = AtomicBool::new(false);
+    let run = || -> Result<Vec<T>, ResolverError> {
+        let mut out = Vec::new();
+        while !failed.load(Ordering::Relaxed) {
+            let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+            let Some(item) = next else { break };
+            match work(item) {
+                Ok(t) => out.push(t),
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(out)
+    };
     std::thread::scope(|scope| {
-        let others: Vec<_> = bins.map(|b| scope.spawn(move || run(b))).collect();
-        let mut out = run(first)?;
+        let others: Vec<_> = (1..threads).map(|_| scope.spawn(run)).collect();
+        let mut results = vec![run()];
         for h in others {
-            out.extend(h.join().expect("a resolver worker panicked")?);
+            results.push(h.join().expect("a resolver worker panicked"));
+        }
+        let mut out = Vec::new();
+        for r in results {
+            out.extend(r?);
         }
         Ok(out)
     })
@@ -1331,6 +1357,10 @@ mod tests {
             .map(|p| (p, (0..(p as u32 * 7 + 1)).collect()))
             .collect();
         for threads in [1, 2, 4, 10] {
+            // Each item waits (up to 10 s) until as many items have started as there should be
+            // threads: it gets there only if that many threads really run at once.
+            let want = threads.min(6);
+            let started = AtomicU64::new(0);
             let seen = std::sync::Mutex::new(Vec::new());
             let out = on_threads(
                 items.clone(),
@@ -1343,7 +1373,15 @@ mod tests {
                         assert!(prev < Some(*r), "order within an item");
                         prev = Some(*r);
                     }
-                    seen.lock().unwrap().push((p, tid));
+                    started.fetch_add(1, Ordering::SeqCst);
+                    let t = Instant::now();
+                    while started.load(Ordering::SeqCst) < want as u64
+                        && t.elapsed() < Duration::from_secs(10)
+                    {
+                        std::thread::yield_now();
+                    }
+                    let together = started.load(Ordering::SeqCst) >= want as u64;
+                    seen.lock().unwrap().push((p, tid, together));
                     Ok(p)
                 },
             )
@@ -1351,9 +1389,37 @@ mod tests {
             let mut out = out;
             out.sort_unstable();
             assert_eq!(out, (0..6).collect::<Vec<_>>(), "threads={threads}");
-            let used: HashSet<_> = seen.into_inner().unwrap().iter().map(|(_, t)| *t).collect();
-            assert_eq!(used.len(), threads.min(6), "threads={threads}");
+            let seen = seen.into_inner().unwrap();
+            assert!(seen.iter().all(|(_, _, t)| *t), "threads={threads}");
+            let used: HashSet<_> = seen.iter().map(|(_, t, _)| *t).collect();
+            assert_eq!(used.len(), want, "threads={threads}");
         }
+    }
+
+    /// A thread that is done takes the next item. A quick item that claims to be heavy and two
+    /// slow ones that claim to be light: split up front, both slow ones would share a thread
+    /// (600 ms); taken as threads come free, each gets one (300 ms).
+    #[test]
+    fn on_threads_hands_items_to_whichever_thread_is_free() {
+        // (id, real cost in ms, claimed weight)
+        let items: Vec<(u64, u64, usize)> = vec![(0, 1, 100), (1, 300, 1), (2, 300, 1)];
+        let t = Instant::now();
+        let out = on_threads(
+            items,
+            2,
+            |(_, _, claimed)| *claimed,
+            |(i, ms, _)| {
+                std::thread::sleep(Duration::from_millis(ms));
+                Ok(i)
+            },
+        )
+        .unwrap();
+        assert_eq!(out.len(), 3);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "took {:?}",
+            t.elapsed()
+        );
     }
 
     #[test]
