@@ -79,6 +79,11 @@ struct Args {
     /// Skip the exactly-once pass-through baseline.
     #[arg(long)]
     no_passthrough: bool,
+    /// After the first throughput run, this many more writes to the same documents (most of
+    /// which exist by then: mostly merge patches) for a restarted resolver on the same state;
+    /// 0 skips it.
+    #[arg(long, default_value_t = 200_000)]
+    revisits: usize,
     /// Extra librdkafka setting `KEY=VALUE` for the pass-through baseline's producer (repeatable;
     /// for what-if experiments, e.g. `retry.backoff.ms=10`; the resolver is not affected).
     #[arg(long = "passthrough-set", value_name = "KEY=VALUE")]
@@ -204,75 +209,27 @@ fn main() -> anyhow::Result<()> {
         )?);
     }
 
-    // ---- resolver throughput
+    // ---- resolver throughput: first from empty state (every document's first write creates
+    // it), then, with the resolver stopped, a second preload of writes to the same documents
+    // (most of which exist by then) for a restarted resolver on the same state.
     eprintln!("[bench] resolver (exactly-once) ...");
-    reset_peak_rss();
-    let stats = Arc::new(ResolverStats::default());
-    let shutdown = Arc::new(AtomicBool::new(false));
-    let cpu0 = CpuSnapshot::take();
-    let started = Instant::now();
-    let resolver = {
-        let (cfg, stats, shutdown) = (cfg.clone(), stats.clone(), shutdown.clone());
-        std::thread::Builder::new()
-            .name("resolver".into())
-            .spawn(move || Resolver::new(cfg, stats).and_then(|r| r.run(shutdown)))?
+    let (first, running) = resolver_run(&cfg, &input, &ends, args.events as u64)?;
+    report.resolver = Some(first);
+    let running = if args.revisits > 0 {
+        running.stop();
+        let before = workload.mix.clone();
+        eprintln!("[bench] preloading {} revisits ...", args.revisits);
+        preload(&cfg, &input, partitions, &mut workload, args.revisits)?;
+        report.revisit_mix = Some(workload.mix.since(&before));
+        let ends = watermarks(&cfg.kafka.brokers, &input, partitions)?;
+        eprintln!("[bench] resolver on the revisits (exactly-once) ...");
+        let (second, running) = resolver_run(&cfg, &input, &ends, args.revisits as u64)?;
+        report.revisits = Some(second);
+        running
+    } else {
+        running
     };
-    let lag_reader = group_reader(&cfg.kafka.brokers, &cfg.topic("syncflow-resolver"))?;
-    let mut first_commit: Option<Duration> = None;
-    let mut quarter: Option<(Duration, u64)> = None;
-    let deadline = started + Duration::from_secs(1800);
-    let mut last_check = Instant::now();
-    // A resolver that cannot work (e.g. its producer cannot be built) retries forever: give up
-    // when nothing is committed for this long.
-    let stall = Duration::from_secs(120);
-    let mut progress = (Instant::now(), 0u64);
-    loop {
-        let committed = stats.records.load(Ordering::Relaxed);
-        if committed != progress.1 {
-            progress = (Instant::now(), committed);
-        } else if progress.0.elapsed() > stall {
-            bail!(
-                "the resolver committed nothing for {} s ({committed} records so far); \
-                 its warnings on stderr say why",
-                stall.as_secs()
-            );
-        }
-        if first_commit.is_none() && committed > 0 {
-            first_commit = Some(started.elapsed());
-        }
-        if quarter.is_none() && committed >= args.events as u64 / 4 {
-            quarter = Some((started.elapsed(), committed));
-        }
-        if last_check.elapsed() >= Duration::from_millis(50) {
-            last_check = Instant::now();
-            if lag_or_retry(&lag_reader, &input, &ends) == 0 {
-                break;
-            }
-        }
-        if resolver.is_finished() {
-            let r = resolver.join();
-            bail!("the resolver stopped early: {r:?}");
-        }
-        if Instant::now() > deadline {
-            bail!("the resolver did not catch up in 30 min");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let wall = started.elapsed();
-    let cpu = CpuSnapshot::take().since(&cpu0, wall);
-    let (steady_from, steady_base) = quarter.unwrap_or_default();
-    report.resolver = Some(ResolverResult {
-        wall,
-        first_commit: first_commit.unwrap_or_default(),
-        steady_from,
-        steady_records: args.events as u64 - steady_base,
-        batches: stats.batches.load(Ordering::Relaxed),
-        records: stats.records.load(Ordering::Relaxed),
-        aborted: stats.aborted.load(Ordering::Relaxed),
-        rejected: stats.rejected.load(Ordering::Relaxed),
-        cpu,
-        peak_rss_kib: proc_status_kib("VmHWM"),
-    });
+    let stats = running.stats.clone();
 
     // ---- latency at a fixed rate, resolver caught up. Kafka alone first, then the resolver's
     // output, each in its own run: a reader of `data.changed` fetches about once per write at
@@ -331,12 +288,7 @@ fn main() -> anyhow::Result<()> {
         ..latency
     });
 
-    shutdown.store(true, Ordering::SeqCst);
-    match resolver.join() {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("[bench] resolver ended with an error: {e}"),
-        Err(_) => eprintln!("[bench] resolver thread panicked"),
-    }
+    running.stop();
 
     // ---- latency baseline: the exactly-once pass-through at the same rate (resolver stopped)
     if !args.no_passthrough {
@@ -359,6 +311,109 @@ fn main() -> anyhow::Result<()> {
 }
 
 // ------------------------------------------------------------------------------------ phases
+
+/// A resolver running on its own thread.
+struct Running {
+    thread: std::thread::JoinHandle<Result<(), pipeline::resolver::ResolverError>>,
+    shutdown: Arc<AtomicBool>,
+    stats: Arc<ResolverStats>,
+}
+
+impl Running {
+    /// Stops it and waits for it to end.
+    fn stop(self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+        match self.thread.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("[bench] resolver ended with an error: {e}"),
+            Err(_) => eprintln!("[bench] resolver thread panicked"),
+        }
+    }
+}
+
+/// Starts the real `Resolver` on its own thread and times it until the resolver group's
+/// committed offsets reach `ends` on `input`, `n` records after it started; leaves it running.
+fn resolver_run(
+    cfg: &Config,
+    input: &str,
+    ends: &BTreeMap<i32, i64>,
+    n: u64,
+) -> anyhow::Result<(ResolverResult, Running)> {
+    reset_peak_rss();
+    let stats = Arc::new(ResolverStats::default());
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let cpu0 = CpuSnapshot::take();
+    let started = Instant::now();
+    let thread = {
+        let (cfg, stats, shutdown) = (cfg.clone(), stats.clone(), shutdown.clone());
+        std::thread::Builder::new()
+            .name("resolver".into())
+            .spawn(move || Resolver::new(cfg, stats).and_then(|r| r.run(shutdown)))?
+    };
+    let lag_reader = group_reader(&cfg.kafka.brokers, &cfg.topic("syncflow-resolver"))?;
+    let mut first_commit: Option<Duration> = None;
+    let mut quarter: Option<(Duration, u64)> = None;
+    let deadline = started + Duration::from_secs(1800);
+    let mut last_check = Instant::now();
+    // A resolver that cannot work (e.g. its producer cannot be built) retries forever: give up
+    // when nothing is committed for this long.
+    let stall = Duration::from_secs(120);
+    let mut progress = (Instant::now(), 0u64);
+    loop {
+        let committed = stats.records.load(Ordering::Relaxed);
+        if committed != progress.1 {
+            progress = (Instant::now(), committed);
+        } else if progress.0.elapsed() > stall {
+            bail!(
+                "the resolver committed nothing for {} s ({committed} records so far); \
+                 its warnings on stderr say why",
+                stall.as_secs()
+            );
+        }
+        if first_commit.is_none() && committed > 0 {
+            first_commit = Some(started.elapsed());
+        }
+        if quarter.is_none() && committed >= n / 4 {
+            quarter = Some((started.elapsed(), committed));
+        }
+        if last_check.elapsed() >= Duration::from_millis(50) {
+            last_check = Instant::now();
+            if lag_or_retry(&lag_reader, input, ends) == 0 {
+                break;
+            }
+        }
+        if thread.is_finished() {
+            let r = thread.join();
+            bail!("the resolver stopped early: {r:?}");
+        }
+        if Instant::now() > deadline {
+            bail!("the resolver did not catch up in 30 min");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let wall = started.elapsed();
+    let cpu = CpuSnapshot::take().since(&cpu0, wall);
+    let (steady_from, steady_base) = quarter.unwrap_or_default();
+    let result = ResolverResult {
+        n,
+        wall,
+        first_commit: first_commit.unwrap_or_default(),
+        steady_from,
+        steady_records: n.saturating_sub(steady_base),
+        batches: stats.batches.load(Ordering::Relaxed),
+        records: stats.records.load(Ordering::Relaxed),
+        aborted: stats.aborted.load(Ordering::Relaxed),
+        rejected: stats.rejected.load(Ordering::Relaxed),
+        cpu,
+        peak_rss_kib: proc_status_kib("VmHWM"),
+    };
+    let running = Running {
+        thread,
+        shutdown,
+        stats,
+    };
+    Ok((result, running))
+}
 
 struct Delivered {
     ok: AtomicU64,
@@ -793,6 +848,8 @@ fn passthrough_latency(
 }
 
 struct ResolverResult {
+    /// Records it had to process.
+    n: u64,
     wall: Duration,
     first_commit: Duration,
     /// When a quarter of the records were committed, and how many were left then: the last 75%
@@ -1303,6 +1360,8 @@ struct Report {
     read: Option<ReadResult>,
     passthrough: Option<PassResult>,
     resolver: Option<ResolverResult>,
+    revisit_mix: Option<Mix>,
+    revisits: Option<ResolverResult>,
     latency: Option<LatencyResult>,
     passthrough_latency: Option<LatencyResult>,
     disk: BTreeMap<String, u64>,
@@ -1382,17 +1441,39 @@ impl Report {
                 p.first_commit.as_secs_f64()
             );
         }
-        if let Some(r) = &self.resolver {
+        let runs = [
+            (
+                "**resolver, exactly-once (transactions on)**",
+                &self.resolver,
+            ),
+            (
+                "**resolver, revisits (documents exist), exactly-once**",
+                &self.revisits,
+            ),
+        ];
+        for (name, r) in runs {
+            let Some(r) = r else { continue };
             println!(
-                "| **resolver, exactly-once (transactions on)** | {:.2} | **{}** | {} | {} txns (avg {:.0} records), {} aborted, {} rejected, 1st commit at {:.2} s |",
+                "| {name} | {:.2} | **{}** | {} | {} records, {} txns (avg {:.0} records), {} aborted, {} rejected, 1st commit at {:.2} s |",
                 r.wall.as_secs_f64(),
-                rate(n64, r.wall),
+                rate(r.n, r.wall),
                 rate(r.steady_records, r.wall.saturating_sub(r.steady_from)),
+                r.n,
                 r.batches,
                 r.records as f64 / r.batches.max(1) as f64,
                 r.aborted,
                 r.rejected,
                 r.first_commit.as_secs_f64()
+            );
+        }
+        if let Some(m) = &self.revisit_mix {
+            println!();
+            println!(
+                "revisits: {} sets, {} patches, {} deletes; avg {} B/write",
+                m.sets,
+                m.patches,
+                m.deletes,
+                m.bytes / (m.sets + m.patches + m.deletes).max(1)
             );
         }
         println!();
@@ -1416,15 +1497,17 @@ impl Report {
                 p.cpu.per_record(n64, machine_cpus())
             );
         }
-        if let Some(r) = &self.resolver {
-            println!("CPU, resolver:     {}", r.cpu.line());
+        let runs = [("resolver", &self.resolver), ("revisits", &self.revisits)];
+        for (what, r) in runs {
+            let Some(r) = r else { continue };
+            println!("CPU, {what}: {}", r.cpu.line());
             println!(
                 "                   {}",
                 r.cpu.per_record(r.records, machine_cpus())
             );
             if let Some(kib) = r.peak_rss_kib {
                 println!(
-                    "peak RSS of the bench process during the resolver phase (VmHWM): {:.0} MiB",
+                    "peak RSS of the bench process during the {what} phase (VmHWM): {:.0} MiB",
                     kib as f64 / 1024.0
                 );
             }

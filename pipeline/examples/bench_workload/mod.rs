@@ -42,6 +42,23 @@ pub struct Mix {
     pub with_base_version: u64,
 }
 
+impl Mix {
+    /// What was generated since `before` (an earlier copy of this mix).
+    #[allow(
+        dead_code,
+        reason = "resolver_bench's; resolve_records counts its records itself"
+    )]
+    pub fn since(&self, before: &Mix) -> Mix {
+        Mix {
+            sets: self.sets - before.sets,
+            patches: self.patches - before.patches,
+            deletes: self.deletes - before.deletes,
+            bytes: self.bytes - before.bytes,
+            with_base_version: self.with_base_version - before.with_base_version,
+        }
+    }
+}
+
 /// Writes over `BUCKETS` buckets × `DOCS_PER_BUCKET` documents by `DEVICES_PER_TENANT` devices
 /// per tenant: a document's first write is a `set` of 10–50 leaf fields (every fifth one nested,
 /// strings, numbers, booleans, arrays); later writes are mostly merge patches of 1–5 fields
