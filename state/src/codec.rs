@@ -6,7 +6,7 @@
 //! write and read the same bytes bincode would, field by field (the tests compare them with
 //! bincode's own, damaged records included); format 1 is read by bincode.
 //!
-//! - Format 3 (written): as format 2, but each value is stored as a [`StoredValue`], a tagged
+//! - Format 3 (written): as format 2, but each value is stored as a `StoredValue`, a tagged
 //!   binary form of the JSON value, instead of its JSON text: reading and writing it skips
 //!   JSON's parsing and formatting (numbers, escapes).
 //! - Format 2 (read only): the stamps the registers carry are stored once per document, and
@@ -84,7 +84,7 @@ type StoredDevice<S> = (S, u64, u32, S);
 /// Formats 2 and 3: one register as stored; `stamp` indexes [`StoredDocV2::stamps`]. `V` is the
 /// value's JSON text (format 2) or a [`StoredValue`] (format 3).
 ///
-/// The format's definition: [`encode_doc`] and [`decode_v2`] write and read it by hand, the
+/// The format's definition: [`encode_doc`] and [`decode_v2_or_3`] write and read it by hand, the
 /// tests through serde.
 #[cfg_attr(not(test), allow(dead_code))]
 #[derive(Serialize, Deserialize)]
@@ -98,7 +98,7 @@ struct StoredRegisterV2<P, V> {
 /// Formats 2 and 3: a document's state as stored. `S` and `P` are owned when decoding and
 /// borrowed when encoding (the same bytes).
 ///
-/// The format's definition: [`encode_doc`] and [`decode_v2`] write and read it by hand, the
+/// The format's definition: [`encode_doc`] and [`decode_v2_or_3`] write and read it by hand, the
 /// tests through serde.
 #[cfg_attr(not(test), allow(dead_code))]
 #[derive(Serialize, Deserialize)]
@@ -159,10 +159,10 @@ struct StoredDocV1 {
 
 /// Encodes a document's state (format [`STATE_FORMAT_VERSION`]).
 ///
-/// The bytes are exactly bincode's (standard configuration) for [`StoredDocV2`], which
-/// [`decode_doc`] reads with bincode; they are written here field by field because going
-/// through serde cost about 400 instructions per register (the tests check the two agree
-/// byte for byte).
+/// The bytes are exactly bincode's (standard configuration) for `StoredDocV2` with
+/// `StoredValue` values, written here field by field because going through serde cost about
+/// 400 instructions per register (the tests check the two agree byte for byte);
+/// [`decode_doc`] reads them back the same way.
 pub fn encode_doc(doc: &DocState) -> Vec<u8> {
     // Each distinct stamp once, in order of first use; a write's registers share one copy, so a
     // document holds a handful and a linear search beats hashing.
@@ -314,8 +314,8 @@ impl Bincode {
 pub fn decode_doc(bytes: &[u8]) -> Result<DocState, CodecError> {
     let (&format, body) = bytes.split_first().ok_or(CodecError::Empty)?;
     match format {
-        3 => decode_v2(body, |r| r.value(0)),
-        2 => decode_v2(body, |r| serde_json::from_str(r.str()?).map_err(corrupt)),
+        3 => decode_v2_or_3(body, |r| r.value(0)),
+        2 => decode_v2_or_3(body, |r| serde_json::from_str(r.str()?).map_err(corrupt)),
         1 => decode_v1(body),
         other => Err(CodecError::UnknownFormat(other)),
     }
@@ -376,7 +376,7 @@ fn doc_state(
 /// Format 3 or 2 (whose values `value` reads), read field by field: the mirror of
 /// [`encode_doc`] (bincode's serde decoder cost about 300 instructions per register; the tests
 /// check that both read every record alike, damaged ones included).
-fn decode_v2(
+fn decode_v2_or_3(
     body: &[u8],
     value: impl Fn(&mut Reader<'_>) -> Result<Value, CodecError>,
 ) -> Result<DocState, CodecError> {
