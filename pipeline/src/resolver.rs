@@ -56,6 +56,10 @@ pub enum ResolverError {
     /// The setup is wrong (missing topic, ...).
     #[error("{0}")]
     Setup(String),
+    /// A transactional call did not return in time: the producer is left to finish it on a
+    /// thread of its own and the clients are rebuilt (the new producer fences the old one).
+    #[error("{0} did not return within {1:?}; the producer is abandoned")]
+    Wedged(&'static str, Duration),
 }
 
 /// Schema version of dead-letter records.
@@ -482,7 +486,7 @@ impl Resolver {
         while !shutdown.load(Ordering::SeqCst) {
             match self.run_clients(&shutdown) {
                 Ok(()) => break,
-                Err(ResolverError::Kafka(e)) => {
+                Err(e @ (ResolverError::Kafka(_) | ResolverError::Wedged(..))) => {
                     tracing::error!(error = %e, "resolver kafka failure; rebuilding clients");
                     std::thread::sleep(Duration::from_secs(1));
                 }
@@ -497,7 +501,7 @@ impl Resolver {
     fn run_clients(&mut self, shutdown: &AtomicBool) -> Result<(), ResolverError> {
         let generation = Arc::new(AtomicU64::new(0));
         let consumer = self.consumer(generation.clone())?;
-        let producer = self.producer()?;
+        let producer = Arc::new(self.producer()?);
         let topic = self.cfg.topic(topics::DATA_CHANGED);
         let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
         self.partitions = md
@@ -571,7 +575,7 @@ impl Resolver {
                     );
                     if let Some(last) = batch.last() {
                         if let Some(Ok(marker)) = crate::checkpoint::marker_of(last) {
-                            self.checkpoint_task(&consumer, &producer, last, &marker);
+                            self.checkpoint_task(&consumer, &producer, last, &marker)?;
                         }
                     }
                 }
@@ -580,7 +584,8 @@ impl Resolver {
                     tracing::warn!(error = %e, "batch aborted; rewinding");
                     let fatal = match &e {
                         ResolverError::Kafka(KafkaError::Transaction(t)) => t.is_fatal(),
-                        ResolverError::Setup(_) => return Err(e),
+                        // Still inside a transactional call: no abort is possible.
+                        ResolverError::Setup(_) | ResolverError::Wedged(..) => return Err(e),
                         ResolverError::State(_) => {
                             // A corrupt or failing local store: drop the batch's tasks and
                             // rebuild them from the changelog before going on.
@@ -598,7 +603,7 @@ impl Resolver {
                         }
                         _ => false,
                     };
-                    if let Err(abort) = producer.abort_transaction(Duration::from_secs(30)) {
+                    if let Err(abort) = producer.abort_transaction(TXN_CALL_TIMEOUT) {
                         tracing::warn!(error = %abort, "abort failed; rebuilding clients");
                         return Err(ResolverError::Kafka(abort));
                     }
@@ -741,7 +746,7 @@ impl Resolver {
     fn process_batch(
         &mut self,
         consumer: &BaseConsumer<TaskContext>,
-        producer: &ThreadedProducer<DeliveryTracker>,
+        producer: &Arc<ThreadedProducer<DeliveryTracker>>,
         batch: &[OwnedMessage],
         generation: &AtomicU64,
         gen_at_start: u64,
@@ -818,25 +823,15 @@ impl Resolver {
         // acknowledged, so that their two round trips to the coordinators overlap that wait
         // instead of preceding it. Not earlier: offsets pending in an open transaction make
         // every reader that asks for stable offsets (KIP-447) wait until it ends.
-        let ((sent, t_offsets), t_delivered) = std::thread::scope(|scope| {
-            let offsets = scope.spawn(|| {
-                let sent = if tpl.count() > 0 {
-                    producer.send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))
-                } else {
-                    Ok(())
-                };
-                (sent, Instant::now())
-            });
-            wait_delivered(producer);
-            let t_delivered = Instant::now();
-            let sent = offsets.join().expect("the offsets thread panicked");
-            (sent, t_delivered)
-        });
+        let offsets = send_offsets(producer, tpl, group)?;
+        wait_delivered(producer);
+        let t_delivered = Instant::now();
+        let (sent, t_offsets) = offsets.wait()?;
         sent?;
         if generation.load(Ordering::SeqCst) != gen_at_start {
             return Err(ResolverError::Rebalanced);
         }
-        producer.commit_transaction(Duration::from_secs(30))?;
+        producer.commit_transaction(TXN_CALL_TIMEOUT)?;
         let t_committed = Instant::now();
         let committed_at_ms = now_ms();
         let applied = on_threads(
@@ -887,13 +882,14 @@ impl Resolver {
 
     /// This task's part of a checkpoint: the tree now holds exactly the state before `marker_msg`.
     /// A failure is logged; the checkpoint stays incomplete (and unlisted) and processing goes on.
+    /// Only a wedged producer is returned, as the clients must then be rebuilt.
     fn checkpoint_task(
         &mut self,
         consumer: &BaseConsumer<TaskContext>,
-        producer: &ThreadedProducer<DeliveryTracker>,
+        producer: &Arc<ThreadedProducer<DeliveryTracker>>,
         marker_msg: &OwnedMessage,
         marker: &crate::checkpoint::Marker,
-    ) {
+    ) -> Result<(), ResolverError> {
         let partition = marker_msg.partition();
         let started = Instant::now();
         let result = self
@@ -942,11 +938,13 @@ impl Resolver {
                 );
                 // The snapshot is safe: move the partition's committed offset past the marker
                 // (a transaction with offsets only), so an idle partition shows no lag.
-                if let Err(e) =
-                    self.commit_offset(consumer, producer, partition, marker_msg.offset() + 1)
-                {
-                    tracing::warn!(partition, error = %e, "committing past a checkpoint marker failed; it is met again after a restart");
-                    let _ = producer.abort_transaction(Duration::from_secs(30));
+                match self.commit_offset(consumer, producer, partition, marker_msg.offset() + 1) {
+                    Ok(()) => {}
+                    Err(e @ ResolverError::Wedged(..)) => return Err(e),
+                    Err(e) => {
+                        tracing::warn!(partition, error = %e, "committing past a checkpoint marker failed; it is met again after a restart");
+                        let _ = producer.abort_transaction(TXN_CALL_TIMEOUT);
+                    }
                 }
                 tracing::debug!(
                     partition,
@@ -958,12 +956,13 @@ impl Resolver {
                 tracing::error!(id = %marker.id, partition, error = %e, "checkpoint snapshot failed")
             }
         }
+        Ok(())
     }
 
     fn commit_offset(
         &self,
         consumer: &BaseConsumer<TaskContext>,
-        producer: &ThreadedProducer<DeliveryTracker>,
+        producer: &Arc<ThreadedProducer<DeliveryTracker>>,
         partition: i32,
         next: i64,
     ) -> Result<(), ResolverError> {
@@ -977,8 +976,8 @@ impl Resolver {
             .group_metadata()
             .ok_or_else(|| ResolverError::Setup("consumer has no group metadata".into()))?;
         producer.begin_transaction()?;
-        producer.send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))?;
-        producer.commit_transaction(Duration::from_secs(30))?;
+        send_offsets(producer, tpl, group)?.wait()?.0?;
+        producer.commit_transaction(TXN_CALL_TIMEOUT)?;
         Ok(())
     }
 
@@ -1235,6 +1234,84 @@ where
     })
 }
 
+/// How long a transactional call may take (librdkafka's own timeout).
+const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How much longer than its own timeout a transactional call is waited for before the producer
+/// is abandoned.
+const TXN_CALL_GRACE: Duration = Duration::from_secs(10);
+
+/// A call running on a thread of its own, waited for at most until a deadline.
+struct Deadlined<T> {
+    name: &'static str,
+    limit: Duration,
+    deadline: Instant,
+    rx: std::sync::mpsc::Receiver<T>,
+}
+
+impl<T> Deadlined<T> {
+    /// The call's result, or [`ResolverError::Wedged`] once the deadline has passed (the call
+    /// goes on on its thread, which ends whenever it returns).
+    fn wait(self) -> Result<T, ResolverError> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        self.rx.recv_timeout(left).map_err(|_| {
+            tracing::error!(call = self.name, limit = ?self.limit, "transactional call wedged");
+            ResolverError::Wedged(self.name, self.limit)
+        })
+    }
+}
+
+/// Starts `call` on a thread of its own, to be waited for at most `limit` from now.
+///
+/// librdkafka's `send_offsets_to_transaction` does not always keep its timeout: when the group
+/// coordinator's broker went away and came back (a broker restart), its request to that
+/// coordinator can wait forever (librdkafka issues 5456 and 5511, seen here with 2.12.1 in about
+/// one broker restart in six). Waiting on it directly would stall every task of the process.
+fn call_with_deadline<T: Send + 'static>(
+    name: &'static str,
+    limit: Duration,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Result<Deadlined<T>, ResolverError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name(format!("txn-{name}"))
+        .spawn(move || {
+            // The receiver is gone once the caller gave up: nothing to tell.
+            let _ = tx.send(call());
+        })
+        .map_err(|e| ResolverError::Setup(format!("cannot start a thread for {name}: {e}")))?;
+    Ok(Deadlined {
+        name,
+        limit,
+        deadline: Instant::now() + limit,
+        rx,
+    })
+}
+
+/// What sending offsets to a transaction gave, and when it was known.
+type OffsetsSent = (Result<(), KafkaError>, Instant);
+
+/// Starts sending `offsets` to the producer's open transaction.
+fn send_offsets(
+    producer: &Arc<ThreadedProducer<DeliveryTracker>>,
+    offsets: TopicPartitionList,
+    group: rdkafka::consumer::ConsumerGroupMetadata,
+) -> Result<Deadlined<OffsetsSent>, ResolverError> {
+    let producer = Arc::clone(producer);
+    call_with_deadline(
+        "send_offsets_to_transaction",
+        TXN_CALL_TIMEOUT + TXN_CALL_GRACE,
+        move || {
+            let sent = if offsets.count() > 0 {
+                producer.send_offsets_to_transaction(&offsets, &group, TXN_CALL_TIMEOUT)
+            } else {
+                Ok(())
+            };
+            (sent, Instant::now())
+        },
+    )
+}
+
 /// Waits, for at most 30 s, until every produced record is acknowledged.
 ///
 /// `commit_transaction` flushes too, but librdkafka's flush, when another thread serves the
@@ -1438,5 +1515,33 @@ mod tests {
             },
         );
         assert!(matches!(r, Err(ResolverError::Setup(m)) if m == "boom"));
+    }
+
+    #[test]
+    fn a_call_that_returns_in_time_gives_its_result() {
+        let call = call_with_deadline("quick", Duration::from_secs(5), || 7).unwrap();
+        assert_eq!(call.wait().unwrap(), 7);
+    }
+
+    #[test]
+    fn a_call_that_never_returns_is_given_up_at_its_deadline() {
+        // Stands in for librdkafka's send_offsets_to_transaction waiting on a coordinator that
+        // is never looked up again.
+        let (_hold, blocked) = std::sync::mpsc::channel::<()>();
+        let started = Instant::now();
+        let call = call_with_deadline("stuck", Duration::from_millis(200), move || {
+            let _ = blocked.recv();
+        })
+        .unwrap();
+        let r = call.wait();
+        let took = started.elapsed();
+        assert!(
+            matches!(r, Err(ResolverError::Wedged("stuck", d)) if d == Duration::from_millis(200)),
+            "{r:?}"
+        );
+        assert!(
+            took >= Duration::from_millis(200) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
     }
 }

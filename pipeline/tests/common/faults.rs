@@ -106,6 +106,32 @@ impl ProcessorProcess {
     }
 }
 
+impl Drop for ProcessorProcess {
+    /// A process still running when its test ends (it failed) is killed, not left behind; when
+    /// the test failed, the end of the process's log is printed, as it is the only record of
+    /// what the processor did.
+    fn drop(&mut self) {
+        if self.alive() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!(
+                "---- last {} lines of {} ----\n{}",
+                tail.len(),
+                self.log.display(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+/// Lines of a processor's log printed when its test fails.
+const LOG_TAIL_LINES: usize = 80;
+
 /// The partitions the processor logging to `log` owns now: those of its last assignment, or
 /// `None` while it has none (never assigned, or revoked since).
 fn current_partitions(log: &std::path::Path) -> Option<Vec<i32>> {
