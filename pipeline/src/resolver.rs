@@ -468,7 +468,10 @@ impl Resolver {
             .set("bootstrap.servers", &self.cfg.kafka.brokers)
             .set("transactional.id", transactional_id(&self.cfg))
             .set("enable.idempotence", "true")
-            .set("transaction.timeout.ms", "20000")
+            .set(
+                "transaction.timeout.ms",
+                TRANSACTION_TIMEOUT.as_millis().to_string(),
+            )
             .set("message.timeout.ms", "15000")
             .set("linger.ms", "2")
             // A transaction's first produce to a partition can meet CONCURRENT_TRANSACTIONS while
@@ -1237,9 +1240,13 @@ where
 /// How long a transactional call may take (librdkafka's own timeout).
 const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// How much longer than its own timeout a transactional call is waited for before the producer
-/// is abandoned.
-const TXN_CALL_GRACE: Duration = Duration::from_secs(10);
+/// The producer's `transaction.timeout.ms`: the broker aborts a transaction open this long.
+/// librdkafka caps `send_offsets_to_transaction`'s own timeout at what is left of it.
+const TRANSACTION_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How much longer than the transaction timeout `send_offsets_to_transaction` is waited for
+/// before the producer is abandoned.
+const TXN_CALL_GRACE: Duration = Duration::from_secs(5);
 
 /// A call running on a thread of its own, waited for at most until a deadline.
 struct Deadlined<T> {
@@ -1300,7 +1307,7 @@ fn send_offsets(
     let producer = Arc::clone(producer);
     call_with_deadline(
         "send_offsets_to_transaction",
-        TXN_CALL_TIMEOUT + TXN_CALL_GRACE,
+        TRANSACTION_TIMEOUT + TXN_CALL_GRACE,
         move || {
             let sent = if offsets.count() > 0 {
                 producer.send_offsets_to_transaction(&offsets, &group, TXN_CALL_TIMEOUT)
