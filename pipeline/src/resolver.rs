@@ -606,7 +606,7 @@ impl Resolver {
                         }
                         _ => false,
                     };
-                    if let Err(abort) = producer.abort_transaction(TXN_CALL_TIMEOUT) {
+                    if let Err(abort) = producer.abort_transaction(ABORT_TIMEOUT) {
                         tracing::warn!(error = %abort, "abort failed; rebuilding clients");
                         return Err(ResolverError::Kafka(abort));
                     }
@@ -946,7 +946,7 @@ impl Resolver {
                     Err(e @ ResolverError::Wedged(..)) => return Err(e),
                     Err(e) => {
                         tracing::warn!(partition, error = %e, "committing past a checkpoint marker failed; it is met again after a restart");
-                        let _ = producer.abort_transaction(TXN_CALL_TIMEOUT);
+                        let _ = producer.abort_transaction(ABORT_TIMEOUT);
                     }
                 }
                 tracing::debug!(
@@ -1239,6 +1239,12 @@ where
 
 /// How long a transactional call may take (librdkafka's own timeout).
 const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long an abort may take before the clients are rebuilt instead. An abort normally takes
+/// milliseconds; after a broker restart librdkafka's request to the transaction coordinator
+/// can sit in its queue until the call times out, and a rebuilt producer aborts the transaction
+/// anyway (its `init_transactions` fences the old one), so waiting longer only stalls the tasks.
+const ABORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The producer's `transaction.timeout.ms`: the broker aborts a transaction open this long.
 /// librdkafka caps `send_offsets_to_transaction`'s own timeout at what is left of it.

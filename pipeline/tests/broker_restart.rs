@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::faults::{produce_all, wait_until_caught_up, workload, Oracle, ProcessorProcess};
 use common::{services, TestEnv};
@@ -19,14 +19,22 @@ async fn the_resolver_survives_a_broker_restart_without_loss_or_duplicates() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let behind = tokio::task::block_in_place(|| common::faults::lag(&env));
     println!("restarting kafka with {} partitions behind", behind.len());
-    tokio::task::block_in_place(|| {
+    let down = tokio::task::block_in_place(|| {
+        let down = Instant::now();
         services(&["down", "kafka"]);
         services(&["up", "kafka"]);
+        down
     });
+    let back = down.elapsed();
     produce_all(&env, &writes[4_000..]).await;
     tokio::task::block_in_place(|| {
         wait_until_caught_up(&env, Duration::from_secs(240), || p.alive())
     });
+    println!(
+        "caught up {:.1} s after the broker went down ({:.1} s until it was back)",
+        down.elapsed().as_secs_f64(),
+        back.as_secs_f64()
+    );
     assert_eq!(p.terminate(), Some(0));
     let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
     tokio::task::block_in_place(|| oracle.assert_matches(&env));
