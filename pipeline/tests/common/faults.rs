@@ -107,9 +107,9 @@ impl ProcessorProcess {
 }
 
 impl Drop for ProcessorProcess {
-    /// A process still running when its test ends (it failed) is killed, not left behind; when
-    /// the test failed, the end of the process's log is printed, as it is the only record of
-    /// what the processor did.
+    /// A process still running when its handle is dropped (its test ended without stopping it,
+    /// or failed) is killed, not left behind; when the test failed, the end of the process's
+    /// log is printed, as it is the only record of what the processor did.
     fn drop(&mut self) {
         if self.alive() {
             let _ = self.child.kill();
