@@ -4,8 +4,9 @@
 //!
 //! 1. per record, [`decide`] (decode, route, diff, resolve against the task's sled state through
 //!    an [`Overlay`]), then the JSON of its `sync.events` and `conflict.detected` records;
-//! 2. per batch and partition, the changelog records of the changed state, written to sled in
-//!    one batch (the same bytes the resolver produces to the changelog).
+//! 2. per batch and partition, the changelog records of the changed state, written to sled as
+//!    the resolver writes them (`state::store::write_records`; the same bytes it produces to the
+//!    changelog).
 //!
 //! Kafka's share of the cost (librdkafka's threads, copying records into the producer, the
 //! broker) is not here: this is the part SyncFlow's own code decides, measured without the noise
@@ -219,7 +220,7 @@ fn run_batch(tasks: &Tasks, batch: &[Record], produced: &mut Produced) -> anyhow
         }
         let pairs = overlay.changelog_records();
         produced.changelog_records += pairs.len() as u64;
-        tree.apply_batch(state::store::sled_batch(pairs, None))?;
+        state::store::write_records(tree, pairs, None)?;
     }
     Ok(())
 }

@@ -12,9 +12,10 @@
 //! 4. Send the batch's offsets to the transaction with the group metadata (on a second thread)
 //!    while waiting for every record's delivery report; if the group generation changed
 //!    meanwhile, abort; commit.
-//! 5. Only then write the overlay into sled in one atomic batch per task. sled is never ahead of
-//!    Kafka. If anything fails before the commit, the transaction is aborted, the overlay dropped
-//!    and the consumer rewound to the committed offsets.
+//! 5. Only then write the overlay into sled, each task's records and then its changelog offset
+//!    ([`state::store::write_records`]). sled is never ahead of Kafka. If anything fails before
+//!    the commit, the transaction is aborted, the overlay dropped and the consumer rewound to the
+//!    committed offsets.
 //!
 //! A record that lands in the wrong partition (a producer with another partitioner) is forwarded,
 //! inside the same transaction, to the partition Kafka's default partitioner gives its key, so
@@ -660,8 +661,7 @@ impl Resolver {
                     .contains_key(state::store::CHANGELOG_OFFSET_KEY)
                     .unwrap_or(false)
                 {
-                    tree.apply_batch(state::store::sled_batch(Vec::new(), Some(from)))
-                        .map_err(StateError::from)?;
+                    state::store::write_records(&tree, state::store::Records::new(), Some(from))?;
                 }
                 tracing::info!(
                     partition,
@@ -843,9 +843,7 @@ impl Resolver {
             |(_, pairs)| pairs.iter().map(|(k, v)| 64 + k.len() + v.len()).sum(),
             |(p, pairs)| {
                 let next = producer.context().next_offset(p);
-                trees[&p]
-                    .apply_batch(state::store::sled_batch(pairs, next))
-                    .map_err(StateError::from)?;
+                state::store::write_records(&trees[&p], pairs, next)?;
                 Ok(())
             },
         );

@@ -207,6 +207,33 @@ pub fn sled_batch(
     batch
 }
 
+/// Writes already-encoded state records into a task tree one by one, then the next changelog
+/// offset when known: how the resolver stores a committed batch.
+///
+/// Not one atomic [`sled::Batch`]: sled applies a batch under a process-wide write lock that
+/// stops every read and write of every tree until the batch is in, so two tasks' batches cannot
+/// be written at the same time. Single inserts take no such lock. A crash part-way is still
+/// safe: sled recovers a prefix of its log, so a recovered offset means that every record
+/// written before it was recovered too, and with an older offset the task's restore replays the
+/// changelog from there, which writes every later record again.
+pub fn write_records<K, V>(
+    tree: &sled::Tree,
+    records: impl IntoIterator<Item = (K, V)>,
+    next_changelog_offset: Option<i64>,
+) -> Result<(), StateError>
+where
+    K: AsRef<[u8]>,
+    V: AsRef<[u8]>,
+{
+    for (k, v) in records {
+        tree.insert(k.as_ref(), v.as_ref())?;
+    }
+    if let Some(offset) = next_changelog_offset {
+        tree.insert(CHANGELOG_OFFSET_KEY, &offset.to_be_bytes())?;
+    }
+    Ok(())
+}
+
 impl ResolveState for Overlay<'_> {
     type Error = StateError;
 
@@ -299,5 +326,26 @@ mod tests {
         let mut again = Overlay::new(&tree);
         assert_eq!(again.last_seq(&key.bucket).unwrap(), 1);
         assert_eq!(parse_doc_key(&doc_key_bytes(&key)), Some(key));
+    }
+
+    #[test]
+    fn written_records_read_back_with_their_offset() {
+        let store = TaskStore::temporary().unwrap();
+        let tree = store.task(0).unwrap();
+        let bucket = BucketKey {
+            tenant: "t".into(),
+            bucket: "b".into(),
+        };
+        let mut overlay = Overlay::new(&tree);
+        overlay.store_last_seq(&bucket, 7).unwrap();
+        write_records(&tree, overlay.changelog_records(), Some(42)).unwrap();
+        assert_eq!(Overlay::new(&tree).last_seq(&bucket).unwrap(), 7);
+        assert_eq!(changelog_offset(&tree).unwrap(), Some(42));
+        // Without an offset, the stored one stays.
+        let mut overlay = Overlay::new(&tree);
+        overlay.store_last_seq(&bucket, 8).unwrap();
+        write_records(&tree, overlay.changelog_records(), None).unwrap();
+        assert_eq!(Overlay::new(&tree).last_seq(&bucket).unwrap(), 8);
+        assert_eq!(changelog_offset(&tree).unwrap(), Some(42));
     }
 }
