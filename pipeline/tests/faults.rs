@@ -46,7 +46,7 @@ async fn sigkilled_processors_lose_and_duplicate_nothing() {
     let mut killed_while_behind = 0;
     for (i, part) in writes.chunks(chunk).enumerate() {
         produce_all(&env, part).await;
-        tokio::time::sleep(Duration::from_millis(rng.random_range(100..1200))).await;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
         let behind = tokio::task::block_in_place(|| common::faults::lag(&env));
         killed_while_behind += usize::from(!behind.is_empty());
         processor.kill();
