@@ -129,7 +129,7 @@ pub struct ResolverConfig {
     pub batch_max: u64,
     /// Longest wait for a first record before an idle loop turn, in ms.
     pub poll_ms: u64,
-    /// Threads a batch's partitions are spread over (each partition stays on one thread).
+    /// Threads a batch's work is spread over (each bucket stays on one thread, in order).
     pub threads: usize,
     /// Under load (the previous batch had 4 or more records), how long after a batch's first
     /// record the resolver waits for more before processing it, in ms (0: only what is already
