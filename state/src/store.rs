@@ -149,7 +149,7 @@ pub fn read_doc(tree: &sled::Tree, key: &DocKey) -> Result<Option<DocState>, Sta
 }
 
 /// The in-memory overlay of one batch: reads fall through to sled, writes stay here until
-/// [`Overlay::into_batch`] turns them into one atomic sled batch.
+/// [`write_records`] stores its [`Overlay::changelog_records`].
 pub struct Overlay<'a> {
     tree: &'a sled::Tree,
     docs: HashMap<DocKey, DocState>,
@@ -183,28 +183,6 @@ impl<'a> Overlay<'a> {
     pub fn is_empty(&self) -> bool {
         self.docs.is_empty() && self.seqs.is_empty()
     }
-
-    /// The sled batch writing every change, plus the next changelog offset when known.
-    pub fn into_batch(self, next_changelog_offset: Option<i64>) -> sled::Batch {
-        sled_batch(self.changelog_records(), next_changelog_offset)
-    }
-}
-
-/// The sled batch writing already-encoded changelog records (from [`Overlay::changelog_records`]),
-/// plus the next changelog offset when known. Lets a caller encode each record once for both the
-/// changelog topic and the store.
-pub fn sled_batch(
-    records: Vec<(Vec<u8>, Vec<u8>)>,
-    next_changelog_offset: Option<i64>,
-) -> sled::Batch {
-    let mut batch = sled::Batch::default();
-    for (k, v) in records {
-        batch.insert(k, v);
-    }
-    if let Some(offset) = next_changelog_offset {
-        batch.insert(CHANGELOG_OFFSET_KEY, &offset.to_be_bytes());
-    }
-    batch
 }
 
 /// Writes already-encoded state records into a task tree one by one, then the next changelog
@@ -319,33 +297,17 @@ mod tests {
         assert_eq!(out.change.unwrap().seq, 1);
         assert_eq!(overlay.changelog_records().len(), 2);
         assert!(read_doc(&tree, &key).unwrap().is_none());
-        tree.apply_batch(overlay.into_batch(Some(42))).unwrap();
+        write_records(&tree, overlay.changelog_records(), Some(42)).unwrap();
         let doc = read_doc(&tree, &key).unwrap().unwrap();
         assert_eq!(doc.version, 1);
         assert_eq!(changelog_offset(&tree).unwrap(), Some(42));
         let mut again = Overlay::new(&tree);
         assert_eq!(again.last_seq(&key.bucket).unwrap(), 1);
-        assert_eq!(parse_doc_key(&doc_key_bytes(&key)), Some(key));
-    }
-
-    #[test]
-    fn written_records_read_back_with_their_offset() {
-        let store = TaskStore::temporary().unwrap();
-        let tree = store.task(0).unwrap();
-        let bucket = BucketKey {
-            tenant: "t".into(),
-            bucket: "b".into(),
-        };
-        let mut overlay = Overlay::new(&tree);
-        overlay.store_last_seq(&bucket, 7).unwrap();
-        write_records(&tree, overlay.changelog_records(), Some(42)).unwrap();
-        assert_eq!(Overlay::new(&tree).last_seq(&bucket).unwrap(), 7);
-        assert_eq!(changelog_offset(&tree).unwrap(), Some(42));
+        assert_eq!(parse_doc_key(&doc_key_bytes(&key)), Some(key.clone()));
         // Without an offset, the stored one stays.
-        let mut overlay = Overlay::new(&tree);
-        overlay.store_last_seq(&bucket, 8).unwrap();
-        write_records(&tree, overlay.changelog_records(), None).unwrap();
-        assert_eq!(Overlay::new(&tree).last_seq(&bucket).unwrap(), 8);
+        again.store_last_seq(&key.bucket, 8).unwrap();
+        write_records(&tree, again.changelog_records(), None).unwrap();
+        assert_eq!(Overlay::new(&tree).last_seq(&key.bucket).unwrap(), 8);
         assert_eq!(changelog_offset(&tree).unwrap(), Some(42));
     }
 }
