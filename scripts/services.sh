@@ -12,7 +12,7 @@
 #
 # Tools/downloads go to .cache/, data, logs and pid files to .data/ (both git-ignored).
 # Environment overrides: KAFKA_VERSION, LOG4J_VERSION, FERRETDB_VERSION,
-# KAFKA_HEAP_OPTS, KAFKA_EXTRA_PROPERTIES (lines appended to the broker's
+# KAFKA_HEAP_OPTS, KAFKA_GC_OPTS (the broker JVM's collector flags), KAFKA_EXTRA_PROPERTIES (lines appended to the broker's
 # server.properties, e.g. "num.io.threads=2"), KAFKA_READY_TIMEOUT, FERRETDB_READY_TIMEOUT, REDIS_READY_TIMEOUT,
 # STOP_TIMEOUT.
 set -euo pipefail
@@ -34,7 +34,11 @@ KAFKA_CLUSTER_ID="c3luY2Zsb3ctbG9jYWwtMQ"
 KAFKA_HOST=127.0.0.1
 KAFKA_PORT=9092
 KAFKA_CONTROLLER_PORT=9093
-KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx1g}"
+KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms1g -Xmx1g}"
+# ZGC, not G1: at 1,000 writes/s G1 stopped this broker for 9-18 ms every 1.2-1.4 s (young
+# pauses, mostly scanning old-to-young cards), and those pauses were most of the resolver's
+# p99; ZGC's pauses are under a millisecond (docs/BENCHMARKS.md, "The broker's collector").
+KAFKA_GC_OPTS="${KAFKA_GC_OPTS:--XX:+UseZGC}"
 KAFKA_HOME="$CACHE/kafka-$KAFKA_VERSION"
 
 FERRETDB_VERSION="${FERRETDB_VERSION:-v1.24.2}"
@@ -296,9 +300,10 @@ EOF
 kafka_java_cmd() {
   local heap="$1" logfile="$2"
   shift 2
-  local -a heap_opts
+  local -a heap_opts gc_opts
   read -r -a heap_opts <<<"$heap"
-  KAFKA_CMD=(java "${heap_opts[@]}" -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+  read -r -a gc_opts <<<"$KAFKA_GC_OPTS"
+  KAFKA_CMD=(java "${heap_opts[@]}" -server "${gc_opts[@]}"
     -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true
     -Dlog4j2.configurationFile="$DATA/kafka/config/log4j2.properties"
     -Dkafka.logs.dir="$LOGS" -Dsyncflow.kafka.logfile="$logfile"
