@@ -12,9 +12,9 @@
 #
 # Tools/downloads go to .cache/, data, logs and pid files to .data/ (both git-ignored).
 # Environment overrides: KAFKA_VERSION, LOG4J_VERSION, FERRETDB_VERSION,
-# KAFKA_HEAP_OPTS, KAFKA_GC_OPTS (the broker JVM's collector flags), KAFKA_EXTRA_PROPERTIES (lines appended to the broker's
-# server.properties, e.g. "num.io.threads=2"), KAFKA_READY_TIMEOUT, FERRETDB_READY_TIMEOUT, REDIS_READY_TIMEOUT,
-# STOP_TIMEOUT.
+# KAFKA_HEAP_OPTS, KAFKA_GC_OPTS (the broker JVM's collector flags), KAFKA_EXTRA_PROPERTIES
+# (lines appended to the broker's server.properties, e.g. "num.io.threads=2"),
+# KAFKA_READY_TIMEOUT, FERRETDB_READY_TIMEOUT, REDIS_READY_TIMEOUT, STOP_TIMEOUT.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
