@@ -31,6 +31,11 @@ impl KafkaSink {
             .set("bootstrap.servers", brokers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
+            // Kafka's default (Java) partitioner: a bucket's writes land in the partition whose
+            // task owns the bucket. librdkafka's own default (`consistent_random`, CRC32) puts
+            // most of them elsewhere, and the resolver then forwards each one in a transaction
+            // of its own: a second produce, fetch and commit per write.
+            .set("partitioner", "murmur2_random")
             .set("linger.ms", "1")
             .set("message.timeout.ms", "10000")
             .set("compression.type", compression)

@@ -123,6 +123,9 @@ pub struct ResolverStats {
     pub records: AtomicU64,
     /// Records dead-lettered.
     pub rejected: AtomicU64,
+    /// Records that arrived in another partition than their bucket's and were forwarded to it
+    /// (their producer does not use Kafka's default partitioner).
+    pub forwarded: AtomicU64,
     /// Aborted batches.
     pub aborted: AtomicU64,
     /// Changelog records replayed into task state.
@@ -141,6 +144,7 @@ impl ResolverStats {
             "batches": get(&self.batches),
             "records": get(&self.records),
             "rejected": get(&self.rejected),
+            "forwarded": get(&self.forwarded),
             "aborted": get(&self.aborted),
             "restored_records": get(&self.restored),
             "tasks_restoring": get(&self.restoring),
@@ -1071,6 +1075,12 @@ impl Resolver {
                 Decision::Rejected(r) => vec![self.rejected(m, r)],
                 Decision::Nothing => Vec::new(),
                 Decision::Forward { partition, key } => {
+                    if self.stats.forwarded.fetch_add(1, Ordering::Relaxed) == 0 {
+                        tracing::warn!(bucket = %key, from = m.partition(), to = partition,
+                            "a write arrived in another partition than its bucket's and is forwarded; \
+                             producers of data.changed should use Kafka's default partitioner \
+                             (librdkafka: partitioner=murmur2_random)");
+                    }
                     tracing::debug!(bucket = %key, from = m.partition(), to = partition, "forwarding misrouted write");
                     vec![to(m.topic().to_owned(), partition, &key, payload.to_vec())]
                 }

@@ -2,6 +2,7 @@
 
 mod common;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::{eventually, read_committed, TestEnv};
@@ -452,6 +453,61 @@ async fn direct_producers_get_dead_letters_and_nothing_stalls() {
         .await;
         assert_eq!(doc["doc"]["subject"], subject);
     }
+    // Only the misrouted write was forwarded, and `/status` says so.
+    assert_eq!(running.resolver_stats.forwarded.load(Ordering::SeqCst), 1);
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// The API produces each write to its bucket's partition (Kafka's default partitioner), so the
+/// resolver forwards none: a forwarded write costs a second produce and a later transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_writes_land_in_their_buckets_partition() {
+    let mut env = TestEnv::new("routing").await;
+    // No periodic checkpoint: its markers are records of `data.changed` too.
+    env.cfg.checkpoint.interval_secs = 0;
+    let running = env.start(&[Role::Api, Role::Processor]).await;
+    let c = Client::new(running.api_addr.unwrap());
+    let token = env.token("acme", "*:rw");
+    const BUCKETS: usize = 24;
+    for i in 0..BUCKETS {
+        let (status, body) = c
+            .send(
+                reqwest::Method::PUT,
+                &format!("/v1/buckets/b{i}/docs/d"),
+                Some(&token),
+                Some(r#"{"n":1}"#),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let written = read_committed(
+        &env.cfg.kafka.brokers,
+        &env.topic(topics::DATA_CHANGED),
+        BUCKETS,
+        WAIT,
+    );
+    assert_eq!(written.len(), BUCKETS);
+    let mut partitions = std::collections::BTreeSet::new();
+    for m in &written {
+        let key = m.key().expect("a keyed write");
+        assert_eq!(
+            m.partition(),
+            pipeline::partition::partition_for(key, 6),
+            "{}",
+            String::from_utf8_lossy(key)
+        );
+        partitions.insert(m.partition());
+    }
+    // 24 buckets over 6 partitions: a partitioner that ignored the key would not pass either.
+    assert!(partitions.len() > 1, "{partitions:?}");
+    let stats = running.resolver_stats.clone();
+    eventually(WAIT, "every write committed", || async {
+        (stats.records.load(Ordering::SeqCst) >= BUCKETS as u64).then_some(())
+    })
+    .await;
+    assert_eq!(stats.forwarded.load(Ordering::SeqCst), 0);
+    assert_eq!(stats.records.load(Ordering::SeqCst), BUCKETS as u64);
     running.stop().await.unwrap();
     env.cleanup().await;
 }
