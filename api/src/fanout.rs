@@ -13,15 +13,17 @@
 //! never older than a change already announced.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
 use processors::SyncEvent;
 use redis::aio::ConnectionManager;
 use tokio::sync::broadcast;
 
 use crate::redis_conn::Breaker;
+use crate::routes::Cursor;
 
 /// The Redis hash of announced marks: field `<tenant>/<bucket>`, value the highest sequence
 /// number announced for that bucket in the current epoch (a restore deletes the hash).
@@ -34,11 +36,46 @@ pub fn announced_field(tenant: &str, bucket: &str) -> String {
     format!("{tenant}/{bucket}")
 }
 
+/// An applied change as the hub hands it to the bucket's subscribers on this node.
+#[derive(Debug)]
+pub struct Change {
+    /// The change.
+    pub event: SyncEvent,
+    /// The message sent for it, built by the first subscriber to send it, with the cursor it
+    /// carries: the bucket's other subscribers at the same cursor send the same bytes.
+    message: OnceLock<(Cursor, Utf8Bytes)>,
+}
+
+impl Change {
+    /// A change whose message is not built yet.
+    pub fn new(event: SyncEvent) -> Self {
+        Change {
+            event,
+            message: OnceLock::new(),
+        }
+    }
+
+    /// The message for a subscriber whose cursor is now `cursor`: the shared one when it was
+    /// built for that cursor, else `build`'s (shared from then on if it is the first).
+    pub fn message(&self, cursor: Cursor, build: impl FnOnce() -> String) -> Utf8Bytes {
+        let mut build = Some(build);
+        let (at, text) = self.message.get_or_init(|| {
+            let text = build.take().map(|b| b()).unwrap_or_default();
+            (cursor, Utf8Bytes::from(text))
+        });
+        match build {
+            // Built for another cursor (another epoch) by someone else: this one's own.
+            Some(b) if *at != cursor => Utf8Bytes::from(b()),
+            _ => text.clone(),
+        }
+    }
+}
+
 /// What a subscriber receives from the hub.
 #[derive(Debug, Clone)]
 pub enum HubMsg {
     /// An applied change of the bucket.
-    Change(Arc<SyncEvent>),
+    Change(Arc<Change>),
     /// Changes may have been missed (Redis reconnected, or the view was restored to a
     /// checkpoint): catch up from the cursor.
     Gap,
@@ -157,9 +194,38 @@ impl Hub {
         }
         match payload.as_deref().map(serde_json::from_str::<SyncEvent>) {
             Some(Ok(event)) => {
-                let _ = sender.send(HubMsg::Change(Arc::new(event)));
+                let _ = sender.send(HubMsg::Change(Arc::new(Change::new(event))));
             }
             _ => tracing::warn!(channel, "undecodable change announcement ignored"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change() -> Change {
+        let event: SyncEvent = serde_json::from_value(serde_json::json!({
+            "v": 1, "tenant": "t", "bucket": "b", "doc_id": "d", "version": 2, "seq": 7,
+            "hlc": "1000:0", "device_id": "x", "event_id": "e", "deleted": false,
+            "set": {"a": 1}, "unset": []
+        }))
+        .expect("a sync event");
+        Change::new(event)
+    }
+
+    #[test]
+    fn a_message_is_built_once_per_cursor_and_shared() {
+        let c = change();
+        let at = Cursor { epoch: 1, seq: 7 };
+        let first = c.message(at, || "one".into());
+        // The next subscriber at the same cursor gets the same bytes without building.
+        let again = c.message(at, || panic!("built twice"));
+        assert_eq!((first.as_str(), again.as_str()), ("one", "one"));
+        // One in another epoch gets its own, and the shared one stays.
+        let other = c.message(Cursor { epoch: 2, seq: 7 }, || "two".into());
+        assert_eq!(other.as_str(), "two");
+        assert_eq!(c.message(at, || panic!("built twice")).as_str(), "one");
     }
 }

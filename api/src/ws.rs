@@ -29,7 +29,7 @@ use tokio_stream::StreamMap;
 
 use crate::auth::{Claims, Perm};
 use crate::error::ApiError;
-use crate::fanout::HubMsg;
+use crate::fanout::{Change, HubMsg};
 use crate::ratelimit::Action;
 use crate::routes::Cursor;
 use crate::AppState;
@@ -380,13 +380,13 @@ async fn run_session(
                 let Some(sub) = subs.get_mut(&bucket) else { continue };
                 let mut pending = None;
                 let resync = match item {
-                    Ok(HubMsg::Change(event)) => match deliver(tx, &bucket, sub, &event).await {
+                    Ok(HubMsg::Change(change)) => match deliver(tx, &bucket, sub, &change).await {
                         Ok(true) => None,
                         Ok(false) => {
                             // The changes before this one are missing: the view must have them
                             // before the catch-up, and this one follows it.
-                            let need = i64::try_from(event.seq).unwrap_or(i64::MAX) - 1;
-                            pending = Some((event, need));
+                            let need = i64::try_from(change.event.seq).unwrap_or(i64::MAX) - 1;
+                            pending = Some((change, need));
                             Some("missed_changes")
                         }
                         Err(e) => return e,
@@ -411,9 +411,9 @@ async fn run_session(
                         Ok((cursor, ahead)) => {
                             sub.cursor = cursor;
                             sub.ahead = ahead;
-                            if let Some((event, _)) = pending {
+                            if let Some((change, _)) = pending {
                                 // Past the catch-up now: sent if it follows it, skipped if it holds it.
-                                if let Err(e) = deliver(tx, &bucket, sub, &event).await { return e; }
+                                if let Err(e) = deliver(tx, &bucket, sub, &change).await { return e; }
                             }
                         }
                         Err(e) => return e,
@@ -444,12 +444,8 @@ async fn run_session(
 /// Forwards a live change to the client if it follows the subscription's cursor. `Ok(true)` when
 /// it was sent or is already held (at or before the cursor, or sent by the last catch-up);
 /// `Ok(false)` when changes before it are missing.
-async fn deliver(
-    tx: &mut Tx,
-    bucket: &str,
-    sub: &mut Sub,
-    event: &processors::SyncEvent,
-) -> Result<bool, End> {
+async fn deliver(tx: &mut Tx, bucket: &str, sub: &mut Sub, change: &Change) -> Result<bool, End> {
+    let event = &change.event;
     let seq = i64::try_from(event.seq).unwrap_or(i64::MAX);
     if seq <= sub.cursor.seq {
         return Ok(true);
@@ -471,11 +467,16 @@ async fn deliver(
         }
         sub.ahead.remove(&event.doc_id);
     }
-    let msg = json!({"type": "change", "bucket": bucket, "id": event.doc_id,
-        "version": event.version, "seq": event.seq, "hlc": event.hlc,
-        "deleted": event.deleted, "set": event.set, "unset": event.unset,
-        "cursor": sub.cursor.to_string()});
-    send(tx, msg).await?;
+    // The bucket's subscribers on this node at the same cursor share one message.
+    let cursor = sub.cursor;
+    let text = change.message(cursor, || {
+        json!({"type": "change", "bucket": bucket, "id": event.doc_id,
+            "version": event.version, "seq": event.seq, "hlc": event.hlc,
+            "deleted": event.deleted, "set": event.set, "unset": event.unset,
+            "cursor": cursor.to_string()})
+        .to_string()
+    });
+    tx.frame(Message::Text(text)).await?;
     Ok(true)
 }
 
