@@ -58,16 +58,15 @@ impl Change {
     /// The message for a subscriber whose cursor is now `cursor`: the shared one when it was
     /// built for that cursor, else `build`'s (shared from then on if it is the first).
     pub fn message(&self, cursor: Cursor, build: impl FnOnce() -> String) -> Utf8Bytes {
-        let mut build = Some(build);
-        let (at, text) = self.message.get_or_init(|| {
-            let text = build.take().map(|b| b()).unwrap_or_default();
-            (cursor, Utf8Bytes::from(text))
-        });
-        match build {
-            // Built for another cursor (another epoch) by someone else: this one's own.
-            Some(b) if *at != cursor => Utf8Bytes::from(b()),
-            _ => text.clone(),
+        if let Some((at, text)) = self.message.get() {
+            if *at == cursor {
+                return text.clone();
+            }
         }
+        let text = Utf8Bytes::from(build());
+        // The first one built is shared; one for another cursor (another epoch) is not.
+        let _ = self.message.set((cursor, text.clone()));
+        text
     }
 }
 
