@@ -57,6 +57,11 @@ pub enum ResolverError {
     /// The setup is wrong (missing topic, ...).
     #[error("{0}")]
     Setup(String),
+    /// A task's restore read nothing from its changelog for [`RESTORE_STALL`] (the broker is
+    /// unreachable or the partition unreadable): the clients are rebuilt and the restore goes
+    /// on from the offset it stored last.
+    #[error("restoring task {0} read nothing from the changelog in {1:?}")]
+    RestoreStalled(i32, Duration),
     /// A transactional call did not return in time: the producer is left to finish it on a
     /// thread of its own and the clients are rebuilt (the new producer fences the old one).
     #[error("{0} did not return within {1:?}; the producer is abandoned")]
@@ -132,6 +137,8 @@ pub struct ResolverStats {
     pub restored: AtomicU64,
     /// Tasks being restored right now.
     pub restoring: AtomicU64,
+    /// Times the Kafka clients were rebuilt after a fatal or stuck call.
+    pub rebuilds: AtomicU64,
     /// The last committed batch (none yet: `None`).
     pub last_batch: Mutex<Option<BatchTiming>>,
 }
@@ -148,6 +155,7 @@ impl ResolverStats {
             "aborted": get(&self.aborted),
             "restored_records": get(&self.restored),
             "tasks_restoring": get(&self.restoring),
+            "client_rebuilds": get(&self.rebuilds),
             "last_batch": *self.last_batch.lock().unwrap_or_else(|p| p.into_inner()),
         })
     }
@@ -387,6 +395,9 @@ pub struct Resolver {
     partitions: i32,
     restored: HashSet<i32>,
     restored_generation: u64,
+    /// Assignment changes seen by this process's consumers, counted across client rebuilds (a
+    /// new consumer's first assignment must not look like the old one's).
+    generation: Arc<AtomicU64>,
     stats: Arc<ResolverStats>,
     /// When this process next considers a periodic checkpoint (ms since the epoch).
     checkpoint_due_ms: Option<u64>,
@@ -399,7 +410,9 @@ pub fn group_id(cfg: &Config) -> String {
     cfg.topic("syncflow-resolver")
 }
 
-fn transactional_id(cfg: &Config) -> String {
+/// The resolver's transactional id (and, with `kafka.instance_id`, its static group member id):
+/// one per instance, or per host and state directory.
+pub fn transactional_id(cfg: &Config) -> String {
     if !cfg.kafka.instance_id.is_empty() {
         return format!(
             "{}syncflow-resolver-{}",
@@ -428,6 +441,7 @@ impl Resolver {
             partitions: 0,
             restored: HashSet::new(),
             restored_generation: 0,
+            generation: Arc::new(AtomicU64::new(0)),
             checkpoint_due_ms: crate::checkpoint::next_due_ms(&cfg),
             last_batch_len: 0,
             cfg,
@@ -497,7 +511,12 @@ impl Resolver {
         while !shutdown.load(Ordering::SeqCst) {
             match self.run_clients(&shutdown) {
                 Ok(()) => break,
-                Err(e @ (ResolverError::Kafka(_) | ResolverError::Wedged(..))) => {
+                Err(
+                    e @ (ResolverError::Kafka(_)
+                    | ResolverError::Wedged(..)
+                    | ResolverError::RestoreStalled(..)),
+                ) => {
+                    self.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "resolver kafka failure; rebuilding clients");
                     std::thread::sleep(Duration::from_secs(1));
                 }
@@ -510,7 +529,11 @@ impl Resolver {
     }
 
     fn run_clients(&mut self, shutdown: &AtomicBool) -> Result<(), ResolverError> {
-        let generation = Arc::new(AtomicU64::new(0));
+        // New clients: while the old ones were down, another process may have owned these
+        // tasks and written their changelogs, so every task restores again before its next
+        // batch (cheap when nothing was written: see `restore_task`).
+        self.restored.clear();
+        let generation = self.generation.clone();
         let consumer = self.consumer(generation.clone())?;
         let producer = Arc::new(self.producer()?);
         let topic = self.cfg.topic(topics::DATA_CHANGED);
@@ -566,7 +589,17 @@ impl Resolver {
             fresh.dedup();
             for p in fresh {
                 self.stats.restoring.fetch_add(1, Ordering::Relaxed);
-                let restored = self.restore_task(&producer, p);
+                let mut restored = self.restore_task(&producer, p);
+                if let Err(ResolverError::State(e)) = &restored {
+                    // The local store failed under the restore: start the task over from the
+                    // beginning of its changelog, once.
+                    tracing::error!(partition = p, error = %e, "restore failed in the local store; wiping the task and restoring it again");
+                    restored = self
+                        .store
+                        .wipe_task(p)
+                        .map_err(ResolverError::from)
+                        .and_then(|()| self.restore_task(&producer, p));
+                }
                 self.stats.restoring.fetch_sub(1, Ordering::Relaxed);
                 restored?;
                 self.restored.insert(p);
@@ -596,7 +629,9 @@ impl Resolver {
                     let fatal = match &e {
                         ResolverError::Kafka(KafkaError::Transaction(t)) => t.is_fatal(),
                         // Still inside a transactional call: no abort is possible.
-                        ResolverError::Setup(_) | ResolverError::Wedged(..) => return Err(e),
+                        ResolverError::Setup(_)
+                        | ResolverError::Wedged(..)
+                        | ResolverError::RestoreStalled(..) => return Err(e),
                         ResolverError::State(_) => {
                             // A corrupt or failing local store: drop the batch's tasks and
                             // rebuild them from the changelog before going on.
@@ -690,10 +725,11 @@ impl Resolver {
         let mut batch = state::sled::Batch::default();
         let (mut pending, mut total) = (0usize, 0u64);
         let mut next = from;
-        let deadline = Instant::now() + Duration::from_secs(300);
+        let mut last_read = Instant::now();
         loop {
             match reader.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) => {
+                    last_read = Instant::now();
                     if let Some(key) = m.key() {
                         match m.payload() {
                             Some(v) if !v.is_empty() => batch.insert(key, v),
@@ -703,7 +739,11 @@ impl Resolver {
                     next = m.offset() + 1;
                     pending += 1;
                     total += 1;
-                    if pending >= 10_000 {
+                    if pending >= RESTORE_CHUNK {
+                        // With the offset reached, in the same atomic batch: a restore that is
+                        // interrupted (crash, stall, rebalance) goes on from here next time
+                        // instead of starting over.
+                        batch.insert(state::store::CHANGELOG_OFFSET_KEY, &next.to_be_bytes());
                         tree.apply_batch(std::mem::take(&mut batch))
                             .map_err(StateError::from)?;
                         pending = 0;
@@ -716,10 +756,11 @@ impl Resolver {
                 }
                 None => {}
             }
-            if Instant::now() > deadline {
-                return Err(ResolverError::Setup(format!(
-                    "restoring task {partition} did not reach the end of {topic} in 300 s"
-                )));
+            if last_read.elapsed() > RESTORE_STALL {
+                // Keep what was read so far, then retry with new clients.
+                batch.insert(state::store::CHANGELOG_OFFSET_KEY, &next.to_be_bytes());
+                tree.apply_batch(batch).map_err(StateError::from)?;
+                return Err(ResolverError::RestoreStalled(partition, RESTORE_STALL));
             }
         }
         // The position after EOF also skips transaction markers at the end.
@@ -1210,6 +1251,13 @@ fn send_bytes(
         }
     }
 }
+
+/// Changelog records a restore applies to sled at a time, each time with the offset reached.
+const RESTORE_CHUNK: usize = 10_000;
+
+/// A restore that reads nothing from its changelog for this long gives up and is retried
+/// with new clients (a long restore that makes progress is never cut short).
+const RESTORE_STALL: Duration = Duration::from_secs(120);
 
 /// The linger applies after a batch of at least this many records (a sign of load).
 const LINGER_MIN_PREVIOUS: usize = 4;

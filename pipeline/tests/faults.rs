@@ -15,6 +15,8 @@ use common::faults::{
 
 use common::TestEnv;
 use rand::{Rng, SeedableRng};
+use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::ClientConfig;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -104,6 +106,69 @@ async fn a_surviving_processor_takes_over_and_restores_from_the_changelog() {
         restores[b_restored_before..].iter().any(|n| *n > 0),
         "b took over without restoring state from the changelog: {restores:?}"
     );
+    assert_eq!(b.terminate(), Some(0));
+    let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
+    tokio::task::block_in_place(|| oracle.assert_matches(&env));
+    env.cleanup().await;
+}
+
+/// A processor whose Kafka clients are rebuilt (here: its producer is fenced) leaves the group
+/// for a moment; the other processor takes its tasks and writes their changelogs. When the first
+/// one gets tasks back, it must restore them again before processing: its local state is behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_processor_that_rebuilds_its_clients_restores_its_tasks_again() {
+    let env = TestEnv::new("rebuild").await;
+    let writes = workload(rand::random(), 6_000, 30, 20);
+    let mut b = ProcessorProcess::start(&env, "b");
+    produce_all(&env, &writes[..1_000]).await;
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(120), || b.alive())
+    });
+    // `a` joins second (so its first assignment is its only one) as a dynamic member (so that
+    // closing its consumer hands its tasks to `b` at once).
+    let mut a = ProcessorProcess::start_role(
+        &env,
+        "a",
+        "processor",
+        &[("SYNCFLOW_KAFKA_INSTANCE_ID", "")],
+    );
+    tokio::task::block_in_place(|| wait_until_sharing(&[&a, &b], Duration::from_secs(60)));
+    produce_all(&env, &writes[1_000..2_000]).await;
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(120), || a.alive() && b.alive())
+    });
+    let a_log_before = std::fs::read_to_string(&a.log).unwrap().len();
+
+    // Fence `a`'s producer: its next transaction fails and it rebuilds its clients.
+    let mut a_cfg = env.cfg.clone();
+    a_cfg.kafka.instance_id = String::new();
+    a_cfg.state.dir = env.state_dir.join("a").display().to_string();
+    let fencer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .set(
+            "transactional.id",
+            pipeline::resolver::transactional_id(&a_cfg),
+        )
+        .create()
+        .unwrap();
+    tokio::task::block_in_place(|| fencer.init_transactions(Duration::from_secs(30))).unwrap();
+    for part in writes[2_000..].chunks(250) {
+        produce_all(&env, part).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(180), || a.alive() && b.alive())
+    });
+    let a_log = std::fs::read_to_string(&a.log).unwrap();
+    let after_fence = &a_log[a_log_before..];
+    let rebuilt_at = after_fence
+        .find("rebuilding clients")
+        .expect("the fenced processor did not rebuild its clients");
+    assert!(
+        after_fence[rebuilt_at..].contains("task restored"),
+        "after rebuilding its clients `a` processed without restoring its tasks"
+    );
+    assert_eq!(a.terminate(), Some(0));
     assert_eq!(b.terminate(), Some(0));
     let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
     tokio::task::block_in_place(|| oracle.assert_matches(&env));

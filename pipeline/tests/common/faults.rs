@@ -34,7 +34,8 @@ impl ProcessorProcess {
         Self::start_role(env, instance, "processor", &[])
     }
 
-    /// Starts `syncflow run --role <role>` with extra `SYNCFLOW_*` settings.
+    /// Starts `syncflow run --role <role>` with extra `SYNCFLOW_*` settings (they override the
+    /// defaults here, e.g. an empty `SYNCFLOW_KAFKA_INSTANCE_ID` for a dynamic group member).
     pub fn start_role(
         env: &TestEnv,
         instance: &str,
@@ -60,13 +61,14 @@ impl ProcessorProcess {
                 "SYNCFLOW_CHECKPOINT_INTERVAL_SECS",
                 env.cfg.checkpoint.interval_secs.to_string(),
             )
-            .envs(extra.iter().copied())
             .env("SYNCFLOW_MONGO_DATABASE", &env.cfg.mongo.database)
             .env("SYNCFLOW_AUTH_JWT_SECRET", super::SECRET)
             .env("SYNCFLOW_KAFKA_TOPIC_PREFIX", &env.cfg.kafka.topic_prefix)
             .env("SYNCFLOW_KAFKA_INSTANCE_ID", instance)
             .env("SYNCFLOW_STATE_DIR", &state_dir)
             .env("SYNCFLOW_LOG", "info,rdkafka=warn,librdkafka=warn")
+            // Last, so that a test can override any of the above.
+            .envs(extra.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::from(out))
             .spawn()
