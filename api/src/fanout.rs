@@ -13,7 +13,9 @@
 //! never older than a change already announced.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
@@ -21,6 +23,9 @@ use futures::StreamExt;
 use processors::SyncEvent;
 use redis::aio::ConnectionManager;
 use tokio::sync::broadcast;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::Stream;
 
 use crate::redis_conn::Breaker;
 use crate::routes::Cursor;
@@ -82,6 +87,55 @@ pub enum HubMsg {
 
 type Channels = Arc<Mutex<HashMap<String, broadcast::Sender<HubMsg>>>>;
 
+fn lock(
+    channels: &Channels,
+) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<HubMsg>>> {
+    channels.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One subscriber's stream of a bucket's [`HubMsg`]s. Dropping the last one of a bucket frees
+/// the bucket's channel (its buffer is allocated up front), so a node's memory follows the
+/// buckets subscribed now, not every bucket ever subscribed.
+pub struct Subscription {
+    // Declared first, so dropped first: the channel's receiver count no longer includes it
+    // when `release` looks.
+    stream: BroadcastStream<HubMsg>,
+    release: Release,
+}
+
+struct Release {
+    channels: Channels,
+    channel: String,
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let mut channels = lock(&self.channels);
+        if channels
+            .get(&self.channel)
+            .is_some_and(|s| s.receiver_count() == 0)
+        {
+            channels.remove(&self.channel);
+        }
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Result<HubMsg, BroadcastStreamRecvError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Pin::new(&mut self.stream).poll_next(cx)
+    }
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("channel", &self.release.channel)
+            .finish()
+    }
+}
+
 /// The node's hub.
 #[derive(Clone)]
 pub struct Hub {
@@ -109,17 +163,29 @@ impl Hub {
     }
 
     fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<HubMsg>>> {
-        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.channels)
     }
 
     /// Receives the bucket's changes from now on.
-    pub fn subscribe(&self, tenant: &str, bucket: &str) -> broadcast::Receiver<HubMsg> {
+    pub fn subscribe(&self, tenant: &str, bucket: &str) -> Subscription {
         let channel = crate::view::change_channel(&self.prefix, tenant, bucket);
-        let mut channels = self.channels();
-        channels
-            .entry(channel)
+        let receiver = self
+            .channels()
+            .entry(channel.clone())
             .or_insert_with(|| broadcast::channel(self.capacity).0)
-            .subscribe()
+            .subscribe();
+        Subscription {
+            stream: BroadcastStream::new(receiver),
+            release: Release {
+                channels: self.channels.clone(),
+                channel,
+            },
+        }
+    }
+
+    /// Buckets with a channel on this node (one per bucket with subscribers here).
+    pub fn channel_count(&self) -> usize {
+        self.channels().len()
     }
 
     /// The highest sequence number announced for the bucket, or `None` when Redis cannot say
@@ -212,6 +278,40 @@ mod tests {
         }))
         .expect("a sync event");
         Change::new(event)
+    }
+
+    #[tokio::test]
+    async fn a_buckets_channel_lives_as_long_as_its_subscribers() {
+        // Nothing listens on port 1: the hub's listener just keeps retrying in the background.
+        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 8).expect("hub");
+        let mut first = hub.subscribe("acme", "notes");
+        let second = hub.subscribe("acme", "notes");
+        let other = hub.subscribe("acme", "todo");
+        assert_eq!(hub.channel_count(), 2);
+        drop(second);
+        assert_eq!(hub.channel_count(), 2, "`notes` still has a subscriber");
+        // The one left still receives what the bucket's channel carries.
+        hub.dispatch(
+            &crate::view::change_channel("t:", "acme", "notes"),
+            Some(serde_json::to_string(&change().event).unwrap()),
+        );
+        // (The listener, failing to reach Redis, may announce gaps first.)
+        loop {
+            match first.next().await {
+                Some(Ok(HubMsg::Gap)) => continue,
+                Some(Ok(HubMsg::Change(c))) => break assert_eq!(c.event.seq, 7),
+                got => panic!("expected the change, got {got:?}"),
+            }
+        }
+        drop(first);
+        assert_eq!(hub.channel_count(), 1, "`notes` has no subscriber left");
+        drop(other);
+        assert_eq!(hub.channel_count(), 0);
+        // Subscribing again to many buckets one after the other leaves nothing behind.
+        for i in 0..1000 {
+            drop(hub.subscribe("acme", &format!("b{i}")));
+        }
+        assert_eq!(hub.channel_count(), 0);
     }
 
     #[test]
