@@ -340,10 +340,10 @@ impl MongoView {
                 let next = &current[&id];
                 let replacement = mongodb::bson::to_document(next)
                     .map_err(|e| ViewError::Malformed(id.clone(), e.to_string()))?;
-                let filter = match stored.get(&id) {
-                    Some(_) => doc! {"_id": &id, "version": {"$lt": next.version}},
-                    None => doc! {"_id": &id},
-                };
+                // Guarded by version even for a document that was new at the read above: its
+                // batch insert failed, maybe because another projector wrote it since, possibly
+                // at a newer version, which must not be overwritten.
+                let filter = doc! {"_id": &id, "version": {"$lt": next.version}};
                 let result = coll
                     .replace_one(filter, replacement)
                     .with_options(ReplaceOptions::builder().upsert(true).build())
@@ -488,7 +488,7 @@ impl MongoView {
                 .projection(doc! {"_id": 1, "bucket": 1, "seq": 1})
                 .await?;
             let mut horizon: BTreeMap<String, i64> = BTreeMap::new();
-            let mut ids = Vec::new();
+            let mut ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
             while let Some(d) = cursor.try_next().await? {
                 let bucket = d.get_str("bucket").unwrap_or_default().to_owned();
                 let seq = match d.get("seq") {
@@ -496,20 +496,29 @@ impl MongoView {
                     Some(Bson::Int32(s)) => i64::from(*s),
                     _ => 0,
                 };
-                let h = horizon.entry(bucket).or_insert(0);
+                let h = horizon.entry(bucket.clone()).or_insert(0);
                 *h = (*h).max(seq);
-                ids.push(d.get_str("_id").unwrap_or_default().to_owned());
+                ids.entry(bucket)
+                    .or_default()
+                    .push(d.get_str("_id").unwrap_or_default().to_owned());
             }
             for (bucket, seq) in &horizon {
                 self.buckets(&tenant)
                     .update_one(doc! {"_id": bucket}, doc! {"$max": {"horizon_seq": seq}})
                     .await?;
             }
-            for chunk in ids.chunks(500) {
-                removed += coll
-                    .delete_many(doc! {"_id": {"$in": chunk}, "deleted": true})
-                    .await?
-                    .deleted_count;
+            for (bucket, ids) in &ids {
+                // Only the tombstones found above: a document revived and deleted again since
+                // then has a newer tombstone, above the horizon just raised, which must stay.
+                let seq = horizon.get(bucket).copied().unwrap_or(0);
+                for chunk in ids.chunks(500) {
+                    removed += coll
+                        .delete_many(
+                            doc! {"_id": {"$in": chunk}, "deleted": true, "seq": {"$lte": seq}},
+                        )
+                        .await?
+                        .deleted_count;
+                }
             }
         }
         Ok(removed)
