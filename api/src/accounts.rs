@@ -200,7 +200,7 @@ pub async fn register(
                 let jti = claims
                     .jti
                     .ok_or_else(|| ApiError::Unauthorized("invitation without an id".into()))?;
-                (claims.tenant, claims.grants, Some(jti), false)
+                (claims.tenant, claims.grants, Some((jti, claims.exp)), false)
             }
             _ => return Err(ApiError::bad_request(
                 "invalid_body",
@@ -249,7 +249,7 @@ pub async fn register(
             tracing::warn!(error = %e, "releasing a failed registration's reservations");
         }
     };
-    if let Some(jti) = &invite_id {
+    if let Some((jti, _)) = &invite_id {
         match acc.store.use_invite(jti).await {
             Ok(true) => {}
             Ok(false) => {
@@ -265,10 +265,23 @@ pub async fn register(
             }
         }
     }
+    // A registration that fails from here on gives its invitation back (for the rest of its
+    // lifetime), so that the retry a 503 asks for can use it.
+    let undo = || async {
+        release().await;
+        if let Some((jti, exp)) = &invite_id {
+            let left = exp.saturating_sub(now_ms() / 1000);
+            if left > 0 {
+                if let Err(e) = acc.store.add_invite(jti, left).await {
+                    tracing::warn!(error = %e, "giving a failed registration's invitation back");
+                }
+            }
+        }
+    };
     let hash = match acc.passwords.hash(&req.password).await {
         Ok(h) => h,
         Err(e) => {
-            release().await;
+            undo().await;
             return Err(ApiError::Unavailable(e.to_string()));
         }
     };
@@ -288,7 +301,7 @@ pub async fn register(
         creates_tenant,
     };
     if let Err(e) = acc.emit(&event).await {
-        release().await;
+        undo().await;
         return Err(e);
     }
     acc.store.confirm(&names).await?;

@@ -165,7 +165,7 @@ pub async fn create_invite(
     let ttl = req
         .ttl_secs
         .unwrap_or(acc.cfg.invite_ttl_secs)
-        .clamp(1, acc.cfg.invite_ttl_secs);
+        .clamp(1, acc.cfg.invite_ttl_secs.max(1));
     let claims = issued(
         TokenKind::Invite,
         &caller.sub,

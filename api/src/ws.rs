@@ -24,12 +24,11 @@ use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::StreamMap;
 
 use crate::auth::{Claims, Perm};
 use crate::error::ApiError;
-use crate::fanout::{Change, HubMsg};
+use crate::fanout::{Change, HubMsg, Subscription};
 use crate::ratelimit::Action;
 use crate::routes::Cursor;
 use crate::AppState;
@@ -47,6 +46,8 @@ pub const CLOSE_RATE_LIMITED: u16 = 4029;
 /// Close code (RFC 6455 "try again later"): the view did not catch up with the live changes
 /// within `ws.view_wait_ms`; reconnect with the cursor.
 pub const CLOSE_VIEW_BEHIND: u16 = 1013;
+/// Close code (RFC 6455 "try again later"): the session store could not check the token.
+pub const CLOSE_TRY_AGAIN: u16 = 1013;
 
 /// WebSocket settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +268,23 @@ async fn authenticate(
                     }
                     Ok(c)
                 }
+                Err(crate::auth::AuthError::Unavailable(why)) => {
+                    // The token may be fine: the session store could not be asked. Not 4001,
+                    // which tells the client to drop its token.
+                    let _ = send(
+                        tx,
+                        error_msg(
+                            "unavailable",
+                            format!("the token cannot be checked now ({why}); retry"),
+                            None,
+                        ),
+                    )
+                    .await;
+                    Err(End::Close(
+                        CLOSE_TRY_AGAIN,
+                        "authentication unavailable; retry".into(),
+                    ))
+                }
                 Err(e) => {
                     let _ = send(tx, error_msg("unauthorized", e.to_string(), None)).await;
                     Err(End::Close(CLOSE_UNAUTHORIZED, "invalid token".into()))
@@ -309,7 +327,7 @@ async fn run_session(
     };
     let hub = state.hub.clone().expect("checked before the upgrade");
     let mut subs: HashMap<String, Sub> = HashMap::new();
-    let mut live: StreamMap<String, BroadcastStream<HubMsg>> = StreamMap::new();
+    let mut live: StreamMap<String, Subscription> = StreamMap::new();
     let heartbeat_every = Duration::from_secs(state.ws.heartbeat_secs.max(1));
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     heartbeat.tick().await;
@@ -367,9 +385,12 @@ async fn run_session(
                             }
                         };
                         // Listen first, then read the view: nothing can fall between.
-                        live.insert(bucket.clone(), BroadcastStream::new(hub.subscribe(&claims.tenant, &bucket)));
+                        live.insert(bucket.clone(), hub.subscribe(&claims.tenant, &bucket));
                         if let Err(e) = send(tx, json!({"type": "subscribed", "bucket": bucket})).await { return e; }
-                        match catch_up(tx, state, &claims.tenant, &bucket, cursor, 0).await {
+                        let caught_up = catch_up(tx, state, &claims.tenant, &bucket, cursor, 0).await;
+                        // No pong is read while a catch-up runs: it must not count against the client.
+                        last_pong = Instant::now();
+                        match caught_up {
                             Ok((cursor, ahead)) => { subs.insert(bucket, Sub { cursor, ahead }); }
                             Err(e) => return e,
                         }
@@ -407,7 +428,9 @@ async fn run_session(
                     let cursor = sub.cursor;
                     if let Err(e) = send(tx, json!({"type": "lagged", "bucket": bucket, "reason": reason, "cursor": cursor.to_string()})).await { return e; }
                     let need = pending.as_ref().map_or(0, |(_, need)| *need);
-                    match catch_up(tx, state, &claims.tenant, &bucket, Some(cursor), need).await {
+                    let caught_up = catch_up(tx, state, &claims.tenant, &bucket, Some(cursor), need).await;
+                    last_pong = Instant::now();
+                    match caught_up {
                         Ok((cursor, ahead)) => {
                             sub.cursor = cursor;
                             sub.ahead = ahead;
