@@ -144,9 +144,20 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A temporary file name part no other writer uses at the same time: processes that share a
+/// checkpoint directory can have the same pid (each container's first process is 1).
+fn unique_suffix() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{nanos:x}-{n}", std::process::id())
+}
+
 /// Writes `bytes` to `path` through a synced temporary file and a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    let tmp = path.with_extension(format!("tmp-{}", unique_suffix()));
     let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
     f.write_all(bytes).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
@@ -216,7 +227,7 @@ impl CheckpointDir {
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let file = format!("p{:04}.snap", header.partition);
         let path = dir.join(&file);
-        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let tmp = path.with_extension(format!("tmp-{}", unique_suffix()));
         let f = File::create(&tmp).map_err(io_err(&tmp))?;
         let mut w = Hashing {
             inner: BufWriter::with_capacity(1 << 20, f),
@@ -305,7 +316,7 @@ impl CheckpointDir {
             total_entries: parts.iter().map(|p| p.entries).sum(),
             partitions: parts,
         };
-        let tmp = dir.join(format!("{MANIFEST}.tmp-{}", std::process::id()));
+        let tmp = dir.join(format!("{MANIFEST}.tmp-{}", unique_suffix()));
         write_atomic(
             &tmp,
             &serde_json::to_vec_pretty(&manifest).expect("manifest serializes"),
