@@ -243,7 +243,7 @@ async fn submit(
             watch
                 .subscribe(&write.tenant, &write.bucket)
                 .await
-                .map_err(|e| ApiError::Unavailable(format!("redis: {e}")))?,
+                .map_err(|e| ApiError::Unavailable(format!("wait=applied: {e}")))?,
         ),
     };
     state
@@ -525,11 +525,32 @@ async fn changes(
                 c.epoch, meta.epoch
             )))
         }
-        Some(c) if c.seq < meta.horizon_seq || c.seq > meta.projected_seq => {
+        Some(c) if c.seq < meta.horizon_seq => {
             return Err(ApiError::ResyncRequired(format!(
                 "cursor {c} is outside the retained history (tombstones before sequence {} were swept): read the bucket again from the start",
                 meta.horizon_seq
             )))
+        }
+        Some(c) if c.seq > meta.projected_seq => {
+            // A live (WebSocket) cursor runs ahead of the view by the changes being written:
+            // nothing to read yet, come back with the same cursor. Only a cursor past every
+            // change announced for the bucket is not one this server gave out.
+            let announced = match &state.hub {
+                Some(hub) => hub.announced(&claims.tenant, &bucket).await,
+                None => Some(meta.projected_seq),
+            };
+            if announced.is_some_and(|a| c.seq > a) {
+                return Err(ApiError::ResyncRequired(format!(
+                    "cursor {c} is past every change of this bucket (sequence {}): read the bucket again from the start",
+                    announced.unwrap_or_default()
+                )));
+            }
+            return Ok(Json(json!({
+                "bucket": bucket,
+                "changes": [],
+                "next": c.to_string(),
+                "more": false,
+            })));
         }
         Some(c) => c.seq,
     };

@@ -303,6 +303,34 @@ async fn swept_tombstones_make_old_cursors_resync_and_bad_reads_get_reasons() {
     assert_eq!(b["changes"], json!([]));
     let (s, _) = get("/v1/buckets/lists/changes?since=2.9".into()).await;
     assert_eq!(s, 410, "a cursor of another epoch resyncs");
+    // A cursor ahead of the view (a live cursor: announced, not yet projected) is told to come
+    // back with the same cursor; one past every announced change resyncs.
+    let (s, b) = get("/v1/buckets/lists/changes?since=1.30".into()).await;
+    assert_eq!(
+        (s, b["error"]["code"].as_str()),
+        (410, Some("resync_required")),
+        "{b}"
+    );
+    let mut redis = redis::Client::open(env.cfg.redis.url.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mark_key = format!("{}syncflow:announced", env.cfg.kafka.topic_prefix);
+    let _: () = redis::cmd("HSET")
+        .arg(&mark_key)
+        .arg("acme/lists")
+        .arg(12)
+        .query(&mut redis)
+        .unwrap();
+    let (s, b) = get("/v1/buckets/lists/changes?since=1.11".into()).await;
+    assert_eq!(s, 200, "{b}");
+    assert_eq!(
+        (&b["changes"], b["next"].as_str(), b["more"].as_bool()),
+        (&json!([]), Some("1.11"), Some(false))
+    );
+    let (s, _) = get("/v1/buckets/lists/changes?since=1.13".into()).await;
+    assert_eq!(s, 410, "past the announced mark");
+    let _: () = redis::cmd("DEL").arg(&mark_key).query(&mut redis).unwrap();
     let (s, _) = get("/v1/buckets/lists/docs/d0".into()).await;
     assert_eq!(s, 404);
 
