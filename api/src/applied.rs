@@ -1,7 +1,9 @@
-//! `?wait=applied`: read-your-writes. The API subscribes to the bucket's Redis channel (where
-//! every committed change is announced) before sending the write, waits for the change carrying
-//! the write's event id, then for the view to hold it (the bucket's projected watermark reaching
-//! the change's sequence number), so a read that follows sees the write.
+//! `?wait=applied`: read-your-writes. Before sending the write, the API listens on the bucket's
+//! channel of this node's fan-out hub (where every committed change is announced), waits for the
+//! change carrying the write's event id, then for the view to hold it (the bucket's projected
+//! watermark reaching the change's sequence number), so a read that follows sees the write.
+//! Waiting costs no Redis connection of its own: the hub's one subscription serves every wait
+//! and every WebSocket subscriber of the node.
 //!
 //! A write that changes nothing visible (it lost to a newer write on every field, or repeated the
 //! current values) produces no change to announce: the wait then ends at the timeout with
@@ -12,42 +14,47 @@ use std::time::Duration;
 use futures::StreamExt;
 use processors::SyncEvent;
 
+use crate::fanout::{Hub, HubMsg, Subscription};
+
+/// Longest a write waits for the hub to (re)connect to Redis before `wait=applied` answers 503.
+pub const CONNECT_WAIT: Duration = Duration::from_secs(2);
+
 /// Where applied changes are announced, and how long to wait for one.
 #[derive(Clone)]
 pub struct AppliedWatch {
-    client: redis::Client,
-    prefix: String,
+    hub: Hub,
     timeout: Duration,
 }
 
+/// The hub is not subscribed to Redis: an announcement could not reach this node.
+#[derive(Debug, thiserror::Error)]
+#[error("the fan-out hub is not connected to Redis")]
+pub struct NotListening;
+
 /// A subscription opened before the write is sent.
 pub struct Pending {
-    pubsub: redis::aio::PubSub,
+    sub: Subscription,
     timeout: Duration,
 }
 
 impl AppliedWatch {
-    /// A watch on Redis at `url`, channel names prefixed with `prefix`.
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, redis::RedisError> {
-        Ok(Self {
-            client: redis::Client::open(url)?,
-            prefix: prefix.into(),
-            timeout,
-        })
+    /// Waits on `hub`'s announcements, each at most `timeout`.
+    pub fn new(hub: Hub, timeout: Duration) -> Self {
+        Self { hub, timeout }
     }
 
-    /// Subscribes to the bucket's channel. Call before sending the write, so nothing is missed.
-    pub async fn subscribe(
-        &self,
-        tenant: &str,
-        bucket: &str,
-    ) -> Result<Pending, redis::RedisError> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
-        pubsub
-            .subscribe(crate::view::change_channel(&self.prefix, tenant, bucket))
-            .await?;
+    /// Listens on the bucket's channel. Call before sending the write, so nothing is missed.
+    /// Waits up to [`CONNECT_WAIT`] for a hub that is (re)connecting to Redis.
+    pub async fn subscribe(&self, tenant: &str, bucket: &str) -> Result<Pending, NotListening> {
+        let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
+        while !self.hub.is_listening() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(NotListening);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(Pending {
-            pubsub,
+            sub: self.hub.subscribe(tenant, bucket),
             timeout: self.timeout,
         })
     }
@@ -63,15 +70,13 @@ impl Pending {
         bucket: &str,
     ) -> Option<SyncEvent> {
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut messages = self.pubsub.on_message();
         let found = async {
-            while let Some(msg) = messages.next().await {
-                let Ok(payload) = msg.get_payload::<String>() else {
-                    continue;
-                };
-                if let Ok(event) = serde_json::from_str::<SyncEvent>(&payload) {
-                    if event.event_id == event_id {
-                        return Some(event);
+            // Gaps and lags say that announcements may have been missed; the wait goes on and,
+            // if this one was among them, ends at the timeout (`applied: false`).
+            while let Some(msg) = self.sub.next().await {
+                if let Ok(HubMsg::Change(change)) = msg {
+                    if change.event.event_id == event_id {
+                        return Some(change.event.clone());
                     }
                 }
             }

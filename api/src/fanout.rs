@@ -144,6 +144,10 @@ pub struct Hub {
     prefix: String,
     marks: ConnectionManager,
     breaker: Arc<Breaker>,
+    /// True while the pattern subscription is up (changes reach this node).
+    listening: Arc<std::sync::atomic::AtomicBool>,
+    /// Channels with a [`Hub::gap_later`] pending (one at a time per bucket).
+    gaps_pending: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Hub {
@@ -156,6 +160,8 @@ impl Hub {
             prefix: prefix.into(),
             marks: crate::redis_conn::manager(redis_url)?,
             breaker: Arc::new(Breaker::default()),
+            listening: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            gaps_pending: Arc::default(),
         };
         let listener = hub.clone();
         tokio::spawn(async move { listener.listen(client).await });
@@ -181,6 +187,11 @@ impl Hub {
                 channel,
             },
         }
+    }
+
+    /// Whether the hub is subscribed to Redis now, so that announced changes reach this node.
+    pub fn is_listening(&self) -> bool {
+        self.listening.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Buckets with a channel on this node (one per bucket with subscribers here).
@@ -210,6 +221,32 @@ impl Hub {
         }
     }
 
+    /// Tells the bucket's subscribers on this node, after `delay`, to catch up from their cursors:
+    /// for a catch-up that could not read the announced mark, so could not know how far ahead
+    /// of the view the announcements were. One pending gap per bucket serves all its subscribers.
+    pub fn gap_later(&self, tenant: &str, bucket: &str, delay: Duration) {
+        let channel = crate::view::change_channel(&self.prefix, tenant, bucket);
+        let pending = self.gaps_pending.clone();
+        if !pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(channel.clone())
+        {
+            return;
+        }
+        let channels = self.channels.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&channel);
+            if let Some(sender) = lock(&channels).get(&channel) {
+                let _ = sender.send(HubMsg::Gap);
+            }
+        });
+    }
+
     fn gap_for_all(&self) {
         for sender in self.channels().values() {
             let _ = sender.send(HubMsg::Gap);
@@ -224,6 +261,8 @@ impl Hub {
                 Ok(mut pubsub) => match pubsub.psubscribe(&pattern).await {
                     Ok(()) => {
                         tracing::info!(%pattern, "fan-out hub subscribed");
+                        self.listening
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
                         backoff = Duration::from_millis(100);
                         // Anything published while we were away is unknown: everyone catches up.
                         self.gap_for_all();
@@ -231,6 +270,8 @@ impl Hub {
                         while let Some(msg) = messages.next().await {
                             self.dispatch(msg.get_channel_name(), msg.get_payload::<String>().ok());
                         }
+                        self.listening
+                            .store(false, std::sync::atomic::Ordering::SeqCst);
                         tracing::warn!("fan-out hub lost its Redis connection");
                     }
                     Err(e) => tracing::warn!(error = %e, "fan-out hub cannot subscribe"),
@@ -312,6 +353,29 @@ mod tests {
             drop(hub.subscribe("acme", &format!("b{i}")));
         }
         assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn gap_later_tells_the_buckets_subscribers_to_catch_up() {
+        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 8).expect("hub");
+        let mut sub = hub.subscribe("acme", "notes");
+        let started = tokio::time::Instant::now();
+        hub.gap_later("acme", "notes", Duration::from_millis(50));
+        // A gap arrives (the failing listener may send its own first; the delayed one must come
+        // too, so wait past the delay).
+        let mut gaps = 0;
+        while started.elapsed() < Duration::from_millis(300) {
+            match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
+                Ok(Some(Ok(HubMsg::Gap))) => gaps += 1,
+                Ok(other) => panic!("unexpected {other:?}"),
+                Err(_) => {}
+            }
+        }
+        assert!(gaps >= 1, "no gap after gap_later");
+        // For a bucket without subscribers it does nothing (and keeps no channel).
+        hub.gap_later("acme", "nobody", Duration::from_millis(1));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(hub.channel_count(), 1);
     }
 
     #[test]

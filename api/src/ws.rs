@@ -516,12 +516,26 @@ async fn meta_when_current(
     tenant: &str,
     bucket: &str,
     need: i64,
+    cursor: Option<Cursor>,
 ) -> Result<crate::view::BucketMeta, End> {
     let announced = match &state.hub {
-        Some(hub) => hub.announced(tenant, bucket).await.unwrap_or(0),
-        None => 0,
+        Some(hub) => {
+            let mark = hub.announced(tenant, bucket).await;
+            if mark.is_none() {
+                // Redis could not say how far the announcements are ahead of the view, so
+                // changes announced before this subscription and not yet in the view may be in
+                // neither the catch-up nor the live stream: catch up again once it can say.
+                hub.gap_later(
+                    tenant,
+                    bucket,
+                    Duration::from_millis(crate::redis_conn::BREAKER_OPEN_MS + 100),
+                );
+            }
+            mark
+        }
+        None => Some(0),
     };
-    let need = need.max(announced);
+    let base = need.max(announced.unwrap_or(0));
     let deadline = Instant::now() + Duration::from_millis(state.ws.view_wait_ms);
     let mut pause = Duration::from_millis(5);
     loop {
@@ -535,6 +549,12 @@ async fn meta_when_current(
                 horizon_seq: 0,
                 epoch: 1,
             });
+        // Without the mark, a cursor of this epoch is at least what was announced: wait for the
+        // view to reach it rather than answer `reset` to a cursor merely ahead of the view.
+        let need = match cursor {
+            Some(c) if announced.is_none() && c.epoch == meta.epoch => base.max(c.seq),
+            _ => base,
+        };
         if meta.projected_seq >= need {
             return Ok(meta);
         }
@@ -573,7 +593,7 @@ async fn catch_up(
     cursor: Option<Cursor>,
     need: i64,
 ) -> Result<(Cursor, HashMap<String, u64>), End> {
-    let meta = meta_when_current(state, tenant, bucket, need).await?;
+    let meta = meta_when_current(state, tenant, bucket, need, cursor).await?;
     let watermark = meta.projected_seq;
     let mut from = match cursor {
         None => 0,

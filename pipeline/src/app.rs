@@ -154,6 +154,8 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             passwords: Passwords::new(cfg.auth.max_concurrent_hashes),
             cfg: cfg.auth.clone(),
         };
+        let hub = api::fanout::Hub::start(&cfg.redis.url, &cfg.kafka.topic_prefix, cfg.ws.queue)
+            .map_err(|e| AppError::Startup(format!("redis {}: {e}", cfg.redis.url)))?;
         let state = AppState {
             keys,
             accounts: Some(accounts),
@@ -167,19 +169,12 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             limits: cfg.limits.clone(),
             clock: Arc::new(Mutex::new(HlcClock::new())),
             pages: api::PageLimits::from(&cfg.api),
-            hub: Some(
-                api::fanout::Hub::start(&cfg.redis.url, &cfg.kafka.topic_prefix, cfg.ws.queue)
-                    .map_err(|e| AppError::Startup(format!("redis {}: {e}", cfg.redis.url)))?,
-            ),
+            hub: Some(hub.clone()),
             ws: cfg.ws.clone(),
-            applied: Some(
-                api::applied::AppliedWatch::new(
-                    &cfg.redis.url,
-                    &cfg.kafka.topic_prefix,
-                    std::time::Duration::from_millis(cfg.api.wait_applied_timeout_ms),
-                )
-                .map_err(|e| AppError::Startup(format!("redis {}: {e}", cfg.redis.url)))?,
-            ),
+            applied: Some(api::applied::AppliedWatch::new(
+                hub,
+                std::time::Duration::from_millis(cfg.api.wait_applied_timeout_ms),
+            )),
             checkpoints: {
                 let dir = crate::checkpoint::dir(&cfg);
                 Some(Arc::new(move || {
