@@ -135,6 +135,9 @@ pub struct ResolverConfig {
     /// record the resolver waits for more before processing it, in ms (0: only what is already
     /// fetched).
     pub linger_ms: u64,
+    /// Changelog records a task's restore writes into its store at a time, each time with the
+    /// offset reached (an interrupted restore goes on from the last one).
+    pub restore_chunk: u64,
 }
 
 impl Default for ResolverConfig {
@@ -145,6 +148,7 @@ impl Default for ResolverConfig {
             poll_ms: 100,
             threads: 2,
             linger_ms: 10,
+            restore_chunk: 10_000,
         }
     }
 }
@@ -291,6 +295,9 @@ impl Config {
                 "api.listen {:?} is not an address like 127.0.0.1:8080",
                 self.api.listen
             ));
+        }
+        if self.resolver.restore_chunk == 0 {
+            out.push("resolver.restore_chunk must be at least 1".into());
         }
         if self.resolver.batch_max == 0 {
             out.push("resolver.batch_max must be at least 1".into());

@@ -739,7 +739,7 @@ impl Resolver {
                     next = m.offset() + 1;
                     pending += 1;
                     total += 1;
-                    if pending >= RESTORE_CHUNK {
+                    if pending as u64 >= self.cfg.resolver.restore_chunk {
                         // With the offset reached, in the same atomic batch: a restore that is
                         // interrupted (crash, stall, rebalance) goes on from here next time
                         // instead of starting over.
@@ -1251,9 +1251,6 @@ fn send_bytes(
         }
     }
 }
-
-/// Changelog records a restore applies to sled at a time, each time with the offset reached.
-const RESTORE_CHUNK: usize = 10_000;
 
 /// A restore that reads nothing from its changelog for this long gives up and is retried
 /// with new clients (a long restore that makes progress is never cut short).

@@ -175,6 +175,98 @@ async fn a_processor_that_rebuilds_its_clients_restores_its_tasks_again() {
     env.cleanup().await;
 }
 
+/// `(from, records)` of each "task restored" line of a processor log.
+fn restores(log: &str) -> Vec<(u64, u64)> {
+    let field = |l: &str, name: &str| -> Option<u64> {
+        l.split(&format!("{name}="))
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    log.lines()
+        .filter(|l| l.contains("task restored"))
+        .filter_map(|l| Some((field(l, "from")?, field(l, "records")?)))
+        .collect()
+}
+
+/// A restore killed part-way keeps what it wrote: the next one goes on from its last chunk
+/// instead of starting the task over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_restore_goes_on_from_its_last_chunk() {
+    let env = TestEnv::new("restorechunk").await;
+    let writes = workload(rand::random(), 6_000, 30, 40);
+    let p = ProcessorProcess::start(&env, "p");
+    produce_all(&env, &writes[..5_000]).await;
+    tokio::task::block_in_place(|| wait_until_caught_up(&env, Duration::from_secs(120), || true));
+    p.kill();
+    std::fs::remove_dir_all(env.state_dir.join("p")).unwrap();
+
+    // Restore with a chunk after every record, and kill it part-way through a task: stop the
+    // process as soon as a chunk shows in its log, and kill it if that task has not finished
+    // (its last line is a chunk, not "task restored"); else let it go on to the next task.
+    let p = ProcessorProcess::start_role(
+        &env,
+        "p",
+        "processor",
+        &[("SYNCFLOW_RESOLVER_RESTORE_CHUNK", "1")],
+    );
+    produce_all(&env, &writes[5_000..5_100]).await;
+    let signal = |sig: &str| {
+        let _ = std::process::Command::new("kill")
+            .args([sig, &p.pid().to_string()])
+            .status();
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = 0;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never stopped part-way through a restore"
+        );
+        let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+        let chunks = log.matches("restoring task state").count();
+        if chunks == seen {
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        signal("-STOP");
+        let log = std::fs::read_to_string(&p.log).unwrap_or_default();
+        let last = log
+            .lines()
+            .rfind(|l| l.contains("restoring task state") || l.contains("task restored"))
+            .unwrap_or_default();
+        if last.contains("restoring task state") {
+            break;
+        }
+        seen = log.matches("restoring task state").count();
+        signal("-CONT");
+    }
+    p.kill();
+    let before = std::fs::read_to_string(env.state_dir.join("p.log"))
+        .unwrap()
+        .len();
+
+    let mut p = ProcessorProcess::start(&env, "p");
+    produce_all(&env, &writes[5_100..]).await;
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(120), || p.alive())
+    });
+    let log = std::fs::read_to_string(&p.log).unwrap();
+    let resumed = restores(&log[before..]);
+    assert!(
+        resumed
+            .iter()
+            .any(|(from, records)| *from > 0 && *records > 0),
+        "no restore went on from where the killed one stopped: {resumed:?}"
+    );
+    assert_eq!(p.terminate(), Some(0));
+    let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
+    tokio::task::block_in_place(|| oracle.assert_matches(&env));
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_or_corrupt_local_store_is_rebuilt_from_the_changelog() {
     let env = TestEnv::new("loststate").await;
