@@ -97,6 +97,38 @@ async fn subscribers_recover_from_a_redis_outage_without_missing_a_change() {
         "{:?}",
         started.elapsed()
     );
+    // The same over a WebSocket's auth message: "try again later" (1013), not "bad token" (4001),
+    // which would make the client drop a token that is fine.
+    let (mut probe, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/subscribe"))
+        .await
+        .unwrap();
+    probe
+        .send(Message::Text(
+            json!({"type": "auth", "token": session_token})
+                .to_string()
+                .into(),
+        ))
+        .await
+        .unwrap();
+    let (mut error_code, mut close_code) = (None, None);
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(10), probe.next()).await
+    {
+        match msg {
+            Message::Text(t) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                error_code = v["code"].as_str().map(str::to_owned).or(error_code);
+            }
+            Message::Close(frame) => {
+                close_code = frame.map(|f| u16::from(f.code));
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(
+        (error_code.as_deref(), close_code),
+        (Some("unavailable"), Some(1013))
+    );
     tokio::task::block_in_place(|| services(&["up", "redis"]));
     put(6).await;
     let (target, deadline) = wait_for(6);
