@@ -167,7 +167,9 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             sink: Arc::new(sink),
             reader: Arc::new(view),
             limits: cfg.limits.clone(),
-            clock: Arc::new(Mutex::new(HlcClock::new())),
+            clock: Arc::new(Mutex::new(HlcClock::with_max_skew(
+                cfg.resolver.max_skew_ms,
+            ))),
             pages: api::PageLimits::from(&cfg.api),
             hub: Some(hub.clone()),
             ws: cfg.ws.clone(),

@@ -68,16 +68,46 @@ impl<'de> Deserialize<'de> for Hlc {
     }
 }
 
+/// How far ahead of its own time a clock lets a remote timestamp move it, by default (the
+/// resolver's default `max_skew_ms`).
+pub const DEFAULT_MAX_SKEW_MS: u64 = 60_000;
+
 /// A hybrid logical clock: the last timestamp this node issued or observed.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct HlcClock {
     last: Hlc,
+    max_skew_ms: u64,
+}
+
+impl Default for HlcClock {
+    fn default() -> Self {
+        Self::with_max_skew(DEFAULT_MAX_SKEW_MS)
+    }
+}
+
+/// The timestamp right after `wall:counter`: the next counter, or the next millisecond when the
+/// counter is spent (so that every timestamp issued stays unique).
+fn after(wall_ms: u64, counter: u32) -> Hlc {
+    match counter.checked_add(1) {
+        Some(c) => Hlc::new(wall_ms, c),
+        None => Hlc::new(wall_ms.saturating_add(1), 0),
+    }
 }
 
 impl HlcClock {
-    /// A clock that has issued nothing yet.
+    /// A clock that has issued nothing yet, observing remote timestamps at most
+    /// [`DEFAULT_MAX_SKEW_MS`] ahead of its own time.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A clock that observes remote timestamps at most `max_skew_ms` ahead of its own time: one
+    /// request with a clock far in the future cannot move the clock of every later write there.
+    pub fn with_max_skew(max_skew_ms: u64) -> Self {
+        Self {
+            last: Hlc::default(),
+            max_skew_ms,
+        }
     }
 
     /// The last timestamp issued or observed.
@@ -90,24 +120,26 @@ impl HlcClock {
         self.last = if physical_ms > self.last.wall_ms {
             Hlc::new(physical_ms, 0)
         } else {
-            Hlc::new(self.last.wall_ms, self.last.counter.saturating_add(1))
+            after(self.last.wall_ms, self.last.counter)
         };
         self.last
     }
 
-    /// Receive rule: merge a remote timestamp, returning a local timestamp greater than both.
+    /// Receive rule: merge a remote timestamp, returning a local timestamp greater than both. A
+    /// remote timestamp further ahead of `physical_ms` than the clock's maximum skew counts as
+    /// that maximum (see [`bound_skew`]).
     pub fn observe(&mut self, remote: Hlc, physical_ms: u64) -> Hlc {
+        let remote = bound_skew(remote, physical_ms, self.max_skew_ms).hlc;
         let wall = physical_ms.max(self.last.wall_ms).max(remote.wall_ms);
-        let counter = if wall == self.last.wall_ms && wall == remote.wall_ms {
-            self.last.counter.max(remote.counter).saturating_add(1)
+        self.last = if wall == self.last.wall_ms && wall == remote.wall_ms {
+            after(wall, self.last.counter.max(remote.counter))
         } else if wall == self.last.wall_ms {
-            self.last.counter.saturating_add(1)
+            after(wall, self.last.counter)
         } else if wall == remote.wall_ms {
-            remote.counter.saturating_add(1)
+            after(wall, remote.counter)
         } else {
-            0
+            Hlc::new(wall, 0)
         };
-        self.last = Hlc::new(wall, counter);
         self.last
     }
 }
@@ -181,6 +213,28 @@ mod tests {
         assert_eq!(o, Hlc::new(150, 8));
         let o2 = c.observe(Hlc::new(10, 0), 120);
         assert!(o2 > o);
+    }
+
+    #[test]
+    fn a_remote_clock_far_ahead_moves_the_clock_only_by_the_maximum_skew() {
+        let mut c = HlcClock::with_max_skew(5_000);
+        let o = c.observe(Hlc::new(u64::MAX, 3), 1_000);
+        assert_eq!(o, Hlc::new(6_000, 4));
+        // Later local timestamps follow the real time again once it passes that bound.
+        assert!(c.tick(2_000) > o);
+        assert_eq!(c.tick(7_000), Hlc::new(7_000, 0));
+    }
+
+    #[test]
+    fn timestamps_stay_unique_when_a_counter_is_spent() {
+        let mut c = HlcClock::new();
+        let a = c.observe(Hlc::new(1_000, u32::MAX), 1_000);
+        let b = c.tick(1_000);
+        let d = c.tick(1_000);
+        assert!(
+            Hlc::new(1_000, u32::MAX) < a && a < b && b < d,
+            "{a} {b} {d}"
+        );
     }
 
     #[test]
