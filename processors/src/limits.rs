@@ -188,6 +188,20 @@ impl Limits {
                         ),
                     ));
                 }
+                // An array directly inside an array is a level of its own (objects count theirs):
+                // without this, allowed nested arrays could nest without bound, past what the
+                // view database stores (MongoDB refuses documents nested over 100 levels).
+                let depth = if in_array { depth + 1 } else { depth };
+                if depth > self.max_depth {
+                    return Err(Rejection::new(
+                        RejectCode::TooDeep,
+                        format!(
+                            "arrays nest deeper than {} at '{}'",
+                            self.max_depth,
+                            At::dotted(Some(at))
+                        ),
+                    ));
+                }
                 let mut size = 2 + items.len().saturating_sub(1);
                 for item in items {
                     size += self.check_value(item, depth, at, true, sizes)?;
@@ -519,5 +533,34 @@ mod tests {
         assert!(l
             .check_body(&body(json!({"a": {"b": 1}, "c": [1]})))
             .is_ok());
+    }
+
+    #[test]
+    fn allowed_nested_arrays_still_count_toward_the_depth() {
+        let l = Limits {
+            max_depth: 3,
+            allow_nested_arrays: true,
+            ..Limits::default()
+        };
+        // Depth 1 is the body; each array inside an array adds one.
+        assert!(l.check_body(&body(json!({"a": [[[1]]]}))).is_ok());
+        let deep = json!({"a": [[[[1]]]]});
+        assert_eq!(
+            l.check_body(&body(deep)).unwrap_err().code,
+            RejectCode::TooDeep
+        );
+        // 120 levels (serde_json parses up to 128) are refused under the default depth.
+        let mut v = json!(1);
+        for _ in 0..120 {
+            v = json!([v]);
+        }
+        let l = Limits {
+            allow_nested_arrays: true,
+            ..Limits::default()
+        };
+        assert_eq!(
+            l.check_body(&body(json!({"a": v}))).unwrap_err().code,
+            RejectCode::TooDeep
+        );
     }
 }
