@@ -144,7 +144,7 @@ impl Accounts {
         self.events
             .send(event.key(), &payload)
             .await
-            .map_err(|e| ApiError::Unavailable(e.to_string()))
+            .map_err(|e| ApiError::backend("the user event log (Kafka)", e))
     }
 
     /// Polls the users view until `done` says the user is as expected, or the wait ends.

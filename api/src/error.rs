@@ -62,6 +62,13 @@ impl ApiError {
         }
     }
 
+    /// A 503 for a backing service that failed: `detail` (driver and server messages, which can
+    /// name internal hosts) is logged here; the client is told only which service to wait for.
+    pub fn backend(service: &str, detail: impl std::fmt::Display) -> Self {
+        tracing::warn!(service, error = %detail, "backing service failed");
+        ApiError::Unavailable(format!("{service} is unavailable; retry later"))
+    }
+
     /// The 429 of a refused request.
     pub fn limited(l: crate::ratelimit::Limited) -> Self {
         ApiError::TooManyRequests {
@@ -87,20 +94,20 @@ impl ApiError {
 
 impl From<crate::auth::sessions::StoreError> for ApiError {
     fn from(e: crate::auth::sessions::StoreError) -> Self {
-        ApiError::Unavailable(e.to_string())
+        ApiError::backend("the session store", e)
     }
 }
 
 impl From<crate::view::ViewError> for ApiError {
     fn from(e: crate::view::ViewError) -> Self {
-        ApiError::Unavailable(e.to_string())
+        ApiError::backend("the view database", e)
     }
 }
 
 impl From<crate::auth::AuthError> for ApiError {
     fn from(e: crate::auth::AuthError) -> Self {
         match e {
-            crate::auth::AuthError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            crate::auth::AuthError::Unavailable(_) => ApiError::backend("the session store", e),
             _ => ApiError::Unauthorized(e.to_string()),
         }
     }

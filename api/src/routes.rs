@@ -250,7 +250,7 @@ async fn submit(
         .sink
         .send(&key, &payload)
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| ApiError::backend("the write log (Kafka)", e))?;
     tracing::debug!(event_id = %write.event_id, bucket = %key, doc = %write.doc_id, "write accepted");
     let mut body = json!({"event_id": write.event_id, "hlc": hlc.to_string()});
     let Some(pending) = pending else {

@@ -271,11 +271,12 @@ async fn authenticate(
                 Err(crate::auth::AuthError::Unavailable(why)) => {
                     // The token may be fine: the session store could not be asked. Not 4001,
                     // which tells the client to drop its token.
+                    tracing::warn!(error = %why, "a WebSocket token could not be checked");
                     let _ = send(
                         tx,
                         error_msg(
                             "unavailable",
-                            format!("the token cannot be checked now ({why}); retry"),
+                            "the session store is unavailable, so the token cannot be checked now; retry",
                             None,
                         ),
                     )

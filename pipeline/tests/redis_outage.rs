@@ -97,6 +97,12 @@ async fn subscribers_recover_from_a_redis_outage_without_missing_a_change() {
         "{:?}",
         started.elapsed()
     );
+    // Which service to wait for, not the driver's error (which names hosts and ports).
+    let body: Value = me.json().await.unwrap();
+    assert_eq!(
+        body["error"]["message"], "the session store is unavailable; retry later",
+        "{body}"
+    );
     // The same over a WebSocket's auth message: "try again later" (1013), not "bad token" (4001),
     // which would make the client drop a token that is fine.
     let (mut probe, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/subscribe"))
