@@ -63,7 +63,12 @@ pub struct Running {
 async fn mongo_view(cfg: &Config) -> Result<MongoView, AppError> {
     let client = mongodb::Client::with_uri_str(&cfg.mongo.uri)
         .await
-        .map_err(|e| AppError::Startup(format!("mongodb {}: {e}", cfg.mongo.uri)))?;
+        .map_err(|e| {
+            AppError::Startup(format!(
+                "mongodb {}: {e}",
+                crate::config::redacted(&cfg.mongo.uri)
+            ))
+        })?;
     Ok(MongoView::new(client.database(&cfg.mongo.database)))
 }
 
@@ -138,8 +143,12 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
         )
         .map_err(|e| AppError::Startup(e.to_string()))?;
         let keys = TokenKeys::new(&cfg.auth).map_err(AppError::Startup)?;
-        let redis_conn = api::redis_conn::manager(&cfg.redis.url)
-            .map_err(|e| AppError::Startup(format!("redis {}: {e}", cfg.redis.url)))?;
+        let redis_conn = api::redis_conn::manager(&cfg.redis.url).map_err(|e| {
+            AppError::Startup(format!(
+                "redis {}: {e}",
+                crate::config::redacted(&cfg.redis.url)
+            ))
+        })?;
         let view = mongo_view(&cfg).await?;
         let user_events = KafkaSink::new(
             &cfg.kafka.brokers,
@@ -155,7 +164,12 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             cfg: cfg.auth.clone(),
         };
         let hub = api::fanout::Hub::start(&cfg.redis.url, &cfg.kafka.topic_prefix, cfg.ws.queue)
-            .map_err(|e| AppError::Startup(format!("redis {}: {e}", cfg.redis.url)))?;
+            .map_err(|e| {
+                AppError::Startup(format!(
+                    "redis {}: {e}",
+                    crate::config::redacted(&cfg.redis.url)
+                ))
+            })?;
         let state = AppState {
             keys,
             accounts: Some(accounts),

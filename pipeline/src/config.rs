@@ -357,6 +357,18 @@ fn merge(into: &mut Table, from: Table, at: &str, problems: &mut Vec<String>) {
     }
 }
 
+/// `uri` with the user name and password, if any, replaced by `***`, for messages and logs.
+pub fn redacted(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***@{}", &rest[at + 1..]),
+        None => uri.to_string(),
+    }
+}
+
 /// Applies one `SYNCFLOW_<SECTION>_<KEY>` variable, typed by the default's type.
 fn apply_env(into: &mut Table, name: &str, rest: &str, raw: String, problems: &mut Vec<String>) {
     let target = rest
@@ -387,6 +399,10 @@ fn apply_env(into: &mut Table, name: &str, rest: &str, raw: String, problems: &m
     };
     match parsed {
         Ok(v) => *slot = v,
+        // Not echoed: such a value (a list, a key table) may be key material.
+        Err(expected @ "a value settable from the environment") => {
+            problems.push(format!("{name} ({section}.{key}) must be {expected}"))
+        }
         Err(expected) => problems.push(format!(
             "{name} ({section}.{key}) must be {expected}, got {raw:?}"
         )),
@@ -408,6 +424,21 @@ mod tests {
         "SYNCFLOW_AUTH_JWT_SECRET",
         "0123456789abcdef0123456789abcdef",
     );
+
+    #[test]
+    fn credentials_are_redacted_from_uris() {
+        assert_eq!(
+            redacted("mongodb://app:s3cret@db1:27017,db2/?tls=true"),
+            "mongodb://***@db1:27017,db2/?tls=true"
+        );
+        assert_eq!(
+            redacted("redis://:pw@cache:6379/0"),
+            "redis://***@cache:6379/0"
+        );
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redacted("not a uri"), "not a uri");
+        assert_eq!(redacted("mongodb://h/db?x=a@b"), "mongodb://h/db?x=a@b");
+    }
 
     #[test]
     fn layers_apply_in_order() {

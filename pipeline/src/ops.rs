@@ -198,7 +198,7 @@ pub async fn service_token(
     let name = api::admin::check_service_name(name)?;
     api::admin::check_grant_shapes(&grants)?;
     let conn = api::redis_conn::manager(&cfg.redis.url)
-        .with_context(|| format!("redis {}", cfg.redis.url))?;
+        .with_context(|| format!("redis {}", pipeline::config::redacted(&cfg.redis.url)))?;
     let store = api::auth::sessions::AuthStore::new(conn, &cfg.kafka.topic_prefix);
     let spec = api::admin::ServiceTokenSpec {
         tenant,
@@ -211,7 +211,12 @@ pub async fn service_token(
     let (record, token) =
         api::admin::issue_service_token(keys, &store, spec, cfg.auth.service_token_max_ttl_secs)
             .await
-            .with_context(|| format!("registering the service token in redis {}", cfg.redis.url))?;
+            .with_context(|| {
+                format!(
+                    "registering the service token in redis {}",
+                    pipeline::config::redacted(&cfg.redis.url)
+                )
+            })?;
     eprintln!(
         "service token {} ({name}) of tenant {tenant}, expires at {}",
         record.id, record.expires_at
