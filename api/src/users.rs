@@ -230,6 +230,13 @@ impl UsersView {
                         if !is_duplicate_key(&e) {
                             return Err(e.into());
                         }
+                        // Created meanwhile (another projector applying another registration
+                        // of the same tenant): this user joins it only if it is the owner.
+                        let owner = self.tenants.find_one(doc! {"_id": &user.tenant}).await?;
+                        if owner.is_some_and(|t| t.get_str("owner") != Ok(user.username.as_str())) {
+                            tracing::warn!(tenant = %user.tenant, "a registration of a taken tenant was ignored");
+                            return Ok(Applied::Unchanged);
+                        }
                     }
                 }
                 let mut d = mongodb::bson::to_document(user)
