@@ -99,14 +99,35 @@ pub fn parse_until(text: &str) -> anyhow::Result<Until> {
 
 /// Milliseconds since the epoch of `YYYY-MM-DDTHH:MM:SS[.fff]Z`.
 fn rfc3339_utc_ms(text: &str) -> Option<u64> {
+    // Only digits: no signs, no spaces (a `-1` hour or a `+5` day is not a time).
+    let number = |x: &str| -> Option<i64> {
+        (!x.is_empty() && x.len() <= 4 && x.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| x.parse().ok())?
+    };
     let body = text.strip_suffix('Z')?;
     let (date, time) = body.split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
-    let (y, m, day) = (d.next()??, d.next()??, d.next()??);
+    let d: Vec<&str> = date.split('-').collect();
+    let [y, m, day] = d[..] else { return None };
+    let (y, m, day) = (number(y)?, number(m)?, number(day)?);
     let (hms, frac) = time.split_once('.').unwrap_or((time, ""));
-    let mut t = hms.split(':').map(|x| x.parse::<i64>().ok());
-    let (hh, mm, ss) = (t.next()??, t.next()??, t.next()??);
-    if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+    let t: Vec<&str> = hms.split(':').collect();
+    let [hh, mm, ss] = t[..] else { return None };
+    let (hh, mm, ss) = (number(hh)?, number(mm)?, number(ss)?);
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = match m {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if y < 1970
+        || !(1..=12).contains(&m)
+        || !(1..=month_days).contains(&day)
+        || hh > 23
+        || mm > 59
+        || ss > 60
+        || !frac.bytes().all(|b| b.is_ascii_digit())
+    {
         return None;
     }
     // Days from the civil date (proleptic Gregorian), after Howard Hinnant's algorithm.
@@ -227,6 +248,25 @@ pub async fn service_token(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn until_refuses_times_that_do_not_exist() {
+        for bad in [
+            "2026-02-31T00:00:00Z",
+            "2025-02-29T00:00:00Z",
+            "2026-04-31T00:00:00Z",
+            "2026-01-01T-1:00:00Z",
+            "2026-01-01T00:+5:00Z",
+            "2026-01-01-5T00:00:00Z",
+            "99999999999-01-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "2026-01-01T00:00:00.-5Z",
+            "2026-01-01T00:00Z",
+        ] {
+            assert!(parse_until(bad).is_err(), "{bad} was accepted");
+        }
+        assert!(parse_until("2024-02-29T12:00:00Z").is_ok());
+    }
 
     #[test]
     fn until_accepts_epoch_ms_rfc3339_and_offsets() {
