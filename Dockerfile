@@ -22,6 +22,8 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --user-group --create-home --home-dir /var/lib/syncflow syncflow
 COPY --from=builder /out/syncflow /usr/local/bin/syncflow
+# `syncflow topics apply` reads the topic layout from `topics.yaml` in the working directory.
+COPY topics.yaml /var/lib/syncflow/topics.yaml
 USER syncflow
 WORKDIR /var/lib/syncflow
 EXPOSE 8080
