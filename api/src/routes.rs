@@ -8,7 +8,6 @@ use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use processors::limits::check_bucket;
 use processors::{Hlc, Write, WriteOp};
-use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use crate::auth::{AuthError, Claims, Perm, TokenKind};
@@ -125,13 +124,35 @@ async fn authorize(
 }
 
 /// Query parameters of writes.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug)]
 pub struct WriteParams {
     /// The document version the writer last saw (enables stale-write conflict reports).
     pub base_version: Option<u64>,
     /// `applied`: answer only once the view holds the write (read-your-writes).
     pub wait: Option<String>,
+}
+
+/// The write's query parameters, each refused with a JSON `invalid_parameter` and a reason (read
+/// after the token is checked, so a bad token is a 401 whatever the query says).
+fn write_params(
+    query: &std::collections::HashMap<String, String>,
+) -> Result<WriteParams, ApiError> {
+    params(query, &["base_version", "wait"])?;
+    let base_version = query
+        .get("base_version")
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_parameter",
+                    format!("base_version must be a non-negative integer, got {v:?}"),
+                )
+            })
+        })
+        .transpose()?;
+    Ok(WriteParams {
+        base_version,
+        wait: query.get("wait").cloned(),
+    })
 }
 
 fn parse_body(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
@@ -165,9 +186,10 @@ async fn submit(
     headers: &HeaderMap,
     bucket: String,
     doc_id: String,
-    params: WriteParams,
+    query: &std::collections::HashMap<String, String>,
     op: WriteOp,
 ) -> Result<impl IntoResponse, ApiError> {
+    let params = write_params(query)?;
     let wait_applied = match params.wait.as_deref() {
         None => false,
         Some("applied") => true,
@@ -283,7 +305,7 @@ async fn submit(
 async fn put_doc(
     State(state): State<AppState>,
     Path((bucket, id)): Path<(String, String)>,
-    Query(params): Query<WriteParams>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -296,7 +318,7 @@ async fn put_doc(
         &headers,
         bucket,
         id,
-        params,
+        &query,
         WriteOp::Set { doc },
     )
     .await
@@ -305,7 +327,7 @@ async fn put_doc(
 async fn patch_doc(
     State(state): State<AppState>,
     Path((bucket, id)): Path<(String, String)>,
-    Query(params): Query<WriteParams>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -317,7 +339,7 @@ async fn patch_doc(
         &headers,
         bucket,
         id,
-        params,
+        &query,
         WriteOp::Patch { patch },
     )
     .await
@@ -326,7 +348,7 @@ async fn patch_doc(
 async fn delete_doc(
     State(state): State<AppState>,
     Path((bucket, id)): Path<(String, String)>,
-    Query(params): Query<WriteParams>,
+    Query(query): Query<std::collections::HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     let claims = authorize(&state, &headers, Perm::Write, &bucket).await?;
@@ -336,7 +358,7 @@ async fn delete_doc(
         &headers,
         bucket,
         id,
-        params,
+        &query,
         WriteOp::Delete,
     )
     .await

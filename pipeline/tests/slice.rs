@@ -274,7 +274,19 @@ async fn bad_http_input_gets_a_reason_and_nothing_is_sent() {
     let running = env.start(&[Role::Api]).await;
     let c = Client::new(running.api_addr.unwrap());
     let t = env.token("acme", "*:rw");
-    let cases: [(&str, &str, StatusCode, &str); 6] = [
+    let cases: [(&str, &str, StatusCode, &str); 8] = [
+        (
+            "/v1/buckets/b/docs/d?colour=red",
+            r#"{"a":1}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+        ),
+        (
+            "/v1/buckets/b/docs/d?base_version=soon",
+            r#"{"a":1}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_parameter",
+        ),
         (
             "/v1/buckets/b/docs/d",
             "{not json",
