@@ -71,9 +71,12 @@ for i in $(seq 1 50); do
   sleep 0.2
 done
 user="demo$(date +%s)"
-echo "\$ curl -X POST http://$API/v1/auth/register -d '{\"username\":\"$user\",...,\"tenant\":\"$user\"}'"
+# A random password, kept only in a file of the owner's (the account administers its tenant).
+password=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
+(umask 077 && printf '%s %s\n' "$user" "$password" >>.data/demo-accounts)
+echo "\$ curl -X POST http://$API/v1/auth/register -d '{\"username\":\"$user\",...,\"tenant\":\"$user\"}'   (password in .data/demo-accounts)"
 curl -sS -X POST -H 'content-type: application/json' \
-  -d "{\"username\":\"$user\",\"email\":\"$user@example.com\",\"password\":\"demo-password-$user\",\"tenant\":\"$user\"}" \
+  -d "{\"username\":\"$user\",\"email\":\"$user@example.com\",\"password\":\"$password\",\"tenant\":\"$user\"}" \
   -f "http://$API/v1/auth/register" -o .data/logs/demo-register.json -w '  (HTTP %{http_code}: a user, its tenant, an access and a refresh token; .data/logs/demo-register.json)\n'
 cat <<MSG
 

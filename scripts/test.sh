@@ -10,10 +10,13 @@ mkdir -p .data/logs
 start=$(date +%s)
 bash scripts/services.sh up
 
+# Format and lints do not stop the tests: every run ends with the summary line, and fails if
+# any of the three failed.
+checks=0
 echo "== cargo fmt --check"
-cargo fmt --all -- --check
+cargo fmt --all -- --check || checks=$((checks + 1))
 echo "== cargo clippy"
-cargo clippy --workspace --all-targets --quiet -- -D warnings
+cargo clippy --workspace --all-targets --quiet -- -D warnings || checks=$((checks + 1))
 
 echo "== cargo test"
 log=.data/logs/test-output.log
@@ -26,6 +29,10 @@ passed=$(grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4}
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
 echo
 echo "== summary: ${passed} passed, ${failed} failed ($(( $(date +%s) - start ))s)"
+if [ "$checks" -ne 0 ]; then
+  echo "FORMAT OR LINT CHECKS FAILED (see above)" >&2
+  exit 1
+fi
 if [ "$status" -ne 0 ] || [ "$failed" -ne 0 ]; then
   echo "TESTS FAILED" >&2
   exit 1
