@@ -214,24 +214,15 @@ impl UsersView {
                     tracing::warn!(username = %user.username, "a registration with a taken e-mail address was ignored");
                     return Ok(Applied::Unchanged);
                 }
-                if *creates_tenant
-                    && self
-                        .tenants
-                        .find_one(doc! {"_id": &user.tenant})
-                        .await?
-                        .is_some_and(|t| t.get_str("owner") != Ok(user.username.as_str()))
-                {
-                    tracing::warn!(tenant = %user.tenant, "a registration of a taken tenant was ignored");
-                    return Ok(Applied::Unchanged);
-                }
                 if *creates_tenant {
                     let tenant = doc! {"_id": &user.tenant, "owner": &user.username, "created_at_ms": user.created_at_ms};
                     if let Err(e) = self.tenants.insert_one(tenant).await {
                         if !is_duplicate_key(&e) {
                             return Err(e.into());
                         }
-                        // Created meanwhile (another projector applying another registration
-                        // of the same tenant): this user joins it only if it is the owner.
+                        // The tenant exists (created before, or meanwhile by another projector
+                        // applying another registration of it): this user joins it only as its
+                        // owner (a replay of this same registration).
                         let owner = self.tenants.find_one(doc! {"_id": &user.tenant}).await?;
                         if owner.is_some_and(|t| t.get_str("owner") != Ok(user.username.as_str())) {
                             tracing::warn!(tenant = %user.tenant, "a registration of a taken tenant was ignored");

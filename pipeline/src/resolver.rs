@@ -529,10 +529,9 @@ impl Resolver {
     }
 
     fn run_clients(&mut self, shutdown: &AtomicBool) -> Result<(), ResolverError> {
-        // New clients: while the old ones were down, another process may have owned these
-        // tasks and written their changelogs, so every task restores again before its next
-        // batch (cheap when nothing was written: see `restore_task`).
-        self.restored.clear();
+        // The generation counter outlives the clients: the new consumer's first assignment
+        // counts as a change, so every task restores again before its next batch (while the old
+        // clients were down, another process may have owned it and written its changelog).
         let generation = self.generation.clone();
         let consumer = self.consumer(generation.clone())?;
         let producer = Arc::new(self.producer()?);
@@ -740,12 +739,9 @@ impl Resolver {
                     pending += 1;
                     total += 1;
                     if pending as u64 >= self.cfg.resolver.restore_chunk {
-                        // With the offset reached, in the same atomic batch: a restore that is
-                        // interrupted (crash, stall, rebalance) goes on from here next time
-                        // instead of starting over.
-                        batch.insert(state::store::CHANGELOG_OFFSET_KEY, &next.to_be_bytes());
-                        tree.apply_batch(std::mem::take(&mut batch))
-                            .map_err(StateError::from)?;
+                        // A restore that is interrupted (crash, stall, rebalance) goes on from
+                        // here next time instead of starting over.
+                        apply_up_to(&tree, std::mem::take(&mut batch), next)?;
                         pending = 0;
                         tracing::info!(partition, restored = total, "restoring task state");
                     }
@@ -758,8 +754,7 @@ impl Resolver {
             }
             if last_read.elapsed() > RESTORE_STALL {
                 // Keep what was read so far, then retry with new clients.
-                batch.insert(state::store::CHANGELOG_OFFSET_KEY, &next.to_be_bytes());
-                tree.apply_batch(batch).map_err(StateError::from)?;
+                apply_up_to(&tree, batch, next)?;
                 return Err(ResolverError::RestoreStalled(partition, RESTORE_STALL));
             }
         }
@@ -771,8 +766,7 @@ impl Resolver {
                 next = next.max(o);
             }
         }
-        batch.insert(state::store::CHANGELOG_OFFSET_KEY, &next.to_be_bytes());
-        tree.apply_batch(batch).map_err(StateError::from)?;
+        apply_up_to(&tree, batch, next)?;
         self.stats.restored.fetch_add(total, Ordering::Relaxed);
         tracing::info!(
             partition,
@@ -1250,6 +1244,18 @@ fn send_bytes(
             }
         }
     }
+}
+
+/// Writes a restore's `batch` of changelog records into `tree` with `next`, the changelog offset
+/// after them, in one atomic sled batch: a recovered offset always comes with its records.
+fn apply_up_to(
+    tree: &state::TaskTree,
+    mut batch: state::sled::Batch,
+    next: i64,
+) -> Result<(), StateError> {
+    batch.insert(state::store::CHANGELOG_OFFSET_KEY, &next.to_be_bytes());
+    tree.apply_batch(batch)?;
+    Ok(())
 }
 
 /// A restore that reads nothing from its changelog for this long gives up and is retried
