@@ -132,16 +132,7 @@ impl Limits {
         I: IntoIterator<Item = (&'b String, &'b Value)>,
         I::IntoIter: ExactSizeIterator,
     {
-        if depth > self.max_depth {
-            return Err(Rejection::new(
-                RejectCode::TooDeep,
-                format!(
-                    "objects nest deeper than {} at '{}'",
-                    self.max_depth,
-                    At::dotted(at)
-                ),
-            ));
-        }
+        self.check_depth(depth, "objects", at)?;
         // `{}`, a comma between members, and per member its key, a colon and its value.
         let obj = obj.into_iter();
         let mut size = 2 + obj.len().saturating_sub(1);
@@ -165,6 +156,21 @@ impl Limits {
             };
         }
         Ok(size)
+    }
+
+    /// Refuses `depth` past `max_depth`; `what` (objects or arrays) nests there.
+    fn check_depth(&self, depth: usize, what: &str, at: Option<&At<'_>>) -> Result<(), Rejection> {
+        if depth <= self.max_depth {
+            return Ok(());
+        }
+        Err(Rejection::new(
+            RejectCode::TooDeep,
+            format!(
+                "{what} nest deeper than {} at '{}'",
+                self.max_depth,
+                At::dotted(at)
+            ),
+        ))
     }
 
     /// Checks a value at `at`, returning its size as compact JSON (or an upper bound of it, as
@@ -192,16 +198,7 @@ impl Limits {
                 // without this, allowed nested arrays could nest without bound, past what the
                 // view database stores (MongoDB refuses documents nested over 100 levels).
                 let depth = if in_array { depth + 1 } else { depth };
-                if depth > self.max_depth {
-                    return Err(Rejection::new(
-                        RejectCode::TooDeep,
-                        format!(
-                            "arrays nest deeper than {} at '{}'",
-                            self.max_depth,
-                            At::dotted(Some(at))
-                        ),
-                    ));
-                }
+                self.check_depth(depth, "arrays", Some(at))?;
                 let mut size = 2 + items.len().saturating_sub(1);
                 for item in items {
                     size += self.check_value(item, depth, at, true, sizes)?;
