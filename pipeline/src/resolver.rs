@@ -535,6 +535,7 @@ impl Resolver {
         let generation = self.generation.clone();
         let consumer = self.consumer(generation.clone())?;
         let producer = Arc::new(self.producer()?);
+        let watermarks = topics::watermark_client(&self.cfg.kafka.brokers)?;
         let topic = self.cfg.topic(topics::DATA_CHANGED);
         let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
         self.partitions = md
@@ -588,7 +589,7 @@ impl Resolver {
             fresh.dedup();
             for p in fresh {
                 self.stats.restoring.fetch_add(1, Ordering::Relaxed);
-                let mut restored = self.restore_task(&producer, p);
+                let mut restored = self.restore_task(&watermarks, p);
                 if let Err(ResolverError::State(e)) = &restored {
                     // The local store failed under the restore: start the task over from the
                     // beginning of its changelog, once.
@@ -597,7 +598,7 @@ impl Resolver {
                         .store
                         .wipe_task(p)
                         .map_err(ResolverError::from)
-                        .and_then(|()| self.restore_task(&producer, p));
+                        .and_then(|()| self.restore_task(&watermarks, p));
                 }
                 self.stats.restoring.fetch_sub(1, Ordering::Relaxed);
                 restored?;
@@ -618,7 +619,7 @@ impl Resolver {
                     );
                     if let Some(last) = batch.last() {
                         if let Some(Ok(marker)) = crate::checkpoint::marker_of(last) {
-                            self.checkpoint_task(&consumer, &producer, last, &marker)?;
+                            self.checkpoint_task(&consumer, &producer, &watermarks, last, &marker)?;
                         }
                     }
                 }
@@ -664,9 +665,19 @@ impl Resolver {
 
     /// Brings task `partition`'s sled state up to date from its changelog partition, starting at
     /// the offset stored in sled (0 for a new or wiped store), up to the last committed record.
+    ///
+    /// The end is the changelog's high watermark when the restore starts, not the first partition
+    /// EOF: a `read_committed` reader's EOF is the last stable offset, which stays before a
+    /// transaction until its markers are written. The previous owner's last transaction can be
+    /// committed (its input offsets already stable for this process's consumer) while its
+    /// changelog markers are still on their way (Kafka 4's group coordinator writes the offsets'
+    /// marker separately from the other partitions' markers). Stopping at that EOF would process
+    /// the next records against a state without that transaction: sequence numbers used twice.
+    /// So the restore goes on until every record below the high watermark is decided; an
+    /// undecided transaction of a dead owner is aborted by the broker after its timeout.
     fn restore_task(
         &mut self,
-        producer: &ThreadedProducer<DeliveryTracker>,
+        watermarks: &BaseConsumer,
         partition: i32,
     ) -> Result<(), ResolverError> {
         let tree = self.tree(partition)?;
@@ -691,11 +702,8 @@ impl Resolver {
         let started = Instant::now();
         let topic = self.cfg.topic(topics::RESOLVER_CHANGELOG);
         // Nothing past the stored offset (a new task, or this process wrote everything there
-        // is): no reader needed. One round trip instead of a reader's connect and empty fetch;
-        // asked through the producer, whose connection no long-polling fetch holds up.
-        match producer
-            .client()
-            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+        // is): no reader needed. One round trip instead of a reader's connect and empty fetch.
+        let mut end = match watermarks.fetch_watermarks(&topic, partition, Duration::from_secs(10))
         {
             Ok((_, high)) if high <= from => {
                 if !tree
@@ -713,9 +721,13 @@ impl Resolver {
                 );
                 return Ok(());
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(partition, error = %e, "changelog end unknown; reading it"),
-        }
+            Ok((_, high)) => Some(high),
+            Err(e) => {
+                // Learnt from the reader's first fetch instead.
+                tracing::warn!(partition, error = %e, "changelog end unknown; reading it");
+                None
+            }
+        };
         let reader =
             topics::end_reader(&self.cfg.kafka.brokers, &self.cfg.topic("syncflow-restore"))?;
         let mut tpl = TopicPartitionList::new();
@@ -725,6 +737,7 @@ impl Resolver {
         let (mut pending, mut total) = (0usize, 0u64);
         let mut next = from;
         let mut last_read = Instant::now();
+        let mut waiting_logged = false;
         loop {
             match reader.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) => {
@@ -746,7 +759,31 @@ impl Resolver {
                         tracing::info!(partition, restored = total, "restoring task state");
                     }
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) => break,
+                Some(Err(KafkaError::PartitionEOF(_))) => {
+                    // The end: the high watermark asked for above, else asked now (when that
+                    // fails too, this EOF is the end, as it is for a `read_committed` reader).
+                    if end.is_none() {
+                        end = watermarks
+                            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                            .ok()
+                            .map(|(_, high)| high);
+                    }
+                    let at = next.max(read_position(&reader, &topic, partition).unwrap_or(next));
+                    match end {
+                        Some(end) if at < end => {
+                            if !waiting_logged {
+                                waiting_logged = true;
+                                tracing::info!(
+                                    partition,
+                                    at,
+                                    end,
+                                    "changelog holds undecided transactions; waiting for their outcome"
+                                );
+                            }
+                        }
+                        _ => break,
+                    }
+                }
                 Some(Err(e)) => {
                     tracing::warn!(partition, error = %e, "changelog read error; retrying")
                 }
@@ -759,13 +796,7 @@ impl Resolver {
             }
         }
         // The position after EOF also skips transaction markers at the end.
-        if let Ok(pos) = reader.position() {
-            if let Some(Offset::Offset(o)) =
-                pos.find_partition(&topic, partition).map(|e| e.offset())
-            {
-                next = next.max(o);
-            }
-        }
+        next = next.max(read_position(&reader, &topic, partition).unwrap_or(next));
         apply_up_to(&tree, batch, next)?;
         self.stats.restored.fetch_add(total, Ordering::Relaxed);
         tracing::info!(
@@ -954,6 +985,7 @@ impl Resolver {
         &mut self,
         consumer: &BaseConsumer<TaskContext>,
         producer: &Arc<ThreadedProducer<DeliveryTracker>>,
+        watermarks: &BaseConsumer,
         marker_msg: &OwnedMessage,
         marker: &crate::checkpoint::Marker,
     ) -> Result<(), ResolverError> {
@@ -970,8 +1002,9 @@ impl Resolver {
                     topics::DATA_REJECTED,
                     topics::RESOLVER_CHANGELOG,
                 ] {
-                    let (_, high) = producer
-                        .client()
+                    // The log's end, this task's last batch included even while its
+                    // transaction markers are still being written.
+                    let (_, high) = watermarks
                         .fetch_watermarks(&self.cfg.topic(name), partition, Duration::from_secs(10))
                         .map_err(|e| e.to_string())?;
                     outputs.insert(name.to_string(), high);
@@ -1503,6 +1536,20 @@ fn ends_batch(batch: &[OwnedMessage]) -> bool {
     batch
         .last()
         .is_some_and(|m| matches!(crate::checkpoint::marker_of(m), Some(Ok(_))))
+}
+
+/// A reader's position in `topic`/`partition`: past the last record or transaction marker it
+/// has consumed.
+fn read_position<C: ConsumerContext>(
+    reader: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let pos = reader.position().ok()?;
+    match pos.find_partition(topic, partition)?.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }
 }
 
 /// Moves every assigned partition back to its committed offset (after an aborted batch).

@@ -189,6 +189,18 @@ pub fn wait_for_topic<X: rdkafka::ClientContext>(
     }
 }
 
+/// A client that asks partitions for their high watermark: `read_uncommitted`, so the end it is
+/// told is the end of the log, records of undecided transactions included, and not the last
+/// stable offset that a `read_committed` client (librdkafka's default) is told instead.
+pub fn watermark_client(
+    brokers: &str,
+) -> rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer> {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("isolation.level", "read_uncommitted")
+        .create()
+}
+
 /// A consumer for tools and restores that read partitions they assign themselves up to their
 /// end: `read_committed`, no offset commits, partition-EOF events on (quietly), `group.id` only
 /// for the broker's bookkeeping.

@@ -175,6 +175,115 @@ async fn a_processor_that_rebuilds_its_clients_restores_its_tasks_again() {
     env.cleanup().await;
 }
 
+/// A restore goes on until every changelog record below the log's end is decided. Here the
+/// previous owner's last transaction is still undecided when the task restores: its records are
+/// past the last stable offset, where a `read_committed` reader meets the partition's end. The
+/// same happens for a committed transaction whose markers are still being written, the case that
+/// produced duplicate `(bucket, seq)` in CI: the input offsets of that transaction were already
+/// stable, so the next owner went on from them with a state that lacked it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_waits_for_the_changelogs_undecided_transactions() {
+    use pipeline::topics;
+    use rdkafka::message::Message;
+    use rdkafka::producer::BaseRecord;
+
+    let env = TestEnv::new("undecided").await;
+    let key = "acme/undecided";
+    let write = |doc: &str, n: u32| {
+        let w = serde_json::json!({
+            "v": 1, "event_id": format!("u-{doc}"), "tenant": "acme", "bucket": "undecided",
+            "doc_id": doc, "device_id": "dev0", "hlc": format!("1800000000{n:03}:0"),
+            "op": "set", "doc": {"n": n},
+        });
+        (key.to_string(), serde_json::to_vec(&w).unwrap())
+    };
+    let partition = pipeline::partition::partition_for(key.as_bytes(), common::faults::PARTITIONS);
+    let events = |env: &TestEnv| -> Vec<(String, u64)> {
+        common::faults::read_all(&env.cfg.kafka.brokers, &env.topic(topics::SYNC_EVENTS))
+            .remove(&partition)
+            .unwrap_or_default()
+            .iter()
+            .map(|m| {
+                let e: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                (
+                    e["doc_id"].as_str().unwrap().to_string(),
+                    e["seq"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+
+    let mut first = ProcessorProcess::start(&env, "p");
+    produce_all(&env, &[write("d1", 1)]).await;
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(120), || first.alive())
+    });
+    assert_eq!(first.terminate(), Some(0));
+    assert_eq!(events(&env), vec![("d1".to_string(), 1)]);
+
+    // Another owner's transaction moves the bucket's sequence to 41 in the changelog, and is
+    // left open.
+    let previous: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .set("transactional.id", env.topic("previous-owner"))
+        .create()
+        .unwrap();
+    let seq_key = state::store::seq_key_bytes(&processors::BucketKey {
+        tenant: "acme".into(),
+        bucket: "undecided".into(),
+    });
+    let changelog = env.topic(topics::RESOLVER_CHANGELOG);
+    tokio::task::block_in_place(|| {
+        previous.init_transactions(Duration::from_secs(30)).unwrap();
+        previous.begin_transaction().unwrap();
+        previous
+            .send(
+                BaseRecord::to(&changelog)
+                    .partition(partition)
+                    .key(&seq_key)
+                    .payload(&41u64.to_be_bytes()[..]),
+            )
+            .unwrap();
+        previous.flush(Duration::from_secs(30)).unwrap();
+    });
+
+    produce_all(&env, &[write("d2", 2)]).await;
+    let mut p = ProcessorProcess::start(&env, "p");
+    // The restore waits for the transaction instead of processing `d2` against seq 1.
+    let log = p.log.clone();
+    common::eventually(
+        Duration::from_secs(60),
+        "the restore to wait or d2 to be processed",
+        || {
+            let waiting = std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("waiting for their outcome");
+            let processed = tokio::task::block_in_place(|| events(&env).len() > 1);
+            async move { (waiting || processed).then_some(()) }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(p.alive());
+    assert_eq!(
+        events(&env),
+        vec![("d1".to_string(), 1)],
+        "d2 was processed before the changelog's open transaction was decided"
+    );
+
+    tokio::task::block_in_place(|| previous.commit_transaction(Duration::from_secs(30))).unwrap();
+    tokio::task::block_in_place(|| {
+        wait_until_caught_up(&env, Duration::from_secs(120), || p.alive())
+    });
+    assert_eq!(
+        events(&env),
+        vec![("d1".to_string(), 1), ("d2".to_string(), 42)],
+        "d2 must follow the committed transaction's sequence number"
+    );
+    assert_eq!(p.terminate(), Some(0));
+    env.cleanup().await;
+}
+
 /// `(from, records)` of each "task restored" line of a processor log.
 fn restores(log: &str) -> Vec<(u64, u64)> {
     let field = |l: &str, name: &str| -> Option<u64> {
