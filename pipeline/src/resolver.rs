@@ -664,7 +664,7 @@ impl Resolver {
     }
 
     /// Brings task `partition`'s sled state up to date from its changelog partition, starting at
-    /// the offset stored in sled (0 for a new or wiped store), up to the last committed record.
+    /// the offset stored in sled (0 for a new or wiped store), up to its high watermark.
     ///
     /// The end is the changelog's high watermark when the restore starts, not the first partition
     /// EOF: a `read_committed` reader's EOF is the last stable offset, which stays before a
@@ -723,7 +723,7 @@ impl Resolver {
             }
             Ok((_, high)) => Some(high),
             Err(e) => {
-                // Learnt from the reader's first fetch instead.
+                // Asked again at the reader's first EOF.
                 tracing::warn!(partition, error = %e, "changelog end unknown; reading it");
                 None
             }

@@ -82,8 +82,9 @@ impl ProcessorProcess {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, then waits for a clean exit; returns the exit code.
-    pub fn terminate(mut self) -> Option<i32> {
+    /// SIGTERM, then waits for a clean exit; returns the exit code. The handle stays, so that a
+    /// later failure of the test (the oracle's check) still prints the end of the log.
+    pub fn terminate(&mut self) -> Option<i32> {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -495,17 +496,22 @@ impl Oracle {
         let brokers = &env.cfg.kafka.brokers;
         let decode_all = |topic: &str| read_all(brokers, &env.topic(topic));
         let events = decode_all(topics::SYNC_EVENTS);
-        let mut seen: BTreeSet<(String, u64)> = BTreeSet::new();
+        let mut seen: BTreeMap<(String, u64), (i64, String)> = BTreeMap::new();
         let mut last: BTreeMap<String, u64> = BTreeMap::new();
         for p in 0..PARTITIONS {
             for m in &events[&p] {
                 let e: SyncEvent = serde_json::from_slice(m.payload().unwrap()).unwrap();
                 let bucket = format!("{}/{}", e.tenant, e.bucket);
-                assert!(
-                    seen.insert((bucket.clone(), e.seq)),
-                    "duplicate (bucket, seq) ({bucket}, {})",
-                    e.seq
-                );
+                let text = String::from_utf8_lossy(m.payload().unwrap()).into_owned();
+                if let Some((offset, first)) =
+                    seen.insert((bucket.clone(), e.seq), (m.offset(), text.clone()))
+                {
+                    panic!(
+                        "duplicate (bucket, seq) ({bucket}, {}) in partition {p}\n at offset {offset}: {first}\n at offset {}: {text}",
+                        e.seq,
+                        m.offset()
+                    );
+                }
                 let prev = last.insert(bucket.clone(), e.seq).unwrap_or(0);
                 assert_eq!(e.seq, prev + 1, "gap in {bucket}: {prev} then {}", e.seq);
             }
