@@ -668,13 +668,13 @@ impl Resolver {
     ///
     /// The end is the changelog's high watermark when the restore starts, not the first partition
     /// EOF: a `read_committed` reader's EOF is the last stable offset, which stays before a
-    /// transaction until its markers are written. The previous owner's last transaction can be
-    /// committed (its input offsets already stable for this process's consumer) while its
-    /// changelog markers are still on their way (Kafka 4's group coordinator writes the offsets'
-    /// marker separately from the other partitions' markers). Stopping at that EOF would process
-    /// the next records against a state without that transaction: sequence numbers used twice.
-    /// So the restore goes on until every record below the high watermark is decided; an
-    /// undecided transaction of a dead owner is aborted by the broker after its timeout.
+    /// transaction until its markers are written. Nothing orders the previous owner's input
+    /// offsets becoming stable (what lets this process's consumer start) before its changelog
+    /// markers (Kafka 4's group coordinator writes the offsets' marker apart from the other
+    /// partitions' markers); if they came later, stopping at that EOF would process the next
+    /// records against a state without that transaction: sequence numbers used twice. So the
+    /// restore goes on until every record below the high watermark is decided; an undecided
+    /// transaction of a dead owner is aborted by the broker after its timeout.
     fn restore_task(
         &mut self,
         watermarks: &BaseConsumer,

@@ -177,10 +177,9 @@ async fn a_processor_that_rebuilds_its_clients_restores_its_tasks_again() {
 
 /// A restore goes on until every changelog record below the log's end is decided. Here the
 /// previous owner's last transaction is still undecided when the task restores: its records are
-/// past the last stable offset, where a `read_committed` reader meets the partition's end. The
-/// same happens for a committed transaction whose markers are still being written, the case that
-/// produced duplicate `(bucket, seq)` in CI: the input offsets of that transaction were already
-/// stable, so the next owner went on from them with a state that lacked it.
+/// past the last stable offset, where a `read_committed` reader meets the partition's end. To the
+/// reader this looks the same as a committed transaction whose markers are still being written:
+/// stopping there would go on from the input offsets with a state that lacks the transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_waits_for_the_changelogs_undecided_transactions() {
     use pipeline::topics;
