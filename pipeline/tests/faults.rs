@@ -225,6 +225,9 @@ async fn a_restore_waits_for_the_changelogs_undecided_transactions() {
     let previous: BaseProducer = ClientConfig::new()
         .set("bootstrap.servers", &env.cfg.kafka.brokers)
         .set("transactional.id", env.topic("previous-owner"))
+        // Open for as long as the test needs, however slow the machine (the broker aborts it
+        // after this).
+        .set("transaction.timeout.ms", "300000")
         .create()
         .unwrap();
     let seq_key = state::store::seq_key_bytes(&processors::BucketKey {
