@@ -737,11 +737,12 @@ impl Resolver {
         let (mut pending, mut total) = (0usize, 0u64);
         let mut next = from;
         let mut last_read = Instant::now();
-        let mut waiting_logged = false;
+        let (mut at_eof, mut waiting_logged) = (false, false);
         loop {
             match reader.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) => {
                     last_read = Instant::now();
+                    at_eof = false;
                     if let Some(key) = m.key() {
                         match m.payload() {
                             Some(v) if !v.is_empty() => batch.insert(key, v),
@@ -759,35 +760,40 @@ impl Resolver {
                         tracing::info!(partition, restored = total, "restoring task state");
                     }
                 }
-                Some(Err(KafkaError::PartitionEOF(_))) => {
-                    // The end: the high watermark asked for above, else asked now (when that
-                    // fails too, this EOF is the end, as it is for a `read_committed` reader).
-                    if end.is_none() {
-                        end = watermarks
-                            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
-                            .ok()
-                            .map(|(_, high)| high);
-                    }
-                    let at = next.max(read_position(&reader, &topic, partition).unwrap_or(next));
-                    match end {
-                        Some(end) if at < end => {
-                            if !waiting_logged {
-                                waiting_logged = true;
-                                tracing::info!(
-                                    partition,
-                                    at,
-                                    end,
-                                    "changelog holds undecided transactions; waiting for their outcome"
-                                );
-                            }
-                        }
-                        _ => break,
-                    }
-                }
+                Some(Err(KafkaError::PartitionEOF(_))) => at_eof = true,
                 Some(Err(e)) => {
                     tracing::warn!(partition, error = %e, "changelog read error; retrying")
                 }
                 None => {}
+            }
+            if at_eof {
+                // The end: the high watermark asked for above, else asked now. While it is
+                // unknown the restore does not end (a broker that never answers makes it
+                // stall, and the clients are rebuilt).
+                if end.is_none() {
+                    end = watermarks
+                        .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                        .ok()
+                        .map(|(_, high)| high);
+                }
+                let at = next.max(read_position(&reader, &topic, partition).unwrap_or(next));
+                match end {
+                    Some(end) if at >= end => break,
+                    _ if waiting_logged => {}
+                    Some(end) => {
+                        waiting_logged = true;
+                        tracing::info!(
+                            partition,
+                            at,
+                            end,
+                            "changelog holds undecided transactions; waiting for their outcome"
+                        );
+                    }
+                    None => {
+                        waiting_logged = true;
+                        tracing::warn!(partition, at, "changelog end unknown; waiting for it");
+                    }
+                }
             }
             if last_read.elapsed() > RESTORE_STALL {
                 // Keep what was read so far, then retry with new clients.
@@ -841,6 +847,7 @@ impl Resolver {
             tpl.add_partition_offset(&input, p, Offset::Offset(next))?;
         }
         producer.begin_transaction()?;
+        let member = current_membership(consumer)?;
         let mut partitions: Vec<i32> = batch.iter().map(|m| m.partition()).collect();
         partitions.sort_unstable();
         partitions.dedup();
@@ -931,6 +938,7 @@ impl Resolver {
         if generation.load(Ordering::SeqCst) != gen_at_start {
             return Err(ResolverError::Rebalanced);
         }
+        same_membership(consumer, &member)?;
         producer.commit_transaction(TXN_CALL_TIMEOUT)?;
         let t_committed = Instant::now();
         let committed_at_ms = now_ms();
@@ -1076,7 +1084,9 @@ impl Resolver {
             .group_metadata()
             .ok_or_else(|| ResolverError::Setup("consumer has no group metadata".into()))?;
         producer.begin_transaction()?;
+        let member = current_membership(consumer)?;
         send_offsets(producer, tpl, group)?.wait()?.0?;
+        same_membership(consumer, &member)?;
         producer.commit_transaction(TXN_CALL_TIMEOUT)?;
         Ok(())
     }
@@ -1536,6 +1546,66 @@ fn ends_batch(batch: &[OwnedMessage]) -> bool {
     batch
         .last()
         .is_some_and(|m| matches!(crate::checkpoint::marker_of(m), Some(Ok(_))))
+}
+
+/// This consumer's group membership as a transactional offset commit presents it to the broker:
+/// `(member id, generation)`, or `None` while it has none.
+///
+/// librdkafka clears both the moment it loses the membership (a session that timed out,
+/// `max.poll.interval.ms` passed during a long restore), before the application hears of it at
+/// its next poll. And the broker accepts a transactional offset commit that carries neither from
+/// anyone (a dynamic member's commit then looks like one of a consumer outside the group), so a
+/// batch that went on after its membership was lost could commit outputs for tasks another
+/// member already owns.
+fn membership<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> Option<(String, i32)> {
+    use rdkafka::bindings as rd;
+    // SAFETY: the client handle lives as long as `consumer`; the metadata is a copy owned here,
+    // its member id string is copied before the metadata is destroyed, and nothing else uses it.
+    unsafe {
+        let metadata = rd::rd_kafka_consumer_group_metadata(consumer.client().native_ptr());
+        if metadata.is_null() {
+            return None;
+        }
+        let id = rd::rd_kafka_consumer_group_metadata_member_id(metadata);
+        let member = if id.is_null() {
+            String::new()
+        } else {
+            std::ffi::CStr::from_ptr(id).to_string_lossy().into_owned()
+        };
+        let generation = rd::rd_kafka_consumer_group_metadata_generation_id(metadata);
+        rd::rd_kafka_consumer_group_metadata_destroy(metadata);
+        (!member.is_empty() && generation >= 0).then_some((member, generation))
+    }
+}
+
+/// The membership a transaction starts with; [`ResolverError::Rebalanced`] when there is none.
+fn current_membership<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+) -> Result<(String, i32), ResolverError> {
+    membership(consumer).ok_or_else(|| {
+        tracing::warn!("the consumer has no group membership; the batch is aborted");
+        ResolverError::Rebalanced
+    })
+}
+
+/// [`ResolverError::Rebalanced`] unless the consumer still has the membership `started` with: a
+/// transaction commits only if its offsets went to the broker under the membership its records
+/// were read with.
+fn same_membership<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    started: &(String, i32),
+) -> Result<(), ResolverError> {
+    let now = membership(consumer);
+    if now.as_ref() == Some(started) {
+        return Ok(());
+    }
+    tracing::warn!(
+        member = %started.0,
+        generation = started.1,
+        now = ?now,
+        "group membership lost or changed during the batch; it is aborted"
+    );
+    Err(ResolverError::Rebalanced)
 }
 
 /// A reader's position in `topic`/`partition`: past the last record or transaction marker it
