@@ -147,7 +147,7 @@ impl Default for ResolverConfig {
             batch_max: 5_000,
             poll_ms: 100,
             threads: 2,
-            linger_ms: 10,
+            linger_ms: 5,
             restore_chunk: 10_000,
         }
     }
