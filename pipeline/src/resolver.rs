@@ -701,11 +701,15 @@ impl Resolver {
         };
         let started = Instant::now();
         let topic = self.cfg.topic(topics::RESOLVER_CHANGELOG);
+        let ask_end = || {
+            watermarks
+                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                .map(|(_, high)| high)
+        };
         // Nothing past the stored offset (a new task, or this process wrote everything there
         // is): no reader needed. One round trip instead of a reader's connect and empty fetch.
-        let mut end = match watermarks.fetch_watermarks(&topic, partition, Duration::from_secs(10))
-        {
-            Ok((_, high)) if high <= from => {
+        let mut end = match ask_end() {
+            Ok(high) if high <= from => {
                 if !tree
                     .contains_key(state::store::CHANGELOG_OFFSET_KEY)
                     .unwrap_or(false)
@@ -721,7 +725,7 @@ impl Resolver {
                 );
                 return Ok(());
             }
-            Ok((_, high)) => Some(high),
+            Ok(high) => Some(high),
             Err(e) => {
                 // Asked again at the reader's first EOF.
                 tracing::warn!(partition, error = %e, "changelog end unknown; reading it");
@@ -771,10 +775,7 @@ impl Resolver {
                 // unknown the restore does not end (a broker that never answers makes it
                 // stall, and the clients are rebuilt).
                 if end.is_none() {
-                    end = watermarks
-                        .fetch_watermarks(&topic, partition, Duration::from_secs(10))
-                        .ok()
-                        .map(|(_, high)| high);
+                    end = ask_end().ok();
                 }
                 let at = next.max(read_position(&reader, &topic, partition).unwrap_or(next));
                 match end {
@@ -1080,11 +1081,12 @@ impl Resolver {
             partition,
             Offset::Offset(next),
         )?;
+        producer.begin_transaction()?;
+        // The membership first: the metadata sent is then at least as new as the one checked.
+        let member = current_membership(consumer)?;
         let group = consumer
             .group_metadata()
             .ok_or_else(|| ResolverError::Setup("consumer has no group metadata".into()))?;
-        producer.begin_transaction()?;
-        let member = current_membership(consumer)?;
         send_offsets(producer, tpl, group)?.wait()?.0?;
         same_membership(consumer, &member)?;
         producer.commit_transaction(TXN_CALL_TIMEOUT)?;

@@ -107,8 +107,7 @@ async fn a_surviving_processor_takes_over_and_restores_from_the_changelog() {
         "b took over without restoring state from the changelog: {restores:?}"
     );
     assert_eq!(b.terminate(), Some(0));
-    let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
-    tokio::task::block_in_place(|| oracle.assert_matches(&env));
+    Oracle::check_log(&env);
     env.cleanup().await;
 }
 
@@ -170,8 +169,7 @@ async fn a_processor_that_rebuilds_its_clients_restores_its_tasks_again() {
     );
     assert_eq!(a.terminate(), Some(0));
     assert_eq!(b.terminate(), Some(0));
-    let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
-    tokio::task::block_in_place(|| oracle.assert_matches(&env));
+    Oracle::check_log(&env);
     env.cleanup().await;
 }
 
@@ -353,14 +351,9 @@ async fn a_member_stopped_past_its_session_during_a_restore_duplicates_nothing()
         );
         std::thread::sleep(Duration::from_millis(2));
     }
-    let signal = |sig: &str, pid: u32| {
-        let _ = std::process::Command::new("kill")
-            .args([sig, &pid.to_string()])
-            .status();
-    };
-    signal("-STOP", lost.pid());
+    lost.signal("-STOP");
     tokio::time::sleep(Duration::from_secs(16)).await;
-    signal("-CONT", lost.pid());
+    lost.signal("-CONT");
     tokio::task::block_in_place(|| {
         wait_until_caught_up(&env, Duration::from_secs(180), || {
             lost.alive() && steady.alive()
@@ -388,8 +381,7 @@ async fn a_member_stopped_past_its_session_during_a_restore_duplicates_nothing()
     });
     assert_eq!(lost.terminate(), Some(0));
     assert_eq!(steady.terminate(), Some(0));
-    let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
-    tokio::task::block_in_place(|| oracle.assert_matches(&env));
+    Oracle::check_log(&env);
     env.cleanup().await;
 }
 
@@ -431,11 +423,6 @@ async fn an_interrupted_restore_goes_on_from_its_last_chunk() {
         &[("SYNCFLOW_RESOLVER_RESTORE_CHUNK", "1")],
     );
     produce_all(&env, &writes[5_000..5_100]).await;
-    let signal = |sig: &str| {
-        let _ = std::process::Command::new("kill")
-            .args([sig, &p.pid().to_string()])
-            .status();
-    };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut seen = 0;
     loop {
@@ -449,7 +436,7 @@ async fn an_interrupted_restore_goes_on_from_its_last_chunk() {
             std::thread::sleep(Duration::from_millis(1));
             continue;
         }
-        signal("-STOP");
+        p.signal("-STOP");
         let log = std::fs::read_to_string(&p.log).unwrap_or_default();
         let last = log
             .lines()
@@ -459,7 +446,7 @@ async fn an_interrupted_restore_goes_on_from_its_last_chunk() {
             break;
         }
         seen = log.matches("restoring task state").count();
-        signal("-CONT");
+        p.signal("-CONT");
     }
     p.kill();
     let before = std::fs::read_to_string(env.state_dir.join("p.log"))
@@ -480,8 +467,7 @@ async fn an_interrupted_restore_goes_on_from_its_last_chunk() {
         "no restore went on from where the killed one stopped: {resumed:?}"
     );
     assert_eq!(p.terminate(), Some(0));
-    let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
-    tokio::task::block_in_place(|| oracle.assert_matches(&env));
+    Oracle::check_log(&env);
     env.cleanup().await;
 }
 
@@ -519,8 +505,7 @@ async fn a_lost_or_corrupt_local_store_is_rebuilt_from_the_changelog() {
         wait_until_caught_up(&env, Duration::from_secs(120), || p.alive())
     });
     assert_eq!(p.terminate(), Some(0));
-    let oracle = tokio::task::block_in_place(|| Oracle::from_log(&env));
-    tokio::task::block_in_place(|| oracle.assert_matches(&env));
+    Oracle::check_log(&env);
     env.cleanup().await;
 }
 

@@ -103,6 +103,13 @@ impl ProcessorProcess {
         self.child.id()
     }
 
+    /// Sends `sig` (as `kill` spells it: `-STOP`, `-CONT`, ...) to the process.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status();
+    }
+
     /// True while the process runs.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
@@ -557,6 +564,13 @@ impl Oracle {
                 "state of {key:?} differs from the oracle"
             );
         }
+    }
+
+    /// Computes the oracle from the whole log and checks everything committed against it (both
+    /// block: call from a multi-threaded runtime).
+    pub fn check_log(env: &TestEnv) {
+        let oracle = tokio::task::block_in_place(|| Oracle::from_log(env));
+        tokio::task::block_in_place(|| oracle.assert_matches(env));
     }
 
     /// Number of visible changes.
