@@ -8,13 +8,16 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::faults::{changelog_docs, produce_all, workload, Oracle, ProcessorProcess, PARTITIONS};
+use common::faults::{
+    changelog_docs, produce_all, read_all, workload, Oracle, ProcessorProcess, PARTITIONS,
+};
 use common::ws::{connect, next_json, send_text};
 use common::TestEnv;
 use futures::TryStreamExt;
 use pipeline::app::Role;
 use pipeline::restore::{RestoreError, RestoreOptions, Until};
 use processors::{DocKey, DocState};
+use rdkafka::Message;
 
 /// The view as MongoDB holds it: `(tenant, _id)` → (version, deleted, fields).
 type View = BTreeMap<(String, String), (i64, bool, serde_json::Map<String, serde_json::Value>)>;
@@ -112,6 +115,46 @@ async fn oracle_until(env: &TestEnv, until: Option<BTreeMap<i32, i64>>) -> Oracl
     tokio::task::spawn_blocking(move || Oracle::from_log_until(&env, until.as_ref()))
         .await
         .unwrap()
+}
+
+/// A checkpoint's output offsets split each task's output partitions exactly at its snapshot:
+/// the committed records below them are the outputs of the input the snapshot holds (the
+/// oracle's up to its input offsets), the task's last batch included, and nothing after.
+async fn assert_outputs_split_at_the_snapshot(env: &TestEnv, m: &state::checkpoint::Manifest) {
+    let oracle = oracle_until(env, Some(input_offsets(m))).await;
+    let brokers = env.cfg.kafka.brokers.clone();
+    let (events, conflicts) = {
+        let (e, c) = (
+            env.topic(pipeline::topics::SYNC_EVENTS),
+            env.topic(pipeline::topics::CONFLICT_DETECTED),
+        );
+        tokio::task::spawn_blocking(move || (read_all(&brokers, &e), read_all(&brokers, &c)))
+            .await
+            .unwrap()
+    };
+    for part in &m.partitions {
+        let p = part.partition;
+        for (topic, log, want) in [
+            (
+                pipeline::topics::SYNC_EVENTS,
+                &events,
+                oracle.events.get(&p).map_or(0, Vec::len),
+            ),
+            (
+                pipeline::topics::CONFLICT_DETECTED,
+                &conflicts,
+                oracle.conflicts.get(&p).map_or(0, Vec::len),
+            ),
+        ] {
+            let end = part.outputs[topic];
+            let below = log[&p].iter().filter(|r| r.offset() < end).count();
+            assert_eq!(
+                below, want,
+                "checkpoint {}, partition {p}: {topic} records below its output offset {end}",
+                m.id
+            );
+        }
+    }
 }
 
 /// Restores or replays without asking.
@@ -253,6 +296,8 @@ async fn replay_from_a_checkpoint_reproduces_the_uninterrupted_run() {
     let full = oracle_until(&env, None).await;
     settle(&env, &view_for(&sorted(&full.state))).await;
     let c2 = checkpoint_now(&env).await;
+    assert_outputs_split_at_the_snapshot(&env, &c).await;
+    assert_outputs_split_at_the_snapshot(&env, &c2).await;
     node.stop().await.unwrap();
     let full_state = changelog_docs(&env);
     let full_view = view_of(&env).await;
