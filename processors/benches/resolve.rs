@@ -17,8 +17,10 @@
 //! `resolve_batch` runs each chunk of 1,000 writes as a pipeline batch would: `compute_diff` of
 //! every write, then `resolve_batch`, which reads the next documents' state ahead.
 //!
-//! Writes are generated in chunks of 1,000 outside the measurement, so they are in cache as
-//! right after decoding, while the documents they hit are not. The measured work consumes
+//! Writes are generated outside the measurement: for group `resolve` 16 at a time
+//! (`workload::HOT`), so each is in the caches when it is resolved, as right after decoding,
+//! while the documents they hit are not; for group `resolve_batch` a whole batch of 1,000 at a
+//! time, so many of its writes have left the L2 cache by the time they are resolved. The measured work consumes
 //! them, as the pipeline does, so dropping what is left of each write is measured too. Every write gets a fresh,
 //! increasing HLC, so each one wins, as in steady state. Run with
 //! `cargo bench -p processors --bench resolve` (with `--features mimalloc`, mimalloc is the
@@ -39,12 +41,13 @@ mod workload;
 #[global_allocator]
 static GLOBAL: mialloc::MiMalloc = mialloc::MiMalloc;
 
-use workload::{apply_writes, apply_writes_batched, Mix, Workload, CHUNK};
+use workload::{apply_writes, apply_writes_batched, Mix, Workload, CHUNK, HOT};
 
 /// How a chunk of writes is applied: one at a time, or as one batch.
 type Apply = fn(&mut processors::MemState, Vec<processors::Write>, &DiffContext<'_>);
 
-fn run(c: &mut Criterion, group: &str, name: &str, mix: Mix, apply: Apply) {
+/// Runs `apply` over writes generated `made` at a time.
+fn run(c: &mut Criterion, group: &str, name: &str, mix: Mix, apply: Apply, made: usize) {
     // Made when the benchmark first runs: one left out by a filter makes no documents (making
     // and dropping them would leave the allocator's heap different for the next one).
     let mut workload: Option<Workload> = None;
@@ -58,7 +61,7 @@ fn run(c: &mut Criterion, group: &str, name: &str, mix: Mix, apply: Apply) {
             let mut total = Duration::ZERO;
             let mut left = iters as usize;
             while left > 0 {
-                let n = left.min(CHUNK);
+                let n = left.min(made);
                 left -= n;
                 let writes = workload.writes(n, clock);
                 clock += n as u64;
@@ -80,8 +83,8 @@ fn run(c: &mut Criterion, group: &str, name: &str, mix: Mix, apply: Apply) {
 fn benches(c: &mut Criterion) {
     for name in ["patch", "set", "mixed", "patch_stale", "create"] {
         let mix = Mix::named(name).expect("a known mix");
-        run(c, "resolve", name, mix, apply_writes);
-        run(c, "resolve_batch", name, mix, apply_writes_batched);
+        run(c, "resolve", name, mix, apply_writes, HOT);
+        run(c, "resolve_batch", name, mix, apply_writes_batched, CHUNK);
     }
 }
 

@@ -3,9 +3,11 @@
 //! `cargo run --release -p processors --example resolve_profile -- [MIX] [WRITES] [MODE]`
 //! creates the documents of `benches/resolve.rs` (`BENCH_DOCS`, default 10,000), runs `WRITES`
 //! (default 100,000) writes of `MIX` (`patch`, `set`, `mixed`, `patch_stale` or `create`; default `patch`)
-//! and prints writes per second: by wall clock, by the process's CPU time on Linux (steadier on a
-//! shared machine), and the median of the 1,000-write chunks. It also prints the heap
+//! and prints writes per second: by wall clock, by the measuring thread's CPU time (steadier on
+//! a shared machine), and the median of the 1,000-write chunks. It also prints the heap
 //! allocations per write of the measured work (a counting wrapper around the allocator).
+//! Writes are generated outside the measurement right before they are applied: 16 at a time
+//! one at a time (`PROFILE_MADE=N` for another count), a whole chunk for batches.
 //!
 //! `MODE` is `single` (the default: `compute_diff` and `resolve_lww` write by write, as the
 //! `resolve` bench group), `batch` (each chunk through `resolve_batch` with read-ahead, as the
@@ -26,7 +28,7 @@ use processors::{DiffContext, Limits, MemState, Write};
 #[path = "../benches/workload/mod.rs"]
 mod workload;
 
-use workload::{apply_writes, apply_writes_batched, Mix, Workload, CHUNK};
+use workload::{apply_writes, apply_writes_batched, Mix, Workload, CHUNK, HOT};
 
 /// The allocator being measured: mimalloc with `--features mimalloc`, else the system's.
 #[cfg(feature = "mimalloc")]
@@ -58,18 +60,23 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// User + system CPU time of this process in seconds, where `/proc` has it (10 ms ticks).
+/// CPU time of this thread in seconds (`CLOCK_THREAD_CPUTIME_ID`), if the clock can be read.
 fn cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid, writable timespec; the call writes only into it.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    (rc == 0).then_some(t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9)
 }
 
 /// One way of applying writes, with its own documents and what it measured.
 struct Runner {
     label: String,
     apply: fn(&mut MemState, Vec<Write>, &DiffContext<'_>),
+    /// Writes generated at a time, right before they are applied.
+    made: usize,
     workload: Workload,
     wall: Duration,
     cpu: Option<f64>,
@@ -79,7 +86,7 @@ struct Runner {
 }
 
 impl Runner {
-    fn new(label: String, batched: bool, mix: Mix) -> Self {
+    fn new(label: String, batched: bool, mix: Mix, made: Option<usize>) -> Self {
         Runner {
             label,
             apply: if batched {
@@ -87,6 +94,7 @@ impl Runner {
             } else {
                 apply_writes
             },
+            made: made.unwrap_or(if batched { CHUNK } else { HOT }),
             workload: Workload::new(mix),
             wall: Duration::ZERO,
             cpu: Some(0.0),
@@ -95,27 +103,34 @@ impl Runner {
         }
     }
 
-    /// Applies `n` new writes with clocks from `clock` on; `measured` adds them to the figures.
+    /// Applies `n` new writes with clocks from `clock` on, generated [`Runner::made`] at a
+    /// time; `measured` adds them to the figures (as one chunk).
     fn run(&mut self, n: usize, clock: u64, limits: &Limits, measured: bool) {
-        let writes = self.workload.writes(n, clock);
         let ctx = DiffContext {
             limits,
             received_at_ms: clock + n as u64,
             max_skew_ms: 60_000,
         };
-        let cpu = cpu_seconds();
-        let allocations = ALLOCATIONS.load(Relaxed);
-        let start = Instant::now();
-        (self.apply)(&mut self.workload.state, writes, &ctx);
-        let wall = start.elapsed();
-        let allocations = ALLOCATIONS.load(Relaxed) - allocations;
+        let (mut wall, mut cpu, mut allocations) = (Duration::ZERO, Some(0.0), 0);
+        let mut done = 0;
+        while done < n {
+            let k = (n - done).min(self.made);
+            let writes = self.workload.writes(k, clock + done as u64);
+            let cpu_before = cpu_seconds();
+            let allocations_before = ALLOCATIONS.load(Relaxed);
+            let start = Instant::now();
+            (self.apply)(&mut self.workload.state, writes, &ctx);
+            wall += start.elapsed();
+            allocations += ALLOCATIONS.load(Relaxed) - allocations_before;
+            cpu = cpu
+                .zip(cpu_seconds().zip(cpu_before))
+                .map(|(t, (b, a))| t + b - a);
+            done += k;
+        }
         if measured {
             self.wall += wall;
             self.chunks.push(wall);
-            self.cpu = self
-                .cpu
-                .zip(cpu_seconds().zip(cpu))
-                .map(|(t, (b, a))| t + b - a);
+            self.cpu = self.cpu.zip(cpu).map(|(t, c)| t + c);
             self.allocations += allocations;
         }
     }
@@ -156,9 +171,21 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // `PROFILE_MADE=1000` generates one-at-a-time writes 1,000 at a time, as before 2026-12-04.
+    let made = std::env::var("PROFILE_MADE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&m| m > 0);
     let mut runners: Vec<Runner> = batched
         .iter()
-        .map(|&b| Runner::new(format!("{name}{}", if b { " batch" } else { "" }), b, mix))
+        .map(|&b| {
+            Runner::new(
+                format!("{name}{}", if b { " batch" } else { "" }),
+                b,
+                mix,
+                made,
+            )
+        })
         .collect();
     let limits = Limits::default();
     let mut clock = 10u64;

@@ -15,8 +15,13 @@ pub fn docs() -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10_000)
 }
-/// Writes generated at a time, outside the measurement.
+/// Writes per measured chunk (and per batch of the `resolve_batch` group, generated at once).
 pub const CHUNK: usize = 1_000;
+/// Writes generated at a time, outside the measurement, for one-at-a-time resolving: few enough
+/// that each write is still in the CPU caches when it is resolved, as a write the pipeline has
+/// just decoded from its record is. (A chunk of 1,000 made up front was partly evicted from the
+/// 1 MB L2 by the documents the writes before it touched.)
+pub const HOT: usize = 16;
 const DEVICES: usize = 8;
 
 /// A small deterministic generator (xorshift64*), so runs are comparable.
