@@ -340,6 +340,10 @@ fn section_check(section: &str, value: Value) -> Result<(), String> {
     }
 }
 
+/// Tables whose keys are names the operator chooses (per tenant), not settings: any key is
+/// taken, and its value is checked with its section's type.
+const OPEN_TABLES: [&str; 1] = ["rate.tenants"];
+
 /// Merges `from` into `into`, reporting keys the defaults do not have.
 fn merge(into: &mut Table, from: Table, at: &str, problems: &mut Vec<String>) {
     for (key, value) in from {
@@ -349,6 +353,9 @@ fn merge(into: &mut Table, from: Table, at: &str, problems: &mut Vec<String>) {
             format!("{at}.{key}")
         };
         match (into.get_mut(&key), value) {
+            (None, value) if OPEN_TABLES.contains(&at) => {
+                into.insert(key, value);
+            }
             (None, _) => problems.push(format!("unknown key {path:?}")),
             (Some(Value::Table(dst)), Value::Table(src)) => merge(dst, src, &path, problems),
             (Some(Value::Table(_)), _) => problems.push(format!("{path:?} must be a table")),
@@ -509,6 +516,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("zstd") && err.contains("lz4"), "{err}");
+    }
+
+    #[test]
+    fn per_tenant_rates_load_from_the_file_and_bad_ones_are_named() {
+        let dir = std::env::temp_dir().join(format!("sfcfg3-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(
+            &file,
+            "[rate.tenants.acme]\ntenant_writes_per_sec = 50\n[rate.tenants.globex]\nuser_connects_per_min = 3\n",
+        )
+        .unwrap();
+        let c = Config::load(Some(&file), env(&[SECRET])).unwrap();
+        assert_eq!(c.rate.tenants["acme"].tenant_writes_per_sec, Some(50));
+        assert_eq!(c.rate.tenants["acme"].user_writes_per_sec, None);
+        assert_eq!(c.rate.tenants["globex"].user_connects_per_min, Some(3));
+        std::fs::write(
+            &file,
+            "[rate.tenants.acme]\ntenant_writes_per_sec = \"lots\"\n[rate]\ntenantz = 1\n",
+        )
+        .unwrap();
+        let text = Config::load(Some(&file), env(&[SECRET]))
+            .unwrap_err()
+            .to_string();
+        for needle in ["rate.tenantz", "tenants.acme.tenant_writes_per_sec"] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+        std::fs::write(&file, "[rate.tenants.globex]\nwrites = 3\n").unwrap();
+        let text = Config::load(Some(&file), env(&[SECRET]))
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("unknown field `writes`"), "{text}");
     }
 
     #[test]

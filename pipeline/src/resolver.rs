@@ -3,7 +3,9 @@
 //! # Protocol (per batch)
 //!
 //! 1. Poll a batch: wait up to `resolver.poll_ms` for a first record, then take whatever is
-//!    already fetched, up to `resolver.batch_max` — a lone write at low load is not held back.
+//!    already fetched and, under load (the previous batch had at least 4 records), whatever
+//!    arrives within `resolver.linger_ms`, up to `resolver.batch_max` — a lone write at low load
+//!    is not held back.
 //! 2. Begin a Kafka transaction; compute every output against an in-memory [`Overlay`] of the
 //!    sled state of the record's task (input partition).
 //! 3. Produce `sync.events`, `conflict.detected` and `data.rejected` records and the changelog

@@ -364,6 +364,7 @@ async fn bad_http_input_gets_a_reason_and_nothing_is_sent() {
         "/v1/buckets/{bucket}/docs/{id}",
         "/v1/buckets/{bucket}/docs",
         "/v1/buckets/{bucket}/changes",
+        "/v1/subscribe",
         "/healthz",
         "/status",
     ] {
