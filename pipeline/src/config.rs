@@ -432,6 +432,15 @@ mod tests {
         "0123456789abcdef0123456789abcdef",
     );
 
+    /// Writes `text` to a config file in a directory of its own (`name`, per process).
+    fn config_file(name: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("c.toml");
+        std::fs::write(&file, text).unwrap();
+        file
+    }
+
     #[test]
     fn credentials_are_redacted_from_uris() {
         assert_eq!(
@@ -449,14 +458,10 @@ mod tests {
 
     #[test]
     fn layers_apply_in_order() {
-        let dir = std::env::temp_dir().join(format!("sfcfg-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("c.toml");
-        std::fs::write(
-            &file,
+        let file = config_file(
+            "sfcfg",
             "[kafka]\nbrokers = \"file:1\"\ntopic_prefix = \"p.\"\n[resolver]\nmax_skew_ms = 5\n",
-        )
-        .unwrap();
+        );
         let c = Config::load(
             Some(&file),
             env(&[
@@ -475,14 +480,10 @@ mod tests {
 
     #[test]
     fn every_problem_is_reported_together() {
-        let dir = std::env::temp_dir().join(format!("sfcfg2-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("c.toml");
-        std::fs::write(
-            &file,
+        let file = config_file(
+            "sfcfg2",
             "[kafka]\nbrokerz = \"x\"\n[nope]\na = 1\n[resolver]\nbatch_max = \"many\"\n",
-        )
-        .unwrap();
+        );
         let err = Config::load(
             Some(&file),
             env(&[
@@ -520,14 +521,7 @@ mod tests {
 
     #[test]
     fn per_tenant_rates_load_from_the_file_and_bad_ones_are_named() {
-        let dir = std::env::temp_dir().join(format!("sfcfg3-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("c.toml");
-        std::fs::write(
-            &file,
-            "[rate.tenants.acme]\ntenant_writes_per_sec = 50\n[rate.tenants.globex]\nuser_connects_per_min = 3\n",
-        )
-        .unwrap();
+        let file = config_file("sfcfg3", "[rate.tenants.acme]\ntenant_writes_per_sec = 50\n[rate.tenants.globex]\nuser_connects_per_min = 3\n");
         let c = Config::load(Some(&file), env(&[SECRET])).unwrap();
         assert_eq!(c.rate.tenants["acme"].tenant_writes_per_sec, Some(50));
         assert_eq!(c.rate.tenants["acme"].user_writes_per_sec, None);
