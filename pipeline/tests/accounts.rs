@@ -240,6 +240,19 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
     let a2 = token(&second, "access_token");
     assert_ne!(r1, r2);
     assert_eq!(api.put_doc(&a2, "todos", "t2").await, 200);
+    // A made-up token of the session (its id shows in every access token) is unknown, and
+    // revokes nothing: only a token the session issued counts as reused.
+    let sid = r2.split_once('.').unwrap().0;
+    let guess = json!({"refresh_token": format!("{sid}.madeup")});
+    let (s, e) = api.post("/v1/auth/refresh", None, guess).await;
+    assert_eq!(s, 401, "{e}");
+    let message = e["error"]["message"].as_str().unwrap();
+    assert!(message.contains("unknown"), "{e}");
+    assert_eq!(
+        api.put_doc(&a2, "todos", "t2b").await,
+        200,
+        "a guess leaves the session alone"
+    );
     // Reuse of the spent token: refused, and the whole family is revoked.
     let (s, e) = api
         .post("/v1/auth/refresh", None, json!({"refresh_token": r1}))
@@ -308,6 +321,47 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
     assert_eq!(s, 401);
     let (s, _) = api.get("/v1/auth/me", &a3).await;
     assert_eq!(s, 401);
+
+    // A session remembers its last 32 spent tokens: one spent 33 rotations ago is merely
+    // unknown; a recent one still revokes the family.
+    let (_, login) = api
+        .post(
+            "/v1/auth/login",
+            None,
+            json!({"username": "ann", "password": "ann-correct-horse"}),
+        )
+        .await;
+    let mut spent = vec![token(&login, "refresh_token")];
+    for _ in 0..33 {
+        let body = json!({"refresh_token": spent.last().unwrap()});
+        let (s, next) = api.post("/v1/auth/refresh", None, body).await;
+        assert_eq!(s, 200, "{next}");
+        spent.push(token(&next, "refresh_token"));
+    }
+    let current = spent.pop().unwrap();
+    let (s, e) = api
+        .post("/v1/auth/refresh", None, json!({"refresh_token": spent[0]}))
+        .await;
+    assert_eq!(s, 401, "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("unknown"),
+        "{e}"
+    );
+    let (s, e) = api
+        .post("/v1/auth/refresh", None, json!({"refresh_token": spent[1]}))
+        .await;
+    assert_eq!(s, 401, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("used already"),
+        "{e}"
+    );
+    let (s, _) = api
+        .post("/v1/auth/refresh", None, json!({"refresh_token": current}))
+        .await;
+    assert_eq!(s, 401, "the family is revoked");
     // Logout with the bearer access token ends that session.
     let (s, _, _) = api
         .call(

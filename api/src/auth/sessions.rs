@@ -7,10 +7,12 @@
 //! A login opens a session (`…auth:session:<sid>`, a hash with the user, the tenant and the
 //! SHA-256 of the one refresh token currently valid; it expires `auth.refresh_ttl_secs` after the
 //! login). A refresh token is `<sid>.<secret>`. Refreshing swaps the current token for a new one
-//! atomically (a Lua script). Presenting a token of the session that is not the current one — it
-//! was used already, so someone holds a copy — deletes the session: the whole family is revoked,
-//! and every access token of the session (they carry `sid`) stops working at once, because
-//! session-bound tokens are accepted only while their session exists. Logout deletes it too.
+//! atomically (a Lua script). Presenting a token the session issued before — it was used
+//! already, so someone holds a copy — deletes the session: the whole family is revoked, and every
+//! access token of the session (they carry `sid`) stops working at once, because session-bound
+//! tokens are accepted only while their session exists. The session remembers the digests of its
+//! last 32 spent tokens for this; a token it never issued (a guess built from the `sid` every
+//! access token shows) is refused as unknown and changes nothing. Logout deletes the session too.
 //!
 //! # Service tokens and invitations
 //!
@@ -122,14 +124,29 @@ fn split_refresh(token: &str) -> Option<(&str, &str)> {
     (ok(sid, 64) && ok(secret, 64)).then_some((sid, secret))
 }
 
+/// How many spent refresh tokens a session remembers (their digests), to tell a reused token,
+/// which revokes the session, from a made-up one, which does not.
+const SPENT_KEPT: usize = 32;
+
+/// Rotates a session's refresh token. KEYS[1]: the session; ARGV: the presented token's digest,
+/// the new token's, and the spent list's longest length (1 + 65 per entry). `spent` is `,d1,d2,…,` with the newest
+/// first. Returns `{1, user, name, tenant}` (rotated), `{-1}` (a spent token: the session is
+/// deleted) or `{0}` (no such session, or a token this session never issued: nothing changes).
 const ROTATE: &str = r"
 local cur = redis.call('HGET', KEYS[1], 'current')
 if not cur then return {0} end
+local spent = redis.call('HGET', KEYS[1], 'spent') or ','
 if cur ~= ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return {-1}
+  if string.find(spent, ',' .. ARGV[1] .. ',', 1, true) then
+    redis.call('DEL', KEYS[1])
+    return {-1}
+  end
+  return {0}
 end
-redis.call('HSET', KEYS[1], 'current', ARGV[2])
+spent = ',' .. ARGV[1] .. spent
+-- Digests are 64 characters: the first ARGV[3] characters are the newest entries, whole.
+spent = string.sub(spent, 1, tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 'current', ARGV[2], 'spent', spent)
 local f = redis.call('HMGET', KEYS[1], 'user', 'name', 'tenant')
 return {1, f[1], f[2], f[3]}
 ";
@@ -241,6 +258,7 @@ impl AuthStore {
             .key(self.key("session", sid))
             .arg(digest(secret))
             .arg(digest(&next))
+            .arg(SPENT_KEPT * 65 + 1)
             .invoke_async(&mut conn)
             .await?;
         let text = |v: Option<&redis::Value>| -> String {
