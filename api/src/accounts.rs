@@ -231,7 +231,11 @@ pub async fn register(
     if acc.users.find_by_email(&email).await?.is_some() {
         return Err(taken(Taken::Email));
     }
-    if creates_tenant && acc.users.tenant_exists(&tenant).await? {
+    // A tenant exists once registered, once it has data in the view, or once it has service
+    // tokens (an operator may mint them before anything reached the view).
+    if creates_tenant
+        && (acc.users.tenant_exists(&tenant).await? || acc.store.has_services(&tenant).await?)
+    {
         return Err(taken(Taken::Tenant));
     }
     let user_id = uuid::Uuid::now_v7().to_string();

@@ -52,6 +52,30 @@ fn check_grants(caller: &Claims, grants: &[Grant]) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Most live service tokens a tenant may have: the registry is read whole on every list and
+/// revoke.
+pub const MAX_SERVICE_TOKENS: usize = 1_000;
+
+/// Who may create or revoke a service token with these grants: whoever administers every one of
+/// them; a token without grants (or an operator token), which no grant check would cover, only a
+/// tenant admin.
+fn may_manage_service_token(
+    caller: &Claims,
+    grants: &[Grant],
+    operator: bool,
+) -> Result<(), ApiError> {
+    if grants.is_empty() || operator {
+        return require_tenant_admin(caller);
+    }
+    if let Some(g) = grants.iter().find(|g| !caller.administers(&g.bucket)) {
+        return Err(ApiError::Forbidden(format!(
+            "the service token grants on {:?}, which this token does not administer",
+            g.bucket
+        )));
+    }
+    Ok(())
+}
+
 /// Claims of a new token of `kind` with a fresh id, valid `ttl` seconds from now.
 fn issued(kind: TokenKind, sub: &str, tenant: &str, grants: Vec<Grant>, ttl: u64) -> Claims {
     let mut claims = Claims::access(sub, tenant, grants, now_ms() / 1000, ttl);
@@ -245,6 +269,7 @@ pub async fn issue_service_token(
         created_by: spec.created_by.into(),
         created_at: claims.iat,
         expires_at: claims.exp,
+        operator: spec.operator,
     };
     store.add_service(spec.tenant, &record).await?;
     Ok((record, keys.sign(claims)))
@@ -262,6 +287,20 @@ pub async fn create_service_token(
     let req: ServiceReq = json_body(&body)?;
     let name = check_service_name(&req.name)?;
     check_grants(&caller, &req.grants)?;
+    may_manage_service_token(&caller, &req.grants, false)?;
+    let live = acc
+        .store
+        .list_services(&caller.tenant, now_ms() / 1000)
+        .await?
+        .len();
+    if live >= MAX_SERVICE_TOKENS {
+        return Err(ApiError::Conflict {
+            code: "too_many_service_tokens",
+            message: format!(
+                "the tenant has {live} live service tokens, the most allowed; revoke some first"
+            ),
+        });
+    }
     let spec = ServiceTokenSpec {
         tenant: &caller.tenant,
         name,
@@ -297,7 +336,7 @@ pub async fn list_service_tokens(
 }
 
 /// `DELETE /v1/tenant/service-tokens/{id}`: revokes at once. Allowed to whoever administers
-/// every grant of the token.
+/// every grant of the token; a token without grants, or an operator token, to tenant admins.
 pub async fn revoke_service_token(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -313,12 +352,7 @@ pub async fn revoke_service_token(
         .iter()
         .find(|t| t.id == id)
         .ok_or_else(|| ApiError::NotFound(format!("no service token {id:?} in this tenant")))?;
-    if let Some(g) = token.grants.iter().find(|g| !caller.administers(&g.bucket)) {
-        return Err(ApiError::Forbidden(format!(
-            "the service token grants on {:?}, which this token does not administer",
-            g.bucket
-        )));
-    }
+    may_manage_service_token(&caller, &token.grants, token.operator)?;
     acc.store.revoke_service(&caller.tenant, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

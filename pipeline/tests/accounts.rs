@@ -518,6 +518,24 @@ async fn tenant_admins_manage_grants_invitations_and_service_tokens() {
         )
         .await;
     assert_eq!(s, 401, "a revoked service token is refused");
+    // A token without grants (as an operator's is) is a tenant admin's to make and to revoke:
+    // no grant check covers it.
+    let bare = json!({"name": "bare", "grants": []});
+    let (s, e) = api
+        .post("/v1/tenant/service-tokens", Some(&bob_access), bare.clone())
+        .await;
+    assert_eq!(s, 403, "{e}");
+    let (s, bare) = api
+        .post("/v1/tenant/service-tokens", Some(&admin), bare)
+        .await;
+    assert_eq!(s, 201, "{bare}");
+    let bare = format!("/v1/tenant/service-tokens/{}", bare["id"].as_str().unwrap());
+    for (who, want) in [(&bob_access, 403), (&admin, 204)] {
+        let (s, _, _) = api
+            .call(reqwest::Method::DELETE, &bare, Some(who), None)
+            .await;
+        assert_eq!(s, want, "only a tenant admin revokes it");
+    }
 
     // Another tenant's admin reaches nothing of acme.
     let (s, carol) = api.register("carol", json!({"tenant": "globex"})).await;
@@ -538,6 +556,22 @@ async fn tenant_admins_manage_grants_invitations_and_service_tokens() {
     assert_eq!(list["buckets"], json!([]), "{list}");
     let (_, listed) = api.get("/v1/tenant/service-tokens", &carol).await;
     assert_eq!(listed["service_tokens"], json!([]));
+
+    // A tenant that so far exists only through a service token (minted with `syncflow token
+    // --service` before any of its data reached the view) cannot be claimed by registering it.
+    let minted = std::process::Command::new(env!("CARGO_BIN_EXE_syncflow"))
+        .args(["token", "--tenant", "initech", "--grant", "in*:rw"])
+        .args(["--service", "ingest"])
+        .env("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET)
+        .env("SYNCFLOW_KAFKA_TOPIC_PREFIX", &env.cfg.kafka.topic_prefix)
+        .env("SYNCFLOW_LOG", "warn")
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&minted.stderr);
+    assert!(minted.status.success(), "{why}");
+    let (s, e) = api.register("mallory", json!({"tenant": "initech"})).await;
+    assert_eq!(s, 409, "{e}");
+    assert_eq!(e["error"]["code"], "tenant_taken", "{e}");
 
     node.stop().await.unwrap();
     env.cleanup().await;

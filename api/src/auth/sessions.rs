@@ -74,6 +74,9 @@ pub struct ServiceToken {
     pub created_at: u64,
     /// Expiry, seconds since the epoch.
     pub expires_at: u64,
+    /// An operator token (cluster-wide operations; only `syncflow token --operator` makes one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub operator: bool,
 }
 
 /// Which unique name is already taken.
@@ -354,6 +357,13 @@ impl AuthStore {
         conn.hset::<_, _, _, ()>(self.key("services", tenant), &t.id, json)
             .await?;
         Ok(())
+    }
+
+    /// Whether `tenant` has a registered service token (live or not yet swept): such a tenant
+    /// exists even before any of its data reached the view.
+    pub async fn has_services(&self, tenant: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.exists(self.key("services", tenant)).await?)
     }
 
     /// The live service tokens of `tenant` (expired ones are dropped from the registry).
