@@ -76,7 +76,7 @@ enum Command {
         action: ops::CheckpointAction,
     },
     /// Put the state and the view back to a checkpoint; later writes are not applied. Stop every
-    /// processor and projector first.
+    /// processor, projector and fanout first.
     Restore {
         /// The checkpoint id.
         #[arg(long)]
@@ -89,7 +89,7 @@ enum Command {
         dry_run: bool,
     },
     /// Restore a checkpoint, then re-run data.changed from its offsets with the current code, up
-    /// to --until (default: the end). Stop every processor and projector first.
+    /// to --until (default: the end). Stop every processor, projector and fanout first.
     Replay {
         /// The checkpoint id.
         #[arg(long)]

@@ -359,11 +359,12 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
         for group in [
             crate::resolver::group_id(cfg),
             crate::projector::group_id(cfg),
+            crate::fanout::group_id(cfg),
         ] {
             let n = members(&control, &group)?;
             if n > 0 {
                 return Err(RestoreError::Busy(format!(
-                    "{n} process(es) are still in consumer group {group}: stop every processor and projector first (nothing was changed)"
+                    "{n} process(es) are still in consumer group {group}: stop every processor, projector and fanout first (nothing was changed)"
                 )));
             }
         }
@@ -467,11 +468,13 @@ fn apply_kafka(
     )?;
     let control = reader(cfg, &cfg.topic("syncflow-restore-tool"))?;
     let events_end = ends(&control, &cfg.topic(topics::SYNC_EVENTS))?;
-    commit_offsets(
-        cfg,
-        &crate::projector::group_id(cfg),
-        &cfg.topic(topics::SYNC_EVENTS),
-        &events_end,
-    )?;
+    // The view and the announcements start again after the old timeline: the announcer must not
+    // publish what it had not announced of it (its sequence numbers are the new epoch's too).
+    for group in [
+        crate::projector::group_id(cfg),
+        crate::fanout::group_id(cfg),
+    ] {
+        commit_offsets(cfg, &group, &cfg.topic(topics::SYNC_EVENTS), &events_end)?;
+    }
     Ok(())
 }

@@ -157,6 +157,57 @@ async fn assert_outputs_split_at_the_snapshot(env: &TestEnv, m: &state::checkpoi
     }
 }
 
+/// A consumer of the test's Kafka in `group` (a throwaway one when `None`).
+fn consumer(env: &TestEnv, group: Option<&str>) -> rdkafka::consumer::BaseConsumer {
+    rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .set("group.id", group.unwrap_or("checkpoints-test-reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap()
+}
+
+/// Per partition of `topic`: `group`'s committed offset, or with `None` the end of the log.
+fn group_offsets(env: &TestEnv, group: Option<&str>, topic: &str) -> BTreeMap<i32, i64> {
+    use rdkafka::consumer::Consumer;
+    let c = consumer(env, group);
+    let topic = env.topic(topic);
+    let timeout = Duration::from_secs(10);
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(&topic, p);
+    }
+    match group {
+        None => (0..PARTITIONS)
+            .map(|p| (p, c.fetch_watermarks(&topic, p, timeout).unwrap().1))
+            .collect(),
+        Some(_) => c
+            .committed_offsets(tpl, timeout)
+            .unwrap()
+            .elements()
+            .iter()
+            .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1)))
+            .collect(),
+    }
+}
+
+/// Commits `offset` for `group` on every partition of `topic`, once the group is empty (a
+/// member that just left may still be on the broker's books for a moment).
+fn set_group_offsets(env: &TestEnv, group: &str, topic: &str, offset: i64) {
+    use rdkafka::consumer::{CommitMode, Consumer};
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition_offset(&env.topic(topic), p, rdkafka::Offset::Offset(offset))
+            .unwrap();
+    }
+    let c = consumer(env, Some(group));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = c.commit(&tpl, CommitMode::Sync) {
+        assert!(Instant::now() < deadline, "committing for {group}: {e}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Restores or replays without asking.
 async fn restore(
     env: &TestEnv,
@@ -235,11 +286,28 @@ async fn restore_puts_state_and_view_back_and_subscribers_get_a_reset() {
             break;
         }
     }
-    // Restore A.
+    // Restore A: refused while an announcer runs; and one that stopped before saving its
+    // position (as when killed) must not publish the old timeline's tail afterwards.
     node.stop().await.unwrap();
+    let fanout = env.start(&[Role::Fanout]).await;
+    let busy = restore(&env, &manifest.id, &RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert!(busy.to_string().contains("syncflow-fanout"), "{busy}");
+    fanout.stop().await.unwrap();
+    let fanout_group = pipeline::fanout::group_id(&env.cfg);
+    set_group_offsets(&env, &fanout_group, pipeline::topics::SYNC_EVENTS, 0);
     let report = restore(&env, &manifest.id, &RestoreOptions::default())
         .await
         .expect("restore");
+    let ends = group_offsets(&env, None, pipeline::topics::SYNC_EVENTS);
+    for group in [fanout_group, pipeline::projector::group_id(&env.cfg)] {
+        assert_eq!(
+            group_offsets(&env, Some(&group), pipeline::topics::SYNC_EVENTS),
+            ends,
+            "{group} starts after the old timeline"
+        );
+    }
     assert!(report.visible_changed > 0, "{report:?}");
     assert!(report.not_applied >= 1_000, "{report:?}");
     assert_eq!(
