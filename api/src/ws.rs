@@ -605,7 +605,7 @@ async fn catch_up(
         }
         Some(c) => c.seq,
     };
-    let start = from;
+    let mut start = from;
     let page = state.pages.default.max(1);
     let mut ahead = HashMap::new();
     loop {
@@ -615,6 +615,15 @@ async fn catch_up(
             .await
             .map_err(view_unavailable)?;
         let more = docs.len() == page;
+        if !more && start > 0 && horizon_passed(state, tenant, bucket, start).await? {
+            // A tombstone sweep ran while the pages were read: deletes after the cursor may
+            // have been removed before their page was read. Start again from nothing.
+            send(tx, json!({"type": "reset", "bucket": bucket,
+                "reason": "deleted documents after your cursor were forgotten while catching up; a full snapshot follows"})).await?;
+            (from, start) = (0, 0);
+            ahead.clear();
+            continue;
+        }
         for d in docs.iter().filter(|d| d.seq > watermark) {
             ahead.insert(d.doc_id.clone(), u64::try_from(d.version).unwrap_or(0));
         }
@@ -648,6 +657,23 @@ async fn catch_up(
             }
         }
     }
+}
+
+/// Whether the bucket's tombstone horizon is now past `seq`: a catch-up from `seq` may then lack
+/// deletes. (The sweep raises the horizon before it removes tombstones, so reading the horizon
+/// after the last page covers every tombstone removed while the pages were read.)
+async fn horizon_passed(
+    state: &AppState,
+    tenant: &str,
+    bucket: &str,
+    seq: i64,
+) -> Result<bool, End> {
+    let meta = state
+        .reader
+        .bucket_meta(tenant, bucket)
+        .await
+        .map_err(view_unavailable)?;
+    Ok(meta.is_some_and(|m| m.horizon_seq > seq))
 }
 
 /// Largest catch-up message, in bytes of encoded documents (a single larger document still goes
