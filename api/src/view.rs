@@ -106,7 +106,9 @@ pub struct ViewDoc {
     pub hlc: String,
     /// True for a tombstone.
     pub deleted: bool,
-    /// When it was deleted (HLC wall time, ms), for the tombstone sweeper.
+    /// When the view learned of the delete, ms: the later of its clock's wall time and the time
+    /// it was projected, so a delete made long ago (an offline device's) is kept the full
+    /// retention from its arrival. For the tombstone sweeper.
     #[serde(default)]
     pub deleted_at_ms: Option<i64>,
 }
@@ -128,7 +130,9 @@ impl ViewDoc {
             seq: to_i64(event.seq),
             hlc: event.hlc.to_string(),
             deleted: event.deleted,
-            deleted_at_ms: event.deleted.then(|| to_i64(event.hlc.wall_ms)),
+            deleted_at_ms: event
+                .deleted
+                .then(|| to_i64(event.hlc.wall_ms.max(crate::now_ms()))),
         }
     }
 }
@@ -614,5 +618,39 @@ impl DocReader for MongoView {
             }
             Ok(docs)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use processors::events::EVENT_FORMAT_VERSION;
+    use processors::{Hlc, SetFields, SyncEvent};
+
+    use super::ViewDoc;
+
+    #[test]
+    fn a_tombstone_is_kept_from_when_its_delete_arrived_not_from_its_clock() {
+        let delete = SyncEvent {
+            v: EVENT_FORMAT_VERSION,
+            tenant: "acme".into(),
+            bucket: "b".into(),
+            doc_id: "d".into(),
+            version: 2,
+            seq: 7,
+            hlc: Hlc::new(1_000, 0),
+            event_id: "e".into(),
+            device_id: "offline-for-years".into(),
+            deleted: true,
+            set: SetFields::new(),
+            unset: Vec::new(),
+            clamped_from: None,
+        };
+        let before = crate::now_ms() as i64;
+        let tombstone = ViewDoc::after(None, &delete);
+        assert!(tombstone.deleted);
+        assert!(
+            tombstone.deleted_at_ms.is_some_and(|t| t >= before),
+            "{tombstone:?}"
+        );
     }
 }
