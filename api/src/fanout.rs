@@ -136,6 +136,11 @@ impl std::fmt::Debug for Subscription {
     }
 }
 
+/// How often the hub checks its subscription with a ping through Redis.
+const PING_EVERY: Duration = Duration::from_secs(2);
+/// How long without its own ping back before the hub resubscribes.
+const PING_DEAD_AFTER: Duration = Duration::from_secs(7);
+
 /// The node's hub.
 #[derive(Clone)]
 pub struct Hub {
@@ -255,6 +260,12 @@ impl Hub {
 
     async fn listen(self, client: redis::Client) {
         let pattern = format!("{}syncflow:changes:*", self.prefix);
+        // Inside the pattern; tenant names cannot hold '!', so no bucket's channel is this one.
+        let ping = format!(
+            "{}syncflow:changes:!ping:{}",
+            self.prefix,
+            uuid::Uuid::new_v4().simple()
+        );
         let mut backoff = Duration::from_millis(100);
         loop {
             match client.get_async_pubsub().await {
@@ -266,10 +277,7 @@ impl Hub {
                         backoff = Duration::from_millis(100);
                         // Anything published while we were away is unknown: everyone catches up.
                         self.gap_for_all();
-                        let mut messages = pubsub.on_message();
-                        while let Some(msg) = messages.next().await {
-                            self.dispatch(msg.get_channel_name(), msg.get_payload::<String>().ok());
-                        }
+                        self.relay(pubsub.on_message(), &ping).await;
                         self.listening
                             .store(false, std::sync::atomic::Ordering::SeqCst);
                         tracing::warn!("fan-out hub lost its Redis connection");
@@ -281,6 +289,48 @@ impl Hub {
             self.gap_for_all();
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Passes announcements on until the subscription ends or goes silent. Every
+    /// [`PING_EVERY`] the hub publishes to `ping`, a channel of its own inside its pattern; when
+    /// none of those has come back for [`PING_DEAD_AFTER`], the connection is taken for dead: one
+    /// that a partition or a NAT dropped without a reset would otherwise never end, and this node's
+    /// subscribers would hear nothing, without a `lagged`.
+    async fn relay(
+        &self,
+        mut messages: impl futures::Stream<Item = redis::Msg> + Unpin,
+        ping: &str,
+    ) {
+        let mut tick = tokio::time::interval(PING_EVERY);
+        let mut heard = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                msg = messages.next() => {
+                    let Some(msg) = msg else { return };
+                    let channel = msg.get_channel_name();
+                    if channel == ping {
+                        heard = tokio::time::Instant::now();
+                    } else {
+                        self.dispatch(channel, msg.get_payload::<String>().ok());
+                    }
+                }
+                _ = tick.tick() => {
+                    if heard.elapsed() > PING_DEAD_AFTER {
+                        tracing::warn!(
+                            silent_ms = heard.elapsed().as_millis() as u64,
+                            "fan-out hub's own pings stopped coming back; resubscribing"
+                        );
+                        return;
+                    }
+                    let mut conn = self.marks.clone();
+                    let mut cmd = redis::cmd("PUBLISH");
+                    cmd.arg(ping).arg("");
+                    let publish = cmd.query_async::<i64>(&mut conn);
+                    // A lost ping is what the check above notices; the send must not stall the relay.
+                    let _ = tokio::time::timeout(PING_EVERY, publish).await;
+                }
+            }
         }
     }
 

@@ -6,6 +6,8 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{services, TestEnv};
@@ -147,6 +149,143 @@ async fn subscribers_recover_from_a_redis_outage_without_missing_a_change() {
         "the subscriber must be told that live changes were interrupted"
     );
     node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// The freeze switches of a relay's subscription connections.
+type Switches = Arc<Mutex<Vec<Arc<AtomicBool>>>>;
+
+/// A TCP relay to the local Redis whose subscription connections (those that sent
+/// `PSUBSCRIBE`) can be frozen: their sockets stay open, but nothing passes any more, as after a
+/// network partition or a NAT that dropped the connection without a reset. Connections opened
+/// after a freeze pass again.
+struct Relay {
+    addr: std::net::SocketAddr,
+    /// The freeze switch of each subscription connection not frozen yet.
+    subscribers: Switches,
+}
+
+impl Relay {
+    async fn start() -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let subscribers: Switches = Arc::default();
+        let registry = subscribers.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:6379").await else {
+                    continue;
+                };
+                let frozen = Arc::new(AtomicBool::new(false));
+                let (client_read, client_write) = client.into_split();
+                let (server_read, server_write) = server.into_split();
+                let up = (Some(registry.clone()), frozen.clone());
+                tokio::spawn(Relay::pipe(client_read, server_write, up));
+                tokio::spawn(Relay::pipe(server_read, client_write, (None, frozen)));
+            }
+        });
+        Relay { addr, subscribers }
+    }
+
+    /// Copies bytes until either side closes; from a client, `registry` is where a subscription
+    /// connection registers its switch `frozen`.
+    async fn pipe(
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        (registry, frozen): (Option<Switches>, Arc<AtomicBool>),
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let subscribes = buf[..n]
+                .windows(10)
+                .any(|w| w.eq_ignore_ascii_case(b"PSUBSCRIBE"));
+            if let (Some(registry), true) = (&registry, subscribes) {
+                registry.lock().unwrap().push(frozen.clone());
+            }
+            if frozen.load(Ordering::SeqCst) {
+                // Hold everything back, and the socket open, for good.
+                std::future::pending::<()>().await;
+            }
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Freezes every subscription connection open now.
+    fn freeze(&self) -> usize {
+        let frozen: Vec<_> = std::mem::take(&mut *self.subscribers.lock().unwrap());
+        for f in &frozen {
+            f.store(true, Ordering::SeqCst);
+        }
+        frozen.len()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_connection_that_goes_silent_is_noticed_and_replaced() {
+    let env = TestEnv::new("redissilent").await;
+    let workers = env.start(&[Role::Processor, Role::Projector]).await;
+    let relay = Relay::start().await;
+    let mut cfg = env.cfg.clone();
+    cfg.redis.url = format!("redis://{}", relay.addr);
+    let node = pipeline::app::start(cfg, &[Role::Api]).await.unwrap();
+    let addr = node.api_addr.unwrap();
+    let token = env.token("acme", "feed:rw");
+    let http = reqwest::Client::new();
+    let put = |n: i64| {
+        let (http, token) = (&http, &token);
+        async move {
+            let r = http
+                .patch(format!("http://{addr}/v1/buckets/feed/docs/counter"))
+                .bearer_auth(token)
+                .json(&json!({"n": n}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 202);
+        }
+    };
+    put(0).await;
+    let mut req = format!("ws://{addr}/v1/subscribe")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::Text(
+        r#"{"type":"subscribe","bucket":"feed"}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let (mut latest, mut saw_lagged) = (-1, false);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while latest < 0 {
+        assert!(Instant::now() < deadline);
+        latest = read_n(&mut ws, &mut saw_lagged).await.unwrap_or(latest);
+    }
+    // The hub's subscription goes silent without closing; a change follows.
+    assert_eq!(relay.freeze(), 1, "one subscription connection: the hub's");
+    put(1).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while latest < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the change never arrived over the silent subscription"
+        );
+        latest = read_n(&mut ws, &mut saw_lagged).await.unwrap_or(latest);
+    }
+    assert!(
+        saw_lagged,
+        "the subscriber is told changes may have been missed"
+    );
+    node.stop().await.unwrap();
+    workers.stop().await.unwrap();
     env.cleanup().await;
 }
 
