@@ -26,31 +26,9 @@ async fn subscribers_recover_from_a_redis_outage_without_missing_a_change() {
     let addr = node.api_addr.unwrap();
     let token = env.token("acme", "feed:rw");
     let http = reqwest::Client::new();
-    let put = |n: i64| {
-        let (http, token) = (&http, &token);
-        async move {
-            let r = http
-                .patch(format!("http://{addr}/v1/buckets/feed/docs/counter"))
-                .bearer_auth(token)
-                .json(&json!({"n": n}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 202);
-        }
-    };
+    let put = |n: i64| put_counter(&http, addr, &token, n);
     put(0).await;
-    let mut req = format!("ws://{addr}/v1/subscribe")
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    ws.send(Message::Text(
-        r#"{"type":"subscribe","bucket":"feed"}"#.into(),
-    ))
-    .await
-    .unwrap();
+    let mut ws = subscribe_feed(addr, &token).await;
 
     let mut latest = -1;
     let mut saw_lagged = false;
@@ -238,31 +216,9 @@ async fn a_subscription_connection_that_goes_silent_is_noticed_and_replaced() {
     let addr = node.api_addr.unwrap();
     let token = env.token("acme", "feed:rw");
     let http = reqwest::Client::new();
-    let put = |n: i64| {
-        let (http, token) = (&http, &token);
-        async move {
-            let r = http
-                .patch(format!("http://{addr}/v1/buckets/feed/docs/counter"))
-                .bearer_auth(token)
-                .json(&json!({"n": n}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status().as_u16(), 202);
-        }
-    };
+    let put = |n: i64| put_counter(&http, addr, &token, n);
     put(0).await;
-    let mut req = format!("ws://{addr}/v1/subscribe")
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    ws.send(Message::Text(
-        r#"{"type":"subscribe","bucket":"feed"}"#.into(),
-    ))
-    .await
-    .unwrap();
+    let mut ws = subscribe_feed(addr, &token).await;
     let (mut latest, mut saw_lagged) = (-1, false);
     let deadline = Instant::now() + Duration::from_secs(60);
     while latest < 0 {
@@ -289,13 +245,39 @@ async fn a_subscription_connection_that_goes_silent_is_noticed_and_replaced() {
     env.cleanup().await;
 }
 
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sets the counter of bucket `feed` to `n` through the API at `addr`.
+async fn put_counter(http: &reqwest::Client, addr: std::net::SocketAddr, token: &str, n: i64) {
+    let r = http
+        .patch(format!("http://{addr}/v1/buckets/feed/docs/counter"))
+        .bearer_auth(token)
+        .json(&json!({"n": n}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+}
+
+/// A WebSocket to the API at `addr`, subscribed to bucket `feed`.
+async fn subscribe_feed(addr: std::net::SocketAddr, token: &str) -> Ws {
+    let mut req = format!("ws://{addr}/v1/subscribe")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    ws.send(Message::Text(
+        r#"{"type":"subscribe","bucket":"feed"}"#.into(),
+    ))
+    .await
+    .unwrap();
+    ws
+}
+
 /// Reads one message; returns the counter's value if it carried one.
-async fn read_n(
-    ws: &mut tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
-    saw_lagged: &mut bool,
-) -> Option<i64> {
+async fn read_n(ws: &mut Ws, saw_lagged: &mut bool) -> Option<i64> {
     let msg = match tokio::time::timeout(Duration::from_secs(1), ws.next()).await {
         Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<Value>(&t).unwrap(),
         _ => return None,
