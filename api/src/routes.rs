@@ -57,7 +57,52 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(
             state.limits.max_doc_bytes.saturating_mul(2).max(64 * 1024),
         ))
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Client errors that axum answers itself, in plain text or with no body (a path segment that
+/// is not valid UTF-8, an unknown route, a wrong method, a body over the size limit), in the
+/// API's JSON error shape, keeping their status and headers (`Allow`, …).
+async fn json_errors(response: axum::response::Response) -> axum::response::Response {
+    use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !status.is_client_error() || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let mut message = String::from_utf8_lossy(&text).trim().to_string();
+    if message.is_empty() {
+        message = status
+            .canonical_reason()
+            .unwrap_or("refused")
+            .to_lowercase();
+    }
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        _ => "bad_request",
+    };
+    let mut out = (
+        status,
+        Json(json!({"error": {"code": code, "message": message}})),
+    )
+        .into_response();
+    for (name, value) in &parts.headers {
+        if name != CONTENT_TYPE && name != CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }
 
 /// `GET /v1/checkpoints`: the complete checkpoints, oldest first (operator tokens only).
@@ -95,14 +140,23 @@ pub async fn authenticate(state: &AppState, token: &str) -> Result<Claims, AuthE
     Ok(claims)
 }
 
+/// The token of an `Authorization: Bearer <token>` header (the scheme's case does not matter,
+/// as RFC 9110 says).
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
 /// The claims of the request's bearer token (401 when missing or invalid).
 pub async fn verified(state: &AppState, headers: &HeaderMap) -> Result<Claims, ApiError> {
-    let token = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(AuthError::Missing)?;
-    Ok(authenticate(state, token.trim()).await?)
+    let token = bearer(headers).ok_or(AuthError::Missing)?;
+    Ok(authenticate(state, token).await?)
 }
 
 /// Verifies the bearer token and the grant for `perm` on `bucket`.
@@ -726,6 +780,67 @@ mod tests {
         changes(State(st), Path("b".into()), Query(query), headers)
             .await
             .map(|_| ())
+    }
+
+    #[tokio::test]
+    async fn errors_axum_answers_itself_are_json_too() {
+        use tower::ServiceExt;
+        let app = router(state(Sweeping {
+            metas: AtomicUsize::new(0),
+            swept: 0,
+        }));
+        let grants = crate::auth::parse_grants("*:rw").unwrap();
+        let token = app_token(grants);
+        for (method, uri, status, code) in [
+            ("GET", "/v1/buckets/%FF/docs/a", 400, "bad_request"),
+            ("GET", "/v1/nothing-here", 404, "not_found"),
+            ("POST", "/v1/buckets/b/docs/a", 405, "method_not_allowed"),
+        ] {
+            let request = axum::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("authorization", format!("Bearer {token}"))
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status().as_u16(), status, "{method} {uri}");
+            let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let body: Value = serde_json::from_slice(&body).expect("a JSON body");
+            assert_eq!(body["error"]["code"], code, "{method} {uri}: {body}");
+            assert!(
+                body["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty()),
+                "{body}"
+            );
+        }
+    }
+
+    /// A development token of tenant `acme` with `grants`, signed with [`state`]'s secret.
+    fn app_token(grants: Vec<crate::auth::Grant>) -> String {
+        let st = state(Sweeping {
+            metas: AtomicUsize::new(0),
+            swept: 0,
+        });
+        st.keys.mint("t", "acme", grants, now_ms() / 1000, 60)
+    }
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(axum::http::header::AUTHORIZATION, value.parse().unwrap());
+            bearer(&h).map(str::to_owned)
+        };
+        for value in ["Bearer abc", "bearer abc", "BEARER  abc "] {
+            assert_eq!(with(value).as_deref(), Some("abc"), "{value}");
+        }
+        for value in ["Basic abc", "Bearerabc", "abc"] {
+            assert_eq!(with(value), None, "{value}");
+        }
+        assert_eq!(bearer(&HeaderMap::new()), None);
     }
 
     #[tokio::test]

@@ -139,13 +139,6 @@ impl Tx {
     }
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-}
-
 /// `GET /v1/subscribe`: upgrades to a WebSocket. A token in the header is checked before the
 /// upgrade (401 on failure); without one, the first message must be `{"type":"auth"}`.
 pub async fn ws_handler(
@@ -153,7 +146,7 @@ pub async fn ws_handler(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let claims = match bearer(&headers) {
+    let claims = match crate::routes::bearer(&headers) {
         Some(token) => {
             let claims = crate::routes::authenticate(&state, token.trim()).await?;
             may_connect(&state, &claims)
