@@ -191,6 +191,23 @@ fn group_offsets(env: &TestEnv, group: Option<&str>, topic: &str) -> BTreeMap<i3
     }
 }
 
+/// Waits until `group` has a member (a consumer joins its group a moment after it starts).
+fn wait_for_a_member(env: &TestEnv, group: &str) {
+    use rdkafka::consumer::Consumer;
+    let c = consumer(env, None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = c
+            .fetch_group_list(Some(group), Duration::from_secs(10))
+            .unwrap();
+        if list.groups().iter().any(|g| !g.members().is_empty()) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nobody joined {group}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Commits `offset` for `group` on every partition of `topic`, once the group is empty (a
 /// member that just left may still be on the broker's books for a moment).
 fn set_group_offsets(env: &TestEnv, group: &str, topic: &str, offset: i64) {
@@ -290,12 +307,13 @@ async fn restore_puts_state_and_view_back_and_subscribers_get_a_reset() {
     // position (as when killed) must not publish the old timeline's tail afterwards.
     node.stop().await.unwrap();
     let fanout = env.start(&[Role::Fanout]).await;
+    let fanout_group = pipeline::fanout::group_id(&env.cfg);
+    wait_for_a_member(&env, &fanout_group);
     let busy = restore(&env, &manifest.id, &RestoreOptions::default())
         .await
         .unwrap_err();
     assert!(busy.to_string().contains("syncflow-fanout"), "{busy}");
     fanout.stop().await.unwrap();
-    let fanout_group = pipeline::fanout::group_id(&env.cfg);
     set_group_offsets(&env, &fanout_group, pipeline::topics::SYNC_EVENTS, 0);
     let report = restore(&env, &manifest.id, &RestoreOptions::default())
         .await
