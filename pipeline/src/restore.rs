@@ -288,7 +288,16 @@ fn commit_offsets(
     for (p, o) in offsets {
         tpl.add_partition_offset(topic, *p, Offset::Offset(*o))?;
     }
-    consumer.commit(&tpl, CommitMode::Sync)?;
+    consumer.commit(&tpl, CommitMode::Sync).map_err(|e| {
+        use rdkafka::types::RDKafkaErrorCode::{RebalanceInProgress, UnknownMemberId};
+        match e.rdkafka_error_code() {
+            // The broker takes offsets from outside a group only while it is empty.
+            Some(UnknownMemberId | RebalanceInProgress) => RestoreError::Busy(format!(
+                "a process joined consumer group {group} while the restore ran ({e}): stop it and run the same restore again (repeating it is safe)"
+            )),
+            _ => e.into(),
+        }
+    })?;
     Ok(())
 }
 
