@@ -40,7 +40,7 @@ mod naive {
     }
 
     fn cleared_at(doc: &DocState) -> Option<&Stamp> {
-        max(doc.deleted_at.as_ref(), doc.replaced_at.as_ref())
+        max(doc.deleted_at.as_deref(), doc.replaced_at.as_deref())
     }
 
     fn newer_on_chain<'a>(
@@ -100,9 +100,9 @@ mod naive {
         replay
     }
 
-    fn keep_max(slot: &mut Option<Stamp>, stamp: &Stamp) {
-        if slot.as_ref() < Some(stamp) {
-            *slot = Some(stamp.clone());
+    fn keep_max(slot: &mut Option<std::sync::Arc<Stamp>>, stamp: &Stamp) {
+        if slot.as_deref() < Some(stamp) {
+            *slot = Some(std::sync::Arc::new(stamp.clone()));
         }
     }
 
@@ -277,7 +277,7 @@ mod naive {
         };
         // The side a document-level stamp (delete or replace) plays on a field.
         let doc_side = |s: &Stamp| {
-            let op = if doc.deleted_at.as_ref() == Some(s) {
+            let op = if doc.deleted_at.as_deref() == Some(s) {
                 SideOp::Delete
             } else {
                 SideOp::Unset

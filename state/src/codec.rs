@@ -201,7 +201,7 @@ pub fn encode_doc(doc: &DocState) -> Vec<u8> {
         out.uint(r.changed_version);
     }
     for at in [&doc.deleted_at, &doc.replaced_at, &doc.upserted_at] {
-        out.option(at.as_ref(), Bincode::stamp);
+        out.option(at.as_deref(), Bincode::stamp);
     }
     out.uint(doc.devices.len() as u64);
     for (device, (h, event)) in doc.devices.iter() {
@@ -363,9 +363,9 @@ fn doc_state(
         seq,
         hlc: hlc.map(|(w, c)| Hlc::new(w, c)),
         registers,
-        deleted_at: deleted_at.map(Stamp::from),
-        replaced_at: replaced_at.map(Stamp::from),
-        upserted_at: upserted_at.map(Stamp::from),
+        deleted_at: deleted_at.map(|s| Arc::new(Stamp::from(s))),
+        replaced_at: replaced_at.map(|s| Arc::new(Stamp::from(s))),
+        upserted_at: upserted_at.map(|s| Arc::new(Stamp::from(s))),
         devices: devices
             .into_iter()
             .map(|(d, w, c, e)| (d, (Hlc::new(w, c), e)))
@@ -412,9 +412,20 @@ fn decode_v2_or_3(
         entries.push((path, register));
     }
     let registers: Registers = entries.into_iter().collect();
-    let deleted_at = r.option(Reader::stamp)?;
-    let replaced_at = r.option(Reader::stamp)?;
-    let upserted_at = r.option(Reader::stamp)?;
+    // A document stamp equal to a register's is that register's (shared, as when it was made:
+    // the resolver then compares them by address).
+    let shared = |r: &mut Reader<'_>| -> Result<Option<Arc<Stamp>>, CodecError> {
+        Ok(r.option(Reader::stamp)?.map(|s| {
+            stamps
+                .iter()
+                .find(|t| ***t == s)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(s))
+        }))
+    };
+    let deleted_at = shared(&mut r)?;
+    let replaced_at = shared(&mut r)?;
+    let upserted_at = shared(&mut r)?;
     let n = r.len(4)?;
     let mut devices = Vec::with_capacity(n);
     for _ in 0..n {
@@ -645,6 +656,17 @@ mod tests {
             ptrs.len()
         };
         assert_eq!(distinct(&back), 3);
+        // A document stamp equal to a register's is shared with it, as the resolver made it.
+        let upserted = back.upserted_at.as_ref().unwrap();
+        let shared = back
+            .registers
+            .values()
+            .any(|r| Arc::ptr_eq(&r.stamp, upserted));
+        assert!(shared, "upserted_at shares the newest patch's stamp");
+        assert!(doc
+            .registers
+            .values()
+            .any(|r| Arc::ptr_eq(&r.stamp, doc.upserted_at.as_ref().unwrap())));
     }
 
     #[test]
@@ -798,9 +820,9 @@ mod tests {
             hlc: doc.hlc.map(|h| (h.wall_ms, h.counter)),
             stamps,
             registers,
-            deleted_at: doc.deleted_at.as_ref().map(StoredStamp::from),
-            replaced_at: doc.replaced_at.as_ref().map(StoredStamp::from),
-            upserted_at: doc.upserted_at.as_ref().map(StoredStamp::from),
+            deleted_at: doc.deleted_at.as_deref().map(StoredStamp::from),
+            replaced_at: doc.replaced_at.as_deref().map(StoredStamp::from),
+            upserted_at: doc.upserted_at.as_deref().map(StoredStamp::from),
             devices: doc
                 .devices
                 .iter()
@@ -925,9 +947,9 @@ mod tests {
                                 (path, register)
                             })
                             .collect(),
-                        deleted_at: d,
-                        replaced_at: r,
-                        upserted_at: u,
+                        deleted_at: d.map(Arc::new),
+                        replaced_at: r.map(Arc::new),
+                        upserted_at: u.map(Arc::new),
                         devices: devices
                             .into_iter()
                             .map(|(d, w, c, e)| (d, (Hlc::new(w, c), e)))

@@ -2,6 +2,7 @@
 
 use std::cmp::max;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -29,12 +30,17 @@ pub struct DocState {
     pub hlc: Option<Hlc>,
     /// One register per touched field path.
     pub registers: Registers,
-    /// The newest delete.
-    pub deleted_at: Option<Stamp>,
+    /// The newest delete. Like the registers' stamps, these are shared: the write's own stamp,
+    /// so a register it set compares with them by address, and a newer write replaces them
+    /// without copying strings (they serialise as plain [`Stamp`]s).
+    #[serde(with = "super::registers::shared_stamp_opt")]
+    pub deleted_at: Option<Arc<Stamp>>,
     /// The newest full-document replace.
-    pub replaced_at: Option<Stamp>,
+    #[serde(with = "super::registers::shared_stamp_opt")]
+    pub replaced_at: Option<Arc<Stamp>>,
     /// The newest write that set a field or replaced the document.
-    pub upserted_at: Option<Stamp>,
+    #[serde(with = "super::registers::shared_stamp_opt")]
+    pub upserted_at: Option<Arc<Stamp>>,
     /// Per device, the newest `(hlc, event id)` applied: older ones are retransmissions.
     pub devices: Devices,
 }
@@ -42,12 +48,12 @@ pub struct DocState {
 impl DocState {
     /// The stamp below which registers are invisible (newest delete or replace).
     pub fn cleared_at(&self) -> Option<&Stamp> {
-        max(self.deleted_at.as_ref(), self.replaced_at.as_ref())
+        max(self.deleted_at.as_deref(), self.replaced_at.as_deref())
     }
 
     /// Whether the document exists.
     pub fn exists(&self) -> bool {
-        self.upserted_at.as_ref() > self.deleted_at.as_ref()
+        self.upserted_at.as_deref() > self.deleted_at.as_deref()
     }
 
     /// Every register, swept: which are visible.

@@ -44,8 +44,9 @@ pub mod registers;
 mod sort_key;
 mod sweep;
 
-use std::cmp::{max, Ordering};
+use std::cmp::Ordering;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use serde_json::Value;
 use smallvec::SmallVec;
@@ -80,12 +81,10 @@ pub struct Applied {
     pub retransmission: bool,
 }
 
-fn keep_max(slot: &mut Option<Stamp>, stamp: &Stamp) {
-    match slot {
-        // Reuses the strings' buffers.
-        Some(s) if *s < *stamp => s.clone_from(stamp),
-        Some(_) => {}
-        None => *slot = Some(stamp.clone()),
+/// Keeps the newer of `slot` and `stamp` in `slot` (sharing `stamp`, not copying it).
+fn keep_max(slot: &mut Option<Arc<Stamp>>, stamp: &Arc<Stamp>) {
+    if slot.as_deref().is_none_or(|s| s < &**stamp) {
+        *slot = Some(Arc::clone(stamp));
     }
 }
 
@@ -174,7 +173,7 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
     if in_place {
         // A merge patch to an existing document: only the named paths' registers change.
         if !set.is_empty() {
-            keep_max(&mut doc.upserted_at, stamp);
+            keep_max(&mut doc.upserted_at, &change.stamp);
         }
         let too_old = doc.cleared_at().is_some_and(|c| stamp < c);
         plan_patch(
@@ -193,16 +192,16 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
         before_entries(&doc.registers, &region, &mut before);
         mark_visible(&mut before, doc.cleared_at());
         if is_delete {
-            keep_max(&mut doc.deleted_at, stamp);
+            keep_max(&mut doc.deleted_at, &change.stamp);
         } else {
             if replace {
-                keep_max(&mut doc.replaced_at, stamp);
+                keep_max(&mut doc.replaced_at, &change.stamp);
             }
             if replace || !set.is_empty() {
-                keep_max(&mut doc.upserted_at, stamp);
+                keep_max(&mut doc.upserted_at, &change.stamp);
             }
         }
-        let cleared = max(doc.deleted_at.as_ref(), doc.replaced_at.as_ref());
+        let cleared = doc.cleared_at();
         let live = |s: &Stamp| cleared.is_none_or(|c| s >= c);
         // A hand-made change naming a path twice: the first entry wins.
         if live(stamp) {
@@ -270,7 +269,7 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
     if !retransmission {
         let stored = edits.iter().filter(|e| e.stores()).count();
         let view = ConflictView {
-            deleted_at: doc.deleted_at.as_ref(),
+            deleted_at: doc.deleted_at.as_deref(),
             cleared_at: after_cleared,
             version: new_version,
             before: &before,

@@ -48,6 +48,23 @@ mod shared_stamp {
     }
 }
 
+/// Serde for an `Option<Arc<Stamp>>`, exactly as for an `Option<Stamp>`.
+pub(crate) mod shared_stamp_opt {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::diff::Stamp;
+
+    pub fn serialize<S: Serializer>(stamp: &Option<Arc<Stamp>>, s: S) -> Result<S::Ok, S::Error> {
+        stamp.as_deref().serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<Stamp>>, D::Error> {
+        Ok(Option::<Stamp>::deserialize(d)?.map(Arc::new))
+    }
+}
+
 /// A document's registers by field path, in path order: a map kept as one sorted vector.
 ///
 /// A document has tens of fields, not thousands. One contiguous block is cheaper to search,
