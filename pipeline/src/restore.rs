@@ -50,6 +50,9 @@ pub enum RestoreError {
     /// Something still runs that must be stopped first.
     #[error("{0}")]
     Busy(String),
+    /// State and view are restored, but the API nodes could not be told.
+    #[error("{0}")]
+    NotAnnounced(String),
     /// A snapshot record does not decode.
     #[error("checkpoint {0}: {1}")]
     Corrupt(String, String),
@@ -341,6 +344,17 @@ pub async fn run(
     .await?;
     report.buckets = rebuilt.buckets;
     report.view_docs = rebuilt.written;
+    tell_api_nodes(cfg, id).await.map_err(|e| {
+        RestoreError::NotAnnounced(format!(
+            "the state and the view are restored, but Redis failed before the API nodes were told ({e}): their subscribers keep old cursors; run the same restore again once Redis answers (repeating it is safe)"
+        ))
+    })?;
+    progress("done");
+    Ok(report)
+}
+
+/// Clears the announced marks and tells every API node that the view was restored.
+async fn tell_api_nodes(cfg: &Config, id: &str) -> Result<(), redis::RedisError> {
     let redis = redis::Client::open(cfg.redis.url.as_str())?;
     let mut conn = redis.get_multiplexed_async_connection().await?;
     // The announced marks belong to the old epoch: sequence numbers start again from the
@@ -354,8 +368,7 @@ pub async fn run(
         .arg(id)
         .query_async(&mut conn)
         .await?;
-    progress("done");
-    Ok(report)
+    Ok(())
 }
 
 type Plan = (RestoreReport, Records, Vec<(Vec<u8>, Option<Vec<u8>>)>);
