@@ -138,7 +138,8 @@ impl std::fmt::Debug for Subscription {
 
 /// How often the hub checks its subscription with a ping through Redis.
 const PING_EVERY: Duration = Duration::from_secs(2);
-/// How long without its own ping back before the hub resubscribes.
+/// How long the hub's subscription may stay silent after a ping was published before the hub
+/// resubscribes.
 const PING_DEAD_AFTER: Duration = Duration::from_secs(7);
 
 /// The node's hub.
@@ -293,42 +294,59 @@ impl Hub {
     }
 
     /// Passes announcements on until the subscription ends or goes silent. Every
-    /// [`PING_EVERY`] the hub publishes to `ping`, a channel of its own inside its pattern; when
-    /// none of those has come back for [`PING_DEAD_AFTER`], the connection is taken for dead: one
-    /// that a partition or a NAT dropped without a reset would otherwise never end, and this node's
-    /// subscribers would hear nothing, without a `lagged`.
+    /// [`PING_EVERY`] the hub publishes to `ping`, a channel of its own inside its pattern, on
+    /// another connection. When a ping was published, Redis counted no subscriber for it (then
+    /// this subscription is not registered there), or nothing at all has come in on the
+    /// subscription for [`PING_DEAD_AFTER`] since a ping was published, the subscription is taken
+    /// for dead: a connection that a partition or a NAT dropped without a reset would otherwise
+    /// never end, and this node's subscribers would hear nothing, without a `lagged`. Any
+    /// message counts as a sign of life (under a backlog the ping waits behind the changes), and
+    /// a ping that cannot be published (Redis down, or a user not allowed to publish) proves
+    /// nothing either way.
     async fn relay(
         &self,
         mut messages: impl futures::Stream<Item = redis::Msg> + Unpin,
         ping: &str,
     ) {
         let mut tick = tokio::time::interval(PING_EVERY);
-        let mut heard = tokio::time::Instant::now();
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Outcomes of the pings, each sent from a task of its own so the relay never waits.
+        let (sent_tx, mut sent) = tokio::sync::mpsc::channel::<Option<i64>>(4);
+        // When the first ping since the last message was published, if one was.
+        let mut unanswered: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
+                biased;
                 msg = messages.next() => {
                     let Some(msg) = msg else { return };
+                    unanswered = None;
                     let channel = msg.get_channel_name();
-                    if channel == ping {
-                        heard = tokio::time::Instant::now();
-                    } else {
+                    if channel != ping {
                         self.dispatch(channel, msg.get_payload::<String>().ok());
                     }
                 }
-                _ = tick.tick() => {
-                    if heard.elapsed() > PING_DEAD_AFTER {
-                        tracing::warn!(
-                            silent_ms = heard.elapsed().as_millis() as u64,
-                            "fan-out hub's own pings stopped coming back; resubscribing"
-                        );
+                Some(receivers) = sent.recv() => match receivers {
+                    Some(0) => {
+                        tracing::warn!("Redis has no subscription of this hub; resubscribing");
                         return;
                     }
-                    let mut conn = self.marks.clone();
-                    let mut cmd = redis::cmd("PUBLISH");
+                    Some(_) => {
+                        unanswered.get_or_insert_with(tokio::time::Instant::now);
+                    }
+                    None => {}
+                },
+                _ = tick.tick() => {
+                    if unanswered.is_some_and(|t| t.elapsed() > PING_DEAD_AFTER) {
+                        tracing::warn!("fan-out hub's own pings stopped coming back; resubscribing");
+                        return;
+                    }
+                    let (mut conn, mut cmd, tx) = (self.marks.clone(), redis::cmd("PUBLISH"), sent_tx.clone());
                     cmd.arg(ping).arg("");
-                    let publish = cmd.query_async::<i64>(&mut conn);
-                    // A lost ping is what the check above notices; the send must not stall the relay.
-                    let _ = tokio::time::timeout(PING_EVERY, publish).await;
+                    tokio::spawn(async move {
+                        let publish = cmd.query_async::<i64>(&mut conn);
+                        let receivers = tokio::time::timeout(PING_EVERY, publish).await.ok().and_then(Result::ok);
+                        let _ = tx.try_send(receivers);
+                    });
                 }
             }
         }

@@ -99,9 +99,10 @@ async fn json_errors(response: axum::response::Response) -> axum::response::Resp
         .into_response();
     for (name, value) in &parts.headers {
         if name != CONTENT_TYPE && name != CONTENT_LENGTH {
-            out.headers_mut().insert(name.clone(), value.clone());
+            out.headers_mut().append(name.clone(), value.clone());
         }
     }
+    *out.extensions_mut() = parts.extensions;
     out
 }
 

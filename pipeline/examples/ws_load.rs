@@ -997,6 +997,10 @@ async fn redis_observer(
             },
         };
         let t = now_us();
+        // The API nodes' own pings (`…syncflow:changes:!ping:…`) are not announcements.
+        if msg.get_channel_name().contains(":!ping:") {
+            continue;
+        }
         marks.redis_any.store(true, Ordering::Relaxed);
         let Ok(payload) = msg.get_payload::<String>() else {
             continue;

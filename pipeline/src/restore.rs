@@ -296,7 +296,7 @@ fn commit_offsets(
         match e.rdkafka_error_code() {
             // The broker takes offsets from outside a group only while it is empty.
             Some(UnknownMemberId | RebalanceInProgress) => RestoreError::Busy(format!(
-                "a process joined consumer group {group} while the restore ran ({e}): stop it and run the same restore again (repeating it is safe)"
+                "a process joined consumer group {group} while the restore ran ({e}): stop it and run the same restore again (writes accepted meanwhile are not applied, as with any restore)"
             )),
             _ => e.into(),
         }
@@ -344,11 +344,18 @@ pub async fn run(
     .await?;
     report.buckets = rebuilt.buckets;
     report.view_docs = rebuilt.written;
-    tell_api_nodes(cfg, id).await.map_err(|e| {
-        RestoreError::NotAnnounced(format!(
-            "the state and the view are restored, but Redis failed before the API nodes were told ({e}): their subscribers keep old cursors; run the same restore again once Redis answers (repeating it is safe)"
-        ))
-    })?;
+    // A short Redis outage must not leave the API nodes untold: try for about half a minute.
+    let mut attempt = 0;
+    while let Err(e) = tell_api_nodes(cfg, id).await {
+        attempt += 1;
+        if attempt == 6 {
+            return Err(RestoreError::NotAnnounced(format!(
+                "the state and the view are restored, but Redis failed before the API nodes were told ({e}): their subscribers keep old cursors; run the same restore again once Redis answers (writes accepted meanwhile are not applied, as with any restore)"
+            )));
+        }
+        tracing::warn!(error = %e, attempt, "telling the API nodes through Redis failed; retrying");
+        tokio::time::sleep(Duration::from_secs(2 * attempt)).await;
+    }
     progress("done");
     Ok(report)
 }

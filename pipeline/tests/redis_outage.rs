@@ -17,8 +17,13 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
+/// The tests of this binary run one after the other: the outage restarts Redis, which would
+/// also end (and so rescue) the silent subscription of the other test.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribers_recover_from_a_redis_outage_without_missing_a_change() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let env = TestEnv::new("redisoutage").await;
     let node = env
         .start(&[Role::Api, Role::Processor, Role::Projector])
@@ -207,6 +212,7 @@ impl Relay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscription_connection_that_goes_silent_is_noticed_and_replaced() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let env = TestEnv::new("redissilent").await;
     let workers = env.start(&[Role::Processor, Role::Projector]).await;
     let relay = Relay::start().await;

@@ -33,13 +33,13 @@ pub struct DocState {
     /// The newest delete. Like the registers' stamps, these are shared: the write's own stamp,
     /// so a register it set compares with them by address, and a newer write replaces them
     /// without copying strings (they serialise as plain [`Stamp`]s).
-    #[serde(with = "super::registers::shared_stamp_opt")]
+    #[serde(default, with = "super::registers::shared_stamp_opt")]
     pub deleted_at: Option<Arc<Stamp>>,
     /// The newest full-document replace.
-    #[serde(with = "super::registers::shared_stamp_opt")]
+    #[serde(default, with = "super::registers::shared_stamp_opt")]
     pub replaced_at: Option<Arc<Stamp>>,
     /// The newest write that set a field or replaced the document.
-    #[serde(with = "super::registers::shared_stamp_opt")]
+    #[serde(default, with = "super::registers::shared_stamp_opt")]
     pub upserted_at: Option<Arc<Stamp>>,
     /// Per device, the newest `(hlc, event id)` applied: older ones are retransmissions.
     pub devices: Devices,
