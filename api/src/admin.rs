@@ -56,10 +56,10 @@ fn check_grants(caller: &Claims, grants: &[Grant]) -> Result<(), ApiError> {
 /// revoke.
 pub const MAX_SERVICE_TOKENS: usize = 1_000;
 
-/// Who may create or revoke a service token with these grants: whoever administers every one of
-/// them; a token without grants (or an operator token), which no grant check would cover, only a
-/// tenant admin.
-fn may_manage_service_token(
+/// Who may revoke a service token with these grants: whoever administers every one of them; a
+/// token without grants (or an operator token), which no grant check would cover, only a tenant
+/// admin.
+fn may_revoke_service_token(
     caller: &Claims,
     grants: &[Grant],
     operator: bool,
@@ -287,7 +287,10 @@ pub async fn create_service_token(
     let req: ServiceReq = json_body(&body)?;
     let name = check_service_name(&req.name)?;
     check_grants(&caller, &req.grants)?;
-    may_manage_service_token(&caller, &req.grants, false)?;
+    if req.grants.is_empty() {
+        // No grant check covers a token without grants.
+        require_tenant_admin(&caller)?;
+    }
     let live = acc
         .store
         .list_services(&caller.tenant, now_ms() / 1000)
@@ -352,7 +355,7 @@ pub async fn revoke_service_token(
         .iter()
         .find(|t| t.id == id)
         .ok_or_else(|| ApiError::NotFound(format!("no service token {id:?} in this tenant")))?;
-    may_manage_service_token(&caller, &token.grants, token.operator)?;
+    may_revoke_service_token(&caller, &token.grants, token.operator)?;
     acc.store.revoke_service(&caller.tenant, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -677,6 +677,15 @@ mod tests {
         swept: i64,
     }
 
+    impl Sweeping {
+        fn to(swept: i64) -> Self {
+            Self {
+                metas: AtomicUsize::new(0),
+                swept,
+            }
+        }
+    }
+
     impl DocReader for Sweeping {
         fn get<'a>(
             &'a self,
@@ -765,13 +774,15 @@ mod tests {
         }
     }
 
+    /// A development token of tenant `acme` with `grants` (like `b:r`), signed with `st`'s key.
+    fn token(st: &AppState, grants: &str) -> String {
+        let grants = crate::auth::parse_grants(grants).unwrap();
+        st.keys.mint("t", "acme", grants, now_ms() / 1000, 60)
+    }
+
     async fn read_changes(swept: i64, since: &str) -> Result<(), ApiError> {
-        let st = state(Sweeping {
-            metas: AtomicUsize::new(0),
-            swept,
-        });
-        let grants = crate::auth::parse_grants("b:r").unwrap();
-        let token = st.keys.mint("t", "acme", grants, now_ms() / 1000, 60);
+        let st = state(Sweeping::to(swept));
+        let token = token(&st, "b:r");
         let mut headers = HeaderMap::new();
         headers.insert(
             axum::http::header::AUTHORIZATION,
@@ -786,12 +797,9 @@ mod tests {
     #[tokio::test]
     async fn errors_axum_answers_itself_are_json_too() {
         use tower::ServiceExt;
-        let app = router(state(Sweeping {
-            metas: AtomicUsize::new(0),
-            swept: 0,
-        }));
-        let grants = crate::auth::parse_grants("*:rw").unwrap();
-        let token = app_token(grants);
+        let st = state(Sweeping::to(0));
+        let token = token(&st, "*:rw");
+        let app = router(st);
         for (method, uri, status, code) in [
             ("GET", "/v1/buckets/%FF/docs/a", 400, "bad_request"),
             ("GET", "/v1/nothing-here", 404, "not_found"),
@@ -817,15 +825,6 @@ mod tests {
                 "{body}"
             );
         }
-    }
-
-    /// A development token of tenant `acme` with `grants`, signed with [`state`]'s secret.
-    fn app_token(grants: Vec<crate::auth::Grant>) -> String {
-        let st = state(Sweeping {
-            metas: AtomicUsize::new(0),
-            swept: 0,
-        });
-        st.keys.mint("t", "acme", grants, now_ms() / 1000, 60)
     }
 
     #[test]

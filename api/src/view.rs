@@ -130,9 +130,7 @@ impl ViewDoc {
             seq: to_i64(event.seq),
             hlc: event.hlc.to_string(),
             deleted: event.deleted,
-            deleted_at_ms: event
-                .deleted
-                .then(|| to_i64(event.hlc.wall_ms.max(crate::now_ms()))),
+            deleted_at_ms: event.deleted.then(|| tombstone_time(event.hlc.wall_ms)),
         }
     }
 }
@@ -197,6 +195,12 @@ pub trait DocReader: Send + Sync + 'static {
         upto: i64,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>>;
+}
+
+/// A tombstone's `deleted_at_ms` for a delete whose clock reads `wall_ms`, stamped now: the later
+/// of the two, so retention counts from when the view learned of the delete.
+pub fn tombstone_time(wall_ms: u64) -> i64 {
+    to_i64(wall_ms.max(crate::now_ms()))
 }
 
 fn to_i64(v: u64) -> i64 {

@@ -148,7 +148,7 @@ pub async fn ws_handler(
 ) -> Result<Response, ApiError> {
     let claims = match crate::routes::bearer(&headers) {
         Some(token) => {
-            let claims = crate::routes::authenticate(&state, token.trim()).await?;
+            let claims = crate::routes::authenticate(&state, token).await?;
             may_connect(&state, &claims)
                 .await
                 .map_err(ApiError::limited)?;

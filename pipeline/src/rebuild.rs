@@ -244,10 +244,9 @@ pub fn view_doc_of(key: &processors::DocKey, doc: &processors::DocState) -> Opti
         bucket: key.bucket.bucket.clone(),
         doc_id: key.doc_id.clone(),
         deleted: visible.is_none(),
-        // As the projector stamps it: retention counts from when the view learned of the delete.
-        deleted_at_ms: visible.is_none().then(|| {
-            i64::try_from(hlc.wall_ms.max(crate::checkpoint::now_ms())).unwrap_or(i64::MAX)
-        }),
+        deleted_at_ms: visible
+            .is_none()
+            .then(|| api::view::tombstone_time(hlc.wall_ms)),
         doc: visible.unwrap_or_default(),
         version: i64::try_from(doc.version).unwrap_or(i64::MAX),
         seq: i64::try_from(doc.seq).unwrap_or(i64::MAX),

@@ -51,6 +51,19 @@ impl Api {
         (s, v)
     }
 
+    async fn refresh(&self, refresh_token: &str) -> (u16, Value) {
+        let body = json!({"refresh_token": refresh_token});
+        self.post("/v1/auth/refresh", None, body).await
+    }
+
+    /// Refreshes with `refresh_token` and checks it is refused (401) with `why` in the message.
+    async fn refused_refresh(&self, refresh_token: &str, why: &str) {
+        let (s, e) = self.refresh(refresh_token).await;
+        assert_eq!(s, 401, "{e}");
+        let message = e["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(why), "{why} missing from {e}");
+    }
+
     async fn get(&self, path: &str, token: &str) -> (u16, Value) {
         let (s, v, _) = self
             .call(reqwest::Method::GET, path, Some(token), None)
@@ -232,9 +245,7 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
 
     // Rotation: every refresh spends the token and returns a new pair.
     let r1 = token(&login, "refresh_token");
-    let (s, second) = api
-        .post("/v1/auth/refresh", None, json!({"refresh_token": r1}))
-        .await;
+    let (s, second) = api.refresh(&r1).await;
     assert_eq!(s, 200, "{second}");
     let r2 = token(&second, "refresh_token");
     let a2 = token(&second, "access_token");
@@ -243,31 +254,16 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
     // A made-up token of the session (its id shows in every access token) is unknown, and
     // revokes nothing: only a token the session issued counts as reused.
     let sid = r2.split_once('.').unwrap().0;
-    let guess = json!({"refresh_token": format!("{sid}.madeup")});
-    let (s, e) = api.post("/v1/auth/refresh", None, guess).await;
-    assert_eq!(s, 401, "{e}");
-    let message = e["error"]["message"].as_str().unwrap();
-    assert!(message.contains("unknown"), "{e}");
+    api.refused_refresh(&format!("{sid}.madeup"), "unknown")
+        .await;
     assert_eq!(
         api.put_doc(&a2, "todos", "t2b").await,
         200,
         "a guess leaves the session alone"
     );
     // Reuse of the spent token: refused, and the whole family is revoked.
-    let (s, e) = api
-        .post("/v1/auth/refresh", None, json!({"refresh_token": r1}))
-        .await;
-    assert_eq!(s, 401, "{e}");
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("used already"),
-        "{e}"
-    );
-    let (s, _) = api
-        .post("/v1/auth/refresh", None, json!({"refresh_token": r2}))
-        .await;
+    api.refused_refresh(&r1, "used already").await;
+    let (s, _) = api.refresh(&r2).await;
     assert_eq!(
         s, 401,
         "the current token of a revoked family is refused too"
@@ -315,9 +311,7 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
     .await
     .expect("the subscription ends after logout");
     assert_eq!(closed, Some(4001));
-    let (s, _) = api
-        .post("/v1/auth/refresh", None, json!({"refresh_token": r3}))
-        .await;
+    let (s, _) = api.refresh(&r3).await;
     assert_eq!(s, 401);
     let (s, _) = api.get("/v1/auth/me", &a3).await;
     assert_eq!(s, 401);
@@ -333,34 +327,14 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
         .await;
     let mut spent = vec![token(&login, "refresh_token")];
     for _ in 0..33 {
-        let body = json!({"refresh_token": spent.last().unwrap()});
-        let (s, next) = api.post("/v1/auth/refresh", None, body).await;
+        let (s, next) = api.refresh(spent.last().unwrap()).await;
         assert_eq!(s, 200, "{next}");
         spent.push(token(&next, "refresh_token"));
     }
     let current = spent.pop().unwrap();
-    let (s, e) = api
-        .post("/v1/auth/refresh", None, json!({"refresh_token": spent[0]}))
-        .await;
-    assert_eq!(s, 401, "{e}");
-    assert!(
-        e["error"]["message"].as_str().unwrap().contains("unknown"),
-        "{e}"
-    );
-    let (s, e) = api
-        .post("/v1/auth/refresh", None, json!({"refresh_token": spent[1]}))
-        .await;
-    assert_eq!(s, 401, "{e}");
-    assert!(
-        e["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("used already"),
-        "{e}"
-    );
-    let (s, _) = api
-        .post("/v1/auth/refresh", None, json!({"refresh_token": current}))
-        .await;
+    api.refused_refresh(&spent[0], "unknown").await;
+    api.refused_refresh(&spent[1], "used already").await;
+    let (s, _) = api.refresh(&current).await;
     assert_eq!(s, 401, "the family is revoked");
     // Logout with the bearer access token ends that session.
     let (s, _, _) = api
@@ -373,13 +347,7 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
         .await;
     assert_eq!(s, 204);
     assert_eq!(api.put_doc(&access, "todos", "t6").await, 401);
-    let (s, _) = api
-        .post(
-            "/v1/auth/refresh",
-            None,
-            json!({"refresh_token": token(&reg, "refresh_token")}),
-        )
-        .await;
+    let (s, _) = api.refresh(&token(&reg, "refresh_token")).await;
     assert_eq!(s, 401);
 
     node.stop().await.unwrap();
@@ -453,13 +421,7 @@ async fn tenant_admins_manage_grants_invitations_and_service_tokens() {
         .await;
     assert_eq!(s, 200, "{set}");
     assert_eq!(set["visible"], true);
-    let (s, refreshed) = api
-        .post(
-            "/v1/auth/refresh",
-            None,
-            json!({"refresh_token": token(&bob, "refresh_token")}),
-        )
-        .await;
+    let (s, refreshed) = api.refresh(&token(&bob, "refresh_token")).await;
     assert_eq!(s, 200, "{refreshed}");
     let bob_access = token(&refreshed, "access_token");
     assert_eq!(api.put_doc(&bob_access, "notes-1", "b2").await, 200);
@@ -746,15 +708,11 @@ async fn a_refresh_before_the_user_is_visible_can_be_retried_with_the_same_token
     assert_eq!(s, 201, "{reg}");
     assert_eq!(reg["visible"], false, "{reg}");
     let refresh = token(&reg, "refresh_token");
-    let (s, e) = api
-        .post("/v1/auth/refresh", None, json!({"refresh_token": refresh}))
-        .await;
+    let (s, e) = api.refresh(&refresh).await;
     assert_eq!(s, 503, "{e}");
     let projector = env.start(&[Role::Projector]).await;
     let rotated = common::eventually(Duration::from_secs(30), "the user to appear", || async {
-        let (s, v) = api
-            .post("/v1/auth/refresh", None, json!({"refresh_token": refresh}))
-            .await;
+        let (s, v) = api.refresh(&refresh).await;
         (s == 200).then_some(v)
     })
     .await;

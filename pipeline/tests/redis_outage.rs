@@ -33,16 +33,8 @@ async fn subscribers_recover_from_a_redis_outage_without_missing_a_change() {
     let http = reqwest::Client::new();
     let put = |n: i64| put_counter(&http, addr, &token, n);
     put(0).await;
-    let mut ws = subscribe_feed(addr, &token).await;
-
-    let mut latest = -1;
-    let mut saw_lagged = false;
-    let wait_for = |ws_target: i64| (ws_target, Instant::now() + Duration::from_secs(60));
-    let (target, deadline) = wait_for(0);
-    while latest < target {
-        assert!(Instant::now() < deadline);
-        latest = read_n(&mut ws, &mut saw_lagged).await.unwrap_or(latest);
-    }
+    let mut feed = Feed::subscribe(addr, &token).await;
+    feed.reach(0, 60, "the first change").await;
 
     // A user's session token, to see how it fares while its session cannot be checked.
     let registered: Value = http
@@ -122,13 +114,9 @@ async fn subscribers_recover_from_a_redis_outage_without_missing_a_change() {
     );
     tokio::task::block_in_place(|| services(&["up", "redis"]));
     put(6).await;
-    let (target, deadline) = wait_for(6);
-    while latest < target {
-        assert!(Instant::now() < deadline, "stuck at n={latest}");
-        latest = read_n(&mut ws, &mut saw_lagged).await.unwrap_or(latest);
-    }
+    feed.reach(6, 60, "the change after the outage").await;
     assert!(
-        saw_lagged,
+        feed.saw_lagged,
         "the subscriber must be told that live changes were interrupted"
     );
     node.stop().await.unwrap();
@@ -224,26 +212,15 @@ async fn a_subscription_connection_that_goes_silent_is_noticed_and_replaced() {
     let http = reqwest::Client::new();
     let put = |n: i64| put_counter(&http, addr, &token, n);
     put(0).await;
-    let mut ws = subscribe_feed(addr, &token).await;
-    let (mut latest, mut saw_lagged) = (-1, false);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while latest < 0 {
-        assert!(Instant::now() < deadline);
-        latest = read_n(&mut ws, &mut saw_lagged).await.unwrap_or(latest);
-    }
+    let mut feed = Feed::subscribe(addr, &token).await;
+    feed.reach(0, 60, "the first change").await;
     // The hub's subscription goes silent without closing; a change follows.
     assert_eq!(relay.freeze(), 1, "one subscription connection: the hub's");
     put(1).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while latest < 1 {
-        assert!(
-            Instant::now() < deadline,
-            "the change never arrived over the silent subscription"
-        );
-        latest = read_n(&mut ws, &mut saw_lagged).await.unwrap_or(latest);
-    }
+    feed.reach(1, 30, "the change over the silent subscription")
+        .await;
     assert!(
-        saw_lagged,
+        feed.saw_lagged,
         "the subscriber is told changes may have been missed"
     );
     node.stop().await.unwrap();
@@ -264,6 +241,39 @@ async fn put_counter(http: &reqwest::Client, addr: std::net::SocketAddr, token: 
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 202);
+}
+
+/// A subscriber of bucket `feed`: the counter's latest value it saw, and whether it was told it
+/// lagged.
+struct Feed {
+    ws: Ws,
+    latest: i64,
+    saw_lagged: bool,
+}
+
+impl Feed {
+    async fn subscribe(addr: std::net::SocketAddr, token: &str) -> Feed {
+        Feed {
+            ws: subscribe_feed(addr, token).await,
+            latest: -1,
+            saw_lagged: false,
+        }
+    }
+
+    /// Reads until the counter reaches `target`, for at most `secs` seconds.
+    async fn reach(&mut self, target: i64, secs: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while self.latest < target {
+            assert!(
+                Instant::now() < deadline,
+                "{what} never arrived: stuck at n={}",
+                self.latest
+            );
+            if let Some(n) = read_n(&mut self.ws, &mut self.saw_lagged).await {
+                self.latest = n;
+            }
+        }
+    }
 }
 
 /// A WebSocket to the API at `addr`, subscribed to bucket `feed`.
