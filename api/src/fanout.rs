@@ -1,9 +1,10 @@
 //! Fan-out of applied changes to this API node's WebSocket subscribers.
 //!
 //! One Redis pattern subscription per node (`<prefix>syncflow:changes:*`, published by the
-//! projector) feeds one bounded `broadcast` channel per bucket with local subscribers. A subscriber
-//! that falls behind the channel's capacity is told it lagged and catches up from its cursor;
-//! memory stays bounded whatever the subscriber does. When the Redis connection drops, every
+//! projector) feeds one bounded [`broadcast`] queue per bucket with local subscribers. A subscriber
+//! that falls behind the queue's capacity is told it lagged and catches up from its cursor;
+//! memory stays bounded whatever the subscriber does: a queue holds only changes some subscriber
+//! has not read, at most `ws.queue` of them. When the Redis connection drops, every
 //! subscriber gets a [`HubMsg::Gap`] and catches up from its cursor once the hub is back.
 //!
 //! Changes are announced as soon as the resolver committed them, before (or while) the projector
@@ -22,10 +23,9 @@ use axum::extract::ws::Utf8Bytes;
 use futures::StreamExt;
 use processors::SyncEvent;
 use redis::aio::ConnectionManager;
-use tokio::sync::broadcast;
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
-use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::Stream;
+
+use crate::broadcast::{self, Lagged};
 
 use crate::redis_conn::Breaker;
 use crate::routes::Cursor;
@@ -94,12 +94,12 @@ fn lock(
 }
 
 /// One subscriber's stream of a bucket's [`HubMsg`]s. Dropping the last one of a bucket frees
-/// the bucket's channel (its buffer is allocated up front), so a node's memory follows the
-/// buckets subscribed now, not every bucket ever subscribed.
+/// the bucket's channel, so a node's memory follows the buckets subscribed now, not every
+/// bucket ever subscribed.
 pub struct Subscription {
     // Declared first, so dropped first: the channel's receiver count no longer includes it
     // when `release` looks.
-    stream: BroadcastStream<HubMsg>,
+    stream: broadcast::Receiver<HubMsg>,
     release: Release,
 }
 
@@ -121,7 +121,7 @@ impl Drop for Release {
 }
 
 impl Stream for Subscription {
-    type Item = Result<HubMsg, BroadcastStreamRecvError>;
+    type Item = Result<HubMsg, Lagged>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         Pin::new(&mut self.stream).poll_next(cx)
@@ -184,10 +184,10 @@ impl Hub {
         let receiver = self
             .channels()
             .entry(channel.clone())
-            .or_insert_with(|| broadcast::channel(self.capacity).0)
+            .or_insert_with(|| broadcast::channel(self.capacity))
             .subscribe();
         Subscription {
-            stream: BroadcastStream::new(receiver),
+            stream: receiver,
             release: Release {
                 channels: self.channels.clone(),
                 channel,
@@ -420,6 +420,23 @@ mod tests {
         for i in 0..1000 {
             drop(hub.subscribe("acme", &format!("b{i}")));
         }
+        assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn subscriptions_to_quiet_buckets_hold_no_queue_slots() {
+        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 1024).expect("hub");
+        let subs: Vec<_> = (0..10_000)
+            .map(|i| hub.subscribe("acme", &format!("made-up-{i}")))
+            .collect();
+        assert_eq!(hub.channel_count(), 10_000);
+        let slots: usize = hub.channels().values().map(|c| c.allocated()).sum();
+        // (The failing listener's gaps may be queued for some; never a whole queue each.)
+        assert!(
+            slots < 10_000 * 16,
+            "{slots} slots for 10,000 quiet buckets"
+        );
+        drop(subs);
         assert_eq!(hub.channel_count(), 0);
     }
 

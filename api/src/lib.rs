@@ -19,6 +19,8 @@ pub mod accounts;
 pub mod admin;
 pub mod applied;
 pub mod auth;
+pub mod broadcast;
+pub mod connections;
 pub mod error;
 pub mod fanout;
 pub mod ratelimit;
@@ -78,6 +80,8 @@ pub struct AppState {
     pub hub: Option<fanout::Hub>,
     /// WebSocket settings.
     pub ws: ws::WsConfig,
+    /// This node's open WebSocket connections, by tenant and user.
+    pub connections: connections::Connections,
     /// Read-your-writes: where applied changes are announced.
     pub applied: Option<applied::AppliedWatch>,
     /// The complete checkpoints for `GET /v1/checkpoints`, when this node can see them.

@@ -766,6 +766,7 @@ mod tests {
             pages: crate::PageLimits::from(&crate::ApiConfig::default()),
             hub: None,
             ws: crate::ws::WsConfig::default(),
+            connections: Default::default(),
             applied: None,
             checkpoints: None,
             accounts: None,

@@ -23,10 +23,10 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_stream::StreamMap;
 
 use crate::auth::{Claims, Perm};
+use crate::connections::Slot;
 use crate::error::ApiError;
 use crate::fanout::{Change, HubMsg, Subscription};
 use crate::ratelimit::Action;
@@ -55,6 +55,10 @@ pub const CLOSE_TRY_AGAIN: u16 = 1013;
 pub struct WsConfig {
     /// Most buckets one connection may subscribe to.
     pub max_subscriptions: usize,
+    /// Most connections one user (a token's subject) may hold open on one node (0: no cap).
+    pub max_connections_per_user: usize,
+    /// Most connections one tenant's tokens may hold open on one node (0: no cap).
+    pub max_connections_per_tenant: usize,
     /// Largest client message, in bytes (larger closes the connection with 1009).
     pub max_message_bytes: usize,
     /// Seconds between pings; two without a pong close the connection.
@@ -77,6 +81,8 @@ impl Default for WsConfig {
     fn default() -> Self {
         Self {
             max_subscriptions: 100,
+            max_connections_per_user: 100,
+            max_connections_per_tenant: 10_000,
             max_message_bytes: 64 * 1024,
             heartbeat_secs: 15,
             queue: 1024,
@@ -149,10 +155,14 @@ pub async fn ws_handler(
     let claims = match crate::routes::bearer(&headers) {
         Some(token) => {
             let claims = crate::routes::authenticate(&state, token).await?;
+            let slot = take_slot(&state, &claims).map_err(|e| ApiError::TooManyRequests {
+                message: e.to_string(),
+                retry_after_secs: RETRY_FULL_SECS,
+            })?;
             may_connect(&state, &claims)
                 .await
                 .map_err(ApiError::limited)?;
-            Some(claims)
+            Some((claims, slot))
         }
         None => None,
     };
@@ -170,6 +180,19 @@ pub async fn ws_handler(
         .max_frame_size(max)
         .on_upgrade(move |socket| session(socket, state, claims))
         .into_response())
+}
+
+/// Seconds a client refused for holding too many connections is told to wait.
+const RETRY_FULL_SECS: u64 = 10;
+
+/// A place among the node's open connections for the token's tenant and subject.
+fn take_slot(state: &AppState, claims: &Claims) -> Result<Slot, crate::connections::Refused> {
+    state.connections.open(
+        &claims.tenant,
+        &claims.sub,
+        state.ws.max_connections_per_user,
+        state.ws.max_connections_per_tenant,
+    )
 }
 
 /// The connection rate limits of the token's tenant and subject.
@@ -193,7 +216,7 @@ fn error_msg(code: &str, message: impl Into<String>, bucket: Option<&str>) -> Va
     v
 }
 
-async fn session(socket: WebSocket, state: AppState, claims: Option<Claims>) {
+async fn session(socket: WebSocket, state: AppState, claims: Option<(Claims, Slot)>) {
     let (sink, mut rx) = socket.split();
     let mut tx = Tx {
         sink,
@@ -225,7 +248,7 @@ async fn authenticate(
     tx: &mut Tx,
     rx: &mut futures::stream::SplitStream<WebSocket>,
     state: &AppState,
-) -> Result<Claims, End> {
+) -> Result<(Claims, Slot), End> {
     let wait = Duration::from_secs(state.ws.auth_timeout_secs.max(1));
     let first = tokio::time::timeout(wait, rx.next()).await;
     let text = match first {
@@ -243,6 +266,18 @@ async fn authenticate(
         Ok(ClientMsg::Auth { token }) => {
             match crate::routes::authenticate(state, token.trim()).await {
                 Ok(c) => {
+                    let slot = match take_slot(state, &c) {
+                        Ok(slot) => slot,
+                        Err(e) => {
+                            let _ =
+                                send(tx, error_msg("too_many_connections", e.to_string(), None))
+                                    .await;
+                            return Err(End::Close(
+                                CLOSE_RATE_LIMITED,
+                                format!("too many connections; retry in {RETRY_FULL_SECS} s"),
+                            ));
+                        }
+                    };
                     if let Err(l) = may_connect(state, &c).await {
                         let secs = l.retry_after_secs();
                         let _ = send(
@@ -259,7 +294,7 @@ async fn authenticate(
                             format!("rate limited; retry in {secs} s"),
                         ));
                     }
-                    Ok(c)
+                    Ok((c, slot))
                 }
                 Err(crate::auth::AuthError::Unavailable(why)) => {
                     // The token may be fine: the session store could not be asked. Not 4001,
@@ -307,12 +342,13 @@ async fn run_session(
     tx: &mut Tx,
     rx: &mut futures::stream::SplitStream<WebSocket>,
     state: &AppState,
-    claims: Option<Claims>,
+    claims: Option<(Claims, Slot)>,
 ) -> End {
     if let Err(e) = send(tx, json!({"type": "hello", "protocol": PROTOCOL_VERSION})).await {
         return e;
     }
-    let claims = match claims {
+    // The slot is held until the connection ends.
+    let (claims, _slot) = match claims {
         Some(c) => c,
         None => match authenticate(tx, rx, state).await {
             Ok(c) => c,
@@ -407,7 +443,7 @@ async fn run_session(
                         Err(e) => return e,
                     },
                     Ok(HubMsg::Gap) => Some("fanout_interrupted"),
-                    Err(BroadcastStreamRecvError::Lagged(_)) => {
+                    Err(crate::broadcast::Lagged(_)) => {
                         let now = Instant::now();
                         lags.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
                         lags.push(now);

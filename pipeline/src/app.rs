@@ -170,6 +170,8 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
                     crate::config::redacted(&cfg.redis.url)
                 ))
             })?;
+        let connections = api::connections::Connections::default();
+        let status_hub = hub.clone();
         let state = AppState {
             keys,
             accounts: Some(accounts),
@@ -187,6 +189,7 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             pages: api::PageLimits::from(&cfg.api),
             hub: Some(hub.clone()),
             ws: cfg.ws.clone(),
+            connections: connections.clone(),
             applied: Some(api::applied::AppliedWatch::new(
                 hub,
                 std::time::Duration::from_millis(cfg.api.wait_applied_timeout_ms),
@@ -201,12 +204,16 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             },
             status: {
                 let stats = resolver_stats.clone();
+                let hub = status_hub;
                 let roles: Vec<String> = roles
                     .iter()
                     .map(|r| format!("{r:?}").to_lowercase())
                     .collect();
                 Arc::new(move || {
-                    let mut status = serde_json::json!({"roles": roles});
+                    let mut status = serde_json::json!({
+                        "roles": roles,
+                        "ws": {"connections": connections.open_now(), "buckets": hub.channel_count()},
+                    });
                     if roles.iter().any(|r| r == "processor") {
                         status["resolver"] = stats.to_json();
                     }

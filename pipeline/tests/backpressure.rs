@@ -1,7 +1,7 @@
 //! WebSocket backpressure and liveness against real Kafka, FerretDB and Redis: a connection that
 //! stops answering pings is closed with 4002, one that lags too often with 4008, and one that
 //! stops reading altogether is dropped while the API node's memory stays bounded and the other
-//! subscribers of the same bucket keep up.
+//! subscribers of the same bucket keep up; open connections per user and tenant are capped.
 
 mod common;
 
@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::faults::{produce_all, ProcessorProcess};
-use common::ws::{connect, expect_type, next_json, next_json_within, send_text, Replica};
+use common::ws::{
+    connect, expect_type, next_json, next_json_within, send_text, try_connect, Replica,
+};
 use common::TestEnv;
 use futures::StreamExt;
 use pipeline::app::Role;
@@ -59,6 +61,77 @@ async fn a_connection_that_stops_answering_pings_is_closed_with_4002() {
     );
     // The node is fine and serves the next connection.
     let mut again = connect(addr, &env.token("acme", "live:r")).await;
+    send_text(&mut again, r#"{"type":"subscribe","bucket":"live"}"#).await;
+    expect_type(&mut again, "subscribed").await;
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// The HTTP status and body of a WebSocket upgrade with `token` that the node refuses.
+async fn refused_upgrade(addr: std::net::SocketAddr, token: &str) -> (u16, String) {
+    match try_connect(addr, token).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            let body = resp.body().as_deref().map(String::from_utf8_lossy);
+            (
+                resp.status().as_u16(),
+                body.unwrap_or_default().into_owned(),
+            )
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|_| ())),
+    }
+}
+
+/// A connection with `token`, subscribed to `live`.
+async fn subscribed(addr: std::net::SocketAddr, token: &str) -> common::ws::Ws {
+    let mut ws = connect(addr, token).await;
+    send_text(&mut ws, r#"{"type":"subscribe","bucket":"live"}"#).await;
+    expect_type(&mut ws, "subscribed").await;
+    ws
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_its_place() {
+    let mut env = TestEnv::new("wscap").await;
+    env.cfg.ws.max_connections_per_user = 2;
+    env.cfg.ws.max_connections_per_tenant = 3;
+    let node = env.start(&[Role::Api]).await;
+    let addr = node.api_addr.unwrap();
+    let ann = env.token_as("ann", "acme", "live:r");
+    let bob = env.token_as("bob", "acme", "live:r");
+    let first = subscribed(addr, &ann).await;
+    let _second = subscribed(addr, &ann).await;
+    // A third of the same user: refused before the upgrade, with the reason...
+    let (status, body) = refused_upgrade(addr, &ann).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("ws.max_connections_per_user"), "{body}");
+    // ... or after an `auth` message, with an error and 4029.
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/subscribe"))
+        .await
+        .unwrap();
+    send_text(&mut ws, &json!({"type": "auth", "token": ann}).to_string()).await;
+    let err = expect_type(&mut ws, "error").await;
+    assert_eq!(err["code"], "too_many_connections", "{err}");
+    assert_eq!(next_json(&mut ws).await.unwrap_err(), Some(4029));
+    // Another user of the tenant takes its last place; then the tenant is full for everyone.
+    let _bobs = subscribed(addr, &bob).await;
+    let (status, body) = refused_upgrade(addr, &bob).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("ws.max_connections_per_tenant"), "{body}");
+    // Another tenant is not affected.
+    let _other = subscribed(addr, &env.token_as("ann", "globex", "live:r")).await;
+    let status: serde_json::Value = reqwest::get(format!("http://{addr}/status"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status["ws"]["connections"], 4, "{status}");
+    // A connection that ends gives its place back.
+    drop(first);
+    let mut again = common::eventually(Duration::from_secs(10), "a freed place", || async {
+        try_connect(addr, &ann).await.ok()
+    })
+    .await;
     send_text(&mut again, r#"{"type":"subscribe","bucket":"live"}"#).await;
     expect_type(&mut again, "subscribed").await;
     node.stop().await.unwrap();

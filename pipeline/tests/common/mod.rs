@@ -90,13 +90,19 @@ impl TestEnv {
 
     /// A token of `tenant` with grants like `todos:rw`.
     pub fn token(&self, tenant: &str, grants: &str) -> String {
+        self.token_as("tester", tenant, grants)
+    }
+
+    /// [`TestEnv::token`] for user `sub`.
+    #[allow(dead_code)]
+    pub fn token_as(&self, sub: &str, tenant: &str, grants: &str) -> String {
         let keys = api::auth::TokenKeys::new(&self.cfg.auth).expect("valid auth configuration");
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs();
         keys.mint(
-            "tester",
+            sub,
             tenant,
             api::auth::parse_grants(grants).unwrap(),
             now,

@@ -107,19 +107,22 @@ impl Replica {
 }
 
 /// Opens `/v1/subscribe` on `addr` with the token in the `Authorization` header.
-pub async fn connect(
+pub async fn connect(addr: std::net::SocketAddr, token: &str) -> Ws {
+    try_connect(addr, token).await.expect("ws connect")
+}
+
+/// [`connect`], or the error of a refused upgrade (`Error::Http` carries the response).
+#[allow(dead_code)]
+pub async fn try_connect(
     addr: std::net::SocketAddr,
     token: &str,
-) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
     let mut req = format!("ws://{addr}/v1/subscribe")
         .into_client_request()
         .unwrap();
     req.headers_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    tokio_tungstenite::connect_async(req)
-        .await
-        .expect("ws connect")
-        .0
+    Ok(tokio_tungstenite::connect_async(req).await?.0)
 }
 
 pub type Ws =
