@@ -147,8 +147,8 @@ impl<T: Clone> Sender<T> {
 }
 
 /// The receiving side: a [`futures::Stream`] of values, or [`Lagged`] where some were dropped.
-/// Never ends while its sender's queue lives (the hub drops the queue only after its last
-/// receiver).
+/// It never ends, even once every [`Sender`] is gone: the hub drops a bucket's sender only after
+/// its last receiver.
 pub struct Receiver<T> {
     shared: Shared<T>,
     /// Position of the next value to read.
@@ -307,32 +307,114 @@ mod tests {
         assert_eq!(got, Some(Ok(42)));
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn many_receivers_on_many_tasks_each_see_the_whole_sequence() {
-        let tx = channel(10_000);
-        let tasks: Vec<_> = (0..8)
-            .map(|_| {
-                let rx = tx.subscribe();
-                tokio::spawn(async move { rx.take(5_000).collect::<Vec<_>>().await })
-            })
-            .collect();
-        let sender = {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                for v in 0..5_000u32 {
-                    tx.send(v);
-                    if v % 64 == 0 {
-                        tokio::task::yield_now().await;
-                    }
-                }
-            })
-        };
-        sender.await.expect("sender");
-        for t in tasks {
-            let got = t.await.expect("receiver");
-            let want: Vec<_> = (0..5_000u32).map(Ok).collect();
-            assert_eq!(got, want);
+    /// A small deterministic generator (xorshift), so a failing case can be replayed by seed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % n
         }
-        assert!(tx.is_empty());
+    }
+
+    #[test]
+    fn sends_reads_subscribes_and_drops_in_any_order_match_a_plain_log() {
+        for seed in 1..2_000u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let capacity = 1 + rng.below(5) as usize;
+            let tx = channel::<u64>(capacity);
+            // The model: every value sent (`None` when nobody received it), and per receiver the
+            // log position it reads next.
+            let mut log: Vec<Option<u64>> = Vec::new();
+            let mut receivers: Vec<(Receiver<u64>, usize)> = Vec::new();
+            for v in 0..200u64 {
+                match rng.below(4) {
+                    0 => {
+                        assert_eq!(tx.send(v), receivers.len());
+                        log.push((!receivers.is_empty()).then_some(v));
+                    }
+                    1 => receivers.push((tx.subscribe(), log.len())),
+                    2 if !receivers.is_empty() => {
+                        let i = rng.below(receivers.len() as u64) as usize;
+                        let (rx, next) = &mut receivers[i];
+                        let oldest = log.len().saturating_sub(capacity);
+                        let got = rx.try_recv();
+                        if *next < oldest {
+                            let missed = (oldest - *next) as u64;
+                            assert_eq!(got, Some(Err(Lagged(missed))), "seed {seed}");
+                            *next = oldest;
+                        } else if *next < log.len() {
+                            assert_eq!(got, log[*next].map(Ok), "seed {seed}");
+                            *next += 1;
+                        } else {
+                            assert_eq!(got, None, "seed {seed}");
+                        }
+                    }
+                    3 if !receivers.is_empty() => {
+                        let i = rng.below(receivers.len() as u64) as usize;
+                        receivers.swap_remove(i);
+                    }
+                    _ => {}
+                }
+                // Held: from the furthest-behind receiver's next kept value to the end.
+                let oldest = log.len().saturating_sub(capacity);
+                let behind = receivers.iter().map(|(_, n)| (*n).max(oldest)).min();
+                let held = behind.map_or(0, |n| log.len() - n);
+                assert_eq!(tx.len(), held, "seed {seed}");
+                assert_eq!(tx.receiver_count(), receivers.len(), "seed {seed}");
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn receivers_on_other_tasks_are_woken_and_lag_exactly_while_a_thread_sends() {
+        const VALUES: u32 = 3_000;
+        for round in 0..50 {
+            // A small queue: the readers lag often, and values are dropped while they read.
+            let tx = channel::<u32>(8);
+            let readers: Vec<_> = (0..8)
+                .map(|_| {
+                    let mut rx = tx.subscribe();
+                    tokio::spawn(async move {
+                        let wait = std::time::Duration::from_secs(5);
+                        // Every value is either read or counted in a lag, each exactly once.
+                        let (mut expect, mut read) = (0, 0);
+                        while expect < VALUES {
+                            match tokio::time::timeout(wait, rx.next()).await {
+                                Err(_) => panic!("not woken at {expect}"),
+                                Ok(Some(Ok(v))) => {
+                                    assert_eq!(v, expect, "out of order");
+                                    (expect, read) = (v + 1, read + 1);
+                                }
+                                Ok(Some(Err(Lagged(n)))) => expect += n as u32,
+                                Ok(None) => panic!("ended"),
+                            }
+                        }
+                        read
+                    })
+                })
+                .collect();
+            let sender = {
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    for v in 0..VALUES {
+                        tx.send(v);
+                        if v % 7 == 0 {
+                            std::thread::yield_now();
+                        }
+                    }
+                })
+            };
+            sender.join().expect("sender");
+            for r in readers {
+                assert!(r.await.expect("reader") > 0);
+            }
+            assert!(
+                tx.is_empty(),
+                "round {round}: values held after every reader read or lagged"
+            );
+        }
     }
 }

@@ -42,6 +42,10 @@ pub enum ApiError {
         /// Seconds until a retry can succeed (`Retry-After`).
         retry_after_secs: u64,
     },
+    /// 429: the user or tenant holds as many WebSocket connections open on this node as it
+    /// may; waiting does not help, closing one does.
+    #[error("{0}")]
+    TooManyConnections(String),
     /// 410: the cursor is too old (behind the tombstone horizon) or of another epoch: resync.
     #[error("{0}")]
     ResyncRequired(String),
@@ -85,6 +89,9 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            ApiError::TooManyConnections(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_connections")
+            }
             ApiError::ResyncRequired(_) => (StatusCode::GONE, "resync_required"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),

@@ -430,12 +430,9 @@ mod tests {
             .map(|i| hub.subscribe("acme", &format!("made-up-{i}")))
             .collect();
         assert_eq!(hub.channel_count(), 10_000);
+        // (Nothing awaits here, so the failing listener has not queued its gaps yet.)
         let slots: usize = hub.channels().values().map(|c| c.allocated()).sum();
-        // (The failing listener's gaps may be queued for some; never a whole queue each.)
-        assert!(
-            slots < 10_000 * 16,
-            "{slots} slots for 10,000 quiet buckets"
-        );
+        assert_eq!(slots, 0, "slots allocated for 10,000 quiet buckets");
         drop(subs);
         assert_eq!(hub.channel_count(), 0);
     }

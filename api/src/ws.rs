@@ -155,10 +155,8 @@ pub async fn ws_handler(
     let claims = match crate::routes::bearer(&headers) {
         Some(token) => {
             let claims = crate::routes::authenticate(&state, token).await?;
-            let slot = take_slot(&state, &claims).map_err(|e| ApiError::TooManyRequests {
-                message: e.to_string(),
-                retry_after_secs: RETRY_FULL_SECS,
-            })?;
+            let slot = take_slot(&state, &claims)
+                .map_err(|e| ApiError::TooManyConnections(e.to_string()))?;
             may_connect(&state, &claims)
                 .await
                 .map_err(ApiError::limited)?;
@@ -181,9 +179,6 @@ pub async fn ws_handler(
         .on_upgrade(move |socket| session(socket, state, claims))
         .into_response())
 }
-
-/// Seconds a client refused for holding too many connections is told to wait.
-const RETRY_FULL_SECS: u64 = 10;
 
 /// A place among the node's open connections for the token's tenant and subject.
 fn take_slot(state: &AppState, claims: &Claims) -> Result<Slot, crate::connections::Refused> {
@@ -274,7 +269,7 @@ async fn authenticate(
                                     .await;
                             return Err(End::Close(
                                 CLOSE_RATE_LIMITED,
-                                format!("too many connections; retry in {RETRY_FULL_SECS} s"),
+                                "too many connections open; close one".into(),
                             ));
                         }
                     };

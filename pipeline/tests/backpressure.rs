@@ -103,6 +103,7 @@ async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_
     // A third of the same user: refused before the upgrade, with the reason...
     let (status, body) = refused_upgrade(addr, &ann).await;
     assert_eq!(status, 429, "{body}");
+    assert!(body.contains("too_many_connections"), "{body}");
     assert!(body.contains("ws.max_connections_per_user"), "{body}");
     // ... or after an `auth` message, with an error and 4029.
     let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/subscribe"))
