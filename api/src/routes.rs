@@ -855,4 +855,56 @@ mod tests {
         read_changes(0, "1.10").await.unwrap();
         read_changes(10, "1.10").await.unwrap();
     }
+
+    /// The message types a WebSocket subscription to `b` from cursor `1.10` receives up to its
+    /// first complete page, on a bucket swept to `swept` while the catch-up read its pages.
+    async fn ws_catch_up(swept: i64) -> Vec<String> {
+        use futures::{SinkExt, StreamExt};
+        use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+        let mut st = state(Sweeping::to(swept));
+        // Nothing listens on port 1: the hub keeps retrying, and cannot read announced marks.
+        st.hub = Some(crate::fanout::Hub::start("redis://127.0.0.1:1/", "t:", 8).unwrap());
+        let token = token(&st, "b:r");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, router(st)).await });
+        let mut req = format!("ws://{addr}/v1/subscribe")
+            .into_client_request()
+            .unwrap();
+        let bearer = format!("Bearer {token}").parse().unwrap();
+        req.headers_mut().insert("authorization", bearer);
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let subscribe = json!({"type": "subscribe", "bucket": "b", "cursor": "1.10"});
+        ws.send(Message::Text(subscribe.to_string().into()))
+            .await
+            .unwrap();
+        let mut kinds = Vec::new();
+        loop {
+            let wait = std::time::Duration::from_secs(10);
+            let msg = match tokio::time::timeout(wait, ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<Value>(&t).unwrap(),
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("no complete page: {other:?} after {kinds:?}"),
+            };
+            let kind = msg["type"].as_str().unwrap_or_default().to_owned();
+            kinds.push(kind.clone());
+            if kind == "docs" && msg["complete"] == true {
+                server.abort();
+                return kinds;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_websocket_catch_up_during_a_sweep_resets_and_sends_a_full_snapshot() {
+        let kinds = ws_catch_up(20).await;
+        let reset = kinds.iter().position(|k| k == "reset");
+        assert!(reset.is_some(), "no reset: {kinds:?}");
+        assert_eq!(kinds.last().map(String::as_str), Some("docs"), "{kinds:?}");
+        // No sweep, or one that swept only what the cursor had passed: no reset.
+        for swept in [0, 10] {
+            let kinds = ws_catch_up(swept).await;
+            assert!(!kinds.iter().any(|k| k == "reset"), "{swept}: {kinds:?}");
+        }
+    }
 }
