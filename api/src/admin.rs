@@ -243,6 +243,9 @@ pub struct ServiceTokenSpec<'a> {
     pub ttl_secs: u64,
     /// Who issues it.
     pub created_by: &'a str,
+    /// Most service tokens its tenant may have registered, this one included (`None`: no cap,
+    /// for the operator's `syncflow token --service`).
+    pub cap: Option<usize>,
 }
 
 /// Mints a service token and registers it in its tenant's registry (the API and
@@ -271,7 +274,14 @@ pub async fn issue_service_token(
         expires_at: claims.exp,
         operator: spec.operator,
     };
-    store.add_service(spec.tenant, &record).await?;
+    if let Some(held) = store.add_service(spec.tenant, &record, spec.cap).await? {
+        return Err(ApiError::Conflict {
+            code: "too_many_service_tokens",
+            message: format!(
+                "the tenant has {held} live service tokens, the most allowed; revoke some first"
+            ),
+        });
+    }
     Ok((record, keys.sign(claims)))
 }
 
@@ -291,19 +301,10 @@ pub async fn create_service_token(
         // No grant check covers a token without grants.
         require_tenant_admin(&caller)?;
     }
-    let live = acc
-        .store
+    // Drops the expired ones from the registry, so that the cap counts live tokens.
+    acc.store
         .list_services(&caller.tenant, now_ms() / 1000)
-        .await?
-        .len();
-    if live >= MAX_SERVICE_TOKENS {
-        return Err(ApiError::Conflict {
-            code: "too_many_service_tokens",
-            message: format!(
-                "the tenant has {live} live service tokens, the most allowed; revoke some first"
-            ),
-        });
-    }
+        .await?;
     let spec = ServiceTokenSpec {
         tenant: &caller.tenant,
         name,
@@ -311,6 +312,7 @@ pub async fn create_service_token(
         operator: false,
         ttl_secs: req.ttl_secs.unwrap_or(acc.cfg.service_token_max_ttl_secs),
         created_by: &caller.sub,
+        cap: Some(MAX_SERVICE_TOKENS),
     };
     let (record, token) = issue_service_token(
         &state.keys,

@@ -228,6 +228,8 @@ pub async fn service_token(
         operator,
         ttl_secs,
         created_by: "cli",
+        // The operator's own tool is not held to the API's cap.
+        cap: None,
     };
     let (record, token) =
         api::admin::issue_service_token(keys, &store, spec, cfg.auth.service_token_max_ttl_secs)

@@ -721,3 +721,39 @@ async fn a_refresh_before_the_user_is_visible_can_be_retried_with_the_same_token
     node.stop().await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_service_token_creates_cannot_pass_the_cap_together() {
+    let env = TestEnv::new("svccap").await;
+    let conn = api::redis_conn::manager(&env.cfg.redis.url).unwrap();
+    let store = api::auth::sessions::AuthStore::new(conn, &env.cfg.kafka.topic_prefix);
+    let token = |i: usize| api::auth::sessions::ServiceToken {
+        id: format!("svc-{i}"),
+        name: format!("ingest-{i}"),
+        grants: Vec::new(),
+        created_by: "test".into(),
+        created_at: 1,
+        expires_at: u64::MAX / 2,
+        operator: false,
+    };
+    // Twenty registrations at once against a cap of five: exactly five get in.
+    let adds = (0..20).map(|i| {
+        let (store, token) = (store.clone(), token(i));
+        tokio::spawn(async move { store.add_service("acme", &token, Some(5)).await.unwrap() })
+    });
+    let mut refused = Vec::new();
+    for add in adds {
+        if let Some(held) = add.await.unwrap() {
+            refused.push(held);
+        }
+    }
+    assert_eq!(refused, vec![5; 15], "each refusal reports the five held");
+    assert_eq!(store.list_services("acme", 2).await.unwrap().len(), 5);
+    // Without a cap (the operator's CLI) registration always succeeds.
+    assert_eq!(
+        store.add_service("acme", &token(99), None).await.unwrap(),
+        None
+    );
+    assert_eq!(store.list_services("acme", 2).await.unwrap().len(), 6);
+    env.cleanup().await;
+}

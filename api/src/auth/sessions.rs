@@ -131,6 +131,15 @@ fn split_refresh(token: &str) -> Option<(&str, &str)> {
 /// which revokes the session, from a made-up one, which does not.
 const SPENT_KEPT: usize = 32;
 
+/// Adds a service token to its tenant's registry unless it holds as many as allowed. KEYS[1]: the
+/// registry; ARGV: the token's id, its record, the cap. Returns -1 (added) or the count held.
+const ADD_CAPPED: &str = r"
+local held = redis.call('HLEN', KEYS[1])
+if held >= tonumber(ARGV[3]) then return held end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return -1
+";
+
 /// Rotates a session's refresh token. KEYS[1]: the session; ARGV: the presented token's digest,
 /// the new token's, and the spent list's longest length (1 + 65 per entry). `spent` is `,d1,d2,…,` with the newest
 /// first. Returns `{1, user, name, tenant}` (rotated), `{-1}` (a spent token: the session is
@@ -350,13 +359,30 @@ impl AuthStore {
         Ok(())
     }
 
-    /// Registers a service token.
-    pub async fn add_service(&self, tenant: &str, t: &ServiceToken) -> Result<(), StoreError> {
+    /// Registers a service token, unless `tenant` has `cap` registered already (checked and
+    /// added in one step, so concurrent requests cannot pass the cap together). `Ok(None)` when
+    /// registered, `Ok(Some(n))` when refused with `n` registered.
+    pub async fn add_service(
+        &self,
+        tenant: &str,
+        t: &ServiceToken,
+        cap: Option<usize>,
+    ) -> Result<Option<usize>, StoreError> {
         let mut conn = self.conn.clone();
         let json = serde_json::to_string(t).expect("plain struct");
-        conn.hset::<_, _, _, ()>(self.key("services", tenant), &t.id, json)
+        let key = self.key("services", tenant);
+        let Some(cap) = cap else {
+            conn.hset::<_, _, _, ()>(key, &t.id, json).await?;
+            return Ok(None);
+        };
+        let held: i64 = redis::Script::new(ADD_CAPPED)
+            .key(key)
+            .arg(&t.id)
+            .arg(json)
+            .arg(cap)
+            .invoke_async(&mut conn)
             .await?;
-        Ok(())
+        Ok((held >= 0).then(|| usize::try_from(held).unwrap_or(usize::MAX)))
     }
 
     /// Whether `tenant` has a registered service token (live or not yet swept): such a tenant
