@@ -232,7 +232,9 @@ pub async fn register(
         return Err(taken(Taken::Email));
     }
     // A tenant exists once registered, once it has data in the view, or once it has service
-    // tokens (an operator may mint them before anything reached the view).
+    // tokens (an operator may mint them before anything reached the view). Registering a service
+    // token also takes the tenant's name in Redis for good; the registry check covers tokens
+    // registered before that was done.
     if creates_tenant
         && (acc.users.tenant_exists(&tenant).await? || acc.store.has_services(&tenant).await?)
     {

@@ -534,6 +534,16 @@ async fn tenant_admins_manage_grants_invitations_and_service_tokens() {
     let (s, e) = api.register("mallory", json!({"tenant": "initech"})).await;
     assert_eq!(s, 409, "{e}");
     assert_eq!(e["error"]["code"], "tenant_taken", "{e}");
+    // Nor once its last service token is revoked: the tenant stays taken.
+    let conn = api::redis_conn::manager(&env.cfg.redis.url).unwrap();
+    let store = api::auth::sessions::AuthStore::new(conn, &env.cfg.kafka.topic_prefix);
+    for t in store.list_services("initech", 0).await.unwrap() {
+        assert!(store.revoke_service("initech", &t.id).await.unwrap());
+    }
+    assert!(!store.has_services("initech").await.unwrap());
+    let (s, e) = api.register("mallory", json!({"tenant": "initech"})).await;
+    assert_eq!(s, 409, "{e}");
+    assert_eq!(e["error"]["code"], "tenant_taken", "{e}");
 
     node.stop().await.unwrap();
     env.cleanup().await;

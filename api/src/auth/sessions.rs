@@ -131,12 +131,16 @@ fn split_refresh(token: &str) -> Option<(&str, &str)> {
 /// which revokes the session, from a made-up one, which does not.
 const SPENT_KEPT: usize = 32;
 
-/// Adds a service token to its tenant's registry unless it holds as many as allowed. KEYS[1]: the
-/// registry; ARGV: the token's id, its record, the cap. Returns -1 (added) or the count held.
-const ADD_CAPPED: &str = r"
+/// Adds a service token to its tenant's registry unless it holds as many as allowed, and marks
+/// the tenant as taken for good (a registration cannot claim it, even once the token is
+/// revoked). KEYS: the registry, the tenant's name key; ARGV: the token's id, its record, the cap
+/// (negative: none). Returns -1 (added) or the count held.
+const ADD_SERVICE: &str = r"
 local held = redis.call('HLEN', KEYS[1])
-if held >= tonumber(ARGV[3]) then return held end
+local cap = tonumber(ARGV[3])
+if cap >= 0 and held >= cap then return held end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('SET', KEYS[2], 'service-tokens', 'NX')
 return -1
 ";
 
@@ -360,8 +364,9 @@ impl AuthStore {
     }
 
     /// Registers a service token, unless `tenant` has `cap` registered already (checked and
-    /// added in one step, so concurrent requests cannot pass the cap together). `Ok(None)` when
-    /// registered, `Ok(Some(n))` when refused with `n` registered.
+    /// added in one step, so concurrent requests cannot pass the cap together), and marks the
+    /// tenant's name as taken, as a registration does. `Ok(None)` when registered, `Ok(Some(n))`
+    /// when refused with `n` registered.
     pub async fn add_service(
         &self,
         tenant: &str,
@@ -370,13 +375,10 @@ impl AuthStore {
     ) -> Result<Option<usize>, StoreError> {
         let mut conn = self.conn.clone();
         let json = serde_json::to_string(t).expect("plain struct");
-        let key = self.key("services", tenant);
-        let Some(cap) = cap else {
-            conn.hset::<_, _, _, ()>(key, &t.id, json).await?;
-            return Ok(None);
-        };
-        let held: i64 = redis::Script::new(ADD_CAPPED)
-            .key(key)
+        let cap = cap.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
+        let held: i64 = redis::Script::new(ADD_SERVICE)
+            .key(self.key("services", tenant))
+            .key(self.key("tenant", tenant))
             .arg(&t.id)
             .arg(json)
             .arg(cap)
