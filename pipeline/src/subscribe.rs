@@ -45,6 +45,20 @@ pub async fn run(
             {
                 return Err(SubscribeError::Refused(format!("HTTP {}", resp.status())));
             }
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) if resp.status() == 429 => {
+                // Over a rate limit (wait what `Retry-After` says) or holding too many open
+                // connections (no header: back off until one closes).
+                let wait = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                    .map_or(backoff, |secs| Duration::from_secs(secs).max(backoff));
+                let why = resp.body().as_deref().map(String::from_utf8_lossy);
+                tracing::warn!(reason = ?why, ?wait, "connection refused (429); retrying");
+                tokio::time::sleep(wait).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "connect failed; retrying");
                 tokio::time::sleep(backoff).await;

@@ -135,6 +135,23 @@ async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_
     .await;
     send_text(&mut again, r#"{"type":"subscribe","bucket":"live"}"#).await;
     expect_type(&mut again, "subscribed").await;
+    // The reference client, refused while the user is at its cap, keeps retrying and gets in
+    // once a place is free.
+    let client = tokio::spawn({
+        let (url, ann) = (format!("ws://{addr}/v1/subscribe"), ann.clone());
+        async move { pipeline::subscribe::run(&url, &ann, "live", None, |m| m["type"] != "docs").await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(
+        !client.is_finished(),
+        "the client gave up or got in over the cap"
+    );
+    drop(again);
+    tokio::time::timeout(Duration::from_secs(20), client)
+        .await
+        .expect("the client got in once a place was free")
+        .unwrap()
+        .expect("a snapshot");
     node.stop().await.unwrap();
     env.cleanup().await;
 }
