@@ -231,10 +231,9 @@ pub async fn register(
     if acc.users.find_by_email(&email).await?.is_some() {
         return Err(taken(Taken::Email));
     }
-    // A tenant exists once registered, once it has data in the view, or once it has service
-    // tokens (an operator may mint them before anything reached the view). Registering a service
-    // token also takes the tenant's name in Redis for good; the registry check covers tokens
-    // registered before that was done.
+    // A tenant exists once registered, once it has data in the view, or once it has had service
+    // tokens (an operator may mint them before anything reached the view). The reservation below
+    // checks the service-token mark too, so a token minted after this check still counts.
     if creates_tenant
         && (acc.users.tenant_exists(&tenant).await? || acc.store.has_services(&tenant).await?)
     {

@@ -7,6 +7,7 @@ mod common;
 
 use std::time::Duration;
 
+use api::auth::sessions::{Reservation, Taken};
 use common::TestEnv;
 use pipeline::app::Role;
 use rdkafka::Message;
@@ -540,7 +541,7 @@ async fn tenant_admins_manage_grants_invitations_and_service_tokens() {
     for t in store.list_services("initech", 0).await.unwrap() {
         assert!(store.revoke_service("initech", &t.id).await.unwrap());
     }
-    assert!(!store.has_services("initech").await.unwrap());
+    assert!(store.list_services("initech", 0).await.unwrap().is_empty());
     let (s, e) = api.register("mallory", json!({"tenant": "initech"})).await;
     assert_eq!(s, 409, "{e}");
     assert_eq!(e["error"]["code"], "tenant_taken", "{e}");
@@ -733,7 +734,7 @@ async fn a_refresh_before_the_user_is_visible_can_be_retried_with_the_same_token
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_service_token_creates_cannot_pass_the_cap_together() {
+async fn the_service_token_cap_holds_under_concurrency_and_a_tenant_that_had_tokens_stays_taken() {
     let env = TestEnv::new("svccap").await;
     let conn = api::redis_conn::manager(&env.cfg.redis.url).unwrap();
     let store = api::auth::sessions::AuthStore::new(conn, &env.cfg.kafka.topic_prefix);
@@ -747,10 +748,12 @@ async fn concurrent_service_token_creates_cannot_pass_the_cap_together() {
         operator: false,
     };
     // Twenty registrations at once against a cap of five: exactly five get in.
-    let adds = (0..20).map(|i| {
-        let (store, token) = (store.clone(), token(i));
-        tokio::spawn(async move { store.add_service("acme", &token, Some(5)).await.unwrap() })
-    });
+    let adds: Vec<_> = (0..20)
+        .map(|i| {
+            let (store, token) = (store.clone(), token(i));
+            tokio::spawn(async move { store.add_service("acme", &token, Some(5)).await.unwrap() })
+        })
+        .collect();
     let mut refused = Vec::new();
     for add in adds {
         if let Some(held) = add.await.unwrap() {
@@ -765,5 +768,48 @@ async fn concurrent_service_token_creates_cannot_pass_the_cap_together() {
         None
     );
     assert_eq!(store.list_services("acme", 2).await.unwrap().len(), 6);
+
+    // A tenant that has had a service token stays taken, even when a registration of it was
+    // pending while the token was minted and then failed, and once the token is revoked.
+    let pending = |owner| Reservation {
+        owner,
+        username: owner,
+        email: "x@example.com",
+        new_tenant: Some("hooli"),
+    };
+    assert_eq!(
+        store.reserve(&pending("alice"), 60_000).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.add_service("hooli", &token(1), None).await.unwrap(),
+        None
+    );
+    store.release(&pending("alice")).await.unwrap();
+    assert!(store.revoke_service("hooli", "svc-1").await.unwrap());
+    let taken = store.reserve(&pending("mallory"), 60_000).await.unwrap();
+    assert_eq!(taken, Some(Taken::Tenant));
+    // So does one whose token was registered before tenants were marked, once it is revoked.
+    let mut raw = api::redis_conn::manager(&env.cfg.redis.url).unwrap();
+    let registry = format!(
+        "{}syncflow:auth:services:initech",
+        env.cfg.kafka.topic_prefix
+    );
+    redis::cmd("HSET")
+        .arg(&registry)
+        .arg("old")
+        .arg(serde_json::to_string(&token(7)).unwrap())
+        .exec_async(&mut raw)
+        .await
+        .unwrap();
+    assert!(store.revoke_service("initech", "old").await.unwrap());
+    let old = Reservation {
+        new_tenant: Some("initech"),
+        ..pending("mallory")
+    };
+    assert_eq!(
+        store.reserve(&old, 60_000).await.unwrap(),
+        Some(Taken::Tenant)
+    );
     env.cleanup().await;
 }

@@ -132,16 +132,25 @@ fn split_refresh(token: &str) -> Option<(&str, &str)> {
 const SPENT_KEPT: usize = 32;
 
 /// Adds a service token to its tenant's registry unless it holds as many as allowed, and marks
-/// the tenant as taken for good (a registration cannot claim it, even once the token is
-/// revoked). KEYS: the registry, the tenant's name key; ARGV: the token's id, its record, the cap
-/// (negative: none). Returns -1 (added) or the count held.
+/// the tenant as one that has had service tokens, for good (a registration cannot claim it, even
+/// once the token is gone). The mark is a key of its own: a pending registration's reservation
+/// of the name may be released or lapse. KEYS: the registry, the mark; ARGV: the token's id, its
+/// record, the cap (negative: none). Returns -1 (added) or the count held.
 const ADD_SERVICE: &str = r"
 local held = redis.call('HLEN', KEYS[1])
 local cap = tonumber(ARGV[3])
 if cap >= 0 and held >= cap then return held end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('SET', KEYS[2], 'service-tokens', 'NX')
+redis.call('SET', KEYS[2], '1')
 return -1
+";
+
+/// Removes a service token from its tenant's registry, marking the tenant first (as
+/// [`ADD_SERVICE`] does: tokens registered before the mark existed get it when they go). KEYS:
+/// the registry, the mark; ARGV: the token's id. Returns how many were removed.
+const FORGET_SERVICE: &str = r"
+redis.call('SET', KEYS[2], '1')
+return redis.call('HDEL', KEYS[1], ARGV[1])
 ";
 
 /// Rotates a session's refresh token. KEYS[1]: the session; ARGV: the presented token's digest,
@@ -171,8 +180,8 @@ const RESERVE: &str = r"
 for i, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then return i end
 end
-for _, key in ipairs(KEYS) do
-  redis.call('SET', key, ARGV[1], 'PX', ARGV[2])
+for i = 1, tonumber(ARGV[3]) do
+  redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
 end
 return 0
 ";
@@ -378,7 +387,7 @@ impl AuthStore {
         let cap = cap.map_or(-1, |c| i64::try_from(c).unwrap_or(i64::MAX));
         let held: i64 = redis::Script::new(ADD_SERVICE)
             .key(self.key("services", tenant))
-            .key(self.key("tenant", tenant))
+            .key(self.key("tenant_services", tenant))
             .arg(&t.id)
             .arg(json)
             .arg(cap)
@@ -387,11 +396,15 @@ impl AuthStore {
         Ok((held >= 0).then(|| usize::try_from(held).unwrap_or(usize::MAX)))
     }
 
-    /// Whether `tenant` has a registered service token (live or not yet swept): such a tenant
-    /// exists even before any of its data reached the view.
+    /// Whether `tenant` has or has had a service token: such a tenant exists even before any of
+    /// its data reached the view, and stays taken once its tokens are gone.
     pub async fn has_services(&self, tenant: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        Ok(conn.exists(self.key("services", tenant)).await?)
+        let keys = [
+            self.key("services", tenant),
+            self.key("tenant_services", tenant),
+        ];
+        Ok(conn.exists::<_, usize>(&keys).await? > 0)
     }
 
     /// The live service tokens of `tenant` (expired ones are dropped from the registry).
@@ -408,7 +421,7 @@ impl AuthStore {
             match serde_json::from_str::<ServiceToken>(&json) {
                 Ok(t) if t.expires_at > now_secs => out.push(t),
                 _ => {
-                    conn.hdel::<_, _, ()>(&key, &id).await?;
+                    self.forget_service(tenant, &id).await?;
                 }
             }
         }
@@ -418,11 +431,18 @@ impl AuthStore {
 
     /// Revokes a service token of `tenant`. Returns whether it existed.
     pub async fn revoke_service(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+        Ok(self.forget_service(tenant, id).await? > 0)
+    }
+
+    /// Removes a service token from the registry (see [`FORGET_SERVICE`]); how many were.
+    async fn forget_service(&self, tenant: &str, id: &str) -> Result<i64, StoreError> {
         let mut conn = self.conn.clone();
-        Ok(conn
-            .hdel::<_, _, i64>(self.key("services", tenant), id)
-            .await?
-            > 0)
+        Ok(redis::Script::new(FORGET_SERVICE)
+            .key(self.key("services", tenant))
+            .key(self.key("tenant_services", tenant))
+            .arg(id)
+            .invoke_async(&mut conn)
+            .await?)
     }
 
     /// Stores an invitation's id until it is used or `ttl_secs` pass.
@@ -448,13 +468,25 @@ impl AuthStore {
     }
 
     /// Reserves the names of `r`, all or none, for `pending_ms`; [`AuthStore::confirm`] makes
-    /// them permanent. Returns the first name already taken, if any.
+    /// them permanent. Returns the first name already taken, if any (a new tenant's name also
+    /// when the tenant has had service tokens).
     pub async fn reserve(
         &self,
         r: &Reservation<'_>,
         pending_ms: u64,
     ) -> Result<Option<Taken>, StoreError> {
-        let which = self.run_owned(RESERVE, r, Some(pending_ms)).await?;
+        let claimed = self.unique_keys(r);
+        let lua = redis::Script::new(RESERVE);
+        let mut script = lua.prepare_invoke();
+        for k in &claimed {
+            script.key(k);
+        }
+        if let Some(t) = r.new_tenant {
+            script.key(self.key("tenant_services", t));
+        }
+        script.arg(r.owner).arg(pending_ms).arg(claimed.len());
+        let mut conn = self.conn.clone();
+        let which: i64 = script.invoke_async(&mut conn).await?;
         Ok(match which {
             0 => None,
             1 => Some(Taken::Username),
