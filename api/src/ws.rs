@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 use tokio_stream::StreamMap;
 
 use crate::auth::{Claims, Perm};
-use crate::connections::Slot;
+use crate::connections::{Refused, Slot};
 use crate::error::ApiError;
 use crate::fanout::{Change, HubMsg, Subscription};
 use crate::ratelimit::Action;
@@ -59,6 +59,8 @@ pub struct WsConfig {
     pub max_connections_per_user: usize,
     /// Most connections one tenant's tokens may hold open on one node (0: no cap).
     pub max_connections_per_tenant: usize,
+    /// Most connections one node holds open in all (0: no cap).
+    pub max_connections: usize,
     /// Largest client message, in bytes (larger closes the connection with 1009).
     pub max_message_bytes: usize,
     /// Seconds between pings; two without a pong close the connection.
@@ -83,6 +85,7 @@ impl Default for WsConfig {
             max_subscriptions: 100,
             max_connections_per_user: 100,
             max_connections_per_tenant: 10_000,
+            max_connections: 20_000,
             max_message_bytes: 64 * 1024,
             heartbeat_secs: 15,
             queue: 1024,
@@ -155,8 +158,10 @@ pub async fn ws_handler(
     let claims = match crate::routes::bearer(&headers) {
         Some(token) => {
             let claims = crate::routes::authenticate(&state, token).await?;
-            let slot = take_slot(&state, &claims)
-                .map_err(|e| ApiError::TooManyConnections(e.to_string()))?;
+            let slot = take_slot(&state, &claims).map_err(|e| match e {
+                Refused::Node(_) => ApiError::Unavailable(e.to_string()),
+                _ => ApiError::TooManyConnections(e.to_string()),
+            })?;
             may_connect(&state, &claims)
                 .await
                 .map_err(ApiError::limited)?;
@@ -182,12 +187,12 @@ pub async fn ws_handler(
 
 /// A place among the node's open connections for the token's tenant and subject.
 fn take_slot(state: &AppState, claims: &Claims) -> Result<Slot, crate::connections::Refused> {
-    state.connections.open(
-        &claims.tenant,
-        &claims.sub,
-        state.ws.max_connections_per_user,
-        state.ws.max_connections_per_tenant,
-    )
+    let caps = crate::connections::Caps {
+        per_user: state.ws.max_connections_per_user,
+        per_tenant: state.ws.max_connections_per_tenant,
+        node: state.ws.max_connections,
+    };
+    state.connections.open(&claims.tenant, &claims.sub, caps)
 }
 
 /// The connection rate limits of the token's tenant and subject.
@@ -263,6 +268,13 @@ async fn authenticate(
                 Ok(c) => {
                     let slot = match take_slot(state, &c) {
                         Ok(slot) => slot,
+                        Err(e @ Refused::Node(_)) => {
+                            let _ = send(tx, error_msg("unavailable", e.to_string(), None)).await;
+                            return Err(End::Close(
+                                CLOSE_TRY_AGAIN,
+                                "this node is full; try another or later".into(),
+                            ));
+                        }
                         Err(e) => {
                             let _ =
                                 send(tx, error_msg("too_many_connections", e.to_string(), None))

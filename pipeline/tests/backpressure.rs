@@ -94,6 +94,7 @@ async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_
     let mut env = TestEnv::new("wscap").await;
     env.cfg.ws.max_connections_per_user = 2;
     env.cfg.ws.max_connections_per_tenant = 3;
+    env.cfg.ws.max_connections = 5;
     let node = env.start(&[Role::Api]).await;
     let addr = node.api_addr.unwrap();
     let ann = env.token_as("ann", "acme", "live:r");
@@ -118,15 +119,19 @@ async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_
     let (status, body) = refused_upgrade(addr, &bob).await;
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("ws.max_connections_per_tenant"), "{body}");
-    // Another tenant is not affected.
+    // Another tenant is not affected, until the node is full.
     let _other = subscribed(addr, &env.token_as("ann", "globex", "live:r")).await;
+    let _fifth = subscribed(addr, &env.token_as("eve", "initech", "live:r")).await;
+    let (status, body) = refused_upgrade(addr, &env.token_as("joe", "umbrella", "live:r")).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("ws.max_connections"), "{body}");
     let status: serde_json::Value = reqwest::get(format!("http://{addr}/status"))
         .await
         .unwrap()
         .json()
         .await
         .unwrap();
-    assert_eq!(status["ws"]["connections"], 4, "{status}");
+    assert_eq!(status["ws"]["connections"], 5, "{status}");
     // A connection that ends gives its place back.
     drop(first);
     let mut again = common::eventually(Duration::from_secs(10), "a freed place", || async {
