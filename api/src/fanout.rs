@@ -261,16 +261,21 @@ impl Hub {
 
     async fn listen(self, client: redis::Client) {
         let pattern = format!("{}syncflow:changes:*", self.prefix);
-        // Inside the pattern; tenant names cannot hold '!', so no bucket's channel is this one.
+        // Outside the pattern, subscribed on the same connection: this node hears its own pings
+        // and no other node's (inside the pattern, every node heard every node's).
         let ping = format!(
-            "{}syncflow:changes:!ping:{}",
+            "{}syncflow:ping:{}",
             self.prefix,
             uuid::Uuid::new_v4().simple()
         );
         let mut backoff = Duration::from_millis(100);
         loop {
             match client.get_async_pubsub().await {
-                Ok(mut pubsub) => match pubsub.psubscribe(&pattern).await {
+                Ok(mut pubsub) => match pubsub
+                    .psubscribe(&pattern)
+                    .await
+                    .and(pubsub.subscribe(&ping).await)
+                {
                     Ok(()) => {
                         tracing::info!(%pattern, "fan-out hub subscribed");
                         self.listening
@@ -294,8 +299,8 @@ impl Hub {
     }
 
     /// Passes announcements on until the subscription ends or goes silent. Every
-    /// [`PING_EVERY`] the hub publishes to `ping`, a channel of its own inside its pattern, on
-    /// another connection. When a ping was published, Redis counted no subscriber for it (then
+    /// [`PING_EVERY`] the hub publishes to `ping`, a channel of its own that the subscription's
+    /// connection also subscribes to, on another connection. When a ping was published, Redis counted no subscriber for it (then
     /// this subscription is not registered there), or nothing at all has come in on the
     /// subscription for [`PING_DEAD_AFTER`] since a ping was published, the subscription is taken
     /// for dead: a connection that a partition or a NAT dropped without a reset would otherwise

@@ -1000,7 +1000,7 @@ async fn redis_observer(
             },
         };
         let t = now_us();
-        // The API nodes' own pings (`…syncflow:changes:!ping:…`) are not announcements.
+        // API nodes before session 19 pinged inside the pattern (`…syncflow:changes:!ping:…`).
         if msg.get_channel_name().contains(":!ping:") {
             continue;
         }
