@@ -222,9 +222,10 @@ async fn run(args: &Args, guard: &mut Guard) -> anyhow::Result<()> {
         // write limits stay on, so their cost is part of the measurement).
         ("SYNCFLOW_RATE_USER_CONNECTS_PER_MIN".into(), "0".into()),
         ("SYNCFLOW_RATE_TENANT_CONNECTS_PER_MIN".into(), "0".into()),
-        // ... and the caps on open connections per user and tenant on a node.
+        // ... and the caps on open connections per user, per tenant and in all on a node.
         ("SYNCFLOW_WS_MAX_CONNECTIONS_PER_USER".into(), "0".into()),
         ("SYNCFLOW_WS_MAX_CONNECTIONS_PER_TENANT".into(), "0".into()),
+        ("SYNCFLOW_WS_MAX_CONNECTIONS".into(), "0".into()),
     ];
     let passed: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| {
