@@ -51,7 +51,7 @@ impl Connections {
     }
 
     /// Takes a slot for a connection of `user` of `tenant`, unless the user, the tenant or the
-    /// node already has its most.
+    /// node already has its most (checked in that order: what the client itself can fix first).
     pub fn open(&self, tenant: &str, user: &str, caps: Caps) -> Result<Slot, Refused> {
         let Caps {
             per_user,
@@ -59,9 +59,6 @@ impl Connections {
             node,
         } = caps;
         let mut counts = self.counts();
-        if node > 0 && counts.total >= node {
-            return Err(Refused::Node(counts.total));
-        }
         let key = (tenant.to_owned(), user.to_owned());
         let users = counts.users.get(&key).copied().unwrap_or(0);
         if per_user > 0 && users >= per_user {
@@ -70,6 +67,9 @@ impl Connections {
         let tenants = counts.tenants.get(tenant).copied().unwrap_or(0);
         if per_tenant > 0 && tenants >= per_tenant {
             return Err(Refused::Tenant(tenants));
+        }
+        if node > 0 && counts.total >= node {
+            return Err(Refused::Node(counts.total));
         }
         *counts.users.entry(key.clone()).or_default() += 1;
         *counts.tenants.entry(key.0.clone()).or_default() += 1;
@@ -83,6 +83,11 @@ impl Connections {
     /// Connections open now.
     pub fn open_now(&self) -> usize {
         self.counts().total
+    }
+
+    /// Whether the node holds `node` connections or more (`0`: no cap).
+    pub fn full(&self, node: usize) -> bool {
+        node > 0 && self.open_now() >= node
     }
 }
 
@@ -176,6 +181,13 @@ mod tests {
             })
             .collect();
         assert_eq!(conns.open("t9", "u", four).unwrap_err(), Refused::Node(4));
+        // A user at its own cap is told that first: closing one of its own is what helps.
+        let one_each = caps(1, 0, 4);
+        assert_eq!(
+            conns.open("t0", "u", one_each).unwrap_err(),
+            Refused::User(1)
+        );
+        assert!(conns.full(4) && !conns.full(5) && !conns.full(0));
         drop(slots);
         assert!(conns.open("t9", "u", four).is_ok());
     }

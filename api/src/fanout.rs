@@ -271,25 +271,39 @@ impl Hub {
         let mut backoff = Duration::from_millis(100);
         loop {
             match client.get_async_pubsub().await {
-                Ok(mut pubsub) => match pubsub
-                    .psubscribe(&pattern)
-                    .await
-                    .and(pubsub.subscribe(&ping).await)
-                {
-                    Ok(()) => {
-                        tracing::info!(%pattern, "fan-out hub subscribed");
-                        self.listening
-                            .store(true, std::sync::atomic::Ordering::SeqCst);
-                        backoff = Duration::from_millis(100);
-                        // Anything published while we were away is unknown: everyone catches up.
-                        self.gap_for_all();
-                        self.relay(pubsub.on_message(), &ping).await;
-                        self.listening
-                            .store(false, std::sync::atomic::Ordering::SeqCst);
-                        tracing::warn!("fan-out hub lost its Redis connection");
+                Ok(mut pubsub) => {
+                    // A connection that went silent must not hang the hub here either.
+                    let wait = PING_DEAD_AFTER;
+                    match tokio::time::timeout(wait, pubsub.psubscribe(&pattern)).await {
+                        Ok(Ok(())) => {
+                            // Without its own ping subscription (a Redis user not allowed to
+                            // subscribe there) the hub relays without the liveness check.
+                            let pinged = match tokio::time::timeout(wait, pubsub.subscribe(&ping))
+                                .await
+                            {
+                                Ok(Ok(())) => Some(ping.as_str()),
+                                Ok(Err(e)) => {
+                                    tracing::warn!(error = %e, channel = %ping, "fan-out hub cannot subscribe to its ping channel; relaying without the liveness check");
+                                    None
+                                }
+                                Err(_) => None,
+                            };
+                            tracing::info!(%pattern, "fan-out hub subscribed");
+                            self.listening
+                                .store(true, std::sync::atomic::Ordering::SeqCst);
+                            backoff = Duration::from_millis(100);
+                            // Anything published while we were away is unknown: everyone
+                            // catches up.
+                            self.gap_for_all();
+                            self.relay(pubsub.on_message(), pinged).await;
+                            self.listening
+                                .store(false, std::sync::atomic::Ordering::SeqCst);
+                            tracing::warn!("fan-out hub lost its Redis connection");
+                        }
+                        Ok(Err(e)) => tracing::warn!(error = %e, "fan-out hub cannot subscribe"),
+                        Err(_) => tracing::warn!("fan-out hub's subscription got no answer"),
                     }
-                    Err(e) => tracing::warn!(error = %e, "fan-out hub cannot subscribe"),
-                },
+                }
                 Err(e) => tracing::warn!(error = %e, "fan-out hub cannot reach Redis"),
             }
             self.gap_for_all();
@@ -299,9 +313,10 @@ impl Hub {
     }
 
     /// Passes announcements on until the subscription ends or goes silent. Every
-    /// [`PING_EVERY`] the hub publishes to `ping`, a channel of its own that the subscription's
-    /// connection also subscribes to, on another connection. When a ping was published, Redis counted no subscriber for it (then
-    /// this subscription is not registered there), or nothing at all has come in on the
+    /// [`PING_EVERY`] the hub publishes to `ping` (when it has one), a channel of its own that
+    /// the subscription's connection also subscribes to, on another connection. When a ping was
+    /// published, Redis counted no subscriber for it (then this subscription is not registered
+    /// there), or nothing at all has come in on the
     /// subscription for [`PING_DEAD_AFTER`] since a ping was published, the subscription is taken
     /// for dead: a connection that a partition or a NAT dropped without a reset would otherwise
     /// never end, and this node's subscribers would hear nothing, without a `lagged`. Any
@@ -311,7 +326,7 @@ impl Hub {
     async fn relay(
         &self,
         mut messages: impl futures::Stream<Item = redis::Msg> + Unpin,
-        ping: &str,
+        ping: Option<&str>,
     ) {
         let mut tick = tokio::time::interval(PING_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -326,7 +341,7 @@ impl Hub {
                     let Some(msg) = msg else { return };
                     unanswered = None;
                     let channel = msg.get_channel_name();
-                    if channel != ping {
+                    if Some(channel) != ping {
                         self.dispatch(channel, msg.get_payload::<String>().ok());
                     }
                 }
@@ -340,7 +355,8 @@ impl Hub {
                     }
                     None => {}
                 },
-                _ = tick.tick() => {
+                _ = tick.tick(), if ping.is_some() => {
+                    let Some(ping) = ping else { continue };
                     if unanswered.is_some_and(|t| t.elapsed() > PING_DEAD_AFTER) {
                         tracing::warn!("fan-out hub's own pings stopped coming back; resubscribing");
                         return;

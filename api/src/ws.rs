@@ -167,6 +167,12 @@ pub async fn ws_handler(
                 .map_err(ApiError::limited)?;
             Some((claims, slot))
         }
+        // Not counted until it authenticates; a full node does not take it at all.
+        None if state.connections.full(state.ws.max_connections) => {
+            return Err(ApiError::Unavailable(
+                crate::connections::Refused::Node(state.connections.open_now()).to_string(),
+            ));
+        }
         None => None,
     };
     if state.hub.is_none() {

@@ -125,6 +125,13 @@ async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_
     let (status, body) = refused_upgrade(addr, &env.token_as("joe", "umbrella", "live:r")).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("ws.max_connections"), "{body}");
+    // A full node does not upgrade a connection that would authenticate by message either.
+    match tokio_tungstenite::connect_async(format!("ws://{addr}/v1/subscribe")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 503)
+        }
+        other => panic!("expected 503, got {:?}", other.map(|_| ())),
+    }
     let status: serde_json::Value = reqwest::get(format!("http://{addr}/status"))
         .await
         .unwrap()
@@ -140,8 +147,8 @@ async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_
     .await;
     send_text(&mut again, r#"{"type":"subscribe","bucket":"live"}"#).await;
     expect_type(&mut again, "subscribed").await;
-    // The reference client, refused while the user is at its cap, keeps retrying and gets in
-    // once a place is free.
+    // The reference client, refused while the user is at its cap (429: on a full node too, the
+    // user's own cap is what it is told), keeps retrying and gets in once a place is free.
     let client = tokio::spawn({
         let (url, ann) = (format!("ws://{addr}/v1/subscribe"), ann.clone());
         async move { pipeline::subscribe::run(&url, &ann, "live", None, |m| m["type"] != "docs").await }
