@@ -104,6 +104,13 @@ pub(super) fn register(reg: &Register) {
 /// Stage [`Prefetch::Tables`] for a document found in a store.
 pub(super) fn tables(doc: &DocState) {
     object(doc);
+    // The document stamps, which a write compares with its own and replaces (with their counts).
+    for s in [&doc.upserted_at, &doc.deleted_at, &doc.replaced_at]
+        .into_iter()
+        .flatten()
+    {
+        shared(s);
+    }
     slice(doc.registers.keys_slice());
     slice(doc.registers.as_slice());
     let (keys, entries) = doc.devices.parts();
