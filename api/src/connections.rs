@@ -85,9 +85,12 @@ impl Connections {
         self.counts().total
     }
 
-    /// Whether the node holds `node` connections or more (`0`: no cap).
-    pub fn full(&self, node: usize) -> bool {
-        node > 0 && self.open_now() >= node
+    /// `Err` when the node holds `node` connections or more (`0`: no cap).
+    pub fn room(&self, node: usize) -> Result<(), Refused> {
+        match self.open_now() {
+            open if node > 0 && open >= node => Err(Refused::Node(open)),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -187,7 +190,8 @@ mod tests {
             conns.open("t0", "u", one_each).unwrap_err(),
             Refused::User(1)
         );
-        assert!(conns.full(4) && !conns.full(5) && !conns.full(0));
+        assert_eq!(conns.room(4), Err(Refused::Node(4)));
+        assert!(conns.room(5).is_ok() && conns.room(0).is_ok());
         drop(slots);
         assert!(conns.open("t9", "u", four).is_ok());
     }

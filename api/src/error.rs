@@ -105,6 +105,15 @@ impl From<crate::auth::sessions::StoreError> for ApiError {
     }
 }
 
+impl From<crate::connections::Refused> for ApiError {
+    fn from(e: crate::connections::Refused) -> Self {
+        match e {
+            crate::connections::Refused::Node(_) => ApiError::Unavailable(e.to_string()),
+            _ => ApiError::TooManyConnections(e.to_string()),
+        }
+    }
+}
+
 impl From<crate::view::ViewError> for ApiError {
     fn from(e: crate::view::ViewError) -> Self {
         ApiError::backend("the view database", e)

@@ -271,39 +271,21 @@ impl Hub {
         let mut backoff = Duration::from_millis(100);
         loop {
             match client.get_async_pubsub().await {
-                Ok(mut pubsub) => {
-                    // A connection that went silent must not hang the hub here either.
-                    let wait = PING_DEAD_AFTER;
-                    match tokio::time::timeout(wait, pubsub.psubscribe(&pattern)).await {
-                        Ok(Ok(())) => {
-                            // Without its own ping subscription (a Redis user not allowed to
-                            // subscribe there) the hub relays without the liveness check.
-                            let pinged = match tokio::time::timeout(wait, pubsub.subscribe(&ping))
-                                .await
-                            {
-                                Ok(Ok(())) => Some(ping.as_str()),
-                                Ok(Err(e)) => {
-                                    tracing::warn!(error = %e, channel = %ping, "fan-out hub cannot subscribe to its ping channel; relaying without the liveness check");
-                                    None
-                                }
-                                Err(_) => None,
-                            };
-                            tracing::info!(%pattern, "fan-out hub subscribed");
-                            self.listening
-                                .store(true, std::sync::atomic::Ordering::SeqCst);
-                            backoff = Duration::from_millis(100);
-                            // Anything published while we were away is unknown: everyone
-                            // catches up.
-                            self.gap_for_all();
-                            self.relay(pubsub.on_message(), pinged).await;
-                            self.listening
-                                .store(false, std::sync::atomic::Ordering::SeqCst);
-                            tracing::warn!("fan-out hub lost its Redis connection");
-                        }
-                        Ok(Err(e)) => tracing::warn!(error = %e, "fan-out hub cannot subscribe"),
-                        Err(_) => tracing::warn!("fan-out hub's subscription got no answer"),
+                Ok(mut pubsub) => match subscribe(&mut pubsub, &pattern, &ping).await {
+                    Ok(pinged) => {
+                        tracing::info!(%pattern, "fan-out hub subscribed");
+                        self.listening
+                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                        backoff = Duration::from_millis(100);
+                        // Anything published while we were away is unknown: everyone catches up.
+                        self.gap_for_all();
+                        self.relay(pubsub.on_message(), pinged).await;
+                        self.listening
+                            .store(false, std::sync::atomic::Ordering::SeqCst);
+                        tracing::warn!("fan-out hub lost its Redis connection");
                     }
-                }
+                    Err(why) => tracing::warn!(%why, "fan-out hub cannot subscribe"),
+                },
                 Err(e) => tracing::warn!(error = %e, "fan-out hub cannot reach Redis"),
             }
             self.gap_for_all();
@@ -316,9 +298,8 @@ impl Hub {
     /// [`PING_EVERY`] the hub publishes to `ping` (when it has one), a channel of its own that
     /// the subscription's connection also subscribes to, on another connection. When a ping was
     /// published, Redis counted no subscriber for it (then this subscription is not registered
-    /// there), or nothing at all has come in on the
-    /// subscription for [`PING_DEAD_AFTER`] since a ping was published, the subscription is taken
-    /// for dead: a connection that a partition or a NAT dropped without a reset would otherwise
+    /// there), or nothing at all has come in on the subscription for [`PING_DEAD_AFTER`] since a
+    /// ping was published, the subscription is taken for dead: a connection that a partition or a NAT dropped without a reset would otherwise
     /// never end, and this node's subscribers would hear nothing, without a `lagged`. Any
     /// message counts as a sign of life (under a backlog the ping waits behind the changes), and
     /// a ping that cannot be published (Redis down, or a user not allowed to publish) proves
@@ -394,6 +375,30 @@ impl Hub {
             _ => tracing::warn!(channel, "undecodable change announcement ignored"),
         }
     }
+}
+
+/// Subscribes `pubsub` to `pattern` and to the hub's own `ping` channel, each within
+/// [`PING_DEAD_AFTER`] (a connection that went silent must not hang the hub here either).
+/// Returns the ping channel, or `None` when only it could not be subscribed (a Redis user not
+/// allowed to subscribe there): then the hub relays without the liveness check.
+async fn subscribe<'p>(
+    pubsub: &mut redis::aio::PubSub,
+    pattern: &str,
+    ping: &'p str,
+) -> Result<Option<&'p str>, String> {
+    let wait = PING_DEAD_AFTER;
+    match tokio::time::timeout(wait, pubsub.psubscribe(pattern)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e.to_string()),
+        Err(_) => return Err("no answer".into()),
+    }
+    let why = match tokio::time::timeout(wait, pubsub.subscribe(ping)).await {
+        Ok(Ok(())) => return Ok(Some(ping)),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "no answer".to_owned(),
+    };
+    tracing::warn!(%why, channel = ping, "fan-out hub cannot subscribe to its ping channel; relaying without the liveness check");
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -158,22 +158,17 @@ pub async fn ws_handler(
     let claims = match crate::routes::bearer(&headers) {
         Some(token) => {
             let claims = crate::routes::authenticate(&state, token).await?;
-            let slot = take_slot(&state, &claims).map_err(|e| match e {
-                Refused::Node(_) => ApiError::Unavailable(e.to_string()),
-                _ => ApiError::TooManyConnections(e.to_string()),
-            })?;
+            let slot = take_slot(&state, &claims)?;
             may_connect(&state, &claims)
                 .await
                 .map_err(ApiError::limited)?;
             Some((claims, slot))
         }
         // Not counted until it authenticates; a full node does not take it at all.
-        None if state.connections.full(state.ws.max_connections) => {
-            return Err(ApiError::Unavailable(
-                crate::connections::Refused::Node(state.connections.open_now()).to_string(),
-            ));
+        None => {
+            state.connections.room(state.ws.max_connections)?;
+            None
         }
-        None => None,
     };
     if state.hub.is_none() {
         return Err(ApiError::Unavailable(
@@ -192,7 +187,7 @@ pub async fn ws_handler(
 }
 
 /// A place among the node's open connections for the token's tenant and subject.
-fn take_slot(state: &AppState, claims: &Claims) -> Result<Slot, crate::connections::Refused> {
+fn take_slot(state: &AppState, claims: &Claims) -> Result<Slot, Refused> {
     let caps = crate::connections::Caps {
         per_user: state.ws.max_connections_per_user,
         per_tenant: state.ws.max_connections_per_tenant,
