@@ -3,8 +3,9 @@
 //!
 //! The connect rate limits bound how fast connections open, not how many stay open: without a
 //! cap, one token opening connections at its allowed rate and never closing them would grow the
-//! node's memory for as long as it kept going. A connection takes a [`Slot`] once its token is
-//! known and gives it back when it ends.
+//! node's memory for as long as it kept going. A connection takes a [`Slot`] when it is upgraded
+//! and gives it back when it ends; one that sends its token in a message holds a pending slot,
+//! counted on the node only, until then.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -53,22 +54,10 @@ impl Connections {
     /// Takes a slot for a connection of `user` of `tenant`, unless the user, the tenant or the
     /// node already has its most (checked in that order: what the client itself can fix first).
     pub fn open(&self, tenant: &str, user: &str, caps: Caps) -> Result<Slot, Refused> {
-        let Caps {
-            per_user,
-            per_tenant,
-            node,
-        } = caps;
         let mut counts = self.counts();
         let key = (tenant.to_owned(), user.to_owned());
-        let users = counts.users.get(&key).copied().unwrap_or(0);
-        if per_user > 0 && users >= per_user {
-            return Err(Refused::User(users));
-        }
-        let tenants = counts.tenants.get(tenant).copied().unwrap_or(0);
-        if per_tenant > 0 && tenants >= per_tenant {
-            return Err(Refused::Tenant(tenants));
-        }
-        if node > 0 && counts.total >= node {
+        Self::check_user_and_tenant(&counts, &key, caps)?;
+        if caps.node > 0 && counts.total >= caps.node {
             return Err(Refused::Node(counts.total));
         }
         *counts.users.entry(key.clone()).or_default() += 1;
@@ -76,21 +65,43 @@ impl Connections {
         counts.total += 1;
         Ok(Slot {
             conns: self.clone(),
-            key,
+            key: Some(key),
         })
     }
 
-    /// Connections open now.
-    pub fn open_now(&self) -> usize {
-        self.counts().total
+    /// Takes a place on the node for a connection whose token is not known yet (`0`: no cap);
+    /// [`Slot::promote`] makes it its user's once it is.
+    pub fn pending(&self, node: usize) -> Result<Slot, Refused> {
+        let mut counts = self.counts();
+        if node > 0 && counts.total >= node {
+            return Err(Refused::Node(counts.total));
+        }
+        counts.total += 1;
+        Ok(Slot {
+            conns: self.clone(),
+            key: None,
+        })
     }
 
-    /// `Err` when the node holds `node` connections or more (`0`: no cap).
-    pub fn room(&self, node: usize) -> Result<(), Refused> {
-        match self.open_now() {
-            open if node > 0 && open >= node => Err(Refused::Node(open)),
-            _ => Ok(()),
+    fn check_user_and_tenant(
+        counts: &Counts,
+        key: &(String, String),
+        caps: Caps,
+    ) -> Result<(), Refused> {
+        let users = counts.users.get(key).copied().unwrap_or(0);
+        if caps.per_user > 0 && users >= caps.per_user {
+            return Err(Refused::User(users));
         }
+        let tenants = counts.tenants.get(&key.0).copied().unwrap_or(0);
+        if caps.per_tenant > 0 && tenants >= caps.per_tenant {
+            return Err(Refused::Tenant(tenants));
+        }
+        Ok(())
+    }
+
+    /// Connections open now (pending ones included).
+    pub fn open_now(&self) -> usize {
+        self.counts().total
     }
 }
 
@@ -98,25 +109,48 @@ impl Connections {
 #[derive(Debug)]
 pub struct Slot {
     conns: Connections,
-    key: (String, String),
+    /// Tenant and user; `None` while the connection has not authenticated.
+    key: Option<(String, String)>,
+}
+
+impl Slot {
+    /// Counts this pending slot as a connection of `user` of `tenant`, unless the user or the
+    /// tenant already has its most; it keeps its place on the node either way (a refused one
+    /// stays pending until dropped). A slot that is someone's already stays theirs.
+    pub fn promote(&mut self, tenant: &str, user: &str, caps: Caps) -> Result<(), Refused> {
+        if self.key.is_some() {
+            return Ok(());
+        }
+        let mut counts = self.conns.counts();
+        let key = (tenant.to_owned(), user.to_owned());
+        Connections::check_user_and_tenant(&counts, &key, caps)?;
+        *counts.users.entry(key.clone()).or_default() += 1;
+        *counts.tenants.entry(key.0.clone()).or_default() += 1;
+        drop(counts);
+        self.key = Some(key);
+        Ok(())
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut counts = self.conns.counts();
         counts.total -= 1;
+        let Some(key) = &self.key else {
+            return;
+        };
         let Counts { tenants, users, .. } = &mut *counts;
-        for n in [users.get_mut(&self.key), tenants.get_mut(&self.key.0)]
+        for n in [users.get_mut(key), tenants.get_mut(&key.0)]
             .into_iter()
             .flatten()
         {
             *n -= 1;
         }
-        if users.get(&self.key) == Some(&0) {
-            users.remove(&self.key);
+        if users.get(key) == Some(&0) {
+            users.remove(key);
         }
-        if tenants.get(&self.key.0) == Some(&0) {
-            tenants.remove(&self.key.0);
+        if tenants.get(&key.0) == Some(&0) {
+            tenants.remove(&key.0);
         }
     }
 }
@@ -149,6 +183,38 @@ mod tests {
         drop(a);
         let _e = conns.open("acme", "ann", two).expect("a place was freed");
         assert_eq!(conns.open_now(), 4);
+    }
+
+    #[test]
+    fn a_pending_connection_holds_a_place_on_the_node_and_keeps_it_when_promoted() {
+        let conns = Connections::default();
+        let caps = caps(1, 0, 3);
+        let mut a = conns.pending(3).expect("room");
+        let mut b = conns.pending(3).expect("room");
+        let _c = conns.open("acme", "bob", caps).expect("room");
+        // The node is full: no more pending ones, and no authenticated ones either.
+        assert_eq!(conns.pending(3).unwrap_err(), Refused::Node(3));
+        assert_eq!(
+            conns.open("acme", "cy", caps).unwrap_err(),
+            Refused::Node(3)
+        );
+        // Promoted, a pending one keeps its place: the node still counts three.
+        a.promote("acme", "ann", caps).expect("ann's first");
+        assert_eq!(conns.open_now(), 3);
+        // Its user's cap holds: refused, the other stays pending (and counted).
+        assert_eq!(
+            b.promote("acme", "ann", caps).unwrap_err(),
+            Refused::User(1)
+        );
+        assert_eq!(conns.open_now(), 3);
+        drop(b);
+        assert_eq!(conns.open_now(), 2);
+        drop(a);
+        assert_eq!(conns.open_now(), 1);
+        assert!(!conns
+            .counts()
+            .users
+            .contains_key(&("acme".into(), "ann".into())));
     }
 
     #[test]
@@ -190,8 +256,8 @@ mod tests {
             conns.open("t0", "u", one_each).unwrap_err(),
             Refused::User(1)
         );
-        assert_eq!(conns.room(4), Err(Refused::Node(4)));
-        assert!(conns.room(5).is_ok() && conns.room(0).is_ok());
+        assert_eq!(conns.pending(4).unwrap_err(), Refused::Node(4));
+        assert!(conns.pending(5).is_ok() && conns.pending(0).is_ok());
         drop(slots);
         assert!(conns.open("t9", "u", four).is_ok());
     }

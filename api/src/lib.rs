@@ -26,6 +26,7 @@ pub mod fanout;
 pub mod ratelimit;
 pub mod redis_conn;
 pub mod routes;
+pub mod server;
 pub mod sink;
 pub mod users;
 pub mod view;
@@ -48,6 +49,21 @@ pub struct ApiConfig {
     pub max_page: usize,
     /// Longest a `?wait=applied` write waits for the projector, in ms.
     pub wait_applied_timeout_ms: u64,
+    /// Most connections the node holds open at once, HTTP and WebSocket (`0`: no cap).
+    pub max_connections: usize,
+    /// Seconds a connection may make no progress: no request head (idle keep-alive time
+    /// included), no byte of a request's body, or no byte of a response taken by its client.
+    pub idle_timeout_secs: u64,
+}
+
+impl ApiConfig {
+    /// The limits the server holds connections to.
+    pub fn server_limits(&self) -> server::ServerLimits {
+        server::ServerLimits {
+            max_connections: self.max_connections,
+            idle_timeout: std::time::Duration::from_secs(self.idle_timeout_secs.max(1)),
+        }
+    }
 }
 
 impl Default for ApiConfig {
@@ -57,6 +73,8 @@ impl Default for ApiConfig {
             default_page: 100,
             max_page: 1000,
             wait_applied_timeout_ms: 5000,
+            max_connections: 25_000,
+            idle_timeout_secs: 75,
         }
     }
 }
@@ -124,13 +142,4 @@ impl From<&ApiConfig> for PageLimits {
     }
 }
 
-/// Serves the API on `listener` until `shutdown` resolves.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    state: AppState,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, routes::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
-}
+pub use server::serve;

@@ -661,7 +661,7 @@ async fn changes(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
 
@@ -672,13 +672,13 @@ mod tests {
 
     /// A bucket whose tombstone horizon moves to `swept` after its first metadata read, as when
     /// the sweeper runs while a request reads its page (whose tombstones are then gone).
-    struct Sweeping {
+    pub(crate) struct Sweeping {
         metas: AtomicUsize,
         swept: i64,
     }
 
     impl Sweeping {
-        fn to(swept: i64) -> Self {
+        pub(crate) fn to(swept: i64) -> Self {
             Self {
                 metas: AtomicUsize::new(0),
                 swept,
@@ -752,7 +752,7 @@ mod tests {
     }
 
     /// An API state over `reader` alone (no Redis, no accounts: development tokens).
-    fn state(reader: impl DocReader) -> AppState {
+    pub(crate) fn state(reader: impl DocReader) -> AppState {
         let auth = crate::auth::AuthConfig {
             jwt_secret: "0123456789abcdef0123456789abcdef".into(),
             ..Default::default()

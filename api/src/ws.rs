@@ -162,13 +162,10 @@ pub async fn ws_handler(
             may_connect(&state, &claims)
                 .await
                 .map_err(ApiError::limited)?;
-            Some((claims, slot))
+            Arrival::Authenticated(Box::new(claims), slot)
         }
-        // Not counted until it authenticates; a full node does not take it at all.
-        None => {
-            state.connections.room(state.ws.max_connections)?;
-            None
-        }
+        // Counted on the node while it authenticates; a full node does not take it at all.
+        None => Arrival::Pending(state.connections.pending(state.ws.max_connections)?),
     };
     if state.hub.is_none() {
         return Err(ApiError::Unavailable(
@@ -186,14 +183,28 @@ pub async fn ws_handler(
         .into_response())
 }
 
-/// A place among the node's open connections for the token's tenant and subject.
-fn take_slot(state: &AppState, claims: &Claims) -> Result<Slot, Refused> {
-    let caps = crate::connections::Caps {
+/// How a connection reaches its session.
+enum Arrival {
+    /// Its token came in the upgrade request's header.
+    Authenticated(Box<Claims>, Slot),
+    /// Its first message must carry the token; its slot is pending until then.
+    Pending(Slot),
+}
+
+/// The connection caps of the node's settings.
+fn caps(state: &AppState) -> crate::connections::Caps {
+    crate::connections::Caps {
         per_user: state.ws.max_connections_per_user,
         per_tenant: state.ws.max_connections_per_tenant,
         node: state.ws.max_connections,
-    };
-    state.connections.open(&claims.tenant, &claims.sub, caps)
+    }
+}
+
+/// A place among the node's open connections for the token's tenant and subject.
+fn take_slot(state: &AppState, claims: &Claims) -> Result<Slot, Refused> {
+    state
+        .connections
+        .open(&claims.tenant, &claims.sub, caps(state))
 }
 
 /// The connection rate limits of the token's tenant and subject.
@@ -217,13 +228,13 @@ fn error_msg(code: &str, message: impl Into<String>, bucket: Option<&str>) -> Va
     v
 }
 
-async fn session(socket: WebSocket, state: AppState, claims: Option<(Claims, Slot)>) {
+async fn session(socket: WebSocket, state: AppState, arrival: Arrival) {
     let (sink, mut rx) = socket.split();
     let mut tx = Tx {
         sink,
         timeout: Duration::from_secs(state.ws.send_timeout_secs.max(1)),
     };
-    let end = run_session(&mut tx, &mut rx, &state, claims).await;
+    let end = run_session(&mut tx, &mut rx, &state, arrival).await;
     if let End::Close(code, reason) = end {
         let frame = CloseFrame {
             code,
@@ -249,6 +260,7 @@ async fn authenticate(
     tx: &mut Tx,
     rx: &mut futures::stream::SplitStream<WebSocket>,
     state: &AppState,
+    mut slot: Slot,
 ) -> Result<(Claims, Slot), End> {
     let wait = Duration::from_secs(state.ws.auth_timeout_secs.max(1));
     let first = tokio::time::timeout(wait, rx.next()).await;
@@ -267,25 +279,16 @@ async fn authenticate(
         Ok(ClientMsg::Auth { token }) => {
             match crate::routes::authenticate(state, token.trim()).await {
                 Ok(c) => {
-                    let slot = match take_slot(state, &c) {
-                        Ok(slot) => slot,
-                        Err(e @ Refused::Node(_)) => {
-                            let _ = send(tx, error_msg("unavailable", e.to_string(), None)).await;
-                            return Err(End::Close(
-                                CLOSE_TRY_AGAIN,
-                                "this node is full; try another or later".into(),
-                            ));
-                        }
-                        Err(e) => {
-                            let _ =
-                                send(tx, error_msg("too_many_connections", e.to_string(), None))
-                                    .await;
-                            return Err(End::Close(
-                                CLOSE_RATE_LIMITED,
-                                "too many connections open; close one".into(),
-                            ));
-                        }
-                    };
+                    // The slot already holds its place on the node; only the user's and the
+                    // tenant's caps can refuse it now.
+                    if let Err(e) = slot.promote(&c.tenant, &c.sub, caps(state)) {
+                        let _ =
+                            send(tx, error_msg("too_many_connections", e.to_string(), None)).await;
+                        return Err(End::Close(
+                            CLOSE_RATE_LIMITED,
+                            "too many connections open; close one".into(),
+                        ));
+                    }
                     if let Err(l) = may_connect(state, &c).await {
                         let secs = l.retry_after_secs();
                         let _ = send(
@@ -350,15 +353,15 @@ async fn run_session(
     tx: &mut Tx,
     rx: &mut futures::stream::SplitStream<WebSocket>,
     state: &AppState,
-    claims: Option<(Claims, Slot)>,
+    arrival: Arrival,
 ) -> End {
     if let Err(e) = send(tx, json!({"type": "hello", "protocol": PROTOCOL_VERSION})).await {
         return e;
     }
     // The slot is held until the connection ends.
-    let (claims, _slot) = match claims {
-        Some(c) => c,
-        None => match authenticate(tx, rx, state).await {
+    let (claims, _slot) = match arrival {
+        Arrival::Authenticated(claims, slot) => (*claims, slot),
+        Arrival::Pending(slot) => match authenticate(tx, rx, state, slot).await {
             Ok(c) => c,
             Err(e) => return e,
         },

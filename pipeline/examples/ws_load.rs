@@ -226,6 +226,7 @@ async fn run(args: &Args, guard: &mut Guard) -> anyhow::Result<()> {
         ("SYNCFLOW_WS_MAX_CONNECTIONS_PER_USER".into(), "0".into()),
         ("SYNCFLOW_WS_MAX_CONNECTIONS_PER_TENANT".into(), "0".into()),
         ("SYNCFLOW_WS_MAX_CONNECTIONS".into(), "0".into()),
+        ("SYNCFLOW_API_MAX_CONNECTIONS".into(), "0".into()),
     ];
     let passed: Vec<(String, String)> = std::env::vars()
         .filter(|(k, _)| {

@@ -171,6 +171,9 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
                 ))
             })?;
         let connections = api::connections::Connections::default();
+        let open = api::server::OpenConnections::default();
+        let status_open = open.clone();
+        let max_open = cfg.api.max_connections;
         let status_hub = hub.clone();
         let state = AppState {
             keys,
@@ -213,6 +216,7 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
                     let mut status = serde_json::json!({
                         "roles": roles,
                         "ws": {"connections": connections.open_now(), "buckets": hub.channel_count()},
+                        "http": {"connections": status_open.get(), "max_connections": max_open},
                     });
                     if roles.iter().any(|r| r == "processor") {
                         status["resolver"] = stats.to_json();
@@ -227,11 +231,12 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
         api_addr = listener.local_addr().ok();
         tracing::info!(addr = ?api_addr, "api listening");
         let mut rx = stop_rx.clone();
+        let limits = cfg.api.server_limits();
         let handle = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = rx.changed().await;
             };
-            api::serve(listener, state, shutdown)
+            api::serve(listener, state, limits, open, shutdown)
                 .await
                 .map_err(|e| e.to_string())
         });

@@ -296,6 +296,12 @@ impl Config {
                 self.api.listen
             ));
         }
+        let (http, ws) = (self.api.max_connections, self.ws.max_connections);
+        if http > 0 && (ws == 0 || ws >= http) {
+            out.push(format!(
+                "api.max_connections ({http}) must be above ws.max_connections ({ws}, 0 = no cap), or WebSockets could take every connection and leave none for HTTP requests; raise it or set it to 0"
+            ));
+        }
         if self.resolver.restore_chunk == 0 {
             out.push("resolver.restore_chunk must be at least 1".into());
         }
@@ -503,6 +509,34 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
         assert!(err.0.len() >= 5, "{text}");
+    }
+
+    #[test]
+    fn the_node_connection_cap_must_leave_room_above_the_websocket_one() {
+        let c = Config::load(None, env(&[SECRET])).unwrap();
+        assert!(c.api.max_connections > c.ws.max_connections);
+        for (http, ws) in [("20000", "20000"), ("25000", "0")] {
+            let err = Config::load(
+                None,
+                env(&[
+                    SECRET,
+                    ("SYNCFLOW_API_MAX_CONNECTIONS", http),
+                    ("SYNCFLOW_WS_MAX_CONNECTIONS", ws),
+                ]),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("api.max_connections"), "{err}");
+        }
+        // No cap on the node, or one above the WebSockets', is fine.
+        for (http, ws) in [("0", "0"), ("0", "20000"), ("30000", "20000")] {
+            let vars = [
+                SECRET,
+                ("SYNCFLOW_API_MAX_CONNECTIONS", http),
+                ("SYNCFLOW_WS_MAX_CONNECTIONS", ws),
+            ];
+            Config::load(None, env(&vars)).unwrap();
+        }
     }
 
     #[test]

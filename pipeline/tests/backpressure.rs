@@ -121,7 +121,10 @@ async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_
     assert!(body.contains("ws.max_connections_per_tenant"), "{body}");
     // Another tenant is not affected, until the node is full.
     let _other = subscribed(addr, &env.token_as("ann", "globex", "live:r")).await;
-    let _fifth = subscribed(addr, &env.token_as("eve", "initech", "live:r")).await;
+    // A connection that has not sent its token yet holds a place on the node too.
+    let (_pending, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/subscribe"))
+        .await
+        .unwrap();
     let (status, body) = refused_upgrade(addr, &env.token_as("joe", "umbrella", "live:r")).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("ws.max_connections"), "{body}");
@@ -139,6 +142,9 @@ async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_
         .await
         .unwrap();
     assert_eq!(status["ws"]["connections"], 5, "{status}");
+    // At the TCP level they count as well, with this request.
+    let http = status["http"]["connections"].as_u64().unwrap_or(0);
+    assert!(http >= 6, "{status}");
     // A connection that ends gives its place back.
     drop(first);
     let mut again = common::eventually(Duration::from_secs(10), "a freed place", || async {

@@ -1,0 +1,437 @@
+//! The HTTP server: at most `api.max_connections` connections at once, and none kept that makes
+//! no progress for `api.idle_timeout_secs`.
+//!
+//! `axum::serve`, which this replaces, has neither: it accepts every connection, and it gives
+//! hyper no timer, so hyper's header-read timeout never runs. A connection that sent nothing, a
+//! keep-alive one left idle, one that announced a body and sent none of it, or one whose client
+//! read none of a response stayed open for as long as its client kept it, each holding a task,
+//! buffers and a file descriptor. WebSocket connections count here too, from the upgrade
+//! request until they close (`ws.max_connections` caps them among themselves).
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
+use tower::ServiceBuilder;
+use tower_http::timeout::RequestBodyTimeoutLayer;
+
+use crate::AppState;
+
+/// The limits [`serve`] holds connections to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Most connections open at once, HTTP and WebSocket (`0`: no cap). At the cap the server
+    /// accepts no more until one closes; the kernel's backlog holds the next ones meanwhile.
+    pub max_connections: usize,
+    /// How long a connection may make no progress before it is closed (a request's body is
+    /// refused): no request head (the idle time before one on a keep-alive connection
+    /// included), no byte of a request's body, or no byte of a response taken by the client.
+    pub idle_timeout: Duration,
+}
+
+/// How many connections are open now (clone to share, e.g. with `/status`).
+#[derive(Debug, Clone, Default)]
+pub struct OpenConnections(Arc<AtomicUsize>);
+
+impl OpenConnections {
+    /// Connections open now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A connection that gives its place back when it closes, and fails its writes once its client
+/// has taken no byte for `write_timeout`.
+struct Counted {
+    io: TcpStream,
+    _permit: Option<OwnedSemaphorePermit>,
+    open: OpenConnections,
+    write_timeout: Duration,
+    /// Running while a write waits for the client to take bytes.
+    stalled: Option<Pin<Box<Sleep>>>,
+}
+
+impl Counted {
+    fn new(
+        io: TcpStream,
+        permit: Option<OwnedSemaphorePermit>,
+        open: &OpenConnections,
+        write_timeout: Duration,
+    ) -> Self {
+        open.0.fetch_add(1, Ordering::Relaxed);
+        Self {
+            io,
+            _permit: permit,
+            open: open.clone(),
+            write_timeout,
+            stalled: None,
+        }
+    }
+
+    /// `poll` of a write, failed with `TimedOut` once it has waited `write_timeout`.
+    fn timed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match poll(Pin::new(&mut self.io), cx) {
+            Poll::Ready(out) => {
+                self.stalled = None;
+                Poll::Ready(out)
+            }
+            Poll::Pending => {
+                let timeout = self.write_timeout;
+                let stalled = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                match stalled.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client took no byte for api.idle_timeout_secs",
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.open.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.timed(cx, |io, cx| io.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.timed(cx, |io, cx| io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Serves the API on `listener` within `limits` until `shutdown` resolves, then waits for the
+/// requests in progress (upgraded WebSocket connections are no longer the server's).
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    limits: ServerLimits,
+    open: OpenConnections,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> io::Result<()> {
+    let service = TowerToHyperService::new(
+        ServiceBuilder::new()
+            .layer(RequestBodyTimeoutLayer::new(limits.idle_timeout))
+            .service(crate::routes::router(state)),
+    );
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.idle_timeout);
+    let permits = (limits.max_connections > 0).then(|| {
+        Arc::new(Semaphore::new(
+            limits.max_connections.min(Semaphore::MAX_PERMITS),
+        ))
+    });
+    // Dropping `stop_rx` tells the accept loop and every connection to stop; each connection
+    // holds a `done_rx`, so `done_tx.closed()` is when the last one has finished.
+    let (stop_tx, stop_rx) = watch::channel(());
+    tokio::spawn(async move {
+        shutdown.await;
+        drop(stop_rx);
+    });
+    let (done_tx, done_rx) = watch::channel(());
+    let mut warned: Option<Instant> = None;
+    loop {
+        let permit = match &permits {
+            None => None,
+            Some(permits) => match permits.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    if warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                        warned = Some(Instant::now());
+                        tracing::warn!(
+                            max = limits.max_connections,
+                            "the node holds api.max_connections connections; new ones wait in the kernel's backlog until one closes"
+                        );
+                    }
+                    tokio::select! {
+                        permit = permits.clone().acquire_owned() => match permit {
+                            Ok(permit) => Some(permit),
+                            Err(_) => break, // closed: never happens, the semaphore is ours
+                        },
+                        _ = stop_tx.closed() => break,
+                    }
+                }
+            },
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    accept_failed(e).await;
+                    continue;
+                }
+            },
+            _ = stop_tx.closed() => break,
+        };
+        // Small WebSocket frames and responses go out at once instead of waiting for the
+        // previous segment's acknowledgement (Nagle).
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(Counted::new(stream, permit, &open, limits.idle_timeout));
+        let conn = http.serve_connection(io, service.clone()).with_upgrades();
+        let stop = stop_tx.clone();
+        let done = done_rx.clone();
+        tokio::spawn(async move {
+            // Declared first, dropped last: after the connection and its socket.
+            let _done = done;
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.closed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    drop(done_rx);
+    done_tx.closed().await;
+    Ok(())
+}
+
+/// What to do when `accept` fails: a failed handshake concerns one client only; anything else
+/// (out of file descriptors, `EMFILE`) is logged and retried a second later, when connections
+/// may have closed.
+async fn accept_failed(e: io::Error) {
+    use io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset};
+    if matches!(
+        e.kind(),
+        ConnectionAborted | ConnectionRefused | ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(error = %e, "accepting a connection failed; retrying in 1 s");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+    use crate::routes::tests::{state, Sweeping};
+
+    const GET: &[u8] = b"GET /healthz HTTP/1.1\r\nhost: t\r\n\r\n";
+
+    /// Serves a test state on a free port, with a cap of `max_connections` and an idle timeout
+    /// of `idle_secs`, until `stop` is sent.
+    async fn start(
+        max_connections: usize,
+        idle_secs: u64,
+    ) -> (
+        std::net::SocketAddr,
+        OpenConnections,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        let limits = ServerLimits {
+            max_connections,
+            idle_timeout: Duration::from_secs(idle_secs),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = OpenConnections::default();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            state(Sweeping::to(0)),
+            limits,
+            open.clone(),
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        (addr, open, stop, server)
+    }
+
+    /// What the server sends on `conn` within `wait`: `Some(bytes)` (empty: it closed the
+    /// connection), `None` when it sent nothing.
+    async fn read_within(conn: &mut TcpStream, wait: Duration) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; 4096];
+        match tokio::time::timeout(wait, conn.read(&mut buf)).await {
+            Ok(Ok(n)) => Some(buf[..n].to_vec()),
+            Ok(Err(_)) => Some(Vec::new()),
+            Err(_) => None,
+        }
+    }
+
+    async fn eventually(what: &str, ok: impl FnMut() -> bool) {
+        within(Duration::from_secs(2), what, ok).await
+    }
+
+    async fn within(wait: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+        let until = Instant::now() + wait;
+        while !ok() {
+            assert!(
+                Instant::now() < until,
+                "{what} did not happen within {wait:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn silent_and_idle_connections_are_closed_and_the_cap_holds_the_next_until_then() {
+        let (addr, open, _stop, _server) = start(2, 2).await;
+        // One connection sends nothing; another makes a keep-alive request, then idles.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(GET).await.unwrap();
+        let answer = read_within(&mut idle, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+        eventually("two connections counted", || open.get() == 2).await;
+        // A third is connected by the kernel but not accepted: its request waits.
+        let mut third = TcpStream::connect(addr).await.unwrap();
+        third.write_all(GET).await.unwrap();
+        let early = read_within(&mut third, Duration::from_millis(500)).await;
+        assert_eq!(early, None, "served beyond the cap");
+        assert_eq!(open.get(), 2);
+        // The header-read timeout closes both (the silent one and the idle keep-alive one),
+        // and the third gets its place and its answer.
+        for conn in [&mut silent, &mut idle] {
+            let closed = read_within(conn, Duration::from_secs(5)).await;
+            assert_eq!(closed.as_deref(), Some(&[][..]), "not closed");
+        }
+        let answer = read_within(&mut third, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+        eventually("only the third counted", || open.get() == 1).await;
+        drop(third);
+        eventually("none counted", || open.get() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_body_that_does_not_come_is_refused_and_its_connection_closed() {
+        let (addr, open, _stop, _server) = start(10, 1).await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        // 100 bytes announced, one sent.
+        let head = "POST /v1/auth/login HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{";
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let answer = read_within(&mut conn, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+        assert!(text.contains("timeout"), "{text}");
+        eventually("the connection closed", || open.get() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_reads_no_response_is_disconnected() {
+        let (addr, open, _stop, _server) = start(10, 1).await;
+        let get = b"GET /openapi.json HTTP/1.1\r\nhost: t\r\n\r\n";
+        let mut probe = TcpStream::connect(addr).await.unwrap();
+        probe.write_all(get).await.unwrap();
+        let mut one = Vec::new();
+        while !String::from_utf8_lossy(&one).contains("\r\n\r\n") {
+            one.extend(
+                read_within(&mut probe, Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+            );
+        }
+        drop(probe);
+        // Far more responses than the two sockets' buffers hold (a few MB each), asked for at
+        // once and never read: the server's writes stall.
+        let n = 64 * 1024 * 1024 / one.len().max(1) + 1;
+        let conn = TcpStream::connect(addr).await.unwrap();
+        let (_reader, mut writer) = conn.into_split();
+        let requests = get.repeat(n.min(200_000));
+        tokio::spawn(async move {
+            let _ = writer.write_all(&requests).await;
+            std::future::pending::<()>().await;
+        });
+        eventually("one connection counted", || open.get() == 1).await;
+        // Closed by the server about a second after its writes stopped moving.
+        let closed = "the server closing a connection whose client reads nothing";
+        within(Duration::from_secs(30), closed, || open.get() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn without_a_cap_every_connection_is_served_and_shutdown_closes_idle_ones() {
+        let (addr, open, stop, server) = start(0, 30).await;
+        let mut conns = Vec::new();
+        for _ in 0..5 {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            conn.write_all(GET).await.unwrap();
+            let answer = read_within(&mut conn, Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+            conns.push(conn);
+        }
+        assert_eq!(open.get(), 5);
+        // Shutdown does not wait for the keep-alive connections' 30 s: it closes them.
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server did not stop")
+            .unwrap()
+            .unwrap();
+        for conn in &mut conns {
+            let closed = read_within(conn, Duration::from_secs(1)).await;
+            assert_eq!(closed.as_deref(), Some(&[][..]), "not closed");
+        }
+        assert_eq!(open.get(), 0);
+    }
+}
