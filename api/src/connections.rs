@@ -22,6 +22,9 @@ pub enum Refused {
     /// The node has this many connections open already.
     #[error("this node has {0} WebSocket connections open, the most it takes (ws.max_connections); try another node or later")]
     Node(usize),
+    /// The node has this many connections waiting for their `auth` message already.
+    #[error("this node has {0} WebSocket connections waiting for their auth message, the most it takes (ws.max_pending_connections); send the token in the Authorization header, or retry shortly")]
+    Pending(usize),
 }
 
 /// The caps of [`Connections::open`]; `0` is no cap.
@@ -40,6 +43,8 @@ struct Counts {
     tenants: HashMap<String, usize>,
     users: HashMap<(String, String), usize>,
     total: usize,
+    /// Of `total`, those not authenticated yet.
+    pending: usize,
 }
 
 /// The node's open connections (clone to share).
@@ -69,14 +74,20 @@ impl Connections {
         })
     }
 
-    /// Takes a place on the node for a connection whose token is not known yet (`0`: no cap);
-    /// [`Slot::promote`] makes it its user's once it is.
-    pub fn pending(&self, node: usize) -> Result<Slot, Refused> {
+    /// Takes a place on the node for a connection whose token is not known yet, unless the
+    /// node holds `node` connections or `max_pending` such ones already (`0`: no cap);
+    /// [`Slot::promote`] makes it its user's once it is. Anyone can open such a connection, so
+    /// their own cap keeps them from taking every place from those that authenticate.
+    pub fn pending(&self, node: usize, max_pending: usize) -> Result<Slot, Refused> {
         let mut counts = self.counts();
         if node > 0 && counts.total >= node {
             return Err(Refused::Node(counts.total));
         }
+        if max_pending > 0 && counts.pending >= max_pending {
+            return Err(Refused::Pending(counts.pending));
+        }
         counts.total += 1;
+        counts.pending += 1;
         Ok(Slot {
             conns: self.clone(),
             key: None,
@@ -126,6 +137,7 @@ impl Slot {
         Connections::check_user_and_tenant(&counts, &key, caps)?;
         *counts.users.entry(key.clone()).or_default() += 1;
         *counts.tenants.entry(key.0.clone()).or_default() += 1;
+        counts.pending -= 1;
         drop(counts);
         self.key = Some(key);
         Ok(())
@@ -137,6 +149,7 @@ impl Drop for Slot {
         let mut counts = self.conns.counts();
         counts.total -= 1;
         let Some(key) = &self.key else {
+            counts.pending -= 1;
             return;
         };
         let Counts { tenants, users, .. } = &mut *counts;
@@ -189,11 +202,11 @@ mod tests {
     fn a_pending_connection_holds_a_place_on_the_node_and_keeps_it_when_promoted() {
         let conns = Connections::default();
         let caps = caps(1, 0, 3);
-        let mut a = conns.pending(3).expect("room");
-        let mut b = conns.pending(3).expect("room");
+        let mut a = conns.pending(3, 0).expect("room");
+        let mut b = conns.pending(3, 0).expect("room");
         let _c = conns.open("acme", "bob", caps).expect("room");
         // The node is full: no more pending ones, and no authenticated ones either.
-        assert_eq!(conns.pending(3).unwrap_err(), Refused::Node(3));
+        assert_eq!(conns.pending(3, 0).unwrap_err(), Refused::Node(3));
         assert_eq!(
             conns.open("acme", "cy", caps).unwrap_err(),
             Refused::Node(3)
@@ -215,6 +228,25 @@ mod tests {
             .counts()
             .users
             .contains_key(&("acme".into(), "ann".into())));
+    }
+
+    #[test]
+    fn pending_connections_have_a_cap_of_their_own() {
+        let conns = Connections::default();
+        let caps = caps(0, 0, 10);
+        let mut a = conns.pending(10, 2).expect("room");
+        let _b = conns.pending(10, 2).expect("room");
+        assert_eq!(conns.pending(10, 2).unwrap_err(), Refused::Pending(2));
+        // Those that authenticate are not held back by them...
+        let _c = conns.open("acme", "cy", caps).expect("room");
+        // ... and one that authenticates frees its pending place.
+        a.promote("acme", "ann", caps).expect("promoted");
+        let _d = conns.pending(10, 2).expect("a pending place was freed");
+        assert_eq!(conns.counts().pending, 2);
+        assert_eq!(conns.open_now(), 4);
+        drop(a);
+        let pending = conns.counts().pending;
+        assert_eq!((pending, conns.open_now()), (2, 3));
     }
 
     #[test]
@@ -256,8 +288,8 @@ mod tests {
             conns.open("t0", "u", one_each).unwrap_err(),
             Refused::User(1)
         );
-        assert_eq!(conns.pending(4).unwrap_err(), Refused::Node(4));
-        assert!(conns.pending(5).is_ok() && conns.pending(0).is_ok());
+        assert_eq!(conns.pending(4, 0).unwrap_err(), Refused::Node(4));
+        assert!(conns.pending(5, 0).is_ok() && conns.pending(0, 0).is_ok());
         drop(slots);
         assert!(conns.open("t9", "u", four).is_ok());
     }

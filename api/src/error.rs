@@ -108,7 +108,9 @@ impl From<crate::auth::sessions::StoreError> for ApiError {
 impl From<crate::connections::Refused> for ApiError {
     fn from(e: crate::connections::Refused) -> Self {
         match e {
-            crate::connections::Refused::Node(_) => ApiError::Unavailable(e.to_string()),
+            crate::connections::Refused::Node(_) | crate::connections::Refused::Pending(_) => {
+                ApiError::Unavailable(e.to_string())
+            }
             _ => ApiError::TooManyConnections(e.to_string()),
         }
     }

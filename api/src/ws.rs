@@ -61,6 +61,8 @@ pub struct WsConfig {
     pub max_connections_per_tenant: usize,
     /// Most connections one node holds open in all (0: no cap).
     pub max_connections: usize,
+    /// Of those, most still waiting for their `auth` message (0: no cap).
+    pub max_pending_connections: usize,
     /// Largest client message, in bytes (larger closes the connection with 1009).
     pub max_message_bytes: usize,
     /// Seconds between pings; two without a pong close the connection.
@@ -86,6 +88,7 @@ impl Default for WsConfig {
             max_connections_per_user: 100,
             max_connections_per_tenant: 10_000,
             max_connections: 20_000,
+            max_pending_connections: 1_000,
             max_message_bytes: 64 * 1024,
             heartbeat_secs: 15,
             queue: 1024,
@@ -165,7 +168,11 @@ pub async fn ws_handler(
             Arrival::Authenticated(Box::new(claims), slot)
         }
         // Counted on the node while it authenticates; a full node does not take it at all.
-        None => Arrival::Pending(state.connections.pending(state.ws.max_connections)?),
+        None => Arrival::Pending(
+            state
+                .connections
+                .pending(state.ws.max_connections, state.ws.max_pending_connections)?,
+        ),
     };
     if state.hub.is_none() {
         return Err(ApiError::Unavailable(

@@ -173,7 +173,17 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
         let connections = api::connections::Connections::default();
         let open = api::server::OpenConnections::default();
         let status_open = open.clone();
-        let max_open = cfg.api.max_connections;
+        let limits = cfg.api.server_limits().fitted_to_fds();
+        let max_open = limits.max_connections;
+        let mut ws = cfg.ws.clone();
+        ws.max_connections = limits.ws_cap(cfg.ws.max_connections);
+        if ws.max_connections != cfg.ws.max_connections {
+            tracing::warn!(
+                configured = cfg.ws.max_connections,
+                cap = ws.max_connections,
+                "ws.max_connections lowered to leave HTTP a fifth of the node's connections"
+            );
+        }
         let status_hub = hub.clone();
         let state = AppState {
             keys,
@@ -191,7 +201,7 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             ))),
             pages: api::PageLimits::from(&cfg.api),
             hub: Some(hub.clone()),
-            ws: cfg.ws.clone(),
+            ws,
             connections: connections.clone(),
             applied: Some(api::applied::AppliedWatch::new(
                 hub,
@@ -231,7 +241,6 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
         api_addr = listener.local_addr().ok();
         tracing::info!(addr = ?api_addr, "api listening");
         let mut rx = stop_rx.clone();
-        let limits = cfg.api.server_limits();
         let handle = tokio::spawn(async move {
             let shutdown = async move {
                 let _ = rx.changed().await;

@@ -296,6 +296,9 @@ impl Config {
                 self.api.listen
             ));
         }
+        if self.api.idle_timeout_secs == 0 {
+            out.push("api.idle_timeout_secs must be at least 1 (it cannot be switched off)".into());
+        }
         let (http, ws) = (self.api.max_connections, self.ws.max_connections);
         if http > 0 && (ws == 0 || ws >= http) {
             out.push(format!(
@@ -528,6 +531,13 @@ mod tests {
             .to_string();
             assert!(err.contains("api.max_connections"), "{err}");
         }
+        let err = Config::load(
+            None,
+            env(&[SECRET, ("SYNCFLOW_API_IDLE_TIMEOUT_SECS", "0")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("api.idle_timeout_secs"), "{err}");
         // No cap on the node, or one above the WebSockets', is fine.
         for (http, ws) in [("0", "0"), ("0", "20000"), ("30000", "20000")] {
             let vars = [

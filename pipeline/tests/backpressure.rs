@@ -95,12 +95,26 @@ async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_
     env.cfg.ws.max_connections_per_user = 2;
     env.cfg.ws.max_connections_per_tenant = 3;
     env.cfg.ws.max_connections = 5;
+    env.cfg.ws.max_pending_connections = 1;
     let node = env.start(&[Role::Api]).await;
     let addr = node.api_addr.unwrap();
     let ann = env.token_as("ann", "acme", "live:r");
     let bob = env.token_as("bob", "acme", "live:r");
     let first = subscribed(addr, &ann).await;
     let _second = subscribed(addr, &ann).await;
+    // Connections still waiting for their token have a cap of their own (1 here), so that
+    // anyone's cannot take every place from those who authenticate.
+    let url = format!("ws://{addr}/v1/subscribe");
+    let (waiting, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    match tokio_tungstenite::connect_async(&url).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 503);
+            let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default());
+            assert!(body.contains("ws.max_pending_connections"), "{body}");
+        }
+        other => panic!("expected 503, got {:?}", other.map(|_| ())),
+    }
+    drop(waiting);
     // A third of the same user: refused before the upgrade, with the reason...
     let (status, body) = refused_upgrade(addr, &ann).await;
     assert_eq!(status, 429, "{body}");
@@ -122,9 +136,10 @@ async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_
     // Another tenant is not affected, until the node is full.
     let _other = subscribed(addr, &env.token_as("ann", "globex", "live:r")).await;
     // A connection that has not sent its token yet holds a place on the node too.
-    let (_pending, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/subscribe"))
-        .await
-        .unwrap();
+    let _pending = common::eventually(Duration::from_secs(10), "a pending place", || async {
+        tokio_tungstenite::connect_async(&url).await.ok()
+    })
+    .await;
     let (status, body) = refused_upgrade(addr, &env.token_as("joe", "umbrella", "live:r")).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("ws.max_connections"), "{body}");

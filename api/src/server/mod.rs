@@ -10,23 +10,25 @@
 
 use std::future::Future;
 use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio::time::Sleep;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
 use tower::ServiceBuilder;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::AppState;
+
+mod counted;
+mod fds;
+
+use counted::Counted;
+pub use counted::OpenConnections;
+pub use fds::{fd_limit, fit_to_fds, raise_fd_limit, RESERVED_FDS};
 
 /// The limits [`serve`] holds connections to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,118 +42,40 @@ pub struct ServerLimits {
     pub idle_timeout: Duration,
 }
 
-/// How many connections are open now (clone to share, e.g. with `/status`).
-#[derive(Debug, Clone, Default)]
-pub struct OpenConnections(Arc<AtomicUsize>);
-
-impl OpenConnections {
-    /// Connections open now.
-    pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A connection that gives its place back when it closes, and fails its writes once its client
-/// has taken no byte for `write_timeout`.
-struct Counted {
-    io: TcpStream,
-    _permit: Option<OwnedSemaphorePermit>,
-    open: OpenConnections,
-    write_timeout: Duration,
-    /// Running while a write waits for the client to take bytes.
-    stalled: Option<Pin<Box<Sleep>>>,
-}
-
-impl Counted {
-    fn new(
-        io: TcpStream,
-        permit: Option<OwnedSemaphorePermit>,
-        open: &OpenConnections,
-        write_timeout: Duration,
-    ) -> Self {
-        open.0.fetch_add(1, Ordering::Relaxed);
+impl ServerLimits {
+    /// These limits with the connection cap lowered to fit the process's file-descriptor
+    /// limit, if it is too low (logged).
+    pub fn fitted_to_fds(self) -> Self {
+        let fds = fd_limit();
+        let cap = fit_to_fds(self.max_connections, fds);
+        if cap != self.max_connections {
+            tracing::warn!(
+                configured = self.max_connections,
+                fd_limit = fds,
+                cap,
+                "the file-descriptor limit is too low for api.max_connections; holding fewer connections (raise LimitNOFILE / ulimit -n)"
+            );
+        }
         Self {
-            io,
-            _permit: permit,
-            open: open.clone(),
-            write_timeout,
-            stalled: None,
+            max_connections: cap,
+            ..self
         }
     }
 
-    /// `poll` of a write, failed with `TimedOut` once it has waited `write_timeout`.
-    fn timed<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        poll: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
-    ) -> Poll<io::Result<T>> {
-        match poll(Pin::new(&mut self.io), cx) {
-            Poll::Ready(out) => {
-                self.stalled = None;
-                Poll::Ready(out)
-            }
-            Poll::Pending => {
-                let timeout = self.write_timeout;
-                let stalled = self
-                    .stalled
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                match stalled.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the client took no byte for api.idle_timeout_secs",
-                    ))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
+    /// `ws_cap` (`ws.max_connections`, `0`: none), lowered if needed to leave a fifth of this
+    /// node's connections to HTTP requests, so that WebSockets cannot take them all (the
+    /// configuration guarantees that, but a cap fitted to the descriptors may not).
+    pub fn ws_cap(&self, ws_cap: usize) -> usize {
+        let all = self.max_connections;
+        if all == 0 || (ws_cap > 0 && ws_cap < all) {
+            return ws_cap;
         }
+        (all - all / 5).max(1)
     }
 }
 
-impl Drop for Counted {
-    fn drop(&mut self) {
-        self.open.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-impl AsyncRead for Counted {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Counted {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.timed(cx, |io, cx| io.poll_write(cx, buf))
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.timed(cx, |io, cx| io.poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
+/// How long a stopping server waits for the requests in progress.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// Serves the API on `listener` within `limits` until `shutdown` resolves, then waits for the
 /// requests in progress (upgraded WebSocket connections are no longer the server's).
@@ -239,7 +163,17 @@ pub async fn serve(
     }
     drop(listener);
     drop(done_rx);
-    done_tx.closed().await;
+    // Requests in progress get a while to finish; a client trickling a request or reading a
+    // response slowly does not hold the process up past that.
+    if tokio::time::timeout(SHUTDOWN_GRACE, done_tx.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open = open.get(),
+            "stopping with connections still open after {SHUTDOWN_GRACE:?}"
+        );
+    }
     Ok(())
 }
 
@@ -379,32 +313,83 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_reads_no_response_is_disconnected() {
         let (addr, open, _stop, _server) = start(10, 1).await;
+        let _reader = flood(addr).await;
+        eventually("one connection counted", || open.get() == 1).await;
+        // Closed by the server about a second after its writes stopped moving.
+        let closed = "the server closing a connection whose client reads nothing";
+        within(Duration::from_secs(30), closed, || open.get() == 0).await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_reads_slowly_but_steadily_keeps_its_connection() {
+        let (addr, open, _stop, _server) = start(10, 1).await;
+        let mut reader = flood(addr).await;
+        // 64 KiB every 100 ms for 4 s: the socket seldom turns writable (that takes much of its
+        // buffer drained), but the client takes bytes all along.
+        let (until, mut got) = (Instant::now() + Duration::from_secs(4), 0);
+        while Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut buf = vec![0u8; 64 * 1024];
+            let wait = Duration::from_secs(5);
+            let n = tokio::time::timeout(wait, reader.read(&mut buf)).await;
+            let n = n.expect("a response byte within 5 s").unwrap_or(0);
+            assert!(
+                n > 0,
+                "closed after {got} bytes while the client was reading"
+            );
+            got += n;
+        }
+        assert_eq!(open.get(), 1);
+    }
+
+    /// Connects to `addr` and asks for far more responses than the two sockets' buffers hold
+    /// (a few MB each), all at once; returns the reading half, which nothing has read.
+    async fn flood(addr: std::net::SocketAddr) -> tokio::net::tcp::OwnedReadHalf {
         let get = b"GET /openapi.json HTTP/1.1\r\nhost: t\r\n\r\n";
         let mut probe = TcpStream::connect(addr).await.unwrap();
         probe.write_all(get).await.unwrap();
         let mut one = Vec::new();
         while !String::from_utf8_lossy(&one).contains("\r\n\r\n") {
-            one.extend(
-                read_within(&mut probe, Duration::from_secs(5))
-                    .await
-                    .unwrap(),
-            );
+            let wait = Duration::from_secs(5);
+            one.extend(read_within(&mut probe, wait).await.unwrap());
         }
         drop(probe);
-        // Far more responses than the two sockets' buffers hold (a few MB each), asked for at
-        // once and never read: the server's writes stall.
         let n = 64 * 1024 * 1024 / one.len().max(1) + 1;
         let conn = TcpStream::connect(addr).await.unwrap();
-        let (_reader, mut writer) = conn.into_split();
+        let (reader, mut writer) = conn.into_split();
         let requests = get.repeat(n.min(200_000));
         tokio::spawn(async move {
             let _ = writer.write_all(&requests).await;
             std::future::pending::<()>().await;
         });
-        eventually("one connection counted", || open.get() == 1).await;
-        // Closed by the server about a second after its writes stopped moving.
-        let closed = "the server closing a connection whose client reads nothing";
-        within(Duration::from_secs(30), closed, || open.get() == 0).await;
+        reader
+    }
+
+    #[test]
+    fn the_cap_fits_the_file_descriptor_limit() {
+        // Room for it: unchanged. Too few descriptors: what is left after the reserve.
+        assert_eq!(fit_to_fds(25_000, Some(100_000)), 25_000);
+        assert_eq!(fit_to_fds(25_000, Some(20_000)), 20_000 - RESERVED_FDS);
+        assert_eq!(fit_to_fds(25_000, Some(100)), 1);
+        // WebSockets keep below the node's cap, leaving a fifth for HTTP.
+        let fitted = ServerLimits {
+            max_connections: 18_976,
+            idle_timeout: Duration::from_secs(75),
+        };
+        assert_eq!(fitted.ws_cap(20_000), 15_181);
+        assert_eq!(fitted.ws_cap(0), 15_181);
+        assert_eq!(fitted.ws_cap(10_000), 10_000);
+        let uncapped = ServerLimits {
+            max_connections: 0,
+            ..fitted
+        };
+        assert_eq!(uncapped.ws_cap(0), 0);
+        // No cap asked for, or the limit unknown: as configured.
+        assert_eq!(fit_to_fds(0, Some(100)), 0);
+        assert_eq!(fit_to_fds(25_000, None), 25_000);
+        // The process's own limit is readable, and raising it never lowers it.
+        let before = fd_limit().expect("RLIMIT_NOFILE");
+        assert!(raise_fd_limit().expect("RLIMIT_NOFILE") >= before);
     }
 
     #[tokio::test]

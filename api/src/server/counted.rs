@@ -1,0 +1,162 @@
+//! [`Counted`]: an accepted connection that holds its place among the node's connections and
+//! fails its writes once its client has taken no byte for a while.
+
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, Sleep};
+
+/// How many connections are open now (clone to share, e.g. with `/status`).
+#[derive(Debug, Clone, Default)]
+pub struct OpenConnections(Arc<AtomicUsize>);
+
+impl OpenConnections {
+    /// Connections open now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// A write waiting for the client to take bytes: since when, and how many were queued then.
+struct Stall {
+    timer: Pin<Box<Sleep>>,
+    queued: Option<usize>,
+}
+
+/// A connection that gives its place back when it closes, and fails a write once its client
+/// has taken no byte for `write_timeout`.
+///
+/// A socket becomes writable again only when a good part of its send buffer (megabytes on a
+/// fast link) has drained, so a client reading slowly can leave a write waiting longer than
+/// the timeout while it reads all along. When the timer fires, the bytes still queued in the
+/// socket (Linux `SIOCOUTQ`) say whether the client took any since it was set; if it did, the
+/// wait starts again.
+pub(super) struct Counted {
+    io: TcpStream,
+    _permit: Option<OwnedSemaphorePermit>,
+    open: OpenConnections,
+    write_timeout: Duration,
+    stalled: Option<Stall>,
+}
+
+impl Counted {
+    pub(super) fn new(
+        io: TcpStream,
+        permit: Option<OwnedSemaphorePermit>,
+        open: &OpenConnections,
+        write_timeout: Duration,
+    ) -> Self {
+        open.0.fetch_add(1, Ordering::Relaxed);
+        Self {
+            io,
+            _permit: permit,
+            open: open.clone(),
+            write_timeout,
+            stalled: None,
+        }
+    }
+
+    /// `poll` of a write, failed with `TimedOut` once the client has taken nothing for
+    /// `write_timeout` while it waited.
+    fn timed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if let Poll::Ready(out) = poll(Pin::new(&mut self.io), cx) {
+            self.stalled = None;
+            return Poll::Ready(out);
+        }
+        let (timeout, fd) = (self.write_timeout, self.io.as_raw_fd());
+        let stall = self.stalled.get_or_insert_with(|| Stall {
+            timer: Box::pin(tokio::time::sleep(timeout)),
+            queued: queued(fd),
+        });
+        while stall.timer.as_mut().poll(cx).is_ready() {
+            match (stall.queued, queued(fd)) {
+                (Some(then), Some(now)) if now < then => {
+                    stall.queued = Some(now);
+                    stall.timer.as_mut().reset(Instant::now() + timeout);
+                }
+                _ => {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client took no byte for api.idle_timeout_secs",
+                    )))
+                }
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// Bytes in the socket's send queue that the peer has not acknowledged yet.
+#[cfg(target_os = "linux")]
+fn queued(fd: RawFd) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ on a socket) writes one int into `n`; `fd` is open, as the
+    // stream that owns it is borrowed by the caller.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
+    (rc == 0).then(|| usize::try_from(n).unwrap_or(0))
+}
+
+/// Unknown elsewhere: a stalled write then fails after the timeout as it stands.
+#[cfg(not(target_os = "linux"))]
+fn queued(_: RawFd) -> Option<usize> {
+    None
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.open.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AsyncRead for Counted {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Counted {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.timed(cx, |io, cx| io.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.timed(cx, |io, cx| io.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
