@@ -675,6 +675,8 @@ pub(crate) mod tests {
     pub(crate) struct Sweeping {
         metas: AtomicUsize,
         swept: i64,
+        /// How long a listing takes.
+        pub(crate) list_delay: std::time::Duration,
     }
 
     impl Sweeping {
@@ -682,6 +684,7 @@ pub(crate) mod tests {
             Self {
                 metas: AtomicUsize::new(0),
                 swept,
+                list_delay: std::time::Duration::ZERO,
             }
         }
     }
@@ -721,6 +724,7 @@ pub(crate) mod tests {
             _: usize,
         ) -> BoxFuture<'a, Result<DocPage, ViewError>> {
             Box::pin(async {
+                tokio::time::sleep(self.list_delay).await;
                 Ok(DocPage {
                     docs: Vec::new(),
                     more: false,
@@ -776,7 +780,7 @@ pub(crate) mod tests {
     }
 
     /// A development token of tenant `acme` with `grants` (like `b:r`), signed with `st`'s key.
-    fn token(st: &AppState, grants: &str) -> String {
+    pub(crate) fn token(st: &AppState, grants: &str) -> String {
         let grants = crate::auth::parse_grants(grants).unwrap();
         st.keys.mint("t", "acme", grants, now_ms() / 1000, 60)
     }

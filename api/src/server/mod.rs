@@ -206,15 +206,18 @@ mod tests {
 
     /// Serves a test state on a free port, with a cap of `max_connections` and an idle timeout
     /// of `idle_secs`, until `stop` is sent.
-    async fn start(
-        max_connections: usize,
-        idle_secs: u64,
-    ) -> (
+    async fn start(max_connections: usize, idle_secs: u64) -> Started {
+        start_with(max_connections, idle_secs, state(Sweeping::to(0))).await
+    }
+
+    type Started = (
         std::net::SocketAddr,
         OpenConnections,
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<io::Result<()>>,
-    ) {
+    );
+
+    async fn start_with(max_connections: usize, idle_secs: u64, state: AppState) -> Started {
         let limits = ServerLimits {
             max_connections,
             idle_timeout: Duration::from_secs(idle_secs),
@@ -223,16 +226,34 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let open = OpenConnections::default();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(
-            listener,
-            state(Sweeping::to(0)),
-            limits,
-            open.clone(),
-            async move {
-                let _ = stopped.await;
-            },
-        ));
+        let server = tokio::spawn(serve(listener, state, limits, open.clone(), async move {
+            let _ = stopped.await;
+        }));
         (addr, open, stop, server)
+    }
+
+    #[tokio::test]
+    async fn a_request_that_takes_longer_than_the_idle_timeout_is_answered() {
+        let mut reader = Sweeping::to(0);
+        reader.list_delay = Duration::from_millis(2500);
+        let st = state(reader);
+        let token = crate::routes::tests::token(&st, "b:r");
+        let (addr, _open, _stop, _server) = start_with(10, 1, st).await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let get = format!(
+            "GET /v1/buckets/b/docs HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {token}\r\n\r\n"
+        );
+        let asked = Instant::now();
+        conn.write_all(get.as_bytes()).await.unwrap();
+        let wait = Duration::from_secs(10);
+        let text = String::from_utf8(read_within(&mut conn, wait).await.unwrap()).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        // It did take longer than the timeout.
+        assert!(
+            asked.elapsed() >= Duration::from_secs(2),
+            "{:?}",
+            asked.elapsed()
+        );
     }
 
     /// What the server sends on `conn` within `wait`: `Some(bytes)` (empty: it closed the
