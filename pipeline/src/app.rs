@@ -173,17 +173,13 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
         let connections = api::connections::Connections::default();
         let open = api::server::OpenConnections::default();
         let status_open = open.clone();
-        let limits = cfg.api.server_limits().fitted_to_fds();
+        let (limits, ws_max) = cfg
+            .api
+            .server_limits()
+            .fitted_to_fds(cfg.ws.max_connections);
         let max_open = limits.max_connections;
         let mut ws = cfg.ws.clone();
-        ws.max_connections = limits.ws_cap(cfg.ws.max_connections);
-        if ws.max_connections != cfg.ws.max_connections {
-            tracing::warn!(
-                configured = cfg.ws.max_connections,
-                cap = ws.max_connections,
-                "ws.max_connections lowered to leave HTTP a fifth of the node's connections"
-            );
-        }
+        ws.max_connections = ws_max;
         let status_hub = hub.clone();
         let state = AppState {
             keys,

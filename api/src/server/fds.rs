@@ -33,14 +33,16 @@ pub fn raise_fd_limit() -> Option<usize> {
     fd_limit()
 }
 
-/// The connection cap that fits `fds` file descriptors with [`RESERVED_FDS`] kept for the
-/// rest: `max_connections`, or less when the limit is too low for it (`0`, no cap, stays).
+/// The connection cap that fits `fds` file descriptors with [`RESERVED_FDS`] (or half of a
+/// smaller limit) kept for the rest: `max_connections`, or less when the limit is too low for
+/// it (`0`, no cap, stays).
 /// Past the limit `accept` fails, and so would every other file the process opens: its Kafka,
 /// MongoDB and Redis connections too.
 pub fn fit_to_fds(max_connections: usize, fds: Option<usize>) -> usize {
     match fds {
         Some(fds) if max_connections > 0 => {
-            max_connections.min(fds.saturating_sub(RESERVED_FDS).max(1))
+            let reserved = RESERVED_FDS.min(fds / 2);
+            max_connections.min(fds.saturating_sub(reserved).max(1))
         }
         _ => max_connections,
     }

@@ -43,34 +43,45 @@ pub struct ServerLimits {
 }
 
 impl ServerLimits {
-    /// These limits with the connection cap lowered to fit the process's file-descriptor
-    /// limit, if it is too low (logged).
-    pub fn fitted_to_fds(self) -> Self {
-        let fds = fd_limit();
+    /// These limits with the connection cap fitted to the process's file-descriptor limit
+    /// (raised to the hard limit first), and `ws_cap` (`ws.max_connections`, `0`: none) with
+    /// it: where the node's cap is lowered, WebSockets keep below four fifths of it, so that
+    /// they cannot take every place from HTTP requests. Each change is logged.
+    pub fn fitted_to_fds(self, ws_cap: usize) -> (Self, usize) {
+        let fds = raise_fd_limit();
         let cap = fit_to_fds(self.max_connections, fds);
-        if cap != self.max_connections {
+        if cap == self.max_connections {
+            return (self, ws_cap);
+        }
+        tracing::warn!(
+            configured = self.max_connections,
+            fd_limit = fds,
+            cap,
+            "the file-descriptor limit is too low for api.max_connections; holding fewer connections (raise LimitNOFILE / ulimit -n)"
+        );
+        let ws = ws_under(cap, ws_cap);
+        if ws != ws_cap {
             tracing::warn!(
-                configured = self.max_connections,
-                fd_limit = fds,
-                cap,
-                "the file-descriptor limit is too low for api.max_connections; holding fewer connections (raise LimitNOFILE / ulimit -n)"
+                configured = ws_cap,
+                cap = ws,
+                "ws.max_connections lowered with api.max_connections, to leave HTTP a fifth"
             );
         }
-        Self {
+        let limits = Self {
             max_connections: cap,
             ..self
-        }
+        };
+        (limits, ws)
     }
+}
 
-    /// `ws_cap` (`ws.max_connections`, `0`: none), lowered if needed to leave a fifth of this
-    /// node's connections to HTTP requests, so that WebSockets cannot take them all (the
-    /// configuration guarantees that, but a cap fitted to the descriptors may not).
-    pub fn ws_cap(&self, ws_cap: usize) -> usize {
-        let all = self.max_connections;
-        if all == 0 || (ws_cap > 0 && ws_cap < all) {
-            return ws_cap;
-        }
-        (all - all / 5).max(1)
+/// `ws` (`0`: none) lowered if needed to leave HTTP a fifth (at least one) of `all` connections.
+pub fn ws_under(all: usize, ws: usize) -> usize {
+    let most = all.saturating_sub((all / 5).max(1)).max(1);
+    if ws == 0 {
+        most
+    } else {
+        ws.min(most)
     }
 }
 
@@ -170,8 +181,8 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!(
-            open = open.get(),
-            "stopping with connections still open after {SHUTDOWN_GRACE:?}"
+            requests = done_tx.receiver_count(),
+            "stopping with requests still in progress after {SHUTDOWN_GRACE:?}"
         );
     }
     Ok(())
@@ -284,7 +295,7 @@ mod tests {
 
     #[tokio::test]
     async fn silent_and_idle_connections_are_closed_and_the_cap_holds_the_next_until_then() {
-        let (addr, open, _stop, _server) = start(2, 2).await;
+        let (addr, open, _stop, _server) = start(2, 3).await;
         // One connection sends nothing; another makes a keep-alive request, then idles.
         let mut silent = TcpStream::connect(addr).await.unwrap();
         let mut idle = TcpStream::connect(addr).await.unwrap();
@@ -343,7 +354,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_reads_slowly_but_steadily_keeps_its_connection() {
-        let (addr, open, _stop, _server) = start(10, 1).await;
+        let (addr, open, _stop, _server) = start(10, 2).await;
         let mut reader = flood(addr).await;
         // 64 KiB every 100 ms for 4 s: the socket seldom turns writable (that takes much of its
         // buffer drained), but the client takes bytes all along.
@@ -391,20 +402,15 @@ mod tests {
         // Room for it: unchanged. Too few descriptors: what is left after the reserve.
         assert_eq!(fit_to_fds(25_000, Some(100_000)), 25_000);
         assert_eq!(fit_to_fds(25_000, Some(20_000)), 20_000 - RESERVED_FDS);
-        assert_eq!(fit_to_fds(25_000, Some(100)), 1);
-        // WebSockets keep below the node's cap, leaving a fifth for HTTP.
-        let fitted = ServerLimits {
-            max_connections: 18_976,
-            idle_timeout: Duration::from_secs(75),
-        };
-        assert_eq!(fitted.ws_cap(20_000), 15_181);
-        assert_eq!(fitted.ws_cap(0), 15_181);
-        assert_eq!(fitted.ws_cap(10_000), 10_000);
-        let uncapped = ServerLimits {
-            max_connections: 0,
-            ..fitted
-        };
-        assert_eq!(uncapped.ws_cap(0), 0);
+        // A low limit (1,024 is a common default) keeps half for the rest.
+        assert_eq!(fit_to_fds(25_000, Some(1_024)), 512);
+        assert_eq!(fit_to_fds(25_000, Some(100)), 50);
+        // WebSockets keep below four fifths of a fitted cap, leaving a fifth for HTTP.
+        assert_eq!(ws_under(18_976, 20_000), 15_181);
+        assert_eq!(ws_under(18_976, 18_900), 15_181);
+        assert_eq!(ws_under(18_976, 0), 15_181);
+        assert_eq!(ws_under(18_976, 10_000), 10_000);
+        assert_eq!(ws_under(4, 0), 3);
         // No cap asked for, or the limit unknown: as configured.
         assert_eq!(fit_to_fds(0, Some(100)), 0);
         assert_eq!(fit_to_fds(25_000, None), 25_000);
