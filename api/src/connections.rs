@@ -47,6 +47,27 @@ struct Counts {
     pending: usize,
 }
 
+impl Counts {
+    /// `Err` when the user (`key.1`) or its tenant (`key.0`) is at its cap (`0`: none).
+    fn check_user(&self, key: &(String, String), caps: Caps) -> Result<(), Refused> {
+        let users = self.users.get(key).copied().unwrap_or(0);
+        if caps.per_user > 0 && users >= caps.per_user {
+            return Err(Refused::User(users));
+        }
+        let tenants = self.tenants.get(&key.0).copied().unwrap_or(0);
+        if caps.per_tenant > 0 && tenants >= caps.per_tenant {
+            return Err(Refused::Tenant(tenants));
+        }
+        Ok(())
+    }
+
+    /// Counts one more connection of the user and of its tenant.
+    fn add_user(&mut self, key: &(String, String)) {
+        *self.users.entry(key.clone()).or_default() += 1;
+        *self.tenants.entry(key.0.clone()).or_default() += 1;
+    }
+}
+
 /// The node's open connections (clone to share).
 #[derive(Debug, Clone, Default)]
 pub struct Connections(Arc<Mutex<Counts>>);
@@ -61,12 +82,11 @@ impl Connections {
     pub fn open(&self, tenant: &str, user: &str, caps: Caps) -> Result<Slot, Refused> {
         let mut counts = self.counts();
         let key = (tenant.to_owned(), user.to_owned());
-        Self::check_user_and_tenant(&counts, &key, caps)?;
+        counts.check_user(&key, caps)?;
         if caps.node > 0 && counts.total >= caps.node {
             return Err(Refused::Node(counts.total));
         }
-        *counts.users.entry(key.clone()).or_default() += 1;
-        *counts.tenants.entry(key.0.clone()).or_default() += 1;
+        counts.add_user(&key);
         counts.total += 1;
         Ok(Slot {
             conns: self.clone(),
@@ -94,22 +114,6 @@ impl Connections {
         })
     }
 
-    fn check_user_and_tenant(
-        counts: &Counts,
-        key: &(String, String),
-        caps: Caps,
-    ) -> Result<(), Refused> {
-        let users = counts.users.get(key).copied().unwrap_or(0);
-        if caps.per_user > 0 && users >= caps.per_user {
-            return Err(Refused::User(users));
-        }
-        let tenants = counts.tenants.get(&key.0).copied().unwrap_or(0);
-        if caps.per_tenant > 0 && tenants >= caps.per_tenant {
-            return Err(Refused::Tenant(tenants));
-        }
-        Ok(())
-    }
-
     /// Connections open now (pending ones included).
     pub fn open_now(&self) -> usize {
         self.counts().total
@@ -134,9 +138,8 @@ impl Slot {
         }
         let mut counts = self.conns.counts();
         let key = (tenant.to_owned(), user.to_owned());
-        Connections::check_user_and_tenant(&counts, &key, caps)?;
-        *counts.users.entry(key.clone()).or_default() += 1;
-        *counts.tenants.entry(key.0.clone()).or_default() += 1;
+        counts.check_user(&key, caps)?;
+        counts.add_user(&key);
         counts.pending -= 1;
         drop(counts);
         self.key = Some(key);

@@ -184,9 +184,6 @@ async fn main() -> anyhow::Result<()> {
     let cfg = Config::from_env(cli.config.clone())?;
     match cli.command {
         Command::Run { role } => {
-            if let Some(fds) = api::server::raise_fd_limit() {
-                tracing::info!(fds, "file-descriptor limit");
-            }
             let roles = if role.is_empty() {
                 vec![Role::Api, Role::Processor, Role::Projector]
             } else {
