@@ -15,6 +15,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -142,31 +143,74 @@ const PING_EVERY: Duration = Duration::from_secs(2);
 /// resubscribes.
 const PING_DEAD_AFTER: Duration = Duration::from_secs(7);
 
+/// Where the hub's Redis connection leaves announcements for the hub: a queue of at most
+/// `ws.hub_queue`. The connection reads its socket on its own and must not wait, so an
+/// announcement that finds the queue full is dropped and `overflowed` set: the hub then tells
+/// every subscriber on the node to catch up from its cursor. Memory stays bounded however far
+/// the hub falls behind Redis, and nothing is missed silently.
+struct Inbox {
+    queue: tokio::sync::mpsc::Sender<redis::PushInfo>,
+    overflowed: Arc<AtomicBool>,
+}
+
+impl redis::aio::AsyncPushSender for Inbox {
+    fn send(&self, info: redis::PushInfo) -> Result<(), redis::aio::SendError> {
+        use tokio::sync::mpsc::error::TrySendError;
+        match self.queue.try_send(info) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => {
+                self.overflowed.store(true, Ordering::Release);
+                Ok(())
+            }
+            Err(TrySendError::Closed(_)) => Err(redis::aio::SendError),
+        }
+    }
+}
+
 /// The node's hub.
 #[derive(Clone)]
 pub struct Hub {
     channels: Channels,
     capacity: usize,
+    /// Announcements queued between the Redis connection and the hub (see [`Inbox`]).
+    inbox: usize,
+    /// How often the inbox overflowed (each time every subscriber here caught up).
+    overflows: Arc<AtomicU64>,
     prefix: String,
     marks: ConnectionManager,
     breaker: Arc<Breaker>,
     /// True while the pattern subscription is up (changes reach this node).
-    listening: Arc<std::sync::atomic::AtomicBool>,
+    listening: Arc<AtomicBool>,
     /// Channels with a [`Hub::gap_later`] pending (one at a time per bucket).
     gaps_pending: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Hub {
-    /// Starts the hub's Redis listener (it reconnects on its own, forever).
-    pub fn start(redis_url: &str, prefix: &str, capacity: usize) -> Result<Hub, redis::RedisError> {
-        let client = redis::Client::open(redis_url)?;
+    /// Starts the hub's Redis listener (it reconnects on its own, forever): `capacity` changes
+    /// queued per bucket for its subscribers, `inbox` announcements between Redis and the hub.
+    pub fn start(
+        redis_url: &str,
+        prefix: &str,
+        capacity: usize,
+        inbox: usize,
+    ) -> Result<Hub, redis::RedisError> {
+        // RESP3, so the subscription's messages come through a sender of ours (the RESP2
+        // pub/sub connection queues them without a bound).
+        let info = redis::IntoConnectionInfo::into_connection_info(redis_url)?;
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let client = redis::Client::open(info.set_redis_settings(resp3))?;
         let hub = Hub {
             channels: Arc::new(Mutex::new(HashMap::new())),
             capacity: capacity.max(1),
+            inbox: inbox.max(1),
+            overflows: Arc::default(),
             prefix: prefix.into(),
             marks: crate::redis_conn::manager(redis_url)?,
             breaker: Arc::new(Breaker::default()),
-            listening: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            listening: Arc::new(AtomicBool::new(false)),
             gaps_pending: Arc::default(),
         };
         let listener = hub.clone();
@@ -197,7 +241,13 @@ impl Hub {
 
     /// Whether the hub is subscribed to Redis now, so that announced changes reach this node.
     pub fn is_listening(&self) -> bool {
-        self.listening.load(std::sync::atomic::Ordering::SeqCst)
+        self.listening.load(Ordering::SeqCst)
+    }
+
+    /// How many times announcements arrived faster than the hub passed them on, so that some
+    /// were dropped and every subscriber on this node caught up from its cursor.
+    pub fn overflows(&self) -> u64 {
+        self.overflows.load(Ordering::Relaxed)
     }
 
     /// Buckets with a channel on this node (one per bucket with subscribers here).
@@ -270,18 +320,36 @@ impl Hub {
         );
         let mut backoff = Duration::from_millis(100);
         loop {
-            match client.get_async_pubsub().await {
-                Ok(mut pubsub) => match subscribe(&mut pubsub, &pattern, &ping).await {
+            let (queue, inbox) = tokio::sync::mpsc::channel(self.inbox);
+            let overflowed = Arc::new(AtomicBool::new(false));
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(PING_DEAD_AFTER))
+                .set_response_timeout(None)
+                .set_push_sender(Inbox {
+                    queue,
+                    overflowed: overflowed.clone(),
+                });
+            match client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            {
+                Ok(mut conn) => match subscribe(&mut conn, &pattern, &ping).await {
                     Ok(pinged) => {
                         tracing::info!(%pattern, "fan-out hub subscribed");
-                        self.listening
-                            .store(true, std::sync::atomic::Ordering::SeqCst);
+                        self.listening.store(true, Ordering::SeqCst);
                         backoff = Duration::from_millis(100);
                         // Anything published while we were away is unknown: everyone catches up.
                         self.gap_for_all();
-                        self.relay(pubsub.on_message(), pinged).await;
-                        self.listening
-                            .store(false, std::sync::atomic::Ordering::SeqCst);
+                        // The connection ends its messages with a `Disconnection` (or, when
+                        // that found the inbox full, by dropping its end of the queue).
+                        let messages = tokio_stream::wrappers::ReceiverStream::new(inbox)
+                            .take_while(|info| {
+                                std::future::ready(info.kind != redis::PushKind::Disconnection)
+                            })
+                            .filter_map(|info| std::future::ready(message(info)));
+                        self.relay(Box::pin(messages), &overflowed, pinged).await;
+                        drop(conn);
+                        self.listening.store(false, Ordering::SeqCst);
                         tracing::warn!("fan-out hub lost its Redis connection");
                     }
                     Err(why) => tracing::warn!(%why, "fan-out hub cannot subscribe"),
@@ -304,9 +372,14 @@ impl Hub {
     /// message counts as a sign of life (under a backlog the ping waits behind the changes), and
     /// a ping that cannot be published (Redis down, or a user not allowed to publish) proves
     /// nothing either way.
+    ///
+    /// After each message it checks whether the inbox overflowed; if so, every subscriber here
+    /// catches up from its cursor (those whose bucket had a change dropped would also see the
+    /// hole in the sequence numbers of the next one, but not if none came).
     async fn relay(
         &self,
         mut messages: impl futures::Stream<Item = redis::Msg> + Unpin,
+        overflowed: &AtomicBool,
         ping: Option<&str>,
     ) {
         let mut tick = tokio::time::interval(PING_EVERY);
@@ -324,6 +397,11 @@ impl Hub {
                     let channel = msg.get_channel_name();
                     if Some(channel) != ping {
                         self.dispatch(channel, msg.get_payload::<String>().ok());
+                    }
+                    if overflowed.swap(false, Ordering::AcqRel) {
+                        let times = self.overflows.fetch_add(1, Ordering::Relaxed) + 1;
+                        tracing::warn!(times, queue = self.inbox, "announcements came faster than this node passed them on; some were dropped and every subscriber here catches up from its cursor (ws.hub_queue)");
+                        self.gap_for_all();
                     }
                 }
                 Some(receivers) = sent.recv() => match receivers {
@@ -377,12 +455,21 @@ impl Hub {
     }
 }
 
+/// The published message an inbox entry carries, if it is one (not a subscription's
+/// confirmation).
+fn message(info: redis::PushInfo) -> Option<redis::Msg> {
+    match info.kind {
+        redis::PushKind::Message | redis::PushKind::PMessage => redis::Msg::from_push_info(info),
+        _ => None,
+    }
+}
+
 /// Subscribes `pubsub` to `pattern` and to the hub's own `ping` channel, each within
 /// [`PING_DEAD_AFTER`] (a connection that went silent must not hang the hub here either).
 /// Returns the ping channel, or `None` when only it could not be subscribed (a Redis user not
 /// allowed to subscribe there): then the hub relays without the liveness check.
 async fn subscribe<'p>(
-    pubsub: &mut redis::aio::PubSub,
+    pubsub: &mut redis::aio::MultiplexedConnection,
     pattern: &str,
     ping: &'p str,
 ) -> Result<Option<&'p str>, String> {
@@ -418,7 +505,7 @@ mod tests {
     #[tokio::test]
     async fn a_buckets_channel_lives_as_long_as_its_subscribers() {
         // Nothing listens on port 1: the hub's listener just keeps retrying in the background.
-        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 8).expect("hub");
+        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 8, 64).expect("hub");
         let mut first = hub.subscribe("acme", "notes");
         let second = hub.subscribe("acme", "notes");
         let other = hub.subscribe("acme", "todo");
@@ -451,7 +538,7 @@ mod tests {
 
     #[tokio::test]
     async fn subscriptions_to_quiet_buckets_hold_no_queue_slots() {
-        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 1024).expect("hub");
+        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 1024, 64).expect("hub");
         let subs: Vec<_> = (0..10_000)
             .map(|i| hub.subscribe("acme", &format!("made-up-{i}")))
             .collect();
@@ -465,7 +552,7 @@ mod tests {
 
     #[tokio::test]
     async fn gap_later_tells_the_buckets_subscribers_to_catch_up() {
-        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 8).expect("hub");
+        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 8, 64).expect("hub");
         let mut sub = hub.subscribe("acme", "notes");
         let started = tokio::time::Instant::now();
         hub.gap_later("acme", "notes", Duration::from_millis(50));
@@ -484,6 +571,81 @@ mod tests {
         hub.gap_later("acme", "nobody", Duration::from_millis(1));
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(hub.channel_count(), 1);
+    }
+
+    /// Needs the local Redis (`scripts/services.sh up`).
+    // Holding the channels' lock across awaits is the point: it stalls the hub's relay (on a
+    // worker thread) while this test (on its own thread) publishes.
+    #[allow(clippy::await_holding_lock)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hub_that_falls_behind_redis_drops_and_resyncs_instead_of_queueing() {
+        let prefix = format!("hubtest{}:", uuid::Uuid::new_v4().simple());
+        let (url, inbox) = ("redis://127.0.0.1:6379/", 8);
+        let hub = Hub::start(url, &prefix, 100_000, inbox).expect("hub");
+        let started = tokio::time::Instant::now();
+        while !hub.is_listening() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "hub never subscribed"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let mut sub = hub.subscribe("acme", "notes");
+        let channel = crate::view::change_channel(&prefix, "acme", "notes");
+        // (The hub tells its subscribers to catch up right after it subscribes; that gap may
+        // reach this one.)
+        while let Ok(got) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
+            assert!(matches!(got, Some(Ok(HubMsg::Gap))), "{got:?}");
+        }
+        let mut publisher = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let announce = |seq: u64| {
+            let mut event = change().event;
+            event.seq = seq;
+            serde_json::to_string(&event).unwrap()
+        };
+        let sent = 2_000;
+        {
+            // The hub cannot pass anything on while this is held (its dispatch takes the lock),
+            // as if it were starved of CPU; the connection goes on reading Redis meanwhile.
+            let held = hub.channels();
+            let mut pipe = redis::pipe();
+            for seq in 1..=sent {
+                pipe.cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(announce(seq))
+                    .ignore();
+            }
+            let () = pipe.query_async(&mut publisher).await.expect("publish");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            drop(held);
+        }
+        // The hub goes on relaying.
+        let () = redis::cmd("PUBLISH")
+            .arg(&channel)
+            .arg(announce(sent + 1))
+            .query_async(&mut publisher)
+            .await
+            .expect("publish");
+        // What got through is at most the inbox (and the one the hub held when it stopped),
+        // with a gap: everything else was dropped, not queued, and the subscriber is told.
+        let (mut changes, mut gaps) = (0, 0);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), sub.next()).await {
+                Ok(Some(Ok(HubMsg::Change(c)))) if c.event.seq == sent + 1 => break,
+                Ok(Some(Ok(HubMsg::Change(_)))) => changes += 1,
+                Ok(Some(Ok(HubMsg::Gap))) => gaps += 1,
+                other => panic!("got {other:?} after {changes} changes and {gaps} gaps"),
+            }
+        }
+        assert!(
+            changes <= inbox + 1,
+            "{changes} changes got through an inbox of {inbox}"
+        );
+        assert_eq!((gaps, hub.overflows()), (1, 1));
     }
 
     #[test]

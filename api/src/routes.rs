@@ -61,6 +61,10 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// How `tower_http::timeout::TimeoutError` reads (it cannot be made outside the crate to
+/// compare with; the server's body-timeout test fails if this changes).
+const BODY_TIMED_OUT: &str = "data was not received within the designated timeout";
+
 /// Client errors that axum answers itself, in plain text or with no body (a path segment that
 /// is not valid UTF-8, an unknown route, a wrong method, a body over the size limit), in the
 /// API's JSON error shape, keeping their status and headers (`Allow`, …).
@@ -79,6 +83,13 @@ async fn json_errors(response: axum::response::Response) -> axum::response::Resp
         .await
         .unwrap_or_default();
     let mut message = String::from_utf8_lossy(&text).trim().to_string();
+    let mut status = status;
+    // The body timeout (`server`'s `RequestBodyTimeoutLayer`) reaches the body's reader as an
+    // error like any other, which axum answers with 400; it is the client's delay, so 408.
+    if status == StatusCode::BAD_REQUEST && message.ends_with(BODY_TIMED_OUT) {
+        status = StatusCode::REQUEST_TIMEOUT;
+        message = "the request body stopped arriving (api.idle_timeout_secs)".into();
+    }
     if message.is_empty() {
         message = status
             .canonical_reason()
@@ -90,6 +101,7 @@ async fn json_errors(response: axum::response::Response) -> axum::response::Resp
         StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
         StatusCode::PAYLOAD_TOO_LARGE => "too_large",
         StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::REQUEST_TIMEOUT => "timeout",
         _ => "bad_request",
     };
     let mut out = (
@@ -867,7 +879,7 @@ pub(crate) mod tests {
         use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
         let mut st = state(Sweeping::to(swept));
         // Nothing listens on port 1: the hub keeps retrying, and cannot read announced marks.
-        st.hub = Some(crate::fanout::Hub::start("redis://127.0.0.1:1/", "t:", 8).unwrap());
+        st.hub = Some(crate::fanout::Hub::start("redis://127.0.0.1:1/", "t:", 8, 64).unwrap());
         let token = token(&st, "b:r");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -69,6 +69,9 @@ pub struct WsConfig {
     pub heartbeat_secs: u64,
     /// Live changes buffered per bucket and node; a subscriber further behind is resynced.
     pub queue: usize,
+    /// Announcements buffered per node between Redis and its hub; beyond it they are dropped
+    /// and every subscriber on the node catches up from its cursor.
+    pub hub_queue: usize,
     /// Resyncs for slowness allowed per minute before the connection is closed (4008).
     pub max_lags_per_minute: u32,
     /// Seconds a client without an `Authorization` header has to send its `auth` message.
@@ -92,6 +95,7 @@ impl Default for WsConfig {
             max_message_bytes: 64 * 1024,
             heartbeat_secs: 15,
             queue: 1024,
+            hub_queue: 16_384,
             max_lags_per_minute: 3,
             auth_timeout_secs: 10,
             send_timeout_secs: 10,

@@ -163,13 +163,18 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             passwords: Passwords::new(cfg.auth.max_concurrent_hashes),
             cfg: cfg.auth.clone(),
         };
-        let hub = api::fanout::Hub::start(&cfg.redis.url, &cfg.kafka.topic_prefix, cfg.ws.queue)
-            .map_err(|e| {
-                AppError::Startup(format!(
-                    "redis {}: {e}",
-                    crate::config::redacted(&cfg.redis.url)
-                ))
-            })?;
+        let hub = api::fanout::Hub::start(
+            &cfg.redis.url,
+            &cfg.kafka.topic_prefix,
+            cfg.ws.queue,
+            cfg.ws.hub_queue,
+        )
+        .map_err(|e| {
+            AppError::Startup(format!(
+                "redis {}: {e}",
+                crate::config::redacted(&cfg.redis.url)
+            ))
+        })?;
         let connections = api::connections::Connections::default();
         let open = api::server::OpenConnections::default();
         let status_open = open.clone();
@@ -221,7 +226,7 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
                 Arc::new(move || {
                     let mut status = serde_json::json!({
                         "roles": roles,
-                        "ws": {"connections": connections.open_now(), "buckets": hub.channel_count()},
+                        "ws": {"connections": connections.open_now(), "buckets": hub.channel_count(), "hub_overflows": hub.overflows()},
                         "http": {"connections": status_open.get(), "max_connections": max_open},
                     });
                     if roles.iter().any(|r| r == "processor") {

@@ -305,6 +305,9 @@ impl Config {
                 "api.max_connections ({http}) must be above ws.max_connections ({ws}, 0 = no cap), or WebSockets could take every connection and leave none for HTTP requests; raise it or set it to 0"
             ));
         }
+        if self.ws.queue == 0 || self.ws.hub_queue == 0 {
+            out.push("ws.queue and ws.hub_queue must be at least 1".into());
+        }
         if self.resolver.restore_chunk == 0 {
             out.push("resolver.restore_chunk must be at least 1".into());
         }
@@ -538,6 +541,16 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("api.idle_timeout_secs"), "{err}");
+        // Queues of no place are refused, not rounded up.
+        for var in ["SYNCFLOW_WS_QUEUE", "SYNCFLOW_WS_HUB_QUEUE"] {
+            let err = Config::load(None, env(&[SECRET, (var, "0")]))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("ws.hub_queue must be at least 1"),
+                "{var}: {err}"
+            );
+        }
         // No cap on the node, or one above the WebSockets', is fine.
         for (http, ws) in [("0", "0"), ("0", "20000"), ("30000", "20000")] {
             let vars = [

@@ -337,8 +337,8 @@ mod tests {
             .await
             .unwrap();
         let text = String::from_utf8_lossy(&answer);
-        assert!(text.starts_with("HTTP/1.1 400"), "{text}");
-        assert!(text.contains("timeout"), "{text}");
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains(r#""code":"timeout""#), "{text}");
         eventually("the connection closed", || open.get() == 0).await;
     }
 
