@@ -226,7 +226,7 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
                 Arc::new(move || {
                     let mut status = serde_json::json!({
                         "roles": roles,
-                        "ws": {"connections": connections.open_now(), "buckets": hub.channel_count(), "hub_overflows": hub.overflows()},
+                        "ws": {"connections": connections.open_now(), "buckets": hub.channel_count(), "hub_overflows": hub.overflows(), "hub_dropped": hub.dropped()},
                         "http": {"connections": status_open.get(), "max_connections": max_open},
                     });
                     if roles.iter().any(|r| r == "processor") {
