@@ -430,23 +430,20 @@ impl Hub {
         let (sent_tx, mut sent) = tokio::sync::mpsc::channel::<Option<i64>>(4);
         // When the first ping since the last message was published, if one was.
         let mut unanswered: Option<tokio::time::Instant> = None;
-        // After the inbox dropped announcements: when every subscriber is to be sent back to its
-        // cursor, and when that was last done.
-        let (mut gap_due, mut last_gap) = (None, None);
+        let mut gaps = OverflowGaps::new();
         loop {
             tokio::select! {
                 biased;
-                () = tokio::time::sleep_until(gap_due.unwrap_or_else(tokio::time::Instant::now)), if gap_due.is_some() => {
-                    gap_due = None;
-                    last_gap = Some(tokio::time::Instant::now());
-                    let times = self.overflows.fetch_add(1, Ordering::Relaxed) + 1;
-                    tracing::warn!(times, dropped = self.dropped(), queue = self.inbox, "announcements came faster than this node passed them on; some were dropped and every subscriber here catches up from its cursor (ws.hub_queue)");
+                () = gaps.timer.as_mut(), if gaps.pending => {
+                    gaps.fired(signal);
                     self.gap_for_all();
                 }
                 msg = messages.next() => {
                     let Some(msg) = msg else { return };
                     unanswered = None;
-                    overflow_gap(signal, &mut gap_due, last_gap);
+                    if gaps.note(signal) {
+                        self.overflowed();
+                    }
                     let channel = msg.get_channel_name();
                     if Some(channel) != ping {
                         self.dispatch(channel, msg.get_payload::<String>().ok());
@@ -456,7 +453,9 @@ impl Hub {
                     if signal.ended.load(Ordering::Acquire) {
                         return;
                     }
-                    overflow_gap(signal, &mut gap_due, last_gap);
+                    if gaps.note(signal) {
+                        self.overflowed();
+                    }
                 }
                 Some(receivers) = sent.recv() => match receivers {
                     Some(0) => {
@@ -484,6 +483,13 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Counts and reports a gap scheduled for dropped announcements (the gap follows, or the
+    /// one sent when the hub resubscribes).
+    fn overflowed(&self) {
+        let times = self.overflows.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(times, dropped = self.dropped(), queue = self.inbox, "announcements came faster than this node passed them on; some were dropped and every subscriber here catches up from its cursor (ws.hub_queue)");
     }
 
     fn dispatch(&self, channel: &str, payload: Option<String>) {
@@ -514,18 +520,46 @@ impl Hub {
 /// once a second, not once per overflow.
 const OVERFLOW_GAP_EVERY: Duration = Duration::from_secs(1);
 
-/// When the inbox dropped announcements since the last look, schedules the gap that sends every
-/// subscriber back to its cursor: at once, or [`OVERFLOW_GAP_EVERY`] after the last one. Any
-/// time after a drop is right: a catch-up that starts after it reads the view up to the
-/// announced mark, which the dropped change had already raised.
-fn overflow_gap(
-    signal: &InboxSignal,
-    gap_due: &mut Option<tokio::time::Instant>,
-    last_gap: Option<tokio::time::Instant>,
-) {
-    if gap_due.is_none() && signal.overflowed.swap(false, Ordering::AcqRel) {
+/// The gaps a relay sends for announcements its inbox dropped: at once after a drop, or
+/// [`OVERFLOW_GAP_EVERY`] after the last one. Any time after a drop is right: a catch-up that
+/// starts after it reads the view up to the announced mark, which the dropped change had
+/// already raised.
+struct OverflowGaps {
+    /// When the pending gap is due (reset, not remade, for each one).
+    timer: Pin<Box<tokio::time::Sleep>>,
+    /// Whether a gap is due.
+    pending: bool,
+    /// When the last one was sent.
+    last: Option<tokio::time::Instant>,
+}
+
+impl OverflowGaps {
+    fn new() -> Self {
+        OverflowGaps {
+            timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+            pending: false,
+            last: None,
+        }
+    }
+
+    /// Schedules a gap when the inbox dropped announcements since the last look and none is
+    /// pending (which will cover them); true when it did.
+    fn note(&mut self, signal: &InboxSignal) -> bool {
+        if self.pending || !signal.overflowed.swap(false, Ordering::AcqRel) {
+            return false;
+        }
         let now = tokio::time::Instant::now();
-        *gap_due = Some(last_gap.map_or(now, |t| (t + OVERFLOW_GAP_EVERY).max(now)));
+        let due = self.last.map_or(now, |t| (t + OVERFLOW_GAP_EVERY).max(now));
+        self.timer.as_mut().reset(due);
+        self.pending = true;
+        true
+    }
+
+    /// The gap is being sent: it covers every drop so far.
+    fn fired(&mut self, signal: &InboxSignal) {
+        signal.overflowed.store(false, Ordering::Release);
+        self.pending = false;
+        self.last = Some(tokio::time::Instant::now());
     }
 }
 

@@ -93,7 +93,9 @@ async fn main() -> anyhow::Result<()> {
     let received = Arc::new(AtomicU64::new(0));
     let gaps = Arc::new(AtomicU64::new(0));
     let lagged = Arc::new(AtomicU64::new(0));
-    let last = Arc::new(std::sync::Mutex::new(Instant::now()));
+    // When the last change reached a reader, in nanoseconds since `origin`.
+    let origin = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
     for b in 0..args.buckets {
         for _ in 0..args.subscribers_per_bucket {
@@ -105,7 +107,8 @@ async fn main() -> anyhow::Result<()> {
                     match msg {
                         Ok(HubMsg::Change(_)) => {
                             received.fetch_add(1, Ordering::Relaxed);
-                            *last.lock().unwrap() = Instant::now();
+                            let at = origin.elapsed().as_nanos() as u64;
+                            last.fetch_max(at, Ordering::Relaxed);
                         }
                         Ok(HubMsg::Gap) => {
                             gaps.fetch_add(1, Ordering::Relaxed);
@@ -150,12 +153,14 @@ async fn main() -> anyhow::Result<()> {
     // Drain: until every reader has everything, or nothing arrived for a second.
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let idle = last.lock().unwrap().elapsed();
+        let idle = origin.elapsed() - Duration::from_nanos(last.load(Ordering::Relaxed));
         if received.load(Ordering::Relaxed) >= expected || idle > Duration::from_secs(1) {
             break;
         }
     }
-    let done = last.lock().unwrap().saturating_duration_since(begin);
+    let done = (origin + Duration::from_nanos(last.load(Ordering::Relaxed)))
+        .saturating_duration_since(begin);
+    anyhow::ensure!(!done.is_zero(), "no change reached a reader");
     let passed_on = args.messages - hub.dropped();
     println!("| measure | value |\n|---|---|");
     println!(
