@@ -125,6 +125,35 @@ struct Sub {
     /// Documents the catch-up sent at a version past the cursor (read while a projector batch
     /// was being written): their live changes up to that version are not sent again.
     ahead: HashMap<String, u64>,
+    /// The connection when the bucket's queue was last read, to judge whose fault a lag is.
+    read: Busy,
+}
+
+/// How busy a connection has been: when, how long its sends had waited for the client in all,
+/// and how many catch-ups it had run.
+#[derive(Clone, Copy)]
+struct Busy {
+    at: Instant,
+    sending: Duration,
+    catch_ups: u64,
+}
+
+impl Busy {
+    fn now(tx: &Tx, catch_ups: u64) -> Busy {
+        Busy {
+            at: Instant::now(),
+            sending: tx.blocked,
+            catch_ups,
+        }
+    }
+
+    /// Whether a queue that overflowed since `self` (its last read) did so because the
+    /// connection was busy catching up other buckets rather than waiting for its client: a
+    /// catch-up ran since, and sends took less than half of the time. Such a lag is not the
+    /// client's slowness (the connection reads no bucket's queue while it catches one up).
+    fn lag_is_ours(&self, now: Busy) -> bool {
+        now.catch_ups > self.catch_ups && (now.sending - self.sending) * 2 < now.at - self.at
+    }
 }
 
 enum End {
@@ -140,11 +169,16 @@ enum End {
 struct Tx {
     sink: futures::stream::SplitSink<WebSocket, Message>,
     timeout: Duration,
+    /// Time spent in sends, in all: waiting for the client to take them.
+    blocked: Duration,
 }
 
 impl Tx {
     async fn frame(&mut self, msg: Message) -> Result<(), End> {
-        match tokio::time::timeout(self.timeout, self.sink.send(msg)).await {
+        let began = Instant::now();
+        let sent = tokio::time::timeout(self.timeout, self.sink.send(msg)).await;
+        self.blocked += began.elapsed();
+        match sent {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(End::Closed),
             Err(_) => {
@@ -244,6 +278,7 @@ async fn session(socket: WebSocket, state: AppState, arrival: Arrival) {
     let mut tx = Tx {
         sink,
         timeout: Duration::from_secs(state.ws.send_timeout_secs.max(1)),
+        blocked: Duration::ZERO,
     };
     let end = run_session(&mut tx, &mut rx, &state, arrival).await;
     if let End::Close(code, reason) = end {
@@ -385,6 +420,8 @@ async fn run_session(
     heartbeat.tick().await;
     let mut last_pong = Instant::now();
     let mut lags: Vec<Instant> = Vec::new();
+    // Catch-ups run on this connection so far.
+    let mut catch_ups = 0u64;
     loop {
         tokio::select! {
             incoming = rx.next() => {
@@ -439,11 +476,15 @@ async fn run_session(
                         // Listen first, then read the view: nothing can fall between.
                         live.insert(bucket.clone(), hub.subscribe(&claims.tenant, &bucket));
                         if let Err(e) = send(tx, json!({"type": "subscribed", "bucket": bucket})).await { return e; }
+                        let began = Instant::now();
                         let caught_up = catch_up(tx, state, &claims.tenant, &bucket, cursor, 0).await;
-                        // No pong is read while a catch-up runs: it must not count against the client.
-                        last_pong = Instant::now();
+                        // No pong is read while a catch-up runs: that time must not count against
+                        // the client (extended, not reset: catch-ups one after the other must not
+                        // keep a dead connection alive).
+                        last_pong = paused(last_pong, began);
+                        catch_ups += 1;
                         match caught_up {
-                            Ok((cursor, ahead)) => { subs.insert(bucket, Sub { cursor, ahead }); }
+                            Ok((cursor, ahead)) => { subs.insert(bucket, Sub { cursor, ahead, read: Busy::now(tx, catch_ups) }); }
                             Err(e) => return e,
                         }
                     }
@@ -465,6 +506,9 @@ async fn run_session(
                         Err(e) => return e,
                     },
                     Ok(HubMsg::Gap) => Some("fanout_interrupted"),
+                    Err(crate::broadcast::Lagged(_)) if sub.read.lag_is_ours(Busy::now(tx, catch_ups)) => {
+                        Some("slow_consumer")
+                    }
                     Err(crate::broadcast::Lagged(_)) => {
                         let now = Instant::now();
                         lags.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
@@ -480,8 +524,10 @@ async fn run_session(
                     let cursor = sub.cursor;
                     if let Err(e) = send(tx, json!({"type": "lagged", "bucket": bucket, "reason": reason, "cursor": cursor.to_string()})).await { return e; }
                     let need = pending.as_ref().map_or(0, |(_, need)| *need);
+                    let began = Instant::now();
                     let caught_up = catch_up(tx, state, &claims.tenant, &bucket, Some(cursor), need).await;
-                    last_pong = Instant::now();
+                    last_pong = paused(last_pong, began);
+                    catch_ups += 1;
                     match caught_up {
                         Ok((cursor, ahead)) => {
                             sub.cursor = cursor;
@@ -494,6 +540,7 @@ async fn run_session(
                         Err(e) => return e,
                     }
                 }
+                sub.read = Busy::now(tx, catch_ups);
             }
             _ = heartbeat.tick() => {
                 if last_pong.elapsed() > heartbeat_every * 2 {
@@ -514,6 +561,12 @@ async fn run_session(
             }
         }
     }
+}
+
+/// The heartbeat's last pong moved on by the time since `began` (a catch-up, during which no
+/// pong could be read), but not past now.
+fn paused(last_pong: Instant, began: Instant) -> Instant {
+    (last_pong + began.elapsed()).min(Instant::now())
 }
 
 /// Forwards a live change to the client if it follows the subscription's cursor. `Ok(true)` when
@@ -750,7 +803,30 @@ fn split_by_bytes(docs: &[(i64, String)], budget: usize) -> Vec<&[(i64, String)]
 
 #[cfg(test)]
 mod tests {
-    use super::split_by_bytes;
+    use std::time::{Duration, Instant};
+
+    use super::{split_by_bytes, Busy};
+
+    #[test]
+    fn a_lag_is_the_clients_unless_another_catch_up_kept_the_connection_busy() {
+        let t0 = Instant::now();
+        let read = Busy {
+            at: t0,
+            sending: Duration::from_secs(5),
+            catch_ups: 2,
+        };
+        let later = |secs, sending, catch_ups| Busy {
+            at: t0 + Duration::from_secs(secs),
+            sending: Duration::from_secs(sending),
+            catch_ups,
+        };
+        // A catch-up ran since, and 1 s of the 10 went to waiting for the client.
+        assert!(read.lag_is_ours(later(10, 6, 3)));
+        // No catch-up since: the queue overflowed while the connection sent live changes.
+        assert!(!read.lag_is_ours(later(10, 6, 2)));
+        // A catch-up, but 6 s of the 10 were spent waiting for the client to read.
+        assert!(!read.lag_is_ours(later(10, 11, 3)));
+    }
 
     fn docs(sizes: &[usize]) -> Vec<(i64, String)> {
         sizes

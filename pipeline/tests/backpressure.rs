@@ -190,6 +190,80 @@ async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lag_while_the_connection_catches_up_another_bucket_is_not_held_against_the_client() {
+    const BIG: usize = 3_000;
+    const BURST: usize = 40;
+    let mut env = TestEnv::new("wslagours").await;
+    env.cfg.ws.queue = 2;
+    // Any lag held against the client closes the connection.
+    env.cfg.ws.max_lags_per_minute = 0;
+    let node = env
+        .start(&[Role::Api, Role::Processor, Role::Projector])
+        .await;
+    let addr = node.api_addr.unwrap();
+    let token = env.token("acme", "busy:r,big:r");
+    produce_all(&env, &writes("big", 0, BIG, 8)).await;
+    let last = format!("http://{addr}/v1/buckets/big/docs/d{}", BIG - 1);
+    common::eventually(
+        Duration::from_secs(60),
+        "the big bucket in the view",
+        || {
+            let (last, token) = (last.clone(), token.clone());
+            async move {
+                let got = reqwest::Client::new()
+                    .get(last)
+                    .bearer_auth(token)
+                    .send()
+                    .await;
+                got.ok().filter(|r| r.status() == 200).map(|_| ())
+            }
+        },
+    )
+    .await;
+    let mut ws = connect(addr, &token).await;
+    send_text(&mut ws, r#"{"type":"subscribe","bucket":"busy"}"#).await;
+    expect_type(&mut ws, "docs").await;
+    // The big bucket's snapshot takes a while (pages of the view): meanwhile the connection reads
+    // no queue, and the busy bucket's two-slot queue overflows with the burst.
+    send_text(&mut ws, r#"{"type":"subscribe","bucket":"big"}"#).await;
+    produce_all(&env, &writes("busy", 0, BURST, 8)).await;
+    let (mut busy, mut big) = (Replica::default(), Replica::default());
+    let mut big_complete = false;
+    let mut busy_lags = 0;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !(big_complete && busy.seq == BURST as i64) {
+        assert!(
+            Instant::now() < deadline,
+            "busy at {}, big complete: {big_complete}",
+            busy.seq
+        );
+        let msg = next_json(&mut ws).await.unwrap_or_else(|code| {
+            panic!("closed with {code:?}: a lag caused by the server was held against the client")
+        });
+        match msg["bucket"].as_str() {
+            Some("busy") => {
+                if msg["type"] == "lagged" && msg["reason"] == "slow_consumer" {
+                    busy_lags += 1;
+                }
+                busy.apply(&msg);
+            }
+            Some("big") => {
+                big_complete |= msg["type"] == "docs" && msg["complete"] == true;
+                big.apply(&msg);
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        busy_lags >= 1,
+        "the busy bucket's queue never overflowed: the test proves nothing"
+    );
+    assert_eq!((busy.live().len(), big.live().len()), (BURST, BIG));
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_subscriber_that_lags_too_often_is_closed_with_4008() {
     let mut env = TestEnv::new("wslagclose").await;
     env.cfg.ws.queue = 1;
