@@ -90,10 +90,31 @@ impl ProcessorProcess {
         let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
+                if status.code().is_none() {
+                    use std::os::unix::process::ExitStatusExt;
+                    eprintln!(
+                        "{} was ended by signal {:?} after SIGTERM",
+                        self.log.display(),
+                        status.signal()
+                    );
+                }
                 return status.code();
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // (Seen once in CI: a processor that logged "resolver stopped" and then neither exited
+        // nor logged anything else. Its threads' stacks, for the next time, where gdb is.)
+        let pid = self.child.id().to_string();
+        let gdb = ["-p", &pid, "-batch", "-ex", "thread apply all bt"];
+        let stacks = Command::new("gdb").args(gdb).output();
+        let stacks = stacks.map_or_else(
+            |e| format!("(no gdb: {e})"),
+            |o| String::from_utf8_lossy(&o.stdout).into_owned(),
+        );
+        eprintln!(
+            "{} did not exit within 60 s of SIGTERM; its threads:\n{stacks}",
+            self.log.display()
+        );
         let _ = self.child.kill();
         None
     }
