@@ -153,7 +153,9 @@ async fn main() -> anyhow::Result<()> {
     // Drain: until every reader has everything, or nothing arrived for a second.
     loop {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let idle = origin.elapsed() - Duration::from_nanos(last.load(Ordering::Relaxed));
+        let idle = origin
+            .elapsed()
+            .saturating_sub(Duration::from_nanos(last.load(Ordering::Relaxed)));
         if received.load(Ordering::Relaxed) >= expected || idle > Duration::from_secs(1) {
             break;
         }
