@@ -129,30 +129,37 @@ struct Sub {
     read: Busy,
 }
 
-/// How busy a connection has been: when, how long its sends had waited for the client in all,
-/// and how many catch-ups it had run.
-#[derive(Clone, Copy)]
+/// Where a connection's time has gone, in all: sends waiting for its client to take them, and
+/// catch-ups reading the view (their own sends apart), and how many catch-ups it ran.
+#[derive(Clone, Copy, Default)]
 struct Busy {
-    at: Instant,
     sending: Duration,
+    viewing: Duration,
     catch_ups: u64,
 }
 
 impl Busy {
-    fn now(tx: &Tx, catch_ups: u64) -> Busy {
+    /// These totals, with the sends as they stand now.
+    fn now(&self, tx: &Tx) -> Busy {
         Busy {
-            at: Instant::now(),
             sending: tx.blocked,
-            catch_ups,
+            ..*self
         }
     }
 
-    /// Whether a queue that overflowed since `self` (its last read) did so because the
-    /// connection was busy catching up other buckets rather than waiting for its client: a
-    /// catch-up ran since, and sends took less than half of the time. Such a lag is not the
+    /// Counts a catch-up that began at `began`, when the connection's sends stood at `sent`.
+    fn caught_up(&mut self, began: Instant, sent: Duration, tx: &Tx) {
+        self.catch_ups += 1;
+        self.viewing += began.elapsed().saturating_sub(tx.blocked - sent);
+    }
+
+    /// Whether a bucket's queue that overflowed since `self` (the connection when the queue was
+    /// last read, after that bucket's own catch-up if it had one) did so because the connection
+    /// was busy catching up other buckets rather than waiting for its client: another catch-up
+    /// ran since, and reading the view took longer than the sends. Such a lag is not the
     /// client's slowness (the connection reads no bucket's queue while it catches one up).
     fn lag_is_ours(&self, now: Busy) -> bool {
-        now.catch_ups > self.catch_ups && (now.sending - self.sending) * 2 < now.at - self.at
+        now.catch_ups > self.catch_ups && now.viewing - self.viewing > now.sending - self.sending
     }
 }
 
@@ -420,8 +427,8 @@ async fn run_session(
     heartbeat.tick().await;
     let mut last_pong = Instant::now();
     let mut lags: Vec<Instant> = Vec::new();
-    // Catch-ups run on this connection so far.
-    let mut catch_ups = 0u64;
+    // Where the connection's time has gone, to judge whose fault a lag is.
+    let mut spent = Busy::default();
     loop {
         tokio::select! {
             incoming = rx.next() => {
@@ -476,15 +483,15 @@ async fn run_session(
                         // Listen first, then read the view: nothing can fall between.
                         live.insert(bucket.clone(), hub.subscribe(&claims.tenant, &bucket));
                         if let Err(e) = send(tx, json!({"type": "subscribed", "bucket": bucket})).await { return e; }
-                        let began = Instant::now();
+                        let (began, sent) = (Instant::now(), tx.blocked);
                         let caught_up = catch_up(tx, state, &claims.tenant, &bucket, cursor, 0).await;
                         // No pong is read while a catch-up runs: that time must not count against
                         // the client (extended, not reset: catch-ups one after the other must not
                         // keep a dead connection alive).
                         last_pong = paused(last_pong, began);
-                        catch_ups += 1;
+                        spent.caught_up(began, sent, tx);
                         match caught_up {
-                            Ok((cursor, ahead)) => { subs.insert(bucket, Sub { cursor, ahead, read: Busy::now(tx, catch_ups) }); }
+                            Ok((cursor, ahead)) => { subs.insert(bucket, Sub { cursor, ahead, read: spent.now(tx) }); }
                             Err(e) => return e,
                         }
                     }
@@ -506,7 +513,7 @@ async fn run_session(
                         Err(e) => return e,
                     },
                     Ok(HubMsg::Gap) => Some("fanout_interrupted"),
-                    Err(crate::broadcast::Lagged(_)) if sub.read.lag_is_ours(Busy::now(tx, catch_ups)) => {
+                    Err(crate::broadcast::Lagged(_)) if sub.read.lag_is_ours(spent.now(tx)) => {
                         Some("slow_consumer")
                     }
                     Err(crate::broadcast::Lagged(_)) => {
@@ -524,10 +531,10 @@ async fn run_session(
                     let cursor = sub.cursor;
                     if let Err(e) = send(tx, json!({"type": "lagged", "bucket": bucket, "reason": reason, "cursor": cursor.to_string()})).await { return e; }
                     let need = pending.as_ref().map_or(0, |(_, need)| *need);
-                    let began = Instant::now();
+                    let (began, sent) = (Instant::now(), tx.blocked);
                     let caught_up = catch_up(tx, state, &claims.tenant, &bucket, Some(cursor), need).await;
                     last_pong = paused(last_pong, began);
-                    catch_ups += 1;
+                    spent.caught_up(began, sent, tx);
                     match caught_up {
                         Ok((cursor, ahead)) => {
                             sub.cursor = cursor;
@@ -540,7 +547,7 @@ async fn run_session(
                         Err(e) => return e,
                     }
                 }
-                sub.read = Busy::now(tx, catch_ups);
+                sub.read = spent.now(tx);
             }
             _ = heartbeat.tick() => {
                 if last_pong.elapsed() > heartbeat_every * 2 {
@@ -803,29 +810,30 @@ fn split_by_bytes(docs: &[(i64, String)], budget: usize) -> Vec<&[(i64, String)]
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use super::{split_by_bytes, Busy};
 
     #[test]
     fn a_lag_is_the_clients_unless_another_catch_up_kept_the_connection_busy() {
-        let t0 = Instant::now();
+        let secs = Duration::from_secs;
         let read = Busy {
-            at: t0,
-            sending: Duration::from_secs(5),
+            sending: secs(5),
+            viewing: secs(7),
             catch_ups: 2,
         };
-        let later = |secs, sending, catch_ups| Busy {
-            at: t0 + Duration::from_secs(secs),
-            sending: Duration::from_secs(sending),
+        let later = |sending, viewing, catch_ups| Busy {
+            sending: secs(sending),
+            viewing: secs(viewing),
             catch_ups,
         };
-        // A catch-up ran since, and 1 s of the 10 went to waiting for the client.
-        assert!(read.lag_is_ours(later(10, 6, 3)));
+        // Another catch-up ran since: 3 s reading the view, 1 s waiting for the client.
+        assert!(read.lag_is_ours(later(6, 10, 3)));
         // No catch-up since: the queue overflowed while the connection sent live changes.
-        assert!(!read.lag_is_ours(later(10, 6, 2)));
-        // A catch-up, but 6 s of the 10 were spent waiting for the client to read.
-        assert!(!read.lag_is_ours(later(10, 11, 3)));
+        assert!(!read.lag_is_ours(later(6, 7, 2)));
+        // A catch-up, but 3 s of waiting for the client against 1 s of reading the view
+        // (however long the connection was idle meanwhile).
+        assert!(!read.lag_is_ours(later(8, 8, 3)));
     }
 
     fn docs(sizes: &[usize]) -> Vec<(i64, String)> {
