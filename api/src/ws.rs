@@ -170,9 +170,11 @@ enum End {
     Close(u16, String),
 }
 
-/// The sending half of a connection. A frame the client does not take within `timeout` (its
-/// socket buffers are full: it stopped reading) ends the connection, so a stalled client holds
-/// no more than those buffers and one message.
+/// The sending half of a connection. A frame the client does not take in time ends the
+/// connection, so a stalled client holds no more than its socket buffers and one message. Under
+/// the API's own server the socket judges that (no byte taken for `ws.send_timeout_secs`);
+/// here, in case it cannot, a frame gets `timeout` plus a second per [`MIN_CLIENT_RATE`] bytes
+/// (a client on a slow link still receives a large catch-up page).
 struct Tx {
     sink: futures::stream::SplitSink<WebSocket, Message>,
     timeout: Duration,
@@ -183,12 +185,13 @@ struct Tx {
 impl Tx {
     async fn frame(&mut self, msg: Message) -> Result<(), End> {
         let began = Instant::now();
-        let sent = tokio::time::timeout(self.timeout, self.sink.send(msg)).await;
+        let budget = self.timeout + frame_time(msg_len(&msg));
+        let sent = tokio::time::timeout(budget, self.sink.send(msg)).await;
         self.blocked += began.elapsed();
         match sent {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(End::Closed),
-            Err(_) => {
+            Ok(Err(e)) if !timed_out(&e) => Err(End::Closed),
+            _ => {
                 tracing::info!("closing a WebSocket whose client stopped reading");
                 Err(End::Stalled)
             }
@@ -201,6 +204,7 @@ impl Tx {
 pub async fn ws_handler(
     State(state): State<AppState>,
     headers: HeaderMap,
+    write_timeout: Option<axum::Extension<crate::server::WriteTimeout>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let claims = match crate::routes::bearer(&headers) {
@@ -231,7 +235,14 @@ pub async fn ws_handler(
         .read_buffer_size(8 * 1024)
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| session(socket, state, claims))
+        .on_upgrade(move |socket| {
+            // The socket itself now drops a client that takes no byte for the send timeout,
+            // however large the message, and keeps one that reads slowly but steadily.
+            if let Some(axum::Extension(t)) = write_timeout {
+                t.set(Duration::from_secs(state.ws.send_timeout_secs.max(1)));
+            }
+            session(socket, state, claims)
+        })
         .into_response())
 }
 
@@ -570,6 +581,39 @@ async fn run_session(
     }
 }
 
+/// Whether a send failed because the socket's write timed out (the client took no byte).
+fn timed_out(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// The slowest steady client whose large messages are still waited for, in bytes per second.
+const MIN_CLIENT_RATE: u64 = 16 * 1024;
+
+/// How much longer than the send timeout a message of `len` bytes may take to send.
+fn frame_time(len: usize) -> Duration {
+    Duration::from_millis(
+        u64::try_from(len).unwrap_or(u64::MAX).saturating_mul(1000) / MIN_CLIENT_RATE,
+    )
+}
+
+fn msg_len(msg: &Message) -> usize {
+    match msg {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) => b.len(),
+        _ => 0,
+    }
+}
+
 /// The heartbeat's last pong moved on by the time since `began` (a catch-up, during which no
 /// pong could be read), but not past now.
 fn paused(last_pong: Instant, began: Instant) -> Instant {
@@ -813,6 +857,14 @@ mod tests {
     use std::time::Duration;
 
     use super::{split_by_bytes, Busy};
+
+    #[test]
+    fn a_large_message_is_waited_for_as_long_as_a_slow_steady_client_needs() {
+        use super::frame_time;
+        assert_eq!(frame_time(1024 * 1024), Duration::from_secs(64));
+        assert_eq!(frame_time(16 * 1024), Duration::from_secs(1));
+        assert!(frame_time(300) < Duration::from_millis(20));
+    }
 
     #[test]
     fn a_lag_is_the_clients_unless_another_catch_up_kept_the_connection_busy() {

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,6 +26,33 @@ impl OpenConnections {
     }
 }
 
+/// How long a connection's writes may wait for its client to take a byte; shared, so that what
+/// the connection becomes can change it (an upgraded WebSocket uses `ws.send_timeout_secs`). A
+/// request finds its connection's in its extensions.
+#[derive(Debug, Clone)]
+pub struct WriteTimeout(Arc<AtomicU64>);
+
+impl WriteTimeout {
+    /// A timeout of `timeout`.
+    pub fn new(timeout: Duration) -> Self {
+        WriteTimeout(Arc::new(AtomicU64::new(millis(timeout))))
+    }
+
+    /// Changes it, for the writes that start waiting from now on.
+    pub fn set(&self, timeout: Duration) {
+        self.0.store(millis(timeout), Ordering::Relaxed);
+    }
+
+    /// The timeout now.
+    pub fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed))
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
 /// A write waiting for the client to take bytes: since when, and how many were queued then.
 struct Stall {
     timer: Pin<Box<Sleep>>,
@@ -44,7 +71,7 @@ pub(super) struct Counted {
     io: TcpStream,
     _permit: Option<OwnedSemaphorePermit>,
     open: OpenConnections,
-    write_timeout: Duration,
+    write_timeout: WriteTimeout,
     stalled: Option<Stall>,
 }
 
@@ -53,7 +80,7 @@ impl Counted {
         io: TcpStream,
         permit: Option<OwnedSemaphorePermit>,
         open: &OpenConnections,
-        write_timeout: Duration,
+        write_timeout: WriteTimeout,
     ) -> Self {
         open.0.fetch_add(1, Ordering::Relaxed);
         Self {
@@ -76,7 +103,7 @@ impl Counted {
             self.stalled = None;
             return Poll::Ready(out);
         }
-        let (timeout, fd) = (self.write_timeout, self.io.as_raw_fd());
+        let (timeout, fd) = (self.write_timeout.get(), self.io.as_raw_fd());
         let stall = self.stalled.get_or_insert_with(|| Stall {
             timer: Box::pin(tokio::time::sleep(timeout)),
             queued: queued(fd),
@@ -90,7 +117,7 @@ impl Counted {
                 _ => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        "the client took no byte for api.idle_timeout_secs",
+                        "the client took no byte within the connection's write timeout",
                     )))
                 }
             }
@@ -158,5 +185,42 @@ impl AsyncWrite for Counted {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lowered_write_timeout_drops_a_client_that_reads_nothing_that_much_sooner() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let timeout = WriteTimeout::new(Duration::from_secs(60));
+        let mut conn = Counted::new(server, None, &OpenConnections::default(), timeout.clone());
+        // What the connection became (a WebSocket) lowers it after the connection was made.
+        timeout.set(Duration::from_millis(300));
+        let began = Instant::now();
+        let chunk = vec![0u8; 64 * 1024];
+        let failed = loop {
+            if let Err(e) = conn.write_all(&chunk).await {
+                break e;
+            }
+            assert!(began.elapsed() < Duration::from_secs(10), "never timed out");
+        };
+        assert_eq!(failed.kind(), io::ErrorKind::TimedOut);
+        // Within the lowered timeout of the buffers filling (far from the 60 s it started with).
+        assert!(
+            began.elapsed() < Duration::from_secs(3),
+            "{:?}",
+            began.elapsed()
+        );
+        drop(client);
     }
 }

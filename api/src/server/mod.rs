@@ -27,7 +27,7 @@ mod counted;
 mod fds;
 
 use counted::Counted;
-pub use counted::OpenConnections;
+pub use counted::{OpenConnections, WriteTimeout};
 pub use fds::{fd_limit, fit_to_fds, raise_fd_limit, RESERVED_FDS};
 
 /// The limits [`serve`] holds connections to.
@@ -155,8 +155,14 @@ pub async fn serve(
         // Small WebSocket frames and responses go out at once instead of waiting for the
         // previous segment's acknowledgement (Nagle).
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(Counted::new(stream, permit, &open, limits.idle_timeout));
-        let conn = http.serve_connection(io, service.clone()).with_upgrades();
+        let timeout = WriteTimeout::new(limits.idle_timeout);
+        let io = TokioIo::new(Counted::new(stream, permit, &open, timeout.clone()));
+        let service = service.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
+            req.extensions_mut().insert(timeout.clone());
+            hyper::service::Service::call(&service, req)
+        });
+        let conn = http.serve_connection(io, service).with_upgrades();
         let stop = stop_tx.clone();
         let done = done_rx.clone();
         tokio::spawn(async move {
