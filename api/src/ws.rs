@@ -172,12 +172,13 @@ enum End {
 
 /// The sending half of a connection. A frame the client does not take in time ends the
 /// connection, so a stalled client holds no more than its socket buffers and one message. Under
-/// the API's own server the socket judges that (no byte taken for `ws.send_timeout_secs`);
-/// here, in case it cannot, a frame gets `timeout` plus a second per [`MIN_CLIENT_RATE`] bytes
-/// (a client on a slow link still receives a large catch-up page).
+/// the API's own server the socket judges that (no byte taken for `ws.send_timeout_secs`, so a
+/// slow but steady client is never cut off); elsewhere a frame gets `timeout` plus a second per
+/// [`MIN_CLIENT_RATE`] bytes.
 struct Tx {
     sink: futures::stream::SplitSink<WebSocket, Message>,
-    timeout: Duration,
+    /// Without the API's own server beneath, how long a frame may take (plus its size's due).
+    timeout: Option<Duration>,
     /// Time spent in sends, in all: waiting for the client to take them.
     blocked: Duration,
 }
@@ -185,8 +186,14 @@ struct Tx {
 impl Tx {
     async fn frame(&mut self, msg: Message) -> Result<(), End> {
         let began = Instant::now();
-        let budget = self.timeout + frame_time(msg_len(&msg));
-        let sent = tokio::time::timeout(budget, self.sink.send(msg)).await;
+        let sent = match self.timeout {
+            // The socket fails the write once the client takes no byte for the send timeout.
+            None => Ok(self.sink.send(msg).await),
+            Some(timeout) => {
+                let budget = timeout + frame_time(msg_len(&msg));
+                tokio::time::timeout(budget, self.sink.send(msg)).await
+            }
+        };
         self.blocked += began.elapsed();
         match sent {
             Ok(Ok(())) => Ok(()),
@@ -238,10 +245,11 @@ pub async fn ws_handler(
         .on_upgrade(move |socket| {
             // The socket itself now drops a client that takes no byte for the send timeout,
             // however large the message, and keeps one that reads slowly but steadily.
+            let socket_judges = write_timeout.is_some();
             if let Some(axum::Extension(t)) = write_timeout {
                 t.set(Duration::from_secs(state.ws.send_timeout_secs.max(1)));
             }
-            session(socket, state, claims)
+            session(socket, state, claims, socket_judges)
         })
         .into_response())
 }
@@ -291,11 +299,11 @@ fn error_msg(code: &str, message: impl Into<String>, bucket: Option<&str>) -> Va
     v
 }
 
-async fn session(socket: WebSocket, state: AppState, arrival: Arrival) {
+async fn session(socket: WebSocket, state: AppState, arrival: Arrival, socket_judges: bool) {
     let (sink, mut rx) = socket.split();
     let mut tx = Tx {
         sink,
-        timeout: Duration::from_secs(state.ws.send_timeout_secs.max(1)),
+        timeout: (!socket_judges).then(|| Duration::from_secs(state.ws.send_timeout_secs.max(1))),
         blocked: Duration::ZERO,
     };
     let end = run_session(&mut tx, &mut rx, &state, arrival).await;
