@@ -46,6 +46,8 @@ pub const CLOSE_RATE_LIMITED: u16 = 4029;
 /// Close code (RFC 6455 "try again later"): the view did not catch up with the live changes
 /// within `ws.view_wait_ms`; reconnect with the cursor.
 pub const CLOSE_VIEW_BEHIND: u16 = 1013;
+/// Close code (RFC 6455 "message too big"): a client message over `ws.max_message_bytes`.
+pub const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code (RFC 6455 "try again later"): the session store could not check the token.
 pub const CLOSE_TRY_AGAIN: u16 = 1013;
 
@@ -63,7 +65,8 @@ pub struct WsConfig {
     pub max_connections: usize,
     /// Of those, most still waiting for their `auth` message (0: no cap).
     pub max_pending_connections: usize,
-    /// Largest client message, in bytes (larger closes the connection with 1009).
+    /// Largest client message, in bytes (a larger one is answered with `too_large` and the
+    /// connection closed with 1009).
     pub max_message_bytes: usize,
     /// Seconds between pings; two without a pong close the connection.
     pub heartbeat_secs: u64,
@@ -345,6 +348,7 @@ async fn authenticate(
                 "authentication required".into(),
             ));
         }
+        Ok(Some(Err(e))) if too_big(&e) => return Err(refuse_too_big(tx, state).await),
         _ => return Err(End::Closed),
     };
     match serde_json::from_str::<ClientMsg>(&text) {
@@ -452,6 +456,7 @@ async fn run_session(
         tokio::select! {
             incoming = rx.next() => {
                 let text = match incoming {
+                    Some(Err(e)) if too_big(&e) => return refuse_too_big(tx, state).await,
                     None | Some(Err(_)) => return End::Closed,
                     Some(Ok(Message::Close(_))) => return End::Closed,
                     Some(Ok(Message::Pong(_))) => { last_pong = Instant::now(); continue; }
@@ -587,6 +592,30 @@ async fn run_session(
             }
         }
     }
+}
+
+/// Whether a client message was refused for its size (the WebSocket library stops reading it
+/// past `ws.max_message_bytes`; the connection can still send).
+fn too_big(e: &axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if matches!(err.downcast_ref::<Error>(), Some(Error::Capacity(_))) {
+            return true;
+        }
+        source = err.source();
+    }
+    false
+}
+
+/// Tells the client why its connection ends: its message was too large (then 1009).
+async fn refuse_too_big(tx: &mut Tx, state: &AppState) -> End {
+    let max = state.ws.max_message_bytes;
+    let why = format!(
+        "a message may be at most {max} bytes (ws.max_message_bytes); reconnect with your cursors"
+    );
+    let _ = send(tx, error_msg("too_large", why, None)).await;
+    End::Close(CLOSE_TOO_BIG, "message too big".into())
 }
 
 /// Whether a send failed because the socket's write timed out (the client took no byte).

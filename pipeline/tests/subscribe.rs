@@ -252,21 +252,26 @@ async fn bad_websocket_input_gets_reasons_and_the_connection_survives() {
         (change["version"].clone(), change["set"].clone()),
         (json!(2), json!({"t": 2}))
     );
-    // An oversized message closes the connection (1009), the server stays up.
+    // An oversized message gets its reason, then the close (1009); the server stays up.
     send_text(
         &mut ws,
         &format!(r#"{{"type":"subscribe","bucket":"{}"}}"#, "x".repeat(4096)),
     )
     .await;
+    let mut told = None;
     loop {
         match next_json(&mut ws).await {
+            Ok(msg) if msg["type"] == "error" => told = Some(msg),
             Ok(_) => continue,
             Err(code) => {
-                assert!(matches!(code, Some(1009) | None), "close code {code:?}");
+                assert_eq!(code, Some(1009), "close code");
                 break;
             }
         }
     }
+    let told = told.expect("an error message before the close");
+    assert_eq!(told["code"], "too_large", "{told}");
+    assert!(told["message"].as_str().unwrap().contains("1024"), "{told}");
     let r = http
         .get(format!("http://{addr}/healthz"))
         .send()
