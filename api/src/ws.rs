@@ -327,6 +327,13 @@ async fn session(socket: WebSocket, state: AppState, arrival: Arrival, socket_ju
                 }
             })
             .await;
+            if code == CLOSE_TOO_BIG {
+                // The rest of the oversized message cannot be read (the library stopped at the
+                // limit, and the stream has ended), and a socket closed with unread bytes resets
+                // the connection, which some clients' stacks take as a reason to drop what they
+                // had not read yet, our close among it: give the client a moment to read it.
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
 }
@@ -611,9 +618,7 @@ fn too_big(e: &axum::Error) -> bool {
 /// Tells the client why its connection ends: its message was too large (then 1009).
 async fn refuse_too_big(tx: &mut Tx, state: &AppState) -> End {
     let max = state.ws.max_message_bytes;
-    let why = format!(
-        "a message may be at most {max} bytes (ws.max_message_bytes); reconnect with your cursors"
-    );
+    let why = format!("a message may be at most {max} bytes (ws.max_message_bytes)");
     let _ = send(tx, error_msg("too_large", why, None)).await;
     End::Close(CLOSE_TOO_BIG, "message too big".into())
 }

@@ -255,7 +255,11 @@ async fn bad_websocket_input_gets_reasons_and_the_connection_survives() {
     // An oversized message gets its reason, then the close (1009); the server stays up.
     send_text(
         &mut ws,
-        &format!(r#"{{"type":"subscribe","bucket":"{}"}}"#, "x".repeat(4096)),
+        // Far over the limit, so that most of it is still unread when the server answers.
+        &format!(
+            r#"{{"type":"subscribe","bucket":"{}"}}"#,
+            "x".repeat(1 << 20)
+        ),
     )
     .await;
     let mut told = None;
