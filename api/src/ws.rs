@@ -605,14 +605,14 @@ async fn run_session(
 /// past `ws.max_message_bytes`; the connection can still send).
 fn too_big(e: &axum::Error) -> bool {
     use tokio_tungstenite::tungstenite::Error;
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if matches!(err.downcast_ref::<Error>(), Some(Error::Capacity(_))) {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    causes(e).any(|err| matches!(err.downcast_ref::<Error>(), Some(Error::Capacity(_))))
+}
+
+/// An error and, one after the other, the errors it says it comes from.
+fn causes(e: &axum::Error) -> impl Iterator<Item = &(dyn std::error::Error + 'static)> {
+    std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |err| {
+        err.source()
+    })
 }
 
 /// Tells the client why its connection ends: its message was too large (then 1009).
@@ -625,17 +625,10 @@ async fn refuse_too_big(tx: &mut Tx, state: &AppState) -> End {
 
 /// Whether a send failed because the socket's write timed out (the client took no byte).
 fn timed_out(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if err
-            .downcast_ref::<std::io::Error>()
+    causes(e).any(|err| {
+        err.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
-        {
-            return true;
-        }
-        source = err.source();
-    }
-    false
+    })
 }
 
 /// The slowest steady client whose large messages are still waited for, in bytes per second.

@@ -284,6 +284,17 @@ mod tests {
         }
     }
 
+    /// A keep-alive connection that has made one request and had its `200`.
+    async fn served(addr: std::net::SocketAddr) -> TcpStream {
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        conn.write_all(GET).await.unwrap();
+        let answer = read_within(&mut conn, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+        conn
+    }
+
     async fn eventually(what: &str, ok: impl FnMut() -> bool) {
         within(Duration::from_secs(2), what, ok).await
     }
@@ -304,12 +315,7 @@ mod tests {
         let (addr, open, _stop, _server) = start(2, 3).await;
         // One connection sends nothing; another makes a keep-alive request, then idles.
         let mut silent = TcpStream::connect(addr).await.unwrap();
-        let mut idle = TcpStream::connect(addr).await.unwrap();
-        idle.write_all(GET).await.unwrap();
-        let answer = read_within(&mut idle, Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+        let mut idle = served(addr).await;
         eventually("two connections counted", || open.get() == 2).await;
         // A third is connected by the kernel but not accepted: its request waits.
         let mut third = TcpStream::connect(addr).await.unwrap();
@@ -430,13 +436,7 @@ mod tests {
         let (addr, open, stop, server) = start(0, 30).await;
         let mut conns = Vec::new();
         for _ in 0..5 {
-            let mut conn = TcpStream::connect(addr).await.unwrap();
-            conn.write_all(GET).await.unwrap();
-            let answer = read_within(&mut conn, Duration::from_secs(5))
-                .await
-                .unwrap();
-            assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
-            conns.push(conn);
+            conns.push(served(addr).await);
         }
         assert_eq!(open.get(), 5);
         // Shutdown does not wait for the keep-alive connections' 30 s: it closes them.
