@@ -1302,6 +1302,9 @@ fn apply_up_to(
 ) -> Result<(), StateError> {
     batch.insert(state::store::CHANGELOG_OFFSET_KEY, &next.to_be_bytes());
     tree.apply_batch(batch)?;
+    // Durable before the restore goes on: sled writes to disk on its own only every 500 ms,
+    // so a process killed (-9) right after a chunk would start the task over.
+    tree.flush()?;
     Ok(())
 }
 
