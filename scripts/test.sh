@@ -13,7 +13,7 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 # A full disk shows up as a linker "Bus error" minutes later; say so up front.
 free_gib=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1048576 ))
 if [ "$free_gib" -lt 8 ]; then
-  echo "WARNING: only ${free_gib} GiB free here; a clean test build needs about 6 GiB" >&2
+  echo "WARNING: only ${free_gib} GiB free here; a clean test build takes about 4 GiB" >&2
 fi
 bash scripts/services.sh up
 
