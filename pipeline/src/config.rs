@@ -444,13 +444,30 @@ mod tests {
         "0123456789abcdef0123456789abcdef",
     );
 
+    /// A config file in a directory of its own, removed when dropped.
+    struct ConfigFile(PathBuf);
+
+    impl ConfigFile {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for ConfigFile {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
     /// Writes `text` to a config file in a directory of its own (`name`, per process).
-    fn config_file(name: &str, text: &str) -> PathBuf {
+    fn config_file(name: &str, text: &str) -> ConfigFile {
         let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("c.toml");
         std::fs::write(&file, text).unwrap();
-        file
+        ConfigFile(file)
     }
 
     #[test]
@@ -475,7 +492,7 @@ mod tests {
             "[kafka]\nbrokers = \"file:1\"\ntopic_prefix = \"p.\"\n[resolver]\nmax_skew_ms = 5\n",
         );
         let c = Config::load(
-            Some(&file),
+            Some(file.path()),
             env(&[
                 SECRET,
                 ("SYNCFLOW_KAFKA_BROKERS", "env:2"),
@@ -497,7 +514,7 @@ mod tests {
             "[kafka]\nbrokerz = \"x\"\n[nope]\na = 1\n[resolver]\nbatch_max = \"many\"\n",
         );
         let err = Config::load(
-            Some(&file),
+            Some(file.path()),
             env(&[
                 ("SYNCFLOW_KAFKA_NOPE", "1"),
                 ("SYNCFLOW_RESOLVER_MAX_SKEW_MS", "soon"),
@@ -579,23 +596,23 @@ mod tests {
     #[test]
     fn per_tenant_rates_load_from_the_file_and_bad_ones_are_named() {
         let file = config_file("sfcfg3", "[rate.tenants.acme]\ntenant_writes_per_sec = 50\n[rate.tenants.globex]\nuser_connects_per_min = 3\n");
-        let c = Config::load(Some(&file), env(&[SECRET])).unwrap();
+        let c = Config::load(Some(file.path()), env(&[SECRET])).unwrap();
         assert_eq!(c.rate.tenants["acme"].tenant_writes_per_sec, Some(50));
         assert_eq!(c.rate.tenants["acme"].user_writes_per_sec, None);
         assert_eq!(c.rate.tenants["globex"].user_connects_per_min, Some(3));
         std::fs::write(
-            &file,
+            file.path(),
             "[rate.tenants.acme]\ntenant_writes_per_sec = \"lots\"\n[rate]\ntenantz = 1\n",
         )
         .unwrap();
-        let text = Config::load(Some(&file), env(&[SECRET]))
+        let text = Config::load(Some(file.path()), env(&[SECRET]))
             .unwrap_err()
             .to_string();
         for needle in ["rate.tenantz", "tenants.acme.tenant_writes_per_sec"] {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
-        std::fs::write(&file, "[rate.tenants.globex]\nwrites = 3\n").unwrap();
-        let text = Config::load(Some(&file), env(&[SECRET]))
+        std::fs::write(file.path(), "[rate.tenants.globex]\nwrites = 3\n").unwrap();
+        let text = Config::load(Some(file.path()), env(&[SECRET]))
             .unwrap_err()
             .to_string();
         assert!(text.contains("unknown field `writes`"), "{text}");
