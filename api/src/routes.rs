@@ -279,15 +279,23 @@ async fn submit(
         WriteOp::Patch { patch } => state.limits.check_body(patch)?,
         WriteOp::Delete => {}
     }
+    // Checked as the resolver will check it: a write answered 202 must not be refused there.
     let device_id = match header_str(headers, "x-device-id")? {
-        Some(d) if !d.is_empty() && d.len() <= 256 => d.to_owned(),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "invalid_header",
-                "X-Device-Id must be 1-256 characters",
-            ))
+        Some(d) => {
+            processors::limits::check_write_id("X-Device-Id", d)
+                .map_err(|r| ApiError::bad_request("invalid_header", r.message))?;
+            d.to_owned()
         }
-        None => format!("api:{}", claims.sub),
+        None => {
+            let id = format!("api:{}", claims.sub);
+            processors::limits::check_write_id("device_id", &id).map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_header",
+                    "the token's subject does not make a device id (api:<sub> must be 1-256 bytes without control characters): send X-Device-Id",
+                )
+            })?;
+            id
+        }
     };
     let hlc = {
         let client = match header_str(headers, "x-hlc")? {
@@ -841,6 +849,47 @@ pub(crate) mod tests {
                     .is_some_and(|m| !m.is_empty()),
                 "{body}"
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_device_id_the_resolver_would_refuse_is_refused_here() {
+        use tower::ServiceExt;
+        let st = state(Sweeping::to(0));
+        let token = token(&st, "b:rw");
+        let app = router(st);
+        let long = "d".repeat(257);
+        for (device, status) in [
+            (Some("phone-1"), 202),
+            (None, 202),
+            (Some("a\tb"), 400),
+            (Some(long.as_str()), 400),
+            (Some(""), 400),
+        ] {
+            let mut request = axum::http::Request::builder()
+                .method("PUT")
+                .uri("/v1/buckets/b/docs/a")
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json");
+            if let Some(d) = device {
+                request = request.header("x-device-id", d);
+            }
+            let request = request.body(axum::body::Body::from(r#"{"x":1}"#)).unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status().as_u16(), status, "{device:?}");
+            if status == 400 {
+                let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+                    .await
+                    .unwrap();
+                let body: Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(body["error"]["code"], "invalid_header", "{body}");
+                assert!(
+                    body["error"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("control characters")),
+                    "{body}"
+                );
+            }
         }
     }
 

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::hlc::{bound_skew, Hlc};
-use crate::limits::{check_bucket, check_tenant, Limits};
+use crate::limits::{check_bucket, check_tenant, check_write_id, Limits};
 use crate::path::FieldPath;
 use crate::reject::Rejection;
 use crate::write::{key_matches, BucketKey, DocKey, Members, WireBody, WireHead, WireWrite};
@@ -158,18 +158,8 @@ fn check_head(head: &WireHead, limits: &Limits) -> Result<(), Rejection> {
     check_tenant(&head.tenant)?;
     check_bucket(&head.bucket)?;
     limits.check_doc_id(&head.doc_id)?;
-    let non_empty = |field: &str, value: &str| {
-        if value.is_empty() || value.len() > 256 || value.chars().any(char::is_control) {
-            Err(Rejection::new(
-                crate::reject::RejectCode::InvalidEvent,
-                format!("{field} must be 1-256 bytes without control characters"),
-            ))
-        } else {
-            Ok(())
-        }
-    };
-    non_empty("event_id", &head.event_id)?;
-    non_empty("device_id", &head.device_id)
+    check_write_id("event_id", &head.event_id)?;
+    check_write_id("device_id", &head.device_id)
 }
 
 /// The body's number of leaf fields if it keeps every limit and names each top-level member once.

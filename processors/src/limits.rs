@@ -64,6 +64,19 @@ pub fn check_bucket(bucket: &str) -> Result<(), Rejection> {
     })
 }
 
+/// Checks a write's `event_id` or `device_id` (named `field` in the message): 1–256 bytes without
+/// control characters.
+pub fn check_write_id(field: &str, value: &str) -> Result<(), Rejection> {
+    if value.is_empty() || value.len() > 256 || value.chars().any(char::is_control) {
+        Err(Rejection::new(
+            RejectCode::InvalidEvent,
+            format!("{field} must be 1-256 bytes without control characters"),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 impl Limits {
     /// Checks a document id: non-empty, at most `max_doc_id_bytes`, no control characters.
     pub fn check_doc_id(&self, id: &str) -> Result<(), Rejection> {
@@ -217,6 +230,16 @@ impl Limits {
                 // Each byte escapes to at most six (`\u00XX`).
                 Sizes::Bound => 2 + 6 * s.len(),
             }),
+            Value::Number(n) if n.as_u64().is_some_and(|u| u > i64::MAX as u64) => {
+                Err(Rejection::new(
+                    RejectCode::InvalidValue,
+                    format!(
+                        "'{}' is {n}, above the largest integer a document can hold ({}, a signed 64-bit integer as MongoDB stores it); send it as a string, or as a float if it may be rounded",
+                        At::dotted(Some(at)),
+                        i64::MAX
+                    ),
+                ))
+            }
             Value::Number(n) => Ok(match sizes {
                 Sizes::Bound if n.is_f64() => MAX_FLOAT_LEN,
                 _ => json_number_len(n),
@@ -530,6 +553,34 @@ mod tests {
         assert!(l
             .check_body(&body(json!({"a": {"b": 1}, "c": [1]})))
             .is_ok());
+    }
+
+    #[test]
+    fn integers_past_the_signed_64_bit_range_are_refused_where_they_are() {
+        // BSON has no unsigned 64-bit integer: such a value would stop the view's projector.
+        let l = Limits::default();
+        let big = u64::MAX;
+        for v in [
+            json!({"n": big}),
+            json!({"a": {"b": [1, i64::MAX as u64 + 1]}}),
+        ] {
+            let err = l.check_body(&body(v.clone())).unwrap_err();
+            assert_eq!(err.code, RejectCode::InvalidValue, "{v}");
+            assert!(err.message.contains("signed 64-bit"), "{}", err.message);
+        }
+        let err = l.check_body(&body(json!({"n": big}))).unwrap_err();
+        assert!(
+            err.message.starts_with("'n' is 18446744073709551615"),
+            "{}",
+            err.message
+        );
+        for v in [
+            json!({"n": i64::MAX}),
+            json!({"n": i64::MIN}),
+            json!({"n": 1.8e19}),
+        ] {
+            assert!(l.check_body(&body(v.clone())).is_ok(), "{v}");
+        }
     }
 
     #[test]
