@@ -424,6 +424,9 @@ async fn direct_producers_get_dead_letters_and_nothing_stalls() {
     // Poison first, then a valid write in the same partition: the valid one must still apply.
     produce(&env, Some(owner), Some(key), b"\xff\xfe not json").await;
     produce(&env, Some(owner), Some(key), br#"{"v":7,"op":"set"}"#).await;
+    // Valid JSON, but no view database could store the number (it stopped the projector once).
+    let huge = br#"{"v":1,"event_id":"e-huge","tenant":"acme","bucket":"inbox","doc_id":"m0","device_id":"server-1","op":"set","doc":{"n":18446744073709551615}}"#;
+    produce(&env, Some(owner), Some(key), huge).await;
     let good = json!({"v": 1, "event_id": "e-good", "tenant": "acme", "bucket": "inbox", "doc_id": "m1",
                       "device_id": "server-1", "op": "set", "doc": {"subject": "hi"}});
     produce(&env, Some(owner), Some(key), good.to_string().as_bytes()).await;
@@ -441,16 +444,17 @@ async fn direct_producers_get_dead_letters_and_nothing_stalls() {
     let rejected = read_committed(
         &env.cfg.kafka.brokers,
         &env.topic(topics::DATA_REJECTED),
-        2,
+        3,
         WAIT,
     );
-    assert_eq!(rejected.len(), 2);
+    assert_eq!(rejected.len(), 3);
     let records: Vec<RejectedRecord> = rejected
         .iter()
         .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
         .collect();
     assert_eq!(records[0].reason, RejectCode::MalformedJson);
     assert_eq!(records[1].reason, RejectCode::UnsupportedVersion);
+    assert_eq!(records[2].reason, RejectCode::InvalidValue);
     assert_eq!(records[0].source.partition, owner);
     assert_eq!(records[0].source.offset, 0);
     assert_eq!(records[1].source.offset, 1);
