@@ -59,6 +59,10 @@ pub enum ResolverError {
     /// The setup is wrong (missing topic, ...).
     #[error("{0}")]
     Setup(String),
+    /// The input topic could not be found: a setup error on the first start, a broker still
+    /// away when the clients are rebuilt (then they are rebuilt again).
+    #[error("{0}")]
+    NoTopic(String),
     /// A task's restore read nothing from its changelog for [`RESTORE_STALL`] (the broker is
     /// unreachable or the partition unreadable): the clients are rebuilt and the restore goes
     /// on from the offset it stored last.
@@ -451,10 +455,11 @@ impl Resolver {
         })
     }
 
+    /// The consumer, subscribed, and the input topic's partition count.
     fn consumer(
         &self,
         generation: Arc<AtomicU64>,
-    ) -> Result<BaseConsumer<TaskContext>, ResolverError> {
+    ) -> Result<(BaseConsumer<TaskContext>, i32), ResolverError> {
         let mut config = ClientConfig::new();
         if !self.cfg.kafka.instance_id.is_empty() {
             // Static membership: a restarted instance takes its partitions back without a rebalance.
@@ -480,10 +485,10 @@ impl Resolver {
             .set("topic.metadata.refresh.interval.ms", "5000")
             .create_with_context(TaskContext { generation })?;
         let topic = self.cfg.topic(topics::DATA_CHANGED);
-        topics::wait_for_topic(c.client(), &topic, Duration::from_secs(30))
-            .map_err(|e| ResolverError::Setup(e.to_string()))?;
+        let partitions = topics::wait_for_topic(c.client(), &topic, Duration::from_secs(30))
+            .map_err(|e| ResolverError::NoTopic(e.to_string()))?;
         c.subscribe(&[&topic])?;
-        Ok(c)
+        Ok((c, i32::try_from(partitions).unwrap_or(i32::MAX)))
     }
 
     fn producer(&self) -> Result<ThreadedProducer<DeliveryTracker>, ResolverError> {
@@ -508,16 +513,15 @@ impl Resolver {
         Ok(p)
     }
 
-    /// Runs until `shutdown` is set. Rebuilds the clients after a fatal Kafka error.
+    /// Runs until `shutdown` is set. Rebuilds the clients after a fatal Kafka error, and again
+    /// while the broker stays away.
     pub fn run(mut self, shutdown: Arc<AtomicBool>) -> Result<(), ResolverError> {
+        let mut rebuilding = false;
         while !shutdown.load(Ordering::SeqCst) {
             match self.run_clients(&shutdown) {
                 Ok(()) => break,
-                Err(
-                    e @ (ResolverError::Kafka(_)
-                    | ResolverError::Wedged(..)
-                    | ResolverError::RestoreStalled(..)),
-                ) => {
+                Err(e) if rebuilds_after(&e, rebuilding) => {
+                    rebuilding = true;
                     self.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
                     tracing::error!(error = %e, "resolver kafka failure; rebuilding clients");
                     std::thread::sleep(Duration::from_secs(1));
@@ -535,15 +539,12 @@ impl Resolver {
         // counts as a change, so every task restores again before its next batch (while the old
         // clients were down, another process may have owned it and written its changelog).
         let generation = self.generation.clone();
-        let consumer = self.consumer(generation.clone())?;
+        // The partition count checked by `consumer` (a metadata answer with a topic error
+        // would count none, and every write would be forwarded to partition 0).
+        let (consumer, partitions) = self.consumer(generation.clone())?;
+        self.partitions = partitions;
         let producer = Arc::new(self.producer()?);
         let watermarks = topics::watermark_client(&self.cfg.kafka.brokers)?;
-        let topic = self.cfg.topic(topics::DATA_CHANGED);
-        let md = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
-        self.partitions = md
-            .topics()
-            .first()
-            .map_or(1, |t| t.partitions().len() as i32);
         tracing::info!(partitions = self.partitions, "resolver started");
         let poll = Duration::from_millis(self.cfg.resolver.poll_ms.max(1));
         while !shutdown.load(Ordering::SeqCst) {
@@ -632,6 +633,7 @@ impl Resolver {
                         ResolverError::Kafka(KafkaError::Transaction(t)) => t.is_fatal(),
                         // Still inside a transactional call: no abort is possible.
                         ResolverError::Setup(_)
+                        | ResolverError::NoTopic(_)
                         | ResolverError::Wedged(..)
                         | ResolverError::RestoreStalled(..) => return Err(e),
                         ResolverError::State(_) => {
@@ -1239,6 +1241,20 @@ fn open_or_rebuild(dir: &std::path::Path) -> Result<TaskStore, ResolverError> {
     Ok(TaskStore::open(dir)?)
 }
 
+/// Whether [`Resolver::run`] rebuilds its clients after `e` (else it stops with it). `rebuilding`:
+/// the clients have failed before. A missing input topic on the first start is a setup error
+/// (`topics apply` was not run); once the clients have run, it is a broker that has not come back
+/// yet, and the clients are rebuilt until it has.
+fn rebuilds_after(e: &ResolverError, rebuilding: bool) -> bool {
+    match e {
+        ResolverError::Kafka(_) | ResolverError::Wedged(..) | ResolverError::RestoreStalled(..) => {
+            true
+        }
+        ResolverError::NoTopic(_) => rebuilding,
+        ResolverError::State(_) | ResolverError::Rebalanced | ResolverError::Setup(_) => false,
+    }
+}
+
 /// A poll error: logged; a fatal one (e.g. a fenced static member) ends the clients, which the
 /// run loop then rebuilds, instead of polling a dead consumer forever.
 fn poll_error(e: KafkaError) -> Result<(), ResolverError> {
@@ -1809,6 +1825,16 @@ mod tests {
             "took {:?}",
             t.elapsed()
         );
+    }
+
+    #[test]
+    fn a_missing_topic_stops_a_first_start_but_not_a_rebuild() {
+        let no_topic = || ResolverError::NoTopic("topic x does not exist after 30s".into());
+        assert!(!rebuilds_after(&no_topic(), false));
+        assert!(rebuilds_after(&no_topic(), true));
+        let wedged = ResolverError::Wedged("commit_transaction", Duration::from_secs(30));
+        assert!(rebuilds_after(&wedged, false));
+        assert!(!rebuilds_after(&ResolverError::Setup("bad".into()), true));
     }
 
     #[test]

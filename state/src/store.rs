@@ -114,8 +114,16 @@ impl TaskStore {
     }
 
     /// Removes a task's state entirely (before a rebuild from the changelog).
+    ///
+    /// The changelog offset goes first, on disk, before any record: sled's `clear` removes keys
+    /// one by one, so a crash or an error part-way must leave a tree that restores from the
+    /// start, not one whose offset still vouches for the records that are gone.
     pub fn wipe_task(&self, partition: i32) -> Result<(), StateError> {
-        self.task(partition)?.clear()?;
+        let tree = self.task(partition)?;
+        tree.remove(CHANGELOG_OFFSET_KEY)?;
+        tree.flush()?;
+        tree.clear()?;
+        tree.flush()?;
         Ok(())
     }
 
@@ -309,5 +317,8 @@ mod tests {
         write_records(&tree, again.changelog_records(), None).unwrap();
         assert_eq!(Overlay::new(&tree).last_seq(&key.bucket).unwrap(), 8);
         assert_eq!(changelog_offset(&tree).unwrap(), Some(42));
+        store.wipe_task(3).unwrap();
+        assert_eq!(changelog_offset(&tree).unwrap(), None);
+        assert!(read_doc(&tree, &key).unwrap().is_none());
     }
 }
