@@ -52,6 +52,16 @@ fn check_grants(caller: &Claims, grants: &[Grant]) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// [`check_grants`] for grants the caller hands out (an invitation, a service token): an empty
+/// list, which no grant check covers, only a tenant admin may give.
+fn check_giving(caller: &Claims, grants: &[Grant]) -> Result<(), ApiError> {
+    check_grants(caller, grants)?;
+    if grants.is_empty() {
+        require_tenant_admin(caller)?;
+    }
+    Ok(())
+}
+
 /// Most live service tokens a tenant may have: the registry is read whole on every list and
 /// revoke.
 pub const MAX_SERVICE_TOKENS: usize = 1_000;
@@ -185,7 +195,9 @@ pub async fn create_invite(
     let caller = verified(&state, &headers).await?;
     let acc = accounts(&state)?;
     let req: InviteReq = json_body(&body)?;
-    check_grants(&caller, &req.grants)?;
+    // Without the admin check for an empty list, any token (a read-only user's, a producer's)
+    // could invite new members into the tenant.
+    check_giving(&caller, &req.grants)?;
     let ttl = req
         .ttl_secs
         .unwrap_or(acc.cfg.invite_ttl_secs)
@@ -296,11 +308,7 @@ pub async fn create_service_token(
     let acc = accounts(&state)?;
     let req: ServiceReq = json_body(&body)?;
     let name = check_service_name(&req.name)?;
-    check_grants(&caller, &req.grants)?;
-    if req.grants.is_empty() {
-        // No grant check covers a token without grants.
-        require_tenant_admin(&caller)?;
-    }
+    check_giving(&caller, &req.grants)?;
     // Drops the expired ones from the registry, so that the cap counts live tokens.
     acc.store
         .list_services(&caller.tenant, now_ms() / 1000)

@@ -481,6 +481,15 @@ async fn tenant_admins_manage_grants_invitations_and_service_tokens() {
         )
         .await;
     assert_eq!(s, 401, "a revoked service token is refused");
+    // An invitation without grants is a tenant admin's to make too: anyone else could add
+    // members to the tenant with it.
+    let empty = json!({"grants": []});
+    let (s, e) = api
+        .post("/v1/tenant/invites", Some(&bob_access), empty.clone())
+        .await;
+    assert_eq!(s, 403, "{e}");
+    let (s, e) = api.post("/v1/tenant/invites", Some(&admin), empty).await;
+    assert_eq!(s, 201, "{e}");
     // A token without grants (as an operator's is) is a tenant admin's to make and to revoke:
     // no grant check covers it.
     let bare = json!({"name": "bare", "grants": []});
