@@ -30,6 +30,10 @@ pub enum RebuildError {
     /// A changelog record does not decode.
     #[error("changelog record {0}: {1}")]
     Corrupt(String, String),
+    /// Projectors are running: they would write over the rebuilt view (and the rebuild over
+    /// what they write).
+    #[error("{0}")]
+    Busy(String),
 }
 
 /// What a rebuild did.
@@ -76,13 +80,32 @@ pub fn read_changelog(cfg: &Config) -> Result<HashMap<Vec<u8>, Vec<u8>>, Rebuild
     Ok(latest)
 }
 
+/// Refuses while the projectors' consumer group has members: a projector writing meanwhile
+/// could be overwritten by an older version from the changelog (the rebuild writes without a
+/// version guard), and the change it wrote would never come again.
+fn no_projectors(cfg: &Config) -> Result<(), RebuildError> {
+    let control = topics::end_reader(&cfg.kafka.brokers, &cfg.topic("syncflow-rebuild"))?;
+    let group = crate::projector::group_id(cfg);
+    match topics::group_members(&control, &group)? {
+        0 => Ok(()),
+        n => Err(RebuildError::Busy(format!(
+            "{n} projector(s) are still in consumer group {group}: stop every projector first (nothing was changed)"
+        ))),
+    }
+}
+
 /// Rebuilds the view (or one bucket, `tenant/bucket`), reporting progress as `(done, total)`.
+/// Refuses while projectors run.
 pub async fn rebuild(
     cfg: &Config,
     view: &MongoView,
     only: Option<&BucketKey>,
     progress: impl FnMut(u64, u64),
 ) -> Result<RebuildReport, RebuildError> {
+    let c = cfg.clone();
+    tokio::task::spawn_blocking(move || no_projectors(&c))
+        .await
+        .expect("group check panicked")?;
     let c = cfg.clone();
     let latest = tokio::task::spawn_blocking(move || read_changelog(&c))
         .await

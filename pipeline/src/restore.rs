@@ -274,12 +274,6 @@ fn count_after(manifest: &Manifest, ends: &BTreeMap<i32, i64>) -> u64 {
         .sum()
 }
 
-/// Whether the group has active members (processes that must be stopped first).
-fn members(consumer: &BaseConsumer<topics::QuietEof>, group: &str) -> Result<usize, RestoreError> {
-    let list = consumer.fetch_group_list(Some(group), Duration::from_secs(10))?;
-    Ok(list.groups().iter().map(|g| g.members().len()).sum())
-}
-
 fn commit_offsets(
     cfg: &Config,
     group: &str,
@@ -390,7 +384,7 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
             crate::projector::group_id(cfg),
             crate::fanout::group_id(cfg),
         ] {
-            let n = members(&control, &group)?;
+            let n = topics::group_members(&control, &group)?;
             if n > 0 {
                 return Err(RestoreError::Busy(format!(
                     "{n} process(es) are still in consumer group {group}: stop every processor, projector and fanout first (nothing was changed)"

@@ -189,6 +189,17 @@ pub fn wait_for_topic<X: rdkafka::ClientContext>(
     }
 }
 
+/// How many processes are members of consumer group `group` now (processes that must be stopped
+/// before a tool rewrites what they write).
+pub fn group_members<X: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<X>,
+    group: &str,
+) -> rdkafka::error::KafkaResult<usize> {
+    use rdkafka::consumer::Consumer;
+    let list = consumer.fetch_group_list(Some(group), Duration::from_secs(10))?;
+    Ok(list.groups().iter().map(|g| g.members().len()).sum())
+}
+
 /// A client that asks partitions for their high watermark: `read_uncommitted`, so the end it is
 /// told is the end of the log, records of undecided transactions included, and not the last
 /// stable offset that a `read_committed` client (librdkafka's default) is told instead.

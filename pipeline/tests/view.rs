@@ -150,8 +150,9 @@ async fn the_view_survives_duplicates_replays_and_kills_then_feeds_and_rebuilds_
         assert_eq!(view.get(k), Some(want), "view document {k}");
     }
 
-    // The changes feed from every cursor returns exactly the documents changed after it.
-    let running = env.start(&[Role::Api]).await;
+    // The changes feed from every cursor returns exactly the documents changed after it. (A
+    // projector runs meanwhile, for the rebuild below to refuse.)
+    let running = env.start(&[Role::Api, Role::Projector]).await;
     let base = format!("http://{}", running.api_addr.unwrap());
     let http = reqwest::Client::new();
     let (bucket, last_seq) = oracle
@@ -209,17 +210,39 @@ async fn the_view_survives_duplicates_replays_and_kills_then_feeds_and_rebuilds_
         assert_eq!(got, want, "changes since {since}");
         assert_eq!(cursor, format!("1.{last_seq}"));
     }
+
+    // A rebuild refuses while a projector runs: it would write over what the projector writes.
+    let rebuild = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_syncflow"))
+            .args(["project", "--rebuild"])
+            .env("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET)
+            .env("SYNCFLOW_KAFKA_TOPIC_PREFIX", &env.cfg.kafka.topic_prefix)
+            .env("SYNCFLOW_MONGO_DATABASE", &env.cfg.mongo.database)
+            .output()
+            .unwrap()
+    };
+    let control =
+        pipeline::topics::end_reader(&env.cfg.kafka.brokers, &env.topic("test-control")).unwrap();
+    let group = pipeline::projector::group_id(&env.cfg);
+    common::eventually(Duration::from_secs(30), "the projector joins", || async {
+        let n = tokio::task::block_in_place(|| {
+            pipeline::topics::group_members(&control, &group).unwrap_or(0)
+        });
+        (n > 0).then_some(())
+    })
+    .await;
+    let refused = tokio::task::block_in_place(rebuild);
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "a rebuild ran beside a projector"
+    );
+    assert!(why.contains("stop every projector first"), "{why}");
     running.stop().await.unwrap();
 
     // Rebuild from the resolver's state gives the same view.
     database(&env).await.drop().await.unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_syncflow"))
-        .args(["project", "--rebuild"])
-        .env("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET)
-        .env("SYNCFLOW_KAFKA_TOPIC_PREFIX", &env.cfg.kafka.topic_prefix)
-        .env("SYNCFLOW_MONGO_DATABASE", &env.cfg.mongo.database)
-        .output()
-        .unwrap();
+    let out = tokio::task::block_in_place(rebuild);
     assert!(
         out.status.success(),
         "{}",
