@@ -794,13 +794,13 @@ mod tests {
     #[test]
     fn a_message_is_built_once_per_cursor_and_shared() {
         let c = change();
-        let at = Cursor { epoch: 1, seq: 7 };
+        let at = Cursor::new(1, 7);
         let first = c.message(at, || "one".into());
         // The next subscriber at the same cursor gets the same bytes without building.
         let again = c.message(at, || panic!("built twice"));
         assert_eq!((first.as_str(), again.as_str()), ("one", "one"));
         // One in another epoch gets its own, and the shared one stays.
-        let other = c.message(Cursor { epoch: 2, seq: 7 }, || "two".into());
+        let other = c.message(Cursor::new(2, 7), || "two".into());
         assert_eq!(other.as_str(), "two");
         assert_eq!(c.message(at, || panic!("built twice")).as_str(), "one");
     }

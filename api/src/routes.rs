@@ -469,18 +469,59 @@ async fn openapi() -> impl IntoResponse {
     )
 }
 
-/// A position in a bucket's change feed: `<epoch>.<seq>`.
+/// A position in a bucket's change feed: `<epoch>.<seq>`, or `<epoch>.<seq>.<horizon>` in a read
+/// from the start that has not yet passed the tombstone horizon it began under.
+///
+/// A cursor below the bucket's tombstone horizon is normally stale: deletes after it may have
+/// been swept. A read from the start is the exception: the tombstones swept before it began
+/// belong to documents it never saw, so its cursors stay good for as long as the horizon has not
+/// moved past the one it began under (without that, a bucket whose horizon lay past the first
+/// page could never be read from the start).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cursor {
     /// The bucket's epoch when the cursor was issued.
     pub epoch: i64,
     /// Every change up to this sequence number was delivered.
     pub seq: i64,
+    /// The tombstone horizon under which the read from the start began, while `seq` is below it.
+    pub began_under: Option<i64>,
+}
+
+impl Cursor {
+    /// A cursor at `seq` of epoch `epoch`.
+    pub fn new(epoch: i64, seq: i64) -> Self {
+        Self {
+            epoch,
+            seq,
+            began_under: None,
+        }
+    }
+
+    /// A cursor at `seq` of a read that began under horizon `began_under` (0: not from the
+    /// start); the horizon is kept only while `seq` is below it.
+    pub fn within(epoch: i64, seq: i64, began_under: i64) -> Self {
+        Self {
+            epoch,
+            seq,
+            began_under: (seq < began_under).then_some(began_under),
+        }
+    }
+
+    /// Whether a read from this cursor could lack deletes now that the bucket's tombstone horizon
+    /// is `horizon`: tombstones after what its reader accounted for were swept (or it names a
+    /// horizon the bucket never reached, which no cursor of this API does).
+    pub fn stale_under(&self, horizon: i64) -> bool {
+        self.seq.max(self.began_under.unwrap_or(0)) < horizon
+            || self.began_under.is_some_and(|h| h > horizon)
+    }
 }
 
 impl std::fmt::Display for Cursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.epoch, self.seq)
+        match self.began_under {
+            None => write!(f, "{}.{}", self.epoch, self.seq),
+            Some(h) => write!(f, "{}.{}.{h}", self.epoch, self.seq),
+        }
     }
 }
 
@@ -491,21 +532,30 @@ impl std::str::FromStr for Cursor {
             ApiError::bad_request(
                 "invalid_cursor",
                 format!(
-                    "cursor {:?} is not one this API issued (\"<epoch>.<seq>\")",
+                    "cursor {:?} is not one this API issued (\"<epoch>.<seq>\" or \"<epoch>.<seq>.<horizon>\")",
                     s.chars().take(40).collect::<String>()
                 ),
             )
         };
-        let (e, q) = s.split_once('.').ok_or_else(bad)?;
         let digits =
             |t: &str| !t.is_empty() && t.len() <= 18 && t.bytes().all(|b| b.is_ascii_digit());
-        if !digits(e) || !digits(q) {
-            return Err(bad());
+        let mut parts = s.split('.');
+        let mut number = || -> Result<Option<i64>, ApiError> {
+            match parts.next() {
+                None => Ok(None),
+                Some(t) if digits(t) => t.parse().map(Some).map_err(|_| bad()),
+                Some(_) => Err(bad()),
+            }
+        };
+        let (epoch, seq, began) = (number()?, number()?, number()?);
+        match (epoch, seq, parts.next()) {
+            (Some(epoch), Some(seq), None) => Ok(Cursor {
+                epoch,
+                seq,
+                began_under: began.filter(|&h| seq < h),
+            }),
+            _ => Err(bad()),
         }
-        Ok(Cursor {
-            epoch: e.parse().map_err(|_| bad())?,
-            seq: q.parse().map_err(|_| bad())?,
-        })
     }
 }
 
@@ -614,15 +664,15 @@ async fn changes(
         .map(|s| s.parse::<Cursor>())
         .transpose()?;
     let meta = known_bucket(&state, &claims.tenant, &bucket).await?;
-    let from = match since {
-        None => 0,
+    let (from, began_under) = match since {
+        None => (0, meta.horizon_seq),
         Some(c) if c.epoch != meta.epoch => {
             return Err(ApiError::ResyncRequired(format!(
                 "cursor {c} belongs to epoch {}, the bucket is at epoch {}: read the bucket again from the start",
                 c.epoch, meta.epoch
             )))
         }
-        Some(c) if c.seq < meta.horizon_seq => {
+        Some(c) if c.stale_under(meta.horizon_seq) => {
             return Err(ApiError::ResyncRequired(format!(
                 "cursor {c} is outside the retained history (tombstones before sequence {} were swept): read the bucket again from the start",
                 meta.horizon_seq
@@ -649,7 +699,7 @@ async fn changes(
                 "more": false,
             })));
         }
-        Some(c) => c.seq,
+        Some(c) => (c.seq, c.began_under.unwrap_or(0)),
     };
     let docs = state
         .reader
@@ -659,7 +709,7 @@ async fn changes(
     // (it raises the horizon first, so reading it again after the page tells).
     if from > 0 {
         let now = known_bucket(&state, &claims.tenant, &bucket).await?;
-        if now.horizon_seq > from {
+        if now.horizon_seq > from.max(began_under) {
             return Err(ApiError::ResyncRequired(format!(
                 "tombstones after cursor {from} were swept while this page was read (horizon {}): read the bucket again from the start",
                 now.horizon_seq
@@ -675,7 +725,7 @@ async fn changes(
     Ok(Json(json!({
         "bucket": bucket,
         "changes": docs.iter().map(doc_json).collect::<Vec<_>>(),
-        "next": Cursor { epoch: meta.epoch, seq: next_seq }.to_string(),
+        "next": Cursor::within(meta.epoch, next_seq, began_under).to_string(),
         "more": more,
     })))
 }
@@ -890,6 +940,29 @@ pub(crate) mod tests {
                     "{body}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn a_cursor_of_a_read_from_the_start_keeps_its_horizon_until_it_passes_it() {
+        let c: Cursor = "1.6.9".parse().unwrap();
+        assert_eq!(c, Cursor::within(1, 6, 9));
+        assert_eq!(c.to_string(), "1.6.9");
+        // Good while the horizon stays where the read began; stale once it moves on.
+        assert!(!c.stale_under(9));
+        assert!(c.stale_under(10));
+        // A horizon the bucket never reached is not one this API gave out.
+        assert!("1.6.12".parse::<Cursor>().unwrap().stale_under(9));
+        // Past its horizon the cursor is a plain one again.
+        assert_eq!(Cursor::within(1, 9, 9).to_string(), "1.9");
+        assert_eq!("1.9.9".parse::<Cursor>().unwrap(), Cursor::new(1, 9));
+        let plain: Cursor = "3.42".parse().unwrap();
+        assert_eq!(plain, Cursor::new(3, 42));
+        assert!(plain.stale_under(43) && !plain.stale_under(42));
+        for bad in [
+            "", "1", "1.", ".1", "1.2.", "1.2.3.4", "1.x", "1.2.y", "-1.2",
+        ] {
+            assert!(bad.parse::<Cursor>().is_err(), "{bad:?}");
         }
     }
 

@@ -667,7 +667,7 @@ async fn deliver(tx: &mut Tx, bucket: &str, sub: &mut Sub, change: &Change) -> R
     if seq != sub.cursor.seq + 1 {
         return Ok(false);
     }
-    sub.cursor.seq = seq;
+    sub.cursor = Cursor::within(sub.cursor.epoch, seq, sub.cursor.began_under.unwrap_or(0));
     if let Some(&have) = sub.ahead.get(&event.doc_id) {
         if have >= event.version {
             if have == event.version {
@@ -786,14 +786,18 @@ async fn catch_up(
 ) -> Result<(Cursor, HashMap<String, u64>), End> {
     let meta = meta_when_current(state, tenant, bucket, need, cursor).await?;
     let watermark = meta.projected_seq;
-    let mut from = match cursor {
-        None => 0,
-        Some(c) if c.epoch != meta.epoch || c.seq < meta.horizon_seq || c.seq > watermark => {
+    // Where the read starts, and the horizon it began under (see `Cursor`): the cursors of
+    // its pages stay good across a disconnect while the horizon stays there.
+    let (mut from, mut began) = match cursor {
+        None => (0, meta.horizon_seq),
+        Some(c)
+            if c.epoch != meta.epoch || c.stale_under(meta.horizon_seq) || c.seq > watermark =>
+        {
             send(tx, json!({"type": "reset", "bucket": bucket,
                 "reason": "the cursor is of another epoch or outside the retained history; a full snapshot follows"})).await?;
-            0
+            (0, meta.horizon_seq)
         }
-        Some(c) => c.seq,
+        Some(c) => (c.seq, c.began_under.unwrap_or(0)),
     };
     let mut start = from;
     let page = state.pages.default.max(1);
@@ -805,12 +809,12 @@ async fn catch_up(
             .await
             .map_err(view_unavailable)?;
         let more = docs.len() == page;
-        if !more && start > 0 && horizon_passed(state, tenant, bucket, start).await? {
+        if !more && start > 0 && horizon_passed(state, tenant, bucket, start.max(began)).await? {
             // A tombstone sweep ran while the pages were read: deletes after the cursor may
             // have been removed before their page was read. Start again from nothing.
             send(tx, json!({"type": "reset", "bucket": bucket,
                 "reason": "deleted documents after your cursor were forgotten while catching up; a full snapshot follows"})).await?;
-            (from, start) = (0, 0);
+            (from, start, began) = (0, 0, 0);
             ahead.clear();
             continue;
         }
@@ -826,14 +830,12 @@ async fn catch_up(
         for (i, chunk) in chunks.into_iter().enumerate() {
             let complete = !more && i == last_chunk;
             let last = chunk.last().map_or(from, |(seq, _)| *seq);
-            let cursor = Cursor {
-                epoch: meta.epoch,
-                seq: if complete {
-                    watermark
-                } else {
-                    last.min(watermark).max(start)
-                },
+            let seq = if complete {
+                watermark
+            } else {
+                last.min(watermark).max(start)
             };
+            let cursor = Cursor::within(meta.epoch, seq, began);
             let docs: Vec<&str> = chunk.iter().map(|(_, json)| json.as_str()).collect();
             let msg = format!(
                 r#"{{"type":"docs","bucket":{},"docs":[{}],"cursor":"{cursor}","complete":{complete}}}"#,

@@ -342,6 +342,25 @@ async fn swept_tombstones_make_old_cursors_resync_and_bad_reads_get_reasons() {
     let (s, b) = get("/v1/buckets/lists/changes?since=1.9".into()).await;
     assert_eq!(s, 200, "{b}");
     assert_eq!(b["changes"], json!([]));
+    // A read from the start pages past the horizon (9) it began under: its cursors carry that
+    // horizon, where a plain cursor below it is refused (it used to answer 410 on page 2).
+    let (s, page) = get("/v1/buckets/lists/changes?limit=5".into()).await;
+    assert_eq!(s, 200, "{page}");
+    let seqs = |page: &Value| -> Vec<i64> {
+        let changes = page["changes"].as_array().unwrap();
+        changes.iter().map(|c| c["seq"].as_i64().unwrap()).collect()
+    };
+    assert_eq!(seqs(&page), vec![2, 3, 4, 5, 6], "{page}");
+    assert_eq!(page["next"], "1.6.9", "{page}");
+    let (s, page) = get("/v1/buckets/lists/changes?since=1.6.9".into()).await;
+    assert_eq!(s, 200, "{page}");
+    assert_eq!(seqs(&page), vec![7, 8], "{page}");
+    assert_eq!(
+        (page["next"].as_str(), page["more"].as_bool()),
+        (Some("1.9"), Some(false))
+    );
+    let (s, _) = get("/v1/buckets/lists/changes?since=1.6".into()).await;
+    assert_eq!(s, 410, "a plain cursor below the horizon still resyncs");
     let (s, _) = get("/v1/buckets/lists/changes?since=2.9".into()).await;
     assert_eq!(s, 410, "a cursor of another epoch resyncs");
     // A cursor ahead of the view (a live cursor: announced, not yet projected) is told to come
