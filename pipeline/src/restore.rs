@@ -29,7 +29,7 @@ use state::checkpoint::Manifest;
 
 use crate::config::Config;
 use crate::partition::partition_for;
-use crate::resolver::{decide, InputRecord};
+use crate::resolver::{decide, Decision, InputRecord};
 use crate::topics;
 
 /// Why a restore or replay did not happen.
@@ -193,8 +193,43 @@ fn ends(
     Ok(out)
 }
 
+/// How long a replay waits for a transaction left open in `data.changed` (by a processor killed
+/// while forwarding) to be decided: longer than the processors' transaction timeout, after which
+/// the broker aborts it.
+const OPEN_TRANSACTION_WAIT: Duration = Duration::from_secs(60);
+
+/// The resolver group's committed input offsets (0 where it committed none).
+fn committed_offsets(
+    cfg: &Config,
+    topic: &str,
+    ends: &BTreeMap<i32, i64>,
+) -> Result<BTreeMap<i32, i64>, RestoreError> {
+    let consumer = reader(cfg, &crate::resolver::group_id(cfg))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in ends.keys() {
+        tpl.add_partition(topic, *p);
+    }
+    let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
+    Ok(ends
+        .keys()
+        .map(|&p| {
+            let at = committed.find_partition(topic, p).map(|e| e.offset());
+            let offset = match at {
+                Some(Offset::Offset(o)) => o,
+                _ => 0,
+            };
+            (p, offset)
+        })
+        .collect())
+}
+
 /// Runs the input from the checkpoint's offsets through `decide`, up to `until` or `ends`.
 /// Returns (replayed, not applied, where the resolver resumes).
+///
+/// A write read from a partition that does not own its bucket is forwarded by the live resolver;
+/// the copy is then read and applied from the owning partition. A replay reads the copies that
+/// exist; the writes the resolver never read (past its committed offset) have none, so the
+/// replay applies them once the partitions are read, where their copies would have gone.
 fn replay_input(
     cfg: &Config,
     manifest: &Manifest,
@@ -205,8 +240,11 @@ fn replay_input(
     let topic = cfg.topic(topics::DATA_CHANGED);
     let consumer = reader(cfg, &cfg.topic("syncflow-replay"))?;
     let partitions = ends.len() as i32;
+    let committed = committed_offsets(cfg, &topic, ends)?;
     let (mut replayed, mut skipped) = (0u64, 0u64);
     let mut resume = BTreeMap::new();
+    // Misrouted writes the live resolver never forwarded: (owner, key, payload).
+    let mut unforwarded: Vec<(i32, Option<Vec<u8>>, Vec<u8>)> = Vec::new();
     for part in &manifest.partitions {
         let p = part.partition;
         let end = ends.get(&p).copied().unwrap_or(part.input_offset);
@@ -218,10 +256,25 @@ fn replay_input(
         tpl.add_partition_offset(&topic, p, Offset::Offset(part.input_offset))?;
         consumer.assign(&tpl)?;
         let mut stopped = false;
+        let deadline = std::time::Instant::now() + OPEN_TRANSACTION_WAIT;
         loop {
             let m = match consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) => m,
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => break,
+                // The end a `read_committed` reader is told is the last stable offset: before
+                // an open transaction, committed writes after it are not read yet.
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                    let position = consumer.position()?;
+                    let at = position.find_partition(&topic, p).map(|e| e.offset());
+                    if matches!(at, Some(Offset::Offset(o)) if o >= end) {
+                        break;
+                    }
+                    if std::time::Instant::now() > deadline {
+                        return Err(RestoreError::Busy(format!(
+                            "a transaction in {topic} partition {p} stayed open for {OPEN_TRANSACTION_WAIT:?} (is a processor still running?): nothing was changed"
+                        )));
+                    }
+                    continue;
+                }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "replay read error; retrying");
                     continue;
@@ -252,15 +305,38 @@ fn replay_input(
                 partition: p,
                 timestamp_ms,
             };
-            let _ = decide(
+            let decision = decide(
                 mem,
                 &record,
                 partitions,
                 &cfg.limits,
                 cfg.resolver.max_skew_ms,
             );
+            if let Ok(Decision::Forward { partition, .. }) = decision {
+                if m.offset() >= committed.get(&p).copied().unwrap_or(0) {
+                    let key = m.key().map(<[u8]>::to_vec);
+                    unforwarded.push((partition, key, record.payload.to_vec()));
+                }
+            }
             replayed += 1;
         }
+    }
+    // Forwarded now, as the resolver would have: read from their owner at this time.
+    let now_ms = crate::checkpoint::now_ms();
+    for (owner, key, payload) in &unforwarded {
+        let record = InputRecord {
+            key: key.as_deref(),
+            payload,
+            partition: *owner,
+            timestamp_ms: now_ms,
+        };
+        let _ = decide(
+            mem,
+            &record,
+            partitions,
+            &cfg.limits,
+            cfg.resolver.max_skew_ms,
+        );
     }
     Ok((replayed, skipped, resume))
 }

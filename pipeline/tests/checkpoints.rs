@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use common::faults::{
-    changelog_docs, produce_all, read_all, workload, Oracle, ProcessorProcess, PARTITIONS,
+    changelog_docs, produce, produce_all, read_all, workload, Oracle, ProcessorProcess, PARTITIONS,
 };
 use common::ws::{connect, next_json, send_text};
 use common::TestEnv;
@@ -501,6 +501,36 @@ async fn replay_from_a_checkpoint_reproduces_the_uninterrupted_run() {
     restore(&env, &c.id, &replay(None, false)).await.unwrap();
     assert_eq!(changelog_docs(&env), full_state);
     assert_eq!(view_of(&env).await, full_view);
+
+    // A write in a partition that does not own its bucket, which no processor read (so none
+    // forwarded it): the replay applies it where its copy would have gone.
+    let key = "acme/misrouted";
+    let owner = pipeline::partition::partition_for(key.as_bytes(), PARTITIONS);
+    let write = serde_json::json!({"v": 1, "event_id": "e-mis", "tenant": "acme",
+        "bucket": "misrouted", "doc_id": "m", "device_id": "d", "op": "set", "doc": {"n": 1}});
+    let payload = write.to_string();
+    produce(
+        &env,
+        Some((owner + 1) % PARTITIONS),
+        Some(key),
+        payload.as_bytes(),
+    )
+    .await;
+    let report = restore(&env, &c.id, &replay(None, false)).await.unwrap();
+    let docs = changelog_docs(&env);
+    let m = DocKey {
+        bucket: processors::BucketKey {
+            tenant: "acme".into(),
+            bucket: "misrouted".into(),
+        },
+        doc_id: "m".into(),
+    };
+    let doc = docs.get(&m).and_then(DocState::document);
+    assert_eq!(
+        doc.and_then(|d| d.get("n").cloned()),
+        Some(serde_json::json!(1)),
+        "the misrouted write was not replayed: {report:?}"
+    );
     env.cleanup().await;
 }
 

@@ -5,13 +5,12 @@ mod common;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use common::faults::produce;
 use common::{eventually, read_committed, TestEnv};
 use pipeline::app::Role;
 use pipeline::resolver::RejectedRecord;
 use pipeline::topics;
 use processors::{RejectCode, SyncEvent};
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use rdkafka::Message;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -392,25 +391,6 @@ async fn bad_http_input_gets_a_reason_and_nothing_is_sent() {
 
     running.stop().await.unwrap();
     env.cleanup().await;
-}
-
-async fn produce(env: &TestEnv, partition: Option<i32>, key: Option<&str>, payload: &[u8]) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &env.cfg.kafka.brokers)
-        .create()
-        .unwrap();
-    let topic = env.topic(topics::DATA_CHANGED);
-    let mut record = FutureRecord::<str, [u8]>::to(&topic).payload(payload);
-    if let Some(k) = key {
-        record = record.key(k);
-    }
-    if let Some(p) = partition {
-        record = record.partition(p);
-    }
-    producer
-        .send(record, Duration::from_secs(10))
-        .await
-        .expect("produce");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -278,6 +278,28 @@ pub fn workload(seed: u64, n: usize, buckets: usize, docs: usize) -> Vec<(String
 }
 
 /// Produces records to `data.changed`, each to its bucket's partition.
+/// Produces one record to `data.changed`, in `partition` if given (else as the partitioner
+/// decides).
+#[allow(dead_code)]
+pub async fn produce(env: &TestEnv, partition: Option<i32>, key: Option<&str>, payload: &[u8]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .create()
+        .unwrap();
+    let topic = env.topic(topics::DATA_CHANGED);
+    let mut record = FutureRecord::<str, [u8]>::to(&topic).payload(payload);
+    if let Some(k) = key {
+        record = record.key(k);
+    }
+    if let Some(p) = partition {
+        record = record.partition(p);
+    }
+    producer
+        .send(record, Duration::from_secs(10))
+        .await
+        .expect("produce");
+}
+
 pub async fn produce_all(env: &TestEnv, records: &[(String, Vec<u8>)]) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &env.cfg.kafka.brokers)
