@@ -516,6 +516,20 @@ impl Cursor {
     }
 }
 
+/// The horizon a read from the start begins under, given the bucket's metadata read before its
+/// first page: its horizon, if every change up to it is already in the view. While a projector's
+/// batch is being written, a tombstone it inserted first may have been swept (raising the
+/// horizon) before the same batch's other documents are written, deletes among them: a read
+/// beginning then could meet those documents before their delete, with nothing swept after its
+/// start to tell it. Then 0: its cursors are plain, and a sweep past them asks for a resync.
+pub fn began_under(meta: &crate::view::BucketMeta) -> i64 {
+    if meta.horizon_seq <= meta.projected_seq {
+        meta.horizon_seq
+    } else {
+        0
+    }
+}
+
 impl std::fmt::Display for Cursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.began_under {
@@ -665,7 +679,7 @@ async fn changes(
         .transpose()?;
     let meta = known_bucket(&state, &claims.tenant, &bucket).await?;
     let (from, began_under) = match since {
-        None => (0, meta.horizon_seq),
+        None => (0, self::began_under(&meta)),
         Some(c) if c.epoch != meta.epoch => {
             return Err(ApiError::ResyncRequired(format!(
                 "cursor {c} belongs to epoch {}, the bucket is at epoch {}: read the bucket again from the start",

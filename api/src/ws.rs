@@ -789,13 +789,13 @@ async fn catch_up(
     // Where the read starts, and the horizon it began under (see `Cursor`): the cursors of
     // its pages stay good across a disconnect while the horizon stays there.
     let (mut from, mut began) = match cursor {
-        None => (0, meta.horizon_seq),
+        None => (0, crate::routes::began_under(&meta)),
         Some(c)
             if c.epoch != meta.epoch || c.stale_under(meta.horizon_seq) || c.seq > watermark =>
         {
             send(tx, json!({"type": "reset", "bucket": bucket,
                 "reason": "the cursor is of another epoch or outside the retained history; a full snapshot follows"})).await?;
-            (0, meta.horizon_seq)
+            (0, crate::routes::began_under(&meta))
         }
         Some(c) => (c.seq, c.began_under.unwrap_or(0)),
     };
@@ -809,12 +809,18 @@ async fn catch_up(
             .await
             .map_err(view_unavailable)?;
         let more = docs.len() == page;
-        if !more && start > 0 && horizon_passed(state, tenant, bucket, start.max(began)).await? {
+        let passed = if !more && start > 0 {
+            horizon_passed(state, tenant, bucket, start.max(began)).await?
+        } else {
+            None
+        };
+        if let Some(now) = passed {
             // A tombstone sweep ran while the pages were read: deletes after the cursor may
-            // have been removed before their page was read. Start again from nothing.
+            // have been removed before their page was read. Start again from nothing, under
+            // the horizon just read.
             send(tx, json!({"type": "reset", "bucket": bucket,
                 "reason": "deleted documents after your cursor were forgotten while catching up; a full snapshot follows"})).await?;
-            (from, start, began) = (0, 0, 0);
+            (from, start, began) = (0, 0, crate::routes::began_under(&now));
             ahead.clear();
             continue;
         }
@@ -851,7 +857,7 @@ async fn catch_up(
     }
 }
 
-/// Whether the bucket's tombstone horizon is now past `seq`: a catch-up from `seq` may then lack
+/// The bucket's metadata if its tombstone horizon is now past `seq`: a catch-up from `seq` may then lack
 /// deletes. (The sweep raises the horizon before it removes tombstones, so reading the horizon
 /// after the last page covers every tombstone removed while the pages were read.)
 async fn horizon_passed(
@@ -859,13 +865,13 @@ async fn horizon_passed(
     tenant: &str,
     bucket: &str,
     seq: i64,
-) -> Result<bool, End> {
+) -> Result<Option<crate::view::BucketMeta>, End> {
     let meta = state
         .reader
         .bucket_meta(tenant, bucket)
         .await
         .map_err(view_unavailable)?;
-    Ok(meta.is_some_and(|m| m.horizon_seq > seq))
+    Ok(meta.filter(|m| m.horizon_seq > seq))
 }
 
 /// Largest catch-up message, in bytes of encoded documents (a single larger document still goes

@@ -264,6 +264,7 @@ async fn swept_tombstones_make_old_cursors_resync_and_bad_reads_get_reasons() {
     env.cfg.projector.tombstone_retention_secs = 0;
     env.cfg.projector.sweep_interval_secs = 1;
     env.cfg.api.max_page = 5;
+    env.cfg.api.default_page = 5;
     let running = env
         .start(&[Role::Api, Role::Processor, Role::Projector])
         .await;
@@ -361,6 +362,40 @@ async fn swept_tombstones_make_old_cursors_resync_and_bad_reads_get_reasons() {
     );
     let (s, _) = get("/v1/buckets/lists/changes?since=1.6".into()).await;
     assert_eq!(s, 410, "a plain cursor below the horizon still resyncs");
+    // The same over a WebSocket: a snapshot's first page carries the horizon, and a client that
+    // drops after it resumes from there without a reset.
+    let addr = running.api_addr.unwrap();
+    let mut ws = common::ws::connect(addr, &t).await;
+    common::ws::send_text(&mut ws, r#"{"type":"subscribe","bucket":"lists"}"#).await;
+    let first = common::ws::expect_type(&mut ws, "docs").await;
+    assert_eq!(
+        (first["cursor"].as_str(), first["complete"].as_bool()),
+        (Some("1.6.9"), Some(false)),
+        "{first}"
+    );
+    drop(ws);
+    let mut ws = common::ws::connect(addr, &t).await;
+    let resume = r#"{"type":"subscribe","bucket":"lists","cursor":"1.6.9"}"#;
+    common::ws::send_text(&mut ws, resume).await;
+    let rest = loop {
+        let msg = common::ws::next_json(&mut ws).await.expect("open");
+        assert_ne!(msg["type"], "reset", "{msg}");
+        if msg["type"] == "docs" {
+            break msg;
+        }
+    };
+    let ids: Vec<&str> = rest["docs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["d6", "d7"], "{rest}");
+    assert_eq!(
+        (rest["cursor"].as_str(), rest["complete"].as_bool()),
+        (Some("1.9"), Some(true))
+    );
+    drop(ws);
     let (s, _) = get("/v1/buckets/lists/changes?since=2.9".into()).await;
     assert_eq!(s, 410, "a cursor of another epoch resyncs");
     // A cursor ahead of the view (a live cursor: announced, not yet projected) is told to come

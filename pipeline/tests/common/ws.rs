@@ -88,7 +88,8 @@ impl Replica {
 
     fn set_cursor(&mut self, msg: &Value) {
         let cursor = msg["cursor"].as_str().unwrap().to_owned();
-        let seq: i64 = cursor.split_once('.').unwrap().1.parse().unwrap();
+        // `<epoch>.<seq>`, or `<epoch>.<seq>.<horizon>` in a read from the start.
+        let seq: i64 = cursor.split('.').nth(1).unwrap().parse().unwrap();
         assert!(
             seq >= self.seq,
             "cursor went back: {} -> {cursor}",
