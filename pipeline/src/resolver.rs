@@ -30,7 +30,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use processors::{compute_diff, decode_change, decode_write, resolve_lww, DiffContext, Rejection};
+use processors::{
+    compute_diff, decode_change, decode_write, resolve_lww_bounded, DiffContext, Rejection,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
@@ -357,11 +359,15 @@ pub fn decide<S: processors::ResolveState>(
             }
         }
     };
-    let applied = resolve_lww(state, change)?;
-    Ok(Decision::Applied {
-        key,
-        applied: Box::new(applied),
-    })
+    // The state is measured as the changelog will carry it.
+    let measure = |doc: &processors::DocState| state::codec::encode_doc(doc).len();
+    match resolve_lww_bounded(state, change, limits.max_state_bytes, measure)? {
+        Ok(applied) => Ok(Decision::Applied {
+            key,
+            applied: Box::new(applied),
+        }),
+        Err(r) => Ok(Decision::Rejected(r)),
+    }
 }
 
 /// The record key `tenant/bucket` of a write read from `partition` if that partition owns its

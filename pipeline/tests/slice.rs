@@ -456,6 +456,64 @@ async fn direct_producers_get_dead_letters_and_nothing_stalls() {
     env.cleanup().await;
 }
 
+/// A document grown by patches toward `limits.max_state_bytes` stops taking fields past it: those
+/// writes are dead-lettered (`too_large`), and everything else goes on. Without the limit its
+/// state would pass what Kafka takes in one changelog record, and its partition would stop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_that_would_grow_past_the_state_limit_is_refused_and_nothing_stalls() {
+    const PATCHES: usize = 30;
+    let mut env = TestEnv::new("stlimit").await;
+    env.cfg.limits.max_doc_bytes = 4_096;
+    env.cfg.limits.max_state_bytes = 2 * 4_096 + 64 * 1024;
+    let running = env
+        .start(&[Role::Processor, Role::Projector, Role::Api])
+        .await;
+    let key = "acme/grow";
+    let owner = pipeline::partition::partition_for(key.as_bytes(), 6);
+    let field = "x".repeat(3_500);
+    for i in 0..PATCHES {
+        let w = json!({"v": 1, "event_id": format!("g-{i}"), "tenant": "acme", "bucket": "grow",
+            "doc_id": "g", "device_id": "d", "op": "patch", "patch": {format!("f{i}"): field}});
+        produce(&env, Some(owner), Some(key), w.to_string().as_bytes()).await;
+    }
+    let after = json!({"v": 1, "event_id": "g-after", "tenant": "acme", "bucket": "grow",
+        "doc_id": "other", "device_id": "d", "op": "set", "doc": {"n": 1}});
+    produce(&env, Some(owner), Some(key), after.to_string().as_bytes()).await;
+
+    let c = Client::new(running.api_addr.unwrap());
+    let t = env.token("acme", "grow:r");
+    eventually(WAIT, "the write after them", || async {
+        let (s, _) = c.get_doc(&t, "grow", "other").await;
+        (s == StatusCode::OK).then_some(())
+    })
+    .await;
+    let (s, doc) = c.get_doc(&t, "grow", "g").await;
+    assert_eq!(s, StatusCode::OK);
+    let kept = doc["doc"].as_object().unwrap().len();
+    assert!(
+        (10..PATCHES).contains(&kept),
+        "{kept} of {PATCHES} fields kept"
+    );
+    let rejected = read_committed(
+        &env.cfg.kafka.brokers,
+        &env.topic(topics::DATA_REJECTED),
+        PATCHES - kept,
+        WAIT,
+    );
+    assert_eq!(rejected.len(), PATCHES - kept);
+    for m in &rejected {
+        let r: RejectedRecord = serde_json::from_slice(m.payload().unwrap()).unwrap();
+        assert_eq!(r.reason, RejectCode::TooLarge, "{}", r.message);
+        assert!(
+            r.message.contains("limits.max_state_bytes"),
+            "{}",
+            r.message
+        );
+    }
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 /// The API produces each write to its bucket's partition (Kafka's default partitioner), so the
 /// resolver forwards none: a forwarded write costs a second produce and a later transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,7 +31,7 @@ pub use hlc::{Hlc, HlcClock};
 pub use limits::Limits;
 pub use reject::{RejectCode, Rejection};
 pub use resolve::{
-    apply_change, resolve_batch, resolve_lww, Applied, Devices, DocState, MemState, Prefetch,
-    Register, Registers, ResolveState,
+    apply_change, resolve_batch, resolve_lww, resolve_lww_bounded, Applied, Devices, DocState,
+    MemState, Prefetch, Register, Registers, ResolveState, StoredBound,
 };
 pub use write::{decode_write, BucketKey, DocKey, Write, WriteOp};

@@ -21,6 +21,10 @@ pub struct Limits {
     pub max_doc_id_bytes: usize,
     /// Whether arrays may contain arrays (MongoDB allows it; FerretDB does not).
     pub allow_nested_arrays: bool,
+    /// Maximum size of a document's stored state (all its fields, removed ones included, as the
+    /// resolver keeps them), in bytes: a write that would pass it is refused. Below what Kafka
+    /// takes in one record (1 MB by default).
+    pub max_state_bytes: usize,
 }
 
 impl Default for Limits {
@@ -32,6 +36,7 @@ impl Default for Limits {
             max_key_bytes: 128,
             max_doc_id_bytes: 256,
             allow_nested_arrays: false,
+            max_state_bytes: 768 * 1024,
         }
     }
 }

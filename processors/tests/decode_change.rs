@@ -116,6 +116,7 @@ fn limits() -> impl Strategy<Value = Limits> {
                 max_key_bytes,
                 max_doc_id_bytes: 8,
                 allow_nested_arrays,
+                ..Limits::default()
             }
         ),
     ]

@@ -34,6 +34,7 @@ fn reject_bytes(key: Option<&[u8]>, bytes: &[u8]) -> Rejection {
         max_key_bytes: 8,
         max_doc_id_bytes: 16,
         allow_nested_arrays: false,
+        ..Limits::default()
     };
     let ctx = DiffContext {
         limits: &limits,

@@ -313,12 +313,19 @@ impl Bincode {
 /// Decodes a document's state written by any known format.
 pub fn decode_doc(bytes: &[u8]) -> Result<DocState, CodecError> {
     let (&format, body) = bytes.split_first().ok_or(CodecError::Empty)?;
-    match format {
+    let mut doc = match format {
         3 => decode_v2_or_3(body, |r| r.value(0)),
         2 => decode_v2_or_3(body, |r| serde_json::from_str(r.str()?).map_err(corrupt)),
         1 => decode_v1(body),
         other => Err(CodecError::UnknownFormat(other)),
-    }
+    }?;
+    // What it takes stored: a record of an old format as it will be stored again, in this one.
+    doc.stored_bound = processors::StoredBound(if format == 3 {
+        bytes.len()
+    } else {
+        encode_doc(&doc).len()
+    });
+    Ok(doc)
 }
 
 /// Most memory bincode may set aside while decoding one record. Without a limit, bincode
@@ -370,6 +377,7 @@ fn doc_state(
             .into_iter()
             .map(|(d, w, c, e)| (d, (Hlc::new(w, c), e)))
             .collect(),
+        stored_bound: Default::default(),
     }
 }
 
@@ -445,6 +453,7 @@ fn decode_v2_or_3(
         replaced_at,
         upserted_at,
         devices: devices.into_iter().collect(),
+        stored_bound: Default::default(),
     })
 }
 
@@ -954,6 +963,7 @@ mod tests {
                             .into_iter()
                             .map(|(d, w, c, e)| (d, (Hlc::new(w, c), e)))
                             .collect(),
+                        stored_bound: Default::default(),
                     }
                 },
             )

@@ -43,6 +43,22 @@ pub struct DocState {
     pub upserted_at: Option<Arc<Stamp>>,
     /// Per device, the newest `(hlc, event id)` applied: older ones are retransmissions.
     pub devices: Devices,
+    /// An upper bound of this state's size as its store keeps it, in bytes (0: not known, as
+    /// for a new document). A store sets it when it reads or measures the state;
+    /// [`super::resolve_lww_bounded`] raises it by what each write may add. Beside the state, not
+    /// part of it: never serialised, and equal whatever its value.
+    #[serde(skip)]
+    pub stored_bound: StoredBound,
+}
+
+/// [`DocState::stored_bound`]: a hint, equal to any other.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StoredBound(pub usize);
+
+impl PartialEq for StoredBound {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl DocState {

@@ -54,6 +54,7 @@ use smallvec::SmallVec;
 use crate::diff::{ChangeOp, ChangeSet, Stamp};
 use crate::events::{ConflictEvent, SetFields, SideOp, SyncEvent, EVENT_FORMAT_VERSION};
 use crate::path::dotted;
+use crate::reject::{RejectCode, Rejection};
 use crate::write::{BucketKey, DocKey};
 
 use conflicts::{detect_conflicts, ConflictView};
@@ -65,7 +66,7 @@ use plan::{
 use sweep::{mark_visible, Entries, Entry};
 
 pub use devices::{Devices, Seen};
-pub use doc::{DocState, MAX_DEVICES_PER_DOC};
+pub use doc::{DocState, StoredBound, MAX_DEVICES_PER_DOC};
 pub use mem::MemState;
 pub use prefetch::Prefetch;
 pub use registers::{Register, Registers};
@@ -458,6 +459,86 @@ pub fn resolve_batch<S: ResolveState>(
         fill(&mut window, state);
     }
     Ok(())
+}
+
+/// [`resolve_lww`], refusing a write that would make its document's stored state larger than
+/// `max_bytes` bytes as `measure` counts them (the store's encoding): then nothing changes.
+///
+/// Measuring costs an encoding, so a document is measured only when its
+/// [`DocState::stored_bound`] plus what the write may add passes `max_bytes`; otherwise the
+/// bound grows by that much. A document's state grows with every field any write gave it, so
+/// without a limit a few large patches could make one past what the state's log (Kafka) or the
+/// view's database takes, and its partition would stop.
+pub fn resolve_lww_bounded<S: ResolveState>(
+    state: &mut S,
+    mut change: ChangeSet,
+    max_bytes: usize,
+    measure: impl FnOnce(&DocState) -> usize,
+) -> Result<Result<Applied, Rejection>, S::Error> {
+    let seq = state.last_seq(&change.key.bucket)? + 1;
+    let growth = growth_bound(&change);
+    let op = std::mem::replace(&mut change.op, ChangeOp::Delete);
+    let apply = |doc: &mut DocState| {
+        let mut applied = apply_op(doc, &change, op);
+        if let Some(event) = applied.change.as_mut() {
+            event.seq = seq;
+            doc.seq = seq;
+        }
+        applied
+    };
+    let outcome = state.update_doc(&change.key, |doc| {
+        let bound = doc.stored_bound.0.saturating_add(growth);
+        if bound <= max_bytes {
+            let applied = apply(doc);
+            doc.stored_bound.0 = bound;
+            return Ok(applied);
+        }
+        // Near the limit: the write goes on a copy, kept only if it fits.
+        let mut trial = doc.clone();
+        let applied = apply(&mut trial);
+        let size = measure(&trial);
+        if size > max_bytes {
+            return Err(Rejection::new(
+                RejectCode::TooLarge,
+                format!(
+                    "the document would take {size} bytes stored, over limits.max_state_bytes ({max_bytes}): remove fields from it, or keep large data in more documents"
+                ),
+            ));
+        }
+        trial.stored_bound.0 = size;
+        *doc = trial;
+        Ok(applied)
+    })?;
+    if outcome.as_ref().is_ok_and(|a| a.change.is_some()) {
+        state.store_last_seq(&change.key.bucket, seq)?;
+    }
+    Ok(outcome)
+}
+
+/// An upper bound of what applying `change` adds to its document's stored state, in bytes: its
+/// paths and values with room for their encoding, a register's fixed part per path, and the
+/// write's stamp and device entry.
+fn growth_bound(change: &ChangeSet) -> usize {
+    fn path(p: &[String]) -> usize {
+        64 + p.iter().map(|s| s.len() + 10).sum::<usize>()
+    }
+    fn value(v: &Value) -> usize {
+        10 + match v {
+            Value::String(s) => s.len(),
+            Value::Array(items) => items.iter().map(value).sum(),
+            Value::Object(members) => members.iter().map(|(k, v)| k.len() + 10 + value(v)).sum(),
+            Value::Null | Value::Bool(_) | Value::Number(_) => 0,
+        }
+    }
+    let stamp = 2 * (change.stamp.device_id.len() + change.stamp.event_id.len()) + 64;
+    stamp
+        + match &change.op {
+            ChangeOp::Fields { set, unset, .. } => {
+                set.iter().map(|(p, v)| path(p) + value(v)).sum::<usize>()
+                    + unset.iter().map(|p| path(p)).sum::<usize>()
+            }
+            ChangeOp::Delete => 0,
+        }
 }
 
 /// Resolves one change set against the state: per-field LWW, a bucket sequence number for the
