@@ -50,6 +50,9 @@ pub enum RestoreError {
     /// Something still runs that must be stopped first.
     #[error("{0}")]
     Busy(String),
+    /// The changelog writes did not all reach Kafka: nothing else was changed.
+    #[error("{0}")]
+    NotApplied(String),
     /// State and view are restored, but the API nodes could not be told.
     #[error("{0}")]
     NotAnnounced(String),
@@ -521,18 +524,36 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
     Ok((report, target, writes))
 }
 
+/// Keeps the first failed delivery of the restore's changelog writes.
+#[derive(Default)]
+struct Deliveries {
+    failed: std::sync::Mutex<Option<String>>,
+}
+
+impl rdkafka::ClientContext for Deliveries {}
+
+impl rdkafka::producer::ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+            failed.get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
 fn apply_kafka(
     cfg: &Config,
     writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     resume: &BTreeMap<i32, i64>,
 ) -> Result<(), RestoreError> {
     let changelog = cfg.topic(topics::RESOLVER_CHANGELOG);
-    let producer: BaseProducer = ClientConfig::new()
+    let producer: BaseProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("compression.type", cfg.kafka.compression.codec())
-        .create()?;
+        .create_with_context(Deliveries::default())?;
     let partitions = resume.len().max(1) as i32;
     for (key, value) in &writes {
         let bucket = bucket_of(key).map(|b| b.to_string()).unwrap_or_default();
@@ -559,6 +580,16 @@ fn apply_kafka(
         }
     }
     producer.flush(Duration::from_secs(120))?;
+    // A record the broker refused for good (too large, not authorised, a fatal idempotence
+    // error) is reported only here: the state on the log would differ from the checkpoint's.
+    let failed = (producer.context().failed.lock())
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(e) = failed {
+        return Err(RestoreError::NotApplied(format!(
+            "a changelog record was not written ({e}); the processors' offsets were not moved: run the same restore again"
+        )));
+    }
     commit_offsets(
         cfg,
         &crate::resolver::group_id(cfg),

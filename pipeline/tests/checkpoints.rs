@@ -531,6 +531,28 @@ async fn replay_from_a_checkpoint_reproduces_the_uninterrupted_run() {
         Some(serde_json::json!(1)),
         "the misrouted write was not replayed: {report:?}"
     );
+
+    // A changelog record the broker refuses (here: over the topic's record size) fails the
+    // restore before it moves any offset, instead of reporting success over a partial state.
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .create()
+        .unwrap();
+    let changelog = env.topic(pipeline::topics::RESOLVER_CHANGELOG);
+    let tiny =
+        AlterConfig::new(ResourceSpecifier::Topic(&changelog)).set("max.message.bytes", "64");
+    admin
+        .alter_configs([&tiny], &AdminOptions::new())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = changelog_docs(&env);
+    let err = restore(&env, &c.id, &RestoreOptions::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RestoreError::NotApplied(_)), "{err}");
+    assert_eq!(changelog_docs(&env), before, "nothing was written");
     env.cleanup().await;
 }
 
