@@ -60,16 +60,43 @@ pub fn change_channel(prefix: &str, tenant: &str, bucket: &str) -> String {
     format!("{prefix}syncflow:changes:{tenant}/{bucket}")
 }
 
+/// `doc` as the view stores it.
+///
+/// The one JSON value BSON cannot hold is an integer above `i64::MAX`. Writes refuse those
+/// (`invalid_value`) since 2026-12-05; a change from before that, still in `sync.events` or the
+/// state, is stored with such numbers as doubles (as a JavaScript client would read them)
+/// rather than stop the projector, which would retry it forever.
+fn to_bson(doc: &ViewDoc) -> Result<Document, ViewError> {
+    fn widen(v: &mut Value) {
+        match v {
+            Value::Number(n) if n.as_u64().is_some_and(|u| u > i64::MAX as u64) => {
+                if let Some(f) = n.as_f64().and_then(serde_json::Number::from_f64) {
+                    *n = f;
+                }
+            }
+            Value::Array(items) => items.iter_mut().for_each(widen),
+            Value::Object(members) => members.values_mut().for_each(widen),
+            _ => {}
+        }
+    }
+    let malformed =
+        |e: mongodb::bson::ser::Error| ViewError::Malformed(doc.id.clone(), e.to_string());
+    match mongodb::bson::to_document(doc) {
+        Ok(d) => Ok(d),
+        Err(first) => {
+            let mut widened = doc.clone();
+            widened.doc.values_mut().for_each(widen);
+            let d = mongodb::bson::to_document(&widened).map_err(|_| malformed(first))?;
+            tracing::warn!(id = %doc.id, "an integer above i64::MAX is stored as a double in the view");
+            Ok(d)
+        }
+    }
+}
+
 /// Inserts `docs` in unordered batches of 1,000; returns how many.
 async fn insert_all(coll: &Collection<Document>, docs: &[ViewDoc]) -> Result<u64, ViewError> {
     for chunk in docs.chunks(1_000) {
-        let batch = chunk
-            .iter()
-            .map(|d| {
-                mongodb::bson::to_document(d)
-                    .map_err(|e| ViewError::Malformed(d.id.clone(), e.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let batch = chunk.iter().map(to_bson).collect::<Result<Vec<_>, _>>()?;
         coll.insert_many(batch).ordered(false).await?;
     }
     Ok(docs.len() as u64)
@@ -331,10 +358,7 @@ impl MongoView {
             if !fresh.is_empty() {
                 let docs = fresh
                     .iter()
-                    .map(|id| {
-                        mongodb::bson::to_document(&current[id])
-                            .map_err(|e| ViewError::Malformed(id.clone(), e.to_string()))
-                    })
+                    .map(|id| to_bson(&current[id]))
                     .collect::<Result<Vec<_>, _>>()?;
                 match coll.insert_many(docs).ordered(false).await {
                     Ok(_) => outcome.written += fresh.len(),
@@ -346,8 +370,7 @@ impl MongoView {
             }
             for id in one_by_one {
                 let next = &current[&id];
-                let replacement = mongodb::bson::to_document(next)
-                    .map_err(|e| ViewError::Malformed(id.clone(), e.to_string()))?;
+                let replacement = to_bson(next)?;
                 // Guarded by version even for a document that was new at the read above: its
                 // batch insert failed, maybe because another projector wrote it since, possibly
                 // at a newer version, which must not be overwritten.
@@ -390,8 +413,7 @@ impl MongoView {
 
     /// Replaces a document unconditionally (rebuild).
     pub async fn put(&self, tenant: &str, view_doc: &ViewDoc) -> Result<(), ViewError> {
-        let replacement = mongodb::bson::to_document(view_doc)
-            .map_err(|e| ViewError::Malformed(view_doc.id.clone(), e.to_string()))?;
+        let replacement = to_bson(view_doc)?;
         self.docs(tenant)
             .replace_one(doc! {"_id": &view_doc.id}, replacement)
             .upsert(true)
@@ -656,5 +678,49 @@ mod tests {
             tombstone.deleted_at_ms.is_some_and(|t| t >= before),
             "{tombstone:?}"
         );
+    }
+
+    #[test]
+    fn an_integer_bson_cannot_hold_is_stored_as_a_double_instead_of_failing() {
+        let big = serde_json::json!({"n": u64::MAX, "a": [1, {"m": u64::MAX}], "s": "x"});
+        let mut doc = ViewDoc::after(None, &set_event(big.as_object().unwrap().clone()));
+        assert!(
+            mongodb::bson::to_document(&doc).is_err(),
+            "the case it handles"
+        );
+        let stored = super::to_bson(&doc).unwrap();
+        assert_eq!(
+            stored.get_document("doc").unwrap().get_f64("n").unwrap(),
+            u64::MAX as f64
+        );
+        let inner = &stored.get_document("doc").unwrap().get_array("a").unwrap()[1];
+        assert_eq!(
+            inner.as_document().unwrap().get_f64("m").unwrap(),
+            u64::MAX as f64
+        );
+        doc.doc.insert("n".into(), 5.into());
+        doc.doc.insert("a".into(), serde_json::json!([1]));
+        assert_eq!(
+            super::to_bson(&doc).unwrap(),
+            mongodb::bson::to_document(&doc).unwrap()
+        );
+    }
+
+    fn set_event(fields: serde_json::Map<String, serde_json::Value>) -> SyncEvent {
+        SyncEvent {
+            v: EVENT_FORMAT_VERSION,
+            tenant: "acme".into(),
+            bucket: "b".into(),
+            doc_id: "d".into(),
+            version: 1,
+            seq: 1,
+            hlc: Hlc::new(1_000, 0),
+            event_id: "e".into(),
+            device_id: "dev".into(),
+            deleted: false,
+            set: SetFields::from(fields),
+            unset: Vec::new(),
+            clamped_from: None,
+        }
     }
 }
