@@ -321,9 +321,9 @@ impl Config {
             out.push("limits must allow at least a small document".into());
         }
         let (doc, stored) = (self.limits.max_doc_bytes, self.limits.max_state_bytes);
-        if stored < doc.saturating_mul(2).saturating_add(64 * 1024) || stored > 960_000 {
+        if stored < doc || stored > 960_000 {
             out.push(format!(
-                "limits.max_state_bytes ({stored}) must be at least twice limits.max_doc_bytes ({doc}) plus 64 KiB, so that a document's first write always fits, and at most 960000, under the 1 MB Kafka takes in one record"
+                "limits.max_state_bytes ({stored}) must be at least limits.max_doc_bytes ({doc}), and at most 960000, under the 1 MB Kafka takes in one record (lower max_doc_bytes if it is above that)"
             ));
         }
         out

@@ -464,7 +464,7 @@ async fn a_document_that_would_grow_past_the_state_limit_is_refused_and_nothing_
     const PATCHES: usize = 30;
     let mut env = TestEnv::new("stlimit").await;
     env.cfg.limits.max_doc_bytes = 4_096;
-    env.cfg.limits.max_state_bytes = 2 * 4_096 + 64 * 1024;
+    env.cfg.limits.max_state_bytes = 64 * 1024;
     let running = env
         .start(&[Role::Processor, Role::Projector, Role::Api])
         .await;

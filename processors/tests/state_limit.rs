@@ -86,6 +86,22 @@ fn a_write_that_would_pass_the_limit_is_refused_and_changes_nothing() {
     assert!(resolve_lww_bounded(&mut state, shrink, LIMIT, json_size)
         .unwrap()
         .is_ok());
+    // Under a lower limit the document is over it: writes that do not grow it still go in,
+    // one that grows it does not.
+    let over = json_size(&state.docs[&key("a")]);
+    assert!(over > LIMIT / 2);
+    let smaller = change(102, "a", json!({"f2": "small"}));
+    assert!(
+        resolve_lww_bounded(&mut state, smaller, LIMIT / 2, json_size)
+            .unwrap()
+            .is_ok()
+    );
+    let now = json_size(&state.docs[&key("a")]);
+    assert!(now < over);
+    let past = (LIMIT / 2).saturating_sub(now) + 500;
+    let grows = change(103, "a", json!({"new": "y".repeat(past)}));
+    let refused = resolve_lww_bounded(&mut state, grows, LIMIT / 2, json_size).unwrap();
+    assert_eq!(refused.unwrap_err().code, RejectCode::TooLarge);
 }
 
 #[test]

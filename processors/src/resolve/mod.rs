@@ -462,7 +462,9 @@ pub fn resolve_batch<S: ResolveState>(
 }
 
 /// [`resolve_lww`], refusing a write that would make its document's stored state larger than
-/// `max_bytes` bytes as `measure` counts them (the store's encoding): then nothing changes.
+/// `max_bytes` bytes as `measure` counts them (the store's encoding), and larger than it was:
+/// then nothing changes. (A document already over the limit, from before it or from a lower
+/// one, still takes the writes that do not grow it: removals, a smaller replace.)
 ///
 /// Measuring costs an encoding, so a document is measured only when its
 /// [`DocState::stored_bound`] plus what the write may add passes `max_bytes`; otherwise the
@@ -473,7 +475,7 @@ pub fn resolve_lww_bounded<S: ResolveState>(
     state: &mut S,
     mut change: ChangeSet,
     max_bytes: usize,
-    measure: impl FnOnce(&DocState) -> usize,
+    measure: impl Fn(&DocState) -> usize,
 ) -> Result<Result<Applied, Rejection>, S::Error> {
     let seq = state.last_seq(&change.key.bucket)? + 1;
     let growth = growth_bound(&change);
@@ -497,7 +499,7 @@ pub fn resolve_lww_bounded<S: ResolveState>(
         let mut trial = doc.clone();
         let applied = apply(&mut trial);
         let size = measure(&trial);
-        if size > max_bytes {
+        if size > max_bytes && size > measure(doc) {
             return Err(Rejection::new(
                 RejectCode::TooLarge,
                 format!(
@@ -517,7 +519,8 @@ pub fn resolve_lww_bounded<S: ResolveState>(
 
 /// An upper bound of what applying `change` adds to its document's stored state, in bytes: its
 /// paths and values with room for their encoding, a register's fixed part per path, and the
-/// write's stamp and device entry.
+/// write's stamp in each place it can be stored (the stamp table, the device table, the newest
+/// set and the newest replace or delete), with room for wider numbers.
 fn growth_bound(change: &ChangeSet) -> usize {
     fn path(p: &[String]) -> usize {
         64 + p.iter().map(|s| s.len() + 10).sum::<usize>()
@@ -530,7 +533,7 @@ fn growth_bound(change: &ChangeSet) -> usize {
             Value::Null | Value::Bool(_) | Value::Number(_) => 0,
         }
     }
-    let stamp = 2 * (change.stamp.device_id.len() + change.stamp.event_id.len()) + 64;
+    let stamp = 4 * (change.stamp.device_id.len() + change.stamp.event_id.len() + 20) + 32;
     stamp
         + match &change.op {
             ChangeOp::Fields { set, unset, .. } => {
