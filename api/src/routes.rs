@@ -314,9 +314,20 @@ async fn submit(
             None => clock.tick(now_ms()),
         }
     };
+    // A client's own event id (with its X-HLC and X-Device-Id) makes a retry of the same write a
+    // retransmission, which the resolver applies at most once: after a 503 from Kafka the write
+    // may have been stored all the same.
+    let event_id = match header_str(headers, "x-event-id")? {
+        Some(id) => {
+            processors::limits::check_write_id("X-Event-Id", id)
+                .map_err(|r| ApiError::bad_request("invalid_header", r.message))?;
+            id.to_owned()
+        }
+        None => uuid::Uuid::now_v7().to_string(),
+    };
     let write = Write {
         v: processors::write::WRITE_FORMAT_VERSION,
-        event_id: uuid::Uuid::now_v7().to_string(),
+        event_id,
         tenant: claims.tenant.clone(),
         bucket,
         doc_id,
@@ -347,7 +358,11 @@ async fn submit(
         .sink
         .send(&key, &payload)
         .await
-        .map_err(|e| ApiError::backend("the write log (Kafka)", e))?;
+        .map_err(|e| {
+            ApiError::Unavailable(format!(
+                "the write log (Kafka) did not confirm the write ({e}); it may still have been stored: retry with the same X-Event-Id, X-HLC and X-Device-Id to apply it at most once"
+            ))
+        })?;
     tracing::debug!(event_id = %write.event_id, bucket = %key, doc = %write.doc_id, "write accepted");
     let mut body = json!({"event_id": write.event_id, "hlc": hlc.to_string()});
     let Some(pending) = pending else {
@@ -914,6 +929,60 @@ pub(crate) mod tests {
                 "{body}"
             );
         }
+    }
+
+    /// Keeps what it is sent.
+    #[derive(Default)]
+    struct Recording(Mutex<Vec<Vec<u8>>>);
+
+    impl crate::sink::WriteSink for Arc<Recording> {
+        fn send<'a>(
+            &'a self,
+            _: &'a str,
+            payload: &'a [u8],
+        ) -> BoxFuture<'a, Result<(), crate::sink::SinkError>> {
+            self.0.lock().unwrap().push(payload.to_vec());
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_client_may_name_its_write_so_that_a_retry_is_the_same_write() {
+        use tower::ServiceExt;
+        let sent = Arc::new(Recording::default());
+        let mut st = state(Sweeping::to(0));
+        st.sink = Arc::new(sent.clone());
+        let token = token(&st, "b:rw");
+        let app = router(st);
+        let put = |event_id: Option<&str>| {
+            let mut request = axum::http::Request::builder()
+                .method("PUT")
+                .uri("/v1/buckets/b/docs/a")
+                .header("authorization", format!("Bearer {token}"))
+                .header("content-type", "application/json")
+                .header("x-hlc", "1800000000000:3")
+                .header("x-device-id", "phone");
+            if let Some(id) = event_id {
+                request = request.header("x-event-id", id);
+            }
+            request.body(axum::body::Body::from(r#"{"x":1}"#)).unwrap()
+        };
+        for _ in 0..2 {
+            let response = app.clone().oneshot(put(Some("w-1"))).await.unwrap();
+            assert_eq!(response.status().as_u16(), 202);
+        }
+        let response = app.clone().oneshot(put(None)).await.unwrap();
+        assert_eq!(response.status().as_u16(), 202);
+        let response = app.clone().oneshot(put(Some("a\tb"))).await.unwrap();
+        assert_eq!(response.status().as_u16(), 400);
+        let sent: Vec<Value> = (sent.0.lock().unwrap().iter())
+            .map(|p| serde_json::from_slice(p).unwrap())
+            .collect();
+        assert_eq!(sent.len(), 3, "the refused one was not sent");
+        // The retry is the same write, byte for byte; without a name, each is another write.
+        assert_eq!(sent[0], sent[1]);
+        assert_eq!(sent[0]["event_id"], "w-1");
+        assert_ne!(sent[2]["event_id"], "w-1");
     }
 
     #[tokio::test]
