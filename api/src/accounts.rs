@@ -309,12 +309,23 @@ pub async fn register(
         undo().await;
         return Err(e);
     }
-    acc.store.confirm(&names).await?;
+    // The account exists from here on (it is on `user.events`): nothing below may ask for the
+    // registration to be retried, which would answer 409 and find its invitation used.
+    if let Err(e) = acc.store.confirm(&names).await {
+        // The reservations expire instead of staying; once the view holds the account, it
+        // keeps its names taken.
+        tracing::warn!(error = %e, %username, "confirming a registration's reservations failed");
+    }
     tracing::info!(%username, %tenant, "user registered");
     let (session, refresh) = acc
         .store
         .open_session(&user_id, &username, &tenant, acc.cfg.refresh_ttl_secs)
-        .await?;
+        .await
+        .map_err(|e| {
+            ApiError::Unavailable(format!(
+                "the account {username:?} was created, but no session could be opened ({e}): log in once the service answers; do not register again"
+            ))
+        })?;
     let access = acc.access_token(&state, &session, user.grants.clone());
     let visible = acc.wait_view(&username, |u| u.user_id == user_id).await;
     let mut body = acc.token_body(access, refresh);
