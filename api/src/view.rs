@@ -102,6 +102,9 @@ async fn insert_all(coll: &Collection<Document>, docs: &[ViewDoc]) -> Result<u64
     Ok(docs.len() as u64)
 }
 
+/// Most tombstones one round of [`MongoView::sweep_tombstones`] reads (and holds) at a time.
+const SWEEP_ROUND: usize = 10_000;
+
 /// The Redis channel on which a restore tells every API node that all cursors changed epoch
 /// (it matches the hub's pattern, and no bucket's channel, which always has a `/`).
 pub fn reset_channel(prefix: &str) -> String {
@@ -509,49 +512,81 @@ impl MongoView {
     /// Removes tombstones deleted before `cutoff_ms`, raising each bucket's `horizon_seq` first so
     /// that a cursor which could have missed them is answered "resync required". Returns how many.
     pub async fn sweep_tombstones(&self, cutoff_ms: i64) -> Result<u64, ViewError> {
+        self.sweep_tombstones_by(cutoff_ms, SWEEP_ROUND).await
+    }
+
+    /// [`MongoView::sweep_tombstones`] reading (and holding) at most `round` tombstones at a
+    /// time, so that a mass delete is not held in memory whole.
+    pub async fn sweep_tombstones_by(
+        &self,
+        cutoff_ms: i64,
+        round: usize,
+    ) -> Result<u64, ViewError> {
+        let round = round.max(1);
         let mut removed = 0;
         for tenant in self.tenants().await? {
-            let coll = self.docs(&tenant);
-            let filter = doc! {"deleted": true, "deleted_at_ms": {"$lt": cutoff_ms}};
-            let mut cursor = coll
-                .find(filter)
-                .projection(doc! {"_id": 1, "bucket": 1, "seq": 1})
-                .await?;
-            let mut horizon: BTreeMap<String, i64> = BTreeMap::new();
-            let mut ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
-            while let Some(d) = cursor.try_next().await? {
-                let bucket = d.get_str("bucket").unwrap_or_default().to_owned();
-                let seq = match d.get("seq") {
-                    Some(Bson::Int64(s)) => *s,
-                    Some(Bson::Int32(s)) => i64::from(*s),
-                    _ => 0,
-                };
-                let h = horizon.entry(bucket.clone()).or_insert(0);
-                *h = (*h).max(seq);
-                ids.entry(bucket)
-                    .or_default()
-                    .push(d.get_str("_id").unwrap_or_default().to_owned());
-            }
-            for (bucket, seq) in &horizon {
-                self.buckets(&tenant)
-                    .update_one(doc! {"_id": bucket}, doc! {"$max": {"horizon_seq": seq}})
-                    .await?;
-            }
-            for (bucket, ids) in &ids {
-                // Only the tombstones found above: a document revived and deleted again since
-                // then has a newer tombstone, above the horizon just raised, which must stay.
-                let seq = horizon.get(bucket).copied().unwrap_or(0);
-                for chunk in ids.chunks(500) {
-                    removed += coll
-                        .delete_many(
-                            doc! {"_id": {"$in": chunk}, "deleted": true, "seq": {"$lte": seq}},
-                        )
-                        .await?
-                        .deleted_count;
+            loop {
+                let (swept, found) = self.sweep_round(&tenant, cutoff_ms, round).await?;
+                removed += swept;
+                if found < round {
+                    break;
                 }
             }
         }
         Ok(removed)
+    }
+
+    /// One round of [`MongoView::sweep_tombstones`] over a tenant: (removed, found).
+    async fn sweep_round(
+        &self,
+        tenant: &str,
+        cutoff_ms: i64,
+        round: usize,
+    ) -> Result<(u64, usize), ViewError> {
+        let coll = self.docs(tenant);
+        let filter = doc! {"deleted": true, "deleted_at_ms": {"$lt": cutoff_ms}};
+        let mut cursor = coll
+            .find(filter)
+            .projection(doc! {"_id": 1, "bucket": 1, "seq": 1})
+            .limit(i64::try_from(round).unwrap_or(i64::MAX))
+            .await?;
+        let mut found = 0;
+        let mut horizon: BTreeMap<String, i64> = BTreeMap::new();
+        let mut ids: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        while let Some(d) = cursor.try_next().await? {
+            found += 1;
+            let bucket = d.get_str("bucket").unwrap_or_default().to_owned();
+            let seq = match d.get("seq") {
+                Some(Bson::Int64(s)) => *s,
+                Some(Bson::Int32(s)) => i64::from(*s),
+                _ => 0,
+            };
+            let h = horizon.entry(bucket.clone()).or_insert(0);
+            *h = (*h).max(seq);
+            ids.entry(bucket)
+                .or_default()
+                .push(d.get_str("_id").unwrap_or_default().to_owned());
+        }
+        for (bucket, seq) in &horizon {
+            self.buckets(tenant)
+                .update_one(doc! {"_id": bucket}, doc! {"$max": {"horizon_seq": seq}})
+                .await?;
+        }
+        let mut removed = 0;
+        for (bucket, ids) in &ids {
+            // Only the tombstones found above: a document revived and deleted again since
+            // then has a newer tombstone, above the horizon just raised, which must stay.
+            let seq = horizon.get(bucket).copied().unwrap_or(0);
+            for chunk in ids.chunks(500) {
+                removed += coll
+                    .delete_many(
+                        doc! {"_id": {"$in": chunk}, "deleted": true, "seq": {"$lte": seq}},
+                    )
+                    .await?
+                    .deleted_count;
+            }
+        }
+        Ok((removed, found))
     }
 }
 

@@ -462,3 +462,46 @@ async fn swept_tombstones_make_old_cursors_resync_and_bad_reads_get_reasons() {
     running.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// The sweep reads tombstones in rounds (a mass delete is not held in memory whole): rounds
+/// of two still remove every old tombstone, and raise the bucket's horizon past all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_in_small_rounds_removes_every_old_tombstone() {
+    use api::view::{DocReader, MongoView};
+    use processors::{Hlc, SetFields, SyncEvent};
+    let env = TestEnv::new("sweeprounds").await;
+    let view = MongoView::new(database(&env).await);
+    let event = |doc: usize, version: u64, seq: u64, deleted: bool| SyncEvent {
+        v: processors::events::EVENT_FORMAT_VERSION,
+        tenant: "acme".into(),
+        bucket: "b".into(),
+        doc_id: format!("d{doc}"),
+        version,
+        seq,
+        hlc: Hlc::new(1_000 + seq, 0),
+        event_id: format!("e{seq}"),
+        device_id: "dev".into(),
+        deleted,
+        set: if deleted {
+            SetFields::new()
+        } else {
+            [("n".to_string(), serde_json::json!(doc))]
+                .into_iter()
+                .collect()
+        },
+        unset: Vec::new(),
+        clamped_from: None,
+    };
+    // Eight documents, seven of them deleted (sequence numbers 9 to 15).
+    let mut events: Vec<SyncEvent> = (0..8).map(|i| event(i, 1, i as u64 + 1, false)).collect();
+    events.extend((0..7).map(|i| event(i, 2, i as u64 + 9, true)));
+    view.apply_batch(&events).await.unwrap();
+    let removed = view.sweep_tombstones_by(i64::MAX, 2).await.unwrap();
+    assert_eq!(removed, 7);
+    let meta = view.bucket_meta("acme", "b").await.unwrap().unwrap();
+    assert_eq!((meta.horizon_seq, meta.projected_seq), (15, 15));
+    let left = view.changes("acme", "b", 0, i64::MAX, 100).await.unwrap();
+    let ids: Vec<&str> = left.iter().map(|d| d.doc_id.as_str()).collect();
+    assert_eq!(ids, ["d7"]);
+    env.cleanup().await;
+}
