@@ -514,6 +514,9 @@ impl Resolver {
             // then hold every batch for a tenth of a second.
             .set("retry.backoff.ms", "10")
             .set("compression.type", self.cfg.kafka.compression.codec())
+            // Events and dead letters may pass 1 MB (see topics.yaml); the topics hold up to
+            // 8 MiB, and the request carrying one needs room around it.
+            .set("message.max.bytes", MAX_OUTPUT_REQUEST_BYTES.to_string())
             .create_with_context(tracker)?;
         p.init_transactions(Duration::from_secs(30))?;
         Ok(p)
@@ -1333,6 +1336,10 @@ fn apply_up_to(
 /// A restore that reads nothing from its changelog for this long gives up and is retried
 /// with new clients (a long restore that makes progress is never cut short).
 const RESTORE_STALL: Duration = Duration::from_secs(120);
+
+/// The resolver producer's largest request: an 8 MiB record (`sync.events` and `data.rejected`
+/// take that much, see topics.yaml) and room for the request around it.
+const MAX_OUTPUT_REQUEST_BYTES: usize = 8 * 1024 * 1024 + 64 * 1024;
 
 /// The linger applies after a batch of at least this many records (a sign of load).
 const LINGER_MIN_PREVIOUS: usize = 4;

@@ -514,6 +514,65 @@ async fn a_document_that_would_grow_past_the_state_limit_is_refused_and_nothing_
     env.cleanup().await;
 }
 
+/// A delete lists every field it removes: for a document of many long field names (control
+/// characters escape to six bytes each in JSON) its event passes the 1 MB Kafka takes by default,
+/// which stopped the partition's resolver. `sync.events` takes larger records, and nothing
+/// stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_whose_event_passes_a_megabyte_goes_through() {
+    const PATCHES: usize = 5;
+    const FIELDS: usize = 300;
+    let env = TestEnv::new("bigevent").await;
+    let running = env
+        .start(&[Role::Processor, Role::Projector, Role::Api])
+        .await;
+    let key = "acme/wide";
+    let owner = pipeline::partition::partition_for(key.as_bytes(), 6);
+    let name = |i: usize| format!("f{i:04}{}", "\u{1}".repeat(120));
+    for p in 0..PATCHES {
+        let fields: serde_json::Map<String, Value> = (0..FIELDS)
+            .map(|i| (name(p * FIELDS + i), json!(1)))
+            .collect();
+        let w = json!({"v": 1, "event_id": format!("w-{p}"), "tenant": "acme", "bucket": "wide",
+            "doc_id": "x", "device_id": "d", "op": "patch", "patch": fields});
+        produce(&env, Some(owner), Some(key), w.to_string().as_bytes()).await;
+    }
+    let delete = json!({"v": 1, "event_id": "w-del", "tenant": "acme", "bucket": "wide",
+        "doc_id": "x", "device_id": "d", "op": "delete"});
+    produce(&env, Some(owner), Some(key), delete.to_string().as_bytes()).await;
+    let after = json!({"v": 1, "event_id": "w-after", "tenant": "acme", "bucket": "wide",
+        "doc_id": "y", "device_id": "d", "op": "set", "doc": {"n": 1}});
+    produce(&env, Some(owner), Some(key), after.to_string().as_bytes()).await;
+
+    let c = Client::new(running.api_addr.unwrap());
+    let t = env.token("acme", "wide:r");
+    eventually(
+        Duration::from_secs(60),
+        "the write after the delete",
+        || async {
+            let (s, _) = c.get_doc(&t, "wide", "y").await;
+            (s == StatusCode::OK).then_some(())
+        },
+    )
+    .await;
+    let (s, _) = c.get_doc(&t, "wide", "x").await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "the delete was applied");
+    let events = read_committed(
+        &env.cfg.kafka.brokers,
+        &env.topic(topics::SYNC_EVENTS),
+        PATCHES + 2,
+        WAIT,
+    );
+    let delete = events
+        .iter()
+        .map(|m| m.payload().unwrap())
+        .find(|p| serde_json::from_slice::<SyncEvent>(p).is_ok_and(|e| e.deleted))
+        .expect("the delete's event");
+    assert!(delete.len() > 1_000_000, "{} bytes", delete.len());
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 /// The API produces each write to its bucket's partition (Kafka's default partitioner), so the
 /// resolver forwards none: a forwarded write costs a second produce and a later transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
