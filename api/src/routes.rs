@@ -236,6 +236,17 @@ fn parse_body(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
+/// Header `name` (`X-Device-Id`, `X-Event-Id`) when given, checked as the resolver checks a
+/// write's ids: a write answered 202 must not be refused there.
+fn write_id_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    let Some(id) = header_str(headers, &name.to_ascii_lowercase())? else {
+        return Ok(None);
+    };
+    processors::limits::check_write_id(name, id)
+        .map_err(|r| ApiError::bad_request("invalid_header", r.message))?;
+    Ok(Some(id.to_owned()))
+}
+
 fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
     match headers.get(name) {
         None => Ok(None),
@@ -279,13 +290,8 @@ async fn submit(
         WriteOp::Patch { patch } => state.limits.check_body(patch)?,
         WriteOp::Delete => {}
     }
-    // Checked as the resolver will check it: a write answered 202 must not be refused there.
-    let device_id = match header_str(headers, "x-device-id")? {
-        Some(d) => {
-            processors::limits::check_write_id("X-Device-Id", d)
-                .map_err(|r| ApiError::bad_request("invalid_header", r.message))?;
-            d.to_owned()
-        }
+    let device_id = match write_id_header(headers, "X-Device-Id")? {
+        Some(d) => d,
         None => {
             let id = format!("api:{}", claims.sub);
             processors::limits::check_write_id("device_id", &id).map_err(|_| {
@@ -317,12 +323,8 @@ async fn submit(
     // A client's own event id (with its X-HLC and X-Device-Id) makes a retry of the same write a
     // retransmission, which the resolver applies at most once: after a 503 from Kafka the write
     // may have been stored all the same.
-    let event_id = match header_str(headers, "x-event-id")? {
-        Some(id) => {
-            processors::limits::check_write_id("X-Event-Id", id)
-                .map_err(|r| ApiError::bad_request("invalid_header", r.message))?;
-            id.to_owned()
-        }
+    let event_id = match write_id_header(headers, "X-Event-Id")? {
+        Some(id) => id,
         None => uuid::Uuid::now_v7().to_string(),
     };
     let write = Write {

@@ -103,13 +103,10 @@ pub async fn rebuild(
     progress: impl FnMut(u64, u64),
 ) -> Result<RebuildReport, RebuildError> {
     let c = cfg.clone();
-    tokio::task::spawn_blocking(move || no_projectors(&c))
-        .await
-        .expect("group check panicked")?;
-    let c = cfg.clone();
-    let latest = tokio::task::spawn_blocking(move || read_changelog(&c))
-        .await
-        .expect("changelog reader panicked")?;
+    let latest =
+        tokio::task::spawn_blocking(move || no_projectors(&c).and_then(|()| read_changelog(&c)))
+            .await
+            .expect("changelog reader panicked")?;
     rebuild_from(&latest, view, only, false, progress).await
 }
 

@@ -244,6 +244,15 @@ fn replay_input(
     let consumer = reader(cfg, &cfg.topic("syncflow-replay"))?;
     let partitions = ends.len() as i32;
     let committed = committed_offsets(cfg, &topic, ends)?;
+    let run = |mem: &mut MemState, record: &InputRecord<'_>| {
+        decide(
+            mem,
+            record,
+            partitions,
+            &cfg.limits,
+            cfg.resolver.max_skew_ms,
+        )
+    };
     let (mut replayed, mut skipped) = (0u64, 0u64);
     let mut resume = BTreeMap::new();
     // Misrouted writes the live resolver never forwarded: (owner, key, payload).
@@ -308,13 +317,7 @@ fn replay_input(
                 partition: p,
                 timestamp_ms,
             };
-            let decision = decide(
-                mem,
-                &record,
-                partitions,
-                &cfg.limits,
-                cfg.resolver.max_skew_ms,
-            );
+            let decision = run(mem, &record);
             if let Ok(Decision::Forward { partition, .. }) = decision {
                 if m.offset() >= committed.get(&p).copied().unwrap_or(0) {
                     let key = m.key().map(<[u8]>::to_vec);
@@ -333,13 +336,7 @@ fn replay_input(
             partition: *owner,
             timestamp_ms: now_ms,
         };
-        let _ = decide(
-            mem,
-            &record,
-            partitions,
-            &cfg.limits,
-            cfg.resolver.max_skew_ms,
-        );
+        let _ = run(mem, &record);
     }
     Ok((replayed, skipped, resume))
 }

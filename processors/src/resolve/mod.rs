@@ -480,14 +480,7 @@ pub fn resolve_lww_bounded<S: ResolveState>(
     let seq = state.last_seq(&change.key.bucket)? + 1;
     let growth = growth_bound(&change);
     let op = std::mem::replace(&mut change.op, ChangeOp::Delete);
-    let apply = |doc: &mut DocState| {
-        let mut applied = apply_op(doc, &change, op);
-        if let Some(event) = applied.change.as_mut() {
-            event.seq = seq;
-            doc.seq = seq;
-        }
-        applied
-    };
+    let apply = |doc: &mut DocState| apply_numbered(doc, &change, op, seq);
     let outcome = state.update_doc(&change.key, |doc| {
         let bound = doc.stored_bound.0.saturating_add(growth);
         if bound <= max_bytes {
@@ -515,6 +508,16 @@ pub fn resolve_lww_bounded<S: ResolveState>(
         state.store_last_seq(&change.key.bucket, seq)?;
     }
     Ok(outcome)
+}
+
+/// [`apply_op`], giving a visible change (and the document) the bucket sequence number `seq`.
+fn apply_numbered(doc: &mut DocState, change: &ChangeSet, op: ChangeOp, seq: u64) -> Applied {
+    let mut applied = apply_op(doc, change, op);
+    if let Some(event) = applied.change.as_mut() {
+        event.seq = seq;
+        doc.seq = seq;
+    }
+    applied
 }
 
 /// An upper bound of what applying `change` adds to its document's stored state, in bytes: its
@@ -553,14 +556,7 @@ pub fn resolve_lww<S: ResolveState>(
 ) -> Result<Applied, S::Error> {
     let seq = state.last_seq(&change.key.bucket)? + 1;
     let op = std::mem::replace(&mut change.op, ChangeOp::Delete);
-    let applied = state.update_doc(&change.key, |doc| {
-        let mut applied = apply_op(doc, &change, op);
-        if let Some(event) = applied.change.as_mut() {
-            event.seq = seq;
-            doc.seq = seq;
-        }
-        applied
-    })?;
+    let applied = state.update_doc(&change.key, |doc| apply_numbered(doc, &change, op, seq))?;
     if applied.change.is_some() {
         state.store_last_seq(&change.key.bucket, seq)?;
     }
