@@ -28,9 +28,14 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings || checks=$((check
 echo "== cargo test"
 log=.data/logs/test-output.log
 set +e
-cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
+# A test that hangs must fail the run, not outlast CI's time limit: the whole run takes about
+# 13 minutes from a clean clone, so 40 minutes means something is stuck.
+timeout --kill-after=30s "${TEST_TIMEOUT:-40m}" cargo test --workspace --no-fail-fast 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
+if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
+  echo "cargo test was stopped after ${TEST_TIMEOUT:-40m}: a test hung (the last one running is named above)" >&2
+fi
 
 passed=$(grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')

@@ -210,6 +210,10 @@ pub struct Hub {
     listening: Arc<AtomicBool>,
     /// Channels with a [`Hub::gap_later`] pending (one at a time per bucket).
     gaps_pending: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Tests hold this to stall the relay before it passes a message on, as if it were starved
+    /// of CPU, without blocking a runtime thread (the Redis connection goes on reading).
+    #[cfg(test)]
+    stall: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Hub {
@@ -240,6 +244,8 @@ impl Hub {
             breaker: Arc::new(Breaker::default()),
             listening: Arc::new(AtomicBool::new(false)),
             gaps_pending: Arc::default(),
+            #[cfg(test)]
+            stall: Arc::default(),
         };
         let listener = hub.clone();
         tokio::spawn(async move { listener.listen(client).await });
@@ -440,6 +446,8 @@ impl Hub {
                 }
                 msg = messages.next() => {
                     let Some(msg) = msg else { return };
+                    #[cfg(test)]
+                    drop(self.stall.lock().await);
                     unanswered = None;
                     if gaps.note(signal) {
                         self.overflowed();
@@ -682,9 +690,6 @@ mod tests {
     }
 
     /// Needs the local Redis (`scripts/services.sh up`).
-    // Holding the channels' lock across awaits is the point: it stalls the hub's relay (on a
-    // worker thread) while this test (on its own thread) publishes.
-    #[allow(clippy::await_holding_lock)]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hub_that_falls_behind_redis_drops_and_resyncs_instead_of_queueing() {
         let prefix = format!("hubtest{}:", uuid::Uuid::new_v4().simple());
@@ -710,6 +715,8 @@ mod tests {
             .get_multiplexed_async_connection()
             .await
             .expect("redis");
+        // Every wait below is bounded: a stuck hub fails this test, it does not hang the run.
+        let bounded = Duration::from_secs(30);
         let announce = |seq: u64| {
             let mut event = change().event;
             event.seq = seq;
@@ -717,9 +724,11 @@ mod tests {
         };
         let sent = 2_000;
         {
-            // The hub cannot pass anything on while this is held (its dispatch takes the lock),
-            // as if it were starved of CPU; the connection goes on reading Redis meanwhile.
-            let held = hub.channels();
+            // The hub cannot pass anything on while this is held, as if it were starved of
+            // CPU; the connection goes on reading Redis meanwhile. (An earlier version held the
+            // channels' std mutex instead: that blocked a runtime thread, and once in a clean CI
+            // run the publish below never completed.)
+            let held = hub.stall.clone().lock_owned().await;
             let mut pipe = redis::pipe();
             for seq in 1..=sent {
                 pipe.cmd("PUBLISH")
@@ -727,9 +736,12 @@ mod tests {
                     .arg(announce(seq))
                     .ignore();
             }
-            let () = pipe.query_async(&mut publisher).await.expect("publish");
+            let () = tokio::time::timeout(bounded, pipe.query_async(&mut publisher))
+                .await
+                .expect("publishing timed out")
+                .expect("publish");
             // Held until the connection has read them all: the hub took at most one (the one
-            // its dispatch waits with), the inbox holds the next ones, the rest are dropped.
+            // it waits with), the inbox holds the next ones, the rest are dropped.
             let all_read = sent - inbox as u64 - 1;
             while hub.dropped() < all_read {
                 assert!(
@@ -760,11 +772,11 @@ mod tests {
             }
         }
         // The hub goes on relaying (it is past the first gap, so the inbox has room).
-        let () = redis::cmd("PUBLISH")
-            .arg(&channel)
-            .arg(announce(sent + 1))
-            .query_async(&mut publisher)
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(&channel).arg(announce(sent + 1));
+        tokio::time::timeout(bounded, publish.query_async::<()>(&mut publisher))
             .await
+            .expect("publishing timed out")
             .expect("publish");
         loop {
             match next(&mut sub).await {
