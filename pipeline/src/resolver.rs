@@ -55,6 +55,10 @@ pub enum ResolverError {
     /// The local state failed: the task must be rebuilt from the changelog.
     #[error(transparent)]
     State(#[from] StateError),
+    /// Task `0`'s local state failed (a record it cannot decode, a failing tree): that task
+    /// alone is rebuilt from its changelog.
+    #[error("task {0}: {1}")]
+    TaskState(i32, StateError),
     /// The partitions moved while the batch ran: it is aborted and retried by the new owner.
     #[error("partitions were rebalanced during the batch")]
     Rebalanced,
@@ -74,6 +78,16 @@ pub enum ResolverError {
     /// thread of its own and the clients are rebuilt (the new producer fences the old one).
     #[error("{0} did not return within {1:?}; the producer is abandoned")]
     Wedged(&'static str, Duration),
+}
+
+impl ResolverError {
+    /// This error as task `p`'s, when it is a failure of local state.
+    fn in_task(self, p: i32) -> Self {
+        match self {
+            ResolverError::State(e) => ResolverError::TaskState(p, e),
+            other => other,
+        }
+    }
 }
 
 /// Schema version of dead-letter records.
@@ -407,6 +421,10 @@ pub struct Resolver {
     partitions: i32,
     restored: HashSet<i32>,
     restored_generation: u64,
+    /// Tasks wiped for a failure of their state that have not committed a batch since: one
+    /// that fails again is paused instead of being wiped over and over (see
+    /// [`Resolver::task_state_failed`]).
+    wiped: HashSet<i32>,
     /// Assignment changes seen by this process's consumers, counted across client rebuilds (a
     /// new consumer's first assignment must not look like the old one's).
     generation: Arc<AtomicU64>,
@@ -453,6 +471,7 @@ impl Resolver {
             partitions: 0,
             restored: HashSet::new(),
             restored_generation: 0,
+            wiped: HashSet::new(),
             generation: Arc::new(AtomicU64::new(0)),
             checkpoint_due_ms: crate::checkpoint::next_due_ms(&cfg),
             last_batch_len: 0,
@@ -621,6 +640,9 @@ impl Resolver {
             match self.process_batch(&consumer, &producer, &batch, &generation, gen_at_start) {
                 Ok(()) => {
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    for m in &batch {
+                        self.wiped.remove(&m.partition());
+                    }
                     self.stats
                         .records
                         .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -637,6 +659,7 @@ impl Resolver {
                 }
                 Err(e) => {
                     self.stats.aborted.fetch_add(1, Ordering::Relaxed);
+                    let mut paused = Vec::new();
                     tracing::warn!(error = %e, "batch aborted; rewinding");
                     let fatal = match &e {
                         ResolverError::Kafka(KafkaError::Transaction(t)) => t.is_fatal(),
@@ -645,18 +668,18 @@ impl Resolver {
                         | ResolverError::NoTopic(_)
                         | ResolverError::Wedged(..)
                         | ResolverError::RestoreStalled(..) => return Err(e),
+                        ResolverError::TaskState(p, _) => {
+                            self.task_state_failed(*p, &mut paused)?;
+                            false
+                        }
                         ResolverError::State(_) => {
-                            // A corrupt or failing local store: drop the batch's tasks and
-                            // rebuild them from the changelog before going on.
+                            // A failing local store not tied to one task: drop the batch's
+                            // tasks and rebuild them from the changelog before going on.
                             let mut parts: Vec<i32> = batch.iter().map(|m| m.partition()).collect();
+                            parts.sort_unstable();
                             parts.dedup();
                             for p in parts {
-                                tracing::error!(
-                                    partition = p,
-                                    "wiping task state; it will be restored from the changelog"
-                                );
-                                self.store.wipe_task(p)?;
-                                self.restored.remove(&p);
+                                self.task_state_failed(p, &mut paused)?;
                             }
                             false
                         }
@@ -670,8 +693,33 @@ impl Resolver {
                         return Err(e);
                     }
                     rewind(&consumer)?;
+                    pause(&consumer, &self.cfg.topic(topics::DATA_CHANGED), &paused)?;
                 }
             }
+        }
+        Ok(())
+    }
+
+    /// Task `p`'s local state failed. The first time since the task last committed a batch, it
+    /// is wiped and restored from its changelog before its next batch. A task that fails again
+    /// after that is not helped by another rebuild (a state record this release cannot read,
+    /// such as one of a newer format): its input partition is paused, with an error, until the
+    /// partitions move or the processor restarts, so that the other tasks go on instead of
+    /// every batch wiping and restoring it again.
+    fn task_state_failed(&mut self, p: i32, paused: &mut Vec<i32>) -> Result<(), ResolverError> {
+        self.restored.remove(&p);
+        if self.wiped.insert(p) {
+            tracing::error!(
+                partition = p,
+                "wiping task state; it will be restored from the changelog"
+            );
+            self.store.wipe_task(p)?;
+        } else {
+            tracing::error!(
+                partition = p,
+                "task state failed again after a rebuild from its changelog: pausing the partition until the partitions move or the processor restarts (see OPERATIONS, \"A task that cannot read its state\")"
+            );
+            paused.push(p);
         }
         Ok(())
     }
@@ -694,7 +742,7 @@ impl Resolver {
         partition: i32,
     ) -> Result<(), ResolverError> {
         let tree = self.tree(partition)?;
-        let from = match state::store::changelog_offset(&tree) {
+        let mut from = match state::store::changelog_offset(&tree) {
             Ok(Some(o)) => o,
             Ok(None) => {
                 if !tree.is_empty() {
@@ -719,9 +767,25 @@ impl Resolver {
                 .fetch_watermarks(&topic, partition, Duration::from_secs(10))
                 .map(|(_, high)| high)
         };
+        let first_end = ask_end();
+        if let Ok(high) = first_end {
+            if high < from {
+                // The changelog ends before what this store says it applied: the topic was
+                // deleted and made again (a reset or a new cluster) while the state directory
+                // stayed. The store holds another changelog's state; start over from this one.
+                tracing::warn!(
+                    partition,
+                    stored = from,
+                    end = high,
+                    "the changelog ends before the task's stored offset; rebuilding the task from it"
+                );
+                self.store.wipe_task(partition)?;
+                from = 0;
+            }
+        }
         // Nothing past the stored offset (a new task, or this process wrote everything there
         // is): no reader needed. One round trip instead of a reader's connect and empty fetch.
-        let mut end = match ask_end() {
+        let mut end = match first_end {
             Ok(high) if high <= from => {
                 if !tree
                     .contains_key(state::store::CHANGELOG_OFFSET_KEY)
@@ -899,7 +963,9 @@ impl Resolver {
                         // marker again.
                         continue;
                     }
-                    let outs = this.process_record(m, &mut overlay)?;
+                    let outs = this
+                        .process_record(m, &mut overlay)
+                        .map_err(|e| e.in_task(p))?;
                     if split {
                         held.push((m.offset(), outs));
                     } else {
@@ -962,8 +1028,8 @@ impl Resolver {
             |(_, pairs)| pairs.iter().map(|(k, v)| 64 + k.len() + v.len()).sum(),
             |(p, pairs)| {
                 let next = producer.context().next_offset(p);
-                state::store::write_records(&trees[&p], pairs, next)?;
-                Ok(())
+                state::store::write_records(&trees[&p], pairs, next)
+                    .map_err(|e| ResolverError::TaskState(p, e))
             },
         );
         let ms = |a: Instant, b: Instant| b.duration_since(a).as_secs_f64() * 1e3;
@@ -1260,7 +1326,10 @@ fn rebuilds_after(e: &ResolverError, rebuilding: bool) -> bool {
             true
         }
         ResolverError::NoTopic(_) => rebuilding,
-        ResolverError::State(_) | ResolverError::Rebalanced | ResolverError::Setup(_) => false,
+        ResolverError::State(_)
+        | ResolverError::TaskState(..)
+        | ResolverError::Rebalanced
+        | ResolverError::Setup(_) => false,
     }
 }
 
@@ -1659,6 +1728,24 @@ fn read_position<C: ConsumerContext>(
 }
 
 /// Moves every assigned partition back to its committed offset (after an aborted batch).
+/// Stops fetching `partitions` of `topic` until they are assigned again (a rebalance) or the
+/// processor restarts.
+fn pause(
+    consumer: &BaseConsumer<TaskContext>,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<(), ResolverError> {
+    if partitions.is_empty() {
+        return Ok(());
+    }
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        tpl.add_partition(topic, *p);
+    }
+    consumer.pause(&tpl)?;
+    Ok(())
+}
+
 fn rewind(consumer: &BaseConsumer<TaskContext>) -> Result<(), ResolverError> {
     let assigned = consumer.assignment()?;
     if assigned.count() == 0 {

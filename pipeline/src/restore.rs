@@ -146,22 +146,50 @@ fn load(cfg: &Config, manifest: &Manifest) -> Result<Records, RestoreError> {
     Ok(out)
 }
 
+/// A state record of checkpoint `id`, decoded.
+enum Decoded {
+    Doc(processors::DocKey, processors::DocState),
+    Seq(processors::BucketKey, u64),
+}
+
+fn decode_record(id: &str, k: &[u8], v: &[u8]) -> Result<Option<Decoded>, RestoreError> {
+    if let Some(key) = state::store::parse_doc_key(k) {
+        let doc = state::codec::decode_doc(v).map_err(|e| corrupt(id, k, e))?;
+        Ok(Some(Decoded::Doc(key, doc)))
+    } else if let Some(bucket) = state::store::parse_seq_key(k) {
+        let seq = v
+            .try_into()
+            .map(u64::from_be_bytes)
+            .map_err(|_| corrupt(id, k, "not a sequence number"))?;
+        Ok(Some(Decoded::Seq(bucket, seq)))
+    } else {
+        Ok(None)
+    }
+}
+
 fn to_mem(id: &str, records: &Records) -> Result<MemState, RestoreError> {
     let mut mem = MemState::default();
     for (k, v) in records {
-        if let Some(key) = state::store::parse_doc_key(k) {
-            let doc = state::codec::decode_doc(v).map_err(|e| corrupt(id, k, e))?;
-            mem.docs.insert(key, doc);
-        } else if let Some(bucket) = state::store::parse_seq_key(k) {
-            let seq = v
-                .as_slice()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .map_err(|_| corrupt(id, k, "not a sequence number"))?;
-            mem.seqs.insert(bucket, seq);
+        match decode_record(id, k, v)? {
+            Some(Decoded::Doc(key, doc)) => {
+                mem.docs.insert(key, doc);
+            }
+            Some(Decoded::Seq(bucket, seq)) => {
+                mem.seqs.insert(bucket, seq);
+            }
+            None => {}
         }
     }
     Ok(mem)
+}
+
+/// Checks that every state record of checkpoint `id` decodes (with this release: a snapshot of
+/// a newer state format does not), before anything is changed.
+fn check_decodes(id: &str, records: &Records) -> Result<(), RestoreError> {
+    for (k, v) in records {
+        decode_record(id, k, v)?;
+    }
+    Ok(())
 }
 
 fn from_mem(mem: &MemState) -> Records {
@@ -483,6 +511,7 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
         report.resume_offsets = resume;
         target = from_mem(&mem);
     } else {
+        check_decodes(id, &target)?;
         report.not_applied = count_after(&manifest, &input_ends);
         report.resume_offsets = input_ends.clone();
     }
@@ -604,4 +633,37 @@ fn apply_kafka(
         commit_offsets(cfg, &group, &cfg.topic(topics::SYNC_EVENTS), &events_end)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use processors::DocKey;
+
+    fn doc_key(id: &str) -> Vec<u8> {
+        state::store::doc_key_bytes(&DocKey {
+            bucket: BucketKey {
+                tenant: "acme".into(),
+                bucket: "notes".into(),
+            },
+            doc_id: id.into(),
+        })
+    }
+
+    #[test]
+    fn a_snapshot_record_this_release_cannot_decode_is_refused_before_anything_changes() {
+        let good = state::codec::encode_doc(&processors::DocState::default());
+        let mut records: Records = HashMap::new();
+        records.insert(doc_key("a"), good);
+        assert!(check_decodes("c1", &records).is_ok());
+        // A format byte this release does not know, as a newer release's snapshot would have.
+        records.insert(doc_key("b"), vec![0xEE, 0, 1]);
+        match check_decodes("c1", &records) {
+            Err(RestoreError::Corrupt(id, why)) => {
+                assert_eq!(id, "c1");
+                assert!(why.contains("acme/notes/b"), "{why}");
+            }
+            other => panic!("expected Corrupt, got {other:?}"),
+        }
+    }
 }

@@ -640,3 +640,111 @@ async fn api_writes_land_in_their_buckets_partition() {
     running.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// A task whose local state holds a record it cannot decode is wiped and restored from its
+/// changelog once; when the changelog holds that record too (as it would one written in a newer
+/// state format), its partition is paused instead of being wiped and restored before every
+/// batch, and the other tasks go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_cannot_read_its_state_is_rebuilt_once_then_paused_alone() {
+    use pipeline::partition::partition_for;
+    use processors::{BucketKey, DocKey};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let env = TestEnv::new("badstate").await;
+    let partition = |b: &str| partition_for(format!("acme/{b}").as_bytes(), 6);
+    // Three buckets in three partitions: one healed by a rebuild, one stuck, one unaffected.
+    let mut buckets: Vec<String> = Vec::new();
+    for b in (0..).map(|i| format!("b{i}")) {
+        if buckets.iter().all(|o| partition(o) != partition(&b)) {
+            buckets.push(b);
+        }
+        if buckets.len() == 3 {
+            break;
+        }
+    }
+    let (healed, stuck, other) = (&buckets[0], &buckets[1], &buckets[2]);
+    let key = |b: &str| {
+        state::store::doc_key_bytes(&DocKey {
+            bucket: BucketKey {
+                tenant: "acme".into(),
+                bucket: b.into(),
+            },
+            doc_id: "a".into(),
+        })
+    };
+    let token = env.token("acme", "b*:rw");
+    let write = async |c: &Client, b: &str, n: i64| {
+        let path = format!("/v1/buckets/{b}/docs/a");
+        let body = json!({ "n": n }).to_string();
+        let (status, body) = c
+            .send(reqwest::Method::PATCH, &path, Some(&token), Some(&body))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    };
+    let shows = async |c: &Client, b: &str, n: i64| {
+        eventually(WAIT, &format!("{b}/a with n = {n}"), || async {
+            let (_, doc) = c.get_doc(&token, b, "a").await;
+            (doc["doc"]["n"] == n).then_some(())
+        })
+        .await
+    };
+
+    let roles = [Role::Api, Role::Processor, Role::Projector];
+    let running = env.start(&roles).await;
+    let c = Client::new(running.api_addr.unwrap());
+    for b in &buckets {
+        write(&c, b, 1).await;
+    }
+    for b in &buckets {
+        shows(&c, b, 1).await;
+    }
+    running.stop().await.unwrap();
+
+    // `healed`: damaged in the local store only. `stuck`: in its changelog as well.
+    let garbage = [0xEE_u8, 0, 1, 2];
+    {
+        let store = state::store::TaskStore::open(std::path::Path::new(&env.cfg.state.dir))
+            .expect("the stopped processor's store");
+        let tree = store.task(partition(healed)).unwrap();
+        tree.insert(key(healed), &garbage[..]).unwrap();
+        store.flush().unwrap();
+    }
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .create()
+        .unwrap();
+    let changelog = env.topic(topics::RESOLVER_CHANGELOG);
+    let stuck_key = key(stuck);
+    producer
+        .send(
+            FutureRecord::<[u8], [u8]>::to(&changelog)
+                .partition(partition(stuck))
+                .key(&stuck_key[..])
+                .payload(&garbage[..]),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("changelog record");
+
+    let running = env.start(&roles).await;
+    let c = Client::new(running.api_addr.unwrap());
+    for b in &buckets {
+        write(&c, b, 2).await;
+    }
+    shows(&c, healed, 2).await;
+    shows(&c, other, 2).await;
+    // The stuck task: wiped and restored once, then paused; no abort after that.
+    let aborted = || running.resolver_stats.aborted.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let settled = aborted();
+    write(&c, other, 3).await;
+    shows(&c, other, 3).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(aborted(), settled, "the stuck task keeps failing batches");
+    assert!(settled <= 4, "{settled} batches aborted");
+    let (_, doc) = c.get_doc(&token, stuck, "a").await;
+    assert_eq!(doc["doc"]["n"], 1, "the stuck task applied nothing: {doc}");
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}
