@@ -88,8 +88,43 @@ pub struct Marker {
     pub partitions: i32,
 }
 
+/// How far ahead of this host's clock a marker's `created_at_ms` may be (clock differences
+/// between the requesting host and the processors).
+const MARKER_CLOCK_SLACK_MS: u64 = 10 * 60 * 1000;
+
+impl Marker {
+    /// Whether this marker could have come from [`request`]: an id as it makes them (32 hex
+    /// digits), a partition count of at least one, and a time not in the future. Anyone who may
+    /// produce to `data.changed` can write a record with the control header; without these
+    /// checks a made-up marker could, say, claim a far-future time so that retention deleted
+    /// every real checkpoint, or a partition count of 1 so that one partition's snapshot made
+    /// a "complete" checkpoint.
+    pub fn check(&self, now_ms: u64) -> Result<(), String> {
+        if self.id.len() != 32 || !self.id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "checkpoint marker with an id not made by SyncFlow: {:?}",
+                self.id
+            ));
+        }
+        if self.partitions < 1 {
+            return Err(format!(
+                "checkpoint marker for {} partitions",
+                self.partitions
+            ));
+        }
+        if self.created_at_ms > now_ms.saturating_add(MARKER_CLOCK_SLACK_MS) {
+            return Err(format!(
+                "checkpoint marker from the future ({} ms since the epoch)",
+                self.created_at_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The checkpoint marker a record carries, if it is one. A control record whose payload does not
-/// decode is still a control record (`Some(Err)`): it is never treated as a write.
+/// decode, or is not a marker [`request`] could have made ([`Marker::check`]), is still a
+/// control record (`Some(Err)`): it is never treated as a marker, and is dead-lettered.
 pub fn marker_of(m: &impl Message) -> Option<Result<Marker, String>> {
     let headers = m.headers()?;
     let control = headers
@@ -100,8 +135,9 @@ pub fn marker_of(m: &impl Message) -> Option<Result<Marker, String>> {
         return Some(Err("unknown control record".into()));
     }
     Some(
-        serde_json::from_slice(m.payload().unwrap_or_default())
-            .map_err(|e| format!("undecodable checkpoint marker: {e}")),
+        serde_json::from_slice::<Marker>(m.payload().unwrap_or_default())
+            .map_err(|e| format!("undecodable checkpoint marker: {e}"))
+            .and_then(|marker| marker.check(now_ms()).map(|()| marker)),
     )
 }
 
@@ -292,4 +328,55 @@ pub fn next_due_ms(cfg: &Config) -> Option<u64> {
         .and_then(|l| l.last().map(|m| m.created_at_ms))
         .unwrap_or(0);
     Some(newest + cfg.checkpoint.interval_secs * 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+
+    fn control_record(payload: &str) -> OwnedMessage {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: CONTROL_HEADER,
+            value: Some(CHECKPOINT_CONTROL),
+        });
+        OwnedMessage::new(
+            Some(payload.as_bytes().to_vec()),
+            None,
+            "data.changed".into(),
+            Timestamp::NotAvailable,
+            0,
+            0,
+            Some(headers),
+        )
+    }
+
+    #[test]
+    fn only_markers_a_request_could_have_made_are_markers() {
+        let now = now_ms();
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let marker = |id: &str, at: u64, partitions: i32| {
+            let m = Marker {
+                id: id.into(),
+                created_at_ms: at,
+                partitions,
+            };
+            marker_of(&control_record(&serde_json::to_string(&m).unwrap())).unwrap()
+        };
+        assert!(marker(&id, now, 6).is_ok());
+        // Old markers are met again when the input is read again after a restore.
+        assert!(marker(&id, now - 30 * 24 * 3600 * 1000, 6).is_ok());
+        let refused = [
+            marker(&id, now + 24 * 3600 * 1000, 6),
+            marker(&id, u64::MAX, 6),
+            marker(&id, now, 0),
+            marker(&id, now, -3),
+            marker("../../etc", now, 6),
+            marker(&"x".repeat(32), now, 6),
+        ];
+        for r in refused {
+            assert!(r.is_err(), "{r:?}");
+        }
+        assert!(marker_of(&control_record("{}")).unwrap().is_err());
+    }
 }

@@ -138,11 +138,12 @@ pub async fn rebuild_from(
             docs.push((doc_key, doc));
         } else if let Some(bucket) = state::store::parse_seq_key(key) {
             if only.is_none_or(|b| *b == bucket) {
-                let seq = value
-                    .as_slice()
-                    .try_into()
-                    .map(u64::from_be_bytes)
-                    .unwrap_or_default();
+                let seq = state::store::decode_seq(key, value).map_err(|e| {
+                    RebuildError::Corrupt(
+                        String::from_utf8_lossy(key).replace('\0', "/"),
+                        e.to_string(),
+                    )
+                })?;
                 seqs.insert(bucket, seq);
             }
         }

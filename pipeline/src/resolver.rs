@@ -1078,6 +1078,19 @@ impl Resolver {
         marker: &crate::checkpoint::Marker,
     ) -> Result<(), ResolverError> {
         let partition = marker_msg.partition();
+        if marker.partitions != self.partitions {
+            // Not made by `checkpoint::request` for this topic (it counts its partitions):
+            // a checkpoint of the wrong number of snapshots would restore a part of the state
+            // as if it were all of it.
+            tracing::warn!(
+                id = %marker.id,
+                partition,
+                claimed = marker.partitions,
+                partitions = self.partitions,
+                "checkpoint marker for another partition count ignored"
+            );
+            return Ok(());
+        }
         let started = Instant::now();
         let result = self
             .tree(partition)

@@ -157,10 +157,7 @@ fn decode_record(id: &str, k: &[u8], v: &[u8]) -> Result<Option<Decoded>, Restor
         let doc = state::codec::decode_doc(v).map_err(|e| corrupt(id, k, e))?;
         Ok(Some(Decoded::Doc(key, doc)))
     } else if let Some(bucket) = state::store::parse_seq_key(k) {
-        let seq = v
-            .try_into()
-            .map(u64::from_be_bytes)
-            .map_err(|_| corrupt(id, k, "not a sequence number"))?;
+        let seq = state::store::decode_seq(k, v).map_err(|e| corrupt(id, k, e))?;
         Ok(Some(Decoded::Seq(bucket, seq)))
     } else {
         Ok(None)

@@ -45,7 +45,8 @@ pub enum CheckpointError {
     /// No complete checkpoint has this id.
     #[error("no checkpoint {0:?} (see `syncflow checkpoint list`)")]
     NotFound(String),
-    /// A snapshot is missing, truncated or fails its checksum.
+    /// A manifest does not read, is of an unknown format or names another checkpoint; or a
+    /// snapshot is missing, truncated, fails its checksum or is not the one its manifest lists.
     #[error("checkpoint {id}: {reason}")]
     Damaged {
         /// The checkpoint.
@@ -127,6 +128,58 @@ pub struct CheckpointDir {
     root: PathBuf,
 }
 
+/// Reads the manifest found in directory `dir_name`: refused when it does not parse, when its
+/// format is not [`CHECKPOINT_FORMAT`], or when its id is not its directory's.
+fn parse_manifest(dir_name: &str, bytes: &[u8]) -> Result<Manifest, CheckpointError> {
+    let damaged = |reason: String| CheckpointError::Damaged {
+        id: dir_name.into(),
+        reason,
+    };
+    let manifest: Manifest =
+        serde_json::from_slice(bytes).map_err(|e| damaged(format!("unreadable manifest: {e}")))?;
+    if manifest.format != CHECKPOINT_FORMAT {
+        return Err(damaged(format!(
+            "manifest of unknown format {} (this version reads format {CHECKPOINT_FORMAT})",
+            manifest.format
+        )));
+    }
+    if manifest.id != dir_name {
+        return Err(damaged(format!(
+            "the manifest in directory {dir_name:?} is checkpoint {:?}'s",
+            manifest.id
+        )));
+    }
+    Ok(manifest)
+}
+
+/// Whether a snapshot's header is the one its manifest lists: the same checkpoint, partition
+/// and input offset. Says what differs when not.
+fn check_header(
+    header: &SnapshotHeader,
+    manifest: &Manifest,
+    part: &PartInfo,
+) -> Result<(), String> {
+    if header.checkpoint != manifest.id {
+        return Err(format!(
+            "belongs to checkpoint {:?}, not {:?}",
+            header.checkpoint, manifest.id
+        ));
+    }
+    if header.partition != part.partition {
+        return Err(format!(
+            "holds partition {}, the manifest says {}",
+            header.partition, part.partition
+        ));
+    }
+    if header.input_offset != part.input_offset {
+        return Err(format!(
+            "ends at input offset {}, the manifest says {}",
+            header.input_offset, part.input_offset
+        ));
+    }
+    Ok(())
+}
+
 fn check_id(id: &str) -> Result<(), CheckpointError> {
     let plain = !id.is_empty()
         && id.len() <= 64
@@ -139,6 +192,15 @@ fn check_id(id: &str) -> Result<(), CheckpointError> {
         Err(CheckpointError::InvalidId(id.into()))
     }
 }
+
+/// The name of partition `partition`'s snapshot file inside its checkpoint's directory.
+fn snapshot_file(partition: i32) -> String {
+    format!("p{partition:04}.snap")
+}
+
+/// Most entries set aside for before a snapshot's are read: its part info's count is not taken
+/// on trust for an allocation; a longer list grows as it is read.
+const MAX_PREALLOC_ENTRIES: u64 = 1 << 16;
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -225,7 +287,7 @@ impl CheckpointDir {
     {
         let dir = self.dir(&header.checkpoint)?;
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let file = format!("p{:04}.snap", header.partition);
+        let file = snapshot_file(header.partition);
         let path = dir.join(&file);
         let tmp = path.with_extension(format!("tmp-{}", unique_suffix()));
         let f = File::create(&tmp).map_err(io_err(&tmp))?;
@@ -333,7 +395,8 @@ impl CheckpointDir {
         }
     }
 
-    /// The complete checkpoints, oldest first.
+    /// The complete checkpoints, oldest first. A manifest that does not read, or that
+    /// [`CheckpointDir::manifest`] would refuse, is left out with a warning.
     pub fn list(&self) -> Result<Vec<Manifest>, CheckpointError> {
         let entries = match fs::read_dir(&self.root) {
             Ok(e) => e,
@@ -344,7 +407,8 @@ impl CheckpointDir {
         for entry in entries.flatten() {
             let path = entry.path().join(MANIFEST);
             if let Ok(bytes) = fs::read(&path) {
-                match serde_json::from_slice::<Manifest>(&bytes) {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                match parse_manifest(&name, &bytes) {
                     Ok(m) => out.push(m),
                     Err(e) => {
                         tracing::warn!(path = %path.display(), error = %e, "unreadable checkpoint manifest")
@@ -356,14 +420,12 @@ impl CheckpointDir {
         Ok(out)
     }
 
-    /// The manifest of checkpoint `id`.
+    /// The manifest of checkpoint `id`: refused when it does not read, is of another format
+    /// than [`CHECKPOINT_FORMAT`], or names another checkpoint than its directory's.
     pub fn manifest(&self, id: &str) -> Result<Manifest, CheckpointError> {
         let path = self.dir(id)?.join(MANIFEST);
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Damaged {
-                id: id.into(),
-                reason: format!("unreadable manifest: {e}"),
-            }),
+            Ok(bytes) => parse_manifest(id, &bytes),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 Err(CheckpointError::NotFound(id.into()))
             }
@@ -381,11 +443,20 @@ impl CheckpointDir {
     }
 
     fn check_file(&self, manifest: &Manifest, part: &PartInfo) -> Result<Vec<u8>, CheckpointError> {
-        let path = self.dir(&manifest.id)?.join(&part.file);
         let damaged = |reason: String| CheckpointError::Damaged {
             id: manifest.id.clone(),
             reason,
         };
+        // Only the name this crate writes: never a path out of the checkpoint's directory.
+        if part.file != snapshot_file(part.partition) {
+            return Err(damaged(format!(
+                "partition {}'s snapshot is listed as {:?}, not {:?}",
+                part.partition,
+                part.file,
+                snapshot_file(part.partition)
+            )));
+        }
+        let path = self.dir(&manifest.id)?.join(&part.file);
         let bytes = match fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -434,9 +505,11 @@ impl CheckpointDir {
         let read_chunk = |r: &mut &[u8]| -> Option<Vec<u8>> {
             let mut len = [0u8; 4];
             r.read_exact(&mut len).ok()?;
-            let mut buf = vec![0u8; u32::from_le_bytes(len) as usize];
-            r.read_exact(&mut buf).ok()?;
-            Some(buf)
+            // Checked against what is left before anything is allocated for it.
+            let len = u32::from_le_bytes(len) as usize;
+            let (chunk, rest) = r.split_at_checked(len)?;
+            *r = rest;
+            Some(chunk.to_vec())
         };
         let head = read_chunk(&mut r).ok_or_else(|| damaged("truncated header"))?;
         let header: SnapshotHeader =
@@ -444,11 +517,19 @@ impl CheckpointDir {
         if header.format != CHECKPOINT_FORMAT {
             return Err(damaged("unknown snapshot format"));
         }
-        let mut entries = Vec::with_capacity(part.entries as usize);
+        check_header(&header, manifest, part).map_err(|reason| damaged(&reason))?;
+        let mut entries = Vec::with_capacity(part.entries.min(MAX_PREALLOC_ENTRIES) as usize);
         while !r.is_empty() {
             let k = read_chunk(&mut r).ok_or_else(|| damaged("truncated entry"))?;
             let v = read_chunk(&mut r).ok_or_else(|| damaged("truncated entry"))?;
             entries.push((k, v));
+        }
+        if entries.len() as u64 != part.entries {
+            return Err(damaged(&format!(
+                "{} entries, the manifest says {}",
+                entries.len(),
+                part.entries
+            )));
         }
         Ok((header, entries))
     }
@@ -604,6 +685,150 @@ mod tests {
             dir.verify("../etc"),
             Err(CheckpointError::InvalidId(_))
         ));
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// Rewrites checkpoint `id`'s manifest.json as `m`.
+    fn rewrite_manifest(root: &Path, id: &str, m: &Manifest) {
+        fs::write(
+            root.join(id).join(MANIFEST),
+            serde_json::to_vec_pretty(m).unwrap(),
+        )
+        .unwrap();
+    }
+
+    /// A complete checkpoint `id` of one partition holding `n` entries.
+    fn one_part(dir: &CheckpointDir, id: &str, n: u8) -> Manifest {
+        dir.write_part(&header(id, 0), None, BTreeMap::new(), entries(n))
+            .unwrap();
+        dir.try_complete(id, 1, 1, 2).unwrap().unwrap()
+    }
+
+    fn assert_damaged<T: std::fmt::Debug>(got: Result<T, CheckpointError>, says: &str) {
+        match got {
+            Err(CheckpointError::Damaged { reason, .. }) => {
+                assert!(reason.contains(says), "{reason:?} should say {says:?}")
+            }
+            other => panic!("not refused as damaged ({says}): {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_manifest_of_an_unknown_format_is_refused() {
+        let (dir, root) = temp();
+        let mut m = one_part(&dir, "f1", 2);
+        m.format = CHECKPOINT_FORMAT + 1;
+        rewrite_manifest(&root, "f1", &m);
+        assert_damaged(dir.manifest("f1"), "unknown format 2");
+        assert_damaged(dir.verify("f1"), "unknown format 2");
+        assert!(dir.list().unwrap().is_empty(), "not listed");
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// A manifest copied (or edited) into another checkpoint's directory is refused there, and
+    /// not listed: pruning it would delete the checkpoint it names.
+    #[test]
+    fn a_manifest_naming_another_checkpoint_is_refused() {
+        let (dir, root) = temp();
+        let m = one_part(&dir, "i1", 2);
+        fs::create_dir_all(root.join("i2")).unwrap();
+        for file in [MANIFEST, "p0000.snap"] {
+            fs::copy(root.join("i1").join(file), root.join("i2").join(file)).unwrap();
+        }
+        assert_damaged(dir.manifest("i2"), "checkpoint \"i1\"'s");
+        assert_damaged(dir.verify("i2"), "checkpoint \"i1\"'s");
+        assert_eq!(dir.list().unwrap(), vec![m]);
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// A part's file is only ever the name written for its partition: not a path elsewhere,
+    /// even to a snapshot whose size and checksum match.
+    #[test]
+    fn a_part_file_other_than_its_partitions_snapshot_is_refused() {
+        let (dir, root) = temp();
+        let mut m = one_part(&dir, "n1", 2);
+        let other = one_part(&dir, "n2", 3).partitions[0].clone();
+        let absolute = root.join("n2").join("p0000.snap");
+        for file in [
+            "../n2/p0000.snap".to_owned(),
+            absolute.display().to_string(),
+            "p0001.snap".to_owned(),
+            "p0000.snap/.".to_owned(),
+        ] {
+            m.partitions[0] = PartInfo {
+                file: file.clone(),
+                ..other.clone()
+            };
+            rewrite_manifest(&root, "n1", &m);
+            assert_damaged(dir.verify("n1"), "not \"p0000.snap\"");
+            let err = dir.read_part(&m, &m.partitions[0]).unwrap_err();
+            assert!(err.to_string().contains(&file), "{err}");
+        }
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// A snapshot's header must be the part the manifest lists: same checkpoint, partition and
+    /// input offset.
+    #[test]
+    fn a_snapshot_of_another_checkpoint_or_partition_is_refused() {
+        let (dir, root) = temp();
+        let m = one_part(&dir, "h1", 2);
+        // Another checkpoint's snapshot, with its size and checksum, in h1's place.
+        let other = one_part(&dir, "h2", 2).partitions[0].clone();
+        fs::copy(root.join("h2/p0000.snap"), root.join("h1/p0000.snap")).unwrap();
+        let mut wrong = m.clone();
+        wrong.partitions[0] = other;
+        assert_damaged(
+            dir.read_part(&wrong, &wrong.partitions[0]),
+            "belongs to checkpoint \"h2\", not \"h1\"",
+        );
+        // Partition 1's snapshot listed as partition 0's.
+        let p1 = dir
+            .write_part(&header("h1", 1), None, BTreeMap::new(), entries(2))
+            .unwrap();
+        fs::rename(root.join("h1/p0001.snap"), root.join("h1/p0000.snap")).unwrap();
+        wrong.partitions[0] = PartInfo {
+            partition: 0,
+            file: "p0000.snap".into(),
+            ..p1.clone()
+        };
+        assert_damaged(
+            dir.read_part(&wrong, &wrong.partitions[0]),
+            "holds partition 1, the manifest says 0",
+        );
+        // A different input offset.
+        wrong.partitions[0].partition = 1;
+        wrong.partitions[0].file = "p0001.snap".into();
+        fs::rename(root.join("h1/p0000.snap"), root.join("h1/p0001.snap")).unwrap();
+        wrong.partitions[0].input_offset += 1;
+        assert_damaged(
+            dir.read_part(&wrong, &wrong.partitions[0]),
+            "ends at input offset 11, the manifest says 12",
+        );
+        wrong.partitions[0].input_offset -= 1;
+        assert!(dir.read_part(&wrong, &wrong.partitions[0]).is_ok());
+        fs::remove_dir_all(root).unwrap();
+    }
+
+    /// The entry count is checked after reading, and an absurd one allocates nothing for it
+    /// (it asked for `u64::MAX` entries up front: a capacity-overflow panic).
+    #[test]
+    fn an_entry_count_other_than_the_snapshots_is_refused() {
+        let (dir, root) = temp();
+        let mut m = one_part(&dir, "e1", 3);
+        for (count, says) in [
+            (2, "3 entries, the manifest says 2"),
+            (4, "3 entries, the manifest says 4"),
+            (
+                u64::MAX,
+                "3 entries, the manifest says 18446744073709551615",
+            ),
+        ] {
+            m.partitions[0].entries = count;
+            assert_damaged(dir.read_part(&m, &m.partitions[0]), says);
+        }
+        m.partitions[0].entries = 3;
+        assert_eq!(dir.read_part(&m, &m.partitions[0]).unwrap().1.len(), 3);
         fs::remove_dir_all(root).unwrap();
     }
 

@@ -30,6 +30,17 @@ pub const STATE_FORMAT_VERSION: u8 = 3;
 /// a write's values never come deeper).
 const MAX_VALUE_DEPTH: usize = 128;
 
+/// Most elements set aside for a list before any of them is read; a longer list grows as it is
+/// read. A length is checked against the bytes left, but lists nest (values up to
+/// [`MAX_VALUE_DEPTH`] deep), and each level reserving all that its length claims would let a
+/// record of a megabyte reserve gigabytes before it is refused.
+const MAX_PREALLOC: usize = 256;
+
+/// An empty list with room for `n` elements, or [`MAX_PREALLOC`] when `n` is more.
+fn with_capacity<T>(n: usize) -> Vec<T> {
+    Vec::with_capacity(n.min(MAX_PREALLOC))
+}
+
 /// Why a stored state record cannot be read.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -395,15 +406,15 @@ fn decode_v2_or_3(
     // Each element takes at least 4 bytes (a stamp: two integers, two lengths; a register: a
     // path length, an option tag, a stamp index, a version; a device: likewise).
     let n = r.len(4)?;
-    let mut stamps: Vec<Arc<Stamp>> = Vec::with_capacity(n);
+    let mut stamps: Vec<Arc<Stamp>> = with_capacity(n);
     for _ in 0..n {
         stamps.push(Arc::new(r.stamp()?));
     }
     let n = r.len(4)?;
-    let mut entries = Vec::with_capacity(n);
+    let mut entries = with_capacity(n);
     for _ in 0..n {
         let segments = r.len(1)?;
-        let mut path = Vec::with_capacity(segments);
+        let mut path = with_capacity(segments);
         for _ in 0..segments {
             path.push(r.str()?.to_owned());
         }
@@ -435,7 +446,7 @@ fn decode_v2_or_3(
     let replaced_at = shared(&mut r)?;
     let upserted_at = shared(&mut r)?;
     let n = r.len(4)?;
-    let mut devices = Vec::with_capacity(n);
+    let mut devices = with_capacity(n);
     for _ in 0..n {
         let device = r.str()?.to_owned();
         let hlc = Hlc::new(r.uint()?, r.u32()?);
@@ -548,7 +559,7 @@ impl<'a> Reader<'a> {
             5 => Value::String(self.str()?.to_owned()),
             6 => {
                 let n = self.len(1)?;
-                let mut items = Vec::with_capacity(n);
+                let mut items = with_capacity(n);
                 for _ in 0..n {
                     items.push(self.value(depth + 1)?);
                 }

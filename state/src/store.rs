@@ -142,6 +142,11 @@ pub fn changelog_offset(tree: &sled::Tree) -> Result<Option<i64>, StateError> {
     }))
 }
 
+/// A record's key as it is named in errors: NUL separators shown as `/`.
+fn printable_key(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).replace('\0', "/")
+}
+
 /// Reads one document's state from a task tree.
 pub fn read_doc(tree: &sled::Tree, key: &DocKey) -> Result<Option<DocState>, StateError> {
     let k = doc_key_bytes(key);
@@ -150,9 +155,29 @@ pub fn read_doc(tree: &sled::Tree, key: &DocKey) -> Result<Option<DocState>, Sta
         Some(bytes) => decode_doc(&bytes)
             .map(Some)
             .map_err(|source| StateError::Codec {
-                key: String::from_utf8_lossy(&k).replace('\0', "/"),
+                key: printable_key(&k),
                 source,
             }),
+    }
+}
+
+/// Decodes a bucket's sequence-number record (`key` names it in the error): exactly 8 bytes,
+/// big-endian. Any other length is refused, not read as 0, which would number the bucket's
+/// changes from 1 again.
+pub fn decode_seq(key: &[u8], value: &[u8]) -> Result<u64, StateError> {
+    let bytes: [u8; 8] = value.try_into().map_err(|_| StateError::Codec {
+        key: printable_key(key),
+        source: CodecError::Corrupt(format!("a sequence number of {} bytes, not 8", value.len())),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
+}
+
+/// Reads a bucket's last sequence number from a task tree (0 before its first change).
+pub fn read_seq(tree: &sled::Tree, bucket: &BucketKey) -> Result<u64, StateError> {
+    let k = seq_key_bytes(bucket);
+    match tree.get(&k)? {
+        None => Ok(0),
+        Some(value) => decode_seq(&k, &value),
     }
 }
 
@@ -254,12 +279,7 @@ impl ResolveState for Overlay<'_> {
         if let Some(seq) = self.seqs.get(bucket) {
             return Ok(*seq);
         }
-        Ok(self.tree.get(seq_key_bytes(bucket))?.map_or(0, |v| {
-            v.as_ref()
-                .try_into()
-                .map(u64::from_be_bytes)
-                .unwrap_or_default()
-        }))
+        read_seq(self.tree, bucket)
     }
 
     fn store_last_seq(&mut self, bucket: &BucketKey, seq: u64) -> Result<(), StateError> {
@@ -320,5 +340,34 @@ mod tests {
         store.wipe_task(3).unwrap();
         assert_eq!(changelog_offset(&tree).unwrap(), None);
         assert!(read_doc(&tree, &key).unwrap().is_none());
+    }
+
+    /// A sequence record that is not 8 bytes is an error naming its key, not sequence 0 (the
+    /// bucket would number its changes from 1 again).
+    #[test]
+    fn a_damaged_sequence_record_is_refused() {
+        let store = TaskStore::temporary().unwrap();
+        let tree = store.task(0).unwrap();
+        let bucket = BucketKey {
+            tenant: "t".into(),
+            bucket: "b".into(),
+        };
+        assert_eq!(Overlay::new(&tree).last_seq(&bucket).unwrap(), 0);
+        for bad in [&[0u8, 0, 7][..], &[0; 9], &[]] {
+            write_records(&tree, [(seq_key_bytes(&bucket), bad)], None).unwrap();
+            match Overlay::new(&tree).last_seq(&bucket) {
+                Err(StateError::Codec {
+                    key,
+                    source: CodecError::Corrupt(why),
+                }) => {
+                    assert_eq!(key, "s/t/b");
+                    assert!(why.contains(&format!("{} bytes", bad.len())), "{why}");
+                }
+                other => panic!("{} bytes: {other:?}", bad.len()),
+            }
+        }
+        write_records(&tree, [(seq_key_bytes(&bucket), 9u64.to_be_bytes())], None).unwrap();
+        assert_eq!(Overlay::new(&tree).last_seq(&bucket).unwrap(), 9);
+        assert_eq!(read_seq(&tree, &bucket).unwrap(), 9);
     }
 }
