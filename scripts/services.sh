@@ -467,10 +467,11 @@ redis_up() {
   ensure_port_free redis "$REDIS_HOST" "$REDIS_PORT"
   mkdir -p "$DATA/redis" "$LOGS" "$PIDS"
   rm -f "$(pid_file redis)"
-  # redis daemonizes itself (fork + setsid) and writes its own pid file
+  # redis daemonizes itself (fork + setsid) and writes its own pid file. It keeps its data in
+  # an append-only file: sessions, revocations and the announced marks must survive a restart.
   redis-server --bind "$REDIS_HOST" --port "$REDIS_PORT" --protected-mode yes \
     --daemonize yes --pidfile "$(pid_file redis)" \
-    --dir "$DATA/redis" --save "" --appendonly no \
+    --dir "$DATA/redis" --save "" --appendonly yes --appendfsync everysec \
     --logfile "$LOGS/redis.log" --loglevel notice >/dev/null 2>&1 </dev/null || {
     show_logs "$LOGS/redis.log"
     die "redis: redis-server failed to start"

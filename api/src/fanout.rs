@@ -329,13 +329,18 @@ impl Hub {
         {
             return;
         }
-        let channels = self.channels.clone();
+        let (channels, listening) = (self.channels.clone(), self.listening.clone());
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&channel);
+            // Not subscribed to Redis now: the hub tells every subscriber here to catch up when
+            // it is again, and a catch-up before then could not read the mark either.
+            if !listening.load(Ordering::SeqCst) {
+                return;
+            }
             if let Some(sender) = lock(&channels).get(&channel) {
                 let _ = sender.send(HubMsg::Gap);
             }
@@ -398,12 +403,15 @@ impl Hub {
                         drop(conn);
                         self.listening.store(false, Ordering::SeqCst);
                         tracing::warn!("fan-out hub lost its Redis connection");
+                        // Told once that changes may have been missed; again when the hub is
+                        // back (above), not after every failed attempt meanwhile, which would
+                        // send every subscriber here to the view every few seconds.
+                        self.gap_for_all();
                     }
                     Err(why) => tracing::warn!(%why, "fan-out hub cannot subscribe"),
                 },
                 Err(e) => tracing::warn!(error = %e, "fan-out hub cannot reach Redis"),
             }
-            self.gap_for_all();
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
@@ -666,35 +674,11 @@ mod tests {
         assert_eq!(hub.channel_count(), 0);
     }
 
-    #[tokio::test]
-    async fn gap_later_tells_the_buckets_subscribers_to_catch_up() {
-        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 8, 64).expect("hub");
-        let mut sub = hub.subscribe("acme", "notes");
-        let started = tokio::time::Instant::now();
-        hub.gap_later("acme", "notes", Duration::from_millis(50));
-        // A gap arrives (the failing listener may send its own first; the delayed one must come
-        // too, so wait past the delay).
-        let mut gaps = 0;
-        while started.elapsed() < Duration::from_millis(300) {
-            match tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
-                Ok(Some(Ok(HubMsg::Gap))) => gaps += 1,
-                Ok(other) => panic!("unexpected {other:?}"),
-                Err(_) => {}
-            }
-        }
-        assert!(gaps >= 1, "no gap after gap_later");
-        // For a bucket without subscribers it does nothing (and keeps no channel).
-        hub.gap_later("acme", "nobody", Duration::from_millis(1));
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(hub.channel_count(), 1);
-    }
-
-    /// Needs the local Redis (`scripts/services.sh up`).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_hub_that_falls_behind_redis_drops_and_resyncs_instead_of_queueing() {
-        let prefix = format!("hubtest{}:", uuid::Uuid::new_v4().simple());
-        let (url, inbox) = ("redis://127.0.0.1:6379/", 8);
-        let hub = Hub::start(url, &prefix, 100_000, inbox).expect("hub");
+    /// A hub on the local Redis (`scripts/services.sh up`) with an inbox of `inbox`, once it is
+    /// subscribed, and a subscription to `acme/notes` past the gap the hub sends when it
+    /// subscribes.
+    async fn listening_hub(prefix: &str, inbox: usize) -> (Hub, Subscription) {
+        let hub = Hub::start("redis://127.0.0.1:6379/", prefix, 100_000, inbox).expect("hub");
         let started = tokio::time::Instant::now();
         while !hub.is_listening() {
             assert!(
@@ -704,12 +688,46 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let mut sub = hub.subscribe("acme", "notes");
-        let channel = crate::view::change_channel(&prefix, "acme", "notes");
-        // (The hub tells its subscribers to catch up right after it subscribes; that gap may
-        // reach this one.)
         while let Ok(got) = tokio::time::timeout(Duration::from_millis(200), sub.next()).await {
             assert!(matches!(got, Some(Ok(HubMsg::Gap))), "{got:?}");
         }
+        (hub, sub)
+    }
+
+    /// Needs the local Redis (`scripts/services.sh up`).
+    #[tokio::test]
+    async fn gap_later_tells_the_buckets_subscribers_to_catch_up() {
+        let prefix = format!("gaptest{}:", uuid::Uuid::new_v4().simple());
+        let (hub, mut sub) = listening_hub(&prefix, 8).await;
+        hub.gap_later("acme", "notes", Duration::from_millis(50));
+        let got = tokio::time::timeout(Duration::from_secs(5), sub.next()).await;
+        assert!(matches!(got, Ok(Some(Ok(HubMsg::Gap)))), "{got:?}");
+        // For a bucket without subscribers it does nothing (and keeps no channel).
+        hub.gap_later("acme", "nobody", Duration::from_millis(1));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(hub.channel_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_hub_without_redis_sends_no_gap_per_failed_attempt_nor_for_gap_later() {
+        // Nothing listens on port 1: the hub keeps trying to connect.
+        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 8, 64).expect("hub");
+        let mut sub = hub.subscribe("acme", "notes");
+        hub.gap_later("acme", "notes", Duration::from_millis(50));
+        // Several failed attempts (backing off from 100 ms) and the delayed gap's time pass: its
+        // subscribers hear nothing until the hub is subscribed, and then a gap from the hub.
+        let got = tokio::time::timeout(Duration::from_millis(1_500), sub.next()).await;
+        assert!(got.is_err(), "{got:?}");
+    }
+
+    /// Needs the local Redis (`scripts/services.sh up`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hub_that_falls_behind_redis_drops_and_resyncs_instead_of_queueing() {
+        let prefix = format!("hubtest{}:", uuid::Uuid::new_v4().simple());
+        let (url, inbox) = ("redis://127.0.0.1:6379/", 8);
+        let (hub, mut sub) = listening_hub(&prefix, inbox).await;
+        let channel = crate::view::change_channel(&prefix, "acme", "notes");
+        let started = tokio::time::Instant::now();
         let mut publisher = redis::Client::open(url)
             .unwrap()
             .get_multiplexed_async_connection()

@@ -530,6 +530,10 @@ async fn run_session(
             }
             Some((bucket, item)) = live.next() => {
                 let Some(sub) = subs.get_mut(&bucket) else { continue };
+                // A large change to a slow but steady client can take longer than two
+                // heartbeats to send, with no ping sent meanwhile: like a catch-up, that time
+                // does not count against the client's pongs.
+                let delivering = Instant::now();
                 let mut pending = None;
                 let resync = match item {
                     Ok(HubMsg::Change(change)) => match deliver(tx, &bucket, sub, &change).await {
@@ -579,6 +583,7 @@ async fn run_session(
                     }
                 }
                 sub.read = spent.now(tx);
+                last_pong = paused(last_pong, delivering);
             }
             _ = heartbeat.tick() => {
                 if last_pong.elapsed() > heartbeat_every * 2 {
@@ -740,13 +745,23 @@ async fn meta_when_current(
                 horizon_seq: 0,
                 epoch: 1,
             });
-        // Without the mark, a cursor of this epoch is at least what was announced: wait for the
-        // view to reach it rather than answer `reset` to a cursor merely ahead of the view.
+        // A cursor of this epoch is at least what was announced: without the mark, or with a
+        // mark below it (Redis lost the mark: it keeps no data, or restarted without it), wait
+        // for the view to reach the cursor rather than answer `reset` with a snapshot older
+        // than what the client holds.
         let need = match cursor {
-            Some(c) if announced.is_none() && c.epoch == meta.epoch => base.max(c.seq),
+            Some(c) if c.epoch == meta.epoch && announced.is_none_or(|a| c.seq > a) => {
+                base.max(c.seq)
+            }
             _ => base,
         };
         if meta.projected_seq >= need {
+            return Ok(meta);
+        }
+        if Instant::now() >= deadline && meta.projected_seq >= base && announced.is_some() {
+            // The view has every change announced and the cursor is past them all, still: not
+            // a cursor of this bucket's changes (or Redis lost its mark and the view stayed
+            // behind all this time). `reset` and a snapshot, as for any cursor not understood.
             return Ok(meta);
         }
         if Instant::now() >= deadline {

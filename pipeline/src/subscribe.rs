@@ -67,14 +67,12 @@ pub async fn run(
             }
         };
         let subscribe = json!({"type": "subscribe", "bucket": bucket, "cursor": cursor});
-        if ws
+        let sent = ws
             .send(Message::Text(subscribe.to_string().into()))
             .await
-            .is_err()
-        {
-            continue;
-        }
-        while let Some(frame) = ws.next().await {
+            .is_ok();
+        // A failed send ends this connection like a disconnect: with the backoff below.
+        while let Some(frame) = if sent { ws.next().await } else { None } {
             let text = match frame {
                 Ok(Message::Text(t)) => t,
                 Ok(Message::Close(Some(close))) if close.code == CloseCode::Library(4001) => {

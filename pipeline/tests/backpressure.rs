@@ -48,7 +48,9 @@ async fn a_connection_that_stops_answering_pings_is_closed_with_4002() {
     expect_type(&mut ws, "subscribed").await;
     // A live client answers pings as it reads: this one keeps the connection and stops reading
     // for longer than two heartbeats, then reads while the server waits for its closing reply.
-    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    // (The server closes about 3 s in; reading much sooner after that would answer its pings
+    // before the close.)
+    tokio::time::sleep(Duration::from_millis(5_000)).await;
     let code = loop {
         if let Err(code) = next_json(&mut ws).await {
             break code;
@@ -424,8 +426,9 @@ async fn a_stalled_subscriber_is_dropped_while_memory_stays_bounded_and_others_k
         produce_all(&env, &writes("big", 5 + chunk * 10, 10, BLOB)).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let replica = reader
+    let replica = tokio::time::timeout(Duration::from_secs(180), reader)
         .await
+        .expect("the healthy subscriber stopped reading")
         .expect("the healthy subscriber saw every change");
     sampling.store(false, Ordering::SeqCst);
     sampler.join().unwrap();

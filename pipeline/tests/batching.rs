@@ -52,15 +52,16 @@ async fn a_lone_write_is_not_held_but_writes_under_load_share_a_transaction() {
         produce_all(&env, &[write("quiet", i as usize)]).await;
         committed(&stats, 1 + i).await;
         let took = start.elapsed();
+        // (Under the linger by a margin for a busy machine: a held write would take all of it.)
         assert!(
-            took < LINGER / 2,
+            took < LINGER * 2 / 3,
             "a lone write at low load took {took:?} to commit; the linger is {LINGER:?}"
         );
         // `/status` shows that batch: one record, waited for no linger.
         let last = stats.last_batch.lock().unwrap().expect("a committed batch");
         assert_eq!(last.records, 1, "{last:?}");
         assert!(
-            last.lag_ms < LINGER.as_millis() as u64 / 2,
+            last.lag_ms < LINGER.as_millis() as u64 * 2 / 3,
             "a lone write lagged {} ms behind its write: {last:?}",
             last.lag_ms
         );

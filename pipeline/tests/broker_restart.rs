@@ -8,7 +8,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::faults::{produce_all, wait_until_caught_up, workload, Oracle, ProcessorProcess};
-use common::{services, TestEnv};
+use common::TestEnv;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_resolver_survives_a_broker_restart_without_loss_or_duplicates() {
@@ -21,8 +21,7 @@ async fn the_resolver_survives_a_broker_restart_without_loss_or_duplicates() {
     println!("restarting kafka with {} partitions behind", behind.len());
     let down = tokio::task::block_in_place(|| {
         let down = Instant::now();
-        services(&["down", "kafka"]);
-        services(&["up", "kafka"]);
+        common::Outage::begin("kafka").end();
         down
     });
     let back = down.elapsed();

@@ -3,13 +3,17 @@
 mod common;
 
 use std::process::Command;
+use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 
 fn syncflow(envs: &[(&str, &str)], args: &[&str]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_syncflow"));
+    // Bounded: a check that stopped refusing a configuration would start every role and
+    // never exit (`timeout` exits 124 then).
+    let mut cmd = Command::new("timeout");
+    cmd.args(["--kill-after=5", "120", env!("CARGO_BIN_EXE_syncflow")]);
     cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
     for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SYNCFLOW_")) {
         cmd.env_remove(k);
@@ -203,6 +207,23 @@ async fn topics_apply_creates_once_and_reports_drift_without_touching_it() {
         .create_topics(&[topic], &AdminOptions::new())
         .await
         .unwrap();
+    // Until the broker's metadata lists it, `topics apply` would try to create it too.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !admin
+        .inner()
+        .fetch_metadata(Some(&drifted), Duration::from_secs(5))
+        .is_ok_and(|m| {
+            m.topics()
+                .first()
+                .is_some_and(|t| t.partitions().len() == 2)
+        })
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{drifted} never listed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let (code, out, err) = syncflow_blocking(&envs, &["topics", "apply"]).await;
     assert_eq!(code, 0, "{err}");

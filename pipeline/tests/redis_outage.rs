@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{services, TestEnv};
+use common::TestEnv;
 use futures::{SinkExt, StreamExt};
 use pipeline::app::Role;
 use serde_json::{json, Value};
@@ -48,7 +48,7 @@ async fn subscribers_recover_from_a_redis_outage_without_missing_a_change() {
         .unwrap();
     let session_token = registered["access_token"].as_str().unwrap().to_string();
 
-    tokio::task::block_in_place(|| services(&["down", "redis"]));
+    let outage = tokio::task::block_in_place(|| common::Outage::begin("redis"));
     // Writes go on: the rate limiter fails open, and after its first failure skips Redis instead
     // of making every write wait for a timeout.
     let started = Instant::now();
@@ -112,7 +112,7 @@ async fn subscribers_recover_from_a_redis_outage_without_missing_a_change() {
         (error_code.as_deref(), close_code),
         (Some("unavailable"), Some(1013))
     );
-    tokio::task::block_in_place(|| services(&["up", "redis"]));
+    tokio::task::block_in_place(|| outage.end());
     put(6).await;
     feed.reach(6, 60, "the change after the outage").await;
     assert!(

@@ -105,8 +105,16 @@ impl ProcessorProcess {
         // (Seen once in CI: a processor that logged "resolver stopped" and then neither exited
         // nor logged anything else. Its threads' stacks, for the next time, where gdb is.)
         let pid = self.child.id().to_string();
-        let gdb = ["-p", &pid, "-batch", "-ex", "thread apply all bt"];
-        let stacks = Command::new("gdb").args(gdb).output();
+        let gdb = [
+            "60",
+            "gdb",
+            "-p",
+            &pid,
+            "-batch",
+            "-ex",
+            "thread apply all bt",
+        ];
+        let stacks = Command::new("timeout").args(gdb).output();
         let stacks = stacks.map_or_else(
             |e| format!("(no gdb: {e})"),
             |o| String::from_utf8_lossy(&o.stdout).into_owned(),

@@ -197,3 +197,32 @@ pub fn services(args: &[&str]) {
         .expect("services.sh");
     assert!(status.success(), "services.sh {args:?} failed");
 }
+
+/// Stops a shared service (`scripts/services.sh down <name>`) and brings it back when dropped,
+/// so that a test that fails while the service is down does not fail every later test too.
+pub struct Outage(&'static str);
+
+impl Outage {
+    pub fn begin(service: &'static str) -> Outage {
+        services(&["down", service]);
+        Outage(service)
+    }
+
+    /// Brings the service back now (`services.sh up` is idempotent: the drop does nothing more).
+    pub fn end(self) {}
+}
+
+impl Drop for Outage {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/services.sh");
+        let ok = std::process::Command::new("bash")
+            .arg(script)
+            .args(["up", self.0])
+            .status()
+            .is_ok_and(|s| s.success());
+        // Not an assert: a panic while unwinding from another would abort the test binary.
+        if !ok && !std::thread::panicking() {
+            panic!("services.sh up {} failed", self.0);
+        }
+    }
+}

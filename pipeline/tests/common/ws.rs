@@ -134,10 +134,20 @@ pub async fn next_json(ws: &mut Ws) -> Result<Value, Option<u16>> {
     next_json_within(ws, Duration::from_secs(10)).await
 }
 
-/// [`next_json`], waiting up to `wait` for it.
+/// [`next_json`], waiting up to `wait` for it in all (pings and pongs in between do not extend
+/// the wait).
 pub async fn next_json_within(ws: &mut Ws, wait: Duration) -> Result<Value, Option<u16>> {
+    next_json_by(ws, tokio::time::Instant::now() + wait).await
+}
+
+/// The next text message as JSON by `deadline`, or `None` when the connection closed first.
+pub async fn next_json_by(
+    ws: &mut Ws,
+    deadline: tokio::time::Instant,
+) -> Result<Value, Option<u16>> {
+    let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
     loop {
-        match tokio::time::timeout(wait, ws.next())
+        match tokio::time::timeout_at(deadline, ws.next())
             .await
             .unwrap_or_else(|_| panic!("a message within {wait:?}"))
         {
@@ -155,10 +165,12 @@ pub async fn send_text(ws: &mut Ws, text: &str) {
         .unwrap();
 }
 
-/// Reads until a message of `kind` arrives (skipping others) and returns it.
+/// Reads until a message of `kind` arrives (skipping others, for at most 10 s in all) and
+/// returns it.
 pub async fn expect_type(ws: &mut Ws, kind: &str) -> Value {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let msg = next_json(ws)
+        let msg = next_json_by(ws, deadline)
             .await
             .unwrap_or_else(|code| panic!("closed ({code:?}) while waiting for {kind}"));
         if msg["type"] == kind {
