@@ -1082,9 +1082,17 @@ pub(crate) mod tests {
     /// The message types a WebSocket subscription to `b` from cursor `1.10` receives up to its
     /// first complete page, on a bucket swept to `swept` while the catch-up read its pages.
     async fn ws_catch_up(swept: i64) -> Vec<String> {
+        let messages = ws_until_complete(Sweeping::to(swept), Some("1.10")).await;
+        let kind = |m: &Value| m["type"].as_str().unwrap_or_default().to_owned();
+        messages.iter().map(kind).collect()
+    }
+
+    /// The messages a WebSocket subscription to `b` (from `cursor`) over `reader` receives up to
+    /// its first complete page (at most 10 s between two).
+    async fn ws_until_complete(reader: impl DocReader, cursor: Option<&str>) -> Vec<Value> {
         use futures::{SinkExt, StreamExt};
         use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
-        let mut st = state(Sweeping::to(swept));
+        let mut st = state(reader);
         // Nothing listens on port 1: the hub keeps retrying, and cannot read announced marks.
         st.hub = Some(crate::fanout::Hub::start("redis://127.0.0.1:1/", "t:", 8, 64).unwrap());
         let token = token(&st, "b:r");
@@ -1097,25 +1105,144 @@ pub(crate) mod tests {
         let bearer = format!("Bearer {token}").parse().unwrap();
         req.headers_mut().insert("authorization", bearer);
         let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-        let subscribe = json!({"type": "subscribe", "bucket": "b", "cursor": "1.10"});
+        let subscribe = json!({"type": "subscribe", "bucket": "b", "cursor": cursor});
         ws.send(Message::Text(subscribe.to_string().into()))
             .await
             .unwrap();
-        let mut kinds = Vec::new();
+        let mut messages = Vec::new();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            let wait = std::time::Duration::from_secs(10);
-            let msg = match tokio::time::timeout(wait, ws.next()).await {
+            let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
                 Ok(Some(Ok(Message::Text(t)))) => serde_json::from_str::<Value>(&t).unwrap(),
                 Ok(Some(Ok(_))) => continue,
-                other => panic!("no complete page: {other:?} after {kinds:?}"),
+                other => panic!(
+                    "no complete page: {other:?} after {} messages",
+                    messages.len()
+                ),
             };
-            let kind = msg["type"].as_str().unwrap_or_default().to_owned();
-            kinds.push(kind.clone());
-            if kind == "docs" && msg["complete"] == true {
+            let complete = msg["type"] == "docs" && msg["complete"] == true;
+            messages.push(msg);
+            if complete {
                 server.abort();
-                return kinds;
+                return messages;
             }
         }
+    }
+
+    /// A bucket of 300 documents at sequence numbers 1 to 300 (the watermark), each of which
+    /// changes again right after any read returns it, as in a bucket written as fast as it is
+    /// read.
+    struct Churning {
+        docs: Mutex<Vec<ViewDoc>>,
+    }
+
+    impl Churning {
+        fn new() -> Self {
+            let doc = |n: i64| ViewDoc {
+                id: format!("b/d{n}"),
+                bucket: "b".into(),
+                doc_id: format!("d{n}"),
+                doc: serde_json::Map::new(),
+                version: 1,
+                seq: n,
+                hlc: String::new(),
+                deleted: false,
+                deleted_at_ms: None,
+            };
+            Churning {
+                docs: Mutex::new((1..=300).map(doc).collect()),
+            }
+        }
+
+        /// The documents `pick` selects, as they are now; each then changes.
+        fn read(&self, pick: impl Fn(&ViewDoc) -> bool) -> Vec<ViewDoc> {
+            let mut docs = self.docs.lock().unwrap();
+            let mut next = docs.iter().map(|d| d.seq).max().unwrap_or(0);
+            let mut out = Vec::new();
+            for d in docs.iter_mut().filter(|d| pick(d)) {
+                out.push(d.clone());
+                next += 1;
+                (d.seq, d.version) = (next, d.version + 1);
+            }
+            out.sort_by_key(|d| d.seq);
+            out
+        }
+    }
+
+    impl DocReader for Churning {
+        fn get<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            doc_id: &'a str,
+        ) -> BoxFuture<'a, Result<Option<ViewDoc>, ViewError>> {
+            Box::pin(async move { Ok(self.read(|d| d.doc_id == doc_id).pop()) })
+        }
+        fn bucket_meta<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+        ) -> BoxFuture<'a, Result<Option<BucketMeta>, ViewError>> {
+            Box::pin(async {
+                Ok(Some(BucketMeta {
+                    projected_seq: 300,
+                    horizon_seq: 0,
+                    epoch: 1,
+                }))
+            })
+        }
+        fn bucket_names<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
+            Box::pin(async { Ok(vec!["b".into()]) })
+        }
+        fn list<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            _: Option<&'a str>,
+            _: usize,
+        ) -> BoxFuture<'a, Result<DocPage, ViewError>> {
+            Box::pin(async {
+                Ok(DocPage {
+                    docs: Vec::new(),
+                    more: false,
+                })
+            })
+        }
+        fn changes<'a>(
+            &'a self,
+            _: &'a str,
+            _: &'a str,
+            since: i64,
+            upto: i64,
+            limit: usize,
+        ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>> {
+            Box::pin(async move {
+                let mut page = self.read(|d| d.seq > since && d.seq <= upto);
+                // Only the page read changes: the ones after it were not returned.
+                let unread = page.split_off(limit.min(page.len()));
+                let mut docs = self.docs.lock().unwrap();
+                for u in &unread {
+                    if let Some(d) = docs.iter_mut().find(|d| d.doc_id == u.doc_id) {
+                        (d.seq, d.version) = (u.seq, u.version);
+                    }
+                }
+                Ok(page)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_of_a_bucket_that_keeps_changing_completes_with_every_document() {
+        let messages = ws_until_complete(Churning::new(), None).await;
+        let mut seen = std::collections::BTreeSet::new();
+        for m in messages.iter().filter(|m| m["type"] == "docs") {
+            for d in m["docs"].as_array().unwrap() {
+                seen.insert(d["id"].as_str().unwrap().to_owned());
+            }
+        }
+        assert_eq!(seen.len(), 300, "{} messages", messages.len());
+        let last = messages.last().unwrap();
+        assert_eq!(last["cursor"], "1.300", "{last}");
     }
 
     #[tokio::test]

@@ -225,6 +225,42 @@ pub trait DocReader: Send + Sync + 'static {
         upto: i64,
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>>;
+
+    /// The view ids (`<bucket>/<doc_id>`) of the documents (tombstones included) whose last
+    /// change is past `since`, in no particular order. (This default reads the documents whole;
+    /// a store should read only their ids.)
+    fn changed_ids<'a>(
+        &'a self,
+        tenant: &'a str,
+        bucket: &'a str,
+        since: i64,
+    ) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
+        Box::pin(async move {
+            let docs = self
+                .changes(tenant, bucket, since, i64::MAX, usize::MAX)
+                .await?;
+            Ok(docs.into_iter().map(|d| d.id).collect())
+        })
+    }
+
+    /// The documents (tombstones included) with these view ids, in no particular order; ids
+    /// not found are left out. (This default reads them one by one.)
+    fn get_many<'a>(
+        &'a self,
+        tenant: &'a str,
+        bucket: &'a str,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>> {
+        Box::pin(async move {
+            let prefix = format!("{bucket}/");
+            let mut docs = Vec::with_capacity(ids.len());
+            for id in ids {
+                let doc_id = id.strip_prefix(&prefix).unwrap_or(id);
+                docs.extend(self.get(tenant, bucket, doc_id).await?);
+            }
+            Ok(docs)
+        })
+    }
 }
 
 /// A tombstone's `deleted_at_ms` for a delete whose clock reads `wall_ms`, stamped now: the later
@@ -248,6 +284,18 @@ fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
 
 fn decode<T: for<'de> Deserialize<'de>>(id: &str, d: Document) -> Result<T, ViewError> {
     mongodb::bson::from_document(d).map_err(|e| ViewError::Malformed(id.into(), e.to_string()))
+}
+
+/// Decodes every document `cursor` yields into `out`.
+async fn decode_all(
+    cursor: &mut mongodb::Cursor<Document>,
+    out: &mut Vec<ViewDoc>,
+) -> Result<(), ViewError> {
+    while let Some(d) = cursor.try_next().await? {
+        let id = d.get_str("_id").unwrap_or_default().to_owned();
+        out.push(decode(&id, d)?);
+    }
+    Ok(())
 }
 
 /// The MongoDB view.
@@ -647,10 +695,7 @@ impl DocReader for MongoView {
                 .limit(i64::try_from(limit + 1).unwrap_or(i64::MAX))
                 .await?;
             let mut docs = Vec::new();
-            while let Some(d) = cursor.try_next().await? {
-                let id = d.get_str("_id").unwrap_or_default().to_owned();
-                docs.push(decode(&id, d)?);
-            }
+            decode_all(&mut cursor, &mut docs).await?;
             let more = docs.len() > limit;
             docs.truncate(limit);
             Ok(DocPage { docs, more })
@@ -673,10 +718,44 @@ impl DocReader for MongoView {
                 .limit(i64::try_from(limit).unwrap_or(i64::MAX))
                 .await?;
             let mut docs = Vec::new();
+            decode_all(&mut cursor, &mut docs).await?;
+            Ok(docs)
+        })
+    }
+
+    fn changed_ids<'a>(
+        &'a self,
+        tenant: &'a str,
+        bucket: &'a str,
+        since: i64,
+    ) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
+        Box::pin(async move {
+            let mut cursor = self
+                .docs(tenant)
+                .find(doc! {"bucket": bucket, "seq": {"$gt": since}})
+                .projection(doc! {"_id": 1})
+                .await?;
+            let mut ids = Vec::new();
             while let Some(d) = cursor.try_next().await? {
-                let id = d.get_str("_id").unwrap_or_default().to_owned();
-                docs.push(decode(&id, d)?);
+                ids.extend(d.get_str("_id").ok().map(str::to_owned));
             }
+            Ok(ids)
+        })
+    }
+
+    fn get_many<'a>(
+        &'a self,
+        tenant: &'a str,
+        bucket: &'a str,
+        ids: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>> {
+        Box::pin(async move {
+            let mut cursor = self
+                .docs(tenant)
+                .find(doc! {"_id": {"$in": ids}, "bucket": bucket})
+                .await?;
+            let mut docs = Vec::with_capacity(ids.len());
+            decode_all(&mut cursor, &mut docs).await?;
             Ok(docs)
         })
     }

@@ -816,60 +816,98 @@ async fn catch_up(
     };
     let mut start = from;
     let page = state.pages.default.max(1);
-    let mut ahead = HashMap::new();
     loop {
+        // First the documents whose last change is at or before the watermark, in sequence
+        // order: a range that only shrinks while it is read (a document changed meanwhile moves
+        // past the watermark), so this ends however busy the bucket is.
         let docs = state
             .reader
-            .changes(tenant, bucket, from, i64::MAX, page)
+            .changes(tenant, bucket, from, watermark, page)
             .await
             .map_err(view_unavailable)?;
         let more = docs.len() == page;
-        let passed = if !more && start > 0 {
-            horizon_passed(state, tenant, bucket, start.max(began)).await?
-        } else {
-            None
-        };
-        if let Some(now) = passed {
-            // A tombstone sweep ran while the pages were read: deletes after the cursor may
-            // have been removed before their page was read. Start again from nothing, under
-            // the horizon just read.
-            send(tx, json!({"type": "reset", "bucket": bucket,
-                "reason": "deleted documents after your cursor were forgotten while catching up; a full snapshot follows"})).await?;
-            (from, start, began) = (0, 0, crate::routes::began_under(&now));
-            ahead.clear();
-            continue;
-        }
-        for d in docs.iter().filter(|d| d.seq > watermark) {
-            ahead.insert(d.doc_id.clone(), u64::try_from(d.version).unwrap_or(0));
-        }
-        let encoded: Vec<(i64, String)> = docs
-            .iter()
-            .map(|d| (d.seq, crate::routes::doc_json(d).to_string()))
-            .collect();
-        let chunks = split_by_bytes(&encoded, CATCH_UP_MESSAGE_BYTES);
-        let last_chunk = chunks.len().saturating_sub(1);
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let complete = !more && i == last_chunk;
-            let last = chunk.last().map_or(from, |(seq, _)| *seq);
-            let seq = if complete {
-                watermark
-            } else {
-                last.min(watermark).max(start)
-            };
-            let cursor = Cursor::within(meta.epoch, seq, began);
-            let docs: Vec<&str> = chunk.iter().map(|(_, json)| json.as_str()).collect();
-            let msg = format!(
-                r#"{{"type":"docs","bucket":{},"docs":[{}],"cursor":"{cursor}","complete":{complete}}}"#,
-                Value::from(bucket),
-                docs.join(",")
-            );
-            tx.frame(Message::Text(Utf8Bytes::from(msg))).await?;
-            from = last;
-            if complete {
-                return Ok((cursor, ahead));
+        if !more && start > 0 {
+            if let Some(now) = horizon_passed(state, tenant, bucket, start.max(began)).await? {
+                // A tombstone sweep ran while the pages were read: deletes after the cursor
+                // may have been removed before their page was read. Start again from
+                // nothing, under the horizon just read.
+                send(tx, json!({"type": "reset", "bucket": bucket,
+                    "reason": "deleted documents after your cursor were forgotten while catching up; a full snapshot follows"})).await?;
+                (from, start, began) = (0, 0, crate::routes::began_under(&now));
+                continue;
             }
         }
+        // Then the documents changed past the watermark, read once each by id (by sequence,
+        // a bucket whose documents keep changing would be chased without end).
+        let past = if more {
+            Vec::new()
+        } else {
+            state
+                .reader
+                .changed_ids(tenant, bucket, watermark)
+                .await
+                .map_err(view_unavailable)?
+        };
+        let cursor_at = |seq: i64| Cursor::within(meta.epoch, seq.max(start), began);
+        let done = !more && past.is_empty();
+        // A page's cursor is its last document's; the last page's is the watermark.
+        let page_cursor = |seq: i64, last: bool| cursor_at(if last { watermark } else { seq });
+        send_docs(tx, bucket, &docs, done, page_cursor).await?;
+        from = docs.last().map_or(from, |d| d.seq);
+        if more {
+            continue;
+        }
+        let mut ahead = HashMap::new();
+        let chunks = past.chunks(page).count();
+        for (i, ids) in past.chunks(page).enumerate() {
+            let mut docs = state
+                .reader
+                .get_many(tenant, bucket, ids)
+                .await
+                .map_err(view_unavailable)?;
+            docs.sort_unstable_by_key(|d| d.seq);
+            for d in docs.iter().filter(|d| d.seq > watermark) {
+                ahead.insert(d.doc_id.clone(), u64::try_from(d.version).unwrap_or(0));
+            }
+            let last = i + 1 == chunks;
+            send_docs(tx, bucket, &docs, last, |_, _| cursor_at(watermark)).await?;
+        }
+        return Ok((cursor_at(watermark), ahead));
     }
+}
+
+/// Sends `docs` as `docs` messages of about [`CATCH_UP_MESSAGE_BYTES`] at most; when `complete`,
+/// the last one says so (and is sent even if empty). Each carries the cursor `cursor_at` gives
+/// for the sequence number of its last document (0 when it has none) and whether it is the
+/// completing one.
+async fn send_docs(
+    tx: &mut Tx,
+    bucket: &str,
+    docs: &[crate::view::ViewDoc],
+    complete: bool,
+    cursor_at: impl Fn(i64, bool) -> Cursor,
+) -> Result<(), End> {
+    if docs.is_empty() && !complete {
+        return Ok(());
+    }
+    let encoded: Vec<(i64, String)> = docs
+        .iter()
+        .map(|d| (d.seq, crate::routes::doc_json(d).to_string()))
+        .collect();
+    let chunks = split_by_bytes(&encoded, CATCH_UP_MESSAGE_BYTES);
+    let last_chunk = chunks.len().saturating_sub(1);
+    for (i, chunk) in chunks.into_iter().enumerate() {
+        let complete = complete && i == last_chunk;
+        let cursor = cursor_at(chunk.last().map_or(0, |(seq, _)| *seq), complete);
+        let docs: Vec<&str> = chunk.iter().map(|(_, json)| json.as_str()).collect();
+        let msg = format!(
+            r#"{{"type":"docs","bucket":{},"docs":[{}],"cursor":"{cursor}","complete":{complete}}}"#,
+            Value::from(bucket),
+            docs.join(",")
+        );
+        tx.frame(Message::Text(Utf8Bytes::from(msg))).await?;
+    }
+    Ok(())
 }
 
 /// The bucket's metadata if its tombstone horizon is now past `seq`: a catch-up from `seq` may then lack

@@ -34,6 +34,11 @@ pub enum RebuildError {
     /// what they write).
     #[error("{0}")]
     Busy(String),
+    /// A changelog partition holds a transaction still open after [`UNDECIDED_WAIT`] (a
+    /// processor is running, or one killed with a transaction open whose timeout has not
+    /// passed): what it holds is not known yet.
+    #[error("changelog partition {0} holds a transaction still undecided after {1:?}: stop every processor, wait for the transaction timeout and try again")]
+    Undecided(i32, Duration),
 }
 
 /// What a rebuild did.
@@ -47,34 +52,77 @@ pub struct RebuildReport {
     pub removed: u64,
 }
 
+/// How long [`read_changelog`] waits for a changelog transaction to be decided.
+pub const UNDECIDED_WAIT: Duration = Duration::from_secs(60);
+
 /// Reads the latest value of every key of the changelog (all partitions, committed records only).
+///
+/// Each partition is read to its high watermark when the read starts, not to its first end: a
+/// `read_committed` reader's end is the last stable offset, which stays before a transaction
+/// until it is decided, and committed records may follow it (a processor killed with a
+/// transaction open leaves one until the broker aborts it). So the read waits, up to
+/// [`UNDECIDED_WAIT`] without progress, for every record below the high watermark to be decided.
 pub fn read_changelog(cfg: &Config) -> Result<HashMap<Vec<u8>, Vec<u8>>, RebuildError> {
     let topic = cfg.topic(topics::RESOLVER_CHANGELOG);
     let reader = topics::end_reader(&cfg.kafka.brokers, &cfg.topic("syncflow-rebuild"))?;
     let partitions = topics::wait_for_topic(reader.client(), &topic, Duration::from_secs(30))
-        .map_err(|e| RebuildError::Corrupt(topic.clone(), e.to_string()))?;
+        .map_err(|e| RebuildError::Corrupt(topic.clone(), e.to_string()))?
+        as i32;
     let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions as i32 {
+    let mut ends = HashMap::new();
+    // (The reader would answer its last stable offset: asked by a `read_uncommitted` client.)
+    let watermarks = topics::watermark_client(&cfg.kafka.brokers)?;
+    for p in 0..partitions {
+        let (_, high) = watermarks.fetch_watermarks(&topic, p, Duration::from_secs(10))?;
+        ends.insert(p, high);
         tpl.add_partition_offset(&topic, p, Offset::Beginning)?;
     }
     reader.assign(&tpl)?;
+    // Where each partition's reading has got: past its last record, or its position at an end.
+    let reached = |p: i32| -> i64 {
+        reader
+            .position()
+            .ok()
+            .and_then(|l| l.find_partition(&topic, p).map(|e| e.offset()))
+            .and_then(|o| o.to_raw())
+            .unwrap_or(0)
+    };
     let mut latest = HashMap::new();
-    let mut at_end = HashSet::new();
-    while at_end.len() < partitions {
+    let mut at_end: HashSet<i32> = ends
+        .iter()
+        .filter(|(_, h)| **h == 0)
+        .map(|(p, _)| *p)
+        .collect();
+    let mut progress = std::time::Instant::now();
+    while at_end.len() < partitions as usize {
         match reader.poll(Duration::from_millis(500)) {
             Some(Ok(m)) => {
+                progress = std::time::Instant::now();
                 if let Some(key) = m.key() {
                     match m.payload() {
                         Some(v) if !v.is_empty() => latest.insert(key.to_vec(), v.to_vec()),
                         _ => latest.remove(key),
                     };
                 }
+                if m.offset() + 1 >= ends[&m.partition()] {
+                    at_end.insert(m.partition());
+                }
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
+                if reached(p) >= ends[&p] {
+                    at_end.insert(p);
+                } else if progress.elapsed() > UNDECIDED_WAIT {
+                    return Err(RebuildError::Undecided(p, UNDECIDED_WAIT));
+                }
             }
             Some(Err(e)) => tracing::warn!(error = %e, "changelog read error; retrying"),
-            None => {}
+            None => {
+                if let Some(p) = (0..partitions).find(|p| !at_end.contains(p)) {
+                    if progress.elapsed() > UNDECIDED_WAIT {
+                        return Err(RebuildError::Undecided(p, UNDECIDED_WAIT));
+                    }
+                }
+            }
         }
     }
     Ok(latest)

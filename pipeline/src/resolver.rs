@@ -1786,7 +1786,7 @@ mod tests {
     fn record(partition: i32, offset: i64, marker: bool) -> OwnedMessage {
         let (payload, headers) = if marker {
             let m = crate::checkpoint::Marker {
-                id: "c1".into(),
+                id: "0123456789abcdef0123456789abcdef".into(),
                 created_at_ms: 1,
                 partitions: 3,
             };

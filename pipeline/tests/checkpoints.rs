@@ -704,3 +704,64 @@ async fn a_fresh_processor_takes_its_first_periodic_checkpoint_at_once() {
     node.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// A restore plans against the changelog read to its end, not to a `read_committed` reader's
+/// first end: records committed after a transaction still open (a processor killed with one
+/// open, before the broker aborts it) are waited for, not left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_changelog_waits_for_an_open_transaction_and_what_follows_it() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::ClientConfig;
+
+    let env = TestEnv::new("clread").await;
+    let changelog = env.topic(pipeline::topics::RESOLVER_CHANGELOG);
+    let open: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .set("transactional.id", env.topic("killed-owner"))
+        .set("transaction.timeout.ms", "300000")
+        .create()
+        .unwrap();
+    let later: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .create()
+        .unwrap();
+    tokio::task::block_in_place(|| {
+        open.init_transactions(Duration::from_secs(30)).unwrap();
+        open.begin_transaction().unwrap();
+        open.send(
+            BaseRecord::to(&changelog)
+                .partition(0)
+                .key("k1")
+                .payload("v1"),
+        )
+        .unwrap();
+        open.flush(Duration::from_secs(10)).unwrap();
+        later
+            .send(
+                BaseRecord::to(&changelog)
+                    .partition(0)
+                    .key("k2")
+                    .payload("v2"),
+            )
+            .unwrap();
+        later.flush(Duration::from_secs(10)).unwrap();
+    });
+    let cfg = env.cfg.clone();
+    let started = Instant::now();
+    let read = tokio::task::spawn_blocking(move || pipeline::rebuild::read_changelog(&cfg));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if read.is_finished() {
+        let early = read.await.unwrap().map(|m| m.len());
+        panic!("the read did not wait for the open transaction: {early:?}");
+    }
+    tokio::task::block_in_place(|| open.commit_transaction(Duration::from_secs(30)).unwrap());
+    let latest = read.await.unwrap().expect("the changelog");
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    let got: BTreeMap<String, String> = latest
+        .into_iter()
+        .map(|(k, v)| (String::from_utf8(k).unwrap(), String::from_utf8(v).unwrap()))
+        .collect();
+    let want = [("k1", "v1"), ("k2", "v2")].map(|(k, v)| (k.to_string(), v.to_string()));
+    assert_eq!(got, BTreeMap::from(want));
+    env.cleanup().await;
+}

@@ -498,6 +498,16 @@ async fn a_sweep_in_small_rounds_removes_every_old_tombstone() {
     let mut events: Vec<SyncEvent> = (0..8).map(|i| event(i, 1, i as u64 + 1, false)).collect();
     events.extend((0..7).map(|i| event(i, 2, i as u64 + 9, true)));
     view.apply_batch(&events).await.unwrap();
+    // (What a WebSocket catch-up reads past its watermark: ids, then documents by id.)
+    let mut past = view.changed_ids("acme", "b", 12).await.unwrap();
+    past.sort();
+    assert_eq!(past, ["b/d4", "b/d5", "b/d6"]);
+    let ids = ["b/d0", "b/d7", "b/nothing"].map(String::from);
+    let mut got = view.get_many("acme", "b", &ids).await.unwrap();
+    got.sort_by_key(|d| d.seq);
+    let got: Vec<(&str, bool)> = got.iter().map(|d| (d.doc_id.as_str(), d.deleted)).collect();
+    assert_eq!(got, [("d7", false), ("d0", true)]);
+    assert!(view.get_many("acme", "c", &ids).await.unwrap().is_empty());
     let removed = view.sweep_tombstones_by(i64::MAX, 2).await.unwrap();
     assert_eq!(removed, 7);
     let meta = view.bucket_meta("acme", "b").await.unwrap().unwrap();
