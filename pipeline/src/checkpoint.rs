@@ -73,7 +73,7 @@ pub enum CheckpointRunError {
     #[error("state: {0}")]
     State(String),
     /// The checkpoint did not complete in time.
-    #[error("checkpoint {0} did not complete within {1:?}; is every processor running?")]
+    #[error("checkpoint {0} did not complete within {1:?}; is every processor running? (A processor that cannot write its snapshot, e.g. on a full disk or an unreachable checkpoint.dir, logs `checkpoint snapshot failed`; its partitions' snapshot files are missing from the checkpoint's directory.)")]
     Timeout(String, Duration),
 }
 

@@ -68,7 +68,12 @@ impl TestEnv {
                 concat!(env!("CARGO_MANIFEST_DIR"), "/../topics.yaml").to_string(),
             ),
         ];
-        let cfg = Config::load(None, env).expect("test config");
+        let mut cfg = Config::load(None, env).expect("test config");
+        // Waits for the view (`?wait=applied`, a registration's visibility) get room for a
+        // first write on a cold pipeline on a busy machine; tests about the wait ending set
+        // their own.
+        cfg.api.wait_applied_timeout_ms = 30_000;
+        cfg.auth.view_wait_ms = 30_000;
         let file = TopicsFile::load(std::path::Path::new(&cfg.kafka.topics_file)).unwrap();
         let report = topics::apply(&cfg.kafka.brokers, &cfg.kafka.topic_prefix, &file)
             .await
