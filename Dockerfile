@@ -26,6 +26,8 @@ COPY --from=builder /out/syncflow /usr/local/bin/syncflow
 COPY topics.yaml /var/lib/syncflow/topics.yaml
 USER syncflow
 WORKDIR /var/lib/syncflow
+# A container's loopback is its own: listen on its network interface.
+ENV SYNCFLOW_API_LISTEN=0.0.0.0:8080
 EXPOSE 8080
 ENTRYPOINT ["syncflow"]
 CMD ["run"]

@@ -9,6 +9,8 @@
 # The JWT secret comes from SYNCFLOW_AUTH_JWT_SECRET, or is generated once into
 # .data/jwt-secret (git-ignored). Logs: .data/logs/syncflow.log.
 set -euo pipefail
+# Everything this writes (the secret, the demo account's password and tokens) is the owner's.
+umask 077
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 mkdir -p .data/logs .data/pids
@@ -16,10 +18,29 @@ PIDFILE=.data/pids/syncflow.pid
 BIN=target/release/syncflow
 API=${SYNCFLOW_API_LISTEN:-127.0.0.1:8080}
 
+# The pid in the pid file, if it is a syncflow process still running (not another process
+# that got the number after a reboot).
+running_pid() {
+  local pid
+  pid=$(cat "$PIDFILE" 2>/dev/null) || return 1
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "syncflow run" || return 1
+  echo "$pid"
+}
+
+# Stops SyncFlow: SIGTERM, up to 30 s for a graceful stop (the API gives requests 10 s, the
+# resolver finishes its batch), then SIGKILL. Fails if it is still there.
 stop() {
-  if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
-    kill -TERM "$(cat "$PIDFILE")"
-    for _ in $(seq 1 100); do kill -0 "$(cat "$PIDFILE")" 2>/dev/null || break; sleep 0.1; done
+  local pid
+  if pid=$(running_pid); then
+    kill -TERM "$pid"
+    for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$pid" 2>/dev/null; then
+      echo "syncflow (pid $pid) did not stop within 30 s; killing it" >&2
+      kill -KILL "$pid"
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -0 "$pid" 2>/dev/null && { echo "syncflow (pid $pid) is still running" >&2; return 1; }
+    fi
     echo "syncflow stopped"
   fi
   rm -f "$PIDFILE"
@@ -27,6 +48,7 @@ stop() {
 
 if [ "${1:-}" = "stop" ]; then stop; exit 0; fi
 
+command -v curl >/dev/null || { echo "run.sh needs curl (apt-get install -y curl)" >&2; exit 1; }
 bash scripts/services.sh up
 echo "== building syncflow (release)"
 cargo build --release -p pipeline --bin syncflow
@@ -44,6 +66,11 @@ echo "== topics"
 "$BIN" topics apply
 
 stop
+# Another program (or a syncflow this script does not know of) on the API's port would answer
+# the checks below in this one's place.
+if (exec 3<>"/dev/tcp/${API%:*}/${API##*:}") 2>/dev/null; then
+  echo "something already listens on $API: stop it, or set SYNCFLOW_API_LISTEN" >&2; exit 1
+fi
 echo "== starting syncflow (all roles), log: .data/logs/syncflow.log"
 nohup "$BIN" run >> .data/logs/syncflow.log 2>&1 &
 echo $! > "$PIDFILE"
@@ -55,6 +82,7 @@ for i in $(seq 1 100); do
   [ "$i" -eq 100 ] && { echo "syncflow did not answer on $API" >&2; tail -n 40 .data/logs/syncflow.log >&2; exit 1; }
   sleep 0.2
 done
+running_pid >/dev/null || { echo "syncflow exited after start-up:" >&2; tail -n 40 .data/logs/syncflow.log >&2; exit 1; }
 
 echo "== demo"
 TOKEN=$("$BIN" token --tenant demo --grant 'todos:rw' --sub demo-user)

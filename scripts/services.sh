@@ -82,12 +82,30 @@ pid_alive() {
 
 pid_file() { printf '%s/%s.pid' "$PIDS" "$1"; }
 
-service_pid() { # prints the pid if the service's pid file points to a live process
+# is_service PID NAME: the process is that service (its command line says so), not another
+# process that got the pid after a reboot or a kill -9
+is_service() {
+  local cmd
+  cmd="$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null)" || return 1
+  case "$2" in
+    kafka) [[ "$cmd" == *kafka.Kafka* ]] ;;
+    ferretdb) [[ "$cmd" == *ferretdb* ]] ;;
+    redis) [[ "$cmd" == *redis-server* ]] ;;
+    *) return 1 ;;
+  esac
+}
+
+service_pid() { # prints the pid if the service's pid file points to the live service
   local f pid
   f="$(pid_file "$1")"
   [[ -s "$f" ]] || return 1
   pid="$(tr -dc '0-9' <"$f")"
   [[ -n "$pid" ]] && pid_alive "$pid" || return 1
+  if ! is_service "$pid" "$1"; then
+    log "$1: pid file names pid $pid, which is not $1 (stale); ignoring it"
+    rm -f "$f"
+    return 1
+  fi
   printf '%s' "$pid"
 }
 
@@ -369,6 +387,12 @@ ferretdb_install() {
     return 0
   fi
   command -v go >/dev/null || die "ferretdb: go is required to build FerretDB"
+  # FerretDB v1.24's go.mod asks for Go 1.24; an older go fails with a less clear message.
+  local gov
+  gov="$(go env GOVERSION 2>/dev/null | sed -n 's/^go\([0-9]*\)\.\([0-9]*\).*/\1 \2/p')"
+  if [[ -n "$gov" ]] && (( ${gov% *} == 1 && ${gov#* } < 24 )); then
+    die "ferretdb: Go 1.24 or later is needed to build FerretDB $FERRETDB_VERSION (found $(go env GOVERSION))"
+  fi
   log "ferretdb: building github.com/FerretDB/FerretDB/cmd/ferretdb@$FERRETDB_VERSION ..."
   mkdir -p "$CACHE/bin" "$CACHE/go" "$CACHE/src"
   # Everything Go-related stays under .cache; -modcacherw keeps the module
@@ -551,6 +575,15 @@ main() {
       ;;
     down)
       local s i
+      if ((wipe)); then
+        # SyncFlow's own state, checkpoints and secret live in $DATA too: checked before
+        # anything is stopped.
+        local sf
+        sf="$(tr -dc '0-9' <"$DATA/pids/syncflow.pid" 2>/dev/null || true)"
+        if [[ -n "$sf" ]] && tr '\0' ' ' <"/proc/$sf/cmdline" 2>/dev/null | grep -q "syncflow run"; then
+          die "--wipe: SyncFlow (pid $sf) still runs on this data; scripts/run.sh stop first"
+        fi
+      fi
       # stop in reverse order: redis, ferretdb, kafka
       for ((i = ${#services[@]} - 1; i >= 0; i--)); do
         s="${services[$i]}"

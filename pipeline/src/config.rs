@@ -213,10 +213,22 @@ pub struct ConfigErrors(pub Vec<String>);
 const RESERVED_ENV: [&str; 3] = ["SYNCFLOW_CONFIG", "SYNCFLOW_LOG", "SYNCFLOW_TOKEN"];
 
 impl Config {
-    /// Loads defaults, then `file` (if any), then the `SYNCFLOW_*` variables of `env`.
+    /// Loads defaults, then `file` (if any), then the `SYNCFLOW_*` variables of `env`, for a
+    /// process that signs or checks tokens (see [`Config::load_for`]).
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigErrors> {
+        Config::load_for(file, env, true)
+    }
+
+    /// [`Config::load`]; the `auth` section is checked only when `signs_tokens` (the API, and
+    /// the commands that mint tokens), so that processors, projectors and operators' tools need
+    /// no signing secret.
+    pub fn load_for(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        signs_tokens: bool,
     ) -> Result<Config, ConfigErrors> {
         let mut problems = Vec::new();
         let defaults = Value::try_from(Config::default()).expect("defaults serialize");
@@ -259,7 +271,7 @@ impl Config {
         let config: Config = Value::Table(merged)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigErrors(vec![e.to_string()]))?;
-        let problems = config.problems();
+        let problems = config.problems(signs_tokens);
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -267,15 +279,21 @@ impl Config {
         }
     }
 
-    /// Loads with the file named by `SYNCFLOW_CONFIG` or `path`, and the process environment.
-    pub fn from_env(path: Option<PathBuf>) -> Result<Config, ConfigErrors> {
+    /// Loads with the file named by `SYNCFLOW_CONFIG` or `path`, and the process environment
+    /// (`signs_tokens`: see [`Config::load_for`]).
+    pub fn from_env(path: Option<PathBuf>, signs_tokens: bool) -> Result<Config, ConfigErrors> {
         let path = path.or_else(|| std::env::var_os("SYNCFLOW_CONFIG").map(PathBuf::from));
-        Config::load(path.as_deref(), std::env::vars())
+        Config::load_for(path.as_deref(), std::env::vars(), signs_tokens)
     }
 
-    /// Semantic problems of a well-typed configuration.
-    pub fn problems(&self) -> Vec<String> {
-        let mut out = self.auth.problems();
+    /// Semantic problems of a well-typed configuration; the `auth` section's only for a
+    /// process that signs or checks tokens (`signs_tokens`).
+    pub fn problems(&self, signs_tokens: bool) -> Vec<String> {
+        let mut out = if signs_tokens {
+            self.auth.problems()
+        } else {
+            Vec::new()
+        };
         if self.kafka.brokers.trim().is_empty() {
             out.push("kafka.brokers must not be empty".into());
         }

@@ -12,7 +12,7 @@ static GLOBAL: mialloc::MiMalloc = mialloc::MiMalloc;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use pipeline::app::{self, Role};
 use pipeline::config::Config;
@@ -124,8 +124,8 @@ enum Command {
         /// Default lifetime: auth.service_token_max_ttl_secs.
         #[arg(long, value_name = "NAME")]
         service: Option<String>,
-        /// Lifetime in seconds (default: auth.token_ttl_secs).
-        #[arg(long)]
+        /// Lifetime in seconds, 1 to 315360000 (ten years) (default: auth.token_ttl_secs).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
         ttl: Option<u64>,
     },
 }
@@ -181,7 +181,14 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         return Ok(());
     }
-    let cfg = Config::from_env(cli.config.clone())?;
+    // Only the API and the token commands sign or check tokens: the other commands and roles
+    // do not need (and should not be given) the signing secret.
+    let signs_tokens = match &cli.command {
+        Command::Run { role } => role.is_empty() || role.contains(&Role::Api),
+        Command::Token { .. } => true,
+        _ => false,
+    };
+    let cfg = Config::from_env(cli.config.clone(), signs_tokens)?;
     match cli.command {
         Command::Run { role } => {
             let roles = if role.is_empty() {
@@ -211,10 +218,12 @@ async fn main() -> anyhow::Result<()> {
                 println!("DIFFERS   {d}  (not changed)");
             }
             if strict && !report.drift.is_empty() {
-                bail!(
-                    "{} live topic setting(s) differ from the file",
+                // Its own status, so that a script tells drift from a failure (status 1).
+                eprintln!(
+                    "Error: {} live topic setting(s) differ from the file",
                     report.drift.len()
                 );
+                std::process::exit(3);
             }
         }
         Command::Project { rebuild: _, bucket } => {

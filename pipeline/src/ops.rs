@@ -35,6 +35,18 @@ pub enum CheckpointAction {
 /// Runs a `checkpoint` subcommand.
 pub fn checkpoint(cfg: &Config, action: CheckpointAction) -> anyhow::Result<()> {
     let dir = pipeline::checkpoint::dir(cfg);
+    // checkpoint.dir is relative to the working directory by default: name the one read, and
+    // say when it does not exist (a command run from elsewhere than the processors').
+    let path = std::path::Path::new(&cfg.checkpoint.dir);
+    let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    if !path.is_dir() {
+        eprintln!(
+            "warning: checkpoint directory {} does not exist (checkpoint.dir, SYNCFLOW_CHECKPOINT_DIR: the processors' own)",
+            shown.display()
+        );
+    } else if matches!(action, CheckpointAction::List) {
+        eprintln!("checkpoints in {}", shown.display());
+    }
     match action {
         CheckpointAction::Create { timeout_secs } => {
             let started = std::time::Instant::now();

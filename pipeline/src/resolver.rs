@@ -1315,10 +1315,24 @@ impl Resolver {
 
 /// Opens the state store; a store that cannot be opened (corrupt, or from an unknown format) is
 /// moved aside and replaced by an empty one, which the changelog then refills.
+/// How long a processor waits for a state store another process holds (one shutting down).
+const STORE_IN_USE_WAIT: Duration = Duration::from_secs(15);
+
 fn open_or_rebuild(dir: &std::path::Path) -> Result<TaskStore, ResolverError> {
-    let attempt = std::panic::catch_unwind(|| TaskStore::open(dir));
+    // A store in use is not damaged: another processor's (moving it aside would pull it from
+    // under that one), or a predecessor's that is still shutting down, which is waited for.
+    let in_use_until = Instant::now() + STORE_IN_USE_WAIT;
+    let attempt = loop {
+        match std::panic::catch_unwind(|| TaskStore::open(dir)) {
+            Ok(Err(StateError::InUse(_))) if Instant::now() < in_use_until => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => break other,
+        }
+    };
     match attempt {
         Ok(Ok(store)) => return Ok(store),
+        Ok(Err(e @ StateError::InUse(_))) => return Err(ResolverError::Setup(e.to_string())),
         Ok(Err(e)) => tracing::error!(error = %e, dir = %dir.display(), "state store unusable"),
         Err(_) => tracing::error!(dir = %dir.display(), "state store panicked on open"),
     }

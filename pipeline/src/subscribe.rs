@@ -40,10 +40,18 @@ pub async fn run(
         request.headers_mut().insert("authorization", auth);
         let (mut ws, _) = match tokio_tungstenite::connect_async(request).await {
             Ok(pair) => pair,
+            // Refused for good: a bad token, or a URL that is not a subscription endpoint (404,
+            // 400, ...); retrying would not change the answer. 408, 429 and 5xx may pass.
             Err(tokio_tungstenite::tungstenite::Error::Http(resp))
-                if resp.status() == 401 || resp.status() == 403 =>
+                if resp.status().is_client_error()
+                    && ![408, 429].contains(&resp.status().as_u16()) =>
             {
-                return Err(SubscribeError::Refused(format!("HTTP {}", resp.status())));
+                let why = resp.body().as_deref().map(String::from_utf8_lossy);
+                let why = why.map(|b| format!(": {b}")).unwrap_or_default();
+                return Err(SubscribeError::Refused(format!(
+                    "HTTP {}{why}",
+                    resp.status()
+                )));
             }
             Err(tokio_tungstenite::tungstenite::Error::Http(resp)) if resp.status() == 429 => {
                 // Over a rate limit (wait what `Retry-After` says) or holding too many open

@@ -86,6 +86,15 @@ fn every_configuration_problem_is_reported_at_start() {
     );
     assert_ne!(code, 0);
     assert!(err.contains("signing_kid"), "{err}");
+    // Commands that sign no tokens need no secret; those that do still refuse without one.
+    let dir = std::env::temp_dir().join(format!("syncflow-cli-{}", std::process::id()));
+    let dir_env = ("SYNCFLOW_CHECKPOINT_DIR", dir.to_str().unwrap());
+    let (code, _, err) = syncflow(&[dir_env], &["checkpoint", "list"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = syncflow(&[dir_env], &["token", "--tenant", "acme", "--grant", "b:r"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("jwt_secret"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// The key ring of the tests' secret.
@@ -237,7 +246,7 @@ async fn topics_apply_creates_once_and_reports_drift_without_touching_it() {
     assert!(out.contains("retention.ms"), "{out}");
 
     let (code, out, err) = syncflow_blocking(&envs, &["topics", "apply", "--strict"]).await;
-    assert_ne!(code, 0, "--strict must fail on drift: {out}");
+    assert_eq!(code, 3, "--strict must fail on drift with status 3: {out}");
     assert_eq!(
         lines_starting(&out, "created "),
         0,

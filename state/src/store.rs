@@ -32,6 +32,9 @@ pub enum StateError {
         /// Why it does not decode.
         source: CodecError,
     },
+    /// Another process has the store open (sled holds a lock on it): not a damaged store.
+    #[error("state store {0} is in use by another process: give each processor its own state.dir")]
+    InUse(String),
 }
 
 /// Encoded state records as `(key, value)`: changelog records and sled entries alike.
@@ -96,9 +99,17 @@ pub struct TaskStore {
 impl TaskStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
-        Ok(Self {
-            db: sled::Config::new().path(dir).open()?,
-        })
+        match sled::Config::new().path(dir).open() {
+            Ok(db) => Ok(Self { db }),
+            // sled says so only in the message of an I/O error of kind `Other`.
+            Err(sled::Error::Io(e))
+                if e.kind() == std::io::ErrorKind::Other
+                    && e.to_string().starts_with("could not acquire lock") =>
+            {
+                Err(StateError::InUse(dir.display().to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// A temporary store, deleted on drop (tests and tools).
@@ -340,6 +351,21 @@ mod tests {
         store.wipe_task(3).unwrap();
         assert_eq!(changelog_offset(&tree).unwrap(), None);
         assert!(read_doc(&tree, &key).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_store_another_process_holds_is_in_use_not_damaged() {
+        let dir = std::env::temp_dir().join(format!("syncflow-inuse-{}", std::process::id()));
+        let first = TaskStore::open(&dir).unwrap();
+        // (sled's lock is an flock: a second open file conflicts even in the same process.)
+        match TaskStore::open(&dir) {
+            Err(StateError::InUse(d)) => assert_eq!(d, dir.display().to_string()),
+            Err(e) => panic!("expected InUse, got {e}"),
+            Ok(_) => panic!("expected InUse, got a second store"),
+        }
+        drop(first);
+        assert!(TaskStore::open(&dir).is_ok(), "free again once closed");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A sequence record that is not 8 bytes is an error naming its key, not sequence 0 (the
