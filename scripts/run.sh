@@ -68,7 +68,10 @@ echo "== topics"
 stop
 # Another program (or a syncflow this script does not know of) on the API's port would answer
 # the checks below in this one's place.
-if (exec 3<>"/dev/tcp/${API%:*}/${API##*:}") 2>/dev/null; then
+host="${API%:*}"; host="${host#[}"; host="${host%]}"
+case "$host" in "" | 0.0.0.0) host=127.0.0.1 ;; "::") host=::1 ;; esac
+# shellcheck disable=SC2016  # $0/$1 belong to the inner shell
+if timeout 1 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$host" "${API##*:}" 2>/dev/null; then
   echo "something already listens on $API: stop it, or set SYNCFLOW_API_LISTEN" >&2; exit 1
 fi
 echo "== starting syncflow (all roles), log: .data/logs/syncflow.log"

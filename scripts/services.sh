@@ -389,9 +389,9 @@ ferretdb_install() {
   command -v go >/dev/null || die "ferretdb: go is required to build FerretDB"
   # FerretDB v1.24's go.mod asks for Go 1.24; an older go fails with a less clear message.
   local gov
-  gov="$(go env GOVERSION 2>/dev/null | sed -n 's/^go\([0-9]*\)\.\([0-9]*\).*/\1 \2/p')"
+  gov="$(GOTOOLCHAIN=local go env GOVERSION 2>/dev/null | sed -n 's/^go\([0-9]*\)\.\([0-9]*\).*/\1 \2/p')"
   if [[ -n "$gov" ]] && (( ${gov% *} == 1 && ${gov#* } < 24 )); then
-    die "ferretdb: Go 1.24 or later is needed to build FerretDB $FERRETDB_VERSION (found $(go env GOVERSION))"
+    die "ferretdb: Go 1.24 or later is needed to build FerretDB $FERRETDB_VERSION (found $(GOTOOLCHAIN=local go env GOVERSION))"
   fi
   log "ferretdb: building github.com/FerretDB/FerretDB/cmd/ferretdb@$FERRETDB_VERSION ..."
   mkdir -p "$CACHE/bin" "$CACHE/go" "$CACHE/src"

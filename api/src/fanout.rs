@@ -137,6 +137,10 @@ impl std::fmt::Debug for Subscription {
     }
 }
 
+/// How often the subscribers of a node whose hub is not subscribed to Redis are sent back to
+/// their cursors (a catch-up from the view), until it is again.
+pub const OUTAGE_REFRESH: Duration = Duration::from_secs(30);
+
 /// How often the hub checks its subscription with a ping through Redis.
 const PING_EVERY: Duration = Duration::from_secs(2);
 /// How long the hub's subscription may stay silent after a ping was published before the hub
@@ -336,8 +340,9 @@ impl Hub {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&channel);
-            // Not subscribed to Redis now: the hub tells every subscriber here to catch up when
-            // it is again, and a catch-up before then could not read the mark either.
+            // Not subscribed to Redis now: the hub sends every subscriber here back to its
+            // cursor every OUTAGE_REFRESH and when it is subscribed again, and a catch-up before
+            // then could not read the mark either.
             if !listening.load(Ordering::SeqCst) {
                 return;
             }
@@ -363,6 +368,9 @@ impl Hub {
             uuid::Uuid::new_v4().simple()
         );
         let mut backoff = Duration::from_millis(100);
+        // When the subscribers here were last sent back to their cursors while the hub was not
+        // subscribed.
+        let mut refreshed = tokio::time::Instant::now();
         loop {
             let (queue, inbox) = tokio::sync::mpsc::channel(self.inbox);
             let signal = Arc::new(InboxSignal::default());
@@ -403,14 +411,22 @@ impl Hub {
                         drop(conn);
                         self.listening.store(false, Ordering::SeqCst);
                         tracing::warn!("fan-out hub lost its Redis connection");
-                        // Told once that changes may have been missed; again when the hub is
-                        // back (above), not after every failed attempt meanwhile, which would
-                        // send every subscriber here to the view every few seconds.
+                        // Told at once that changes may have been missed, and again when the
+                        // hub is back (above).
                         self.gap_for_all();
+                        refreshed = tokio::time::Instant::now();
                     }
                     Err(why) => tracing::warn!(%why, "fan-out hub cannot subscribe"),
                 },
                 Err(e) => tracing::warn!(error = %e, "fan-out hub cannot reach Redis"),
+            }
+            // While it stays away, subscribers here catch up from the view every
+            // OUTAGE_REFRESH (not after every failed attempt, which would send all of them to
+            // the view every few seconds): the view goes on changing, and they hear nothing
+            // live meanwhile.
+            if refreshed.elapsed() >= OUTAGE_REFRESH {
+                self.gap_for_all();
+                refreshed = tokio::time::Instant::now();
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -708,16 +724,25 @@ mod tests {
         assert_eq!(hub.channel_count(), 1);
     }
 
-    #[tokio::test]
-    async fn a_hub_without_redis_sends_no_gap_per_failed_attempt_nor_for_gap_later() {
+    #[tokio::test(start_paused = true)]
+    async fn a_hub_without_redis_refreshes_its_subscribers_every_outage_refresh_only() {
         // Nothing listens on port 1: the hub keeps trying to connect.
         let hub = Hub::start("redis://127.0.0.1:1/", "t:", 8, 64).expect("hub");
         let mut sub = hub.subscribe("acme", "notes");
+        let started = tokio::time::Instant::now();
         hub.gap_later("acme", "notes", Duration::from_millis(50));
-        // Several failed attempts (backing off from 100 ms) and the delayed gap's time pass: its
-        // subscribers hear nothing until the hub is subscribed, and then a gap from the hub.
+        // Several failed attempts (backing off from 100 ms) and the delayed gap's time pass:
+        // nothing yet (neither for each attempt nor for the gap_later)...
         let got = tokio::time::timeout(Duration::from_millis(1_500), sub.next()).await;
         assert!(got.is_err(), "{got:?}");
+        // ... until OUTAGE_REFRESH has passed (plus at most one 5 s backoff).
+        let got = tokio::time::timeout(OUTAGE_REFRESH + Duration::from_secs(6), sub.next()).await;
+        assert!(matches!(got, Ok(Some(Ok(HubMsg::Gap)))), "{got:?}");
+        assert!(
+            started.elapsed() >= OUTAGE_REFRESH,
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     /// Needs the local Redis (`scripts/services.sh up`).

@@ -745,12 +745,13 @@ async fn meta_when_current(
                 horizon_seq: 0,
                 epoch: 1,
             });
-        // A cursor of this epoch is at least what was announced: without the mark, or with a
-        // mark below it (Redis lost the mark: it keeps no data, or restarted without it), wait
+        // A cursor of this epoch is at least what was announced: without the mark, or with
+        // none for this bucket (Redis lost it: it kept no data, or restarted without it), wait
         // for the view to reach the cursor rather than answer `reset` with a snapshot older
-        // than what the client holds.
+        // than what the client holds. Past a mark Redis does hold, the cursor is not one of
+        // this bucket's: `reset` at once.
         let need = match cursor {
-            Some(c) if c.epoch == meta.epoch && announced.is_none_or(|a| c.seq > a) => {
+            Some(c) if c.epoch == meta.epoch && matches!(announced, None | Some(0)) => {
                 base.max(c.seq)
             }
             _ => base,

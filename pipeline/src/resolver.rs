@@ -425,6 +425,8 @@ pub struct Resolver {
     /// that fails again is paused instead of being wiped over and over (see
     /// [`Resolver::task_state_failed`]).
     wiped: HashSet<i32>,
+    /// Tasks whose input partition is paused for their state, until the partitions move.
+    paused: HashSet<i32>,
     /// Assignment changes seen by this process's consumers, counted across client rebuilds (a
     /// new consumer's first assignment must not look like the old one's).
     generation: Arc<AtomicU64>,
@@ -472,6 +474,7 @@ impl Resolver {
             restored: HashSet::new(),
             restored_generation: 0,
             wiped: HashSet::new(),
+            paused: HashSet::new(),
             generation: Arc::new(AtomicU64::new(0)),
             checkpoint_due_ms: crate::checkpoint::next_due_ms(&cfg),
             last_batch_len: 0,
@@ -607,9 +610,18 @@ impl Resolver {
                 }
             }
             if generation.load(Ordering::SeqCst) != self.restored_generation {
-                // Partitions moved: every task restores (catches up from its changelog) again.
+                // Partitions moved: every task restores (catches up from its changelog) again,
+                // and a task paused for its state is tried again (a pause outlives the
+                // assignment in librdkafka).
                 self.restored.clear();
                 self.restored_generation = generation.load(Ordering::SeqCst);
+                let paused: Vec<i32> = self.paused.drain().collect();
+                for p in &paused {
+                    self.wiped.remove(p);
+                }
+                if let Err(e) = resume(&consumer, &self.cfg.topic(topics::DATA_CHANGED), &paused) {
+                    tracing::warn!(error = %e, ?paused, "resuming paused partitions failed");
+                }
             }
             let mut fresh: Vec<i32> = batch
                 .iter()
@@ -694,6 +706,7 @@ impl Resolver {
                     }
                     rewind(&consumer)?;
                     pause(&consumer, &self.cfg.topic(topics::DATA_CHANGED), &paused)?;
+                    self.paused.extend(paused);
                 }
             }
         }
@@ -821,6 +834,18 @@ impl Resolver {
         let (mut at_eof, mut waiting_logged) = (false, false);
         loop {
             match reader.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) if m.offset() < from => {
+                    // The reader was sent back to the start: the changelog ends before the
+                    // stored offset (made again while its end was unknown above). Start over.
+                    drop(reader);
+                    tracing::warn!(
+                        partition,
+                        stored = from,
+                        "the changelog ends before the task's stored offset; rebuilding the task from it"
+                    );
+                    self.store.wipe_task(partition)?;
+                    return self.restore_task(watermarks, partition);
+                }
                 Some(Ok(m)) => {
                     last_read = Instant::now();
                     at_eof = false;
@@ -1755,22 +1780,36 @@ fn read_position<C: ConsumerContext>(
 }
 
 /// Moves every assigned partition back to its committed offset (after an aborted batch).
-/// Stops fetching `partitions` of `topic` until they are assigned again (a rebalance) or the
-/// processor restarts.
+/// Stops fetching `partitions` of `topic` until [`resume`] (after a rebalance) or a restart.
 fn pause(
     consumer: &BaseConsumer<TaskContext>,
     topic: &str,
     partitions: &[i32],
 ) -> Result<(), ResolverError> {
-    if partitions.is_empty() {
-        return Ok(());
+    if !partitions.is_empty() {
+        consumer.pause(&partition_list(topic, partitions))?;
     }
+    Ok(())
+}
+
+/// Fetches `partitions` of `topic` again after [`pause`].
+fn resume(
+    consumer: &BaseConsumer<TaskContext>,
+    topic: &str,
+    partitions: &[i32],
+) -> Result<(), ResolverError> {
+    if !partitions.is_empty() {
+        consumer.resume(&partition_list(topic, partitions))?;
+    }
+    Ok(())
+}
+
+fn partition_list(topic: &str, partitions: &[i32]) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
         tpl.add_partition(topic, *p);
     }
-    consumer.pause(&tpl)?;
-    Ok(())
+    tpl
 }
 
 fn rewind(consumer: &BaseConsumer<TaskContext>) -> Result<(), ResolverError> {
