@@ -670,3 +670,72 @@ async fn live_changes_do_not_wait_for_the_view_and_snapshots_wait_for_it() {
     node.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// Redis lost the bucket's announced mark (it restarted without its data): a subscriber that
+/// resumes from a cursor past what the view holds waits for the view to reach its cursor, and
+/// is not answered `reset` with a snapshot older than what it holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_past_a_lost_announced_mark_waits_for_the_view_instead_of_a_reset() {
+    let mut env = TestEnv::new("wsmarklost").await;
+    env.cfg.ws.view_wait_ms = 30_000;
+    // Resolver and announcer, no view writer yet: the view stays behind the live changes.
+    let node = env.start(&[Role::Api, Role::Processor, Role::Fanout]).await;
+    let addr = node.api_addr.unwrap();
+    let token = env.token("acme", "marks:rw");
+    let mut early = connect(addr, &token).await;
+    send_text(&mut early, r#"{"type":"subscribe","bucket":"marks"}"#).await;
+    expect_type(&mut early, "docs").await;
+    let http = reqwest::Client::new();
+    for id in ["d1", "d2", "d3"] {
+        let status = http
+            .put(format!("http://{addr}/v1/buckets/marks/docs/{id}"))
+            .bearer_auth(&token)
+            .json(&json!({"id": id}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status.as_u16(), 202);
+    }
+    let mut cursor = String::new();
+    for seq in 1..=3 {
+        let change = expect_type(&mut early, "change").await;
+        assert_eq!(change["seq"], seq, "{change}");
+        cursor = change["cursor"].as_str().unwrap().to_owned();
+    }
+    // Redis forgets every mark.
+    let mut redis = redis::Client::open(env.cfg.redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let key = api::fanout::announced_key(&env.cfg.kafka.topic_prefix);
+    let () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+
+    // A client resumes from its cursor while the view is still empty, then the view writer
+    // starts.
+    let mut resumed = connect(addr, &token).await;
+    let sub = json!({"type": "subscribe", "bucket": "marks", "cursor": cursor});
+    send_text(&mut resumed, &sub.to_string()).await;
+    expect_type(&mut resumed, "subscribed").await;
+    let projector = env.start(&[Role::Projector]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let page = loop {
+        let msg = next_json_by(&mut resumed, deadline)
+            .await
+            .unwrap_or_else(|code| panic!("closed ({code:?}) before its catch-up"));
+        assert_ne!(msg["type"], "reset", "a reset to an older snapshot: {msg}");
+        if msg["type"] == "docs" {
+            break msg;
+        }
+    };
+    assert_eq!(page["complete"], true, "{page}");
+    assert_eq!(page["cursor"], cursor.as_str(), "{page}");
+    projector.stop().await.unwrap();
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
