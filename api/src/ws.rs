@@ -759,13 +759,14 @@ async fn meta_when_current(
         if meta.projected_seq >= need {
             return Ok(meta);
         }
-        if Instant::now() >= deadline && meta.projected_seq >= base && announced.is_some() {
-            // The view has every change announced and the cursor is past them all, still: not
-            // a cursor of this bucket's changes (or Redis lost its mark and the view stayed
-            // behind all this time). `reset` and a snapshot, as for any cursor not understood.
-            return Ok(meta);
-        }
         if Instant::now() >= deadline {
+            if meta.projected_seq >= base && announced.is_some() {
+                // The view has every change announced and the cursor is past them all, still:
+                // not a cursor of this bucket's changes (or Redis lost its mark and the view
+                // stayed behind all this time). `reset` and a snapshot, as for any cursor not
+                // understood.
+                return Ok(meta);
+            }
             tracing::warn!(
                 tenant,
                 bucket,

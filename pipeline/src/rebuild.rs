@@ -108,20 +108,17 @@ pub fn read_changelog(cfg: &Config) -> Result<HashMap<Vec<u8>, Vec<u8>>, Rebuild
                     at_end.insert(m.partition());
                 }
             }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                if reached(p) >= ends[&p] {
-                    at_end.insert(p);
-                } else if progress.elapsed() > UNDECIDED_WAIT {
-                    return Err(RebuildError::Undecided(p, UNDECIDED_WAIT));
-                }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) if reached(p) >= ends[&p] => {
+                at_end.insert(p);
             }
+            // An end before the high watermark: a transaction not decided yet.
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {}
             Some(Err(e)) => tracing::warn!(error = %e, "changelog read error; retrying"),
-            None => {
-                if let Some(p) = (0..partitions).find(|p| !at_end.contains(p)) {
-                    if progress.elapsed() > UNDECIDED_WAIT {
-                        return Err(RebuildError::Undecided(p, UNDECIDED_WAIT));
-                    }
-                }
+            None => {}
+        }
+        if progress.elapsed() > UNDECIDED_WAIT {
+            if let Some(p) = (0..partitions).find(|p| !at_end.contains(p)) {
+                return Err(RebuildError::Undecided(p, UNDECIDED_WAIT));
             }
         }
     }
@@ -172,26 +169,19 @@ pub async fn rebuild_from(
 ) -> Result<RebuildReport, RebuildError> {
     let mut seqs: BTreeMap<BucketKey, u64> = BTreeMap::new();
     let mut docs: Vec<(processors::DocKey, processors::DocState)> = Vec::new();
+    let corrupt = |key: &[u8], e: &dyn std::fmt::Display| {
+        RebuildError::Corrupt(state::store::printable_key(key), e.to_string())
+    };
     for (key, value) in latest {
         if let Some(doc_key) = state::store::parse_doc_key(key) {
             if only.is_some_and(|b| *b != doc_key.bucket) {
                 continue;
             }
-            let doc = state::codec::decode_doc(value).map_err(|e| {
-                RebuildError::Corrupt(
-                    String::from_utf8_lossy(key).replace('\0', "/"),
-                    e.to_string(),
-                )
-            })?;
+            let doc = state::codec::decode_doc(value).map_err(|e| corrupt(key, &e))?;
             docs.push((doc_key, doc));
         } else if let Some(bucket) = state::store::parse_seq_key(key) {
             if only.is_none_or(|b| *b == bucket) {
-                let seq = state::store::decode_seq(key, value).map_err(|e| {
-                    RebuildError::Corrupt(
-                        String::from_utf8_lossy(key).replace('\0', "/"),
-                        e.to_string(),
-                    )
-                })?;
+                let seq = state::store::decode_seq(key, value).map_err(|e| corrupt(key, &e))?;
                 seqs.insert(bucket, seq);
             }
         }

@@ -737,6 +737,25 @@ impl Resolver {
         Ok(())
     }
 
+    /// Task `partition`'s changelog ends before the offset its store says it applied (`stored`):
+    /// the topic was deleted and made again (a reset, a new cluster) while the state directory
+    /// stayed, so the store holds another changelog's state. It is wiped and restored from
+    /// this changelog's start.
+    fn restore_anew(
+        &mut self,
+        watermarks: &BaseConsumer,
+        partition: i32,
+        stored: i64,
+    ) -> Result<(), ResolverError> {
+        tracing::warn!(
+            partition,
+            stored,
+            "the changelog ends before the task's stored offset; rebuilding the task from it"
+        );
+        self.store.wipe_task(partition)?;
+        self.restore_task(watermarks, partition)
+    }
+
     /// Brings task `partition`'s sled state up to date from its changelog partition, starting at
     /// the offset stored in sled (0 for a new or wiped store), up to its high watermark.
     ///
@@ -755,7 +774,7 @@ impl Resolver {
         partition: i32,
     ) -> Result<(), ResolverError> {
         let tree = self.tree(partition)?;
-        let mut from = match state::store::changelog_offset(&tree) {
+        let from = match state::store::changelog_offset(&tree) {
             Ok(Some(o)) => o,
             Ok(None) => {
                 if !tree.is_empty() {
@@ -780,25 +799,10 @@ impl Resolver {
                 .fetch_watermarks(&topic, partition, Duration::from_secs(10))
                 .map(|(_, high)| high)
         };
-        let first_end = ask_end();
-        if let Ok(high) = first_end {
-            if high < from {
-                // The changelog ends before what this store says it applied: the topic was
-                // deleted and made again (a reset or a new cluster) while the state directory
-                // stayed. The store holds another changelog's state; start over from this one.
-                tracing::warn!(
-                    partition,
-                    stored = from,
-                    end = high,
-                    "the changelog ends before the task's stored offset; rebuilding the task from it"
-                );
-                self.store.wipe_task(partition)?;
-                from = 0;
-            }
-        }
         // Nothing past the stored offset (a new task, or this process wrote everything there
         // is): no reader needed. One round trip instead of a reader's connect and empty fetch.
-        let mut end = match first_end {
+        let mut end = match ask_end() {
+            Ok(high) if high < from => return self.restore_anew(watermarks, partition, from),
             Ok(high) if high <= from => {
                 if !tree
                     .contains_key(state::store::CHANGELOG_OFFSET_KEY)
@@ -835,16 +839,9 @@ impl Resolver {
         loop {
             match reader.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) if m.offset() < from => {
-                    // The reader was sent back to the start: the changelog ends before the
-                    // stored offset (made again while its end was unknown above). Start over.
+                    // The reader was sent back to the start (its end was unknown above).
                     drop(reader);
-                    tracing::warn!(
-                        partition,
-                        stored = from,
-                        "the changelog ends before the task's stored offset; rebuilding the task from it"
-                    );
-                    self.store.wipe_task(partition)?;
-                    return self.restore_task(watermarks, partition);
+                    return self.restore_anew(watermarks, partition, from);
                 }
                 Some(Ok(m)) => {
                     last_read = Instant::now();
@@ -1338,11 +1335,12 @@ impl Resolver {
     }
 }
 
-/// Opens the state store; a store that cannot be opened (corrupt, or from an unknown format) is
-/// moved aside and replaced by an empty one, which the changelog then refills.
 /// How long a processor waits for a state store another process holds (one shutting down).
 const STORE_IN_USE_WAIT: Duration = Duration::from_secs(15);
 
+/// Opens the state store; a store that cannot be opened (corrupt, or from an unknown format) is
+/// moved aside and replaced by an empty one, which the changelog then refills. A store another
+/// process holds is not: see [`STORE_IN_USE_WAIT`].
 fn open_or_rebuild(dir: &std::path::Path) -> Result<TaskStore, ResolverError> {
     // A store in use is not damaged: another processor's (moving it aside would pull it from
     // under that one), or a predecessor's that is still shutting down, which is waited for.
@@ -1779,7 +1777,6 @@ fn read_position<C: ConsumerContext>(
     }
 }
 
-/// Moves every assigned partition back to its committed offset (after an aborted batch).
 /// Stops fetching `partitions` of `topic` until [`resume`] (after a rebalance) or a restart.
 fn pause(
     consumer: &BaseConsumer<TaskContext>,
@@ -1812,6 +1809,7 @@ fn partition_list(topic: &str, partitions: &[i32]) -> TopicPartitionList {
     tpl
 }
 
+/// Moves every assigned partition back to its committed offset (after an aborted batch).
 fn rewind(consumer: &BaseConsumer<TaskContext>) -> Result<(), ResolverError> {
     let assigned = consumer.assignment()?;
     if assigned.count() == 0 {

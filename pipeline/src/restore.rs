@@ -116,7 +116,7 @@ type Records = HashMap<Vec<u8>, Vec<u8>>;
 fn corrupt(id: &str, key: &[u8], e: impl std::fmt::Display) -> RestoreError {
     RestoreError::Corrupt(
         id.into(),
-        format!("{}: {e}", String::from_utf8_lossy(key).replace('\0', "/")),
+        format!("{}: {e}", state::store::printable_key(key)),
     )
 }
 

@@ -154,7 +154,7 @@ pub fn changelog_offset(tree: &sled::Tree) -> Result<Option<i64>, StateError> {
 }
 
 /// A record's key as it is named in errors: NUL separators shown as `/`.
-fn printable_key(key: &[u8]) -> String {
+pub fn printable_key(key: &[u8]) -> String {
     String::from_utf8_lossy(key).replace('\0', "/")
 }
 
