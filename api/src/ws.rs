@@ -184,11 +184,27 @@ struct Tx {
     timeout: Option<Duration>,
     /// Time spent in sends, in all: waiting for the client to take them.
     blocked: Duration,
+    /// Bytes of the messages sent, in all.
+    sent: u64,
+    /// The socket's send queue, under the API's own server.
+    queue: Option<crate::server::SendQueue>,
 }
 
 impl Tx {
+    /// The bytes queued in the socket, and how many of those sent the client has taken: fewer
+    /// than it has (frame headers are not counted as sent), never more.
+    fn taken(&self) -> (Option<usize>, Option<u64>) {
+        let queued = self.queue.as_ref().and_then(|q| q.queued());
+        let taken = queued.map(|q| {
+            self.sent
+                .saturating_sub(u64::try_from(q).unwrap_or(u64::MAX))
+        });
+        (queued, taken)
+    }
+
     async fn frame(&mut self, msg: Message) -> Result<(), End> {
         let began = Instant::now();
+        self.sent += u64::try_from(msg_len(&msg)).unwrap_or(u64::MAX);
         let sent = match self.timeout {
             // The socket fails the write once the client takes no byte for the send timeout.
             None => Ok(self.sink.send(msg).await),
@@ -215,6 +231,7 @@ pub async fn ws_handler(
     State(state): State<AppState>,
     headers: HeaderMap,
     write_timeout: Option<axum::Extension<crate::server::WriteTimeout>>,
+    send_queue: Option<axum::Extension<crate::server::SendQueue>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let claims = match crate::routes::bearer(&headers) {
@@ -252,7 +269,8 @@ pub async fn ws_handler(
             if let Some(axum::Extension(t)) = write_timeout {
                 t.set(Duration::from_secs(state.ws.send_timeout_secs.max(1)));
             }
-            session(socket, state, claims, socket_judges)
+            let queue = send_queue.map(|axum::Extension(q)| q);
+            session(socket, state, claims, socket_judges, queue)
         })
         .into_response())
 }
@@ -302,12 +320,20 @@ fn error_msg(code: &str, message: impl Into<String>, bucket: Option<&str>) -> Va
     v
 }
 
-async fn session(socket: WebSocket, state: AppState, arrival: Arrival, socket_judges: bool) {
+async fn session(
+    socket: WebSocket,
+    state: AppState,
+    arrival: Arrival,
+    socket_judges: bool,
+    queue: Option<crate::server::SendQueue>,
+) {
     let (sink, mut rx) = socket.split();
     let mut tx = Tx {
         sink,
         timeout: (!socket_judges).then(|| Duration::from_secs(state.ws.send_timeout_secs.max(1))),
         blocked: Duration::ZERO,
+        sent: 0,
+        queue,
     };
     let end = run_session(&mut tx, &mut rx, &state, arrival).await;
     if let End::Close(code, reason) = end {
@@ -456,6 +482,8 @@ async fn run_session(
     let mut heartbeat = tokio::time::interval(heartbeat_every);
     heartbeat.tick().await;
     let mut last_pong = Instant::now();
+    // What the client had been sent when it last answered, and had taken at the last heartbeat.
+    let (mut sent_at_pong, mut taken_at_beat) = (0, None);
     let mut lags: Vec<Instant> = Vec::new();
     // Where the connection's time has gone, to judge whose fault a lag is.
     let mut spent = Busy::default();
@@ -466,7 +494,10 @@ async fn run_session(
                     Some(Err(e)) if too_big(&e) => return refuse_too_big(tx, state).await,
                     None | Some(Err(_)) => return End::Closed,
                     Some(Ok(Message::Close(_))) => return End::Closed,
-                    Some(Ok(Message::Pong(_))) => { last_pong = Instant::now(); continue; }
+                    Some(Ok(Message::Pong(_))) => {
+                        (last_pong, sent_at_pong) = (Instant::now(), tx.sent);
+                        continue;
+                    }
                     Some(Ok(Message::Ping(_))) => continue,
                     Some(Ok(Message::Binary(_))) => {
                         if let Err(e) = send(tx, error_msg("invalid_message", "binary frames are not part of the protocol; send JSON text", None)).await { return e; }
@@ -474,7 +505,7 @@ async fn run_session(
                     }
                     Some(Ok(Message::Text(t))) => t,
                 };
-                last_pong = Instant::now();
+                (last_pong, sent_at_pong) = (Instant::now(), tx.sent);
                 let msg = match serde_json::from_str::<ClientMsg>(&text) {
                     Ok(m) => m,
                     Err(e) => {
@@ -586,7 +617,11 @@ async fn run_session(
                 last_pong = paused(last_pong, delivering);
             }
             _ = heartbeat.tick() => {
-                if last_pong.elapsed() > heartbeat_every * 2 {
+                let (queued, taken) = tx.taken();
+                let took = matches!((taken_at_beat, taken), (Some(then), Some(now)) if now > then);
+                taken_at_beat = taken;
+                let overdue = last_pong.elapsed().saturating_sub(heartbeat_every * 2);
+                if !overdue.is_zero() && !still_reading(overdue, tx.sent - sent_at_pong, queued, took) {
                     return End::Close(CLOSE_DEAD, "no pong".into());
                 }
                 if claims.exp <= crate::now_ms() / 1000 {
@@ -651,6 +686,19 @@ fn msg_len(msg: &Message) -> usize {
         Message::Text(t) => t.len(),
         Message::Binary(b) => b.len(),
         _ => 0,
+    }
+}
+
+/// Whether a client whose pong is `overdue` (past two heartbeats) is still reading what it was
+/// sent before the ping, which it answers only after that. With bytes still in the socket's
+/// queue, it is if it took some since the last heartbeat (a client whose program stopped reading
+/// takes none once its receive buffer is full, a dead host none at all). With none queued (or
+/// no socket to ask), the `unanswered` bytes sent since its last answer may wait in its own
+/// receive buffer: it gets the time to read them at [`MIN_CLIENT_RATE`].
+fn still_reading(overdue: Duration, unanswered: u64, queued: Option<usize>, took: bool) -> bool {
+    match queued {
+        Some(q) if q > 0 => took,
+        _ => overdue <= frame_time(usize::try_from(unanswered).unwrap_or(usize::MAX)),
     }
 }
 
@@ -954,7 +1002,7 @@ fn split_by_bytes(docs: &[(i64, String)], budget: usize) -> Vec<&[(i64, String)]
 mod tests {
     use std::time::Duration;
 
-    use super::{split_by_bytes, Busy};
+    use super::{split_by_bytes, still_reading, Busy};
 
     #[test]
     fn a_large_message_is_waited_for_as_long_as_a_slow_steady_client_needs() {
@@ -962,6 +1010,21 @@ mod tests {
         assert_eq!(frame_time(1024 * 1024), Duration::from_secs(64));
         assert_eq!(frame_time(16 * 1024), Duration::from_secs(1));
         assert!(frame_time(300) < Duration::from_millis(20));
+    }
+
+    #[test]
+    fn an_overdue_pong_is_waited_for_only_while_the_client_reads() {
+        let (over, s) = (Duration::from_secs(1), Duration::from_secs);
+        // Bytes queued in the socket: it is reading only if it took some since the last beat.
+        assert!(still_reading(s(600), 0, Some(4096), true));
+        assert!(!still_reading(over, 1 << 30, Some(4096), false));
+        // None queued: the unanswered bytes may be in its receive buffer, read at the slowest
+        // steady rate.
+        assert!(still_reading(s(4), 64 * 1024, Some(0), false));
+        assert!(!still_reading(s(5), 64 * 1024, Some(0), false));
+        assert!(!still_reading(over, 0, Some(0), true));
+        assert!(still_reading(s(4), 64 * 1024, None, false));
+        assert!(!still_reading(over, 0, None, false));
     }
 
     #[test]

@@ -17,6 +17,7 @@ use common::TestEnv;
 use futures::StreamExt;
 use pipeline::app::Role;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 /// `n` patches straight to `data.changed`, one per document `d<i>` of `acme/<bucket>`, each
@@ -463,4 +464,154 @@ async fn a_stalled_subscriber_is_dropped_while_memory_stays_bounded_and_others_k
     api.kill();
     pipeline.stop().await.unwrap();
     env.cleanup().await;
+}
+
+/// A client socket that reads at most `chunk` bytes every `every`: a slow but steady reader.
+struct SlowReader {
+    io: tokio::net::TcpStream,
+    chunk: usize,
+    every: Duration,
+    pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio::io::AsyncRead for SlowReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        use std::task::{ready, Poll};
+        if let Some(pause) = self.pause.as_mut() {
+            ready!(pause.as_mut().poll(cx));
+            self.pause = None;
+        }
+        let n = self.chunk.min(buf.remaining());
+        let mut limited = tokio::io::ReadBuf::new(buf.initialize_unfilled_to(n));
+        ready!(std::pin::Pin::new(&mut self.io).poll_read(cx, &mut limited))?;
+        let got = limited.filled().len();
+        buf.advance(got);
+        if got > 0 {
+            let every = self.every;
+            self.pause = Some(Box::pin(tokio::time::sleep(every)));
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for SlowReader {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_reader_behind_a_large_backlog_keeps_its_connection() {
+    const DOCS: usize = 16;
+    const BLOB: usize = 128 * 1024;
+    let mut env = TestEnv::new("wsslowread").await;
+    env.cfg.ws.heartbeat_secs = 1;
+    let node = env
+        .start(&[Role::Api, Role::Processor, Role::Projector])
+        .await;
+    let addr = node.api_addr.unwrap();
+    let token = env.token("acme", "big:r");
+    produce_all(&env, &writes("big", 0, DOCS, BLOB)).await;
+    // A fast subscriber sees them all, so the view has them by the time the slow one asks.
+    let mut fast = subscribed_to(addr, &token, "big").await;
+    let mut replica = Replica::default();
+    hold(&mut fast, &mut replica, DOCS, Duration::from_secs(60)).await;
+    // About 2 MiB at 128 KiB/s: the pings of the first seconds wait behind the snapshot in the
+    // socket buffers, and are answered only after it, long past two heartbeats.
+    let mut req = format!("ws://{addr}/v1/subscribe")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let slow = SlowReader {
+        io,
+        chunk: 8 * 1024,
+        every: Duration::from_millis(62),
+        pause: None,
+    };
+    let (mut ws, _) = tokio_tungstenite::client_async(req, slow).await.unwrap();
+    use futures::SinkExt;
+    ws.send(Message::Text(
+        r#"{"type":"subscribe","bucket":"big"}"#.to_string().into(),
+    ))
+    .await
+    .unwrap();
+    let began = Instant::now();
+    let mut got = Replica::default();
+    hold(&mut ws, &mut got, DOCS, Duration::from_secs(90)).await;
+    let took = began.elapsed();
+    assert!(
+        took > Duration::from_secs(4),
+        "the snapshot took {took:?}, within the heartbeats, so the test proves nothing"
+    );
+    // Caught up, it answers pings again and gets the next change live.
+    produce_all(&env, &writes("big", DOCS, 1, 8)).await;
+    hold(&mut ws, &mut got, DOCS + 1, Duration::from_secs(30)).await;
+    let held = got.live();
+    for (id, doc) in replica.live() {
+        assert_eq!(held.get(&id), Some(&doc), "{id} as the view has it");
+    }
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// A connection with `token`, subscribed to `bucket`.
+async fn subscribed_to(addr: std::net::SocketAddr, token: &str, bucket: &str) -> common::ws::Ws {
+    let mut ws = connect(addr, token).await;
+    send_text(
+        &mut ws,
+        &format!(r#"{{"type":"subscribe","bucket":"{bucket}"}}"#),
+    )
+    .await;
+    expect_type(&mut ws, "subscribed").await;
+    ws
+}
+
+/// Applies `ws`'s messages to `got` until it holds `docs` live documents, within `wait`;
+/// panics if the connection ends first.
+async fn hold<S>(
+    ws: &mut tokio_tungstenite::WebSocketStream<S>,
+    got: &mut Replica,
+    docs: usize,
+    wait: Duration,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let began = Instant::now();
+    while got.live().len() < docs {
+        let left = wait.saturating_sub(began.elapsed());
+        match tokio::time::timeout(left, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => got.apply(&serde_json::from_str(&t).unwrap()),
+            Ok(Some(Ok(Message::Close(frame)))) => panic!(
+                "closed after {:?} with {frame:?}, holding {} of {docs} documents",
+                began.elapsed(),
+                got.live().len()
+            ),
+            Ok(Some(Ok(_))) => {}
+            Ok(other) => panic!("the connection ended: {other:?}"),
+            Err(_) => panic!("{} of {docs} documents within {wait:?}", got.live().len()),
+        }
+    }
 }

@@ -53,6 +53,25 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
+/// The send queue of an accepted connection's socket, to see whether its client takes what it
+/// is sent. A request finds its connection's in its extensions. It names the socket by its
+/// descriptor, so it means that socket only while the connection is open, as it is for the
+/// whole session of a WebSocket upgraded from the request.
+#[derive(Debug, Clone, Copy)]
+pub struct SendQueue(RawFd);
+
+impl SendQueue {
+    pub(super) fn of(stream: &TcpStream) -> Self {
+        SendQueue(stream.as_raw_fd())
+    }
+
+    /// Bytes written to the socket that its peer has not acknowledged yet (`None` where the
+    /// system cannot say).
+    pub fn queued(&self) -> Option<usize> {
+        queued(self.0)
+    }
+}
+
 /// A write waiting for the client to take bytes: since when, and how many were queued then.
 struct Stall {
     timer: Pin<Box<Sleep>>,
@@ -136,8 +155,8 @@ impl Counted {
 #[cfg(target_os = "linux")]
 fn queued(fd: RawFd) -> Option<usize> {
     let mut n: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ on a socket) writes one int into `n`; `fd` is open, as the
-    // stream that owns it is borrowed by the caller.
+    // SAFETY: TIOCOUTQ (SIOCOUTQ on a socket) writes one int into `n` and nothing else; on a
+    // descriptor that is closed or not a socket it fails.
     let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n) };
     (rc == 0).then(|| usize::try_from(n).unwrap_or(0))
 }

@@ -27,7 +27,7 @@ mod counted;
 mod fds;
 
 use counted::Counted;
-pub use counted::{OpenConnections, WriteTimeout};
+pub use counted::{OpenConnections, SendQueue, WriteTimeout};
 pub use fds::{fd_limit, fit_to_fds, raise_fd_limit, RESERVED_FDS};
 
 /// The limits [`serve`] holds connections to.
@@ -156,10 +156,12 @@ pub async fn serve(
         // previous segment's acknowledgement (Nagle).
         let _ = stream.set_nodelay(true);
         let timeout = WriteTimeout::new(limits.idle_timeout);
+        let send_queue = SendQueue::of(&stream);
         let io = TokioIo::new(Counted::new(stream, permit, &open, timeout.clone()));
         let service = service.clone();
         let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
             req.extensions_mut().insert(timeout.clone());
+            req.extensions_mut().insert(send_queue);
             hyper::service::Service::call(&service, req)
         });
         let conn = http.serve_connection(io, service).with_upgrades();
