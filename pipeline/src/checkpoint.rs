@@ -24,7 +24,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::ClientConfig;
 use serde::{Deserialize, Serialize};
 use state::checkpoint::{
-    CheckpointDir, CheckpointError, Manifest, SnapshotHeader, CHECKPOINT_FORMAT,
+    CheckpointDir, CheckpointError, Manifest, PartFailure, SnapshotHeader, CHECKPOINT_FORMAT,
 };
 
 use crate::config::Config;
@@ -73,8 +73,16 @@ pub enum CheckpointRunError {
     #[error("state: {0}")]
     State(String),
     /// The checkpoint did not complete in time.
-    #[error("checkpoint {0} did not complete within {1:?}; is every processor running? (A processor that cannot write its snapshot, e.g. on a full disk or an unreachable checkpoint.dir, logs `checkpoint snapshot failed`; its partitions' snapshot files are missing from the checkpoint's directory.)")]
+    #[error("checkpoint {0} did not complete within {1:?}; is every processor running? (A processor that cannot write its snapshot records why in the checkpoint's directory, which this wait reports at once; one that cannot write there at all, e.g. on an unreachable checkpoint.dir, only logs `checkpoint snapshot failed`.)")]
     Timeout(String, Duration),
+    /// A processor could not write its part of the checkpoint.
+    #[error("checkpoint {id} cannot complete: {}; fix the cause and request a new checkpoint", failures.iter().map(|f| format!("partition {}: {}", f.partition, f.reason)).collect::<Vec<_>>().join("; "))]
+    Failed {
+        /// The checkpoint.
+        id: String,
+        /// The partitions whose snapshot failed, and why.
+        failures: Vec<PartFailure>,
+    },
 }
 
 /// The payload of a checkpoint marker.
@@ -199,6 +207,13 @@ pub fn wait(cfg: &Config, id: &str, timeout: Duration) -> Result<Manifest, Check
         match dir.manifest(id) {
             Ok(m) => return Ok(m),
             Err(CheckpointError::NotFound(_)) if std::time::Instant::now() < deadline => {
+                let failures = dir.failures(id)?;
+                if !failures.is_empty() {
+                    return Err(CheckpointRunError::Failed {
+                        id: id.into(),
+                        failures,
+                    });
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
             Err(CheckpointError::NotFound(_)) => {
@@ -206,6 +221,20 @@ pub fn wait(cfg: &Config, id: &str, timeout: Duration) -> Result<Manifest, Check
             }
             Err(e) => return Err(e.into()),
         }
+    }
+}
+
+/// Logs that partition `partition`'s snapshot of checkpoint `id` failed, and records why in the
+/// checkpoint's directory, so that [`wait`] reports it instead of waiting for its timeout.
+pub fn record_failure(cfg: &Config, id: &str, partition: i32, reason: &str) {
+    tracing::error!(id, partition, error = reason, "checkpoint snapshot failed");
+    let failure = PartFailure {
+        partition,
+        reason: reason.into(),
+        at_ms: now_ms(),
+    };
+    if let Err(e) = dir(cfg).record_failure(id, &failure) {
+        tracing::error!(id, partition, error = %e, "recording the failed checkpoint snapshot failed too");
     }
 }
 

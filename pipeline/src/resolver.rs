@@ -1175,9 +1175,7 @@ impl Resolver {
                     "checkpoint: marker committed"
                 );
             }
-            Err(e) => {
-                tracing::error!(id = %marker.id, partition, error = %e, "checkpoint snapshot failed")
-            }
+            Err(e) => crate::checkpoint::record_failure(&self.cfg, &marker.id, partition, &e),
         }
         Ok(())
     }

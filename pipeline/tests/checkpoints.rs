@@ -765,3 +765,72 @@ async fn reading_the_changelog_waits_for_an_open_transaction_and_what_follows_it
     assert_eq!(got, BTreeMap::from(want));
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_cannot_be_written_fails_its_checkpoint_at_once_with_the_reason() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let mut env = TestEnv::new("ckfail").await;
+    env.cfg.checkpoint.interval_secs = 0;
+    let node = env.start(&[Role::Processor]).await;
+    produce_all(&env, &workload(51, 200, 4, 10)).await;
+    caught_up(&env).await;
+    // A marker as `checkpoint::request` makes them, with an id known in advance, so that
+    // partition 0's snapshot finds a directory where its file goes.
+    let marker = pipeline::checkpoint::Marker {
+        id: format!("{:032x}", pipeline::checkpoint::now_ms()),
+        created_at_ms: pipeline::checkpoint::now_ms(),
+        partitions: PARTITIONS,
+    };
+    let dir = pipeline::checkpoint::dir(&env.cfg);
+    let blocked = dir.root().join(&marker.id).join("p0000.snap");
+    std::fs::create_dir_all(&blocked).unwrap();
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .create()
+        .unwrap();
+    let payload = serde_json::to_vec(&marker).unwrap();
+    let topic = env.topic(pipeline::topics::DATA_CHANGED);
+    for partition in 0..PARTITIONS {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: pipeline::checkpoint::CONTROL_HEADER,
+            value: Some(pipeline::checkpoint::CHECKPOINT_CONTROL),
+        });
+        let record = FutureRecord::<(), [u8]>::to(&topic)
+            .partition(partition)
+            .payload(&payload)
+            .headers(headers);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    let (cfg, id) = (env.cfg.clone(), marker.id.clone());
+    let started = Instant::now();
+    let waited = tokio::task::spawn_blocking(move || {
+        pipeline::checkpoint::wait(&cfg, &id, Duration::from_secs(120))
+    })
+    .await
+    .unwrap();
+    match waited {
+        Err(pipeline::checkpoint::CheckpointRunError::Failed { id, failures }) => {
+            assert_eq!(id, marker.id);
+            assert_eq!(
+                failures.iter().map(|f| f.partition).collect::<Vec<_>>(),
+                vec![0],
+                "{failures:?}"
+            );
+            assert!(failures[0].reason.contains("p0000.snap"), "{failures:?}");
+        }
+        other => panic!("expected the checkpoint to fail, got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the failure was reported after {:?}, not at once",
+        started.elapsed()
+    );
+    // The other partitions wrote theirs; the checkpoint is never listed.
+    assert!(dir.list().unwrap().is_empty());
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}

@@ -7,6 +7,8 @@
 //! <root>/<id>/p0003.snap     one task's state (all changelog keys and values)
 //! <root>/<id>/p0003.json     that snapshot's PartInfo (offsets, size, SHA-256)
 //! <root>/<id>/manifest.json  written last, once every partition is there
+//! <root>/<id>/p0003.failed   why that partition's snapshot could not be written (PartFailure),
+//!                            removed when it is written after all
 //! ```
 //!
 //! Every file is written to a temporary name, synced and renamed, so a crash leaves either the old
@@ -198,6 +200,25 @@ fn snapshot_file(partition: i32) -> String {
     format!("p{partition:04}.snap")
 }
 
+fn failure_file(partition: i32) -> String {
+    format!("p{partition:04}.{FAILED}")
+}
+
+const FAILED: &str = "failed";
+
+/// Why one partition's snapshot of a checkpoint could not be written: the checkpoint will not
+/// complete, unless that partition's processor meets its marker again (after a restart) and
+/// writes it then.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartFailure {
+    /// The input partition (task).
+    pub partition: i32,
+    /// What went wrong.
+    pub reason: String,
+    /// When, in ms since the epoch.
+    pub at_ms: u64,
+}
+
 /// Most entries set aside for before a snapshot's are read: its part info's count is not taken
 /// on trust for an allocation; a longer list grows as it is read.
 const MAX_PREALLOC_ENTRIES: u64 = 1 << 16;
@@ -339,8 +360,50 @@ impl CheckpointDir {
             &sidecar,
             &serde_json::to_vec_pretty(&info).expect("part info serializes"),
         )?;
+        // Written after all (a marker met again): no longer a failure.
+        let _ = fs::remove_file(dir.join(failure_file(header.partition)));
         sync_dir(&dir);
         Ok(info)
+    }
+
+    /// Records why partition `failure.partition`'s snapshot of checkpoint `id` could not be
+    /// written, for whoever waits for the checkpoint ([`CheckpointDir::failures`]).
+    pub fn record_failure(&self, id: &str, failure: &PartFailure) -> Result<(), CheckpointError> {
+        let dir = self.dir(id)?;
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let bytes = serde_json::to_vec_pretty(failure).expect("failure serializes");
+        write_atomic(&dir.join(failure_file(failure.partition)), &bytes)?;
+        sync_dir(&dir);
+        Ok(())
+    }
+
+    /// The partitions whose snapshot of checkpoint `id` could not be written, by partition
+    /// (none when the checkpoint's directory does not exist yet).
+    pub fn failures(&self, id: &str) -> Result<Vec<PartFailure>, CheckpointError> {
+        let dir = self.dir(id)?;
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|x| x != FAILED) {
+                continue;
+            }
+            // A record that does not read still says the partition failed.
+            let failure = fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<PartFailure>(&b).ok());
+            out.push(failure.unwrap_or_else(|| PartFailure {
+                partition: -1,
+                reason: format!("unreadable failure record {}", path.display()),
+                at_ms: 0,
+            }));
+        }
+        out.sort_by_key(|f| f.partition);
+        Ok(out)
     }
 
     /// Completes checkpoint `id` if all `partitions` have their snapshot. Returns the manifest
@@ -628,6 +691,28 @@ mod tests {
                 .as_nanos()
         ));
         (CheckpointDir::new(&root), root)
+    }
+
+    #[test]
+    fn a_failed_partition_is_recorded_until_its_snapshot_is_written_after_all() {
+        let (dir, root) = temp();
+        assert!(dir.failures("c3").unwrap().is_empty());
+        let failure = PartFailure {
+            partition: 1,
+            reason: "disk full".into(),
+            at_ms: 7,
+        };
+        dir.record_failure("c3", &failure).unwrap();
+        dir.write_part(&header("c3", 0), Some(5), BTreeMap::new(), entries(2))
+            .unwrap();
+        assert_eq!(dir.failures("c3").unwrap(), vec![failure]);
+        assert_eq!(dir.try_complete("c3", 100, 2, 200).unwrap(), None);
+        dir.write_part(&header("c3", 1), Some(5), BTreeMap::new(), entries(2))
+            .unwrap();
+        assert!(dir.failures("c3").unwrap().is_empty());
+        assert!(dir.try_complete("c3", 100, 2, 200).unwrap().is_some());
+        assert!(dir.failures("../x").is_err(), "ids are checked");
+        fs::remove_dir_all(root).unwrap();
     }
 
     #[test]
