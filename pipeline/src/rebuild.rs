@@ -125,22 +125,28 @@ pub fn read_changelog(cfg: &Config) -> Result<HashMap<Vec<u8>, Vec<u8>>, Rebuild
     Ok(latest)
 }
 
-/// Refuses while the projectors' consumer group has members: a projector writing meanwhile
-/// could be overwritten by an older version from the changelog (the rebuild writes without a
-/// version guard), and the change it wrote would never come again.
-fn no_projectors(cfg: &Config) -> Result<(), RebuildError> {
+/// The members of the projectors' consumer group, and its name. The rebuild refuses while it has
+/// any: a projector writing meanwhile could be overwritten by an older version from the
+/// changelog (the rebuild writes without a version guard), and the change it wrote would never
+/// come again.
+fn projectors(cfg: &Config) -> Result<(usize, String), RebuildError> {
     let control = topics::end_reader(&cfg.kafka.brokers, &cfg.topic("syncflow-rebuild"))?;
     let group = crate::projector::group_id(cfg);
-    match topics::group_members(&control, &group)? {
-        0 => Ok(()),
-        n => Err(RebuildError::Busy(format!(
+    Ok((topics::group_members(&control, &group)?, group))
+}
+
+fn no_projectors(cfg: &Config) -> Result<(), RebuildError> {
+    match projectors(cfg)? {
+        (0, _) => Ok(()),
+        (n, group) => Err(RebuildError::Busy(format!(
             "{n} projector(s) are still in consumer group {group}: stop every projector first (nothing was changed)"
         ))),
     }
 }
 
 /// Rebuilds the view (or one bucket, `tenant/bucket`), reporting progress as `(done, total)`.
-/// Refuses while projectors run.
+/// Refuses while projectors run, and fails if one joined before it ended (what that projector
+/// wrote meanwhile may have been overwritten by the rebuild's older versions).
 pub async fn rebuild(
     cfg: &Config,
     view: &MongoView,
@@ -152,7 +158,17 @@ pub async fn rebuild(
         tokio::task::spawn_blocking(move || no_projectors(&c).and_then(|()| read_changelog(&c)))
             .await
             .expect("changelog reader panicked")?;
-    rebuild_from(&latest, view, only, false, progress).await
+    let report = rebuild_from(&latest, view, only, false, progress).await?;
+    let c = cfg.clone();
+    match tokio::task::spawn_blocking(move || projectors(&c))
+        .await
+        .expect("group check panicked")?
+    {
+        (0, _) => Ok(report),
+        (n, group) => Err(RebuildError::Busy(format!(
+            "{n} projector(s) joined consumer group {group} while the view was rebuilt, and the rebuild may have overwritten what they wrote: stop every projector, then rebuild again"
+        ))),
+    }
 }
 
 /// Rebuilds the view from the state records `latest` (changelog keys and values).

@@ -241,6 +241,45 @@ async fn the_view_survives_duplicates_replays_and_kills_then_feeds_and_rebuilds_
     assert!(why.contains("stop every projector first"), "{why}");
     running.stop().await.unwrap();
 
+    // A projector that joins while a rebuild runs (here as it writes its first document) is
+    // caught when the rebuild ends: the rebuild fails, saying to run it again.
+    let mongo_view = api::view::MongoView::new(database(&env).await);
+    let mut late: Option<ProcessorProcess> = None;
+    let raced = pipeline::rebuild::rebuild(&env.cfg, &mongo_view, None, |_, _| {
+        if late.is_none() {
+            let projector = ProcessorProcess::start_role(&env, "late", "projector", &[]);
+            tokio::task::block_in_place(|| {
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while pipeline::topics::group_members(&control, &group).unwrap_or(0) == 0 {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the late projector joins"
+                    );
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+            late = Some(projector);
+        }
+    })
+    .await;
+    match raced {
+        Err(pipeline::rebuild::RebuildError::Busy(why)) => {
+            assert!(why.contains("rebuild again"), "{why}")
+        }
+        other => panic!("a rebuild that a projector joined succeeded: {other:?}"),
+    }
+    late.expect("the rebuild reported progress").kill();
+    tokio::task::block_in_place(|| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while pipeline::topics::group_members(&control, &group).unwrap_or(1) > 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the killed projector leaves"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+
     // Rebuild from the resolver's state gives the same view.
     database(&env).await.drop().await.unwrap();
     let out = tokio::task::block_in_place(rebuild);
