@@ -480,6 +480,9 @@ async fn run_session(
     let mut live: StreamMap<String, Subscription> = StreamMap::new();
     let heartbeat_every = Duration::from_secs(state.ws.heartbeat_secs.max(1));
     let mut heartbeat = tokio::time::interval(heartbeat_every);
+    // Ticks missed while a send or catch-up held the loop are not made up in a burst: the
+    // progress of a client's reading is judged over a heartbeat, not over microseconds.
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     heartbeat.tick().await;
     let mut last_pong = Instant::now();
     // What the client had been sent when it last answered, and had taken at the last heartbeat.
@@ -693,14 +696,22 @@ fn msg_len(msg: &Message) -> usize {
 /// sent before the ping, which it answers only after that. With bytes still in the socket's
 /// queue, it is if it took some since the last heartbeat (a client whose program stopped reading
 /// takes none once its receive buffer is full, a dead host none at all). With none queued (or
-/// no socket to ask), the `unanswered` bytes sent since its last answer may wait in its own
-/// receive buffer: it gets the time to read them at [`MIN_CLIENT_RATE`].
+/// no socket to ask), the `unanswered` bytes sent since its last answer, up to what a receive
+/// buffer holds ([`MAX_CLIENT_BUFFER`]), may still wait there: it gets the time to read them at
+/// [`MIN_CLIENT_RATE`] (at most about four minutes).
 fn still_reading(overdue: Duration, unanswered: u64, queued: Option<usize>, took: bool) -> bool {
     match queued {
         Some(q) if q > 0 => took,
-        _ => overdue <= frame_time(usize::try_from(unanswered).unwrap_or(usize::MAX)),
+        _ => {
+            let unread = unanswered.min(MAX_CLIENT_BUFFER);
+            overdue <= frame_time(usize::try_from(unread).unwrap_or(usize::MAX))
+        }
     }
 }
+
+/// The most a client's receive buffer is taken to hold unread (Linux grows one to 6 MiB by
+/// default; most stay far smaller).
+const MAX_CLIENT_BUFFER: u64 = 4 * 1024 * 1024;
 
 /// The heartbeat's last pong moved on by the time since `began` (a catch-up, during which no
 /// pong could be read), but not past now.
@@ -1025,6 +1036,10 @@ mod tests {
         assert!(!still_reading(over, 0, Some(0), true));
         assert!(still_reading(s(4), 64 * 1024, None, false));
         assert!(!still_reading(over, 0, None, false));
+        // A client that read a large catch-up long ago and then froze is not waited for as
+        // long as that catch-up would take: only what its buffer can hold.
+        assert!(still_reading(s(256), 1 << 30, Some(0), false));
+        assert!(!still_reading(s(257), 1 << 30, Some(0), false));
     }
 
     #[test]

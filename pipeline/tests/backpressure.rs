@@ -526,7 +526,7 @@ async fn a_slow_but_steady_reader_behind_a_large_backlog_keeps_its_connection() 
     const DOCS: usize = 16;
     const BLOB: usize = 128 * 1024;
     let mut env = TestEnv::new("wsslowread").await;
-    env.cfg.ws.heartbeat_secs = 1;
+    env.cfg.ws.heartbeat_secs = 2;
     let node = env
         .start(&[Role::Api, Role::Processor, Role::Projector])
         .await;

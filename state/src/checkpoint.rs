@@ -241,10 +241,15 @@ fn unique_suffix() -> String {
 /// Writes `bytes` to `path` through a synced temporary file and a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
     let tmp = path.with_extension(format!("tmp-{}", unique_suffix()));
-    let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
-    f.write_all(bytes).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    let written = (|| {
+        let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
+        f.write_all(bytes).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        fs::rename(&tmp, path).map_err(io_err(path))
+    })();
+    written.inspect_err(|_| {
+        let _ = fs::remove_file(&tmp);
+    })
 }
 
 fn sync_dir(dir: &Path) {
@@ -311,45 +316,52 @@ impl CheckpointDir {
         let file = snapshot_file(header.partition);
         let path = dir.join(&file);
         let tmp = path.with_extension(format!("tmp-{}", unique_suffix()));
-        let f = File::create(&tmp).map_err(io_err(&tmp))?;
-        let mut w = Hashing {
-            inner: BufWriter::with_capacity(1 << 20, f),
-            hash: Sha256::new(),
-            bytes: 0,
-        };
-        let head = serde_json::to_vec(header).expect("header serializes");
-        let mut count = 0u64;
-        let write = |w: &mut Hashing<BufWriter<File>>| -> Result<(), CheckpointError> {
-            w.write_all(MAGIC).map_err(io_err(&tmp))?;
-            w.write_all(&len_u32(head.len(), &tmp)?)
-                .map_err(io_err(&tmp))?;
-            w.write_all(&head).map_err(io_err(&tmp))?;
-            for entry in entries {
-                let (k, v) = entry?;
-                w.write_all(&len_u32(k.len(), &tmp)?)
+        // A part that fails (a full disk) leaves no temporary file behind to keep the disk full.
+        let written = (|| -> Result<(u64, String, u64), CheckpointError> {
+            let f = File::create(&tmp).map_err(io_err(&tmp))?;
+            let mut w = Hashing {
+                inner: BufWriter::with_capacity(1 << 20, f),
+                hash: Sha256::new(),
+                bytes: 0,
+            };
+            let head = serde_json::to_vec(header).expect("header serializes");
+            let mut count = 0u64;
+            let write = |w: &mut Hashing<BufWriter<File>>| -> Result<(), CheckpointError> {
+                w.write_all(MAGIC).map_err(io_err(&tmp))?;
+                w.write_all(&len_u32(head.len(), &tmp)?)
                     .map_err(io_err(&tmp))?;
-                w.write_all(&k).map_err(io_err(&tmp))?;
-                w.write_all(&len_u32(v.len(), &tmp)?)
-                    .map_err(io_err(&tmp))?;
-                w.write_all(&v).map_err(io_err(&tmp))?;
-                count += 1;
-            }
-            w.flush().map_err(io_err(&tmp))
-        };
-        write(&mut w)?;
-        let Hashing {
-            inner, hash, bytes, ..
-        } = w;
-        let f = inner
-            .into_inner()
-            .map_err(|e| io_err(&tmp)(e.into_error()))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+                w.write_all(&head).map_err(io_err(&tmp))?;
+                for entry in entries {
+                    let (k, v) = entry?;
+                    w.write_all(&len_u32(k.len(), &tmp)?)
+                        .map_err(io_err(&tmp))?;
+                    w.write_all(&k).map_err(io_err(&tmp))?;
+                    w.write_all(&len_u32(v.len(), &tmp)?)
+                        .map_err(io_err(&tmp))?;
+                    w.write_all(&v).map_err(io_err(&tmp))?;
+                    count += 1;
+                }
+                w.flush().map_err(io_err(&tmp))
+            };
+            write(&mut w)?;
+            let Hashing {
+                inner, hash, bytes, ..
+            } = w;
+            let f = inner
+                .into_inner()
+                .map_err(|e| io_err(&tmp)(e.into_error()))?;
+            f.sync_all().map_err(io_err(&tmp))?;
+            fs::rename(&tmp, &path).map_err(io_err(&path))?;
+            Ok((bytes, hex(&hash.finalize()), count))
+        })();
+        let (bytes, sha256, count) = written.inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })?;
         let info = PartInfo {
             partition: header.partition,
             file,
             bytes,
-            sha256: hex(&hash.finalize()),
+            sha256,
             entries: count,
             input_offset: header.input_offset,
             changelog_offset,
@@ -377,8 +389,8 @@ impl CheckpointDir {
         Ok(())
     }
 
-    /// The partitions whose snapshot of checkpoint `id` could not be written, by partition
-    /// (none when the checkpoint's directory does not exist yet).
+    /// The partitions whose snapshot of checkpoint `id` could not be written and has not been
+    /// written since, by partition (none when the checkpoint's directory does not exist yet).
     pub fn failures(&self, id: &str) -> Result<Vec<PartFailure>, CheckpointError> {
         let dir = self.dir(id)?;
         let entries = match fs::read_dir(&dir) {
@@ -395,12 +407,18 @@ impl CheckpointDir {
             // A record that does not read still says the partition failed.
             let failure = fs::read(&path)
                 .ok()
-                .and_then(|b| serde_json::from_slice::<PartFailure>(&b).ok());
-            out.push(failure.unwrap_or_else(|| PartFailure {
-                partition: -1,
-                reason: format!("unreadable failure record {}", path.display()),
-                at_ms: 0,
-            }));
+                .and_then(|b| serde_json::from_slice::<PartFailure>(&b).ok())
+                .unwrap_or_else(|| PartFailure {
+                    partition: -1,
+                    reason: format!("unreadable failure record {}", path.display()),
+                    at_ms: 0,
+                });
+            // Written after all (by this task later, or by the partition's next owner).
+            let part_info = dir.join(format!("p{:04}.json", failure.partition));
+            if failure.partition >= 0 && part_info.exists() {
+                continue;
+            }
+            out.push(failure);
         }
         out.sort_by_key(|f| f.partition);
         Ok(out)
@@ -705,6 +723,17 @@ mod tests {
         dir.record_failure("c3", &failure).unwrap();
         dir.write_part(&header("c3", 0), Some(5), BTreeMap::new(), entries(2))
             .unwrap();
+        assert_eq!(dir.failures("c3").unwrap(), vec![failure.clone()]);
+        // A failure recorded for a partition whose snapshot is there (a late record from its
+        // previous owner) is not one.
+        dir.record_failure(
+            "c3",
+            &PartFailure {
+                partition: 0,
+                ..failure.clone()
+            },
+        )
+        .unwrap();
         assert_eq!(dir.failures("c3").unwrap(), vec![failure]);
         assert_eq!(dir.try_complete("c3", 100, 2, 200).unwrap(), None);
         dir.write_part(&header("c3", 1), Some(5), BTreeMap::new(), entries(2))
@@ -712,6 +741,18 @@ mod tests {
         assert!(dir.failures("c3").unwrap().is_empty());
         assert!(dir.try_complete("c3", 100, 2, 200).unwrap().is_some());
         assert!(dir.failures("../x").is_err(), "ids are checked");
+        // A part that cannot be written leaves no temporary file (on a full disk, one would keep
+        // it full).
+        fs::create_dir_all(root.join("c4").join("p0000.snap")).unwrap();
+        assert!(dir
+            .write_part(&header("c4", 0), Some(5), BTreeMap::new(), entries(2))
+            .is_err());
+        let left: Vec<_> = fs::read_dir(root.join("c4"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, vec!["p0000.snap".to_string()]);
         fs::remove_dir_all(root).unwrap();
     }
 

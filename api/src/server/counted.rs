@@ -66,7 +66,8 @@ impl SendQueue {
     }
 
     /// Bytes written to the socket that its peer has not acknowledged yet (`None` where the
-    /// system cannot say).
+    /// system cannot say). Meaningless once the connection has closed (another socket may have
+    /// its descriptor): keep a `SendQueue` no longer than its connection.
     pub fn queued(&self) -> Option<usize> {
         queued(self.0)
     }
