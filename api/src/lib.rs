@@ -20,6 +20,7 @@ pub mod admin;
 pub mod applied;
 pub mod auth;
 pub mod broadcast;
+pub mod clocks;
 pub mod connections;
 pub mod error;
 pub mod fanout;
@@ -32,9 +33,9 @@ pub mod users;
 pub mod view;
 pub mod ws;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use processors::{HlcClock, Limits};
+use processors::Limits;
 use serde::{Deserialize, Serialize};
 
 /// HTTP settings.
@@ -90,8 +91,8 @@ pub struct AppState {
     pub reader: Arc<dyn view::DocReader>,
     /// Write limits (checked here too, so bad writes get a 4xx instead of a dead letter).
     pub limits: Limits,
-    /// This node's hybrid logical clock, stamping writes that carry none.
-    pub clock: Arc<Mutex<HlcClock>>,
+    /// This node's hybrid logical clocks, one per tenant, stamping writes.
+    pub clocks: Arc<clocks::TenantClocks>,
     /// Page sizes.
     pub pages: PageLimits,
     /// The node's change hub (WebSocket subscriptions); `None` without Redis.

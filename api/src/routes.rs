@@ -311,14 +311,7 @@ async fn submit(
             ),
             None => None,
         };
-        let mut clock = state.clock.lock().unwrap_or_else(|p| p.into_inner());
-        match client {
-            Some(h) => {
-                clock.observe(h, now_ms());
-                h
-            }
-            None => clock.tick(now_ms()),
-        }
+        state.clocks.stamp(&claims.tenant, client, now_ms())
     };
     // A client's own event id (with its X-HLC and X-Device-Id) makes a retry of the same write a
     // retransmission, which the resolver applies at most once: after a 503 from Kafka the write
@@ -867,7 +860,7 @@ pub(crate) mod tests {
             sink: Arc::new(NoSink),
             reader: Arc::new(reader),
             limits: processors::Limits::default(),
-            clock: Arc::new(Mutex::new(processors::HlcClock::new())),
+            clocks: Default::default(),
             pages: crate::PageLimits::from(&crate::ApiConfig::default()),
             hub: None,
             ws: crate::ws::WsConfig::default(),

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use api::auth::password::Passwords;
 use api::auth::sessions::AuthStore;
@@ -11,7 +11,6 @@ use api::ratelimit::RateLimiter;
 use api::sink::KafkaSink;
 use api::view::MongoView;
 use api::AppState;
-use processors::HlcClock;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -197,9 +196,7 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             sink: Arc::new(sink),
             reader: Arc::new(view),
             limits: cfg.limits.clone(),
-            clock: Arc::new(Mutex::new(HlcClock::with_max_skew(
-                cfg.resolver.max_skew_ms,
-            ))),
+            clocks: Arc::new(api::clocks::TenantClocks::new(cfg.resolver.max_skew_ms)),
             pages: api::PageLimits::from(&cfg.api),
             hub: Some(hub.clone()),
             ws,
