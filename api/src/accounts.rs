@@ -369,7 +369,8 @@ pub async fn login(
             &req.password,
             user.as_ref().map(|u| u.password_hash.as_str()),
         )
-        .await;
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
     let Some(user) = user.filter(|_| ok) else {
         return Err(ApiError::Unauthorized("wrong user name or password".into()));
     };

@@ -239,9 +239,12 @@ fn parse_body(body: &Bytes) -> Result<Map<String, Value>, ApiError> {
 /// Header `name` (`X-Device-Id`, `X-Event-Id`) when given, checked as the resolver checks a
 /// write's ids: a write answered 202 must not be refused there.
 fn write_id_header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
-    let Some(id) = header_str(headers, &name.to_ascii_lowercase())? else {
+    // Any UTF-8, as in a write sent to Kafka (`HeaderValue::to_str` takes visible ASCII only).
+    let Some(value) = headers.get(name.to_ascii_lowercase()) else {
         return Ok(None);
     };
+    let id = std::str::from_utf8(value.as_bytes())
+        .map_err(|_| ApiError::bad_request("invalid_header", format!("{name} is not UTF-8")))?;
     processors::limits::check_write_id(name, id)
         .map_err(|r| ApiError::bad_request("invalid_header", r.message))?;
     Ok(Some(id.to_owned()))
@@ -279,12 +282,6 @@ async fn submit(
         }
     };
     state.limits.check_doc_id(&doc_id)?;
-    if let Some(limiter) = &state.limiter {
-        limiter
-            .check(crate::ratelimit::Action::Write, &claims.tenant, &claims.sub)
-            .await
-            .map_err(ApiError::limited)?;
-    }
     match &op {
         WriteOp::Set { doc } => state.limits.check_body(doc)?,
         WriteOp::Patch { patch } => state.limits.check_body(patch)?,
@@ -303,15 +300,12 @@ async fn submit(
             id
         }
     };
-    let hlc = {
-        let client = match header_str(headers, "x-hlc")? {
-            Some(text) => Some(
-                text.parse::<Hlc>()
-                    .map_err(|e| ApiError::bad_request("invalid_header", format!("X-HLC: {e}")))?,
-            ),
-            None => None,
-        };
-        state.clocks.stamp(&claims.tenant, client, now_ms())
+    let client_hlc = match header_str(headers, "x-hlc")? {
+        Some(text) => Some(
+            text.parse::<Hlc>()
+                .map_err(|e| ApiError::bad_request("invalid_header", format!("X-HLC: {e}")))?,
+        ),
+        None => None,
     };
     // A client's own event id (with its X-HLC and X-Device-Id) makes a retry of the same write a
     // retransmission, which the resolver applies at most once: after a 503 from Kafka the write
@@ -320,6 +314,14 @@ async fn submit(
         Some(id) => id,
         None => uuid::Uuid::now_v7().to_string(),
     };
+    // Charged only for a write that is sent: a refused one (400) writes nothing.
+    if let Some(limiter) = &state.limiter {
+        limiter
+            .check(crate::ratelimit::Action::Write, &claims.tenant, &claims.sub)
+            .await
+            .map_err(ApiError::limited)?;
+    }
+    let hlc = state.clocks.stamp(&claims.tenant, client_hlc, now_ms());
     let write = Write {
         v: processors::write::WRITE_FORMAT_VERSION,
         event_id,
@@ -987,12 +989,14 @@ pub(crate) mod tests {
         let token = token(&st, "b:rw");
         let app = router(st);
         let long = "d".repeat(257);
-        for (device, status) in [
-            (Some("phone-1"), 202),
-            (None, 202),
-            (Some("a\tb"), 400),
-            (Some(long.as_str()), 400),
-            (Some(""), 400),
+        for (device, status, why) in [
+            (Some("phone-1".as_bytes()), 202, ""),
+            (None, 202, ""),
+            (Some("téléphone".as_bytes()), 202, ""),
+            (Some(b"\xfftel".as_slice()), 400, "not UTF-8"),
+            (Some(b"a\tb".as_slice()), 400, "control characters"),
+            (Some(long.as_bytes()), 400, "control characters"),
+            (Some(b"".as_slice()), 400, "control characters"),
         ] {
             let mut request = axum::http::Request::builder()
                 .method("PUT")
@@ -1000,7 +1004,8 @@ pub(crate) mod tests {
                 .header("authorization", format!("Bearer {token}"))
                 .header("content-type", "application/json");
             if let Some(d) = device {
-                request = request.header("x-device-id", d);
+                let value = axum::http::HeaderValue::from_bytes(d).unwrap();
+                request = request.header("x-device-id", value);
             }
             let request = request.body(axum::body::Body::from(r#"{"x":1}"#)).unwrap();
             let response = app.clone().oneshot(request).await.unwrap();
@@ -1014,7 +1019,7 @@ pub(crate) mod tests {
                 assert!(
                     body["error"]["message"]
                         .as_str()
-                        .is_some_and(|m| m.contains("control characters")),
+                        .is_some_and(|m| m.contains(why)),
                     "{body}"
                 );
             }

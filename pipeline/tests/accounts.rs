@@ -697,6 +697,20 @@ async fn a_tenant_over_its_limit_gets_429_while_another_does_not() {
     // After the advertised wait, the noisy tenant may write again.
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(write(noisy.clone(), 100).await.0, 202);
+    // Refused writes (400) are not charged: thirty of them, and the next good one still goes in.
+    for i in 0..30 {
+        let resp = api
+            .http
+            .put(format!("{}/v1/buckets/b/docs/bad{i}", api.base))
+            .bearer_auth(&noisy)
+            .header("x-device-id", "a\tb")
+            .json(&json!({"i": i}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400);
+    }
+    assert_eq!(write(noisy.clone(), 101).await.0, 202);
 
     // Connections: the noisy tenant's user may open two per minute; the third is refused.
     let ws_url = format!("{}/v1/subscribe", api.base.replace("http://", "ws://"));

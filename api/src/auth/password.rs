@@ -5,6 +5,7 @@
 //! memory and every core.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
@@ -16,10 +17,17 @@ pub const MIN_LEN: usize = 8;
 /// Longest password accepted, in bytes (hashing cost grows with it).
 pub const MAX_BYTES: usize = 1024;
 
+/// How long a password check or hash waits for a free slot before it is refused as busy: past
+/// that, logins come faster than the slots get through them (a flood), and waiting longer would
+/// only grow the queue.
+pub const TURN_WAIT: Duration = Duration::from_secs(5);
+
 /// Hashes and verifies passwords, a bounded number at a time.
 #[derive(Clone)]
 pub struct Passwords {
     permits: Arc<Semaphore>,
+    /// How long a request waits for its turn before it is answered "busy".
+    wait: Duration,
     /// Verified against when the user does not exist, so that answer takes as long as a wrong
     /// password does.
     dummy: Arc<String>,
@@ -34,6 +42,9 @@ pub enum PasswordError {
     /// The hasher failed (never for valid input).
     #[error("password hashing failed: {0}")]
     Hash(String),
+    /// Every hashing slot stayed taken for as long as a request waits (a flood of logins).
+    #[error("too many password checks in progress; retry in a few seconds")]
+    Busy,
 }
 
 fn hash_now(password: &str) -> Result<String, PasswordError> {
@@ -57,9 +68,15 @@ fn verify_now(password: &str, phc: &str) -> bool {
 }
 
 impl Passwords {
-    /// At most `concurrent` hashes at once.
+    /// At most `concurrent` hashes at once; a request waits up to [`TURN_WAIT`] for its turn.
     pub fn new(concurrent: usize) -> Self {
+        Self::with_wait(concurrent, TURN_WAIT)
+    }
+
+    /// At most `concurrent` hashes at once; a request waits up to `wait` for its turn.
+    pub fn with_wait(concurrent: usize, wait: Duration) -> Self {
         Self {
+            wait,
             permits: Arc::new(Semaphore::new(concurrent.max(1))),
             dummy: Arc::new(hash_now("not a password of anyone").expect("hashing a constant")),
         }
@@ -73,10 +90,19 @@ impl Passwords {
         Ok(())
     }
 
+    /// A hashing slot, if one frees up within the wait: requests beyond what the slots get
+    /// through are refused instead of queueing without end.
+    async fn turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, PasswordError> {
+        match tokio::time::timeout(self.wait, self.permits.acquire()).await {
+            Ok(permit) => Ok(permit.expect("never closed")),
+            Err(_) => Err(PasswordError::Busy),
+        }
+    }
+
     /// The argon2id PHC string of `password`.
     pub async fn hash(&self, password: &str) -> Result<String, PasswordError> {
         Self::check(password)?;
-        let _permit = self.permits.acquire().await.expect("never closed");
+        let _permit = self.turn().await?;
         let password = password.to_owned();
         tokio::task::spawn_blocking(move || hash_now(&password))
             .await
@@ -84,19 +110,19 @@ impl Passwords {
     }
 
     /// Whether `password` matches `phc`; with `None` (no such user) it spends the same time and
-    /// answers false.
-    pub async fn verify(&self, password: &str, phc: Option<&str>) -> bool {
+    /// answers false. [`PasswordError::Busy`] when no slot frees up in time.
+    pub async fn verify(&self, password: &str, phc: Option<&str>) -> Result<bool, PasswordError> {
         if password.len() > MAX_BYTES {
-            return false;
+            return Ok(false);
         }
-        let _permit = self.permits.acquire().await.expect("never closed");
+        let _permit = self.turn().await?;
         let known = phc.is_some();
         let phc = phc.map_or_else(|| self.dummy.to_string(), str::to_owned);
         let password = password.to_owned();
-        tokio::task::spawn_blocking(move || verify_now(&password, &phc))
+        let matched = tokio::task::spawn_blocking(move || verify_now(&password, &phc))
             .await
-            .unwrap_or(false)
-            && known
+            .unwrap_or(false);
+        Ok(matched && known)
     }
 }
 
@@ -111,14 +137,27 @@ mod tests {
         let b = p.hash("correct horse battery").await.unwrap();
         assert!(a.starts_with("$argon2id$"), "{a}");
         assert_ne!(a, b, "salted");
-        assert!(p.verify("correct horse battery", Some(&a)).await);
-        assert!(!p.verify("wrong horse battery", Some(&a)).await);
-        assert!(!p.verify("correct horse battery", None).await);
-        assert!(!p.verify("x", Some("not a phc string")).await);
+        assert!(p.verify("correct horse battery", Some(&a)).await.unwrap());
+        assert!(!p.verify("wrong horse battery", Some(&a)).await.unwrap());
+        assert!(!p.verify("correct horse battery", None).await.unwrap());
+        assert!(!p.verify("x", Some("not a phc string")).await.unwrap());
         assert!(matches!(p.hash("short").await, Err(PasswordError::Length)));
         assert!(matches!(
             p.hash(&"x".repeat(MAX_BYTES + 1)).await,
             Err(PasswordError::Length)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_request_that_gets_no_slot_in_time_is_told_busy_instead_of_queueing() {
+        let p = Passwords::with_wait(1, Duration::from_millis(1));
+        let phc = p.hash("correct horse battery").await.unwrap();
+        // The first takes the only slot for a whole argon2 check; the second gives up.
+        let (first, second) = tokio::join!(
+            p.verify("correct horse battery", Some(&phc)),
+            p.verify("correct horse battery", Some(&phc))
+        );
+        assert!(first.unwrap());
+        assert!(matches!(second, Err(PasswordError::Busy)), "{second:?}");
     }
 }
