@@ -24,6 +24,7 @@
 //! changes feed, `{deleted, deleted_at_ms}` for the tombstone sweeper; `_id` serves listing.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::TryStreamExt;
@@ -570,18 +571,47 @@ impl MongoView {
         cutoff_ms: i64,
         round: usize,
     ) -> Result<u64, ViewError> {
+        let (removed, _) = self
+            .sweep_for(cutoff_ms, round, Duration::MAX, None)
+            .await?;
+        Ok(removed)
+    }
+
+    /// [`MongoView::sweep_tombstones_by`] for about `budget` at most: it stops after the first
+    /// round that ends past the budget (at least one round is done). Starts with tenant `from`
+    /// (or the first, in name order); returns how many it removed and the tenant to go on with
+    /// next time, `None` when every tenant's old tombstones are gone. A mass delete is then
+    /// swept over many short calls, between which a projector applies its batches.
+    pub async fn sweep_for(
+        &self,
+        cutoff_ms: i64,
+        round: usize,
+        budget: Duration,
+        from: Option<&str>,
+    ) -> Result<(u64, Option<String>), ViewError> {
+        let started = std::time::Instant::now();
         let round = round.max(1);
+        let mut tenants = self.tenants().await?;
+        tenants.sort();
         let mut removed = 0;
-        for tenant in self.tenants().await? {
+        let start = from.map_or(0, |f| tenants.partition_point(|t| t.as_str() < f));
+        for (i, tenant) in tenants.iter().enumerate().skip(start) {
             loop {
-                let (swept, found) = self.sweep_round(&tenant, cutoff_ms, round).await?;
+                let (swept, found) = self.sweep_round(tenant, cutoff_ms, round).await?;
                 removed += swept;
+                let spent = started.elapsed() >= budget;
+                if found >= round && spent {
+                    return Ok((removed, Some(tenant.clone())));
+                }
                 if found < round {
+                    if spent {
+                        return Ok((removed, tenants.get(i + 1).cloned()));
+                    }
                     break;
                 }
             }
         }
-        Ok(removed)
+        Ok((removed, None))
     }
 
     /// One round of [`MongoView::sweep_tombstones`] over a tenant: (removed, found).

@@ -175,6 +175,10 @@ impl Default for ProjectorConfig {
     }
 }
 
+/// The deepest `limits.max_depth` allowed: objects alternating with arrays nest about twice as
+/// deep in BSON as the limit counts, plus the view's wrapper, and MongoDB takes 100 levels.
+pub const MAX_DEPTH: usize = 48;
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -337,6 +341,12 @@ impl Config {
             || self.limits.max_doc_bytes < 2
         {
             out.push("limits must allow at least a small document".into());
+        }
+        if self.limits.max_depth > MAX_DEPTH {
+            out.push(format!(
+                "limits.max_depth ({}) must be at most {MAX_DEPTH}: an array between two objects adds a level the limit does not count, and the view database refuses documents nested over 100 levels (a write it refuses would stop its partition's projector)",
+                self.limits.max_depth
+            ));
         }
         let (doc, stored) = (self.limits.max_doc_bytes, self.limits.max_state_bytes);
         if stored < doc || stored > 960_000 {
@@ -640,6 +650,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(text.contains("unknown field `writes`"), "{text}");
+    }
+
+    #[test]
+    fn a_depth_the_view_database_could_refuse_is_refused_at_start_up() {
+        let depth = |d: &str| Config::load(None, env(&[SECRET, ("SYNCFLOW_LIMITS_MAX_DEPTH", d)]));
+        assert_eq!(depth("48").unwrap().limits.max_depth, MAX_DEPTH);
+        let err = depth("49").unwrap_err().to_string();
+        assert!(err.contains("limits.max_depth (49)"), "{err}");
     }
 
     #[test]

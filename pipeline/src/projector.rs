@@ -177,13 +177,18 @@ pub async fn run(
     let settings = &cfg.projector;
     let sweep_every = Duration::from_secs(settings.sweep_interval_secs.max(1));
     let mut next_sweep = tokio::time::Instant::now() + sweep_every;
+    // Where an unfinished sweep goes on (`Some`: a tenant still had old tombstones).
+    let mut sweep_from: Option<String> = None;
     tracing::info!("projector started");
     loop {
         let first = tokio::select! {
             _ = shutdown.changed() => break,
             _ = tokio::time::sleep_until(next_sweep) => {
-                sweep(&view, settings.tombstone_retention_secs).await;
-                next_sweep = tokio::time::Instant::now() + sweep_every;
+                let cutoff = sweep_cutoff(settings.tombstone_retention_secs);
+                sweep_from = sweep(&view, cutoff, sweep_from.as_deref()).await;
+                // An unfinished sweep goes on soon, but batches are applied in between.
+                let wait = if sweep_from.is_some() { SWEEP_PAUSE } else { sweep_every };
+                next_sweep = tokio::time::Instant::now() + wait;
                 continue;
             }
             m = consumer.recv() => m,
@@ -238,16 +243,40 @@ pub async fn run(
 }
 
 /// Sweeps tombstones older than the retention; logs, never fails the projector.
-async fn sweep(view: &MongoView, retention_secs: u64) {
+/// How long one sweep may run before the projector goes back to its batches.
+const SWEEP_BUDGET: Duration = Duration::from_millis(500);
+
+/// The pause between the parts of an unfinished sweep.
+const SWEEP_PAUSE: Duration = Duration::from_secs(1);
+
+/// Tombstones read (and removed) per round of a sweep.
+const SWEEP_ROUND: usize = 1_000;
+
+/// Deletes older than this (ms since the epoch) are swept.
+fn sweep_cutoff(retention_secs: u64) -> i64 {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0);
-    let cutoff = now_ms
-        .saturating_sub(i64::try_from(retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX));
-    match view.sweep_tombstones(cutoff).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(removed = n, "tombstones swept"),
-        Err(e) => tracing::warn!(error = %e, "tombstone sweep failed"),
+    now_ms.saturating_sub(i64::try_from(retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX))
+}
+
+/// Sweeps tombstones older than `cutoff` for about [`SWEEP_BUDGET`], from tenant `from`; returns
+/// where to go on (`None`: done, or failed and tried again at the next interval).
+async fn sweep(view: &MongoView, cutoff: i64, from: Option<&str>) -> Option<String> {
+    match view
+        .sweep_for(cutoff, SWEEP_ROUND, SWEEP_BUDGET, from)
+        .await
+    {
+        Ok((removed, next)) => {
+            if removed > 0 {
+                tracing::info!(removed, unfinished = next.is_some(), "tombstones swept");
+            }
+            next
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "tombstone sweep failed");
+            None
+        }
     }
 }
