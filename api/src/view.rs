@@ -103,6 +103,9 @@ async fn insert_all(coll: &Collection<Document>, docs: &[ViewDoc]) -> Result<u64
     Ok(docs.len() as u64)
 }
 
+/// Which buckets (tenant, bucket) a sweep may touch.
+pub type BucketFilter<'a> = dyn Fn(&str, &str) -> bool + Sync + 'a;
+
 /// Most tombstones one round of [`MongoView::sweep_tombstones`] reads (and holds) at a time.
 const SWEEP_ROUND: usize = 10_000;
 
@@ -572,7 +575,7 @@ impl MongoView {
         round: usize,
     ) -> Result<u64, ViewError> {
         let (removed, _) = self
-            .sweep_for(cutoff_ms, round, Duration::MAX, None)
+            .sweep_for(cutoff_ms, round, Duration::MAX, None, None)
             .await?;
         Ok(removed)
     }
@@ -582,12 +585,19 @@ impl MongoView {
     /// (or the first, in name order); returns how many it removed and the tenant to go on with
     /// next time, `None` when every tenant's old tombstones are gone. A mass delete is then
     /// swept over many short calls, between which a projector applies its batches.
+    ///
+    /// With `owns`, only the buckets it names (tenant, bucket) are swept: a projector sweeps the
+    /// buckets of its own partitions, so that its sweep and its batches never touch one bucket at
+    /// the same time (FerretDB v1 applies a filtered update or delete as a read, then a write by
+    /// `_id`: a sweep beside another process's batch could lose a `projected_seq` or delete a
+    /// document revived in between).
     pub async fn sweep_for(
         &self,
         cutoff_ms: i64,
         round: usize,
         budget: Duration,
         from: Option<&str>,
+        owns: Option<&BucketFilter<'_>>,
     ) -> Result<(u64, Option<String>), ViewError> {
         let started = std::time::Instant::now();
         let round = round.max(1);
@@ -596,8 +606,21 @@ impl MongoView {
         let mut removed = 0;
         let start = from.map_or(0, |f| tenants.partition_point(|t| t.as_str() < f));
         for (i, tenant) in tenants.iter().enumerate().skip(start) {
+            let buckets = match owns {
+                None => None,
+                Some(owns) => {
+                    let mut mine = self.bucket_names(tenant).await?;
+                    mine.retain(|b| owns(tenant, b));
+                    Some(mine)
+                }
+            };
             loop {
-                let (swept, found) = self.sweep_round(tenant, cutoff_ms, round).await?;
+                if buckets.as_ref().is_some_and(Vec::is_empty) {
+                    break;
+                }
+                let (swept, found) = self
+                    .sweep_round(tenant, cutoff_ms, round, buckets.as_deref())
+                    .await?;
                 removed += swept;
                 let spent = started.elapsed() >= budget;
                 if found >= round && spent {
@@ -614,15 +637,20 @@ impl MongoView {
         Ok((removed, None))
     }
 
-    /// One round of [`MongoView::sweep_tombstones`] over a tenant: (removed, found).
+    /// One round of [`MongoView::sweep_tombstones`] over a tenant (only `buckets`, if given):
+    /// (removed, found).
     async fn sweep_round(
         &self,
         tenant: &str,
         cutoff_ms: i64,
         round: usize,
+        buckets: Option<&[String]>,
     ) -> Result<(u64, usize), ViewError> {
         let coll = self.docs(tenant);
-        let filter = doc! {"deleted": true, "deleted_at_ms": {"$lt": cutoff_ms}};
+        let mut filter = doc! {"deleted": true, "deleted_at_ms": {"$lt": cutoff_ms}};
+        if let Some(buckets) = buckets {
+            filter.insert("bucket", doc! {"$in": buckets});
+        }
         let mut cursor = coll
             .find(filter)
             .projection(doc! {"_id": 1, "bucket": 1, "seq": 1})

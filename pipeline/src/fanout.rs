@@ -42,7 +42,7 @@ pub fn group_id(cfg: &Config) -> String {
 
 /// Runs the announcer until `shutdown` turns true.
 pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), ProjectorError> {
-    let consumer = subscribe(&cfg, &group_id(&cfg), topics::SYNC_EVENTS)?;
+    let (consumer, _) = subscribe(&cfg, &group_id(&cfg), topics::SYNC_EVENTS)?;
     let redis = api::redis_conn::manager(&cfg.redis.url).map_err(ProjectorError::Redis)?;
     let prefix = cfg.kafka.topic_prefix.clone();
     let batch_max = cfg.projector.batch_max.max(1) as usize;

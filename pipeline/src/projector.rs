@@ -43,12 +43,12 @@ pub fn group_id(cfg: &Config) -> String {
 }
 
 /// A `read_committed` consumer of `topic` in `group` that stores offsets only when told to
-/// (`store_offset*`) and commits the stored ones every 500 ms.
+/// (`store_offset*`) and commits the stored ones every 500 ms, and the topic's partition count.
 pub(crate) fn subscribe(
     cfg: &Config,
     group: &str,
     topic: &str,
-) -> Result<StreamConsumer, ProjectorError> {
+) -> Result<(StreamConsumer, i32), ProjectorError> {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
         .set("group.id", group)
@@ -63,11 +63,11 @@ pub(crate) fn subscribe(
         .create()?;
     let topic = cfg.topic(topic);
     // Blocking metadata calls: keep them off the async workers.
-    tokio::task::block_in_place(|| {
+    let partitions = tokio::task::block_in_place(|| {
         topics::wait_for_topic(consumer.client(), &topic, Duration::from_secs(30))
     })?;
     consumer.subscribe(&[&topic])?;
-    Ok(consumer)
+    Ok((consumer, i32::try_from(partitions).unwrap_or(i32::MAX)))
 }
 
 /// A received message; `Ok(None)` after a transient error (logged for `who`), `Err` when the
@@ -156,7 +156,8 @@ pub async fn run(
     view: MongoView,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ProjectorError> {
-    let consumer = subscribe(&cfg, &group_id(&cfg), topics::SYNC_EVENTS)?;
+    let (consumer, partitions) = subscribe(&cfg, &group_id(&cfg), topics::SYNC_EVENTS)?;
+    let topic = cfg.topic(topics::SYNC_EVENTS);
     let mut indexed: HashSet<String> = HashSet::new();
     // The indexes reads need, for every tenant already in the view (idempotent).
     match view.tenants().await {
@@ -185,7 +186,12 @@ pub async fn run(
             _ = shutdown.changed() => break,
             _ = tokio::time::sleep_until(next_sweep) => {
                 let cutoff = sweep_cutoff(settings.tombstone_retention_secs);
-                sweep_from = sweep(&view, cutoff, sweep_from.as_deref()).await;
+                let mine = owned_partitions(&consumer, &topic);
+                let owns = |tenant: &str, bucket: &str| {
+                    let key = format!("{tenant}/{bucket}");
+                    mine.contains(&crate::partition::partition_for(key.as_bytes(), partitions))
+                };
+                sweep_from = sweep(&view, cutoff, sweep_from.as_deref(), &owns).await;
                 // An unfinished sweep goes on soon, but batches are applied in between.
                 let wait = if sweep_from.is_some() { SWEEP_PAUSE } else { sweep_every };
                 next_sweep = tokio::time::Instant::now() + wait;
@@ -261,11 +267,32 @@ fn sweep_cutoff(retention_secs: u64) -> i64 {
     now_ms.saturating_sub(i64::try_from(retention_secs.saturating_mul(1000)).unwrap_or(i64::MAX))
 }
 
-/// Sweeps tombstones older than `cutoff` for about [`SWEEP_BUDGET`], from tenant `from`; returns
-/// where to go on (`None`: done, or failed and tried again at the next interval).
-async fn sweep(view: &MongoView, cutoff: i64, from: Option<&str>) -> Option<String> {
+/// The partitions of `topic` assigned to `consumer` now.
+fn owned_partitions(consumer: &StreamConsumer, topic: &str) -> HashSet<i32> {
+    match consumer.assignment() {
+        Ok(list) => list
+            .elements_for_topic(topic)
+            .iter()
+            .map(|e| e.partition())
+            .collect(),
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the projector's assignment failed");
+            HashSet::new()
+        }
+    }
+}
+
+/// Sweeps the tombstones older than `cutoff` of the buckets it `owns` for about
+/// [`SWEEP_BUDGET`], from tenant `from`; returns where to go on (`None`: done, or failed and
+/// tried again at the next interval).
+async fn sweep(
+    view: &MongoView,
+    cutoff: i64,
+    from: Option<&str>,
+    owns: &api::view::BucketFilter<'_>,
+) -> Option<String> {
     match view
-        .sweep_for(cutoff, SWEEP_ROUND, SWEEP_BUDGET, from)
+        .sweep_for(cutoff, SWEEP_ROUND, SWEEP_BUDGET, from, Some(owns))
         .await
     {
         Ok((removed, next)) => {

@@ -22,7 +22,7 @@ pub async fn run(
     users: UsersView,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ProjectorError> {
-    let consumer = subscribe(&cfg, &group_id(&cfg), topics::USER_EVENTS)?;
+    let (consumer, _) = subscribe(&cfg, &group_id(&cfg), topics::USER_EVENTS)?;
     if let Err(e) = users.ensure_indexes().await {
         tracing::warn!(error = %e, "users view index creation failed");
     }

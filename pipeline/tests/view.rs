@@ -547,13 +547,21 @@ async fn a_sweep_in_small_rounds_removes_every_old_tombstone() {
     let got: Vec<(&str, bool)> = got.iter().map(|d| (d.doc_id.as_str(), d.deleted)).collect();
     assert_eq!(got, [("d7", false), ("d0", true)]);
     assert!(view.get_many("acme", "c", &ids).await.unwrap().is_empty());
+    // A projector sweeps only the buckets it owns: here none of them.
+    let not_b = |_: &str, bucket: &str| bucket != "b";
+    let (removed, next) = view
+        .sweep_for(i64::MAX, 2, Duration::ZERO, None, Some(&not_b))
+        .await
+        .unwrap();
+    assert_eq!((removed, next), (0, None));
     // With no time to spare, each call does one round of two and says where to go on; the last
     // one says it is done.
+    let only_b = |_: &str, bucket: &str| bucket == "b";
     let mut steps = Vec::new();
     let mut from: Option<String> = None;
     loop {
         let (removed, next) = view
-            .sweep_for(i64::MAX, 2, Duration::ZERO, from.as_deref())
+            .sweep_for(i64::MAX, 2, Duration::ZERO, from.as_deref(), Some(&only_b))
             .await
             .unwrap();
         steps.push(removed);
