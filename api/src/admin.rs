@@ -67,14 +67,25 @@ fn check_giving(caller: &Claims, grants: &[Grant]) -> Result<(), ApiError> {
 pub const MAX_SERVICE_TOKENS: usize = 1_000;
 
 /// Who may revoke a service token with these grants: whoever administers every one of them; a
-/// token without grants (or an operator token), which no grant check would cover, only a tenant
-/// admin.
+/// token without grants, which no grant check would cover, only a tenant admin; an operator
+/// token only an operator (a tenant's admin is not the cluster's: whoever registered the tenant
+/// the operators keep their tokens in could otherwise revoke them).
 fn may_revoke_service_token(
     caller: &Claims,
     grants: &[Grant],
     operator: bool,
 ) -> Result<(), ApiError> {
-    if grants.is_empty() || operator {
+    if operator {
+        return if caller.operator {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(
+                "an operator token is revoked only with an operator token (syncflow token --operator)"
+                    .into(),
+            ))
+        };
+    }
+    if grants.is_empty() {
         return require_tenant_admin(caller);
     }
     if let Some(g) = grants.iter().find(|g| !caller.administers(&g.bucket)) {
@@ -349,7 +360,8 @@ pub async fn list_service_tokens(
 }
 
 /// `DELETE /v1/tenant/service-tokens/{id}`: revokes at once. Allowed to whoever administers
-/// every grant of the token; a token without grants, or an operator token, to tenant admins.
+/// every grant of the token; a token without grants to tenant admins; an operator token to
+/// operators.
 pub async fn revoke_service_token(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -509,6 +509,44 @@ async fn tenant_admins_manage_grants_invitations_and_service_tokens() {
         assert_eq!(s, want, "only a tenant admin revokes it");
     }
 
+    // An operator's service token registered in the tenant is an operator's to revoke, not the
+    // tenant admin's (who may be whoever registered the tenant the operators use).
+    let mint = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_syncflow"))
+            .args(["token", "--tenant", "acme", "--operator"])
+            .args(extra)
+            .env("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET)
+            .env("SYNCFLOW_KAFKA_TOPIC_PREFIX", &env.cfg.kafka.topic_prefix)
+            .env("SYNCFLOW_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    mint(&["--service", "ops-backup"]);
+    let operator = mint(&[]);
+    let (_, listed) = api.get("/v1/tenant/service-tokens", &admin).await;
+    let ops_id = listed["service_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "ops-backup")
+        .unwrap_or_else(|| panic!("{listed}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ops_url = format!("/v1/tenant/service-tokens/{ops_id}");
+    for (who, want) in [(&admin, 403), (&operator, 204)] {
+        let (s, _, _) = api
+            .call(reqwest::Method::DELETE, &ops_url, Some(who), None)
+            .await;
+        assert_eq!(s, want, "only an operator revokes an operator token");
+    }
+
     // Another tenant's admin reaches nothing of acme.
     let (s, carol) = api.register("carol", json!({"tenant": "globex"})).await;
     assert_eq!(s, 201, "{carol}");
