@@ -33,6 +33,19 @@ pub enum ProjectorError {
     /// The Redis URL is unusable.
     #[error("redis: {0}")]
     Redis(redis::RedisError),
+    /// A change of a format newer than this build reads: applying it as an older one could write
+    /// the view wrongly, and skipping it would lose it, so the projector stops until upgraded.
+    #[error("sync.events partition {partition} offset {offset} has event format {found}, newer than the {known} this projector reads: upgrade the projector (nothing past it is applied until then)")]
+    NewerFormat {
+        /// The record's partition.
+        partition: i32,
+        /// The record's offset.
+        offset: i64,
+        /// Its format.
+        found: u32,
+        /// The newest this build reads.
+        known: u32,
+    },
 }
 
 pub use api::view::change_channel;
@@ -207,6 +220,14 @@ pub async fn run(
         let mut events = Vec::with_capacity(messages.len());
         for m in &messages {
             match m.payload().map(serde_json::from_slice::<SyncEvent>) {
+                Some(Ok(e)) if e.v > processors::events::EVENT_FORMAT_VERSION => {
+                    return Err(ProjectorError::NewerFormat {
+                        partition: m.partition(),
+                        offset: m.offset(),
+                        found: e.v,
+                        known: processors::events::EVENT_FORMAT_VERSION,
+                    });
+                }
                 Some(Ok(e)) => events.push(e),
                 other => {
                     // Only the resolver writes this topic; a bad record is a bug, never a reason to stall.

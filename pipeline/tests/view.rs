@@ -580,3 +580,60 @@ async fn a_sweep_in_small_rounds_removes_every_old_tombstone() {
     assert_eq!(ids, ["d7"]);
     env.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_of_a_newer_format_stops_the_projector_instead_of_being_skipped() {
+    use api::view::DocReader;
+    let env = TestEnv::new("newerformat").await;
+    let node = env.start(&[Role::Projector]).await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .create()
+        .unwrap();
+    let topic = env.topic(topics::SYNC_EVENTS);
+    let send = |doc: &'static str, v: u32, seq: u64| {
+        let event = json!({"v": v, "tenant": "acme", "bucket": "b", "doc_id": doc,
+            "version": 1, "seq": seq, "hlc": format!("{}:0", 1_000 + seq),
+            "event_id": format!("e{seq}"), "device_id": "dev", "deleted": false,
+            "set": {"n": seq}, "unset": []});
+        let (producer, topic) = (producer.clone(), topic.clone());
+        async move {
+            let payload = serde_json::to_vec(&event).unwrap();
+            let record = FutureRecord::to(&topic)
+                .partition(0)
+                .key("acme/b")
+                .payload(&payload);
+            producer
+                .send(record, Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
+    };
+    let view = api::view::MongoView::new(database(&env).await);
+    let has = |doc: &'static str| {
+        let view = &view;
+        async move { view.get("acme", "b", doc).await.unwrap().is_some() }
+    };
+    send("before", 1, 1).await;
+    eventually(Duration::from_secs(30), "the projector applies", || async {
+        has("before").await.then_some(())
+    })
+    .await;
+    // A change of a format this build does not know, then one it does, behind it.
+    send("newer", processors::events::EVENT_FORMAT_VERSION + 1, 2).await;
+    send("after", 1, 3).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        !has("newer").await,
+        "a change of an unknown format was applied"
+    );
+    assert!(
+        !has("after").await,
+        "the change of a newer format was skipped: what follows it was applied"
+    );
+    // Stopped while it refuses the change, the projector role ends with the reason.
+    if let Err(e) = node.stop().await {
+        assert!(e.to_string().contains("upgrade the projector"), "{e}");
+    }
+    env.cleanup().await;
+}
