@@ -70,6 +70,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                 );
                 continue;
             };
+            crate::projector::known_format(m, &event)?;
             let mark = marks
                 .entry(api::fanout::announced_field(&event.tenant, &event.bucket))
                 .or_default();

@@ -33,9 +33,10 @@ pub enum ProjectorError {
     /// The Redis URL is unusable.
     #[error("redis: {0}")]
     Redis(redis::RedisError),
-    /// A change of a format newer than this build reads: applying it as an older one could write
-    /// the view wrongly, and skipping it would lose it, so the projector stops until upgraded.
-    #[error("sync.events partition {partition} offset {offset} has event format {found}, newer than the {known} this projector reads: upgrade the projector (nothing past it is applied until then)")]
+    /// A change of a format newer than this build reads: applying (or announcing) it as an older
+    /// one could be wrong, and skipping it would lose it, so the projector or announcer stops
+    /// until upgraded.
+    #[error("sync.events partition {partition} offset {offset} has event format {found}, newer than the {known} this build reads: upgrade the projector and announcer (nothing past it is applied or announced until then)")]
     NewerFormat {
         /// The record's partition.
         partition: i32,
@@ -99,6 +100,24 @@ pub(crate) fn received<'a>(
             Ok(None)
         }
     }
+}
+
+/// Refuses `event` (read from `m`) when its format is newer than this build reads: see
+/// [`ProjectorError::NewerFormat`].
+pub(crate) fn known_format(
+    m: &BorrowedMessage<'_>,
+    event: &SyncEvent,
+) -> Result<(), ProjectorError> {
+    let known = processors::events::EVENT_FORMAT_VERSION;
+    if event.v <= known {
+        return Ok(());
+    }
+    Err(ProjectorError::NewerFormat {
+        partition: m.partition(),
+        offset: m.offset(),
+        found: event.v,
+        known,
+    })
 }
 
 /// Adds to `messages` whatever the consumer has already fetched, up to `max` in all.
@@ -220,15 +239,10 @@ pub async fn run(
         let mut events = Vec::with_capacity(messages.len());
         for m in &messages {
             match m.payload().map(serde_json::from_slice::<SyncEvent>) {
-                Some(Ok(e)) if e.v > processors::events::EVENT_FORMAT_VERSION => {
-                    return Err(ProjectorError::NewerFormat {
-                        partition: m.partition(),
-                        offset: m.offset(),
-                        found: e.v,
-                        known: processors::events::EVENT_FORMAT_VERSION,
-                    });
+                Some(Ok(e)) => {
+                    known_format(m, &e)?;
+                    events.push(e);
                 }
-                Some(Ok(e)) => events.push(e),
                 other => {
                     // Only the resolver writes this topic; a bad record is a bug, never a reason to stall.
                     tracing::error!(

@@ -631,6 +631,19 @@ async fn a_change_of_a_newer_format_stops_the_projector_instead_of_being_skipped
         !has("after").await,
         "the change of a newer format was skipped: what follows it was applied"
     );
+    // Nor is it announced to subscribers: the bucket's announced mark stays at the first change.
+    let mut redis = redis::Client::open(env.cfg.redis.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mark: Option<u64> = redis::cmd("HGET")
+        .arg(api::fanout::announced_key(&env.cfg.kafka.topic_prefix))
+        .arg(api::fanout::announced_field("acme", "b"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(mark, Some(1), "announced past the change of a newer format");
     // Stopped while it refuses the change, the projector role ends with the reason.
     if let Err(e) = node.stop().await {
         assert!(e.to_string().contains("upgrade the projector"), "{e}");
