@@ -272,8 +272,7 @@ pub async fn register(
     }
     // A registration that fails from here on gives its invitation back (for the rest of its
     // lifetime), so that the retry a 503 asks for can use it.
-    let undo = || async {
-        release().await;
+    let give_back = || async {
         if let Some((jti, exp)) = &invite_id {
             let left = exp.saturating_sub(now_ms() / 1000);
             if left > 0 {
@@ -282,6 +281,10 @@ pub async fn register(
                 }
             }
         }
+    };
+    let undo = || async {
+        release().await;
+        give_back().await;
     };
     let hash = match acc.passwords.hash(&req.password).await {
         Ok(h) => h,
@@ -306,8 +309,15 @@ pub async fn register(
         creates_tenant,
     };
     if let Err(e) = acc.emit(&event).await {
-        undo().await;
-        return Err(e);
+        // Kafka may have stored the event all the same (an acknowledgement that timed out): the
+        // names stay reserved until the reservation lapses, so nobody else registers them before
+        // the account would be visible. The invitation is given back for the retry.
+        give_back().await;
+        tracing::warn!(error = %e, %username, "a registration's user.created was not acknowledged; it may be stored");
+        return Err(ApiError::Unavailable(format!(
+            "the registration was not confirmed by the user event log, and may have been recorded all the same: try logging in in a minute; if that fails, register again once {} s have passed (the names stay reserved until then)",
+            RESERVATION_MS / 1000
+        )));
     }
     // The account exists from here on (it is on `user.events`): nothing below may ask for the
     // registration to be retried, which would answer 409 and find its invitation used.
