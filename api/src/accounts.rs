@@ -43,6 +43,9 @@ pub struct Accounts {
 /// How long a reservation waits for its `user.created` to reach Kafka before it lapses.
 const RESERVATION_MS: u64 = 60_000;
 
+/// How long the names of a registration whose event Kafka did not acknowledge stay reserved.
+const UNCONFIRMED_MS: u64 = 15 * 60_000;
+
 pub(crate) fn accounts(state: &AppState) -> Result<&Accounts, ApiError> {
     state.accounts.as_ref().ok_or_else(|| {
         ApiError::Unavailable(
@@ -272,7 +275,8 @@ pub async fn register(
     }
     // A registration that fails from here on gives its invitation back (for the rest of its
     // lifetime), so that the retry a 503 asks for can use it.
-    let give_back = || async {
+    let undo = || async {
+        release().await;
         if let Some((jti, exp)) = &invite_id {
             let left = exp.saturating_sub(now_ms() / 1000);
             if left > 0 {
@@ -281,10 +285,6 @@ pub async fn register(
                 }
             }
         }
-    };
-    let undo = || async {
-        release().await;
-        give_back().await;
     };
     let hash = match acc.passwords.hash(&req.password).await {
         Ok(h) => h,
@@ -310,13 +310,15 @@ pub async fn register(
     };
     if let Err(e) = acc.emit(&event).await {
         // Kafka may have stored the event all the same (an acknowledgement that timed out): the
-        // names stay reserved until the reservation lapses, so nobody else registers them before
-        // the account would be visible. The invitation is given back for the retry.
-        give_back().await;
+        // names stay reserved for long enough for the account to become visible, even after a
+        // long outage, so nobody else registers them first; and the invitation stays used.
+        if let Err(err) = acc.store.extend(&names, UNCONFIRMED_MS).await {
+            tracing::warn!(error = %err, "keeping an unconfirmed registration's reservations");
+        }
         tracing::warn!(error = %e, %username, "a registration's user.created was not acknowledged; it may be stored");
         return Err(ApiError::Unavailable(format!(
-            "the registration was not confirmed by the user event log, and may have been recorded all the same: try logging in in a minute; if that fails, register again once {} s have passed (the names stay reserved until then)",
-            RESERVATION_MS / 1000
+            "the registration was not confirmed by the user event log, and may have been recorded all the same: try logging in in a few minutes; if that fails, register again once {} minutes have passed (the names stay reserved until then)",
+            UNCONFIRMED_MS / 60_000
         )));
     }
     // The account exists from here on (it is on `user.events`): nothing below may ask for the

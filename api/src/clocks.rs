@@ -22,6 +22,11 @@ struct Clocks {
     by_tenant: HashMap<String, HlcClock>,
     /// Past this many clocks, those behind the time are dropped.
     prune_at: usize,
+    /// The newest timestamp of a dropped clock: a new clock starts past it, so a tenant whose
+    /// clock was dropped never gets a timestamp below one it had (a request that read the time
+    /// before the drop, or a system clock stepped back). Behind the time when it was set, so it
+    /// carries no client's skew over to other tenants.
+    floor: Option<Hlc>,
 }
 
 impl TenantClocks {
@@ -32,6 +37,7 @@ impl TenantClocks {
             clocks: Mutex::new(Clocks {
                 by_tenant: HashMap::new(),
                 prune_at: KEEP,
+                floor: None,
             }),
         }
     }
@@ -43,18 +49,30 @@ impl TenantClocks {
         if clocks.by_tenant.len() >= clocks.prune_at {
             // A clock behind the time ticks to the time, as a new one does: only those ahead of
             // it (or at it) still order anything.
-            clocks
-                .by_tenant
-                .retain(|_, c| c.last().wall_ms >= physical_ms);
+            let mut floor = clocks.floor;
+            clocks.by_tenant.retain(|_, c| {
+                let keep = c.last().wall_ms >= physical_ms;
+                if !keep {
+                    floor = floor.max(Some(c.last()));
+                }
+                keep
+            });
+            clocks.floor = floor;
             clocks.prune_at = KEEP.max(clocks.by_tenant.len() * 2);
         }
-        let max_skew_ms = self.max_skew_ms;
+        let (max_skew_ms, floor) = (self.max_skew_ms, clocks.floor);
         let clock = match clocks.by_tenant.get_mut(tenant) {
             Some(c) => c,
             None => clocks
                 .by_tenant
                 .entry(tenant.to_owned())
-                .or_insert_with(|| HlcClock::with_max_skew(max_skew_ms)),
+                .or_insert_with(|| {
+                    let mut clock = HlcClock::with_max_skew(max_skew_ms);
+                    if let Some(floor) = floor {
+                        clock.observe(floor, physical_ms);
+                    }
+                    clock
+                }),
         };
         match client {
             Some(h) => {
@@ -87,6 +105,19 @@ mod tests {
         // ...tenant b's is the time.
         assert_eq!(clocks.stamp("b", None, 1_001), Hlc::new(1_001, 0));
         assert_eq!(clocks.stamp("b", None, 1_001), Hlc::new(1_001, 1));
+    }
+
+    #[test]
+    fn a_dropped_clock_comes_back_past_what_it_issued_even_if_the_time_went_back() {
+        let clocks = TenantClocks::new(60_000);
+        let last = clocks.stamp("x", None, 5_000);
+        // Enough other tenants, later, for x's clock (behind the time then) to be dropped...
+        for t in 0..KEEP {
+            clocks.stamp(&format!("t{t}"), None, 6_000);
+        }
+        assert!(!clocks.clocks.lock().unwrap().by_tenant.contains_key("x"));
+        // ...then a request that read the time before all that (or a clock stepped back).
+        assert!(clocks.stamp("x", None, 4_000) > last);
     }
 
     #[test]

@@ -83,14 +83,39 @@ where
     Fut: std::future::Future<Output = Result<(), E>> + Send,
     E: std::fmt::Display + Send,
 {
+    use std::time::Duration;
+    // A role that keeps failing at once (a record it refuses, say) is restarted less and less
+    // often, up to twice a minute, instead of rejoining its consumer group every second; one that
+    // ran a minute before failing starts over at a second.
+    const FIRST: Duration = Duration::from_secs(1);
+    const MOST: Duration = Duration::from_secs(30);
     tokio::spawn(async move {
+        let mut pause = FIRST;
         loop {
+            let began = tokio::time::Instant::now();
             match run().await {
                 Ok(()) => return Ok(()),
                 Err(e) if *stop.borrow() => return Err(e.to_string()),
                 Err(e) => {
-                    tracing::error!(error = %e, "{name} failed; restarting it");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    if began.elapsed() >= Duration::from_secs(60) {
+                        pause = FIRST;
+                    }
+                    tracing::error!(error = %e, "{name} failed; restarting it in {pause:?}");
+                    let mut woken = stop.clone();
+                    let stopping = async {
+                        if woken.wait_for(|stopping| *stopping).await.is_err() {
+                            // No one can stop it any more: just the pause.
+                            std::future::pending::<()>().await;
+                        }
+                    };
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = stopping => {}
+                    }
+                    if *stop.borrow() {
+                        return Err(e.to_string());
+                    }
+                    pause = (pause * 2).min(MOST);
                 }
             }
         }

@@ -12,7 +12,6 @@
 
 use std::collections::HashMap;
 
-use processors::SyncEvent;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use tokio::sync::watch;
@@ -61,16 +60,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         let mut announcements = Vec::with_capacity(messages.len());
         for m in &messages {
             let Some(payload) = m.payload() else { continue };
-            // Only the resolver writes this topic; a record it cannot have written is skipped.
-            let Ok(event) = serde_json::from_slice::<SyncEvent>(payload) else {
-                tracing::error!(
-                    partition = m.partition(),
-                    offset = m.offset(),
-                    "undecodable sync event not announced"
-                );
+            let Some(event) = crate::projector::decode_event(m)? else {
                 continue;
             };
-            crate::projector::known_format(m, &event)?;
             let mark = marks
                 .entry(api::fanout::announced_field(&event.tenant, &event.bucket))
                 .or_default();

@@ -102,22 +102,45 @@ pub(crate) fn received<'a>(
     }
 }
 
-/// Refuses `event` (read from `m`) when its format is newer than this build reads: see
-/// [`ProjectorError::NewerFormat`].
-pub(crate) fn known_format(
-    m: &BorrowedMessage<'_>,
-    event: &SyncEvent,
-) -> Result<(), ProjectorError> {
-    let known = processors::events::EVENT_FORMAT_VERSION;
-    if event.v <= known {
-        return Ok(());
+/// The change in `m`. A record of a newer format than this build reads, whether or not it
+/// decodes as this one, is refused ([`ProjectorError::NewerFormat`]). Any other record that does
+/// not decode is skipped (`None`, logged): only the resolver writes this topic, so that is a bug,
+/// never a reason to stall.
+pub(crate) fn decode_event(m: &BorrowedMessage<'_>) -> Result<Option<SyncEvent>, ProjectorError> {
+    /// Just the format of a record.
+    #[derive(serde::Deserialize)]
+    struct Format {
+        v: u32,
     }
-    Err(ProjectorError::NewerFormat {
-        partition: m.partition(),
-        offset: m.offset(),
-        found: event.v,
-        known,
-    })
+    let known = processors::events::EVENT_FORMAT_VERSION;
+    let payload = m.payload().unwrap_or_default();
+    let (version, event) = match serde_json::from_slice::<SyncEvent>(payload) {
+        Ok(e) => (Some(e.v), Ok(e)),
+        Err(e) => (
+            serde_json::from_slice::<Format>(payload).ok().map(|f| f.v),
+            Err(e),
+        ),
+    };
+    if let Some(found) = version.filter(|v| *v > known) {
+        return Err(ProjectorError::NewerFormat {
+            partition: m.partition(),
+            offset: m.offset(),
+            found,
+            known,
+        });
+    }
+    match event {
+        Ok(event) => Ok(Some(event)),
+        Err(error) => {
+            tracing::error!(
+                partition = m.partition(),
+                offset = m.offset(),
+                %error,
+                "undecodable sync event skipped"
+            );
+            Ok(None)
+        }
+    }
 }
 
 /// Adds to `messages` whatever the consumer has already fetched, up to `max` in all.
@@ -219,6 +242,12 @@ pub async fn run(
             _ = tokio::time::sleep_until(next_sweep) => {
                 let cutoff = sweep_cutoff(settings.tombstone_retention_secs);
                 let mine = owned_partitions(&consumer, &topic);
+                if mine.is_empty() {
+                    // No partitions yet (or the assignment could not be read): try again soon,
+                    // where the sweep stood.
+                    next_sweep = tokio::time::Instant::now() + SWEEP_PAUSE;
+                    continue;
+                }
                 let owns = |tenant: &str, bucket: &str| {
                     let key = format!("{tenant}/{bucket}");
                     mine.contains(&crate::partition::partition_for(key.as_bytes(), partitions))
@@ -238,20 +267,8 @@ pub async fn run(
         fill_batch(&consumer, &mut messages, settings.batch_max.max(1) as usize);
         let mut events = Vec::with_capacity(messages.len());
         for m in &messages {
-            match m.payload().map(serde_json::from_slice::<SyncEvent>) {
-                Some(Ok(e)) => {
-                    known_format(m, &e)?;
-                    events.push(e);
-                }
-                other => {
-                    // Only the resolver writes this topic; a bad record is a bug, never a reason to stall.
-                    tracing::error!(
-                        partition = m.partition(),
-                        offset = m.offset(),
-                        ?other,
-                        "undecodable sync event skipped"
-                    );
-                }
+            if let Some(e) = decode_event(m)? {
+                events.push(e);
             }
         }
         for e in &events {

@@ -145,8 +145,9 @@ fn no_projectors(cfg: &Config) -> Result<(), RebuildError> {
 }
 
 /// Rebuilds the view (or one bucket, `tenant/bucket`), reporting progress as `(done, total)`.
-/// Refuses while projectors run, and fails if one joined before it ended (what that projector
-/// wrote meanwhile may have been overwritten by the rebuild's older versions).
+/// Refuses while projectors run, and fails if one is in their group when it ends (what that
+/// projector wrote meanwhile may have been overwritten by the rebuild's older versions; one that
+/// came and went in between is not noticed).
 pub async fn rebuild(
     cfg: &Config,
     view: &MongoView,

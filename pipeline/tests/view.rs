@@ -592,10 +592,14 @@ async fn a_change_of_a_newer_format_stops_the_projector_instead_of_being_skipped
         .unwrap();
     let topic = env.topic(topics::SYNC_EVENTS);
     let send = |doc: &'static str, v: u32, seq: u64| {
-        let event = json!({"v": v, "tenant": "acme", "bucket": "b", "doc_id": doc,
+        let mut event = json!({"v": v, "tenant": "acme", "bucket": "b", "doc_id": doc,
             "version": 1, "seq": seq, "hlc": format!("{}:0", 1_000 + seq),
             "event_id": format!("e{seq}"), "device_id": "dev", "deleted": false,
             "set": {"n": seq}, "unset": []});
+        if v > processors::events::EVENT_FORMAT_VERSION {
+            // A newer format need not even decode as this one.
+            event["hlc"] = json!({"wall_ms": 1_000 + seq, "counter": 0});
+        }
         let (producer, topic) = (producer.clone(), topic.clone());
         async move {
             let payload = serde_json::to_vec(&event).unwrap();

@@ -194,6 +194,13 @@ end
 return n
 ";
 
+const EXTEND: &str = r"
+for _, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then redis.call('PEXPIRE', key, ARGV[2]) end
+end
+return 0
+";
+
 const CONFIRM: &str = r"
 for _, key in ipairs(KEYS) do
   if redis.call('GET', key) == ARGV[1] then redis.call('PERSIST', key) end
@@ -498,6 +505,11 @@ impl AuthStore {
     /// Makes the reservations of `r` permanent.
     pub async fn confirm(&self, r: &Reservation<'_>) -> Result<(), StoreError> {
         self.run_owned(CONFIRM, r, None).await.map(drop)
+    }
+
+    /// Keeps the reservations of `r` for `ms` from now (its outcome is not known yet).
+    pub async fn extend(&self, r: &Reservation<'_>, ms: u64) -> Result<(), StoreError> {
+        self.run_owned(EXTEND, r, Some(ms)).await.map(drop)
     }
 
     /// Gives up the reservations of `r` (the registration failed).
