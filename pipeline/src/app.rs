@@ -344,3 +344,41 @@ impl Running {
         result
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    use super::supervise;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_role_that_keeps_failing_is_restarted_less_and_less_often_and_a_stop_cuts_the_pause()
+    {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let runs = Arc::new(AtomicU32::new(0));
+        let counted = runs.clone();
+        let handle = supervise("test role", stop_rx, move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Err::<(), _>("refused") }
+        });
+        // Pauses of 1, 2, 4, 8, 16, 30, 30 s: runs at 0, 1, 3, 7, 15, 31, 61 and 91 s.
+        tokio::time::sleep(Duration::from_millis(61_500)).await;
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            7,
+            "one restart a second would be 62"
+        );
+        // Stopped in the middle of a 30 s pause: it ends at once, with the last error.
+        stop_tx.send(true).unwrap();
+        let ended = tokio::time::timeout(Duration::from_secs(1), handle)
+            .await
+            .expect("the stop cuts the pause short")
+            .unwrap();
+        assert_eq!(ended, Err("refused".to_string()));
+        assert_eq!(runs.load(Ordering::SeqCst), 7);
+    }
+}

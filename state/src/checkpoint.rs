@@ -200,6 +200,10 @@ fn snapshot_file(partition: i32) -> String {
     format!("p{partition:04}.snap")
 }
 
+fn part_info_file(partition: i32) -> String {
+    format!("p{partition:04}.json")
+}
+
 fn failure_file(partition: i32) -> String {
     format!("p{partition:04}.{FAILED}")
 }
@@ -367,7 +371,7 @@ impl CheckpointDir {
             changelog_offset,
             outputs,
         };
-        let sidecar = dir.join(format!("p{:04}.json", header.partition));
+        let sidecar = dir.join(part_info_file(header.partition));
         write_atomic(
             &sidecar,
             &serde_json::to_vec_pretty(&info).expect("part info serializes"),
@@ -414,7 +418,7 @@ impl CheckpointDir {
                     at_ms: 0,
                 });
             // Written after all (by this task later, or by the partition's next owner).
-            let part_info = dir.join(format!("p{:04}.json", failure.partition));
+            let part_info = dir.join(part_info_file(failure.partition));
             if failure.partition >= 0 && part_info.exists() {
                 continue;
             }
@@ -440,7 +444,7 @@ impl CheckpointDir {
         }
         let mut parts = Vec::new();
         for p in 0..partitions {
-            let sidecar = dir.join(format!("p{p:04}.json"));
+            let sidecar = dir.join(part_info_file(p));
             match fs::read(&sidecar) {
                 Ok(bytes) => match serde_json::from_slice::<PartInfo>(&bytes) {
                     Ok(info) => parts.push(info),
