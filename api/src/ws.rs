@@ -549,7 +549,7 @@ async fn run_session(
                         live.insert(bucket.clone(), hub.subscribe(&claims.tenant, &bucket));
                         if let Err(e) = send(tx, json!({"type": "subscribed", "bucket": bucket})).await { return e; }
                         let (began, sent) = (Instant::now(), tx.blocked);
-                        let caught_up = catch_up(tx, state, &claims.tenant, &bucket, cursor, 0).await;
+                        let caught_up = catch_up(tx, state, &claims, &bucket, cursor, 0).await;
                         // No pong is read while a catch-up runs: that time must not count against
                         // the client (extended, not reset: catch-ups one after the other must not
                         // keep a dead connection alive).
@@ -601,7 +601,7 @@ async fn run_session(
                     if let Err(e) = send(tx, json!({"type": "lagged", "bucket": bucket, "reason": reason, "cursor": cursor.to_string()})).await { return e; }
                     let need = pending.as_ref().map_or(0, |(_, need)| *need);
                     let (began, sent) = (Instant::now(), tx.blocked);
-                    let caught_up = catch_up(tx, state, &claims.tenant, &bucket, Some(cursor), need).await;
+                    let caught_up = catch_up(tx, state, &claims, &bucket, Some(cursor), need).await;
                     last_pong = paused(last_pong, began);
                     spent.caught_up(began, sent, tx);
                     match caught_up {
@@ -627,22 +627,40 @@ async fn run_session(
                 if !overdue.is_zero() && !still_reading(overdue, tx.sent - sent_at_pong, queued, took) {
                     return End::Close(CLOSE_DEAD, "no pong".into());
                 }
-                if claims.exp <= crate::now_ms() / 1000 {
-                    let _ = send(tx, error_msg("unauthorized", "the token expired; reconnect with a fresh one and your cursors", None)).await;
-                    return End::Close(CLOSE_UNAUTHORIZED, "token expired".into());
-                }
-                // A logout or a revoked service token ends its connections too.
-                if let Some(acc) = &state.accounts {
-                    if let Err(crate::auth::AuthError::Invalid(why)) = acc.store.check_live(&claims).await {
-                        let _ = send(tx, error_msg("unauthorized", why, None)).await;
-                        return End::Close(CLOSE_UNAUTHORIZED, "session ended".into());
-                    }
-                }
+                if let Err(e) = check_token(tx, state, &claims).await { return e; }
                 if let Err(e) = tx.frame(Message::Ping(Default::default())).await { return e; }
             }
         }
     }
 }
+
+/// Ends the connection (4001, after an `unauthorized` error) when its token expired or its
+/// session ended: a logout, or a revoked service token.
+async fn check_token(tx: &mut Tx, state: &AppState, claims: &Claims) -> Result<(), End> {
+    if claims.exp <= crate::now_ms() / 1000 {
+        let _ = send(
+            tx,
+            error_msg(
+                "unauthorized",
+                "the token expired; reconnect with a fresh one and your cursors",
+                None,
+            ),
+        )
+        .await;
+        return Err(End::Close(CLOSE_UNAUTHORIZED, "token expired".into()));
+    }
+    if let Some(acc) = &state.accounts {
+        if let Err(crate::auth::AuthError::Invalid(why)) = acc.store.check_live(claims).await {
+            let _ = send(tx, error_msg("unauthorized", why, None)).await;
+            return Err(End::Close(CLOSE_UNAUTHORIZED, "session ended".into()));
+        }
+    }
+    Ok(())
+}
+
+/// How often a catch-up checks its connection's token between pages ([`check_token`]): a slow
+/// reader can stretch a large snapshot over minutes, and a revoked token must not go on reading.
+const CATCH_UP_TOKEN_CHECK: Duration = Duration::from_secs(1);
 
 /// Whether a client message was refused for its size (the WebSocket library stops reading it
 /// past `ws.max_message_bytes`; the connection can still send).
@@ -855,11 +873,21 @@ async fn meta_when_current(
 async fn catch_up(
     tx: &mut Tx,
     state: &AppState,
-    tenant: &str,
+    claims: &Claims,
     bucket: &str,
     cursor: Option<Cursor>,
     need: i64,
 ) -> Result<(Cursor, HashMap<String, u64>), End> {
+    let tenant = claims.tenant.as_str();
+    // The token is checked again every second between pages, as the heartbeat would.
+    let mut checked = Instant::now();
+    let mut recheck = async |tx: &mut Tx| -> Result<(), End> {
+        if checked.elapsed() >= CATCH_UP_TOKEN_CHECK {
+            check_token(tx, state, claims).await?;
+            checked = Instant::now();
+        }
+        Ok(())
+    };
     let meta = meta_when_current(state, tenant, bucket, need, cursor).await?;
     let watermark = meta.projected_seq;
     // Where the read starts, and the horizon it began under (see `Cursor`): the cursors of
@@ -878,6 +906,7 @@ async fn catch_up(
     let mut start = from;
     let page = state.pages.default.max(1);
     loop {
+        recheck(tx).await?;
         // First the documents whose last change is at or before the watermark, in sequence
         // order: a range that only shrinks while it is read (a document changed meanwhile moves
         // past the watermark), so this ends however busy the bucket is.
@@ -921,6 +950,7 @@ async fn catch_up(
         let mut ahead = HashMap::new();
         let chunks = past.chunks(page).count();
         for (i, ids) in past.chunks(page).enumerate() {
+            recheck(tx).await?;
             let mut docs = state
                 .reader
                 .get_many(tenant, bucket, ids)

@@ -137,6 +137,7 @@ fn seed(cfg: &Config, args: &Args, partitions: i32) -> anyhow::Result<u64> {
             payload: &payload,
             partition: partition_for(key.as_bytes(), partitions),
             timestamp_ms: 1_700_000_000_000 + i as u64,
+            control_error: None,
         };
         let _ = decide(
             &mut mem,

@@ -194,6 +194,7 @@ fn run_batch(tasks: &Tasks, batch: &[Record], produced: &mut Produced) -> anyhow
                 payload: &r.payload,
                 partition: p,
                 timestamp_ms: now,
+                control_error: None,
             };
             match decide(
                 &mut overlay,

@@ -149,6 +149,12 @@ pub fn marker_of(m: &impl Message) -> Option<Result<Marker, String>> {
     )
 }
 
+/// Why `m` is refused as a control record: it carries [`CONTROL_HEADER`] but is no valid
+/// checkpoint marker (see [`marker_of`]). `None` for a marker and for every other record.
+pub fn control_error(m: &impl Message) -> Option<String> {
+    marker_of(m)?.err()
+}
+
 /// The configured checkpoint directory.
 pub fn dir(cfg: &Config) -> CheckpointDir {
     CheckpointDir::new(PathBuf::from(&cfg.checkpoint.dir))

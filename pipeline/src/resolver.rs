@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use processors::{
-    compute_diff, decode_change, decode_write, resolve_lww_bounded, DiffContext, Rejection,
+    compute_diff, decode_change, decode_write, resolve_lww_bounded, DiffContext, RejectCode,
+    Rejection,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -308,7 +309,18 @@ pub struct InputRecord<'a> {
     pub partition: i32,
     /// Its timestamp: the server time of the write (bounds client clocks, stands in for a missing HLC).
     pub timestamp_ms: u64,
+    /// Why the record is refused as a control record: it carries the `syncflow-control` header
+    /// but is no valid checkpoint marker ([`crate::checkpoint::control_error`]). Such a record
+    /// is dead-lettered, never applied as a write, whatever its payload. (Valid markers never
+    /// reach [`decide`].)
+    pub control_error: Option<&'a str>,
 }
+
+/// Most bytes, key and value together, a forwarded copy of a write may have: librdkafka's
+/// default `message.max.bytes`, below the 1 MB a topic takes by default (1,048,588 bytes with the
+/// batch around the record). A copy the broker refused would fail its transaction again on every
+/// retry, and stop every task of the processor.
+pub const MAX_FORWARD_BYTES: usize = 1_000_000;
 
 /// What the resolver does with one input record.
 #[derive(Debug, Clone, PartialEq)]
@@ -344,18 +356,25 @@ pub fn decide<S: processors::ResolveState>(
     limits: &processors::Limits,
     max_skew_ms: u64,
 ) -> Result<Decision, S::Error> {
+    if let Some(why) = record.control_error {
+        return Ok(Decision::Rejected(Rejection::new(
+            RejectCode::InvalidEvent,
+            format!("a control record (header {}) that is no valid checkpoint marker is never applied: {why}", crate::checkpoint::CONTROL_HEADER),
+        )));
+    }
     let ctx = DiffContext {
         limits,
         received_at_ms: record.timestamp_ms,
         max_skew_ms,
     };
     // The common case in one pass; anything else (and every refusal) takes the general path.
-    // Either way a write is routed before it is validated: the partition owning its bucket
-    // decides.
+    // A write in another partition than its bucket's is checked (ids, limits) before it is
+    // forwarded: only the owner's state decides more, and a record no partition would take is
+    // refused where it is.
     let (key, change) = match decode_change(record.key, record.payload, &ctx) {
         Some(change) => match route(&change.key.bucket, record.partition, partitions) {
             Ok(key) => (key, change),
-            Err(forward) => return Ok(forward),
+            Err(forward) => return Ok(checked_forward(forward, record)),
         },
         None => {
             let write = match decode_write(record.key, record.payload) {
@@ -364,7 +383,12 @@ pub fn decide<S: processors::ResolveState>(
             };
             let key = match route(&write.bucket_key(), record.partition, partitions) {
                 Ok(key) => key,
-                Err(forward) => return Ok(forward),
+                Err(forward) => {
+                    return Ok(match compute_diff(write, &ctx) {
+                        Err(r) => Decision::Rejected(r),
+                        Ok(_) => checked_forward(forward, record),
+                    })
+                }
             };
             match compute_diff(write, &ctx) {
                 Ok(Some(c)) => (key, c),
@@ -381,6 +405,25 @@ pub fn decide<S: processors::ResolveState>(
             applied: Box::new(applied),
         }),
         Err(r) => Ok(Decision::Rejected(r)),
+    }
+}
+
+/// `forward`, or a refusal when the copy it makes of `record` (keyed `tenant/bucket`) would
+/// pass [`MAX_FORWARD_BYTES`].
+fn checked_forward(forward: Decision, record: &InputRecord<'_>) -> Decision {
+    match forward {
+        Decision::Forward { partition, key }
+            if key.len() + record.payload.len() > MAX_FORWARD_BYTES =>
+        {
+            Decision::Rejected(Rejection::new(
+                RejectCode::TooLarge,
+                format!(
+                    "the write belongs to partition {partition} (its bucket's), and its copy there, keyed {key:?}, would take {} bytes, over the {MAX_FORWARD_BYTES} a forwarded record may: produce it to partition {partition} keyed {key:?} (Kafka's default partitioner does that)",
+                    key.len() + record.payload.len()
+                ),
+            ))
+        }
+        other => other,
     }
 }
 
@@ -878,6 +921,12 @@ impl Resolver {
                 }
                 let at = next.max(read_position(&reader, &topic, partition).unwrap_or(next));
                 match end {
+                    // A changelog shorter than the stored offset (recreated, or another
+                    // cluster's), found only now because its end was unknown at the start.
+                    Some(end) if end < from => {
+                        drop(reader);
+                        return self.restore_anew(watermarks, partition, from);
+                    }
                     Some(end) if at >= end => break,
                     _ if waiting_logged => {}
                     Some(end) => {
@@ -1244,11 +1293,13 @@ impl Resolver {
             .to_millis()
             .and_then(|t| u64::try_from(t).ok())
             .unwrap_or_else(now_ms);
+        let control = crate::checkpoint::control_error(m);
         let record = InputRecord {
             key: m.key(),
             payload,
             partition: m.partition(),
             timestamp_ms: received_at,
+            control_error: control.as_deref(),
         };
         let to = |topic: String, partition: i32, key: &str, payload: Vec<u8>| Output {
             topic,

@@ -336,11 +336,13 @@ fn replay_input(
                 skipped += u64::from(stopped);
                 continue;
             }
+            let control = crate::checkpoint::control_error(&m);
             let record = InputRecord {
                 key: m.key(),
                 payload: m.payload().unwrap_or_default(),
                 partition: p,
                 timestamp_ms,
+                control_error: control.as_deref(),
             };
             let decision = run(mem, &record);
             if let Ok(Decision::Forward { partition, .. }) = decision {
@@ -360,6 +362,7 @@ fn replay_input(
             payload,
             partition: *owner,
             timestamp_ms: now_ms,
+            control_error: None,
         };
         let _ = run(mem, &record);
     }

@@ -539,25 +539,7 @@ async fn a_slow_but_steady_reader_behind_a_large_backlog_keeps_its_connection() 
     hold(&mut fast, &mut replica, DOCS, Duration::from_secs(60)).await;
     // About 2 MiB at 128 KiB/s: the pings of the first seconds wait behind the snapshot in the
     // socket buffers, and are answered only after it, long past two heartbeats.
-    let mut req = format!("ws://{addr}/v1/subscribe")
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let io = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let slow = SlowReader {
-        io,
-        chunk: 8 * 1024,
-        every: Duration::from_millis(62),
-        pause: None,
-    };
-    let (mut ws, _) = tokio_tungstenite::client_async(req, slow).await.unwrap();
-    use futures::SinkExt;
-    ws.send(Message::Text(
-        r#"{"type":"subscribe","bucket":"big"}"#.to_string().into(),
-    ))
-    .await
-    .unwrap();
+    let mut ws = slow_subscription(addr, &token, "big", 8 * 1024, None).await;
     let began = Instant::now();
     let mut got = Replica::default();
     hold(&mut ws, &mut got, DOCS, Duration::from_secs(90)).await;
@@ -575,6 +557,94 @@ async fn a_slow_but_steady_reader_behind_a_large_backlog_keeps_its_connection() 
     }
     node.stop().await.unwrap();
     env.cleanup().await;
+}
+
+/// A token that expires while a slow reader takes a large snapshot ends the connection within
+/// about a second (4001): the catch-up checks the token between its pages, as the heartbeat does
+/// between messages. (Before, a catch-up ran to its end however long the client took, reading
+/// the view on past the token's expiry or revocation.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_that_expires_during_a_slow_snapshot_ends_it() {
+    const DOCS: usize = 64;
+    const BLOB: usize = 128 * 1024;
+    let mut env = TestEnv::new("wsexpire").await;
+    env.cfg.api.default_page = 2;
+    let node = env
+        .start(&[Role::Api, Role::Processor, Role::Projector])
+        .await;
+    let addr = node.api_addr.unwrap();
+    produce_all(&env, &writes("big", 0, DOCS, BLOB)).await;
+    let mut fast = subscribed_to(addr, &env.token("acme", "big:r"), "big").await;
+    let mut replica = Replica::default();
+    hold(&mut fast, &mut replica, DOCS, Duration::from_secs(60)).await;
+    // 8 MiB at 256 KiB/s: about 32 s, the token good for 3. The server's socket takes up to 4 MB
+    // ahead of the client (its send buffer), so the catch-up is still reading the view when the
+    // token expires.
+    let token = env.token_valid_for("acme", "big:r", 3);
+    let mut ws = slow_subscription(addr, &token, "big", 16 * 1024, Some(16 * 1024)).await;
+    let began = Instant::now();
+    let (mut got, mut told) = (Replica::default(), None);
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(60), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let msg: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if msg["type"] == "error" {
+                    told = Some(msg["code"].clone());
+                } else {
+                    got.apply(&msg);
+                }
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no close within 60 s: {other:?}"),
+        }
+    };
+    let took = began.elapsed();
+    assert_eq!(code, Some(4001));
+    assert_eq!(told, Some(json!("unauthorized")));
+    assert!(
+        got.live().len() < DOCS,
+        "the whole snapshot ({} documents) was read first, in {took:?}",
+        got.live().len()
+    );
+    assert!(took < Duration::from_secs(45), "closed after {took:?}");
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// A connection with `token` that reads `chunk` bytes every 62 ms (with a receive buffer of
+/// `recv_buffer` bytes, if given), asked to subscribe to `bucket`.
+async fn slow_subscription(
+    addr: std::net::SocketAddr,
+    token: &str,
+    bucket: &str,
+    chunk: usize,
+    recv_buffer: Option<u32>,
+) -> tokio_tungstenite::WebSocketStream<SlowReader> {
+    use futures::SinkExt;
+    let mut req = format!("ws://{addr}/v1/subscribe")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(bytes) = recv_buffer {
+        socket.set_recv_buffer_size(bytes).unwrap();
+    }
+    let io = socket.connect(addr).await.unwrap();
+    let slow = SlowReader {
+        io,
+        chunk,
+        every: Duration::from_millis(62),
+        pause: None,
+    };
+    let (mut ws, _) = tokio_tungstenite::client_async(req, slow).await.unwrap();
+    ws.send(Message::Text(
+        format!(r#"{{"type":"subscribe","bucket":"{bucket}"}}"#).into(),
+    ))
+    .await
+    .unwrap();
+    ws
 }
 
 /// A connection with `token`, subscribed to `bucket`.

@@ -413,25 +413,67 @@ async fn direct_producers_get_dead_letters_and_nothing_stalls() {
     // A valid write in the wrong partition is forwarded to its bucket's partition.
     let misrouted = json!({"v": 1, "event_id": "e-mis", "tenant": "acme", "bucket": "inbox", "doc_id": "m2",
                            "device_id": "server-1", "op": "set", "doc": {"subject": "routed"}});
+    let other = (owner + 1) % 6;
     produce(
         &env,
-        Some((owner + 1) % 6),
+        Some(other),
         Some(key),
         misrouted.to_string().as_bytes(),
     )
     .await;
+    // Misrouted and keyless, with a 400 KB tenant: its copy, keyed by that tenant, would pass
+    // the 1 MB data.changed takes (random text: compression does not save it), and the refused
+    // copy stopped every task of the processor.
+    let long_tenant = json!({"v": 1, "event_id": "e-lt", "tenant": noise(400_000), "bucket": "inbox",
+        "doc_id": "x", "device_id": "server-1", "op": "set", "doc": {"pad": noise(300_000)}});
+    produce(&env, Some(other), None, long_tenant.to_string().as_bytes()).await;
+    // Misrouted and keyless, valid, but padded so that its keyed copy would pass 1,000,000 bytes.
+    let mut padded = json!({"v": 1, "event_id": "e-pad", "tenant": "acme", "bucket": "inbox",
+        "doc_id": "m4", "device_id": "server-1", "op": "set", "doc": {"subject": "padded"}})
+    .to_string()
+    .into_bytes();
+    padded.resize(pipeline::resolver::MAX_FORWARD_BYTES - 4, b' ');
+    produce_big(&env, other, &padded).await;
+    // The control header on a valid write: never applied.
+    let control = json!({"v": 1, "event_id": "e-ctl", "tenant": "acme", "bucket": "inbox", "doc_id": "m5",
+        "device_id": "server-1", "op": "set", "doc": {"subject": "control"}});
+    produce_control(&env, owner, key, control.to_string().as_bytes()).await;
+    // And a valid write after all of them, misrouted: forwarded and applied, nothing stalled.
+    let after = json!({"v": 1, "event_id": "e-after", "tenant": "acme", "bucket": "inbox", "doc_id": "m3",
+        "device_id": "server-1", "op": "set", "doc": {"subject": "after"}});
+    produce(&env, Some(other), Some(key), after.to_string().as_bytes()).await;
 
     let rejected = read_committed(
         &env.cfg.kafka.brokers,
         &env.topic(topics::DATA_REJECTED),
-        3,
+        6,
         WAIT,
     );
-    assert_eq!(rejected.len(), 3);
-    let records: Vec<RejectedRecord> = rejected
+    assert_eq!(rejected.len(), 6);
+    let all: Vec<RejectedRecord> = rejected
         .iter()
         .map(|m| serde_json::from_slice(m.payload().unwrap()).unwrap())
         .collect();
+    let from = |p: i32| -> Vec<&RejectedRecord> {
+        all.iter().filter(|r| r.source.partition == p).collect()
+    };
+    let (records, misrouted) = (from(owner), from(other));
+    assert_eq!(records.len(), 4);
+    assert_eq!(records[3].reason, RejectCode::InvalidEvent);
+    assert!(
+        records[3].message.contains("control"),
+        "{}",
+        records[3].message
+    );
+    // Refused where they arrived, before any copy was made.
+    assert_eq!(misrouted.len(), 2);
+    assert_eq!(misrouted[0].reason, RejectCode::InvalidId);
+    assert_eq!(misrouted[1].reason, RejectCode::TooLarge);
+    assert!(
+        misrouted[1].message.contains(&format!("partition {owner}")),
+        "{}",
+        misrouted[1].message
+    );
     assert_eq!(records[0].reason, RejectCode::MalformedJson);
     assert_eq!(records[1].reason, RejectCode::UnsupportedVersion);
     assert_eq!(records[2].reason, RejectCode::InvalidValue);
@@ -442,7 +484,7 @@ async fn direct_producers_get_dead_letters_and_nothing_stalls() {
 
     let c = Client::new(running.api_addr.unwrap());
     let t = env.token("acme", "inbox:r");
-    for (id, subject) in [("m1", "hi"), ("m2", "routed")] {
+    for (id, subject) in [("m1", "hi"), ("m2", "routed"), ("m3", "after")] {
         let doc = eventually(WAIT, id, || async {
             let (s, b) = c.get_doc(&t, "inbox", id).await;
             (s == StatusCode::OK).then_some(b)
@@ -450,10 +492,62 @@ async fn direct_producers_get_dead_letters_and_nothing_stalls() {
         .await;
         assert_eq!(doc["doc"]["subject"], subject);
     }
-    // Only the misrouted write was forwarded, and `/status` says so.
-    assert_eq!(running.resolver_stats.forwarded.load(Ordering::SeqCst), 1);
+    for id in ["m4", "m5"] {
+        let (s, _) = c.get_doc(&t, "inbox", id).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{id}");
+    }
+    // Only the two valid misrouted writes were forwarded, and `/status` says so.
+    assert_eq!(running.resolver_stats.forwarded.load(Ordering::SeqCst), 2);
     running.stop().await.unwrap();
     env.cleanup().await;
+}
+
+/// `n` random letters and digits.
+fn noise(n: usize) -> String {
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(x % 36) as usize])
+        })
+        .collect()
+}
+
+/// Produces a keyless record of up to 2 MB to `partition` of `data.changed`.
+async fn produce_big(env: &TestEnv, partition: i32, payload: &[u8]) {
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .set("message.max.bytes", "2000000")
+        .create()
+        .unwrap();
+    let topic = env.topic(topics::DATA_CHANGED);
+    let record = rdkafka::producer::FutureRecord::<(), [u8]>::to(&topic)
+        .partition(partition)
+        .payload(payload);
+    producer.send(record, WAIT).await.expect("produce");
+}
+
+/// Produces `payload` keyed `key` to `partition` of `data.changed` with the control header of
+/// checkpoint markers, but another value.
+async fn produce_control(env: &TestEnv, partition: i32, key: &str, payload: &[u8]) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .create()
+        .unwrap();
+    let topic = env.topic(topics::DATA_CHANGED);
+    let headers = OwnedHeaders::new().insert(Header {
+        key: pipeline::checkpoint::CONTROL_HEADER,
+        value: Some("restart"),
+    });
+    let record = rdkafka::producer::FutureRecord::to(&topic)
+        .partition(partition)
+        .key(key)
+        .payload(payload)
+        .headers(headers);
+    producer.send(record, WAIT).await.expect("produce");
 }
 
 /// A document grown by patches toward `limits.max_state_bytes` stops taking fields past it: those

@@ -519,11 +519,13 @@ impl Oracle {
                 if pipeline::checkpoint::marker_of(&m).is_some_and(|r| r.is_ok()) {
                     continue;
                 }
+                let control = pipeline::checkpoint::control_error(&m);
                 let record = InputRecord {
                     key: m.key(),
                     payload: m.payload().unwrap_or_default(),
                     partition: p,
                     timestamp_ms: m.timestamp().to_millis().unwrap() as u64,
+                    control_error: control.as_deref(),
                 };
                 let decision = decide(
                     &mut oracle.state,

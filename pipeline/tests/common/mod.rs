@@ -98,9 +98,20 @@ impl TestEnv {
         self.token_as("tester", tenant, grants)
     }
 
+    /// [`TestEnv::token`], expiring `secs` seconds from now.
+    #[allow(dead_code)]
+    pub fn token_valid_for(&self, tenant: &str, grants: &str, secs: u64) -> String {
+        self.mint("tester", tenant, grants, secs)
+    }
+
     /// [`TestEnv::token`] for user `sub`.
     #[allow(dead_code)]
     pub fn token_as(&self, sub: &str, tenant: &str, grants: &str) -> String {
+        self.mint(sub, tenant, grants, 600)
+    }
+
+    /// A token of `sub` in `tenant`, expiring `secs` seconds from now.
+    fn mint(&self, sub: &str, tenant: &str, grants: &str, secs: u64) -> String {
         let keys = api::auth::TokenKeys::new(&self.cfg.auth).expect("valid auth configuration");
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -111,7 +122,7 @@ impl TestEnv {
             tenant,
             api::auth::parse_grants(grants).unwrap(),
             now,
-            600,
+            secs,
         )
     }
 
