@@ -446,6 +446,28 @@ fn route(
     }
 }
 
+/// What is wrong with the partition counts of the bucket topics (`counts`, `data.changed`
+/// first), given the count the state store was made for (`stored`): `None` when they all agree.
+///
+/// A bucket's state, sequence numbers and history live in the partition its key hashes to, so the
+/// count can never change under a running system: with another count a bucket's writes land in a
+/// partition whose task has none of its state (its sequence starts again at 1, and the view drops
+/// its changes as old), and an output topic with fewer partitions than the input refuses them.
+fn partition_problem(counts: &[(String, i32)], stored: Option<u32>) -> Option<String> {
+    let (first, n) = counts.first()?;
+    if let Some((topic, m)) = counts.iter().find(|(_, m)| m != n) {
+        return Some(format!(
+            "{first} has {n} partitions but {topic} has {m}: every bucket topic must have the same count (topics.yaml, `copartition: bucket`)"
+        ));
+    }
+    match stored {
+        Some(s) if i64::from(s) != i64::from(*n) => Some(format!(
+            "{first} has {n} partitions, but this processor's state store (state.dir) was made for {s}: the partition count of the bucket topics cannot change once data is in them, as each bucket's state lives in the partition its key picks, and SyncFlow cannot move state between partitions (see OPERATIONS.md, \"Partition counts\")"
+        )),
+        _ => None,
+    }
+}
+
 /// A task's outputs held back to be sent in the order of its records: `(input offset, outputs)`.
 type Held = Vec<(i64, Vec<Output>)>;
 
@@ -562,6 +584,35 @@ impl Resolver {
         Ok((c, i32::try_from(partitions).unwrap_or(i32::MAX)))
     }
 
+    /// Refuses to run when the bucket topics' partition counts differ from `data.changed`'s
+    /// (`partitions`) or from the count this store's tasks were made for; records the count in a
+    /// store that has none.
+    fn check_partitions(
+        &self,
+        consumer: &BaseConsumer<TaskContext>,
+        partitions: i32,
+    ) -> Result<(), ResolverError> {
+        let mut counts = vec![(self.cfg.topic(topics::DATA_CHANGED), partitions)];
+        for name in [
+            topics::SYNC_EVENTS,
+            topics::CONFLICT_DETECTED,
+            topics::DATA_REJECTED,
+            topics::RESOLVER_CHANGELOG,
+        ] {
+            let topic = self.cfg.topic(name);
+            let n = topics::wait_for_topic(consumer.client(), &topic, Duration::from_secs(30))
+                .map_err(|e| ResolverError::NoTopic(e.to_string()))?;
+            counts.push((topic, i32::try_from(n).unwrap_or(i32::MAX)));
+        }
+        let stored = self.store.partition_count()?;
+        partition_problem(&counts, stored).map_or(Ok(()), |why| Err(ResolverError::Setup(why)))?;
+        if stored.is_none() {
+            self.store
+                .set_partition_count(u32::try_from(partitions).unwrap_or(0))?;
+        }
+        Ok(())
+    }
+
     fn producer(&self) -> Result<ThreadedProducer<DeliveryTracker>, ResolverError> {
         let tracker = DeliveryTracker::new(self.cfg.topic(topics::RESOLVER_CHANGELOG));
         let p: ThreadedProducer<DeliveryTracker> = ClientConfig::new()
@@ -616,6 +667,7 @@ impl Resolver {
         // The partition count checked by `consumer` (a metadata answer with a topic error
         // would count none, and every write would be forwarded to partition 0).
         let (consumer, partitions) = self.consumer(generation.clone())?;
+        self.check_partitions(&consumer, partitions)?;
         self.partitions = partitions;
         let producer = Arc::new(self.producer()?);
         let watermarks = topics::watermark_client(&self.cfg.kafka.brokers)?;
@@ -1920,6 +1972,22 @@ mod tests {
             offset,
             None,
         )
+    }
+
+    #[test]
+    fn partition_counts_must_agree_and_stay() {
+        let counts = |n: &[i32]| -> Vec<(String, i32)> {
+            n.iter()
+                .enumerate()
+                .map(|(i, n)| (format!("t{i}"), *n))
+                .collect()
+        };
+        assert_eq!(partition_problem(&counts(&[6, 6, 6]), None), None);
+        assert_eq!(partition_problem(&counts(&[6, 6, 6]), Some(6)), None);
+        let why = partition_problem(&counts(&[6, 6, 3]), None).unwrap();
+        assert!(why.contains("t0 has 6 partitions but t2 has 3"), "{why}");
+        let why = partition_problem(&counts(&[12, 12]), Some(6)).unwrap();
+        assert!(why.contains("made for 6"), "{why}");
     }
 
     #[test]

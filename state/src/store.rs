@@ -90,6 +90,9 @@ pub fn parse_seq_key(k: &[u8]) -> Option<BucketKey> {
     })
 }
 
+/// Key, in the store's default tree, of the partition count its tasks were made for.
+const PARTITIONS_KEY: &[u8] = b"syncflow:partitions";
+
 /// The state of all tasks of one process: a sled database with one tree per task.
 #[derive(Clone)]
 pub struct TaskStore {
@@ -135,6 +138,22 @@ impl TaskStore {
         tree.flush()?;
         tree.clear()?;
         tree.flush()?;
+        Ok(())
+    }
+
+    /// The partition count of the bucket topics this store's tasks were made for, if recorded.
+    pub fn partition_count(&self) -> Result<Option<u32>, StateError> {
+        Ok(self
+            .db
+            .get(PARTITIONS_KEY)?
+            .and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok())
+            .map(u32::from_be_bytes))
+    }
+
+    /// Records the partition count of the bucket topics (see [`TaskStore::partition_count`]).
+    pub fn set_partition_count(&self, count: u32) -> Result<(), StateError> {
+        self.db.insert(PARTITIONS_KEY, &count.to_be_bytes())?;
+        self.db.flush()?;
         Ok(())
     }
 
@@ -303,6 +322,17 @@ impl ResolveState for Overlay<'_> {
 mod tests {
     use super::*;
     use processors::{compute_diff, decode_write, resolve_lww, DiffContext, Limits};
+
+    #[test]
+    fn the_partition_count_is_remembered() {
+        let store = TaskStore::temporary().unwrap();
+        assert_eq!(store.partition_count().unwrap(), None);
+        store.set_partition_count(6).unwrap();
+        assert_eq!(store.partition_count().unwrap(), Some(6));
+        // Not a task: wiping a task keeps it.
+        store.wipe_task(0).unwrap();
+        assert_eq!(store.partition_count().unwrap(), Some(6));
+    }
 
     #[test]
     fn seq_keys_parse() {
