@@ -927,7 +927,7 @@ impl Resolver {
         tpl.add_partition_offset(&topic, partition, Offset::Offset(from))?;
         reader.assign(&tpl)?;
         let mut batch = state::sled::Batch::default();
-        let (mut pending, mut total) = (0usize, 0u64);
+        let (mut pending, mut pending_bytes, mut total) = (0usize, 0usize, 0u64);
         let mut next = from;
         let mut last_read = Instant::now();
         let (mut at_eof, mut waiting_logged) = (false, false);
@@ -942,19 +942,25 @@ impl Resolver {
                     last_read = Instant::now();
                     at_eof = false;
                     if let Some(key) = m.key() {
+                        pending_bytes += key.len();
                         match m.payload() {
-                            Some(v) if !v.is_empty() => batch.insert(key, v),
+                            Some(v) if !v.is_empty() => {
+                                pending_bytes += v.len();
+                                batch.insert(key, v)
+                            }
                             _ => batch.remove(key),
                         }
                     }
                     next = m.offset() + 1;
                     pending += 1;
                     total += 1;
-                    if pending as u64 >= self.cfg.resolver.restore_chunk {
+                    if pending as u64 >= self.cfg.resolver.restore_chunk
+                        || pending_bytes >= RESTORE_CHUNK_BYTES
+                    {
                         // A restore that is interrupted (crash, stall, rebalance) goes on from
                         // here next time instead of starting over.
                         apply_up_to(&tree, std::mem::take(&mut batch), next)?;
-                        pending = 0;
+                        (pending, pending_bytes) = (0, 0);
                         tracing::info!(partition, restored = total, "restoring task state");
                     }
                 }
@@ -1435,6 +1441,11 @@ impl Resolver {
         }
     }
 }
+
+/// Most bytes of changelog records a restore holds before writing them to its store: states of
+/// up to `limits.max_state_bytes` each, `resolver.restore_chunk` of them could otherwise take
+/// gigabytes (and a process killed for its memory would restart the restore from the same place).
+const RESTORE_CHUNK_BYTES: usize = 64 * 1024 * 1024;
 
 /// How long a processor waits for a state store another process holds (one shutting down).
 const STORE_IN_USE_WAIT: Duration = Duration::from_secs(15);
