@@ -231,18 +231,17 @@ pub trait DocReader: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>>;
 
     /// The view ids (`<bucket>/<doc_id>`) of the documents (tombstones included) whose last
-    /// change is past `since`, in no particular order. (This default reads the documents whole;
-    /// a store should read only their ids.)
+    /// change is past `since`, in no particular order, at most `limit` of them. (This default
+    /// reads the documents whole; a store should read only their ids.)
     fn changed_ids<'a>(
         &'a self,
         tenant: &'a str,
         bucket: &'a str,
         since: i64,
+        limit: usize,
     ) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
         Box::pin(async move {
-            let docs = self
-                .changes(tenant, bucket, since, i64::MAX, usize::MAX)
-                .await?;
+            let docs = self.changes(tenant, bucket, since, i64::MAX, limit).await?;
             Ok(docs.into_iter().map(|d| d.id).collect())
         })
     }
@@ -790,12 +789,14 @@ impl DocReader for MongoView {
         tenant: &'a str,
         bucket: &'a str,
         since: i64,
+        limit: usize,
     ) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
         Box::pin(async move {
             let mut cursor = self
                 .docs(tenant)
                 .find(doc! {"bucket": bucket, "seq": {"$gt": since}})
                 .projection(doc! {"_id": 1})
+                .limit(i64::try_from(limit).unwrap_or(i64::MAX))
                 .await?;
             let mut ids = Vec::new();
             while let Some(d) = cursor.try_next().await? {

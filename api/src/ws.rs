@@ -85,6 +85,10 @@ pub struct WsConfig {
     /// Milliseconds a subscription waits for the view to catch up with changes already
     /// announced before it closes the connection with 1013.
     pub view_wait_ms: u64,
+    /// Most documents changed while a catch-up was read that it then sends by id (their ids,
+    /// and the versions sent, are held for the subscription); past it the connection is closed
+    /// as too slow (4008).
+    pub max_changed_during_catch_up: usize,
 }
 
 impl Default for WsConfig {
@@ -103,6 +107,7 @@ impl Default for WsConfig {
             auth_timeout_secs: 10,
             send_timeout_secs: 10,
             view_wait_ms: 10_000,
+            max_changed_during_catch_up: 10_000,
         }
     }
 }
@@ -905,6 +910,7 @@ async fn catch_up(
     };
     let mut start = from;
     let page = state.pages.default.max(1);
+    let max_changed = state.ws.max_changed_during_catch_up;
     loop {
         recheck(tx).await?;
         // First the documents whose last change is at or before the watermark, in sequence
@@ -934,10 +940,18 @@ async fn catch_up(
         } else {
             state
                 .reader
-                .changed_ids(tenant, bucket, watermark)
+                .changed_ids(tenant, bucket, watermark, max_changed.saturating_add(1))
                 .await
                 .map_err(view_unavailable)?
         };
+        if past.len() > max_changed {
+            // Held in memory until sent (and their versions after): too many while the bucket
+            // changes faster than the client reads. Its cursor is its last page's; from there
+            // the next catch-up has less to read.
+            let why = format!("more than {max_changed} documents of {bucket:?} changed while you read its catch-up (ws.max_changed_during_catch_up); reconnect with your last cursor");
+            let _ = send(tx, error_msg("too_slow", why, Some(bucket))).await;
+            return Err(End::Close(CLOSE_TOO_SLOW, "too slow".into()));
+        }
         let cursor_at = |seq: i64| Cursor::within(meta.epoch, seq.max(start), began);
         let done = !more && past.is_empty();
         // A page's cursor is its last document's; the last page's is the watermark.

@@ -612,6 +612,53 @@ async fn a_token_that_expires_during_a_slow_snapshot_ends_it() {
     env.cleanup().await;
 }
 
+/// A bucket that changes faster than a subscriber reads its catch-up: past
+/// `ws.max_changed_during_catch_up` documents changed meanwhile, the connection is closed
+/// (`too_slow`, 4008) instead of the node holding each of their ids (before, without a bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_outrun_by_its_bucket_is_closed_as_too_slow() {
+    const DOCS: usize = 96;
+    const BLOB: usize = 128 * 1024;
+    let mut env = TestEnv::new("wsoutrun").await;
+    env.cfg.api.default_page = 2;
+    env.cfg.ws.max_changed_during_catch_up = 2;
+    let node = env
+        .start(&[Role::Api, Role::Processor, Role::Projector])
+        .await;
+    let addr = node.api_addr.unwrap();
+    let token = env.token("acme", "big:r");
+    produce_all(&env, &writes("big", 0, DOCS, BLOB)).await;
+    let mut fast = subscribed_to(addr, &token, "big").await;
+    let mut replica = Replica::default();
+    hold(&mut fast, &mut replica, DOCS, Duration::from_secs(90)).await;
+    // 12 MiB at 1 MiB/s: the server's socket takes 4 MB ahead, so the catch-up reads the view
+    // for about 8 s, while three new documents come in past its watermark.
+    let mut ws = slow_subscription(addr, &token, "big", 64 * 1024, Some(16 * 1024)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    produce_all(&env, &writes("big", DOCS, 3, 8)).await;
+    hold(&mut fast, &mut replica, DOCS + 3, Duration::from_secs(30)).await;
+    let (mut got, mut told) = (Replica::default(), None);
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(60), ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => {
+                let msg: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if msg["type"] == "error" {
+                    told = Some(msg["code"].clone());
+                } else {
+                    got.apply(&msg);
+                }
+            }
+            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("no close within 60 s: {other:?}"),
+        }
+    };
+    assert_eq!((code, told), (Some(4008), Some(json!("too_slow"))));
+    assert!(got.live().len() < DOCS + 3, "it got everything");
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 /// A connection with `token` that reads `chunk` bytes every 62 ms (with a receive buffer of
 /// `recv_buffer` bytes, if given), asked to subscribe to `bucket`.
 async fn slow_subscription(

@@ -538,9 +538,10 @@ async fn a_sweep_in_small_rounds_removes_every_old_tombstone() {
     events.extend((0..7).map(|i| event(i, 2, i as u64 + 9, true)));
     view.apply_batch(&events).await.unwrap();
     // (What a WebSocket catch-up reads past its watermark: ids, then documents by id.)
-    let mut past = view.changed_ids("acme", "b", 12).await.unwrap();
+    let mut past = view.changed_ids("acme", "b", 12, 10).await.unwrap();
     past.sort();
     assert_eq!(past, ["b/d4", "b/d5", "b/d6"]);
+    assert_eq!(view.changed_ids("acme", "b", 12, 2).await.unwrap().len(), 2);
     let ids = ["b/d0", "b/d7", "b/nothing"].map(String::from);
     let mut got = view.get_many("acme", "b", &ids).await.unwrap();
     got.sort_by_key(|d| d.seq);
