@@ -583,22 +583,8 @@ async fn a_token_that_expires_during_a_slow_snapshot_ends_it() {
     let token = env.token_valid_for("acme", "big:r", 3);
     let mut ws = slow_subscription(addr, &token, "big", 16 * 1024, Some(16 * 1024)).await;
     let began = Instant::now();
-    let (mut got, mut told) = (Replica::default(), None);
-    let code = loop {
-        match tokio::time::timeout(Duration::from_secs(60), ws.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => {
-                let msg: serde_json::Value = serde_json::from_str(&t).unwrap();
-                if msg["type"] == "error" {
-                    told = Some(msg["code"].clone());
-                } else {
-                    got.apply(&msg);
-                }
-            }
-            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| u16::from(f.code)),
-            Ok(Some(Ok(_))) => {}
-            other => panic!("no close within 60 s: {other:?}"),
-        }
-    };
+    let mut got = Replica::default();
+    let (code, told) = read_until_close(&mut ws, &mut got).await;
     let took = began.elapsed();
     assert_eq!(code, Some(4001));
     assert_eq!(told, Some(json!("unauthorized")));
@@ -637,8 +623,22 @@ async fn a_catch_up_outrun_by_its_bucket_is_closed_as_too_slow() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     produce_all(&env, &writes("big", DOCS, 3, 8)).await;
     hold(&mut fast, &mut replica, DOCS + 3, Duration::from_secs(30)).await;
-    let (mut got, mut told) = (Replica::default(), None);
-    let code = loop {
+    let mut got = Replica::default();
+    let (code, told) = read_until_close(&mut ws, &mut got).await;
+    assert_eq!((code, told), (Some(4008), Some(json!("too_slow"))));
+    assert!(got.live().len() < DOCS + 3, "it got everything");
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// Applies `ws`'s messages to `got` until the server closes it: the close code and the code of
+/// the last `error` message. Panics when a minute passes without a message.
+async fn read_until_close(
+    ws: &mut tokio_tungstenite::WebSocketStream<SlowReader>,
+    got: &mut Replica,
+) -> (Option<u16>, Option<serde_json::Value>) {
+    let mut told = None;
+    loop {
         match tokio::time::timeout(Duration::from_secs(60), ws.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => {
                 let msg: serde_json::Value = serde_json::from_str(&t).unwrap();
@@ -648,15 +648,11 @@ async fn a_catch_up_outrun_by_its_bucket_is_closed_as_too_slow() {
                     got.apply(&msg);
                 }
             }
-            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|f| u16::from(f.code)),
+            Ok(Some(Ok(Message::Close(frame)))) => return (frame.map(|f| u16::from(f.code)), told),
             Ok(Some(Ok(_))) => {}
             other => panic!("no close within 60 s: {other:?}"),
         }
-    };
-    assert_eq!((code, told), (Some(4008), Some(json!("too_slow"))));
-    assert!(got.live().len() < DOCS + 3, "it got everything");
-    node.stop().await.unwrap();
-    env.cleanup().await;
+    }
 }
 
 /// A connection with `token` that reads `chunk` bytes every 62 ms (with a receive buffer of
