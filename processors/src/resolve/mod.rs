@@ -100,10 +100,22 @@ fn keep_max(slot: &mut Option<Arc<Stamp>>, stamp: &Arc<Stamp>) {
 /// The change set is consumed: its paths and values move into the registers it stores.
 pub fn apply_change(doc: &mut DocState, mut change: ChangeSet) -> Applied {
     let op = std::mem::replace(&mut change.op, ChangeOp::Delete);
-    apply_op(doc, &change, op)
+    with_key(apply_op(doc, &change, op), change.key)
 }
 
-/// [`apply_change`] of `change` with its op `op`, taken out of it (`change.op` is not read).
+/// `applied` with its change's tenant, bucket and document id, moved out of `key` (the write's
+/// own strings, not copies of them).
+fn with_key(mut applied: Applied, key: DocKey) -> Applied {
+    if let Some(event) = applied.change.as_mut() {
+        event.tenant = key.bucket.tenant;
+        event.bucket = key.bucket.bucket;
+        event.doc_id = key.doc_id;
+    }
+    applied
+}
+
+/// [`apply_change`] of `change` with its op `op`, taken out of it (`change.op` is not read). The
+/// change it returns has no tenant, bucket or document id yet: see [`with_key`].
 fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
     let stamp: &Stamp = &change.stamp;
     // Ask for the tables searched below all at once, so their cache misses overlap instead of
@@ -241,9 +253,9 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
     if changed {
         applied.change = Some(SyncEvent {
             v: EVENT_FORMAT_VERSION,
-            tenant: change.key.bucket.tenant.clone(),
-            bucket: change.key.bucket.bucket.clone(),
-            doc_id: change.key.doc_id.clone(),
+            tenant: String::new(),
+            bucket: String::new(),
+            doc_id: String::new(),
             version: new_version,
             seq: 0,
             hlc: stamp.hlc,
@@ -507,7 +519,7 @@ pub fn resolve_lww_bounded<S: ResolveState>(
     if outcome.as_ref().is_ok_and(|a| a.change.is_some()) {
         state.store_last_seq(&change.key.bucket, seq)?;
     }
-    Ok(outcome)
+    Ok(outcome.map(|applied| with_key(applied, change.key)))
 }
 
 /// [`apply_op`], giving a visible change (and the document) the bucket sequence number `seq`.
@@ -560,5 +572,5 @@ pub fn resolve_lww<S: ResolveState>(
     if applied.change.is_some() {
         state.store_last_seq(&change.key.bucket, seq)?;
     }
-    Ok(applied)
+    Ok(with_key(applied, change.key))
 }
