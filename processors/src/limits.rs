@@ -72,7 +72,7 @@ pub fn check_bucket(bucket: &str) -> Result<(), Rejection> {
 /// Checks a write's `event_id` or `device_id` (named `field` in the message): 1–256 bytes without
 /// control characters.
 pub fn check_write_id(field: &str, value: &str) -> Result<(), Rejection> {
-    if value.is_empty() || value.len() > 256 || value.chars().any(char::is_control) {
+    if value.is_empty() || value.len() > 256 || has_control(value) {
         Err(Rejection::new(
             RejectCode::InvalidEvent,
             format!("{field} must be 1-256 bytes without control characters"),
@@ -91,7 +91,7 @@ impl Limits {
                 &format!("must be 1-{} bytes long", self.max_doc_id_bytes),
             ));
         }
-        if id.chars().any(char::is_control) {
+        if has_control(id) {
             return Err(invalid_id(
                 "document id",
                 "must not contain control characters",
@@ -340,6 +340,30 @@ fn json_str_len(s: &str) -> usize {
     2 + s.len() + escapes
 }
 
+/// Whether `s` holds a control character ([`char::is_control`]: U+0000-U+001F and
+/// U+007F-U+009F), tested eight bytes at a time while the text is ASCII (ids usually are).
+fn has_control(s: &str) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const HIGH: u64 = ONES << 7;
+    // Whether some byte of `x` is below `n` (at most 128): exact, as a test for any byte.
+    let any_below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
+    let mut chunks = s.as_bytes().chunks_exact(8);
+    for chunk in &mut chunks {
+        let x = u64::from_ne_bytes(chunk.try_into().expect("eight bytes"));
+        if x & HIGH != 0 {
+            // Not ASCII: U+0080-U+009F are control characters too.
+            return s.chars().any(char::is_control);
+        }
+        if any_below(x, 0x20) || any_below(x ^ (ONES * 0x7F), 1) {
+            return true;
+        }
+    }
+    match chunks.remainder() {
+        rest if rest.is_ascii() => rest.iter().any(|&b| b < 0x20 || b == 0x7F),
+        _ => s.chars().any(char::is_control),
+    }
+}
+
 /// Whether some byte of `bytes` has [`escape_len`] above 0 (a control character, `"` or `\`),
 /// tested eight bytes at a time.
 fn has_escapes(bytes: &[u8]) -> bool {
@@ -429,6 +453,19 @@ mod tests {
     }
 
     proptest! {
+        /// The eight-bytes-at-a-time test finds control characters exactly where `char` does.
+        #[test]
+        fn control_characters_are_found_exactly(
+            (head, tail) in ("[a-z~ ]{0,20}", "[a-z~ ]{0,20}"),
+            one in prop::sample::select(vec!['\u{0}', '\u{1f}', ' ', '~', '\u{7f}', '\u{80}', '\u{9f}', '\u{a0}', 'é', 'x']),
+            t in any::<String>(),
+        ) {
+            // Printable ASCII around one character at any place, on both sides of the edges.
+            let s = format!("{head}{one}{tail}");
+            prop_assert_eq!(has_control(&s), s.chars().any(char::is_control));
+            prop_assert_eq!(has_control(&t), t.chars().any(char::is_control));
+        }
+
         /// The size the walk adds up is the length of `serde_json`'s compact serialisation.
         #[test]
         fn walk_measures_compact_json(v in any_json()) {
