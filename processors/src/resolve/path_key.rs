@@ -171,6 +171,7 @@ mod tests {
             "[ab\u{0}\u{1}\u{2}]{0,3}",
             "[ab]{8,12}",
             "aaaaaaaaaaaaaa[ab\u{0}é]{0,3}",
+            "[ab\u{1}\u{2}]{8,20}",
         ]
     }
 
@@ -178,7 +179,34 @@ mod tests {
         prop::collection::vec(segment(), 0..4)
     }
 
+    /// The key as its docs define it, written out plainly.
+    fn reference_key(path: &[String]) -> PathKey {
+        let mut encoding = Vec::new();
+        for segment in path {
+            encoding.push(0);
+            for &b in segment.as_bytes() {
+                match b {
+                    0 | 1 => encoding.extend([1, b + 1]),
+                    _ => encoding.push(b),
+                }
+            }
+        }
+        let mut bytes = [0u8; HELD + 1];
+        let held = encoding.len().min(HELD);
+        bytes[..held].copy_from_slice(&encoding[..held]);
+        bytes[HELD] = encoding.len().min(HELD + 1) as u8;
+        PathKey {
+            high: u128::from_be_bytes(bytes[..16].try_into().unwrap()),
+            low: u128::from_be_bytes(bytes[16..].try_into().unwrap()),
+        }
+    }
+
     proptest! {
+        #[test]
+        fn keys_are_the_start_of_the_encoding(a in path()) {
+            prop_assert_eq!(PathKey::of(&a), reference_key(&a));
+        }
+
         #[test]
         fn keys_decide_like_the_paths(a in path(), b in path()) {
             let (ka, kb) = (PathKey::of(&a), PathKey::of(&b));
