@@ -257,16 +257,14 @@ impl Limits {
 
     /// Checks a field name, returning its size as a JSON string.
     fn check_key(&self, key: &str, at: Option<&At<'_>>) -> Result<usize, Rejection> {
-        // Usually nothing is escaped (and so there is no NUL): then only the dot needs a look.
+        // Usually nothing is escaped (so there is no NUL) and there is no dot: one pass says so.
         let (mut dot, mut nul, mut escapes) = (false, false, 0);
-        if has_escapes(key.as_bytes()) {
+        if has_escapes_or_dot(key.as_bytes()) {
             for b in key.bytes() {
                 dot |= b == b'.';
                 nul |= b == 0;
                 escapes += escape_len(b);
             }
-        } else {
-            dot = key.as_bytes().contains(&b'.');
         }
         let why = if key.is_empty() {
             Some("is empty")
@@ -367,20 +365,38 @@ fn has_control(s: &str) -> bool {
 /// Whether some byte of `bytes` has [`escape_len`] above 0 (a control character, `"` or `\`),
 /// tested eight bytes at a time.
 fn has_escapes(bytes: &[u8]) -> bool {
+    has_any(bytes, None)
+}
+
+/// [`has_escapes`], or a `.` (what a field name needs a closer look for).
+fn has_escapes_or_dot(bytes: &[u8]) -> bool {
+    has_any(bytes, Some(b'.'))
+}
+
+/// Whether some byte of `bytes` has [`escape_len`] above 0 or is `also`, tested eight bytes at a
+/// time.
+#[inline]
+fn has_any(bytes: &[u8], also: Option<u8>) -> bool {
     const ONES: u64 = u64::from_ne_bytes([1; 8]);
     const HIGH: u64 = ONES << 7;
     // Whether some byte of `x` is below `n` (at most 128): exact, as a test for any byte.
     let any_below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
+    let any_is = |x: u64, b: u8| any_below(x ^ (ONES * u64::from(b)), 1);
     let mut chunks = bytes.chunks_exact(8);
     for chunk in &mut chunks {
         let x = u64::from_ne_bytes(chunk.try_into().expect("eight bytes"));
-        let quote = x ^ (ONES * u64::from(b'"'));
-        let backslash = x ^ (ONES * u64::from(b'\\'));
-        if any_below(x, 0x20) || any_below(quote, 1) || any_below(backslash, 1) {
+        if any_below(x, 0x20)
+            || any_is(x, b'"')
+            || any_is(x, b'\\')
+            || also.is_some_and(|b| any_is(x, b))
+        {
             return true;
         }
     }
-    chunks.remainder().iter().any(|&b| escape_len(b) > 0)
+    chunks
+        .remainder()
+        .iter()
+        .any(|&b| escape_len(b) > 0 || Some(b) == also)
 }
 
 /// The bytes `serde_json` adds to escape `b` in a string.
@@ -453,6 +469,44 @@ mod tests {
     }
 
     proptest! {
+        /// A field name is refused exactly by the rules, and measured as `serde_json` writes it.
+        #[test]
+        fn field_names_follow_the_rules(
+            any in "[a-z.$\"\\\u{0}\u{1f}é]{0,20}",
+            (head, tail) in ("[a-z]{0,12}", "[a-z]{0,12}"),
+            one in prop::sample::select(vec!['.', '$', '"', '\\', '\u{0}', '\u{1f}', 'é', 'x']),
+        ) {
+            // Any mix, and one special character at any place in plain letters.
+            for key in [any, format!("{head}{one}{tail}")] {
+                field_name_follows_the_rules(key)?;
+            }
+        }
+    }
+
+    fn field_name_follows_the_rules(key: String) -> Result<(), TestCaseError> {
+        {
+            let limits = Limits {
+                max_key_bytes: 20,
+                ..Limits::default()
+            };
+            let refused = key.is_empty()
+                || key.len() > 20
+                || key.contains('.')
+                || key.starts_with('$')
+                || key.contains('\u{0}');
+            match limits.check_key(&key, None) {
+                Ok(size) => {
+                    prop_assert!(!refused, "{:?} accepted", key);
+                    prop_assert_eq!(size, serde_json::to_string(&key).unwrap().len());
+                }
+                Err(_) => prop_assert!(refused, "{:?} refused", key),
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+
         /// The eight-bytes-at-a-time test finds control characters exactly where `char` does.
         #[test]
         fn control_characters_are_found_exactly(
