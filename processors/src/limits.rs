@@ -45,22 +45,36 @@ fn invalid_id(what: &str, why: &str) -> Rejection {
     Rejection::new(RejectCode::InvalidId, format!("{what} {why}"))
 }
 
+/// The set of `allowed` bytes, as a table indexed by byte.
+const fn byte_set(allowed: &[u8]) -> [bool; 256] {
+    let mut set = [false; 256];
+    let mut i = 0;
+    while i < allowed.len() {
+        set[allowed[i] as usize] = true;
+        i += 1;
+    }
+    set
+}
+
+/// The bytes of a tenant id.
+const TENANT_BYTES: [bool; 256] = byte_set(b"abcdefghijklmnopqrstuvwxyz0123456789_-");
+
+/// The bytes of a bucket name.
+const BUCKET_BYTES: [bool; 256] =
+    byte_set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.");
+
 /// Checks a tenant id: 1–64 characters of `a-z`, `0-9`, `_` or `-`.
 pub fn check_tenant(tenant: &str) -> Result<(), Rejection> {
-    let ok = (1..=64).contains(&tenant.len())
-        && tenant
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    let ok =
+        (1..=64).contains(&tenant.len()) && tenant.bytes().all(|b| TENANT_BYTES[usize::from(b)]);
     ok.then_some(())
         .ok_or_else(|| invalid_id("tenant", "must be 1-64 characters of a-z, 0-9, '_' or '-'"))
 }
 
 /// Checks a bucket name: 1–128 characters of `A-Z`, `a-z`, `0-9`, `_`, `-` or `.`.
 pub fn check_bucket(bucket: &str) -> Result<(), Rejection> {
-    let ok = (1..=128).contains(&bucket.len())
-        && bucket
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    let ok =
+        (1..=128).contains(&bucket.len()) && bucket.bytes().all(|b| BUCKET_BYTES[usize::from(b)]);
     ok.then_some(()).ok_or_else(|| {
         invalid_id(
             "bucket",
@@ -480,6 +494,23 @@ mod tests {
             for key in [any, format!("{head}{one}{tail}")] {
                 field_name_follows_the_rules(key)?;
             }
+        }
+    }
+
+    /// The tables of id bytes hold exactly the characters the rules name.
+    #[test]
+    fn id_bytes_are_the_rules() {
+        for b in 0..=u8::MAX {
+            assert_eq!(
+                TENANT_BYTES[usize::from(b)],
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-',
+                "{b}"
+            );
+            assert_eq!(
+                BUCKET_BYTES[usize::from(b)],
+                b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'),
+                "{b}"
+            );
         }
     }
 
