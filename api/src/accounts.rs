@@ -364,6 +364,10 @@ pub async fn login(
     if name.is_empty() || name.len() > 254 {
         return Err(ApiError::Unauthorized("wrong user name or password".into()));
     }
+    // Without Redis no attempt is counted (the limiter lets requests through) and no session
+    // can be opened: refused before the password is checked, or a 503 after a right password
+    // and a 401 after a wrong one would make an unlimited oracle.
+    acc.store.check_available().await?;
     if let Some(limiter) = &state.limiter {
         limiter
             .check_login(&name)

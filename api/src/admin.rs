@@ -105,6 +105,22 @@ fn issued(kind: TokenKind, sub: &str, tenant: &str, grants: Vec<Grant>, ttl: u64
     claims
 }
 
+/// The caller of an administration endpoint. A user's session token carries the grants of its
+/// issue, up to `auth.access_ttl_secs` old: here they are those the users view holds now, so an
+/// admin who was demoted cannot use the token's to give itself (or anyone) back what it lost,
+/// for good. Until the view shows a new user, its token's grants stand.
+async fn admin_caller(state: &AppState, headers: &HeaderMap) -> Result<Claims, ApiError> {
+    let mut caller = verified(state, headers).await?;
+    if let (Some(_), Some(name), Some(acc)) = (&caller.sid, &caller.name, &state.accounts) {
+        if let Some(user) = acc.users.find(name).await? {
+            if user.user_id == caller.sub && user.tenant == caller.tenant {
+                caller.grants = user.grants;
+            }
+        }
+    }
+    Ok(caller)
+}
+
 fn require_tenant_admin(caller: &Claims) -> Result<(), ApiError> {
     if caller.is_tenant_admin() {
         Ok(())
@@ -134,7 +150,7 @@ pub async fn list_users(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    let caller = verified(&state, &headers).await?;
+    let caller = admin_caller(&state, &headers).await?;
     require_tenant_admin(&caller)?;
     let users = accounts(&state)?.users.list(&caller.tenant).await?;
     Ok(Json(
@@ -156,9 +172,16 @@ pub async fn set_grants(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let caller = verified(&state, &headers).await?;
+    let caller = admin_caller(&state, &headers).await?;
     let acc = accounts(&state)?;
     let req: GrantsReq = json_body(&body)?;
+    // Before any lookup: a token that administers nothing must not learn who exists (an empty
+    // list, which no grant check covers, would otherwise tell it).
+    if !caller.grants.iter().any(|g| g.perms.contains(&Perm::Admin)) {
+        return Err(ApiError::Forbidden(
+            "changing grants needs an admin grant".into(),
+        ));
+    }
     check_grants(&caller, &req.grants)?;
     let username = username.to_ascii_lowercase();
     let user = acc
@@ -167,11 +190,10 @@ pub async fn set_grants(
         .await?
         .filter(|u| u.tenant == caller.tenant)
         .ok_or_else(|| ApiError::NotFound(format!("no user {username:?} in this tenant")))?;
-    if let Some(g) = user.grants.iter().find(|g| !caller.administers(&g.bucket)) {
-        return Err(ApiError::Forbidden(format!(
-            "the user holds a grant on {:?}, which this token does not administer",
-            g.bucket
-        )));
+    if user.grants.iter().any(|g| !caller.administers(&g.bucket)) {
+        return Err(ApiError::Forbidden(
+            "the user holds a grant this token does not administer".into(),
+        ));
     }
     let event = UserEvent::GrantsSet {
         v: USER_EVENT_VERSION,
@@ -203,7 +225,7 @@ pub async fn create_invite(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let caller = verified(&state, &headers).await?;
+    let caller = admin_caller(&state, &headers).await?;
     let acc = accounts(&state)?;
     let req: InviteReq = json_body(&body)?;
     // Without the admin check for an empty list, any token (a read-only user's, a producer's)
@@ -315,7 +337,7 @@ pub async fn create_service_token(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
-    let caller = verified(&state, &headers).await?;
+    let caller = admin_caller(&state, &headers).await?;
     let acc = accounts(&state)?;
     let req: ServiceReq = json_body(&body)?;
     let name = check_service_name(&req.name)?;
@@ -350,7 +372,7 @@ pub async fn list_service_tokens(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    let caller = verified(&state, &headers).await?;
+    let caller = admin_caller(&state, &headers).await?;
     require_tenant_admin(&caller)?;
     let list = accounts(&state)?
         .store
@@ -367,7 +389,7 @@ pub async fn revoke_service_token(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
-    let caller = verified(&state, &headers).await?;
+    let caller = admin_caller(&state, &headers).await?;
     let acc = accounts(&state)?;
     let list = acc
         .store

@@ -597,6 +597,85 @@ async fn tenant_admins_manage_grants_invitations_and_service_tokens() {
     env.cleanup().await;
 }
 
+/// An admin demoted while its access token still says admin cannot use that token to take admin
+/// back, or to hand it out (grants, invitations, service tokens): administration reads the
+/// caller's grants from the users view. And a token that administers nothing cannot tell which
+/// user names exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demoted_admin_cannot_use_its_old_token_to_take_admin_back() {
+    let env = TestEnv::new("demoted").await;
+    let (node, api) = start(&env, &[Role::Api, Role::Projector]).await;
+    let (s, ann) = api.register("ann", json!({"tenant": "acme"})).await;
+    assert_eq!(s, 201, "{ann}");
+    let admin = token(&ann, "access_token");
+    let everything = json!([{"bucket": "*", "perms": ["admin"]}]);
+    let (s, inv) = api
+        .post(
+            "/v1/tenant/invites",
+            Some(&admin),
+            json!({"grants": everything}),
+        )
+        .await;
+    assert_eq!(s, 201, "{inv}");
+    let (s, mal) = api
+        .register("mal", json!({"invite": token(&inv, "invite")}))
+        .await;
+    assert_eq!(s, 201, "{mal}");
+    let stale = token(&mal, "access_token");
+    let (s, _) = api.get("/v1/tenant/users", &stale).await;
+    assert_eq!(s, 200, "mal administers the tenant for now");
+
+    // Ann demotes mal; mal's token still says admin for up to 15 minutes.
+    let put_grants = |caller: String, user: &'static str, grants: Value| {
+        let api = &api;
+        async move {
+            api.call(
+                reqwest::Method::PUT,
+                &format!("/v1/tenant/users/{user}/grants"),
+                Some(&caller),
+                Some(json!({ "grants": grants })),
+            )
+            .await
+        }
+    };
+    let (s, set, _) = put_grants(
+        admin.clone(),
+        "mal",
+        json!([{"bucket": "todos", "perms": ["read"]}]),
+    )
+    .await;
+    assert_eq!((s, &set["visible"]), (200, &json!(true)), "{set}");
+    let (s, e, _) = put_grants(stale.clone(), "mal", everything.clone()).await;
+    assert_eq!(s, 403, "mal gave itself admin back: {e}");
+    let (s, e) = api
+        .post(
+            "/v1/tenant/invites",
+            Some(&stale),
+            json!({"grants": everything}),
+        )
+        .await;
+    assert_eq!(s, 403, "mal invited an admin: {e}");
+    let (s, e) = api
+        .post(
+            "/v1/tenant/service-tokens",
+            Some(&stale),
+            json!({"name": "backdoor", "grants": everything}),
+        )
+        .await;
+    assert_eq!(s, 403, "mal made an admin service token: {e}");
+    let (s, _) = api.get("/v1/tenant/users", &stale).await;
+    assert_eq!(s, 403);
+
+    // Administering nothing, mal learns nothing of who exists: the same answer for a user and
+    // for no user.
+    let (s1, e1, _) = put_grants(stale.clone(), "ann", json!([])).await;
+    let (s2, e2, _) = put_grants(stale.clone(), "nobody", json!([])).await;
+    assert_eq!((s1, s2), (403, 403), "{e1} {e2}");
+    assert_eq!(e1, e2);
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_storm_yields_exactly_one_account() {
     let env = TestEnv::new("storm").await;

@@ -80,6 +80,24 @@ async fn subscribers_recover_from_a_redis_outage_without_missing_a_change() {
         body["error"]["message"], "the session store is unavailable; retry later",
         "{body}"
     );
+    // A login is refused before its password is checked: the same answer for a right and a
+    // wrong one (a 503 for the right one and a 401 for the wrong made a password oracle without
+    // any attempt limit, as the limits live in Redis too).
+    let mut answers = Vec::new();
+    for password in ["outage-password", "not-the-password"] {
+        let login = http
+            .post(format!("http://{addr}/v1/auth/login"))
+            .json(&json!({"username": "rita", "password": password}))
+            .send()
+            .await
+            .unwrap();
+        answers.push((
+            login.status().as_u16(),
+            login.json::<Value>().await.unwrap(),
+        ));
+    }
+    assert_eq!(answers[0].0, 503, "{:?}", answers[0].1);
+    assert_eq!(answers[0], answers[1]);
     // The same over a WebSocket's auth message: "try again later" (1013), not "bad token" (4001),
     // which would make the client drop a token that is fine.
     let (mut probe, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/subscribe"))

@@ -222,6 +222,21 @@ impl AuthStore {
         format!("{}syncflow:auth:{what}:{id}", self.prefix)
     }
 
+    /// Fails at once while Redis cannot be reached (the breaker is open, or a `PING` fails): a
+    /// login asks before it checks the password, so that an outage, when no session can be
+    /// opened and no attempt counted, does not make it an unlimited password oracle.
+    pub async fn check_available(&self) -> Result<(), AuthError> {
+        if self.breaker.is_open() {
+            return Err(AuthError::Unavailable(
+                "redis failed a moment ago; no session can be opened".into(),
+            ));
+        }
+        let mut conn = self.conn.clone();
+        let pong = redis::cmd("PING").query_async::<String>(&mut conn).await;
+        self.breaker.record(&pong);
+        pong.map(drop).map_err(|e| StoreError(e).into())
+    }
+
     /// Opens a session for a user; returns it with its first refresh token.
     pub async fn open_session(
         &self,
