@@ -62,6 +62,9 @@ pub enum RestoreError {
     /// The operator said no.
     #[error("cancelled; nothing was changed")]
     Cancelled,
+    /// The checkpoint, or what was asked of it, cannot be carried out as asked.
+    #[error("{0} (nothing was changed)")]
+    Refused(String),
 }
 
 /// Where a replay stops.
@@ -219,6 +222,55 @@ fn ends(
         out.insert(p, high);
     }
     Ok(out)
+}
+
+/// What makes the checkpoint unusable here, or the replay asked of it wrong: a manifest whose
+/// partitions are not exactly those of `data.changed` (`input`: each partition's first and end
+/// offsets), a replay whose input was partly deleted by retention since the checkpoint (it would
+/// skip those writes), or a stop before the checkpoint's cut (those writes are in it already).
+fn refusal(
+    manifest: &Manifest,
+    input: &BTreeMap<i32, (i64, i64)>,
+    replay: bool,
+    until: Option<&Until>,
+) -> Option<String> {
+    let listed: Vec<i32> = manifest.partitions.iter().map(|p| p.partition).collect();
+    let expected: Vec<i32> = input.keys().copied().collect();
+    if listed != expected {
+        return Some(format!(
+            "checkpoint {} lists partitions {listed:?}, but data.changed has {expected:?}",
+            manifest.id
+        ));
+    }
+    if !replay {
+        return None;
+    }
+    for part in &manifest.partitions {
+        let (start, end) = input[&part.partition];
+        if start > part.input_offset && part.input_offset < end {
+            return Some(format!(
+                "data.changed partition {} now starts at offset {start} (retention deleted what was before), after checkpoint {}'s cut at {}: a replay would skip the writes between; replay from a newer checkpoint, or restore this one without replay",
+                part.partition, manifest.id, part.input_offset
+            ));
+        }
+    }
+    match until {
+        Some(Until::Time(t)) if *t < manifest.created_at_ms => Some(format!(
+            "--until {t} is before checkpoint {} was taken ({}): the writes up to it are in the checkpoint already; restore an older checkpoint",
+            manifest.id, manifest.created_at_ms
+        )),
+        Some(Until::Offsets(stops)) => stops.iter().find_map(|(p, stop)| {
+            match manifest.partitions.iter().find(|part| part.partition == *p) {
+                None => Some(format!("--until names partition {p}, which data.changed does not have")),
+                Some(part) if *stop < part.input_offset => Some(format!(
+                    "--until {p}:{stop} is before checkpoint {}'s cut in that partition ({}): those writes are in the checkpoint already; restore an older checkpoint",
+                    manifest.id, part.input_offset
+                )),
+                Some(_) => None,
+            }
+        }),
+        _ => None,
+    }
 }
 
 /// How long a replay waits for a transaction left open in `data.changed` (by a processor killed
@@ -481,7 +533,16 @@ type Plan = (RestoreReport, Records, Vec<(Vec<u8>, Option<Vec<u8>>)>);
 fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreError> {
     let manifest = crate::checkpoint::dir(cfg).verify(id)?;
     let control = reader(cfg, &cfg.topic("syncflow-restore-tool"))?;
-    let input_ends = ends(&control, &cfg.topic(topics::DATA_CHANGED))?;
+    let input_topic = cfg.topic(topics::DATA_CHANGED);
+    let input_ends = ends(&control, &input_topic)?;
+    let mut input = BTreeMap::new();
+    for (&p, &end) in &input_ends {
+        let (start, _) = control.fetch_watermarks(&input_topic, p, Duration::from_secs(10))?;
+        input.insert(p, (start, end));
+    }
+    if let Some(why) = refusal(&manifest, &input, opts.replay, opts.until.as_ref()) {
+        return Err(RestoreError::Refused(why));
+    }
     if !opts.dry_run {
         for group in [
             crate::resolver::group_id(cfg),
@@ -639,6 +700,62 @@ fn apply_kafka(
 mod tests {
     use super::*;
     use processors::DocKey;
+
+    /// A checkpoint of two partitions cut at offsets 100 and 200, taken at time 5,000.
+    fn manifest() -> Manifest {
+        let part = |partition: i32, input_offset: i64| state::checkpoint::PartInfo {
+            partition,
+            file: format!("p{partition:04}.snap"),
+            bytes: 0,
+            sha256: String::new(),
+            entries: 0,
+            input_offset,
+            changelog_offset: None,
+            outputs: BTreeMap::new(),
+        };
+        Manifest {
+            format: 1,
+            id: "c".into(),
+            created_at_ms: 5_000,
+            completed_at_ms: 5_001,
+            partitions: vec![part(0, 100), part(1, 200)],
+            total_bytes: 0,
+            total_entries: 0,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_that_cannot_be_carried_out_as_asked_is_refused() {
+        let m = manifest();
+        let input =
+            |starts: [i64; 2]| BTreeMap::from([(0, (starts[0], 150)), (1, (starts[1], 250))]);
+        assert_eq!(refusal(&m, &input([0, 0]), true, None), None);
+        // Retention deleted input after the cut: a replay would skip it; a restore may go on.
+        let why = refusal(&m, &input([0, 201]), true, None).unwrap();
+        assert!(
+            why.contains("partition 1 now starts at offset 201"),
+            "{why}"
+        );
+        assert_eq!(refusal(&m, &input([0, 201]), false, None), None);
+        // Deleted only up to the cut: nothing is missing.
+        assert_eq!(refusal(&m, &input([100, 200]), true, None), None);
+        // Partitions other than data.changed's, for a restore too.
+        let three = BTreeMap::from([(0, (0, 1)), (1, (0, 1)), (2, (0, 1))]);
+        assert!(refusal(&m, &three, false, None).unwrap().contains("[0, 1]"));
+        // A stop before the cut.
+        let until = |p: i32, o: i64| Until::Offsets(BTreeMap::from([(p, o)]));
+        assert!(refusal(&m, &input([0, 0]), true, Some(&until(1, 150))).is_some());
+        assert_eq!(
+            refusal(&m, &input([0, 0]), true, Some(&until(1, 200))),
+            None
+        );
+        assert!(refusal(&m, &input([0, 0]), true, Some(&until(7, 1))).is_some());
+        assert!(refusal(&m, &input([0, 0]), true, Some(&Until::Time(4_999))).is_some());
+        assert_eq!(
+            refusal(&m, &input([0, 0]), true, Some(&Until::Time(5_000))),
+            None
+        );
+    }
 
     fn doc_key(id: &str) -> Vec<u8> {
         state::store::doc_key_bytes(&DocKey {

@@ -195,6 +195,30 @@ fn check_id(id: &str) -> Result<(), CheckpointError> {
     }
 }
 
+/// Whether `dir` holds only files a checkpoint writes (its manifest, `pNNNN.snap`, `.json` and
+/// `.failed`, and their temporary files), or nothing: what retention and `delete` may remove
+/// without a manifest. Anything else (the state store, logs, a directory) keeps it.
+fn holds_only_checkpoint_files(dir: &Path) -> bool {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return false;
+    };
+    entries.into_iter().all(|entry| {
+        let Ok(entry) = entry else { return false };
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let part = |ext: &str| {
+            let stem = name.split('.').next().unwrap_or_default();
+            stem.len() == 5
+                && stem.starts_with('p')
+                && stem[1..].bytes().all(|b| b.is_ascii_digit())
+                && name[stem.len()..].starts_with(ext)
+        };
+        entry.file_type().is_ok_and(|t| t.is_file())
+            && (name == MANIFEST
+                || name.starts_with("manifest.tmp-")
+                || [".snap", ".json", ".failed", ".tmp-"].into_iter().any(part))
+    })
+}
+
 /// The name of partition `partition`'s snapshot file inside its checkpoint's directory.
 fn snapshot_file(partition: i32) -> String {
     format!("p{partition:04}.snap")
@@ -626,7 +650,9 @@ impl CheckpointDir {
         match fs::remove_file(&manifest) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if !dir.exists() {
+                // Without a manifest, only a directory holding nothing but a checkpoint's files
+                // is one (the directory may hold other things: the state, logs).
+                if !dir.exists() || !holds_only_checkpoint_files(&dir) {
                     return Err(CheckpointError::NotFound(id.into()));
                 }
             }
@@ -674,7 +700,11 @@ impl CheckpointDir {
                     .ok()
                     .and_then(|t| t.elapsed().ok())
                     .map_or(0, |d| d.as_millis() as u64);
-                if path.is_dir() && check_id(&name).is_ok() && age_ms >= stale_secs * 1000 {
+                if path.is_dir()
+                    && check_id(&name).is_ok()
+                    && age_ms >= stale_secs * 1000
+                    && holds_only_checkpoint_files(&path)
+                {
                     fs::remove_dir_all(&path).map_err(io_err(&path))?;
                     deleted.push(name);
                 }
@@ -713,6 +743,35 @@ mod tests {
                 .as_nanos()
         ));
         (CheckpointDir::new(&root), root)
+    }
+
+    #[test]
+    fn only_a_checkpoints_own_files_are_removed_without_a_manifest() {
+        let root = std::env::temp_dir().join(format!("ckpt-own-{}", unique_suffix()));
+        let dir = CheckpointDir::new(root.clone());
+        let make = |name: &str, files: &[&str]| {
+            fs::create_dir_all(root.join(name)).unwrap();
+            for f in files {
+                fs::write(root.join(name).join(f), b"x").unwrap();
+            }
+        };
+        make(
+            "unfinished",
+            &["p0000.snap", "p0001.json", "p0002.failed", "p0003.tmp-1"],
+        );
+        make("state", &["conf", "db", "p0000.snap"]);
+        make("logs", &[]);
+        fs::create_dir_all(root.join("logs").join("kafka")).unwrap();
+        assert!(matches!(
+            dir.delete("state"),
+            Err(CheckpointError::NotFound(_))
+        ));
+        let mut deleted = dir.prune(1, 0, 0, 0).unwrap();
+        deleted.sort();
+        assert_eq!(deleted, ["unfinished"]);
+        assert!(root.join("state").join("conf").exists());
+        assert!(root.join("logs").join("kafka").exists());
+        fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
