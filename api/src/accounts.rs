@@ -324,9 +324,13 @@ pub async fn register(
     // The account exists from here on (it is on `user.events`): nothing below may ask for the
     // registration to be retried, which would answer 409 and find its invitation used.
     if let Err(e) = acc.store.confirm(&names).await {
-        // The reservations expire instead of staying; once the view holds the account, it
-        // keeps its names taken.
+        // Else the reservations lapse in a minute, and a users projector further behind than
+        // that would let another registration take the same names (or tenant) meanwhile: kept
+        // as long as for an unacknowledged event, if Redis answers that.
         tracing::warn!(error = %e, %username, "confirming a registration's reservations failed");
+        if let Err(err) = acc.store.extend(&names, UNCONFIRMED_MS).await {
+            tracing::warn!(error = %err, "keeping an unconfirmed registration's reservations");
+        }
     }
     tracing::info!(%username, %tenant, "user registered");
     let (session, refresh) = acc

@@ -108,13 +108,24 @@ fn issued(kind: TokenKind, sub: &str, tenant: &str, grants: Vec<Grant>, ttl: u64
 /// The caller of an administration endpoint. A user's session token carries the grants of its
 /// issue, up to `auth.access_ttl_secs` old: here they are those the users view holds now, so an
 /// admin who was demoted cannot use the token's to give itself (or anyone) back what it lost,
-/// for good. Until the view shows a new user, its token's grants stand.
+/// for good. A user the view does not show (yet, or ever: a registration the users projector
+/// ignored, as of a tenant taken meanwhile) administers nothing until it does.
 async fn admin_caller(state: &AppState, headers: &HeaderMap) -> Result<Claims, ApiError> {
     let mut caller = verified(state, headers).await?;
     if let (Some(_), Some(name), Some(acc)) = (&caller.sid, &caller.name, &state.accounts) {
-        if let Some(user) = acc.users.find(name).await? {
-            if user.user_id == caller.sub && user.tenant == caller.tenant {
+        match acc.users.find(name).await? {
+            Some(user) if user.user_id == caller.sub && user.tenant == caller.tenant => {
                 caller.grants = user.grants;
+            }
+            Some(_) => {
+                return Err(ApiError::Forbidden(
+                    "the token's account is not the one of that name".into(),
+                ))
+            }
+            None => {
+                return Err(ApiError::Unavailable(
+                    "the token's account is not in the users view yet; retry in a moment".into(),
+                ))
             }
         }
     }

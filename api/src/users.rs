@@ -171,9 +171,19 @@ impl UsersView {
         Ok(out)
     }
 
-    /// Whether `tenant` exists: it was registered, or it already has data.
+    /// Whether `tenant` exists: it was registered, it has members (invited into it), or it already
+    /// has data.
     pub async fn tenant_exists(&self, tenant: &str) -> Result<bool, ViewError> {
         if self.tenants.find_one(doc! {"_id": tenant}).await?.is_some() {
+            return Ok(true);
+        }
+        // Members invited by an operator's token into a tenant nobody registered.
+        if self
+            .users
+            .find_one(doc! {"tenant": tenant})
+            .await?
+            .is_some()
+        {
             return Ok(true);
         }
         let names = self.db.list_collection_names().await?;

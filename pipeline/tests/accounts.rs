@@ -676,6 +676,66 @@ async fn a_demoted_admin_cannot_use_its_old_token_to_take_admin_back() {
     env.cleanup().await;
 }
 
+/// A user the users view does not show administers nothing: its registration may be one the
+/// users projector will ignore (a tenant another registration took while the projector lagged),
+/// and its token's `*:admin` must not mint invitations or service tokens meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_account_the_view_does_not_show_administers_nothing() {
+    let env = TestEnv::new("notshown").await;
+    // No projector: the registration is on user.events, but never in the view.
+    let (node, api) = start(&env, &[Role::Api]).await;
+    let (s, ann) = api.register("ann", json!({"tenant": "acme"})).await;
+    assert_eq!((s, &ann["visible"]), (201, &json!(false)), "{ann}");
+    let admin = token(&ann, "access_token");
+    let (s, e) = api
+        .post(
+            "/v1/tenant/invites",
+            Some(&admin),
+            json!({"grants": [{"bucket": "*", "perms": ["admin"]}]}),
+        )
+        .await;
+    assert_eq!(s, 503, "{e}");
+    let (s, e) = api
+        .post(
+            "/v1/tenant/service-tokens",
+            Some(&admin),
+            json!({"name": "ingest", "grants": [{"bucket": "*", "perms": ["admin"]}]}),
+        )
+        .await;
+    assert_eq!(s, 503, "{e}");
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// A tenant whose only members were invited (by an operator's development token, before any
+/// registration or data made it) is taken: nobody can register it and become its owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_with_only_invited_members_cannot_be_registered_by_a_stranger() {
+    let env = TestEnv::new("invitedonly").await;
+    let (node, api) = start(&env, &[Role::Api, Role::Projector]).await;
+    let operator = env.token("newco", "*:a");
+    let (s, inv) = api
+        .post(
+            "/v1/tenant/invites",
+            Some(&operator),
+            json!({"grants": [{"bucket": "todos", "perms": ["read"]}]}),
+        )
+        .await;
+    assert_eq!(s, 201, "{inv}");
+    let (s, alice) = api
+        .register("alice", json!({"invite": token(&inv, "invite")}))
+        .await;
+    assert_eq!((s, &alice["visible"]), (201, &json!(true)), "{alice}");
+    let (s, e) = api.register("mallory", json!({"tenant": "newco"})).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("tenant_taken")),
+        "{e}"
+    );
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_storm_yields_exactly_one_account() {
     let env = TestEnv::new("storm").await;
