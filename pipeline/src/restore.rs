@@ -467,7 +467,7 @@ pub async fn run(
     let planned = tokio::task::spawn_blocking(move || plan(&cfg_b, &id_b, &opts_b))
         .await
         .expect("restore planner panicked")?;
-    let (mut report, target, writes) = planned;
+    let (mut report, target, writes, changelog_ends) = planned;
     if opts.dry_run || !confirm(&report) {
         return if opts.dry_run {
             Ok(report)
@@ -478,9 +478,12 @@ pub async fn run(
     progress("writing the difference to the changelog");
     let c = cfg.clone();
     let resume = report.resume_offsets.clone();
-    tokio::task::spawn_blocking(move || apply_kafka(&c, writes, &resume))
-        .await
-        .expect("restore writer panicked")?;
+    tokio::task::spawn_blocking(move || {
+        check_unchanged(&c, &changelog_ends)?;
+        apply_kafka(&c, writes, &resume)
+    })
+    .await
+    .expect("restore writer panicked")?;
     progress("rebuilding the view with a new epoch");
     let view = api::view::MongoView::new(
         mongodb::Client::with_uri_str(&cfg.mongo.uri)
@@ -528,7 +531,49 @@ async fn tell_api_nodes(cfg: &Config, id: &str) -> Result<(), redis::RedisError>
     Ok(())
 }
 
-type Plan = (RestoreReport, Records, Vec<(Vec<u8>, Option<Vec<u8>>)>);
+/// The report, the state to restore, the changelog writes that make it, and the changelog's
+/// ends before it was read (what the writes were worked out against).
+type Plan = (
+    RestoreReport,
+    Records,
+    Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    BTreeMap<i32, i64>,
+);
+
+/// Refuses while a processor, projector or fanout is in its consumer group.
+fn check_stopped(
+    cfg: &Config,
+    control: &BaseConsumer<topics::QuietEof>,
+) -> Result<(), RestoreError> {
+    for group in [
+        crate::resolver::group_id(cfg),
+        crate::projector::group_id(cfg),
+        crate::fanout::group_id(cfg),
+    ] {
+        let n = topics::group_members(control, &group)?;
+        if n > 0 {
+            return Err(RestoreError::Busy(format!(
+                "{n} process(es) are still in consumer group {group}: stop every processor, projector and fanout first (nothing was changed)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Checks, right before the changelog is written, that nothing ran since the plan: no process in
+/// the groups, and the changelog where it was when the plan read it (a processor restarted
+/// meanwhile, by a supervisor say, and stopped again, would have made the writes stale).
+fn check_unchanged(cfg: &Config, planned: &BTreeMap<i32, i64>) -> Result<(), RestoreError> {
+    let control = reader(cfg, &cfg.topic("syncflow-restore-tool"))?;
+    check_stopped(cfg, &control)?;
+    let now = ends(&control, &cfg.topic(topics::RESOLVER_CHANGELOG))?;
+    if &now != planned {
+        return Err(RestoreError::Busy(format!(
+            "the changelog grew since the restore was planned ({planned:?} then, {now:?} now): a processor ran meanwhile; stop them all and run the restore again (nothing was changed)"
+        )));
+    }
+    Ok(())
+}
 
 fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreError> {
     let manifest = crate::checkpoint::dir(cfg).verify(id)?;
@@ -544,18 +589,7 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
         return Err(RestoreError::Refused(why));
     }
     if !opts.dry_run {
-        for group in [
-            crate::resolver::group_id(cfg),
-            crate::projector::group_id(cfg),
-            crate::fanout::group_id(cfg),
-        ] {
-            let n = topics::group_members(&control, &group)?;
-            if n > 0 {
-                return Err(RestoreError::Busy(format!(
-                    "{n} process(es) are still in consumer group {group}: stop every processor, projector and fanout first (nothing was changed)"
-                )));
-            }
-        }
+        check_stopped(cfg, &control)?;
     }
     let mut target = load(cfg, &manifest)?;
     let mut report = RestoreReport {
@@ -576,6 +610,7 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
         report.not_applied = count_after(&manifest, &input_ends);
         report.resume_offsets = input_ends.clone();
     }
+    let changelog_ends = ends(&control, &cfg.topic(topics::RESOLVER_CHANGELOG))?;
     let current = crate::rebuild::read_changelog(cfg)?;
     let mut writes = Vec::new();
     for (k, v) in &target {
@@ -608,7 +643,7 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
         }
     }
     report.changelog_records = writes.len() as u64;
-    Ok((report, target, writes))
+    Ok((report, target, writes, changelog_ends))
 }
 
 /// Keeps the first failed delivery of the restore's changelog writes.

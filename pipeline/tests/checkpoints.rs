@@ -315,6 +315,35 @@ async fn restore_puts_state_and_view_back_and_subscribers_get_a_reset() {
     assert!(busy.to_string().contains("syncflow-fanout"), "{busy}");
     fanout.stop().await.unwrap();
     set_group_offsets(&env, &fanout_group, pipeline::topics::SYNC_EVENTS, 0);
+    // A processor that ran while the operator read the plan (a supervisor restarted it) made the
+    // plan's writes stale: refused after the confirmation, before anything is written.
+    let changelog = env.topic(pipeline::topics::RESOLVER_CHANGELOG);
+    let brokers = env.cfg.kafka.brokers.clone();
+    let stale = pipeline::restore::run(
+        &env.cfg,
+        &manifest.id,
+        &RestoreOptions::default(),
+        |_| {
+            let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .create()
+                .unwrap();
+            producer
+                .send(
+                    rdkafka::producer::BaseRecord::to(&changelog)
+                        .partition(0)
+                        .key("written-meanwhile")
+                        .payload("x"),
+                )
+                .unwrap();
+            rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
+            true
+        },
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(stale.to_string().contains("changelog grew"), "{stale}");
     let report = restore(&env, &manifest.id, &RestoreOptions::default())
         .await
         .expect("restore");
