@@ -6,7 +6,7 @@
 //! sequence and clock. Tombstones at or below a bucket's horizon stay swept. Documents of the
 //! rebuilt buckets that the state does not know are removed. Stop the projectors first.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use api::view::{BucketMeta, DocReader, MongoView, ViewDoc};
@@ -159,7 +159,7 @@ pub async fn rebuild(
         tokio::task::spawn_blocking(move || no_projectors(&c).and_then(|()| read_changelog(&c)))
             .await
             .expect("changelog reader panicked")?;
-    let report = rebuild_from(&latest, view, only, false, progress).await?;
+    let report = rebuild_from(&latest, view, only, None, progress).await?;
     let c = cfg.clone();
     match tokio::task::spawn_blocking(move || projectors(&c))
         .await
@@ -174,14 +174,16 @@ pub async fn rebuild(
 
 /// Rebuilds the view from the state records `latest` (changelog keys and values).
 ///
-/// With `new_epoch` (a restore) every bucket the view or the state knows gets a new epoch, so
-/// clients' cursors are answered with a reset, and each bucket is rewritten whole (a range delete,
-/// then bulk inserts); buckets the state does not know are emptied.
+/// With `new_epoch` (a restore: the buckets the state knew before it) every bucket the view, the
+/// state or those knew gets a new epoch, so clients' cursors are answered with a reset (a bucket
+/// the view never recorded, its projector down, still had its changes announced), and each bucket
+/// is rewritten whole (a range delete, then bulk inserts); buckets the state does not know are
+/// emptied.
 pub async fn rebuild_from(
     latest: &HashMap<Vec<u8>, Vec<u8>>,
     view: &MongoView,
     only: Option<&BucketKey>,
-    new_epoch: bool,
+    new_epoch: Option<&BTreeSet<BucketKey>>,
     mut progress: impl FnMut(u64, u64),
 ) -> Result<RebuildReport, RebuildError> {
     let mut seqs: BTreeMap<BucketKey, u64> = BTreeMap::new();
@@ -203,7 +205,10 @@ pub async fn rebuild_from(
             }
         }
     }
-    if new_epoch {
+    if let Some(also) = new_epoch {
+        for key in also.iter().filter(|k| only.is_none_or(|b| b == *k)) {
+            seqs.entry(key.clone()).or_insert(0);
+        }
         for tenant in view.tenants().await? {
             for bucket in view.bucket_names(&tenant).await? {
                 let key = BucketKey {
@@ -225,11 +230,11 @@ pub async fn rebuild_from(
         let meta = BucketMeta {
             projected_seq,
             horizon_seq: old.map_or(0, |m| m.horizon_seq.min(projected_seq)),
-            epoch: old.map_or(1, |m| m.epoch) + i64::from(new_epoch),
+            epoch: old.map_or(1, |m| m.epoch) + i64::from(new_epoch.is_some()),
         };
         metas.insert(bucket.clone(), meta);
     }
-    if new_epoch {
+    if new_epoch.is_some() {
         let keep = |key: &processors::DocKey, doc: &processors::DocState| {
             let horizon = metas.get(&key.bucket).map_or(0, |m| m.horizon_seq);
             view_doc_of(key, doc).filter(|d| !(d.deleted && d.seq <= horizon))

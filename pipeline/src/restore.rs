@@ -467,7 +467,13 @@ pub async fn run(
     let planned = tokio::task::spawn_blocking(move || plan(&cfg_b, &id_b, &opts_b))
         .await
         .expect("restore planner panicked")?;
-    let (mut report, target, writes, changelog_ends) = planned;
+    let Plan {
+        mut report,
+        target,
+        writes,
+        changelog_ends,
+        buckets_before,
+    } = planned;
     if opts.dry_run || !confirm(&report) {
         return if opts.dry_run {
             Ok(report)
@@ -491,9 +497,15 @@ pub async fn run(
             .map_err(|e| RestoreError::View(api::view::ViewError::from(e).into()))?
             .database(&cfg.mongo.database),
     );
-    let rebuilt = crate::rebuild::rebuild_from(&target, &view, None, true, |done, total| {
-        tracing::info!(done, total, "view rebuild");
-    })
+    let rebuilt = crate::rebuild::rebuild_from(
+        &target,
+        &view,
+        None,
+        Some(&buckets_before),
+        |done, total| {
+            tracing::info!(done, total, "view rebuild");
+        },
+    )
     .await?;
     report.buckets = rebuilt.buckets;
     report.view_docs = rebuilt.written;
@@ -531,14 +543,18 @@ async fn tell_api_nodes(cfg: &Config, id: &str) -> Result<(), redis::RedisError>
     Ok(())
 }
 
-/// The report, the state to restore, the changelog writes that make it, and the changelog's
-/// ends before it was read (what the writes were worked out against).
-type Plan = (
-    RestoreReport,
-    Records,
-    Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    BTreeMap<i32, i64>,
-);
+/// What a restore will do, worked out before anything changes.
+struct Plan {
+    report: RestoreReport,
+    /// The state to restore.
+    target: Records,
+    /// The changelog writes that make it.
+    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    /// The changelog's ends before it was read (what the writes were worked out against).
+    changelog_ends: BTreeMap<i32, i64>,
+    /// The buckets the state knows before the restore (each gets a new epoch).
+    buckets_before: std::collections::BTreeSet<BucketKey>,
+}
 
 /// Refuses while a processor, projector or fanout is in its consumer group.
 fn check_stopped(
@@ -643,7 +659,17 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
         }
     }
     report.changelog_records = writes.len() as u64;
-    Ok((report, target, writes, changelog_ends))
+    let buckets_before = current
+        .keys()
+        .filter_map(|k| state::store::parse_seq_key(k))
+        .collect();
+    Ok(Plan {
+        report,
+        target,
+        writes,
+        changelog_ends,
+        buckets_before,
+    })
 }
 
 /// Keeps the first failed delivery of the restore's changelog writes.

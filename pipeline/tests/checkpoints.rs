@@ -306,6 +306,37 @@ async fn restore_puts_state_and_view_back_and_subscribers_get_a_reset() {
     // Restore A: refused while an announcer runs; and one that stopped before saving its
     // position (as when killed) must not publish the old timeline's tail afterwards.
     node.stop().await.unwrap();
+    // A bucket made after the checkpoint while no projector ran: the view never recorded it
+    // (its changes could still have been announced), so only the state knows it before the
+    // restore; it must get a new epoch all the same.
+    let resolver = env.start(&[Role::Processor]).await;
+    let unseen = serde_json::json!({"v": 1, "event_id": "unseen-1", "tenant": "acme", "bucket": "unseen",
+        "doc_id": "u1", "device_id": "ops", "op": "set", "doc": {"n": 1}});
+    produce_all(
+        &env,
+        &[(
+            "acme/unseen".to_string(),
+            serde_json::to_vec(&unseen).unwrap(),
+        )],
+    )
+    .await;
+    let unseen_key = processors::BucketKey {
+        tenant: "acme".into(),
+        bucket: "unseen".into(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pipeline::rebuild::read_changelog(&env.cfg)
+        .unwrap()
+        .keys()
+        .any(|k| state::store::parse_seq_key(k).as_ref() == Some(&unseen_key))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the resolver never took the write"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    resolver.stop().await.unwrap();
     let fanout = env.start(&[Role::Fanout]).await;
     let fanout_group = pipeline::fanout::group_id(&env.cfg);
     wait_for_a_member(&env, &fanout_group);
@@ -357,6 +388,19 @@ async fn restore_puts_state_and_view_back_and_subscribers_get_a_reset() {
     }
     assert!(report.visible_changed > 0, "{report:?}");
     assert!(report.not_applied >= 1_000, "{report:?}");
+    let view = api::view::MongoView::new(
+        mongodb::Client::with_uri_str(&env.cfg.mongo.uri)
+            .await
+            .unwrap()
+            .database(&env.cfg.mongo.database),
+    );
+    let meta = api::view::DocReader::bucket_meta(&view, "acme", "unseen")
+        .await
+        .unwrap();
+    assert!(
+        meta.is_some_and(|m| m.epoch >= 2),
+        "the bucket the view never saw keeps epoch 1: {meta:?}"
+    );
     assert_eq!(
         changelog_docs(&env),
         sorted(&oracle_a.state),
