@@ -255,6 +255,7 @@ pub async fn create_invite(
     );
     let jti = claims.jti.clone().expect("issued with an id");
     let expires_at = claims.exp;
+    acc.store.mark_tenant(&caller.tenant).await?;
     acc.store.add_invite(&jti, ttl).await?;
     let invite = state.keys.sign(claims);
     Ok((

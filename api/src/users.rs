@@ -225,6 +225,13 @@ impl UsersView {
                     return Ok(Applied::Unchanged);
                 }
                 if *creates_tenant {
+                    // A tenant with members (invited by an operator's token) is not free to
+                    // take, whatever the API's checks saw.
+                    let member = doc! {"tenant": &user.tenant, "_id": {"$ne": &user.username}};
+                    if self.users.find_one(member).await?.is_some() {
+                        tracing::warn!(tenant = %user.tenant, "a registration of a tenant with members was ignored");
+                        return Ok(Applied::Unchanged);
+                    }
                     let tenant = doc! {"_id": &user.tenant, "owner": &user.username, "created_at_ms": user.created_at_ms};
                     if let Err(e) = self.tenants.insert_one(tenant).await {
                         if !is_duplicate_key(&e) {

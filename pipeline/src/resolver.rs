@@ -316,10 +316,11 @@ pub struct InputRecord<'a> {
     pub control_error: Option<&'a str>,
 }
 
-/// Most bytes, key and value together, a forwarded copy of a write may have: librdkafka's
-/// default `message.max.bytes`, below the 1 MB a topic takes by default (1,048,588 bytes with the
-/// batch around the record). A copy the broker refused would fail its transaction again on every
-/// retry, and stop every task of the processor.
+/// Most bytes, key and value together, a forwarded copy of a write may have: a margin below the
+/// 1 MB a topic takes by default (1,048,588 bytes for a record batch, compressed; this bound
+/// counts the record uncompressed, so it errs on the safe side: a compressible record between
+/// it and the topic's limit is refused where it could have passed). A copy the broker refused
+/// would fail its transaction again on every retry, and stop every task of the processor.
 pub const MAX_FORWARD_BYTES: usize = 1_000_000;
 
 /// What the resolver does with one input record.

@@ -247,7 +247,8 @@ fn refusal(
     }
     for part in &manifest.partitions {
         let (start, end) = input[&part.partition];
-        if start > part.input_offset && part.input_offset < end {
+        // `input_offset` is the checkpoint's own marker, never replayed.
+        if start > part.input_offset + 1 && part.input_offset + 1 < end {
             return Some(format!(
                 "data.changed partition {} now starts at offset {start} (retention deleted what was before), after checkpoint {}'s cut at {}: a replay would skip the writes between; replay from a newer checkpoint, or restore this one without replay",
                 part.partition, manifest.id, part.input_offset
@@ -626,8 +627,11 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
         report.not_applied = count_after(&manifest, &input_ends);
         report.resume_offsets = input_ends.clone();
     }
-    let changelog_ends = ends(&control, &cfg.topic(topics::RESOLVER_CHANGELOG))?;
     let current = crate::rebuild::read_changelog(cfg)?;
+    // Taken after the read, which waits for open transactions to be decided: before it, the end
+    // a read_committed reader is told stops at an undecided transaction (one a killed processor
+    // left), and its abort would then look like a processor running meanwhile.
+    let changelog_ends = ends(&control, &cfg.topic(topics::RESOLVER_CHANGELOG))?;
     let mut writes = Vec::new();
     for (k, v) in &target {
         if current.get(k) != Some(v) {
@@ -792,14 +796,15 @@ mod tests {
             |starts: [i64; 2]| BTreeMap::from([(0, (starts[0], 150)), (1, (starts[1], 250))]);
         assert_eq!(refusal(&m, &input([0, 0]), true, None), None);
         // Retention deleted input after the cut: a replay would skip it; a restore may go on.
-        let why = refusal(&m, &input([0, 201]), true, None).unwrap();
+        let why = refusal(&m, &input([0, 202]), true, None).unwrap();
         assert!(
-            why.contains("partition 1 now starts at offset 201"),
+            why.contains("partition 1 now starts at offset 202"),
             "{why}"
         );
-        assert_eq!(refusal(&m, &input([0, 201]), false, None), None);
-        // Deleted only up to the cut: nothing is missing.
+        assert_eq!(refusal(&m, &input([0, 202]), false, None), None);
+        // Deleted only up to the cut, or its marker: nothing is missing.
         assert_eq!(refusal(&m, &input([100, 200]), true, None), None);
+        assert_eq!(refusal(&m, &input([101, 201]), true, None), None);
         // Partitions other than data.changed's, for a restore too.
         let three = BTreeMap::from([(0, (0, 1)), (1, (0, 1)), (2, (0, 1))]);
         assert!(refusal(&m, &three, false, None).unwrap().contains("[0, 1]"));

@@ -722,10 +722,18 @@ async fn a_tenant_with_only_invited_members_cannot_be_registered_by_a_stranger()
         )
         .await;
     assert_eq!(s, 201, "{inv}");
+    // Before the invited member joins: the invitation marked the tenant.
+    let (s, e) = api.register("mallory", json!({"tenant": "newco"})).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("tenant_taken")),
+        "{e}"
+    );
     let (s, alice) = api
         .register("alice", json!({"invite": token(&inv, "invite")}))
         .await;
     assert_eq!((s, &alice["visible"]), (201, &json!(true)), "{alice}");
+    // And after: the view shows a member.
     let (s, e) = api.register("mallory", json!({"tenant": "newco"})).await;
     assert_eq!(
         (s, e["error"]["code"].as_str()),

@@ -214,7 +214,7 @@ fn holds_only_checkpoint_files(dir: &Path) -> bool {
         };
         entry.file_type().is_ok_and(|t| t.is_file())
             && (name == MANIFEST
-                || name.starts_with("manifest.tmp-")
+                || name.starts_with(&format!("{MANIFEST}.tmp-"))
                 || [".snap", ".json", ".failed", ".tmp-"].into_iter().any(part))
     })
 }
@@ -757,7 +757,13 @@ mod tests {
         };
         make(
             "unfinished",
-            &["p0000.snap", "p0001.json", "p0002.failed", "p0003.tmp-1"],
+            &[
+                "p0000.snap",
+                "p0001.json",
+                "p0002.failed",
+                "p0003.tmp-1",
+                "manifest.json.tmp-1-2-3",
+            ],
         );
         make("state", &["conf", "db", "p0000.snap"]);
         make("logs", &[]);

@@ -467,6 +467,16 @@ impl AuthStore {
             .await?)
     }
 
+    /// Marks `tenant` as handed out, for good (as its first service token does): a registration
+    /// may no longer create it. An invitation into a tenant nobody registered (an operator's)
+    /// marks it, so that a stranger cannot register the tenant before the invited member joins.
+    pub async fn mark_tenant(&self, tenant: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        conn.set::<_, _, ()>(self.key("tenant_services", tenant), 1)
+            .await?;
+        Ok(())
+    }
+
     /// Stores an invitation's id until it is used or `ttl_secs` pass.
     pub async fn add_invite(&self, jti: &str, ttl_secs: u64) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
