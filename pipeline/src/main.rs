@@ -163,6 +163,18 @@ async fn shutdown_signal(mut term: tokio::signal::unix::Signal) {
 async fn main() -> anyhow::Result<()> {
     init_logging();
     let cli = Cli::parse();
+    // `syncflow run` stops cleanly on SIGTERM from its first moment: the handler goes in before
+    // anything else (reading the configuration included), and the log says when it is in, so
+    // that a supervisor (or a test) knows a SIGTERM from then on is a clean stop.
+    let term = match &cli.command {
+        Command::Run { .. } => {
+            let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("installing the SIGTERM handler")?;
+            tracing::info!("syncflow run: SIGTERM handler installed");
+            Some(term)
+        }
+        _ => None,
+    };
     if let Command::Subscribe {
         bucket,
         cursor,
@@ -196,8 +208,7 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 role
             };
-            let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .context("installing the SIGTERM handler")?;
+            let term = term.context("the SIGTERM handler of syncflow run")?;
             let running = app::start(cfg, &roles).await?;
             running.run_until(shutdown_signal(term)).await?;
         }

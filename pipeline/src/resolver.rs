@@ -79,6 +79,11 @@ pub enum ResolverError {
     /// thread of its own and the clients are rebuilt (the new producer fences the old one).
     #[error("{0} did not return within {1:?}; the producer is abandoned")]
     Wedged(&'static str, Duration),
+    /// The consumer held no partition for this long while its group had no member at all: it
+    /// is stuck outside the group (librdkafka can wait forever for a coordinator that went away
+    /// and came back), and nobody processes the input.
+    #[error("no partition assigned for {0:?} while the consumer group has no member; rebuilding the clients")]
+    Orphaned(Duration),
 }
 
 impl ResolverError {
@@ -674,13 +679,17 @@ impl Resolver {
         let watermarks = topics::watermark_client(&self.cfg.kafka.brokers)?;
         tracing::info!(partitions = self.partitions, "resolver started");
         let poll = Duration::from_millis(self.cfg.resolver.poll_ms.max(1));
+        let mut unassigned_since = None;
         while !shutdown.load(Ordering::SeqCst) {
             // Between batches, idle or not: a quiet system still gets its periodic checkpoints.
             self.maybe_request_checkpoint(&consumer);
             let gen_at_start = generation.load(Ordering::SeqCst);
             let mut batch: Vec<OwnedMessage> = Vec::new();
             match consumer.poll(poll) {
-                None => continue,
+                None => {
+                    check_orphaned(&consumer, &group_id(&self.cfg), &mut unassigned_since)?;
+                    continue;
+                }
                 Some(Err(e)) => {
                     poll_error(e)?;
                     continue;
@@ -1485,14 +1494,46 @@ fn open_or_rebuild(dir: &std::path::Path) -> Result<TaskStore, ResolverError> {
 /// yet, and the clients are rebuilt until it has.
 fn rebuilds_after(e: &ResolverError, rebuilding: bool) -> bool {
     match e {
-        ResolverError::Kafka(_) | ResolverError::Wedged(..) | ResolverError::RestoreStalled(..) => {
-            true
-        }
+        ResolverError::Kafka(_)
+        | ResolverError::Wedged(..)
+        | ResolverError::Orphaned(_)
+        | ResolverError::RestoreStalled(..) => true,
         ResolverError::NoTopic(_) => rebuilding,
         ResolverError::State(_)
         | ResolverError::TaskState(..)
         | ResolverError::Rebalanced
         | ResolverError::Setup(_) => false,
+    }
+}
+
+/// How long the consumer may hold no partition before [`check_orphaned`] asks whether its group
+/// has any member.
+const ORPHAN_CHECK: Duration = Duration::from_secs(60);
+
+/// Fails with [`ResolverError::Orphaned`] (the clients are rebuilt) when `consumer` has held no
+/// partition for [`ORPHAN_CHECK`] and group `group` has no member at all. A process that holds
+/// nothing because others hold every partition is left alone; one that never rejoined after a
+/// broker restart (its tasks revoked when its session timed out, then nothing for minutes, seen
+/// in CI) is not. Asks the broker at most once per [`ORPHAN_CHECK`]; an unanswered question is
+/// no answer.
+fn check_orphaned(
+    consumer: &BaseConsumer<TaskContext>,
+    group: &str,
+    since: &mut Option<Instant>,
+) -> Result<(), ResolverError> {
+    let assigned = consumer.assignment().map_or(true, |a| a.count() > 0);
+    if assigned {
+        *since = None;
+        return Ok(());
+    }
+    let first = *since.get_or_insert_with(Instant::now);
+    if first.elapsed() < ORPHAN_CHECK {
+        return Ok(());
+    }
+    *since = Some(Instant::now());
+    match topics::group_members(consumer, group) {
+        Ok(0) => Err(ResolverError::Orphaned(ORPHAN_CHECK)),
+        _ => Ok(()),
     }
 }
 
@@ -2127,6 +2168,10 @@ mod tests {
         assert!(rebuilds_after(&no_topic(), true));
         let wedged = ResolverError::Wedged("commit_transaction", Duration::from_secs(30));
         assert!(rebuilds_after(&wedged, false));
+        assert!(rebuilds_after(
+            &ResolverError::Orphaned(ORPHAN_CHECK),
+            false
+        ));
         assert!(!rebuilds_after(&ResolverError::Setup("bad".into()), true));
     }
 

@@ -50,6 +50,8 @@ impl ProcessorProcess {
             .append(true)
             .open(&log)
             .unwrap();
+        // The log is appended to across restarts: what this process writes starts here.
+        let from = out.metadata().map_or(0, |m| m.len());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_syncflow"));
         for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SYNCFLOW_")) {
             cmd.env_remove(k);
@@ -73,6 +75,22 @@ impl ProcessorProcess {
             .stderr(Stdio::from(out))
             .spawn()
             .expect("spawn syncflow");
+        // Returned once a SIGTERM stops it cleanly: sent before its handler was in (a test that
+        // found the work already done by the process before), it killed the process.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let written = std::fs::read(&log).unwrap_or_default();
+            let ours = String::from_utf8_lossy(written.get(from as usize..).unwrap_or_default());
+            if ours.contains("SIGTERM handler installed") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start within 30 s: {ours}",
+                log.display()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         ProcessorProcess { child, log }
     }
 
