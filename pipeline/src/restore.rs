@@ -209,19 +209,31 @@ fn from_mem(mem: &MemState) -> Records {
     out
 }
 
-/// The current end of every partition of `topic` (read_committed readers stop there).
-fn ends(
+/// The first and the current end offset of every partition of `topic` (read_committed readers
+/// stop at that end).
+fn bounds(
     consumer: &BaseConsumer<topics::QuietEof>,
     topic: &str,
-) -> Result<BTreeMap<i32, i64>, RestoreError> {
+) -> Result<BTreeMap<i32, (i64, i64)>, RestoreError> {
     let n = topics::wait_for_topic(consumer.client(), topic, Duration::from_secs(30))
         .map_err(|e| RestoreError::Busy(e.to_string()))?;
     let mut out = BTreeMap::new();
     for p in 0..n as i32 {
-        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
-        out.insert(p, high);
+        out.insert(
+            p,
+            consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?,
+        );
     }
     Ok(out)
+}
+
+/// The current end of every partition of `topic` (see [`bounds`]).
+fn ends(
+    consumer: &BaseConsumer<topics::QuietEof>,
+    topic: &str,
+) -> Result<BTreeMap<i32, i64>, RestoreError> {
+    let all = bounds(consumer, topic)?;
+    Ok(all.into_iter().map(|(p, (_, end))| (p, end)).collect())
 }
 
 /// What makes the checkpoint unusable here, or the replay asked of it wrong: a manifest whose
@@ -595,13 +607,8 @@ fn check_unchanged(cfg: &Config, planned: &BTreeMap<i32, i64>) -> Result<(), Res
 fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreError> {
     let manifest = crate::checkpoint::dir(cfg).verify(id)?;
     let control = reader(cfg, &cfg.topic("syncflow-restore-tool"))?;
-    let input_topic = cfg.topic(topics::DATA_CHANGED);
-    let input_ends = ends(&control, &input_topic)?;
-    let mut input = BTreeMap::new();
-    for (&p, &end) in &input_ends {
-        let (start, _) = control.fetch_watermarks(&input_topic, p, Duration::from_secs(10))?;
-        input.insert(p, (start, end));
-    }
+    let input = bounds(&control, &cfg.topic(topics::DATA_CHANGED))?;
+    let input_ends: BTreeMap<i32, i64> = input.iter().map(|(&p, &(_, end))| (p, end)).collect();
     if let Some(why) = refusal(&manifest, &input, opts.replay, opts.until.as_ref()) {
         return Err(RestoreError::Refused(why));
     }

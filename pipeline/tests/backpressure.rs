@@ -527,16 +527,8 @@ async fn a_slow_but_steady_reader_behind_a_large_backlog_keeps_its_connection() 
     const BLOB: usize = 128 * 1024;
     let mut env = TestEnv::new("wsslowread").await;
     env.cfg.ws.heartbeat_secs = 2;
-    let node = env
-        .start(&[Role::Api, Role::Processor, Role::Projector])
-        .await;
-    let addr = node.api_addr.unwrap();
+    let (node, addr, _fast, replica) = big_bucket(&env, DOCS, BLOB, 60).await;
     let token = env.token("acme", "big:r");
-    produce_all(&env, &writes("big", 0, DOCS, BLOB)).await;
-    // A fast subscriber sees them all, so the view has them by the time the slow one asks.
-    let mut fast = subscribed_to(addr, &token, "big").await;
-    let mut replica = Replica::default();
-    hold(&mut fast, &mut replica, DOCS, Duration::from_secs(60)).await;
     // About 2 MiB at 128 KiB/s: the pings of the first seconds wait behind the snapshot in the
     // socket buffers, and are answered only after it, long past two heartbeats.
     let mut ws = slow_subscription(addr, &token, "big", 8 * 1024, None).await;
@@ -569,14 +561,7 @@ async fn a_token_that_expires_during_a_slow_snapshot_ends_it() {
     const BLOB: usize = 128 * 1024;
     let mut env = TestEnv::new("wsexpire").await;
     env.cfg.api.default_page = 2;
-    let node = env
-        .start(&[Role::Api, Role::Processor, Role::Projector])
-        .await;
-    let addr = node.api_addr.unwrap();
-    produce_all(&env, &writes("big", 0, DOCS, BLOB)).await;
-    let mut fast = subscribed_to(addr, &env.token("acme", "big:r"), "big").await;
-    let mut replica = Replica::default();
-    hold(&mut fast, &mut replica, DOCS, Duration::from_secs(60)).await;
+    let (node, addr, _fast, _) = big_bucket(&env, DOCS, BLOB, 60).await;
     // 8 MiB at 256 KiB/s: about 32 s, the token good for 3. The server's socket takes up to 4 MB
     // ahead of the client (its send buffer), so the catch-up is still reading the view when the
     // token expires.
@@ -608,15 +593,8 @@ async fn a_catch_up_outrun_by_its_bucket_is_closed_as_too_slow() {
     let mut env = TestEnv::new("wsoutrun").await;
     env.cfg.api.default_page = 2;
     env.cfg.ws.max_changed_during_catch_up = 2;
-    let node = env
-        .start(&[Role::Api, Role::Processor, Role::Projector])
-        .await;
-    let addr = node.api_addr.unwrap();
+    let (node, addr, mut fast, mut replica) = big_bucket(&env, DOCS, BLOB, 90).await;
     let token = env.token("acme", "big:r");
-    produce_all(&env, &writes("big", 0, DOCS, BLOB)).await;
-    let mut fast = subscribed_to(addr, &token, "big").await;
-    let mut replica = Replica::default();
-    hold(&mut fast, &mut replica, DOCS, Duration::from_secs(90)).await;
     // 12 MiB at 1 MiB/s: the server's socket takes 4 MB ahead, so the catch-up reads the view
     // for about 8 s, while three new documents come in past its watermark.
     let mut ws = slow_subscription(addr, &token, "big", 64 * 1024, Some(16 * 1024)).await;
@@ -653,6 +631,37 @@ async fn read_until_close(
             other => panic!("no close within 60 s: {other:?}"),
         }
     }
+}
+
+/// A node of every role with bucket `acme/big` holding `docs` documents of a `blob`-byte blob
+/// each, and a subscriber that read them all (within `wait_secs`), so the view has them by the
+/// time a slow one asks: the node, its API address, that subscriber and what it holds.
+async fn big_bucket(
+    env: &TestEnv,
+    docs: usize,
+    blob: usize,
+    wait_secs: u64,
+) -> (
+    pipeline::app::Running,
+    std::net::SocketAddr,
+    common::ws::Ws,
+    Replica,
+) {
+    let node = env
+        .start(&[Role::Api, Role::Processor, Role::Projector])
+        .await;
+    let addr = node.api_addr.unwrap();
+    produce_all(env, &writes("big", 0, docs, blob)).await;
+    let mut fast = subscribed_to(addr, &env.token("acme", "big:r"), "big").await;
+    let mut replica = Replica::default();
+    hold(
+        &mut fast,
+        &mut replica,
+        docs,
+        Duration::from_secs(wait_secs),
+    )
+    .await;
+    (node, addr, fast, replica)
 }
 
 /// A connection with `token` that reads `chunk` bytes every 62 ms (with a receive buffer of

@@ -433,7 +433,7 @@ async fn direct_producers_get_dead_letters_and_nothing_stalls() {
     .to_string()
     .into_bytes();
     padded.resize(pipeline::resolver::MAX_FORWARD_BYTES - 4, b' ');
-    produce_big(&env, other, &padded).await;
+    produce(&env, Some(other), None, &padded).await;
     // The control header on a valid write: never applied.
     let control = json!({"v": 1, "event_id": "e-ctl", "tenant": "acme", "bucket": "inbox", "doc_id": "m5",
         "device_id": "server-1", "op": "set", "doc": {"subject": "control"}});
@@ -513,20 +513,6 @@ fn noise(n: usize) -> String {
             char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[(x % 36) as usize])
         })
         .collect()
-}
-
-/// Produces a keyless record of up to 2 MB to `partition` of `data.changed`.
-async fn produce_big(env: &TestEnv, partition: i32, payload: &[u8]) {
-    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &env.cfg.kafka.brokers)
-        .set("message.max.bytes", "2000000")
-        .create()
-        .unwrap();
-    let topic = env.topic(topics::DATA_CHANGED);
-    let record = rdkafka::producer::FutureRecord::<(), [u8]>::to(&topic)
-        .partition(partition)
-        .payload(payload);
-    producer.send(record, WAIT).await.expect("produce");
 }
 
 /// Produces `payload` keyed `key` to `partition` of `data.changed` with the control header of

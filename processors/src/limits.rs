@@ -352,13 +352,20 @@ fn json_str_len(s: &str) -> usize {
     2 + s.len() + escapes
 }
 
+/// Eight bytes with the value 1, for testing eight bytes at a time.
+const ONES: u64 = u64::from_ne_bytes([1; 8]);
+/// The high bit of each of eight bytes.
+const HIGH: u64 = ONES << 7;
+
+/// Whether some byte of `x` is below `n` (at most 128): exact, as a test for any byte.
+#[inline]
+fn any_below(x: u64, n: u8) -> bool {
+    x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0
+}
+
 /// Whether `s` holds a control character ([`char::is_control`]: U+0000-U+001F and
 /// U+007F-U+009F), tested eight bytes at a time while the text is ASCII (ids usually are).
 fn has_control(s: &str) -> bool {
-    const ONES: u64 = u64::from_ne_bytes([1; 8]);
-    const HIGH: u64 = ONES << 7;
-    // Whether some byte of `x` is below `n` (at most 128): exact, as a test for any byte.
-    let any_below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
     let mut chunks = s.as_bytes().chunks_exact(8);
     for chunk in &mut chunks {
         let x = u64::from_ne_bytes(chunk.try_into().expect("eight bytes"));
@@ -391,10 +398,6 @@ fn has_escapes_or_dot(bytes: &[u8]) -> bool {
 /// time.
 #[inline]
 fn has_any(bytes: &[u8], also: Option<u8>) -> bool {
-    const ONES: u64 = u64::from_ne_bytes([1; 8]);
-    const HIGH: u64 = ONES << 7;
-    // Whether some byte of `x` is below `n` (at most 128): exact, as a test for any byte.
-    let any_below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
     let any_is = |x: u64, b: u8| any_below(x ^ (ONES * u64::from(b)), 1);
     let mut chunks = bytes.chunks_exact(8);
     for chunk in &mut chunks {

@@ -310,6 +310,8 @@ pub fn workload(seed: u64, n: usize, buckets: usize, docs: usize) -> Vec<(String
 pub async fn produce(env: &TestEnv, partition: Option<i32>, key: Option<&str>, payload: &[u8]) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        // Records near the topic's 1 MB limit too (librdkafka's own default is 1,000,000).
+        .set("message.max.bytes", "2000000")
         .create()
         .unwrap();
     let topic = env.topic(topics::DATA_CHANGED);
