@@ -155,10 +155,15 @@ fn rfc3339_utc_ms(text: &str) -> Option<u64> {
 }
 
 fn describe(r: &RestoreReport) -> String {
+    let unfinished = r.completes.as_ref().map_or(String::new(), |id| {
+        format!(
+            "; it takes the place of the unfinished restore of checkpoint {id} (the processors stay stopped until one completes)"
+        )
+    });
     format!(
         "checkpoint {}: {} input records replayed; {} later input records will not be applied; \
          {} document states change ({} visible), {} documents removed; {} changelog records; \
-         the resolver resumes at {:?}",
+         the resolver resumes at {:?}{unfinished}",
         r.checkpoint,
         r.replayed,
         r.not_applied,

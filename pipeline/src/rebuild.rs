@@ -159,6 +159,12 @@ pub async fn rebuild(
         tokio::task::spawn_blocking(move || no_projectors(&c).and_then(|()| read_changelog(&c)))
             .await
             .expect("changelog reader panicked")?;
+    if let Some(id) = latest.get(state::store::RESTORE_PENDING_KEY) {
+        return Err(RebuildError::Busy(format!(
+            "a restore of checkpoint {} did not complete, and the state may be half restored: run the restore again, which rebuilds the view too (nothing was changed)",
+            String::from_utf8_lossy(id)
+        )));
+    }
     let report = rebuild_from(&latest, view, only, None, progress).await?;
     let c = cfg.clone();
     match tokio::task::spawn_blocking(move || projectors(&c))

@@ -84,6 +84,10 @@ pub enum ResolverError {
     /// and came back), and nobody processes the input.
     #[error("no partition assigned for {0:?} while the consumer group has no member; rebuilding the clients")]
     Orphaned(Duration),
+    /// Task `0`'s changelog holds the mark of a restore of checkpoint `1` that did not complete:
+    /// its state may be half old, half restored, so the processor stops instead of processing.
+    #[error("task {0}: a restore of checkpoint {1} did not complete, and the state may be half restored: the processor does not process until a restore completes (stop every processor, projector and fanout, then run the restore again)")]
+    RestorePending(i32, String),
 }
 
 impl ResolverError {
@@ -750,6 +754,11 @@ impl Resolver {
                 }
                 self.stats.restoring.fetch_sub(1, Ordering::Relaxed);
                 restored?;
+                let mark = self.tree(p)?.get(state::store::RESTORE_PENDING_KEY);
+                if let Some(id) = mark.map_err(StateError::from)? {
+                    let id = String::from_utf8_lossy(&id).into_owned();
+                    return Err(ResolverError::RestorePending(p, id));
+                }
                 self.restored.insert(p);
             }
             self.last_batch_len = batch.len();
@@ -1502,6 +1511,7 @@ fn rebuilds_after(e: &ResolverError, rebuilding: bool) -> bool {
         ResolverError::State(_)
         | ResolverError::TaskState(..)
         | ResolverError::Rebalanced
+        | ResolverError::RestorePending(..)
         | ResolverError::Setup(_) => false,
     }
 }

@@ -26,6 +26,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, Message};
 use state::checkpoint::Manifest;
+use state::store::RESTORE_PENDING_KEY;
 
 use crate::config::Config;
 use crate::partition::partition_for;
@@ -53,6 +54,10 @@ pub enum RestoreError {
     /// The changelog writes did not all reach Kafka: nothing else was changed.
     #[error("{0}")]
     NotApplied(String),
+    /// The restore stopped after it began changing the changelog: its mark stays there, and the
+    /// processors do not process until a restore completes.
+    #[error("{0} (the restore stopped half-way and its mark stays in the changelog: the processors do not process until a restore completes; run the same restore again)")]
+    Unfinished(String),
     /// State and view are restored, but the API nodes could not be told.
     #[error("{0}")]
     NotAnnounced(String),
@@ -112,6 +117,9 @@ pub struct RestoreReport {
     pub view_docs: u64,
     /// Input offsets the resolver resumes from.
     pub resume_offsets: BTreeMap<i32, i64>,
+    /// The checkpoint of an unfinished restore found in the changelog, which this one replaces
+    /// (the processors do not process until a restore completes).
+    pub completes: Option<String>,
 }
 
 type Records = HashMap<Vec<u8>, Vec<u8>>;
@@ -495,11 +503,11 @@ pub async fn run(
         };
     }
     progress("writing the difference to the changelog");
-    let c = cfg.clone();
+    let (c, id_c) = (cfg.clone(), id.to_owned());
     let resume = report.resume_offsets.clone();
     tokio::task::spawn_blocking(move || {
         check_unchanged(&c, &changelog_ends)?;
-        apply_kafka(&c, writes, &resume)
+        apply_kafka(&c, &id_c, writes, &resume)
     })
     .await
     .expect("restore writer panicked")?;
@@ -507,7 +515,7 @@ pub async fn run(
     let view = api::view::MongoView::new(
         mongodb::Client::with_uri_str(&cfg.mongo.uri)
             .await
-            .map_err(|e| RestoreError::View(api::view::ViewError::from(e).into()))?
+            .map_err(|e| RestoreError::Unfinished(format!("the view was not rebuilt: {e}")))?
             .database(&cfg.mongo.database),
     );
     let rebuilt = crate::rebuild::rebuild_from(
@@ -519,9 +527,19 @@ pub async fn run(
             tracing::info!(done, total, "view rebuild");
         },
     )
-    .await?;
+    .await
+    .map_err(|e| RestoreError::Unfinished(format!("the view was not rebuilt: {e}")))?;
     report.buckets = rebuilt.buckets;
     report.view_docs = rebuilt.written;
+    let (c, partitions) = (cfg.clone(), report.resume_offsets.len().max(1) as i32);
+    tokio::task::spawn_blocking(move || mark_restore(&c, partitions, None))
+        .await
+        .expect("restore writer panicked")
+        .map_err(|e| {
+            RestoreError::Unfinished(format!(
+                "the state and the view are restored, but the restore's mark was not removed from the changelog ({e})"
+            ))
+        })?;
     // A short Redis outage must not leave the API nodes untold: try for about half a minute.
     let mut attempt = 0;
     while let Err(e) = tell_api_nodes(cfg, id).await {
@@ -582,7 +600,7 @@ fn check_stopped(
         let n = topics::group_members(control, &group)?;
         if n > 0 {
             return Err(RestoreError::Busy(format!(
-                "{n} process(es) are still in consumer group {group}: stop every processor, projector and fanout first (nothing was changed)"
+                "{n} process(es) are still in consumer group {group}: stop every processor, projector and fanout first; one stopped in the last few seconds counts until its session times out (nothing was changed)"
             )));
         }
     }
@@ -634,11 +652,24 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
         report.not_applied = count_after(&manifest, &input_ends);
         report.resume_offsets = input_ends.clone();
     }
-    let current = crate::rebuild::read_changelog(cfg)?;
+    let mut current = crate::rebuild::read_changelog(cfg)?;
+    // The mark of an unfinished restore is not state: this restore replaces it with its own,
+    // and completes what that one left.
+    report.completes = current
+        .remove(RESTORE_PENDING_KEY)
+        .map(|id| String::from_utf8_lossy(&id).into_owned());
     // Taken after the read, which waits for open transactions to be decided: before it, the end
     // a read_committed reader is told stops at an undecided transaction (one a killed processor
     // left), and its abort would then look like a processor running meanwhile.
     let changelog_ends = ends(&control, &cfg.topic(topics::RESOLVER_CHANGELOG))?;
+    // A bucket the target does not know keeps its sequence key, at 0 (to the resolver the same as
+    // none): a second attempt at a restore that stopped half-way still knows the bucket, and
+    // gives it a new epoch like every other.
+    for k in current.keys() {
+        if state::store::parse_seq_key(k).is_some() && !target.contains_key(k) {
+            target.insert(k.clone(), 0u64.to_be_bytes().to_vec());
+        }
+    }
     let mut writes = Vec::new();
     for (k, v) in &target {
         if current.get(k) != Some(v) {
@@ -701,26 +732,29 @@ impl rdkafka::producer::ProducerContext for Deliveries {
     }
 }
 
-fn apply_kafka(
+/// A changelog record to write: partition, key, value (`None`: a tombstone).
+type ChangelogWrite<'a> = (i32, &'a [u8], Option<&'a [u8]>);
+
+/// Writes `records` to the changelog and waits until every one is acknowledged. The error says
+/// why one was not (what was written before it stays written).
+fn write_changelog<'a>(
     cfg: &Config,
-    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    resume: &BTreeMap<i32, i64>,
-) -> Result<(), RestoreError> {
+    records: impl IntoIterator<Item = ChangelogWrite<'a>>,
+) -> Result<(), String> {
     let changelog = cfg.topic(topics::RESOLVER_CHANGELOG);
     let producer: BaseProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("compression.type", cfg.kafka.compression.codec())
-        .create_with_context(Deliveries::default())?;
-    let partitions = resume.len().max(1) as i32;
-    for (key, value) in &writes {
-        let bucket = bucket_of(key).map(|b| b.to_string()).unwrap_or_default();
+        .create_with_context(Deliveries::default())
+        .map_err(|e| e.to_string())?;
+    for (partition, key, value) in records {
         let mut record = BaseRecord::<[u8], [u8]>::to(&changelog)
-            .key(key.as_slice())
-            .partition(partition_for(bucket.as_bytes(), partitions));
+            .key(key)
+            .partition(partition);
         if let Some(v) = value {
-            record = record.payload(v.as_slice());
+            record = record.payload(v);
         }
         loop {
             match producer.send(record) {
@@ -734,21 +768,68 @@ fn apply_kafka(
                     record = back;
                     producer.poll(Duration::from_millis(10));
                 }
-                Err((e, _)) => return Err(e.into()),
+                Err((e, _)) => return Err(e.to_string()),
             }
         }
     }
-    producer.flush(Duration::from_secs(120))?;
+    producer
+        .flush(Duration::from_secs(120))
+        .map_err(|e| e.to_string())?;
     // A record the broker refused for good (too large, not authorised, a fatal idempotence
-    // error) is reported only here: the state on the log would differ from the checkpoint's.
+    // error) is reported only here.
     let failed = (producer.context().failed.lock())
         .unwrap_or_else(|p| p.into_inner())
         .clone();
-    if let Some(e) = failed {
-        return Err(RestoreError::NotApplied(format!(
-            "a changelog record was not written ({e}); the processors' offsets were not moved: run the same restore again"
-        )));
-    }
+    failed.map_or(Ok(()), Err)
+}
+
+/// Marks every changelog partition with the unfinished restore of checkpoint `id`
+/// ([`RESTORE_PENDING_KEY`]), or (`id` is `None`) removes the mark.
+fn mark_restore(cfg: &Config, partitions: i32, id: Option<&str>) -> Result<(), String> {
+    write_changelog(
+        cfg,
+        (0..partitions).map(|p| (p, RESTORE_PENDING_KEY, id.map(str::as_bytes))),
+    )
+}
+
+/// Writes the changelog difference and moves the groups' offsets, under a restore mark in every
+/// changelog partition (written first, removed by [`run`] once the view is rebuilt too): a
+/// restore that stops half-way (killed, Kafka or MongoDB failing) leaves the mark, and the
+/// processors do not process on the half-written state until a restore completes.
+fn apply_kafka(
+    cfg: &Config,
+    id: &str,
+    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    resume: &BTreeMap<i32, i64>,
+) -> Result<(), RestoreError> {
+    let partitions = resume.len().max(1) as i32;
+    mark_restore(cfg, partitions, Some(id)).map_err(|e| {
+        RestoreError::NotApplied(format!(
+            "the restore's mark was not written to the changelog ({e}); nothing else was changed: run the same restore again"
+        ))
+    })?;
+    let located = writes.iter().map(|(key, value)| {
+        let bucket = bucket_of(key).map(|b| b.to_string()).unwrap_or_default();
+        (
+            partition_for(bucket.as_bytes(), partitions),
+            key.as_slice(),
+            value.as_deref(),
+        )
+    });
+    write_changelog(cfg, located).map_err(|e| {
+        RestoreError::Unfinished(format!(
+            "a changelog record was not written ({e}); the processors' offsets were not moved"
+        ))
+    })?;
+    move_offsets(cfg, resume).map_err(|e| match e {
+        e @ RestoreError::Unfinished(_) => e,
+        e => RestoreError::Unfinished(e.to_string()),
+    })
+}
+
+/// Moves the resolver's input offsets to `resume`, and the projector's and the announcer's to
+/// the end of `sync.events`.
+fn move_offsets(cfg: &Config, resume: &BTreeMap<i32, i64>) -> Result<(), RestoreError> {
     commit_offsets(
         cfg,
         &crate::resolver::group_id(cfg),

@@ -309,34 +309,7 @@ async fn restore_puts_state_and_view_back_and_subscribers_get_a_reset() {
     // A bucket made after the checkpoint while no projector ran: the view never recorded it
     // (its changes could still have been announced), so only the state knows it before the
     // restore; it must get a new epoch all the same.
-    let resolver = env.start(&[Role::Processor]).await;
-    let unseen = serde_json::json!({"v": 1, "event_id": "unseen-1", "tenant": "acme", "bucket": "unseen",
-        "doc_id": "u1", "device_id": "ops", "op": "set", "doc": {"n": 1}});
-    produce_all(
-        &env,
-        &[(
-            "acme/unseen".to_string(),
-            serde_json::to_vec(&unseen).unwrap(),
-        )],
-    )
-    .await;
-    let unseen_key = processors::BucketKey {
-        tenant: "acme".into(),
-        bucket: "unseen".into(),
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !pipeline::rebuild::read_changelog(&env.cfg)
-        .unwrap()
-        .keys()
-        .any(|k| state::store::parse_seq_key(k).as_ref() == Some(&unseen_key))
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the resolver never took the write"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    resolver.stop().await.unwrap();
+    make_unseen_bucket(&env).await;
     let fanout = env.start(&[Role::Fanout]).await;
     let fanout_group = pipeline::fanout::group_id(&env.cfg);
     wait_for_a_member(&env, &fanout_group);
@@ -442,6 +415,153 @@ async fn restore_puts_state_and_view_back_and_subscribers_get_a_reset() {
     assert_eq!(change["id"], "fresh");
     node.stop().await.unwrap();
     api_node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// Makes bucket `acme/unseen` with a resolver and no projector: only the state knows it (its
+/// changes could still have been announced).
+async fn make_unseen_bucket(env: &TestEnv) {
+    let resolver = env.start(&[Role::Processor]).await;
+    let unseen = serde_json::json!({"v": 1, "event_id": "unseen-1", "tenant": "acme", "bucket": "unseen",
+        "doc_id": "u1", "device_id": "ops", "op": "set", "doc": {"n": 1}});
+    produce_all(
+        env,
+        &[("acme/unseen".into(), serde_json::to_vec(&unseen).unwrap())],
+    )
+    .await;
+    caught_up(env).await;
+    resolver.stop().await.unwrap();
+}
+
+/// The value of the unfinished-restore mark in the changelog, if any.
+fn restore_mark(env: &TestEnv) -> Option<String> {
+    pipeline::rebuild::read_changelog(&env.cfg)
+        .unwrap()
+        .get(state::store::RESTORE_PENDING_KEY)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_stops_half_way_keeps_the_processors_stopped_until_one_completes() {
+    let env = TestEnv::new("ckhalf").await;
+    let node = env.start(&[Role::Processor, Role::Projector]).await;
+    produce_all(&env, &workload(21, 400, 3, 30)).await;
+    let manifest = checkpoint_now(&env).await;
+    produce_all(&env, &workload(22, 400, 3, 30)).await;
+    caught_up(&env).await;
+    node.stop().await.unwrap();
+    // A bucket made after the checkpoint while no projector ran: only the state knows it.
+    make_unseen_bucket(&env).await;
+    let at_checkpoint = snapshot_docs(&env, &manifest.id);
+    assert_ne!(
+        changelog_docs(&env),
+        at_checkpoint,
+        "the later writes changed the state"
+    );
+    // MongoDB is away when the view is to be rebuilt: the changelog and the offsets are already
+    // restored, the view is not.
+    let mut away = env.cfg.clone();
+    away.mongo.uri = "mongodb://127.0.0.1:1/?serverSelectionTimeoutMS=1000".into();
+    let stopped = pipeline::restore::run(
+        &away,
+        &manifest.id,
+        &RestoreOptions::default(),
+        |_| true,
+        |_| {},
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(stopped, RestoreError::Unfinished(_)), "{stopped}");
+    assert!(
+        stopped.to_string().contains("view was not rebuilt"),
+        "{stopped}"
+    );
+    assert_eq!(
+        changelog_docs(&env),
+        at_checkpoint,
+        "the difference was written"
+    );
+    assert_eq!(restore_mark(&env).as_deref(), Some(manifest.id.as_str()));
+    // A processor (a fresh one, restoring from the changelog's start) does not process on it:
+    // it exits with the reason, and the write stays unapplied.
+    let mut processor = common::faults::ProcessorProcess::start(&env, "half");
+    let late = serde_json::json!({"v": 1, "event_id": "late-1", "tenant": "acme", "bucket": "b0",
+        "doc_id": "late", "device_id": "ops", "op": "set", "doc": {"n": 1}});
+    produce_all(
+        &env,
+        &[("acme/b0".into(), serde_json::to_vec(&late).unwrap())],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while processor.alive() {
+        assert!(
+            Instant::now() < deadline,
+            "the processor went on over a half-restored state"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = std::fs::read_to_string(&processor.log).unwrap();
+    assert!(
+        log.contains(&format!(
+            "a restore of checkpoint {} did not complete",
+            manifest.id
+        )),
+        "{log}"
+    );
+    assert_eq!(changelog_docs(&env), at_checkpoint, "nothing was processed");
+    // A view rebuild is refused too: it would show the half-restored state.
+    let view = api::view::MongoView::new(
+        mongodb::Client::with_uri_str(&env.cfg.mongo.uri)
+            .await
+            .unwrap()
+            .database(&env.cfg.mongo.database),
+    );
+    let refused = pipeline::rebuild::rebuild(&env.cfg, &view, None, |_, _| {})
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("did not complete"),
+        "{refused}"
+    );
+    // The same restore again completes it: the mark goes, the view follows, processing resumes.
+    // (The exited processor is a static group member until its session times out.)
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        match restore(&env, &manifest.id, &RestoreOptions::default()).await {
+            Err(RestoreError::Busy(why)) if Instant::now() < deadline => {
+                assert!(why.contains("syncflow-resolver"), "{why}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            done => break done.expect("the second restore completes"),
+        }
+    };
+    assert_eq!(report.completes.as_deref(), Some(manifest.id.as_str()));
+    assert_eq!(
+        report.changelog_records, 0,
+        "the state was restored already: {report:?}"
+    );
+    assert_eq!(restore_mark(&env), None);
+    assert_eq!(view_of(&env).await, view_for(&at_checkpoint));
+    // The first attempt had removed the unseen bucket's state; the second still gave it a new
+    // epoch, so cursors of its old timeline get a reset.
+    let meta = api::view::DocReader::bucket_meta(&view, "acme", "unseen")
+        .await
+        .unwrap();
+    assert!(meta.is_some_and(|m| m.epoch >= 2), "{meta:?}");
+    let node = env.start(&[Role::Processor, Role::Projector]).await;
+    let after = serde_json::json!({"v": 1, "event_id": "after-1", "tenant": "acme", "bucket": "b0",
+        "doc_id": "after", "device_id": "ops", "op": "set", "doc": {"n": 2}});
+    produce_all(
+        &env,
+        &[("acme/b0".into(), serde_json::to_vec(&after).unwrap())],
+    )
+    .await;
+    let mut want = view_for(&at_checkpoint);
+    let mut fields = serde_json::Map::new();
+    fields.insert("n".into(), serde_json::json!(2));
+    want.insert(("acme".into(), "b0/after".into()), (1, false, fields));
+    settle(&env, &want).await;
+    node.stop().await.unwrap();
     env.cleanup().await;
 }
 

@@ -43,6 +43,12 @@ pub type Records = Vec<(Vec<u8>, Vec<u8>)>;
 /// The key of the next changelog offset in a task tree.
 pub const CHANGELOG_OFFSET_KEY: &[u8] = b"m\0changelog_offset";
 
+/// The changelog key of an unfinished `syncflow restore` or `replay`, written to every changelog
+/// partition before the restore changes anything and removed (a tombstone) once the state, the
+/// offsets and the view are all restored. Its value names the checkpoint. A task whose state
+/// holds it does not process: its state may be half old, half restored.
+pub const RESTORE_PENDING_KEY: &[u8] = b"r\0restore_pending";
+
 /// The sled key of a document's state.
 pub fn doc_key_bytes(key: &DocKey) -> Vec<u8> {
     let mut k = Vec::with_capacity(
