@@ -122,6 +122,17 @@ mod naive {
     /// Applies one change set to a document's state. Pure; `seq` of the returned change is 0.
     pub fn apply_change(doc: &mut DocState, change: &ChangeSet) -> Applied {
         let stamp: &Stamp = &change.stamp;
+        // The device's newest write again (same event id, whatever its clock): nothing.
+        if doc
+            .devices
+            .get(&stamp.device_id)
+            .is_some_and(|last| last.1 == stamp.event_id)
+        {
+            return Applied {
+                retransmission: true,
+                ..Applied::default()
+            };
+        }
         let retransmission = note_device(doc, stamp);
         let before_doc = doc.clone();
         let before = visible_leaves(doc);
@@ -259,7 +270,7 @@ mod naive {
         let stamp: &Stamp = &change.stamp;
         let mut out = Vec::new();
         let mut report = |field: &FieldPath, rule, winner: ConflictSide, loser: ConflictSide| {
-            if agree(&winner, &loser) {
+            if agree(&winner, &loser) || winner.device_id == loser.device_id {
                 return;
             }
             out.push(ConflictEvent {

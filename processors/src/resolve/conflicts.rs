@@ -93,7 +93,9 @@ pub(super) fn detect_conflicts<'c>(
     let stamp: &Stamp = &change.stamp;
     let mut out = Vec::new();
     let mut report = |field: &FieldPath, rule, winner: ConflictSide, loser: ConflictSide| {
-        if agree(&winner, &loser) {
+        // (The same device on both sides: a write of a device forgotten from the document's
+        // table, older than its newer one. A device never conflicts with itself.)
+        if agree(&winner, &loser) || winner.device_id == loser.device_id {
             return;
         }
         out.push(ConflictEvent {

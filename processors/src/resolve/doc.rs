@@ -115,15 +115,18 @@ impl DocState {
         }
     }
 
-    /// Records the write in the per-device table; true when it is a retransmission.
-    pub(super) fn note_device(&mut self, stamp: &Stamp) -> bool {
+    /// Records the write in the per-device table and says what it is to it.
+    pub(super) fn note_device(&mut self, stamp: &Stamp) -> FromDevice {
         if let Some(last) = self.devices.get_mut(&stamp.device_id) {
+            if last.1 == stamp.event_id {
+                return FromDevice::Repeat;
+            }
             if (stamp.hlc, stamp.event_id.as_str()) <= (last.0, last.1.as_str()) {
-                return true;
+                return FromDevice::Retransmission;
             }
             last.0 = stamp.hlc;
             last.1.clone_from(&stamp.event_id);
-            return false;
+            return FromDevice::Newer;
         }
         let incoming = (stamp.hlc, stamp.event_id.clone());
         self.devices.insert(stamp.device_id.clone(), incoming);
@@ -137,6 +140,19 @@ impl DocState {
                 self.devices.remove(&d);
             }
         }
-        false
+        FromDevice::Newer
     }
+}
+
+/// What a write is to its device's entry in the document's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FromDevice {
+    /// The newest write applied from the device, again (same event id): dropped whole, even
+    /// with another clock (a write without a clock, or clamped, is stamped from its record's
+    /// time, which a resend does not keep).
+    Repeat,
+    /// Not newer than the device's newest: applied, but it reports no conflict.
+    Retransmission,
+    /// Newer than anything of the device (or the device is new to the document).
+    Newer,
 }

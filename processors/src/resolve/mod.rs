@@ -66,6 +66,7 @@ use plan::{
 use sweep::{mark_visible, Entries, Entry};
 
 pub use devices::{Devices, Seen};
+use doc::FromDevice;
 pub use doc::{DocState, StoredBound, MAX_DEVICES_PER_DOC};
 pub use mem::MemState;
 pub use prefetch::Prefetch;
@@ -121,7 +122,16 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
     // Ask for the tables searched below all at once, so their cache misses overlap instead of
     // each search step waiting for the one before (a hint: nothing changes).
     prefetch::tables(doc);
-    let retransmission = doc.note_device(stamp);
+    let retransmission = match doc.note_device(stamp) {
+        FromDevice::Repeat => {
+            return Applied {
+                retransmission: true,
+                ..Applied::default()
+            }
+        }
+        FromDevice::Retransmission => true,
+        FromDevice::Newer => false,
+    };
     let before_exists = doc.exists();
 
     // Paths the write names, with the value it gives them; what it does to fields it does not
