@@ -228,6 +228,17 @@ async fn main() -> anyhow::Result<()> {
             for d in &report.drift {
                 println!("DIFFERS   {d}  (not changed)");
             }
+            for u in &report.unsafe_settings {
+                println!("UNSAFE    {u}  (not changed)");
+            }
+            if !report.unsafe_settings.is_empty() {
+                // Whatever --strict says: processors on such a topic lose data.
+                eprintln!(
+                    "Error: {} live topic setting(s) lose data; change them (kafka-configs.sh --alter) before starting SyncFlow",
+                    report.unsafe_settings.len()
+                );
+                std::process::exit(4);
+            }
             if strict && !report.drift.is_empty() {
                 // Its own status, so that a script tells drift from a failure (status 1).
                 eprintln!(

@@ -594,6 +594,31 @@ impl Resolver {
         Ok((c, i32::try_from(partitions).unwrap_or(i32::MAX)))
     }
 
+    /// Refuses to run on topics whose `cleanup.policy` loses data (a changelog that deletes by
+    /// time, a compacted input: [`topics::policy_problem`]). A broker that does not answer the
+    /// question is no answer: the partition check has already seen the topics.
+    fn check_cleanup_policies(&self) -> Result<(), ResolverError> {
+        let checked = futures::executor::block_on(topics::check_live_policies(
+            &self.cfg.kafka.brokers,
+            &self.cfg.kafka.topic_prefix,
+            &[
+                topics::DATA_CHANGED,
+                topics::SYNC_EVENTS,
+                topics::RESOLVER_CHANGELOG,
+            ],
+        ));
+        match checked {
+            Ok(()) => Ok(()),
+            Err(e @ topics::TopicsError::Unsafe(_)) => Err(ResolverError::Setup(format!(
+                "{e}\n(change them with kafka-configs.sh --alter, then start again; `syncflow topics apply` lists every problem)"
+            ))),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check the topics' cleanup.policy");
+                Ok(())
+            }
+        }
+    }
+
     /// Refuses to run when the bucket topics' partition counts differ from `data.changed`'s
     /// (`partitions`) or from the count this store's tasks were made for; records the count in a
     /// store that has none.
@@ -677,6 +702,7 @@ impl Resolver {
         // The partition count checked by `consumer` (a metadata answer with a topic error
         // would count none, and every write would be forwarded to partition 0).
         let (consumer, partitions) = self.consumer(generation.clone())?;
+        self.check_cleanup_policies()?;
         self.check_partitions(&consumer, partitions)?;
         self.partitions = partitions;
         let producer = Arc::new(self.producer()?);

@@ -37,6 +37,34 @@ pub const CHECKPOINT_CREATED: &str = "checkpoint.created";
 /// User registrations and grant changes, keyed by user name.
 pub const USER_EVENTS: &str = "user.events";
 
+/// What is wrong with `topic` (unprefixed) having `cleanup.policy` `policy` (`None`: unset, the
+/// broker's default, `delete`): the changelogs must be compacted and nothing else (time-based
+/// deletion would drop the state of buckets not written lately, and a processor restoring from the
+/// changelog would lose them), and the topics keyed by bucket or user must not be compacted (only
+/// the newest record per key would stay: writes, changes and account events lost).
+pub fn policy_problem(topic: &str, policy: Option<&str>) -> Option<String> {
+    let parts: Vec<&str> = policy
+        .unwrap_or("delete")
+        .split(',')
+        .map(str::trim)
+        .collect();
+    let compacted = parts.contains(&"compact");
+    let shown = policy.unwrap_or("delete (unset)");
+    match topic {
+        RESOLVER_CHANGELOG | CHECKPOINT_CREATED if parts != ["compact"] => Some(format!(
+            "{topic} has cleanup.policy {shown}; it must be exactly compact, or state is lost"
+        )),
+        DATA_CHANGED | DATA_REJECTED | SYNC_EVENTS | CONFLICT_DETECTED | USER_EVENTS
+            if compacted =>
+        {
+            Some(format!(
+                "{topic} has cleanup.policy {shown}; it must not be compacted, or records are lost"
+            ))
+        }
+        _ => None,
+    }
+}
+
 /// Errors of topic management.
 #[derive(Debug, thiserror::Error)]
 pub enum TopicsError {
@@ -54,6 +82,9 @@ pub enum TopicsError {
     /// Kafka refused or did not answer.
     #[error("kafka admin: {0}")]
     Kafka(String),
+    /// Live topics have settings that lose data.
+    #[error("live topics would lose data:\n  - {}", .0.join("\n  - "))]
+    Unsafe(Vec<String>),
 }
 
 /// One topic's specification.
@@ -137,14 +168,9 @@ impl TopicsFile {
                 }
             }
         }
-        if self
-            .topics
-            .get(RESOLVER_CHANGELOG)
-            .is_some_and(|s| s.config.get("cleanup.policy").map(String::as_str) != Some("compact"))
-        {
-            problems.push(format!(
-                "{RESOLVER_CHANGELOG} must have cleanup.policy: compact"
-            ));
+        for (name, spec) in &self.topics {
+            let policy = spec.config.get("cleanup.policy").map(String::as_str);
+            problems.extend(policy_problem(name, policy));
         }
         if problems.is_empty() {
             Ok(())
@@ -260,6 +286,43 @@ pub struct ApplyReport {
     pub unchanged: Vec<String>,
     /// Differences between live topics and the file, one line each. Nothing was changed.
     pub drift: Vec<String>,
+    /// Live settings that lose data ([`policy_problem`]), one line each. Nothing was changed.
+    pub unsafe_settings: Vec<String>,
+}
+
+/// Checks the live `cleanup.policy` of `topics` (unprefixed names, `prefix` prepended) against
+/// [`policy_problem`]; the error lists every problem found.
+pub async fn check_live_policies(
+    brokers: &str,
+    prefix: &str,
+    topics: &[&str],
+) -> Result<(), TopicsError> {
+    let kafka = |e: rdkafka::error::KafkaError| TopicsError::Kafka(e.to_string());
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(kafka)?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(15)));
+    let full: Vec<String> = topics.iter().map(|t| format!("{prefix}{t}")).collect();
+    let resources: Vec<ResourceSpecifier<'_>> =
+        full.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let described = admin
+        .describe_configs(&resources, &opts)
+        .await
+        .map_err(kafka)?;
+    let mut problems = Vec::new();
+    for ((name, full), result) in topics.iter().zip(&full).zip(described) {
+        let resource = result.map_err(|e| TopicsError::Kafka(format!("describing {full}: {e}")))?;
+        let policy = resource
+            .get("cleanup.policy")
+            .and_then(|e| e.value.as_deref());
+        problems.extend(policy_problem(name, policy).map(|why| format!("{full}: {why}")));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(TopicsError::Unsafe(problems))
+    }
 }
 
 /// Creates missing topics and reports drift of the existing ones.
@@ -355,6 +418,13 @@ pub async fn apply(
             let resource =
                 result.map_err(|e| TopicsError::Kafka(format!("describing {full}: {e}")))?;
             let before = report.drift.len();
+            let name = full.strip_prefix(prefix).unwrap_or(full);
+            let policy = resource
+                .get("cleanup.policy")
+                .and_then(|e| e.value.as_deref());
+            report
+                .unsafe_settings
+                .extend(policy_problem(name, policy).map(|why| format!("{full}: {why}")));
             for (key, want) in &spec.config {
                 let live_value = resource.get(key).and_then(|e| e.value.clone());
                 if live_value.as_deref() != Some(want.as_str()) {
@@ -395,6 +465,50 @@ mod tests {
         let mut file = TopicsFile::load(&path).unwrap();
         file.topics.get_mut(SYNC_EVENTS).unwrap().partitions = 2;
         file.topics.remove(USER_EVENTS);
+        let TopicsError::Invalid(problems) = file.validate().unwrap_err() else {
+            panic!("expected Invalid")
+        };
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
+    fn a_cleanup_policy_that_loses_data_is_refused() {
+        assert_eq!(policy_problem(RESOLVER_CHANGELOG, Some("compact")), None);
+        for bad in [
+            None,
+            Some("delete"),
+            Some("compact,delete"),
+            Some("delete, compact"),
+        ] {
+            assert!(
+                policy_problem(RESOLVER_CHANGELOG, bad).is_some(),
+                "changelog with {bad:?}"
+            );
+        }
+        assert!(policy_problem(CHECKPOINT_CREATED, Some("delete")).is_some());
+        for topic in [
+            DATA_CHANGED,
+            SYNC_EVENTS,
+            USER_EVENTS,
+            DATA_REJECTED,
+            CONFLICT_DETECTED,
+        ] {
+            assert_eq!(policy_problem(topic, None), None);
+            assert_eq!(policy_problem(topic, Some("delete")), None);
+            assert!(policy_problem(topic, Some("compact")).is_some(), "{topic}");
+            assert!(
+                policy_problem(topic, Some("delete,compact")).is_some(),
+                "{topic}"
+            );
+        }
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../topics.yaml");
+        let mut file = TopicsFile::load(&path).unwrap();
+        let set = |file: &mut TopicsFile, topic: &str, policy: &str| {
+            let spec = file.topics.get_mut(topic).unwrap();
+            spec.config.insert("cleanup.policy".into(), policy.into());
+        };
+        set(&mut file, DATA_CHANGED, "compact");
+        set(&mut file, RESOLVER_CHANGELOG, "compact,delete");
         let TopicsError::Invalid(problems) = file.validate().unwrap_err() else {
             panic!("expected Invalid")
         };

@@ -237,6 +237,7 @@ async fn topics_apply_creates_once_and_reports_drift_without_touching_it() {
     let (code, out, err) = syncflow_blocking(&envs, &["topics", "apply"]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(lines_starting(&out, "created "), 6, "{out}");
+    assert_eq!(lines_starting(&out, "UNSAFE "), 0, "{out}");
     assert!(
         out.contains(&format!(
             "DIFFERS   {drifted}: 2 partitions live, 6 in the file"
@@ -260,6 +261,44 @@ async fn topics_apply_creates_once_and_reports_drift_without_touching_it() {
         .fetch_metadata(Some(&drifted), std::time::Duration::from_secs(5))
         .unwrap();
     assert_eq!(md.topics()[0].partitions().len(), 2);
+
+    // A changelog someone set to delete by time: apply fails, and a processor does not start.
+    let changelog = format!("{prefix}resolver.changelog");
+    let alter =
+        rdkafka::admin::AlterConfig::new(rdkafka::admin::ResourceSpecifier::Topic(&changelog))
+            .set("cleanup.policy", "delete");
+    for result in admin
+        .alter_configs(&[alter], &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
+    let (code, out, _) = syncflow_blocking(&envs, &["topics", "apply"]).await;
+    assert_eq!(code, 4, "{out}");
+    assert!(
+        out.contains(&format!(
+            "UNSAFE    {changelog}: resolver.changelog has cleanup.policy delete"
+        )),
+        "{out}"
+    );
+    let state = std::env::temp_dir().join(format!("{prefix}state"));
+    let run_envs = [
+        envs[0],
+        envs[1],
+        ("SYNCFLOW_STATE_DIR", state.to_str().unwrap()),
+    ];
+    let started = std::time::Instant::now();
+    let (code, _, err) = tokio::time::timeout(
+        Duration::from_secs(120),
+        syncflow_blocking(&run_envs, &["run", "--role", "processor"]),
+    )
+    .await
+    .expect("the processor kept running on a changelog that deletes state");
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("must be exactly compact"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(100));
+    let _ = std::fs::remove_dir_all(&state);
     let names: Vec<String> = pipeline::topics::REQUIRED
         .iter()
         .map(|t| format!("{prefix}{t}"))
