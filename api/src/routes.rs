@@ -727,7 +727,7 @@ async fn changes(
         }
         Some(c) => (c.seq, c.began_under.unwrap_or(0)),
     };
-    let docs = state
+    let crate::view::DocPage { docs, more } = state
         .reader
         .changes(&claims.tenant, &bucket, from, meta.projected_seq, limit)
         .await?;
@@ -742,7 +742,6 @@ async fn changes(
             )));
         }
     }
-    let more = docs.len() == limit;
     let next_seq = if more {
         docs.last().map_or(from, |d| d.seq)
     } else {
@@ -834,8 +833,13 @@ pub(crate) mod tests {
             _: i64,
             _: i64,
             _: usize,
-        ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>> {
-            Box::pin(async { Ok(Vec::new()) })
+        ) -> BoxFuture<'a, Result<DocPage, ViewError>> {
+            Box::pin(async {
+                Ok(DocPage {
+                    docs: Vec::new(),
+                    more: false,
+                })
+            })
         }
     }
 
@@ -1213,7 +1217,7 @@ pub(crate) mod tests {
             since: i64,
             upto: i64,
             limit: usize,
-        ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>> {
+        ) -> BoxFuture<'a, Result<DocPage, ViewError>> {
             Box::pin(async move {
                 let mut page = self.read(|d| d.seq > since && d.seq <= upto);
                 // Only the page read changes: the ones after it were not returned.
@@ -1224,7 +1228,8 @@ pub(crate) mod tests {
                         (d.seq, d.version) = (u.seq, u.version);
                     }
                 }
-                Ok(page)
+                let more = page.len() == limit;
+                Ok(DocPage { docs: page, more })
             })
         }
     }

@@ -183,11 +183,16 @@ pub struct BucketMeta {
 /// One page of a bucket's documents.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DocPage {
-    /// Live documents in id order.
+    /// The documents, in the order asked for.
     pub docs: Vec<ViewDoc>,
     /// True when more may follow the last one.
     pub more: bool,
 }
+
+/// About how many bytes of documents (as stored) a page holds at most, whatever its `limit`
+/// (and at least one document): a thousand documents near the size limit would make one answer
+/// of hundreds of MiB, held in memory while it is built and sent.
+pub const PAGE_BYTES: usize = 1 << 20;
 
 /// What the API needs to read.
 pub trait DocReader: Send + Sync + 'static {
@@ -220,7 +225,8 @@ pub trait DocReader: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<DocPage, ViewError>>;
 
     /// Documents (tombstones included) whose last change has `since < seq <= upto`, in sequence
-    /// order, at most `limit`.
+    /// order, at most `limit` (fewer when they pass [`PAGE_BYTES`]; `more` says whether any may
+    /// follow).
     fn changes<'a>(
         &'a self,
         tenant: &'a str,
@@ -228,7 +234,7 @@ pub trait DocReader: Send + Sync + 'static {
         since: i64,
         upto: i64,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>>;
+    ) -> BoxFuture<'a, Result<DocPage, ViewError>>;
 
     /// The view ids (`<bucket>/<doc_id>`) of the documents (tombstones included) whose last
     /// change is past `since`, in no particular order, at most `limit` of them. (This default
@@ -241,8 +247,18 @@ pub trait DocReader: Send + Sync + 'static {
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
         Box::pin(async move {
-            let docs = self.changes(tenant, bucket, since, i64::MAX, limit).await?;
-            Ok(docs.into_iter().map(|d| d.id).collect())
+            let (mut ids, mut from) = (Vec::new(), since);
+            while ids.len() < limit {
+                let page = self
+                    .changes(tenant, bucket, from, i64::MAX, limit - ids.len())
+                    .await?;
+                from = page.docs.last().map_or(from, |d| d.seq);
+                ids.extend(page.docs.into_iter().map(|d| d.id));
+                if !page.more {
+                    break;
+                }
+            }
+            Ok(ids)
         })
     }
 
@@ -294,11 +310,27 @@ async fn decode_all(
     cursor: &mut mongodb::Cursor<Document>,
     out: &mut Vec<ViewDoc>,
 ) -> Result<(), ViewError> {
-    while let Some(d) = cursor.try_next().await? {
+    decode_within(cursor, out, usize::MAX).await.map(|_| ())
+}
+
+/// Decodes what `cursor` yields into `out` until the documents decoded hold `budget` bytes (as
+/// stored); true when it stopped there with documents left.
+async fn decode_within(
+    cursor: &mut mongodb::Cursor<Document>,
+    out: &mut Vec<ViewDoc>,
+    budget: usize,
+) -> Result<bool, ViewError> {
+    let mut bytes = 0usize;
+    while cursor.advance().await? {
+        if bytes >= budget {
+            return Ok(true);
+        }
+        bytes = bytes.saturating_add(cursor.current().as_bytes().len());
+        let d: Document = cursor.deserialize_current()?;
         let id = d.get_str("_id").unwrap_or_default().to_owned();
         out.push(decode(&id, d)?);
     }
-    Ok(())
+    Ok(false)
 }
 
 /// The MongoDB view.
@@ -756,8 +788,8 @@ impl DocReader for MongoView {
                 .limit(i64::try_from(limit + 1).unwrap_or(i64::MAX))
                 .await?;
             let mut docs = Vec::new();
-            decode_all(&mut cursor, &mut docs).await?;
-            let more = docs.len() > limit;
+            let cut = decode_within(&mut cursor, &mut docs, PAGE_BYTES).await?;
+            let more = cut || docs.len() > limit;
             docs.truncate(limit);
             Ok(DocPage { docs, more })
         })
@@ -770,7 +802,7 @@ impl DocReader for MongoView {
         since: i64,
         upto: i64,
         limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>> {
+    ) -> BoxFuture<'a, Result<DocPage, ViewError>> {
         Box::pin(async move {
             let mut cursor = self
                 .docs(tenant)
@@ -779,8 +811,9 @@ impl DocReader for MongoView {
                 .limit(i64::try_from(limit).unwrap_or(i64::MAX))
                 .await?;
             let mut docs = Vec::new();
-            decode_all(&mut cursor, &mut docs).await?;
-            Ok(docs)
+            let cut = decode_within(&mut cursor, &mut docs, PAGE_BYTES).await?;
+            let more = cut || docs.len() == limit;
+            Ok(DocPage { docs, more })
         })
     }
 

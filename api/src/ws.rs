@@ -916,12 +916,11 @@ async fn catch_up(
         // First the documents whose last change is at or before the watermark, in sequence
         // order: a range that only shrinks while it is read (a document changed meanwhile moves
         // past the watermark), so this ends however busy the bucket is.
-        let docs = state
+        let crate::view::DocPage { docs, more } = state
             .reader
             .changes(tenant, bucket, from, watermark, page)
             .await
             .map_err(view_unavailable)?;
-        let more = docs.len() == page;
         if !more && start > 0 {
             if let Some(now) = horizon_passed(state, tenant, bucket, start.max(began)).await? {
                 // A tombstone sweep ran while the pages were read: deletes after the cursor

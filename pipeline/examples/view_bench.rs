@@ -631,7 +631,7 @@ impl Feed<'_> {
                             .changes(TENANT, BUCKET, since, max_seq, self.limit)
                             .await?;
                         s.reader.push(t.elapsed());
-                        std::hint::black_box(docs.len());
+                        std::hint::black_box(docs.docs.len());
                     }
                     _ => {
                         let t = Instant::now();

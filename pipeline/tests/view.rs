@@ -504,34 +504,89 @@ async fn swept_tombstones_make_old_cursors_resync_and_bad_reads_get_reasons() {
     env.cleanup().await;
 }
 
-/// The sweep reads tombstones in rounds (a mass delete is not held in memory whole): rounds
-/// of two still remove every old tombstone, and raise the bucket's horizon past all of them.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sweep_in_small_rounds_removes_every_old_tombstone() {
-    use api::view::{DocReader, MongoView};
-    use processors::{Hlc, SetFields, SyncEvent};
-    let env = TestEnv::new("sweeprounds").await;
-    let view = MongoView::new(database(&env).await);
-    let event = |doc: usize, version: u64, seq: u64, deleted: bool| SyncEvent {
+/// Document `d<doc>` of bucket `acme/b` at `version` and sequence `seq`: deleted, or with field
+/// `n` = `n`.
+fn sync_event(
+    doc: usize,
+    version: u64,
+    seq: u64,
+    deleted: bool,
+    n: serde_json::Value,
+) -> processors::SyncEvent {
+    processors::SyncEvent {
         v: processors::events::EVENT_FORMAT_VERSION,
         tenant: "acme".into(),
         bucket: "b".into(),
         doc_id: format!("d{doc}"),
         version,
         seq,
-        hlc: Hlc::new(1_000 + seq, 0),
+        hlc: processors::Hlc::new(1_000 + seq, 0),
         event_id: format!("e{seq}"),
         device_id: "dev".into(),
         deleted,
         set: if deleted {
-            SetFields::new()
+            processors::SetFields::new()
         } else {
-            [("n".to_string(), serde_json::json!(doc))]
-                .into_iter()
-                .collect()
+            [("n".to_string(), n)].into_iter().collect()
         },
         unset: Vec::new(),
         clamped_from: None,
+    }
+}
+
+/// A page stops at about `PAGE_BYTES` of documents whatever its limit, says more follow, and the
+/// pages after it hold the rest: listing and the change feed alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_large_documents_stop_at_their_byte_budget_and_lose_nothing() {
+    use api::view::{DocReader, MongoView, PAGE_BYTES};
+    let env = TestEnv::new("bigpages").await;
+    let view = MongoView::new(database(&env).await);
+    let big = "x".repeat(200 * 1024);
+    let events: Vec<_> = (0..12)
+        .map(|i| sync_event(i, 1, i as u64 + 1, false, serde_json::json!(big)))
+        .collect();
+    view.apply_batch(&events).await.unwrap();
+    let most = PAGE_BYTES / big.len() + 1;
+    let (mut listed, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let page = view
+            .list("acme", "b", after.as_deref(), 1000)
+            .await
+            .unwrap();
+        assert!(page.docs.len() <= most, "{} documents", page.docs.len());
+        pages += 1;
+        listed.extend(page.docs.iter().map(|d| d.doc_id.clone()));
+        after = page.docs.last().map(|d| d.doc_id.clone());
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(listed.len(), 12, "{listed:?}");
+    assert!(pages >= 2, "{pages} pages");
+    let (mut seqs, mut since) = (Vec::new(), 0);
+    loop {
+        let page = view.changes("acme", "b", since, 12, 1000).await.unwrap();
+        assert!(page.docs.len() <= most, "{} documents", page.docs.len());
+        seqs.extend(page.docs.iter().map(|d| d.seq));
+        since = page.docs.last().map_or(since, |d| d.seq);
+        if !page.more {
+            break;
+        }
+    }
+    assert_eq!(seqs, (1..=12).collect::<Vec<i64>>());
+    env.cleanup().await;
+}
+
+/// The sweep reads tombstones in rounds (a mass delete is not held in memory whole): rounds
+/// of two still remove every old tombstone, and raise the bucket's horizon past all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_in_small_rounds_removes_every_old_tombstone() {
+    use api::view::{DocReader, MongoView};
+    use processors::SyncEvent;
+    let env = TestEnv::new("sweeprounds").await;
+    let view = MongoView::new(database(&env).await);
+    let event = |doc: usize, version: u64, seq: u64, deleted: bool| {
+        sync_event(doc, version, seq, deleted, serde_json::json!(doc))
     };
     // Eight documents, seven of them deleted (sequence numbers 9 to 15).
     let mut events: Vec<SyncEvent> = (0..8).map(|i| event(i, 1, i as u64 + 1, false)).collect();
@@ -577,7 +632,7 @@ async fn a_sweep_in_small_rounds_removes_every_old_tombstone() {
     let meta = view.bucket_meta("acme", "b").await.unwrap().unwrap();
     assert_eq!((meta.horizon_seq, meta.projected_seq), (15, 15));
     let left = view.changes("acme", "b", 0, i64::MAX, 100).await.unwrap();
-    let ids: Vec<&str> = left.iter().map(|d| d.doc_id.as_str()).collect();
+    let ids: Vec<&str> = left.docs.iter().map(|d| d.doc_id.as_str()).collect();
     assert_eq!(ids, ["d7"]);
     env.cleanup().await;
 }
