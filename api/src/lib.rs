@@ -38,6 +38,23 @@ use std::sync::Arc;
 use processors::Limits;
 use serde::{Deserialize, Serialize};
 
+/// Splits `items` into consecutive runs of at most `budget` bytes each, an item counting
+/// `size(item)` (a larger item goes alone); always at least one run, possibly empty.
+pub fn runs_by_bytes<T>(items: &[T], budget: usize, size: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let mut runs = Vec::new();
+    let (mut start, mut bytes) = (0, 0usize);
+    for (i, item) in items.iter().enumerate() {
+        let n = size(item);
+        if i > start && bytes.saturating_add(n) > budget {
+            runs.push(&items[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes = bytes.saturating_add(n);
+    }
+    runs.push(&items[start..]);
+    runs
+}
+
 /// HTTP settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

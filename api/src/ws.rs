@@ -1039,17 +1039,7 @@ const CATCH_UP_MESSAGE_BYTES: usize = 1 << 20;
 /// Splits encoded documents into consecutive runs of at most `budget` bytes each (at least one
 /// document per run; always at least one run, possibly empty).
 fn split_by_bytes(docs: &[(i64, String)], budget: usize) -> Vec<&[(i64, String)]> {
-    let mut runs = Vec::new();
-    let (mut start, mut bytes) = (0, 0);
-    for (i, (_, json)) in docs.iter().enumerate() {
-        if i > start && bytes + json.len() > budget {
-            runs.push(&docs[start..i]);
-            (start, bytes) = (i, 0);
-        }
-        bytes += json.len() + 1;
-    }
-    runs.push(&docs[start..]);
-    runs
+    crate::runs_by_bytes(docs, budget, |(_, json)| json.len() + 1)
 }
 
 #[cfg(test)]

@@ -34,6 +34,11 @@ end
 return 0
 ";
 
+/// About how many bytes of changes one publishing round trip carries: a batch of large events
+/// (up to 8 MiB each) is published in parts, each retried alone, instead of one request that
+/// may take longer than Redis's answer is waited for, and then be sent again whole.
+const PUBLISH_CHUNK_BYTES: usize = 4 << 20;
+
 /// The announcer's consumer group.
 pub fn group_id(cfg: &Config) -> String {
     cfg.topic("syncflow-fanout")
@@ -71,31 +76,52 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
             announcements.push((channel, payload));
         }
         if !announcements.is_empty() {
-            // One pipeline, run in order: the marks before the changes, so a subscriber that
-            // registered after a change was published finds that change under the mark.
-            let mut pipe = redis::pipe();
-            let raise = pipe
-                .cmd("EVAL")
+            // The marks before the changes, so a subscriber that registered after a change was
+            // published finds that change under the mark. Each step is retried on its own: a
+            // script Redis refuses (no memory, no permission) is not followed by the changes,
+            // and changes Redis took are not published again because the marks failed.
+            let mut raise = redis::cmd("EVAL");
+            raise
                 .arg(RAISE_MARKS)
                 .arg(1)
                 .arg(api::fanout::announced_key(&prefix));
             for (field, seq) in &marks {
                 raise.arg(field).arg(seq);
             }
-            pipe.ignore();
-            for (channel, payload) in &announcements {
-                pipe.cmd("PUBLISH").arg(channel).arg(*payload).ignore();
-            }
-            let announce = || {
+            let raise_marks = || {
                 let mut conn = redis.clone();
-                let pipe = &pipe;
-                async move { pipe.query_async::<()>(&mut conn).await }
+                let raise = &raise;
+                async move { raise.query_async::<()>(&mut conn).await }
             };
-            let what = format!("announcing {} changes", announcements.len());
-            if until_applied(&mut shutdown, &what, announce)
+            let what = format!("raising the announced marks of {} buckets", marks.len());
+            if until_applied(&mut shutdown, &what, raise_marks)
                 .await
                 .is_none()
             {
+                break;
+            }
+            let mut stopped = false;
+            let chunks = api::runs_by_bytes(&announcements, PUBLISH_CHUNK_BYTES, |(_, p)| p.len());
+            for chunk in chunks {
+                let mut pipe = redis::pipe();
+                for (channel, payload) in chunk {
+                    pipe.cmd("PUBLISH").arg(channel).arg(*payload).ignore();
+                }
+                let announce = || {
+                    let mut conn = redis.clone();
+                    let pipe = &pipe;
+                    async move { pipe.query_async::<()>(&mut conn).await }
+                };
+                let what = format!("announcing {} changes", chunk.len());
+                if until_applied(&mut shutdown, &what, announce)
+                    .await
+                    .is_none()
+                {
+                    stopped = true;
+                    break;
+                }
+            }
+            if stopped {
                 break;
             }
         }

@@ -331,3 +331,78 @@ async fn read_n(ws: &mut Ws, saw_lagged: &mut bool) -> Option<i64> {
         _ => None,
     }
 }
+
+/// Redis refuses the announcer's mark script (here: its user may not run scripts; in production
+/// also `maxmemory` with `noeviction`): the changes are not published without their marks, let
+/// alone again at every retry, and once the script runs they are published exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_mark_script_publishes_nothing_until_it_runs_and_then_once() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let env = TestEnv::new("nolua").await;
+    let admin = redis::Client::open(env.cfg.redis.url.as_str()).unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+    let user = format!("nolua_{}", std::process::id());
+    let acl = |rules: &[&str]| {
+        let mut cmd = redis::cmd("ACL");
+        cmd.arg("SETUSER").arg(&user);
+        for r in rules {
+            cmd.arg(*r);
+        }
+        cmd
+    };
+    let _: () = acl(&[
+        "reset",
+        "on",
+        ">nolua-pw",
+        "~*",
+        "&*",
+        "+@all",
+        "-@scripting",
+    ])
+    .query_async(&mut admin)
+    .await
+    .unwrap();
+    let mut announcer_cfg = env.cfg.clone();
+    announcer_cfg.redis.url = format!("redis://{user}:nolua-pw@127.0.0.1:6379");
+    let processor = env.start(&[Role::Processor]).await;
+    let announcer = pipeline::app::start(announcer_cfg, &[Role::Fanout])
+        .await
+        .unwrap();
+    let listener = redis::Client::open(env.cfg.redis.url.as_str()).unwrap();
+    let mut pubsub = listener.get_async_pubsub().await.unwrap();
+    let channel = api::view::change_channel(&env.cfg.kafka.topic_prefix, "acme", "feed");
+    pubsub.subscribe(&channel).await.unwrap();
+    let write = json!({"v": 1, "event_id": "nolua-1", "tenant": "acme", "bucket": "feed",
+        "doc_id": "d1", "device_id": "dev", "op": "set", "doc": {"n": 1}});
+    common::faults::produce_all(
+        &env,
+        &[("acme/feed".into(), serde_json::to_vec(&write).unwrap())],
+    )
+    .await;
+    let mut messages = pubsub.on_message();
+    let mut count_for = async |secs: u64| {
+        let mut n = 0;
+        let until = tokio::time::Instant::now() + Duration::from_secs(secs);
+        while let Ok(Some(_)) = tokio::time::timeout_at(until, messages.next()).await {
+            n += 1;
+        }
+        n
+    };
+    // The announcer retries the script about every 50 ms, growing to 5 s.
+    assert_eq!(
+        count_for(8).await,
+        0,
+        "changes published without their marks"
+    );
+    let _: () = acl(&["+@scripting"]).query_async(&mut admin).await.unwrap();
+    assert_eq!(count_for(12).await, 1, "published once the script runs");
+    announcer.stop().await.unwrap();
+    processor.stop().await.unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
