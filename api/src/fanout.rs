@@ -606,8 +606,10 @@ fn message(info: redis::PushInfo) -> Option<redis::Msg> {
 
 /// Subscribes `pubsub` to `pattern` and to the hub's own `ping` channel, each within
 /// [`PING_DEAD_AFTER`] (a connection that went silent must not hang the hub here either).
-/// Returns the ping channel, or `None` when only it could not be subscribed (a Redis user not
-/// allowed to subscribe there): then the hub relays without the liveness check.
+/// Returns the ping channel, or `None` when Redis refused only that subscription (a Redis user
+/// not allowed to subscribe there): then the hub relays without the liveness check. No answer
+/// there is an error like any other (a Redis that stalled for a while must not cost the hub its
+/// liveness check for good).
 async fn subscribe<'p>(
     pubsub: &mut redis::aio::MultiplexedConnection,
     pattern: &str,
@@ -622,7 +624,7 @@ async fn subscribe<'p>(
     let why = match tokio::time::timeout(wait, pubsub.subscribe(ping)).await {
         Ok(Ok(())) => return Ok(Some(ping)),
         Ok(Err(e)) => e.to_string(),
-        Err(_) => "no answer".to_owned(),
+        Err(_) => return Err("no answer to the ping channel's subscription".into()),
     };
     tracing::warn!(%why, channel = ping, "fan-out hub cannot subscribe to its ping channel; relaying without the liveness check");
     Ok(None)

@@ -205,10 +205,16 @@ pub fn request(cfg: &Config) -> Result<Marker, CheckpointRunError> {
     Ok(marker)
 }
 
+/// The longest [`wait`] takes (a hundred years: for ever).
+const MOST_WAIT_SECS: u64 = 100 * 365 * 24 * 3600;
+
 /// Waits until checkpoint `id` is complete and returns its manifest.
 pub fn wait(cfg: &Config, id: &str, timeout: Duration) -> Result<Manifest, CheckpointRunError> {
     let dir = dir(cfg);
-    let deadline = std::time::Instant::now() + timeout;
+    // (A timeout past any deadline the clock can express waits as if for ever.)
+    let deadline = std::time::Instant::now()
+        .checked_add(timeout)
+        .unwrap_or_else(|| std::time::Instant::now() + Duration::from_secs(MOST_WAIT_SECS));
     loop {
         match dir.manifest(id) {
             Ok(m) => return Ok(m),

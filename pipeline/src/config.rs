@@ -179,6 +179,9 @@ impl Default for ProjectorConfig {
 /// deep in BSON as the limit counts, plus the view's wrapper, and MongoDB takes 100 levels.
 pub const MAX_DEPTH: usize = 48;
 
+/// The longest duration a setting takes, in seconds (ten years).
+const MOST_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// The whole configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -347,6 +350,57 @@ impl Config {
                 "limits.max_depth ({}) must be at most {MAX_DEPTH}: an array between two objects adds a level the limit does not count, and the view database refuses documents nested over 100 levels (a write it refuses would stop its partition's projector)",
                 self.limits.max_depth
             ));
+        }
+        // Durations past ten years are typing mistakes, and would overflow where they are added
+        // to the time (a processor or the API failing at every start).
+        let seconds = [
+            ("api.idle_timeout_secs", self.api.idle_timeout_secs),
+            ("ws.heartbeat_secs", self.ws.heartbeat_secs),
+            ("ws.auth_timeout_secs", self.ws.auth_timeout_secs),
+            ("ws.send_timeout_secs", self.ws.send_timeout_secs),
+            (
+                "projector.sweep_interval_secs",
+                self.projector.sweep_interval_secs,
+            ),
+            (
+                "projector.tombstone_retention_secs",
+                self.projector.tombstone_retention_secs,
+            ),
+            ("checkpoint.interval_secs", self.checkpoint.interval_secs),
+            ("checkpoint.keep_secs", self.checkpoint.keep_secs),
+            ("auth.token_ttl_secs", self.auth.token_ttl_secs),
+            ("auth.access_ttl_secs", self.auth.access_ttl_secs),
+            ("auth.refresh_ttl_secs", self.auth.refresh_ttl_secs),
+            (
+                "auth.service_token_max_ttl_secs",
+                self.auth.service_token_max_ttl_secs,
+            ),
+            ("auth.invite_ttl_secs", self.auth.invite_ttl_secs),
+        ];
+        let millis = [
+            (
+                "api.wait_applied_timeout_ms",
+                self.api.wait_applied_timeout_ms,
+            ),
+            ("ws.view_wait_ms", self.ws.view_wait_ms),
+            ("resolver.max_skew_ms", self.resolver.max_skew_ms),
+            ("resolver.poll_ms", self.resolver.poll_ms),
+            ("resolver.linger_ms", self.resolver.linger_ms),
+        ];
+        for (name, value) in seconds {
+            if value > MOST_SECS {
+                out.push(format!(
+                    "{name} ({value}) must be at most {MOST_SECS} (ten years)"
+                ));
+            }
+        }
+        for (name, value) in millis {
+            if value > MOST_SECS * 1000 {
+                out.push(format!(
+                    "{name} ({value}) must be at most {} (ten years)",
+                    MOST_SECS * 1000
+                ));
+            }
         }
         let (doc, stored) = (self.limits.max_doc_bytes, self.limits.max_state_bytes);
         if stored < doc || stored > 960_000 {
@@ -611,6 +665,32 @@ mod tests {
             ];
             Config::load(None, env(&vars)).unwrap();
         }
+    }
+
+    #[test]
+    fn durations_past_ten_years_are_refused_before_they_overflow() {
+        for (var, value) in [
+            (
+                "SYNCFLOW_PROJECTOR_SWEEP_INTERVAL_SECS",
+                "9223372036854775807",
+            ),
+            ("SYNCFLOW_CHECKPOINT_INTERVAL_SECS", "9223372036854775807"),
+            ("SYNCFLOW_RESOLVER_MAX_SKEW_MS", "9223372036854775807"),
+            ("SYNCFLOW_WS_HEARTBEAT_SECS", "315360001"),
+        ] {
+            let err = Config::load(None, env(&[SECRET, (var, value)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("ten years"), "{var}: {err}");
+        }
+        let ten_years = Config::load(
+            None,
+            env(&[
+                SECRET,
+                ("SYNCFLOW_PROJECTOR_SWEEP_INTERVAL_SECS", "315360000"),
+            ]),
+        );
+        assert!(ten_years.is_ok());
     }
 
     #[test]
