@@ -60,11 +60,31 @@ impl AppliedWatch {
     }
 }
 
+/// The write a [`Pending`] waits for: event ids are the client's to choose, so another device's
+/// write to another document may carry the same one.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteRef<'a> {
+    /// The document written.
+    pub doc_id: &'a str,
+    /// The writing device.
+    pub device_id: &'a str,
+    /// The write's event id.
+    pub event_id: &'a str,
+}
+
+impl WriteRef<'_> {
+    fn made(&self, event: &SyncEvent) -> bool {
+        event.event_id == self.event_id
+            && event.doc_id == self.doc_id
+            && event.device_id == self.device_id
+    }
+}
+
 impl Pending {
-    /// The change of `event_id` once the view holds it, or `None` at the timeout.
+    /// The change `write` made, once the view holds it, or `None` at the timeout.
     pub async fn wait(
         mut self,
-        event_id: &str,
+        write: WriteRef<'_>,
         reader: &dyn crate::view::DocReader,
         tenant: &str,
         bucket: &str,
@@ -75,7 +95,7 @@ impl Pending {
             // if this one was among them, ends at the timeout (`applied: false`).
             while let Some(msg) = self.sub.next().await {
                 if let Ok(HubMsg::Change(change)) = msg {
-                    if change.event.event_id == event_id {
+                    if write.made(&change.event) {
                         return Some(change.event.clone());
                     }
                 }
@@ -101,5 +121,32 @@ impl Pending {
         };
         tokio::time::timeout_at(deadline, projected).await.ok()?;
         Some(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_is_known_by_its_document_device_and_event_id_together() {
+        let event = |doc: &str, device: &str, id: &str| -> SyncEvent {
+            serde_json::from_value(serde_json::json!({
+                "v": 1, "tenant": "t", "bucket": "b", "doc_id": doc, "version": 1, "seq": 1,
+                "hlc": "1:0", "device_id": device, "event_id": id, "deleted": false,
+                "set": {}, "unset": []
+            }))
+            .expect("a sync event")
+        };
+        let mine = WriteRef {
+            doc_id: "a",
+            device_id: "phone",
+            event_id: "1",
+        };
+        assert!(mine.made(&event("a", "phone", "1")));
+        // Another client counting its event ids from 1 too.
+        assert!(!mine.made(&event("b", "phone", "1")));
+        assert!(!mine.made(&event("a", "laptop", "1")));
+        assert!(!mine.made(&event("a", "phone", "2")));
     }
 }

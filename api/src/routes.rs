@@ -367,7 +367,11 @@ async fn submit(
     };
     match pending
         .wait(
-            &write.event_id,
+            crate::applied::WriteRef {
+                doc_id: &write.doc_id,
+                device_id: &write.device_id,
+                event_id: &write.event_id,
+            },
             state.reader.as_ref(),
             &write.tenant,
             &write.bucket,
