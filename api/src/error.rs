@@ -49,6 +49,9 @@ pub enum ApiError {
     /// 410: the cursor is too old (behind the tombstone horizon) or of another epoch: resync.
     #[error("{0}")]
     ResyncRequired(String),
+    /// 408: the request body did not arrive in time.
+    #[error("{0}")]
+    Timeout(String),
     /// 413: the body is too large.
     #[error("{0}")]
     TooLarge(String),
@@ -93,6 +96,7 @@ impl ApiError {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_connections")
             }
             ApiError::ResyncRequired(_) => (StatusCode::GONE, "resync_required"),
+            ApiError::Timeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         }

@@ -112,6 +112,9 @@ pub struct AppState {
     pub clocks: Arc<clocks::TenantClocks>,
     /// Page sizes.
     pub pages: PageLimits,
+    /// Longest a document write's body may take to arrive, in all (`api.idle_timeout_secs`): a
+    /// body trickled a byte at a time would otherwise hold its connection for good.
+    pub body_deadline: std::time::Duration,
     /// The node's change hub (WebSocket subscriptions); `None` without Redis.
     pub hub: Option<fanout::Hub>,
     /// WebSocket settings.

@@ -54,11 +54,51 @@ pub fn router(state: AppState) -> Router {
                 .patch(patch_doc)
                 .delete(delete_doc),
         )
-        .layer(axum::extract::DefaultBodyLimit::max(
-            state.limits.max_doc_bytes.saturating_mul(2).max(64 * 1024),
-        ))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit(
+            &state.limits,
+        )))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// The most bytes of a request body read: twice the largest document (the limit itself is
+/// checked on the parsed write, with its reason), at least 64 KiB.
+fn body_limit(limits: &processors::Limits) -> usize {
+    limits.max_doc_bytes.saturating_mul(2).max(64 * 1024)
+}
+
+/// A document write's body, read only now that its token was accepted (so a request without a
+/// valid one costs no buffering), within [`body_limit`] and, in all, `state.body_deadline`.
+async fn read_body(state: &AppState, body: axum::body::Body) -> Result<Bytes, ApiError> {
+    let limit = body_limit(&state.limits);
+    let read = axum::body::to_bytes(body, limit);
+    match tokio::time::timeout(state.body_deadline, read).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Err(_) => Err(ApiError::Timeout(format!(
+            "the request body did not arrive within {} s (api.idle_timeout_secs)",
+            state.body_deadline.as_secs()
+        ))),
+        Ok(Err(e)) => {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(c) = cause {
+                if c.is::<http_body_util::LengthLimitError>() {
+                    return Err(ApiError::TooLarge(format!(
+                        "the request body is over {limit} bytes"
+                    )));
+                }
+                cause = c.source();
+            }
+            if e.to_string().ends_with(BODY_TIMED_OUT) {
+                return Err(ApiError::Timeout(
+                    "the request body stopped arriving (api.idle_timeout_secs)".into(),
+                ));
+            }
+            Err(ApiError::bad_request(
+                "bad_request",
+                format!("the request body could not be read: {e}"),
+            ))
+        }
+    }
 }
 
 /// How `tower_http::timeout::TimeoutError` reads (it cannot be made outside the crate to
@@ -398,11 +438,12 @@ async fn put_doc(
     Path((bucket, id)): Path<(String, String)>,
     Query(query): Query<std::collections::HashMap<String, String>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
-    // The token is checked before the body, so a bad token is a 401 whatever the body says.
+    // The token is checked before the body is read: a bad token is a 401 whatever the body
+    // says, and costs the server no buffering.
     let claims = authorize(&state, &headers, Perm::Write, &bucket).await?;
-    let doc = parse_body(&body)?;
+    let doc = parse_body(&read_body(&state, body).await?)?;
     submit(
         &state,
         claims,
@@ -420,10 +461,10 @@ async fn patch_doc(
     Path((bucket, id)): Path<(String, String)>,
     Query(query): Query<std::collections::HashMap<String, String>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let claims = authorize(&state, &headers, Perm::Write, &bucket).await?;
-    let patch = parse_body(&body)?;
+    let patch = parse_body(&read_body(&state, body).await?)?;
     submit(
         &state,
         claims,
@@ -872,6 +913,7 @@ pub(crate) mod tests {
             limits: processors::Limits::default(),
             clocks: Default::default(),
             pages: crate::PageLimits::from(&crate::ApiConfig::default()),
+            body_deadline: crate::ApiConfig::default().server_limits().idle_timeout,
             hub: None,
             ws: crate::ws::WsConfig::default(),
             connections: Default::default(),

@@ -223,6 +223,7 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             limits: cfg.limits.clone(),
             clocks: Arc::new(api::clocks::TenantClocks::new(cfg.resolver.max_skew_ms)),
             pages: api::PageLimits::from(&cfg.api),
+            body_deadline: limits.idle_timeout,
             hub: Some(hub.clone()),
             ws,
             connections: connections.clone(),

@@ -357,6 +357,46 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_document_write_without_a_valid_token_is_refused_before_its_body_is_read() {
+        let (addr, _open, _stop, _server) = start(10, 30).await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        // 500,000 bytes announced, none sent: the answer does not wait for them.
+        let head = "PUT /v1/buckets/b/docs/d HTTP/1.1\r\nhost: t\r\nauthorization: Bearer nope\r\ncontent-length: 500000\r\n\r\n";
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let answer = read_within(&mut conn, Duration::from_secs(5))
+            .await
+            .expect("no answer while the body was awaited");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_document_body_trickled_past_its_deadline_is_refused() {
+        let mut st = state(Sweeping::to(0));
+        st.body_deadline = Duration::from_secs(2);
+        let token = crate::routes::tests::token(&st, "b:rw");
+        // Each byte comes well within the idle timeout (3 s), the whole body does not within
+        // the deadline (2 s).
+        let (addr, open, _stop, _server) = start_with(10, 3, st).await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let head = format!("PATCH /v1/buckets/b/docs/d HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{");
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let started = Instant::now();
+        let answer = loop {
+            if let Some(answer) = read_within(&mut conn, Duration::from_millis(500)).await {
+                break answer;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "never refused");
+            let _ = conn.write_all(b" ").await;
+        };
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+        assert!(text.contains(r#""code":"timeout""#), "{text}");
+        assert!(started.elapsed() >= Duration::from_secs(2), "{text}");
+        eventually("the connection closed", || open.get() == 0).await;
+    }
+
+    #[tokio::test]
     async fn a_client_that_reads_no_response_is_disconnected() {
         let (addr, open, _stop, _server) = start(10, 1).await;
         let _reader = flood(addr).await;
