@@ -377,6 +377,12 @@ async fn submit(
         ApiError::bad_request("malformed_json", format!("cannot encode the write: {e}"))
     })?;
     let key = write.bucket_key().to_string();
+    // Only the ids are needed from here on: the document (as values, several times the size of
+    // its JSON) is not held while Kafka and the view are waited for.
+    let write = Write {
+        op: WriteOp::Delete,
+        ..write
+    };
     let pending = match (wait_applied, &state.applied) {
         (false, _) => None,
         (true, None) => {
@@ -391,11 +397,9 @@ async fn submit(
                 .map_err(|e| ApiError::Unavailable(format!("wait=applied: {e}")))?,
         ),
     };
-    state
-        .sink
-        .send(&key, &payload)
-        .await
-        .map_err(|e| {
+    let sent = state.sink.send(&key, &payload).await;
+    drop(payload);
+    sent.map_err(|e| {
             ApiError::Unavailable(format!(
                 "the write log (Kafka) did not confirm the write ({e}); it may still have been stored: retry with the same X-Event-Id, X-HLC and X-Device-Id to apply it at most once"
             ))
