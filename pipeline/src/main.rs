@@ -228,6 +228,21 @@ async fn main() -> anyhow::Result<()> {
             for d in &report.drift {
                 println!("DIFFERS   {d}  (not changed)");
             }
+            let single: Vec<&str> = file
+                .topics
+                .iter()
+                .filter(|(_, spec)| spec.replication_factor < 3)
+                .map(|(name, _)| name.as_str())
+                .collect();
+            if !single.is_empty() {
+                // Fine on one broker (development); in production one broker's loss would lose
+                // acknowledged writes and state.
+                eprintln!(
+                    "note: {} topic(s) have a replication factor below 3 in the file ({}): give them 3 and min.insync.replicas 2 on a production cluster",
+                    single.len(),
+                    single.join(", ")
+                );
+            }
             for u in &report.unsafe_settings {
                 println!("UNSAFE    {u}  (not changed)");
             }

@@ -25,10 +25,13 @@ pub enum CheckpointAction {
         /// The checkpoint id.
         id: String,
     },
-    /// Delete a checkpoint.
+    /// Delete a checkpoint (asks first, unless `--yes`).
     Delete {
         /// The checkpoint id.
         id: String,
+        /// Do not ask.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -80,7 +83,22 @@ pub fn checkpoint(cfg: &Config, action: CheckpointAction) -> anyhow::Result<()> 
         CheckpointAction::Show { id } => {
             println!("{}", serde_json::to_string_pretty(&dir.manifest(&id)?)?);
         }
-        CheckpointAction::Delete { id } => {
+        CheckpointAction::Delete { id, yes } => {
+            let m = dir.manifest(&id)?;
+            let all = dir.list()?;
+            let newest = all.last().is_some_and(|n| n.id == m.id);
+            let what = match (all.len(), newest) {
+                (1, _) => "the only complete checkpoint: nothing older is left to restore",
+                (_, true) => "the newest checkpoint",
+                _ => "an older checkpoint",
+            };
+            eprintln!(
+                "checkpoint {id} ({what}), created_at_ms={}, {} bytes: deleting it cannot be undone",
+                m.created_at_ms, m.total_bytes
+            );
+            if !yes && !asked_yes("Delete it: type \"yes\" to go on: ") {
+                anyhow::bail!("not deleted");
+            }
             dir.delete(&id)?;
             eprintln!("checkpoint {id} deleted");
         }
@@ -177,14 +195,16 @@ fn describe(r: &RestoreReport) -> String {
 
 fn confirm(yes: bool, report: &RestoreReport) -> bool {
     eprintln!("{}", describe(report));
-    if yes {
-        return true;
-    }
+    yes || asked_yes("Stop-the-world restore: type \"yes\" to go on: ")
+}
+
+/// Asks `question` on the terminal; true when the answer is `yes`. Without a terminal, no.
+fn asked_yes(question: &str) -> bool {
     if !std::io::stdin().is_terminal() {
         eprintln!("refusing without --yes: stdin is not a terminal");
         return false;
     }
-    eprint!("Stop-the-world restore: type \"yes\" to go on: ");
+    eprint!("{question}");
     let _ = std::io::stderr().flush();
     let mut line = String::new();
     let _ = std::io::stdin().lock().read_line(&mut line);

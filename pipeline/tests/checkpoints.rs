@@ -636,6 +636,16 @@ async fn replay_from_a_checkpoint_reproduces_the_uninterrupted_run() {
         why.contains("refusing without --yes") && why.contains("nothing was changed"),
         "{why}"
     );
+    // Deleting asks too: without a terminal and without --yes, nothing is deleted.
+    let kept = syncflow(&["checkpoint", "delete", &c2.id]);
+    assert!(!kept.status.success());
+    let why = String::from_utf8_lossy(&kept.stderr);
+    assert!(
+        why.contains("the newest checkpoint") && why.contains("not deleted"),
+        "{why}"
+    );
+    let listed = syncflow(&["checkpoint", "list"]);
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&c2.id));
     let unknown = syncflow(&["checkpoint", "show", "nope"]);
     assert!(!unknown.status.success());
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("no checkpoint \"nope\""));
