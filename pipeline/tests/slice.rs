@@ -517,6 +517,69 @@ fn noise(n: usize) -> String {
 
 /// Produces `payload` keyed `key` to `partition` of `data.changed` with the control header of
 /// checkpoint markers, but another value.
+/// A direct producer that stamps its record ahead of time (Kafka takes up to an hour ahead by
+/// default) gets no further ahead for it: the broker stamps `data.changed`'s records with their
+/// arrival, and the write's clock is clamped to `resolver.max_skew_ms` past that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_timestamp_from_the_future_does_not_move_the_clock_bound() {
+    let env = TestEnv::new("futurets").await;
+    let running = env.start(&[Role::Processor]).await;
+    let now_ms = pipeline::checkpoint::now_ms();
+    let ten_years = 10 * 365 * 24 * 3600 * 1000u64;
+    let write = json!({"v": 1, "event_id": "e-future", "tenant": "acme", "bucket": "clock",
+        "doc_id": "d1", "device_id": "rogue", "hlc": format!("{}:0", now_ms + ten_years),
+        "op": "set", "doc": {"n": 1}});
+    let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .create()
+        .unwrap();
+    let topic = env.topic(topics::DATA_CHANGED);
+    let payload = write.to_string();
+    // Straight into the bucket's partition (a forwarded copy would carry its own timestamp).
+    let owner = pipeline::partition::partition_for(b"acme/clock", 6);
+    let record = rdkafka::producer::FutureRecord::to(&topic)
+        .partition(owner)
+        .key("acme/clock")
+        .payload(&payload)
+        .timestamp(i64::try_from(now_ms + 50 * 60 * 1000).unwrap());
+    producer.send(record, WAIT).await.expect("produce");
+    let events = env.topic(topics::SYNC_EVENTS);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let event = loop {
+        let found = common::faults::read_all(&env.cfg.kafka.brokers, &events)
+            .into_values()
+            .flatten()
+            .find_map(|m| {
+                let v: Value = serde_json::from_slice(m.payload()?).ok()?;
+                (v["event_id"] == "e-future").then_some(v)
+            });
+        if let Some(v) = found {
+            break v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the write never resolved"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let wall: u64 = event["hlc"]
+        .as_str()
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let bound = pipeline::checkpoint::now_ms() + env.cfg.resolver.max_skew_ms;
+    assert!(
+        wall <= bound,
+        "clamped to {wall}, past arrival + skew ({bound}): {event}"
+    );
+    assert!(event.get("clamped_from").is_some(), "{event}");
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 async fn produce_control(env: &TestEnv, partition: i32, key: &str, payload: &[u8]) {
     use rdkafka::message::{Header, OwnedHeaders};
     let producer: rdkafka::producer::FutureProducer = rdkafka::ClientConfig::new()
