@@ -170,9 +170,10 @@ impl Accounts {
 /// `POST /v1/auth/register`.
 pub async fn register(
     State(state): State<AppState>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let acc = accounts(&state)?;
+    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
     let req: Register = json_body(&body)?;
     let username = normalize_username(&req.username)?;
     let email = normalize_email(&req.email)?;
@@ -360,9 +361,10 @@ struct Login {
 /// `POST /v1/auth/login`: by user name or e-mail address.
 pub async fn login(
     State(state): State<AppState>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let acc = accounts(&state)?;
+    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
     let req: Login = json_body(&body)?;
     let name = req.username.trim().to_lowercase();
     if name.is_empty() || name.len() > 254 {
@@ -418,9 +420,10 @@ struct RefreshReq {
 /// `POST /v1/auth/refresh`: a new access token and a new refresh token; the old one is spent.
 pub async fn refresh(
     State(state): State<AppState>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let acc = accounts(&state)?;
+    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
     let req: RefreshReq = json_body(&body)?;
     let token = req.refresh_token.trim();
     // The user first, without spending the token: grants come from the view (so an admin's
@@ -473,9 +476,10 @@ struct LogoutReq {
 pub async fn logout(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let acc = accounts(&state)?;
+    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
     let req: LogoutReq = if body.is_empty() {
         LogoutReq::default()
     } else {

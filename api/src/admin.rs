@@ -181,10 +181,11 @@ pub async fn set_grants(
     State(state): State<AppState>,
     Path(username): Path<String>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = admin_caller(&state, &headers).await?;
     let acc = accounts(&state)?;
+    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
     let req: GrantsReq = json_body(&body)?;
     // Before any lookup: a token that administers nothing must not learn who exists (an empty
     // list, which no grant check covers, would otherwise tell it).
@@ -234,10 +235,11 @@ struct InviteReq {
 pub async fn create_invite(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = admin_caller(&state, &headers).await?;
     let acc = accounts(&state)?;
+    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
     let req: InviteReq = json_body(&body)?;
     // Without the admin check for an empty list, any token (a read-only user's, a producer's)
     // could invite new members into the tenant.
@@ -347,10 +349,11 @@ pub async fn issue_service_token(
 pub async fn create_service_token(
     State(state): State<AppState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = admin_caller(&state, &headers).await?;
     let acc = accounts(&state)?;
+    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
     let req: ServiceReq = json_body(&body)?;
     let name = check_service_name(&req.name)?;
     check_giving(&caller, &req.grants)?;

@@ -67,10 +67,19 @@ fn body_limit(limits: &processors::Limits) -> usize {
     limits.max_doc_bytes.saturating_mul(2).max(64 * 1024)
 }
 
-/// A document write's body, read only now that its token was accepted (so a request without a
-/// valid one costs no buffering), within [`body_limit`] and, in all, `state.body_deadline`.
-async fn read_body(state: &AppState, body: axum::body::Body) -> Result<Bytes, ApiError> {
-    let limit = body_limit(&state.limits);
+/// The most bytes of an account or administration request's body (names, a password, an
+/// invitation, a list of grants).
+pub(crate) const ACCOUNT_BODY_BYTES: usize = 64 * 1024;
+
+/// A request's body, at most `limit` bytes and arriving within `state.body_deadline` in all (a
+/// body trickled a byte at a time within the idle timeout would otherwise hold its connection
+/// for good). Handlers that need a token read it after checking the token, so a request
+/// without a valid one costs no buffering.
+pub(crate) async fn read_body(
+    state: &AppState,
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let read = axum::body::to_bytes(body, limit);
     match tokio::time::timeout(state.body_deadline, read).await {
         Ok(Ok(bytes)) => Ok(bytes),
@@ -447,7 +456,7 @@ async fn put_doc(
     // The token is checked before the body is read: a bad token is a 401 whatever the body
     // says, and costs the server no buffering.
     let claims = authorize(&state, &headers, Perm::Write, &bucket).await?;
-    let doc = parse_body(&read_body(&state, body).await?)?;
+    let doc = parse_body(&read_body(&state, body, body_limit(&state.limits)).await?)?;
     submit(
         &state,
         claims,
@@ -468,7 +477,7 @@ async fn patch_doc(
     body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let claims = authorize(&state, &headers, Perm::Write, &bucket).await?;
-    let patch = parse_body(&read_body(&state, body).await?)?;
+    let patch = parse_body(&read_body(&state, body, body_limit(&state.limits)).await?)?;
     submit(
         &state,
         claims,

@@ -263,13 +263,15 @@ pub trait DocReader: Send + Sync + 'static {
     }
 
     /// The documents (tombstones included) with these view ids, in no particular order; ids
-    /// not found are left out. (This default reads them one by one.)
+    /// not found are left out. A store may stop once the documents hold [`PAGE_BYTES`]: then
+    /// `more` is true, and the ids not returned are to be asked for again. (This default reads
+    /// them one by one, all of them.)
     fn get_many<'a>(
         &'a self,
         tenant: &'a str,
         bucket: &'a str,
         ids: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>> {
+    ) -> BoxFuture<'a, Result<DocPage, ViewError>> {
         Box::pin(async move {
             let prefix = format!("{bucket}/");
             let mut docs = Vec::with_capacity(ids.len());
@@ -277,7 +279,7 @@ pub trait DocReader: Send + Sync + 'static {
                 let doc_id = id.strip_prefix(&prefix).unwrap_or(id);
                 docs.extend(self.get(tenant, bucket, doc_id).await?);
             }
-            Ok(docs)
+            Ok(DocPage { docs, more: false })
         })
     }
 }
@@ -303,14 +305,6 @@ fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
 
 fn decode<T: for<'de> Deserialize<'de>>(id: &str, d: Document) -> Result<T, ViewError> {
     mongodb::bson::from_document(d).map_err(|e| ViewError::Malformed(id.into(), e.to_string()))
-}
-
-/// Decodes every document `cursor` yields into `out`.
-async fn decode_all(
-    cursor: &mut mongodb::Cursor<Document>,
-    out: &mut Vec<ViewDoc>,
-) -> Result<(), ViewError> {
-    decode_within(cursor, out, usize::MAX).await.map(|_| ())
 }
 
 /// Decodes what `cursor` yields into `out` until the documents decoded hold `budget` bytes (as
@@ -844,15 +838,15 @@ impl DocReader for MongoView {
         tenant: &'a str,
         bucket: &'a str,
         ids: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<ViewDoc>, ViewError>> {
+    ) -> BoxFuture<'a, Result<DocPage, ViewError>> {
         Box::pin(async move {
             let mut cursor = self
                 .docs(tenant)
                 .find(doc! {"_id": {"$in": ids}, "bucket": bucket})
                 .await?;
             let mut docs = Vec::with_capacity(ids.len());
-            decode_all(&mut cursor, &mut docs).await?;
-            Ok(docs)
+            let more = decode_within(&mut cursor, &mut docs, PAGE_BYTES).await?;
+            Ok(DocPage { docs, more })
         })
     }
 }

@@ -963,18 +963,29 @@ async fn catch_up(
         let mut ahead = HashMap::new();
         let chunks = past.chunks(page).count();
         for (i, ids) in past.chunks(page).enumerate() {
-            recheck(tx).await?;
-            let mut docs = state
-                .reader
-                .get_many(tenant, bucket, ids)
-                .await
-                .map_err(view_unavailable)?;
-            docs.sort_unstable_by_key(|d| d.seq);
-            for d in docs.iter().filter(|d| d.seq > watermark) {
-                ahead.insert(d.doc_id.clone(), u64::try_from(d.version).unwrap_or(0));
+            let mut wanted = ids.to_vec();
+            loop {
+                recheck(tx).await?;
+                // A read stops at about a MiB of documents: the rest of the chunk follows.
+                let crate::view::DocPage { mut docs, more } = state
+                    .reader
+                    .get_many(tenant, bucket, &wanted)
+                    .await
+                    .map_err(view_unavailable)?;
+                docs.sort_unstable_by_key(|d| d.seq);
+                for d in docs.iter().filter(|d| d.seq > watermark) {
+                    ahead.insert(d.doc_id.clone(), u64::try_from(d.version).unwrap_or(0));
+                }
+                let done = !more || docs.is_empty();
+                let last = i + 1 == chunks && done;
+                send_docs(tx, bucket, &docs, last, |_, _| cursor_at(watermark)).await?;
+                if done {
+                    break;
+                }
+                let got: std::collections::HashSet<&str> =
+                    docs.iter().map(|d| d.id.as_str()).collect();
+                wanted.retain(|id| !got.contains(id.as_str()));
             }
-            let last = i + 1 == chunks;
-            send_docs(tx, bucket, &docs, last, |_, _| cursor_at(watermark)).await?;
         }
         return Ok((cursor_at(watermark), ahead));
     }

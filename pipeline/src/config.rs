@@ -383,6 +383,7 @@ impl Config {
                 self.api.wait_applied_timeout_ms,
             ),
             ("ws.view_wait_ms", self.ws.view_wait_ms),
+            ("auth.view_wait_ms", self.auth.view_wait_ms),
             ("resolver.max_skew_ms", self.resolver.max_skew_ms),
             ("resolver.poll_ms", self.resolver.poll_ms),
             ("resolver.linger_ms", self.resolver.linger_ms),

@@ -84,18 +84,23 @@ pub fn checkpoint(cfg: &Config, action: CheckpointAction) -> anyhow::Result<()> 
             println!("{}", serde_json::to_string_pretty(&dir.manifest(&id)?)?);
         }
         CheckpointAction::Delete { id, yes } => {
-            let m = dir.manifest(&id)?;
-            let all = dir.list()?;
-            let newest = all.last().is_some_and(|n| n.id == m.id);
-            let what = match (all.len(), newest) {
-                (1, _) => "the only complete checkpoint: nothing older is left to restore",
-                (_, true) => "the newest checkpoint",
-                _ => "an older checkpoint",
-            };
-            eprintln!(
-                "checkpoint {id} ({what}), created_at_ms={}, {} bytes: deleting it cannot be undone",
-                m.created_at_ms, m.total_bytes
-            );
+            match dir.manifest(&id) {
+                Ok(m) => {
+                    let all = dir.list()?;
+                    let newest = all.last().is_some_and(|n| n.id == m.id);
+                    let what = match (all.len(), newest) {
+                        (1, _) => "the only complete checkpoint: nothing older is left to restore",
+                        (_, true) => "the newest checkpoint",
+                        _ => "an older checkpoint",
+                    };
+                    eprintln!(
+                        "checkpoint {id} ({what}), created_at_ms={}, {} bytes: deleting it cannot be undone",
+                        m.created_at_ms, m.total_bytes
+                    );
+                }
+                // An unfinished or damaged one can be deleted too (nothing can restore it).
+                Err(e) => eprintln!("checkpoint {id} has no readable manifest ({e})"),
+            }
             if !yes && !asked_yes("Delete it: type \"yes\" to go on: ") {
                 anyhow::bail!("not deleted");
             }

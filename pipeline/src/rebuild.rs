@@ -62,6 +62,8 @@ pub const UNDECIDED_WAIT: Duration = Duration::from_secs(60);
 /// until it is decided, and committed records may follow it (a processor killed with a
 /// transaction open leaves one until the broker aborts it). So the read waits, up to
 /// [`UNDECIDED_WAIT`] without progress, for every record below the high watermark to be decided.
+/// The restore mark ([`state::store::RESTORE_PENDING_KEY`]) is kept per partition: it is in the
+/// result when any partition holds one.
 pub fn read_changelog(cfg: &Config) -> Result<HashMap<Vec<u8>, Vec<u8>>, RebuildError> {
     let topic = cfg.topic(topics::RESOLVER_CHANGELOG);
     let reader = topics::end_reader(&cfg.kafka.brokers, &cfg.topic("syncflow-rebuild"))?;
@@ -88,6 +90,7 @@ pub fn read_changelog(cfg: &Config) -> Result<HashMap<Vec<u8>, Vec<u8>>, Rebuild
             .unwrap_or(0)
     };
     let mut latest = HashMap::new();
+    let mut marks: HashMap<i32, Option<Vec<u8>>> = HashMap::new();
     let mut at_end: HashSet<i32> = ends
         .iter()
         .filter(|(_, h)| **h == 0)
@@ -98,11 +101,19 @@ pub fn read_changelog(cfg: &Config) -> Result<HashMap<Vec<u8>, Vec<u8>>, Rebuild
         match reader.poll(Duration::from_millis(500)) {
             Some(Ok(m)) => {
                 progress = std::time::Instant::now();
-                if let Some(key) = m.key() {
-                    match m.payload() {
-                        Some(v) if !v.is_empty() => latest.insert(key.to_vec(), v.to_vec()),
-                        _ => latest.remove(key),
-                    };
+                match (m.key(), m.payload()) {
+                    // One per partition: the restore is unfinished if any partition holds one.
+                    (Some(key), value) if key == state::store::RESTORE_PENDING_KEY => {
+                        let value = value.filter(|v| !v.is_empty()).map(<[u8]>::to_vec);
+                        marks.insert(m.partition(), value);
+                    }
+                    (Some(key), Some(v)) if !v.is_empty() => {
+                        latest.insert(key.to_vec(), v.to_vec());
+                    }
+                    (Some(key), _) => {
+                        latest.remove(key);
+                    }
+                    (None, _) => {}
                 }
                 if m.offset() + 1 >= ends[&m.partition()] {
                     at_end.insert(m.partition());
@@ -121,6 +132,9 @@ pub fn read_changelog(cfg: &Config) -> Result<HashMap<Vec<u8>, Vec<u8>>, Rebuild
                 return Err(RebuildError::Undecided(p, UNDECIDED_WAIT));
             }
         }
+    }
+    if let Some(mark) = marks.into_values().flatten().next() {
+        latest.insert(state::store::RESTORE_PENDING_KEY.to_vec(), mark);
     }
     Ok(latest)
 }
@@ -159,10 +173,10 @@ pub async fn rebuild(
         tokio::task::spawn_blocking(move || no_projectors(&c).and_then(|()| read_changelog(&c)))
             .await
             .expect("changelog reader panicked")?;
-    if let Some(id) = latest.get(state::store::RESTORE_PENDING_KEY) {
+    if let Some(mark) = latest.get(state::store::RESTORE_PENDING_KEY) {
         return Err(RebuildError::Busy(format!(
             "a restore of checkpoint {} did not complete, and the state may be half restored: run the restore again, which rebuilds the view too (nothing was changed)",
-            String::from_utf8_lossy(id)
+            crate::restore::Mark::decode(mark).checkpoint
         )));
     }
     let report = rebuild_from(&latest, view, only, None, progress).await?;

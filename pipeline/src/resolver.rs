@@ -85,7 +85,8 @@ pub enum ResolverError {
     #[error("no partition assigned for {0:?} while the consumer group has no member; rebuilding the clients")]
     Orphaned(Duration),
     /// Task `0`'s changelog holds the mark of a restore of checkpoint `1` that did not complete:
-    /// its state may be half old, half restored, so the processor stops instead of processing.
+    /// its state may be half old, half restored, so the resolver stops processing (and tries
+    /// again every [`RESTORE_PENDING_RETRY`]).
     #[error("task {0}: a restore of checkpoint {1} did not complete, and the state may be half restored: the processor does not process until a restore completes (stop every processor, projector and fanout, then run the restore again)")]
     RestorePending(i32, String),
 }
@@ -173,6 +174,9 @@ pub struct ResolverStats {
     pub rebuilds: AtomicU64,
     /// The last committed batch (none yet: `None`).
     pub last_batch: Mutex<Option<BatchTiming>>,
+    /// The checkpoint of an unfinished restore whose mark stopped the resolver (until a batch
+    /// commits again).
+    pub restore_pending: Mutex<Option<String>>,
 }
 
 impl ResolverStats {
@@ -189,6 +193,7 @@ impl ResolverStats {
             "tasks_restoring": get(&self.restoring),
             "client_rebuilds": get(&self.rebuilds),
             "last_batch": *self.last_batch.lock().unwrap_or_else(|p| p.into_inner()),
+            "restore_pending": self.restore_pending.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         })
     }
 }
@@ -680,6 +685,23 @@ impl Resolver {
         while !shutdown.load(Ordering::SeqCst) {
             match self.run_clients(&shutdown) {
                 Ok(()) => break,
+                Err(e @ ResolverError::RestorePending(..)) => {
+                    // The clients are gone (out of the group, so a restore can run); the rest of
+                    // the process (an API in it) stays. Tried again now and then: a restore that
+                    // completes meanwhile removes the mark.
+                    tracing::error!(error = %e, "resolver not processing");
+                    if let ResolverError::RestorePending(_, id) = &e {
+                        *self
+                            .stats
+                            .restore_pending
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(id.clone());
+                    }
+                    let until = Instant::now() + RESTORE_PENDING_RETRY;
+                    while Instant::now() < until && !shutdown.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                }
                 Err(e) if rebuilds_after(&e, rebuilding) => {
                     rebuilding = true;
                     self.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
@@ -781,8 +803,8 @@ impl Resolver {
                 self.stats.restoring.fetch_sub(1, Ordering::Relaxed);
                 restored?;
                 let mark = self.tree(p)?.get(state::store::RESTORE_PENDING_KEY);
-                if let Some(id) = mark.map_err(StateError::from)? {
-                    let id = String::from_utf8_lossy(&id).into_owned();
+                if let Some(mark) = mark.map_err(StateError::from)? {
+                    let id = crate::restore::Mark::decode(&mark).checkpoint;
                     return Err(ResolverError::RestorePending(p, id));
                 }
                 self.restored.insert(p);
@@ -792,6 +814,11 @@ impl Resolver {
             match self.process_batch(&consumer, &producer, &batch, &generation, gen_at_start) {
                 Ok(()) => {
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    *self
+                        .stats
+                        .restore_pending
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = None;
                     for m in &batch {
                         self.wiped.remove(&m.partition());
                     }
@@ -1541,6 +1568,10 @@ fn rebuilds_after(e: &ResolverError, rebuilding: bool) -> bool {
         | ResolverError::Setup(_) => false,
     }
 }
+
+/// How long the resolver waits, out of its group, before it tries again after a task found the
+/// mark of an unfinished restore.
+const RESTORE_PENDING_RETRY: Duration = Duration::from_secs(30);
 
 /// How long the consumer may hold no partition before [`check_orphaned`] asks whether its group
 /// has any member.

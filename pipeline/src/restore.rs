@@ -331,17 +331,19 @@ fn committed_offsets(
 /// the copy is then read and applied from the owning partition. A replay reads the copies that
 /// exist; the writes the resolver never read (past its committed offset) have none, so the
 /// replay applies them once the partitions are read, where their copies would have gone.
+///
+/// `committed`: where the resolver had read to before any restore moved its offsets.
 fn replay_input(
     cfg: &Config,
     manifest: &Manifest,
     mem: &mut MemState,
     until: Option<&Until>,
     ends: &BTreeMap<i32, i64>,
+    committed: &BTreeMap<i32, i64>,
 ) -> Result<(u64, u64, BTreeMap<i32, i64>), RestoreError> {
     let topic = cfg.topic(topics::DATA_CHANGED);
     let consumer = reader(cfg, &cfg.topic("syncflow-replay"))?;
     let partitions = ends.len() as i32;
-    let committed = committed_offsets(cfg, &topic, ends)?;
     let run = |mem: &mut MemState, record: &InputRecord<'_>| {
         decide(
             mem,
@@ -494,6 +496,7 @@ pub async fn run(
         writes,
         changelog_ends,
         buckets_before,
+        mark,
     } = planned;
     if opts.dry_run || !confirm(&report) {
         return if opts.dry_run {
@@ -503,11 +506,11 @@ pub async fn run(
         };
     }
     progress("writing the difference to the changelog");
-    let (c, id_c) = (cfg.clone(), id.to_owned());
+    let (c, mark_c) = (cfg.clone(), mark);
     let resume = report.resume_offsets.clone();
     tokio::task::spawn_blocking(move || {
         check_unchanged(&c, &changelog_ends)?;
-        apply_kafka(&c, &id_c, writes, &resume)
+        apply_kafka(&c, &mark_c, writes, &resume)
     })
     .await
     .expect("restore writer panicked")?;
@@ -585,6 +588,8 @@ struct Plan {
     changelog_ends: BTreeMap<i32, i64>,
     /// The buckets the state knows before the restore (each gets a new epoch).
     buckets_before: std::collections::BTreeSet<BucketKey>,
+    /// The mark this restore writes while it runs.
+    mark: Mark,
 }
 
 /// Refuses while a processor, projector or fanout is in its consumer group.
@@ -639,10 +644,28 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
         dry_run: opts.dry_run,
         ..Default::default()
     };
+    let mut current = crate::rebuild::read_changelog(cfg)?;
+    // The mark of an unfinished restore is not state: this restore replaces it with its own,
+    // and completes what that one left. Where the resolver had read to is the first attempt's
+    // (that one may have moved the offsets already).
+    let unfinished = current
+        .remove(RESTORE_PENDING_KEY)
+        .map(|v| Mark::decode(&v));
+    let resolver_offsets = match unfinished.as_ref().and_then(|m| m.resolver_offsets.clone()) {
+        Some(offsets) => offsets,
+        None => committed_offsets(cfg, &cfg.topic(topics::DATA_CHANGED), &input_ends)?,
+    };
+    report.completes = unfinished.map(|m| m.checkpoint);
     if opts.replay {
         let mut mem = to_mem(id, &target)?;
-        let (replayed, skipped, resume) =
-            replay_input(cfg, &manifest, &mut mem, opts.until.as_ref(), &input_ends)?;
+        let (replayed, skipped, resume) = replay_input(
+            cfg,
+            &manifest,
+            &mut mem,
+            opts.until.as_ref(),
+            &input_ends,
+            &resolver_offsets,
+        )?;
         report.replayed = replayed;
         report.not_applied = skipped;
         report.resume_offsets = resume;
@@ -652,12 +675,6 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
         report.not_applied = count_after(&manifest, &input_ends);
         report.resume_offsets = input_ends.clone();
     }
-    let mut current = crate::rebuild::read_changelog(cfg)?;
-    // The mark of an unfinished restore is not state: this restore replaces it with its own,
-    // and completes what that one left.
-    report.completes = current
-        .remove(RESTORE_PENDING_KEY)
-        .map(|id| String::from_utf8_lossy(&id).into_owned());
     // Taken after the read, which waits for open transactions to be decided: before it, the end
     // a read_committed reader is told stops at an undecided transaction (one a killed processor
     // left), and its abort would then look like a processor running meanwhile.
@@ -705,12 +722,17 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
         .keys()
         .filter_map(|k| state::store::parse_seq_key(k))
         .collect();
+    let mark = Mark {
+        checkpoint: manifest.id.clone(),
+        resolver_offsets: Some(resolver_offsets),
+    };
     Ok(Plan {
         report,
         target,
         writes,
         changelog_ends,
         buckets_before,
+        mark,
     })
 }
 
@@ -729,6 +751,32 @@ impl rdkafka::producer::ProducerContext for Deliveries {
             let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
             failed.get_or_insert_with(|| e.to_string());
         }
+    }
+}
+
+/// The value of the restore mark ([`RESTORE_PENDING_KEY`]): the checkpoint, and where the
+/// resolver had read `data.changed` to before the first attempt moved its offsets (a replay
+/// that completes an unfinished one needs them: below them, misrouted writes have copies).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Mark {
+    /// The checkpoint restored.
+    pub checkpoint: String,
+    /// The resolver's committed input offsets before the restore.
+    #[serde(default)]
+    pub resolver_offsets: Option<BTreeMap<i32, i64>>,
+}
+
+impl Mark {
+    /// The mark in `value` (a bare checkpoint id, as an older release wrote, has no offsets).
+    pub fn decode(value: &[u8]) -> Mark {
+        serde_json::from_slice(value).unwrap_or_else(|_| Mark {
+            checkpoint: String::from_utf8_lossy(value).into_owned(),
+            resolver_offsets: None,
+        })
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_else(|_| self.checkpoint.clone().into_bytes())
     }
 }
 
@@ -783,12 +831,13 @@ fn write_changelog<'a>(
     failed.map_or(Ok(()), Err)
 }
 
-/// Marks every changelog partition with the unfinished restore of checkpoint `id`
-/// ([`RESTORE_PENDING_KEY`]), or (`id` is `None`) removes the mark.
-fn mark_restore(cfg: &Config, partitions: i32, id: Option<&str>) -> Result<(), String> {
+/// Marks every changelog partition with the unfinished restore `mark`
+/// ([`RESTORE_PENDING_KEY`]), or (`mark` is `None`) removes the mark.
+fn mark_restore(cfg: &Config, partitions: i32, mark: Option<&Mark>) -> Result<(), String> {
+    let value = mark.map(Mark::encode);
     write_changelog(
         cfg,
-        (0..partitions).map(|p| (p, RESTORE_PENDING_KEY, id.map(str::as_bytes))),
+        (0..partitions).map(|p| (p, RESTORE_PENDING_KEY, value.as_deref())),
     )
 }
 
@@ -798,16 +847,20 @@ fn mark_restore(cfg: &Config, partitions: i32, id: Option<&str>) -> Result<(), S
 /// processors do not process on the half-written state until a restore completes.
 fn apply_kafka(
     cfg: &Config,
-    id: &str,
+    mark: &Mark,
     writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     resume: &BTreeMap<i32, i64>,
 ) -> Result<(), RestoreError> {
     let partitions = resume.len().max(1) as i32;
-    mark_restore(cfg, partitions, Some(id)).map_err(|e| {
+    mark_restore(cfg, partitions, Some(mark)).map_err(|e| {
         RestoreError::NotApplied(format!(
             "the restore's mark was not written to the changelog ({e}); nothing else was changed: run the same restore again"
         ))
     })?;
+    // A processor that joined just before the mark was written restored its tasks without it:
+    // it would go on over the state written next. (One that joins later finds the mark.)
+    let control = reader(cfg, &cfg.topic("syncflow-restore-tool"))?;
+    check_stopped(cfg, &control).map_err(|e| RestoreError::Unfinished(e.to_string()))?;
     let located = writes.iter().map(|(key, value)| {
         let bucket = bucket_of(key).map(|b| b.to_string()).unwrap_or_default();
         (
@@ -919,6 +972,21 @@ mod tests {
             },
             doc_id: id.into(),
         })
+    }
+
+    #[test]
+    fn a_restore_mark_keeps_the_resolvers_offsets_from_before_the_first_attempt() {
+        let mark = Mark {
+            checkpoint: "c1".into(),
+            resolver_offsets: Some(BTreeMap::from([(0, 12), (1, 7)])),
+        };
+        assert_eq!(Mark::decode(&mark.encode()), mark);
+        // As the first release of the mark wrote it: the id alone.
+        let bare = Mark::decode(b"c0");
+        assert_eq!(
+            (bare.checkpoint.as_str(), bare.resolver_offsets),
+            ("c0", None)
+        );
     }
 
     #[test]

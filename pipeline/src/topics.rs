@@ -38,10 +38,11 @@ pub const CHECKPOINT_CREATED: &str = "checkpoint.created";
 pub const USER_EVENTS: &str = "user.events";
 
 /// What is wrong with `topic` (unprefixed) having `cleanup.policy` `policy` (`None`: unset, the
-/// broker's default, `delete`): the changelogs must be compacted and nothing else (time-based
-/// deletion would drop the state of buckets not written lately, and a processor restoring from the
-/// changelog would lose them), and the topics keyed by bucket or user must not be compacted (only
-/// the newest record per key would stay: writes, changes and account events lost).
+/// broker's default, `delete`): the state changelog must be compacted and nothing else
+/// (time-based deletion would drop the state of buckets not written lately, and a processor
+/// restoring from the changelog would lose them), and the topics keyed by bucket or user must not
+/// be compacted (only the newest record per key would stay: writes, changes and account events
+/// lost). `checkpoint.created` (announcements, never read back) may be anything.
 pub fn policy_problem(topic: &str, policy: Option<&str>) -> Option<String> {
     let parts: Vec<&str> = policy
         .unwrap_or("delete")
@@ -51,7 +52,7 @@ pub fn policy_problem(topic: &str, policy: Option<&str>) -> Option<String> {
     let compacted = parts.contains(&"compact");
     let shown = policy.unwrap_or("delete (unset)");
     match topic {
-        RESOLVER_CHANGELOG | CHECKPOINT_CREATED if parts != ["compact"] => Some(format!(
+        RESOLVER_CHANGELOG if parts != ["compact"] => Some(format!(
             "{topic} has cleanup.policy {shown}; it must be exactly compact, or state is lost"
         )),
         DATA_CHANGED | DATA_REJECTED | SYNC_EVENTS | CONFLICT_DETECTED | USER_EVENTS
@@ -485,7 +486,10 @@ mod tests {
                 "changelog with {bad:?}"
             );
         }
-        assert!(policy_problem(CHECKPOINT_CREATED, Some("delete")).is_some());
+        assert_eq!(
+            policy_problem(CHECKPOINT_CREATED, Some("compact,delete")),
+            None
+        );
         for topic in [
             DATA_CHANGED,
             SYNC_EVENTS,

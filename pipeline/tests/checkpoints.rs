@@ -438,7 +438,7 @@ fn restore_mark(env: &TestEnv) -> Option<String> {
     pipeline::rebuild::read_changelog(&env.cfg)
         .unwrap()
         .get(state::store::RESTORE_PENDING_KEY)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .map(|v| pipeline::restore::Mark::decode(v).checkpoint)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -483,7 +483,7 @@ async fn a_restore_that_stops_half_way_keeps_the_processors_stopped_until_one_co
     );
     assert_eq!(restore_mark(&env).as_deref(), Some(manifest.id.as_str()));
     // A processor (a fresh one, restoring from the changelog's start) does not process on it:
-    // it exits with the reason, and the write stays unapplied.
+    // it says why, leaves its group and waits, and the write stays unapplied.
     let mut processor = common::faults::ProcessorProcess::start(&env, "half");
     let late = serde_json::json!({"v": 1, "event_id": "late-1", "tenant": "acme", "bucket": "b0",
         "doc_id": "late", "device_id": "ops", "op": "set", "doc": {"n": 1}});
@@ -492,23 +492,22 @@ async fn a_restore_that_stops_half_way_keeps_the_processors_stopped_until_one_co
         &[("acme/b0".into(), serde_json::to_vec(&late).unwrap())],
     )
     .await;
+    let refused = format!("a restore of checkpoint {} did not complete", manifest.id);
     let deadline = Instant::now() + Duration::from_secs(90);
-    while processor.alive() {
-        assert!(
-            Instant::now() < deadline,
-            "the processor went on over a half-restored state"
-        );
+    while !std::fs::read_to_string(&processor.log)
+        .unwrap()
+        .contains(&refused)
+    {
+        assert!(processor.alive(), "the processor exited");
+        assert!(Instant::now() < deadline, "the processor never refused");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let log = std::fs::read_to_string(&processor.log).unwrap();
-    assert!(
-        log.contains(&format!(
-            "a restore of checkpoint {} did not complete",
-            manifest.id
-        )),
-        "{log}"
-    );
     assert_eq!(changelog_docs(&env), at_checkpoint, "nothing was processed");
+    assert_eq!(
+        processor.terminate(),
+        Some(0),
+        "a clean stop while it waits"
+    );
     // A view rebuild is refused too: it would show the half-restored state.
     let view = api::view::MongoView::new(
         mongodb::Client::with_uri_str(&env.cfg.mongo.uri)

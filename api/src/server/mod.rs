@@ -342,10 +342,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_that_does_not_come_is_refused_and_its_connection_closed() {
-        let (addr, open, _stop, _server) = start(10, 1).await;
+        let st = state(Sweeping::to(0));
+        let token = crate::routes::tests::token(&st, "b:rw");
+        let (addr, open, _stop, _server) = start_with(10, 1, st).await;
         let mut conn = TcpStream::connect(addr).await.unwrap();
-        // 100 bytes announced, one sent.
-        let head = "POST /v1/auth/login HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{";
+        // 100 bytes announced, one sent: no byte for the idle timeout (1 s), long before the
+        // body's deadline (75 s).
+        let head = format!("PUT /v1/buckets/b/docs/d HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{{");
         conn.write_all(head.as_bytes()).await.unwrap();
         let answer = read_within(&mut conn, Duration::from_secs(5))
             .await
