@@ -192,6 +192,15 @@ pub async fn rebuild(
     }
 }
 
+/// An epoch for a bucket the view has no record of: the time in seconds (never 1, the epoch a
+/// projector gives a new bucket).
+fn fresh_epoch() -> i64 {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    i64::try_from(secs).unwrap_or(i64::MAX).max(2)
+}
+
 /// Rebuilds the view from the state records `latest` (changelog keys and values).
 ///
 /// With `new_epoch` (a restore: the buckets the state knew before it) every bucket the view, the
@@ -244,13 +253,18 @@ pub async fn rebuild_from(
     let total = docs.len() as u64;
     let mut report = RebuildReport::default();
     let mut metas: HashMap<BucketKey, BucketMeta> = HashMap::new();
+    // A bucket the view has no record of (a lost view database, or one no projector wrote yet)
+    // cannot say which epoch its clients' cursors are of, nor how far its tombstones were swept:
+    // it gets an epoch no cursor has (the time in seconds, not the projector's first epoch, 1),
+    // so every old cursor is answered with a reset instead of being taken for this timeline's.
+    let fresh = fresh_epoch();
     for bucket in seqs.keys() {
         let old = view.bucket_meta(&bucket.tenant, &bucket.bucket).await?;
         let projected_seq = i64::try_from(seqs[bucket]).unwrap_or(i64::MAX);
         let meta = BucketMeta {
             projected_seq,
             horizon_seq: old.map_or(0, |m| m.horizon_seq.min(projected_seq)),
-            epoch: old.map_or(1, |m| m.epoch) + i64::from(new_epoch.is_some()),
+            epoch: old.map_or(fresh, |m| m.epoch) + i64::from(new_epoch.is_some()),
         };
         metas.insert(bucket.clone(), meta);
     }
