@@ -101,8 +101,29 @@ pub fn normalize_email(raw: &str) -> Result<String, ApiError> {
     }
 }
 
+/// The most bytes of an account or administration request's body (names, a password, an
+/// invitation, a list of grants).
+const ACCOUNT_BODY_BYTES: usize = 64 * 1024;
+
+/// An account or administration request's body (at most [`ACCOUNT_BODY_BYTES`], within the
+/// body deadline: [`crate::routes::read_body`]).
+async fn account_body(
+    state: &AppState,
+    body: axum::body::Body,
+) -> Result<axum::body::Bytes, ApiError> {
+    crate::routes::read_body(state, body, ACCOUNT_BODY_BYTES).await
+}
+
+/// Reads an account or administration request's JSON body into `T` ([`account_body`]).
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
+    state: &AppState,
+    body: axum::body::Body,
+) -> Result<T, ApiError> {
+    json_body(&account_body(state, body).await?)
+}
+
 /// Parses a JSON body into `T`, with a 400 that says what is wrong.
-pub(crate) fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_body", format!("the body is not valid: {e}")))
 }
@@ -173,8 +194,7 @@ pub async fn register(
     body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let acc = accounts(&state)?;
-    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
-    let req: Register = json_body(&body)?;
+    let req: Register = read_json(&state, body).await?;
     let username = normalize_username(&req.username)?;
     let email = normalize_email(&req.email)?;
     Passwords::check(&req.password)
@@ -364,8 +384,7 @@ pub async fn login(
     body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let acc = accounts(&state)?;
-    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
-    let req: Login = json_body(&body)?;
+    let req: Login = read_json(&state, body).await?;
     let name = req.username.trim().to_lowercase();
     if name.is_empty() || name.len() > 254 {
         return Err(ApiError::Unauthorized("wrong user name or password".into()));
@@ -423,8 +442,7 @@ pub async fn refresh(
     body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let acc = accounts(&state)?;
-    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
-    let req: RefreshReq = json_body(&body)?;
+    let req: RefreshReq = read_json(&state, body).await?;
     let token = req.refresh_token.trim();
     // The user first, without spending the token: grants come from the view (so an admin's
     // change arrives with the next refresh), and a user the view does not show yet (just
@@ -479,7 +497,7 @@ pub async fn logout(
     body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
     let acc = accounts(&state)?;
-    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
+    let body = account_body(&state, body).await?;
     let req: LogoutReq = if body.is_empty() {
         LogoutReq::default()
     } else {

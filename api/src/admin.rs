@@ -13,7 +13,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::accounts::{accounts, json_body};
+use crate::accounts::{accounts, read_json};
 use crate::auth::sessions::ServiceToken;
 use crate::auth::{Claims, Grant, Perm, TokenKind};
 use crate::error::ApiError;
@@ -185,8 +185,7 @@ pub async fn set_grants(
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = admin_caller(&state, &headers).await?;
     let acc = accounts(&state)?;
-    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
-    let req: GrantsReq = json_body(&body)?;
+    let req: GrantsReq = read_json(&state, body).await?;
     // Before any lookup: a token that administers nothing must not learn who exists (an empty
     // list, which no grant check covers, would otherwise tell it).
     if !caller.grants.iter().any(|g| g.perms.contains(&Perm::Admin)) {
@@ -239,8 +238,7 @@ pub async fn create_invite(
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = admin_caller(&state, &headers).await?;
     let acc = accounts(&state)?;
-    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
-    let req: InviteReq = json_body(&body)?;
+    let req: InviteReq = read_json(&state, body).await?;
     // Without the admin check for an empty list, any token (a read-only user's, a producer's)
     // could invite new members into the tenant.
     check_giving(&caller, &req.grants)?;
@@ -353,8 +351,7 @@ pub async fn create_service_token(
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = admin_caller(&state, &headers).await?;
     let acc = accounts(&state)?;
-    let body = crate::routes::read_body(&state, body, crate::routes::ACCOUNT_BODY_BYTES).await?;
-    let req: ServiceReq = json_body(&body)?;
+    let req: ServiceReq = read_json(&state, body).await?;
     let name = check_service_name(&req.name)?;
     check_giving(&caller, &req.grants)?;
     // Drops the expired ones from the registry, so that the cap counts live tokens.

@@ -54,22 +54,17 @@ pub fn router(state: AppState) -> Router {
                 .patch(patch_doc)
                 .delete(delete_doc),
         )
-        .layer(axum::extract::DefaultBodyLimit::max(body_limit(
-            &state.limits,
-        )))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 
-/// The most bytes of a request body read: twice the largest document (the limit itself is
-/// checked on the parsed write, with its reason), at least 64 KiB.
+/// The most bytes of a document write's body read: twice the largest document (the limit itself
+/// is checked on the parsed write, with its reason), at least 64 KiB. (Every handler reads its
+/// body with [`read_body`], under its own limit: no body extractor is left for axum's default
+/// limit to apply to.)
 fn body_limit(limits: &processors::Limits) -> usize {
     limits.max_doc_bytes.saturating_mul(2).max(64 * 1024)
 }
-
-/// The most bytes of an account or administration request's body (names, a password, an
-/// invitation, a list of grants).
-pub(crate) const ACCOUNT_BODY_BYTES: usize = 64 * 1024;
 
 /// A request's body, at most `limit` bytes and arriving within `state.body_deadline` in all (a
 /// body trickled a byte at a time within the idle timeout would otherwise hold its connection

@@ -388,18 +388,12 @@ impl Config {
             ("resolver.poll_ms", self.resolver.poll_ms),
             ("resolver.linger_ms", self.resolver.linger_ms),
         ];
-        for (name, value) in seconds {
-            if value > MOST_SECS {
+        let seconds = seconds.map(|(name, v)| (name, v, MOST_SECS));
+        let millis = millis.map(|(name, v)| (name, v, MOST_SECS * 1000));
+        for (name, value, most) in seconds.into_iter().chain(millis) {
+            if value > most {
                 out.push(format!(
-                    "{name} ({value}) must be at most {MOST_SECS} (ten years)"
-                ));
-            }
-        }
-        for (name, value) in millis {
-            if value > MOST_SECS * 1000 {
-                out.push(format!(
-                    "{name} ({value}) must be at most {} (ten years)",
-                    MOST_SECS * 1000
+                    "{name} ({value}) must be at most {most} (ten years)"
                 ));
             }
         }

@@ -51,7 +51,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     let prefix = cfg.kafka.topic_prefix.clone();
     let batch_max = cfg.projector.batch_max.max(1) as usize;
     tracing::info!("announcer started");
-    loop {
+    'batches: loop {
         let first = tokio::select! {
             _ = shutdown.changed() => break,
             m = consumer.recv() => m,
@@ -100,7 +100,6 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
             {
                 break;
             }
-            let mut stopped = false;
             let chunks = api::runs_by_bytes(&announcements, PUBLISH_CHUNK_BYTES, |(_, p)| p.len());
             for chunk in chunks {
                 let mut pipe = redis::pipe();
@@ -117,12 +116,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                     .await
                     .is_none()
                 {
-                    stopped = true;
-                    break;
+                    break 'batches;
                 }
-            }
-            if stopped {
-                break;
             }
         }
         store_offsets(&consumer, &messages);

@@ -509,8 +509,9 @@ pub async fn run(
     let (c, mark_c) = (cfg.clone(), mark);
     let resume = report.resume_offsets.clone();
     tokio::task::spawn_blocking(move || {
-        check_unchanged(&c, &changelog_ends)?;
-        apply_kafka(&c, &mark_c, writes, &resume)
+        let control = reader(&c, &c.topic("syncflow-restore-tool"))?;
+        check_unchanged(&c, &control, &changelog_ends)?;
+        apply_kafka(&c, &control, &mark_c, writes, &resume)
     })
     .await
     .expect("restore writer panicked")?;
@@ -615,10 +616,13 @@ fn check_stopped(
 /// Checks, right before the changelog is written, that nothing ran since the plan: no process in
 /// the groups, and the changelog where it was when the plan read it (a processor restarted
 /// meanwhile, by a supervisor say, and stopped again, would have made the writes stale).
-fn check_unchanged(cfg: &Config, planned: &BTreeMap<i32, i64>) -> Result<(), RestoreError> {
-    let control = reader(cfg, &cfg.topic("syncflow-restore-tool"))?;
-    check_stopped(cfg, &control)?;
-    let now = ends(&control, &cfg.topic(topics::RESOLVER_CHANGELOG))?;
+fn check_unchanged(
+    cfg: &Config,
+    control: &BaseConsumer<topics::QuietEof>,
+    planned: &BTreeMap<i32, i64>,
+) -> Result<(), RestoreError> {
+    check_stopped(cfg, control)?;
+    let now = ends(control, &cfg.topic(topics::RESOLVER_CHANGELOG))?;
     if &now != planned {
         return Err(RestoreError::Busy(format!(
             "the changelog grew since the restore was planned ({planned:?} then, {now:?} now): a processor ran meanwhile; stop them all and run the restore again (nothing was changed)"
@@ -767,7 +771,8 @@ pub struct Mark {
 }
 
 impl Mark {
-    /// The mark in `value` (a bare checkpoint id, as an older release wrote, has no offsets).
+    /// The mark in `value`. A value that is not this encoding (damaged, or written by hand) still
+    /// marks an unfinished restore: its bytes name the checkpoint, and it has no offsets.
     pub fn decode(value: &[u8]) -> Mark {
         serde_json::from_slice(value).unwrap_or_else(|_| Mark {
             checkpoint: String::from_utf8_lossy(value).into_owned(),
@@ -847,6 +852,7 @@ fn mark_restore(cfg: &Config, partitions: i32, mark: Option<&Mark>) -> Result<()
 /// processors do not process on the half-written state until a restore completes.
 fn apply_kafka(
     cfg: &Config,
+    control: &BaseConsumer<topics::QuietEof>,
     mark: &Mark,
     writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     resume: &BTreeMap<i32, i64>,
@@ -859,8 +865,7 @@ fn apply_kafka(
     })?;
     // A processor that joined just before the mark was written restored its tasks without it:
     // it would go on over the state written next. (One that joins later finds the mark.)
-    let control = reader(cfg, &cfg.topic("syncflow-restore-tool"))?;
-    check_stopped(cfg, &control).map_err(|e| RestoreError::Unfinished(e.to_string()))?;
+    check_stopped(cfg, control).map_err(|e| RestoreError::Unfinished(e.to_string()))?;
     let located = writes.iter().map(|(key, value)| {
         let bucket = bucket_of(key).map(|b| b.to_string()).unwrap_or_default();
         (
@@ -874,10 +879,7 @@ fn apply_kafka(
             "a changelog record was not written ({e}); the processors' offsets were not moved"
         ))
     })?;
-    move_offsets(cfg, resume).map_err(|e| match e {
-        e @ RestoreError::Unfinished(_) => e,
-        e => RestoreError::Unfinished(e.to_string()),
-    })
+    move_offsets(cfg, resume).map_err(|e| RestoreError::Unfinished(e.to_string()))
 }
 
 /// Moves the resolver's input offsets to `resume`, and the projector's and the announcer's to
@@ -981,7 +983,7 @@ mod tests {
             resolver_offsets: Some(BTreeMap::from([(0, 12), (1, 7)])),
         };
         assert_eq!(Mark::decode(&mark.encode()), mark);
-        // As the first release of the mark wrote it: the id alone.
+        // Not this encoding: still a mark, named by its bytes.
         let bare = Mark::decode(b"c0");
         assert_eq!(
             (bare.checkpoint.as_str(), bare.resolver_offsets),

@@ -291,6 +291,18 @@ pub struct ApplyReport {
     pub unsafe_settings: Vec<String>,
 }
 
+/// [`policy_problem`] of live topic `full` (`name` without its prefix), as described by Kafka.
+fn live_policy_problem(
+    name: &str,
+    full: &str,
+    resource: &rdkafka::admin::ConfigResource,
+) -> Option<String> {
+    let policy = resource
+        .get("cleanup.policy")
+        .and_then(|e| e.value.as_deref());
+    policy_problem(name, policy).map(|why| format!("{full}: {why}"))
+}
+
 /// Checks the live `cleanup.policy` of `topics` (unprefixed names, `prefix` prepended) against
 /// [`policy_problem`]; the error lists every problem found.
 pub async fn check_live_policies(
@@ -314,10 +326,7 @@ pub async fn check_live_policies(
     let mut problems = Vec::new();
     for ((name, full), result) in topics.iter().zip(&full).zip(described) {
         let resource = result.map_err(|e| TopicsError::Kafka(format!("describing {full}: {e}")))?;
-        let policy = resource
-            .get("cleanup.policy")
-            .and_then(|e| e.value.as_deref());
-        problems.extend(policy_problem(name, policy).map(|why| format!("{full}: {why}")));
+        problems.extend(live_policy_problem(name, full, &resource));
     }
     if problems.is_empty() {
         Ok(())
@@ -420,12 +429,9 @@ pub async fn apply(
                 result.map_err(|e| TopicsError::Kafka(format!("describing {full}: {e}")))?;
             let before = report.drift.len();
             let name = full.strip_prefix(prefix).unwrap_or(full);
-            let policy = resource
-                .get("cleanup.policy")
-                .and_then(|e| e.value.as_deref());
             report
                 .unsafe_settings
-                .extend(policy_problem(name, policy).map(|why| format!("{full}: {why}")));
+                .extend(live_policy_problem(name, full, &resource));
             for (key, want) in &spec.config {
                 let live_value = resource.get(key).and_then(|e| e.value.clone());
                 if live_value.as_deref() != Some(want.as_str()) {

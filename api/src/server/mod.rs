@@ -374,6 +374,25 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_document_body_over_its_limit_is_refused_with_413() {
+        let st = state(Sweeping::to(0));
+        let token = crate::routes::tests::token(&st, "b:rw");
+        let over = st.limits.max_doc_bytes * 2 + 1;
+        let (addr, _open, _stop, _server) = start_with(10, 5, st).await;
+        let mut conn = TcpStream::connect(addr).await.unwrap();
+        let head = format!("PUT /v1/buckets/b/docs/d HTTP/1.1\r\nhost: t\r\nauthorization: Bearer {token}\r\ncontent-type: application/json\r\ncontent-length: {over}\r\n\r\n");
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // The answer may come before the whole body is taken: the write may then fail.
+        let _ = conn.write_all(&vec![b' '; over]).await;
+        let answer = read_within(&mut conn, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+        assert!(text.contains(r#""code":"too_large""#), "{text}");
+    }
+
+    #[tokio::test]
     async fn a_document_body_trickled_past_its_deadline_is_refused() {
         let mut st = state(Sweeping::to(0));
         st.body_deadline = Duration::from_secs(2);
