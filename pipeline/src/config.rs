@@ -127,6 +127,10 @@ pub struct ResolverConfig {
     pub max_skew_ms: u64,
     /// Most input records in one transaction.
     pub batch_max: u64,
+    /// Most bytes one transaction holds: of its input records, and apart from them of the
+    /// document state it changes, as stored. A batch whose state passes it is aborted and
+    /// processed again in halves (a single record always goes through).
+    pub batch_max_bytes: u64,
     /// Longest wait for a first record before an idle loop turn, in ms.
     pub poll_ms: u64,
     /// Threads a batch's work is spread over (each bucket stays on one thread, in order).
@@ -145,6 +149,7 @@ impl Default for ResolverConfig {
         Self {
             max_skew_ms: 60_000,
             batch_max: 5_000,
+            batch_max_bytes: 128 * 1024 * 1024,
             poll_ms: 100,
             threads: 2,
             linger_ms: 5,
@@ -336,8 +341,8 @@ impl Config {
         if self.resolver.restore_chunk == 0 {
             out.push("resolver.restore_chunk must be at least 1".into());
         }
-        if self.resolver.batch_max == 0 {
-            out.push("resolver.batch_max must be at least 1".into());
+        if self.resolver.batch_max == 0 || self.resolver.batch_max_bytes == 0 {
+            out.push("resolver.batch_max and resolver.batch_max_bytes must be at least 1".into());
         }
         if self.limits.max_depth == 0
             || self.limits.max_fields == 0
@@ -733,6 +738,26 @@ mod tests {
         assert_eq!(depth("48").unwrap().limits.max_depth, MAX_DEPTH);
         let err = depth("49").unwrap_err().to_string();
         assert!(err.contains("limits.max_depth (49)"), "{err}");
+    }
+
+    #[test]
+    fn a_batch_byte_budget_of_zero_is_refused() {
+        let budget = |b: &str| {
+            Config::load(
+                None,
+                env(&[SECRET, ("SYNCFLOW_RESOLVER_BATCH_MAX_BYTES", b)]),
+            )
+        };
+        assert_eq!(budget("1").unwrap().resolver.batch_max_bytes, 1);
+        assert_eq!(
+            Config::load(None, env(&[SECRET]))
+                .unwrap()
+                .resolver
+                .batch_max_bytes,
+            128 * 1024 * 1024
+        );
+        let err = budget("0").unwrap_err().to_string();
+        assert!(err.contains("resolver.batch_max_bytes"), "{err}");
     }
 
     #[test]

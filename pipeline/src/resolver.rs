@@ -4,8 +4,8 @@
 //!
 //! 1. Poll a batch: wait up to `resolver.poll_ms` for a first record, then take whatever is
 //!    already fetched and, under load (the previous batch had at least 4 records), whatever
-//!    arrives within `resolver.linger_ms`, up to `resolver.batch_max` — a lone write at low load
-//!    is not held back.
+//!    arrives within `resolver.linger_ms`, up to `resolver.batch_max` records and
+//!    `resolver.batch_max_bytes` of them — a lone write at low load is not held back.
 //! 2. Begin a Kafka transaction; compute every output against an in-memory [`Overlay`] of the
 //!    sled state of the record's task (input partition).
 //! 3. Produce `sync.events`, `conflict.detected` and `data.rejected` records and the changelog
@@ -17,7 +17,10 @@
 //! 5. Only then write the overlay into sled, each task's records and then its changelog offset
 //!    ([`state::store::write_records`]). sled is never ahead of Kafka. If anything fails before
 //!    the commit, the transaction is aborted, the overlay dropped and the consumer rewound to the
-//!    committed offsets.
+//!    committed offsets. That includes a batch whose overlays come to hold more state than
+//!    `resolver.batch_max_bytes`: the batches after it take half as many records (then twice as
+//!    many again after each commit), so a burst of writes to large documents cannot hold them
+//!    all in memory at once.
 //!
 //! A record that lands in the wrong partition (a producer with another partitioner) is forwarded,
 //! inside the same transaction, to the partition Kafka's default partitioner gives its key, so
@@ -25,7 +28,7 @@
 
 use std::collections::HashSet;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -63,6 +66,15 @@ pub enum ResolverError {
     /// The partitions moved while the batch ran: it is aborted and retried by the new owner.
     #[error("partitions were rebalanced during the batch")]
     Rebalanced,
+    /// The state a batch of this many records changed passed `resolver.batch_max_bytes`: it is
+    /// aborted and processed again in smaller batches.
+    #[error("a batch of {records} records held over {bytes} bytes of state (resolver.batch_max_bytes); processing it again in halves")]
+    BatchTooLarge {
+        /// Records in the aborted batch.
+        records: usize,
+        /// State bytes it held when it stopped.
+        bytes: usize,
+    },
     /// The setup is wrong (missing topic, ...).
     #[error("{0}")]
     Setup(String),
@@ -166,6 +178,9 @@ pub struct ResolverStats {
     pub forwarded: AtomicU64,
     /// Aborted batches.
     pub aborted: AtomicU64,
+    /// Of those, batches aborted because the state they changed passed
+    /// `resolver.batch_max_bytes`, then processed again in halves.
+    pub split: AtomicU64,
     /// Changelog records replayed into task state.
     pub restored: AtomicU64,
     /// Tasks being restored right now.
@@ -189,6 +204,7 @@ impl ResolverStats {
             "rejected": get(&self.rejected),
             "forwarded": get(&self.forwarded),
             "aborted": get(&self.aborted),
+            "split_batches": get(&self.split),
             "restored_records": get(&self.restored),
             "tasks_restoring": get(&self.restoring),
             "client_rebuilds": get(&self.rebuilds),
@@ -515,6 +531,9 @@ pub struct Resolver {
     checkpoint_due_ms: Option<u64>,
     /// Records in the previous batch (the linger applies only when it shows load).
     last_batch_len: usize,
+    /// After a batch held too much state: the records a batch may hold, doubled after each
+    /// batch that commits until `resolver.batch_max` is reached again.
+    batch_cap: Option<usize>,
 }
 
 /// The resolver's consumer group.
@@ -558,9 +577,17 @@ impl Resolver {
             generation: Arc::new(AtomicU64::new(0)),
             checkpoint_due_ms: crate::checkpoint::next_due_ms(&cfg),
             last_batch_len: 0,
+            batch_cap: None,
             cfg,
             stats,
         })
+    }
+
+    /// The most records the next batch may hold: `resolver.batch_max`, or fewer after a batch
+    /// held too much state.
+    fn most_records(&self) -> usize {
+        let most = usize::try_from(self.cfg.resolver.batch_max).unwrap_or(usize::MAX);
+        self.batch_cap.map_or(most, |cap| cap.min(most))
     }
 
     /// The consumer, subscribed, and the input topic's partition count.
@@ -758,10 +785,17 @@ impl Resolver {
                 Duration::ZERO
             };
             let linger_until = Instant::now() + linger;
-            while (batch.len() as u64) < self.cfg.resolver.batch_max && !ends_batch(&batch) {
+            let most = self.most_records();
+            let most_bytes = self.cfg.resolver.batch_max_bytes;
+            let mut bytes: u64 = batch.iter().map(record_bytes).sum();
+            while batch.len() < most && bytes < most_bytes && !ends_batch(&batch) {
                 let wait = linger_until.saturating_duration_since(Instant::now());
                 match consumer.poll(wait) {
-                    Some(Ok(m)) => batch.push(detach(&m)),
+                    Some(Ok(m)) => {
+                        let m = detach(&m);
+                        bytes += record_bytes(&m);
+                        batch.push(m);
+                    }
                     Some(Err(e)) => poll_error(e)?,
                     None => break,
                 }
@@ -814,6 +848,10 @@ impl Resolver {
             match self.process_batch(&consumer, &producer, &batch, &generation, gen_at_start) {
                 Ok(()) => {
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    self.batch_cap = self
+                        .batch_cap
+                        .map(|cap| cap.saturating_mul(2))
+                        .filter(|cap| (*cap as u64) < self.cfg.resolver.batch_max);
                     *self
                         .stats
                         .restore_pending
@@ -840,6 +878,10 @@ impl Resolver {
                     self.stats.aborted.fetch_add(1, Ordering::Relaxed);
                     let mut paused = Vec::new();
                     tracing::warn!(error = %e, "batch aborted; rewinding");
+                    if let ResolverError::BatchTooLarge { records, .. } = &e {
+                        self.stats.split.fetch_add(1, Ordering::Relaxed);
+                        self.batch_cap = Some((records / 2).max(1));
+                    }
                     let fatal = match &e {
                         ResolverError::Kafka(KafkaError::Transaction(t)) => t.is_fatal(),
                         // Still inside a transactional call: no abort is possible.
@@ -1135,6 +1177,10 @@ impl Resolver {
             .map(|p| self.tree(*p).map(|t| (*p, t)))
             .collect::<Result<_, _>>()?;
         let changelog = self.cfg.topic(topics::RESOLVER_CHANGELOG);
+        // The state the batch's overlays hold, over all threads: past the budget the batch stops
+        // (a single record goes through whatever its state).
+        let held = AtomicUsize::new(0);
+        let most_held = usize::try_from(self.cfg.resolver.batch_max_bytes).unwrap_or(usize::MAX);
         let this = &*self;
         let threads = if batch.len() >= PARALLEL_MIN_RECORDS {
             self.cfg.resolver.threads.max(1)
@@ -1157,7 +1203,8 @@ impl Resolver {
                 let mut overlay = Overlay::new(&trees[&p]);
                 // A partition split over several items sends its outputs afterwards, in the
                 // order of its records, so what a partition commits does not depend on timing.
-                let mut held = Held::new();
+                let mut held_out = Held::new();
+                let mut counted = 0;
                 for m in msgs {
                     if matches!(crate::checkpoint::marker_of(m), Some(Ok(_))) {
                         // Committed after the snapshot: a task that dies before it meets the
@@ -1167,8 +1214,21 @@ impl Resolver {
                     let outs = this
                         .process_record(m, &mut overlay)
                         .map_err(|e| e.in_task(p))?;
+                    let now = overlay.held_bytes();
+                    let total = if now >= counted {
+                        held.fetch_add(now - counted, Ordering::Relaxed) + (now - counted)
+                    } else {
+                        held.fetch_sub(counted - now, Ordering::Relaxed) - (counted - now)
+                    };
+                    counted = now;
+                    if total > most_held && batch.len() > 1 {
+                        return Err(ResolverError::BatchTooLarge {
+                            records: batch.len(),
+                            bytes: total,
+                        });
+                    }
                     if split {
-                        held.push((m.offset(), outs));
+                        held_out.push((m.offset(), outs));
                     } else {
                         for out in outs {
                             send(producer, out)?;
@@ -1177,7 +1237,7 @@ impl Resolver {
                 }
                 // Encode every changed state record once: the same bytes go to the changelog
                 // and to sled.
-                Ok((p, held, overlay.changelog_records()))
+                Ok((p, held_out, overlay.changelog_records()))
             },
         )?;
         // Per task: its items' outputs in record order, then its state records (distinct keys:
@@ -1564,6 +1624,7 @@ fn rebuilds_after(e: &ResolverError, rebuilding: bool) -> bool {
         ResolverError::State(_)
         | ResolverError::TaskState(..)
         | ResolverError::Rebalanced
+        | ResolverError::BatchTooLarge { .. }
         | ResolverError::RestorePending(..)
         | ResolverError::Setup(_) => false,
     }
@@ -1613,6 +1674,11 @@ fn poll_error(e: KafkaError) -> Result<(), ResolverError> {
     }
     tracing::warn!(error = %e, "resolver poll error");
     Ok(())
+}
+
+/// What a record counts against `resolver.batch_max_bytes`: its key and value.
+fn record_bytes(m: &OwnedMessage) -> u64 {
+    (m.key().map_or(0, <[u8]>::len) + m.payload().map_or(0, <[u8]>::len)) as u64
 }
 
 fn detach(m: &BorrowedMessage<'_>) -> OwnedMessage {

@@ -97,3 +97,86 @@ async fn a_lone_write_is_not_held_but_writes_under_load_share_a_transaction() {
     running.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// A write of document `doc` in bucket `big` (one partition), keyed for it.
+fn big_write(doc: usize, event: &str, body: serde_json::Value) -> (String, Vec<u8>) {
+    let body = json!({"v": 1, "event_id": event, "tenant": "acme", "bucket": "big",
+                      "doc_id": format!("d{doc}"), "device_id": "dev-1", "op": "patch",
+                      "patch": body});
+    ("acme/big".to_string(), body.to_string().into_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_holding_more_state_than_its_budget_is_split_and_nothing_is_lost_or_doubled() {
+    const DOCS: usize = 8;
+    let mut env = TestEnv::new("batchbytes").await;
+    env.cfg.checkpoint.interval_secs = 0;
+
+    // Eight documents of about 200 KB of state each, one at a time.
+    let running = env.start(&[Role::Processor]).await;
+    let stats = running.resolver_stats.clone();
+    for d in 0..DOCS {
+        let blob = "x".repeat(200_000);
+        produce_all(
+            &env,
+            &[big_write(d, &format!("c{d}"), json!({"blob": blob}))],
+        )
+        .await;
+        committed(&stats, d as u64 + 1).await;
+    }
+    assert_eq!(stats.split.load(Ordering::SeqCst), 0);
+    running.stop().await.unwrap();
+
+    // A small patch to each, all in the log before a processor with a 1 MB budget starts: its
+    // first batch takes all eight, whose state (1.6 MB) is over the budget.
+    let patches: Vec<_> = (0..DOCS)
+        .map(|d| big_write(d, &format!("p{d}"), json!({"n": d})))
+        .collect();
+    produce_all(&env, &patches).await;
+    env.cfg.resolver.batch_max_bytes = 1_000_000;
+    let running = env.start(&[Role::Processor]).await;
+    let stats = running.resolver_stats.clone();
+    committed(&stats, DOCS as u64).await;
+    assert!(
+        stats.split.load(Ordering::SeqCst) >= 1 && stats.aborted.load(Ordering::SeqCst) >= 1,
+        "no batch was split: {}",
+        stats.to_json()
+    );
+    assert!(
+        stats.batches.load(Ordering::SeqCst) >= 2,
+        "{}",
+        stats.to_json()
+    );
+    assert_eq!(stats.records.load(Ordering::SeqCst), DOCS as u64);
+    assert_eq!(
+        stats.to_json()["split_batches"],
+        stats.split.load(Ordering::SeqCst)
+    );
+
+    // Exactly one committed change per write: the aborted batch left nothing behind.
+    let events = common::read_committed(
+        &env.cfg.kafka.brokers,
+        &env.topic("sync.events"),
+        2 * DOCS + 1,
+        Duration::from_secs(5),
+    );
+    let mut seen: Vec<(String, u64)> = events
+        .iter()
+        .map(|m| {
+            use rdkafka::Message;
+            let e: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+            (
+                e["doc_id"].as_str().unwrap().to_string(),
+                e["version"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    seen.sort();
+    let want: Vec<(String, u64)> = (0..DOCS)
+        .flat_map(|d| [(format!("d{d}"), 1), (format!("d{d}"), 2)])
+        .collect();
+    assert_eq!(seen, want);
+
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}

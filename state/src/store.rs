@@ -223,6 +223,8 @@ pub struct Overlay<'a> {
     tree: &'a sled::Tree,
     docs: HashMap<DocKey, DocState>,
     seqs: HashMap<BucketKey, u64>,
+    /// The sum of the held documents' [`DocState::stored_bound`]s.
+    held: usize,
 }
 
 impl<'a> Overlay<'a> {
@@ -232,7 +234,15 @@ impl<'a> Overlay<'a> {
             tree,
             docs: HashMap::default(),
             seqs: HashMap::default(),
+            held: 0,
         }
+    }
+
+    /// About how many bytes of state the overlay holds, as its store would keep them: the sum
+    /// of an upper bound of each held document's encoded size ([`DocState::stored_bound`], which
+    /// [`processors::resolve_lww_bounded`] keeps). What a batch holds in memory grows with it.
+    pub fn held_bytes(&self) -> usize {
+        self.held
     }
 
     /// The changed records as `(key, value)` pairs: what the changelog must carry.
@@ -292,7 +302,10 @@ impl ResolveState for Overlay<'_> {
     }
 
     fn store_doc(&mut self, key: &DocKey, doc: DocState) -> Result<(), StateError> {
-        self.docs.insert(key.clone(), doc);
+        self.held = self.held.saturating_add(doc.stored_bound.0);
+        if let Some(old) = self.docs.insert(key.clone(), doc) {
+            self.held = self.held.saturating_sub(old.stored_bound.0);
+        }
         Ok(())
     }
 
@@ -303,10 +316,17 @@ impl ResolveState for Overlay<'_> {
         f: impl FnOnce(&mut DocState) -> R,
     ) -> Result<R, StateError> {
         if let Some(doc) = self.docs.get_mut(key) {
-            return Ok(f(doc));
+            let before = doc.stored_bound.0;
+            let out = f(doc);
+            self.held = self
+                .held
+                .saturating_sub(before)
+                .saturating_add(doc.stored_bound.0);
+            return Ok(out);
         }
         let mut doc = read_doc(self.tree, key)?.unwrap_or_default();
         let out = f(&mut doc);
+        self.held = self.held.saturating_add(doc.stored_bound.0);
         self.docs.insert(key.clone(), doc);
         Ok(out)
     }
@@ -387,6 +407,71 @@ mod tests {
         store.wipe_task(3).unwrap();
         assert_eq!(changelog_offset(&tree).unwrap(), None);
         assert!(read_doc(&tree, &key).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_overlay_counts_the_state_it_holds_once_per_document() {
+        let store = TaskStore::temporary().unwrap();
+        let tree = store.task(0).unwrap();
+        let limits = Limits::default();
+        let ctx = DiffContext {
+            limits: &limits,
+            received_at_ms: 10,
+            max_skew_ms: 1_000,
+        };
+        let measure = |d: &DocState| crate::codec::encode_doc(d).len();
+        let write = |doc: &str, event: &str, body: &str| {
+            let json = format!(
+                r#"{{"v":1,"event_id":"{event}","tenant":"t","bucket":"b","doc_id":"{doc}","device_id":"x","op":"set","doc":{body}}}"#
+            );
+            compute_diff(decode_write(None, json.as_bytes()).unwrap(), &ctx)
+                .unwrap()
+                .unwrap()
+        };
+        let big = format!(r#"{{"blob":"{}"}}"#, "x".repeat(50_000));
+        let mut first = Overlay::new(&tree);
+        for d in ["a", "b"] {
+            let c = write(d, &format!("e-{d}"), &big);
+            processors::resolve_lww_bounded(&mut first, c, usize::MAX, measure)
+                .unwrap()
+                .unwrap();
+        }
+        write_records(&tree, first.changelog_records(), None).unwrap();
+        let stored: usize = ["a", "b"]
+            .iter()
+            .map(|d| {
+                let k = DocKey {
+                    bucket: BucketKey {
+                        tenant: "t".into(),
+                        bucket: "b".into(),
+                    },
+                    doc_id: (*d).into(),
+                };
+                tree.get(doc_key_bytes(&k)).unwrap().unwrap().len()
+            })
+            .sum();
+        assert!(stored > 100_000, "{stored}");
+
+        // A new batch holds what it reads, counted as stored, plus what its writes may add.
+        let mut overlay = Overlay::new(&tree);
+        assert_eq!(overlay.held_bytes(), 0);
+        for (d, e) in [("a", "e2"), ("b", "e3"), ("a", "e4")] {
+            let c = write(d, e, r#"{"n":1}"#);
+            processors::resolve_lww_bounded(&mut overlay, c, usize::MAX, measure)
+                .unwrap()
+                .unwrap();
+        }
+        let held = overlay.held_bytes();
+        assert!(
+            held >= stored && held < stored + 4_096,
+            "held {held}, stored {stored}"
+        );
+        let in_records: usize = overlay
+            .changelog_records()
+            .iter()
+            .map(|(_, v)| v.len())
+            .sum();
+        assert!(held >= in_records, "held {held}, encoded {in_records}");
     }
 
     #[test]
