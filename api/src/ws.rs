@@ -607,7 +607,7 @@ async fn run_session(
                     let need = pending.as_ref().map_or(0, |(_, need)| *need);
                     let (began, sent) = (Instant::now(), tx.blocked);
                     let caught_up = catch_up(tx, state, &claims, &bucket, Some(cursor), need).await;
-                    last_pong = paused(last_pong, began);
+                    // (Its time is within the delivery's, which extends the pong wait below.)
                     spent.caught_up(began, sent, tx);
                     match caught_up {
                         Ok((cursor, ahead)) => {
@@ -884,15 +884,17 @@ async fn catch_up(
     need: i64,
 ) -> Result<(Cursor, HashMap<String, u64>), End> {
     let tenant = claims.tenant.as_str();
-    // The token is checked again every second between pages, as the heartbeat would.
-    let mut checked = Instant::now();
+    // The token is checked before anything is read (a token revoked or expired since the last
+    // heartbeat must not open a bucket), then every second between pages, as the heartbeat would.
+    let mut checked: Option<Instant> = None;
     let mut recheck = async |tx: &mut Tx| -> Result<(), End> {
-        if checked.elapsed() >= CATCH_UP_TOKEN_CHECK {
+        if checked.is_none_or(|at| at.elapsed() >= CATCH_UP_TOKEN_CHECK) {
             check_token(tx, state, claims).await?;
-            checked = Instant::now();
+            checked = Some(Instant::now());
         }
         Ok(())
     };
+    recheck(tx).await?;
     let meta = meta_when_current(state, tenant, bucket, need, cursor).await?;
     let watermark = meta.projected_seq;
     // Where the read starts, and the horizon it began under (see `Cursor`): the cursors of

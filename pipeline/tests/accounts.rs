@@ -104,6 +104,16 @@ fn token(v: &Value, field: &str) -> String {
         .to_string()
 }
 
+/// A WebSocket to `base`'s subscribe endpoint with `token` in its `authorization` header.
+async fn ws_with_bearer(base: &str, token: &str) -> common::ws::Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let url = format!("{}/v1/subscribe", base.replace("http://", "ws://"));
+    let mut req = url.into_client_request().unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    tokio_tungstenite::connect_async(req).await.unwrap().0
+}
+
 async fn start(env: &TestEnv, roles: &[Role]) -> (pipeline::app::Running, Api) {
     let node = env.start(roles).await;
     let api = Api {
@@ -288,14 +298,7 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
     let r3 = token(&login, "refresh_token");
     let a3 = token(&login, "access_token");
     assert_eq!(api.put_doc(&a3, "todos", "t5").await, 200);
-    let mut ws = {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let url = format!("{}/v1/subscribe", api.base.replace("http://", "ws://"));
-        let mut req = url.into_client_request().unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {a3}").parse().unwrap());
-        tokio_tungstenite::connect_async(req).await.unwrap().0
-    };
+    let mut ws = ws_with_bearer(&api.base, &a3).await;
     common::ws::send_text(&mut ws, r#"{"type":"subscribe","bucket":"todos"}"#).await;
     let (s, _) = api
         .post("/v1/auth/logout", None, json!({"refresh_token": r3}))
@@ -315,6 +318,67 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
     let (s, _) = api.refresh(&r3).await;
     assert_eq!(s, 401);
     let (s, _) = api.get("/v1/auth/me", &a3).await;
+    assert_eq!(s, 401);
+
+    // A subscribe sent after the session ended is refused before anything of the bucket is
+    // read, not only at the next heartbeat.
+    let (_, login) = api
+        .post(
+            "/v1/auth/login",
+            None,
+            json!({"username": "ann", "password": "ann-correct-horse"}),
+        )
+        .await;
+    let a4 = token(&login, "access_token");
+    let mut ws = ws_with_bearer(&api.base, &a4).await;
+    assert_eq!(
+        common::ws::next_json(&mut ws).await.unwrap()["type"],
+        "hello"
+    );
+    let (s, _) = api
+        .post(
+            "/v1/auth/logout",
+            None,
+            json!({"refresh_token": token(&login, "refresh_token")}),
+        )
+        .await;
+    assert_eq!(s, 204);
+    common::ws::send_text(&mut ws, r#"{"type":"subscribe","bucket":"todos"}"#).await;
+    let mut got = Vec::new();
+    let closed = loop {
+        match common::ws::next_json_within(&mut ws, Duration::from_secs(10)).await {
+            Ok(m) => got.push(m["type"].as_str().unwrap_or_default().to_string()),
+            Err(code) => break code,
+        }
+    };
+    assert_eq!(closed, Some(4001), "{got:?}");
+    assert_eq!(
+        got,
+        ["subscribed", "error"],
+        "nothing of the bucket is sent"
+    );
+
+    // Logout with a spent refresh token (a thief refreshed first) ends the session the thief
+    // holds, as a refresh with it would.
+    let (_, login) = api
+        .post(
+            "/v1/auth/login",
+            None,
+            json!({"username": "ann", "password": "ann-correct-horse"}),
+        )
+        .await;
+    let first = token(&login, "refresh_token");
+    let (s, stolen) = api.refresh(&first).await;
+    assert_eq!(s, 200, "{stolen}");
+    let (s, _) = api
+        .post("/v1/auth/logout", None, json!({"refresh_token": first}))
+        .await;
+    assert_eq!(s, 204);
+    let (s, _) = api
+        .get("/v1/auth/me", &token(&stolen, "access_token"))
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = api.refresh(&token(&stolen, "refresh_token")).await;
     assert_eq!(s, 401);
 
     // A session remembers its last 32 spent tokens: one spent 33 rotations ago is merely

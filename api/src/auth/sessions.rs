@@ -176,6 +176,18 @@ local f = redis.call('HMGET', KEYS[1], 'user', 'name', 'tenant')
 return {1, f[1], f[2], f[3]}
 ";
 
+/// Ends the session when ARGV[1] is its current refresh token or one it spent (a copy of a
+/// spent one exists: as on a refresh, the family ends).
+const LOGOUT: &str = r"
+local cur = redis.call('HGET', KEYS[1], 'current')
+if not cur then return 0 end
+local spent = redis.call('HGET', KEYS[1], 'spent') or ','
+if cur == ARGV[1] or string.find(spent, ',' .. ARGV[1] .. ',', 1, true) then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
 const RESERVE: &str = r"
 for i, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then return i end
@@ -331,18 +343,19 @@ impl AuthStore {
         })
     }
 
-    /// Ends the session of a current refresh token. Returns whether one ended.
+    /// Ends the session of a refresh token: its current one, or one of the last it spent (as
+    /// a refresh with it would: a copy of it exists). Returns whether one ended.
     pub async fn logout_refresh(&self, token: &str) -> Result<bool, StoreError> {
         let Some((sid, secret)) = split_refresh(token) else {
             return Ok(false);
         };
-        let key = self.key("session", sid);
         let mut conn = self.conn.clone();
-        let current: Option<String> = conn.hget(&key, "current").await?;
-        if current.as_deref() != Some(digest(secret).as_str()) {
-            return Ok(false);
-        }
-        Ok(conn.del::<_, i64>(&key).await? > 0)
+        let ended: i64 = redis::Script::new(LOGOUT)
+            .key(self.key("session", sid))
+            .arg(digest(secret))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(ended > 0)
     }
 
     /// Ends a session by id (logout with an access token). Returns whether one ended.
