@@ -223,7 +223,7 @@ pub struct Overlay<'a> {
     tree: &'a sled::Tree,
     docs: HashMap<DocKey, DocState>,
     seqs: HashMap<BucketKey, u64>,
-    /// The sum of the held documents' [`DocState::stored_bound`]s.
+    /// The sum of the held documents' [`held_weight`]s.
     held: usize,
 }
 
@@ -238,9 +238,9 @@ impl<'a> Overlay<'a> {
         }
     }
 
-    /// About how many bytes of state the overlay holds, as its store would keep them: the sum
-    /// of an upper bound of each held document's encoded size ([`DocState::stored_bound`], which
-    /// [`processors::resolve_lww_bounded`] keeps). What a batch holds in memory grows with it.
+    /// About how many bytes of memory the held documents take: for each, an upper bound of its
+    /// encoded size ([`DocState::stored_bound`], which [`processors::resolve_lww_bounded`]
+    /// keeps) plus what its registers and devices take decoded beyond their encoding.
     pub fn held_bytes(&self) -> usize {
         self.held
     }
@@ -262,6 +262,23 @@ impl<'a> Overlay<'a> {
     pub fn is_empty(&self) -> bool {
         self.docs.is_empty() && self.seqs.is_empty()
     }
+}
+
+/// What a decoded register takes beyond its encoding, about: its dense key (32 bytes), its entry
+/// (path and register, 72) and its path's heap blocks, where the encoding of a one-digit field
+/// takes a few bytes.
+const REGISTER_OVERHEAD: usize = 192;
+
+/// What a decoded device entry takes beyond its encoding, about.
+const DEVICE_OVERHEAD: usize = 128;
+
+/// About how much memory `doc` takes decoded: an upper bound of its encoded size plus a fixed
+/// overhead per register and device (many small fields take several times their encoding).
+fn held_weight(doc: &DocState) -> usize {
+    doc.stored_bound
+        .0
+        .saturating_add(doc.registers.len() * REGISTER_OVERHEAD)
+        .saturating_add(doc.devices.len() * DEVICE_OVERHEAD)
 }
 
 /// Writes already-encoded state records into a task tree one by one, then the next changelog
@@ -302,9 +319,9 @@ impl ResolveState for Overlay<'_> {
     }
 
     fn store_doc(&mut self, key: &DocKey, doc: DocState) -> Result<(), StateError> {
-        self.held = self.held.saturating_add(doc.stored_bound.0);
+        self.held = self.held.saturating_add(held_weight(&doc));
         if let Some(old) = self.docs.insert(key.clone(), doc) {
-            self.held = self.held.saturating_sub(old.stored_bound.0);
+            self.held = self.held.saturating_sub(held_weight(&old));
         }
         Ok(())
     }
@@ -316,17 +333,17 @@ impl ResolveState for Overlay<'_> {
         f: impl FnOnce(&mut DocState) -> R,
     ) -> Result<R, StateError> {
         if let Some(doc) = self.docs.get_mut(key) {
-            let before = doc.stored_bound.0;
+            let before = held_weight(doc);
             let out = f(doc);
             self.held = self
                 .held
                 .saturating_sub(before)
-                .saturating_add(doc.stored_bound.0);
+                .saturating_add(held_weight(doc));
             return Ok(out);
         }
         let mut doc = read_doc(self.tree, key)?.unwrap_or_default();
         let out = f(&mut doc);
-        self.held = self.held.saturating_add(doc.stored_bound.0);
+        self.held = self.held.saturating_add(held_weight(&doc));
         self.docs.insert(key.clone(), doc);
         Ok(out)
     }
@@ -461,9 +478,11 @@ mod tests {
                 .unwrap()
                 .unwrap();
         }
+        // Two registers (blob, n) and one device each, beside their encoding.
         let held = overlay.held_bytes();
+        let per_doc = 2 * REGISTER_OVERHEAD + DEVICE_OVERHEAD;
         assert!(
-            held >= stored && held < stored + 4_096,
+            held >= stored + 2 * per_doc && held < stored + 2 * per_doc + 4_096,
             "held {held}, stored {stored}"
         );
         let in_records: usize = overlay
