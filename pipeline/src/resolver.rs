@@ -38,8 +38,8 @@ use processors::{
     Rejection,
 };
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Message, OwnedMessage};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message, OwnedMessage, Timestamp};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, ClientContext};
@@ -1478,11 +1478,7 @@ impl Resolver {
         overlay: &mut Overlay<'_>,
     ) -> Result<Vec<Output>, ResolverError> {
         let payload = m.payload().unwrap_or_default();
-        let received_at = m
-            .timestamp()
-            .to_millis()
-            .and_then(|t| u64::try_from(t).ok())
-            .unwrap_or_else(now_ms);
+        let received_at = received_at(m.timestamp(), now_ms());
         let control = crate::checkpoint::control_error(m);
         let record = InputRecord {
             key: m.key(),
@@ -1674,6 +1670,19 @@ fn poll_error(e: KafkaError) -> Result<(), ResolverError> {
     }
     tracing::warn!(error = %e, "resolver poll error");
     Ok(())
+}
+
+/// When a record arrived, the bound its write's clock is clamped against: the broker's append
+/// time (`data.changed` has `message.timestamp.type: LogAppendTime`). On a topic that keeps
+/// its producers' own times (`CreateTime`, as on a topic made before that setting), no later
+/// than `now`: a producer must not move the bound ahead by stamping its records ahead.
+fn received_at(ts: Timestamp, now: u64) -> u64 {
+    let ms = |t: i64| u64::try_from(t).unwrap_or(now);
+    match ts {
+        Timestamp::LogAppendTime(t) => ms(t),
+        Timestamp::CreateTime(t) => ms(t).min(now),
+        Timestamp::NotAvailable => now,
+    }
 }
 
 /// What a record counts against `resolver.batch_max_bytes`: its key and value.
@@ -2097,6 +2106,18 @@ fn partition_list(topic: &str, partitions: &[i32]) -> TopicPartitionList {
 }
 
 /// Moves every assigned partition back to its committed offset (after an aborted batch).
+/// Where [`rewind`] sends a partition whose committed offset the broker answered with `offset`
+/// and `error`: that offset, or the beginning when none was ever committed. A partition the
+/// broker answered with an error is an error (the clients are rebuilt), not the beginning, which
+/// would process days of input again.
+fn rewind_to(offset: Offset, error: KafkaResult<()>) -> Result<Offset, KafkaError> {
+    error?;
+    Ok(match offset {
+        Offset::Offset(o) => Offset::Offset(o),
+        _ => Offset::Beginning,
+    })
+}
+
 fn rewind(consumer: &BaseConsumer<TaskContext>) -> Result<(), ResolverError> {
     let assigned = consumer.assignment()?;
     if assigned.count() == 0 {
@@ -2105,11 +2126,7 @@ fn rewind(consumer: &BaseConsumer<TaskContext>) -> Result<(), ResolverError> {
     let committed = consumer.committed_offsets(assigned, Duration::from_secs(10))?;
     let mut target = TopicPartitionList::new();
     for e in committed.elements() {
-        let offset = match e.offset() {
-            Offset::Offset(o) => Offset::Offset(o),
-            _ => Offset::Beginning,
-        };
-        target.add_partition_offset(e.topic(), e.partition(), offset)?;
+        target.add_partition_offset(e.topic(), e.partition(), rewind_to(e.offset(), e.error())?)?;
     }
     consumer.seek_partitions(target, Duration::from_secs(10))?;
     Ok(())
@@ -2118,7 +2135,7 @@ fn rewind(consumer: &BaseConsumer<TaskContext>) -> Result<(), ResolverError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::message::{Header, OwnedHeaders, Timestamp};
+    use rdkafka::message::{Header, OwnedHeaders};
 
     /// A `data.changed` record at `partition`/`offset`; a checkpoint marker when `marker`.
     fn record(partition: i32, offset: i64, marker: bool) -> OwnedMessage {
@@ -2158,6 +2175,30 @@ mod tests {
             offset,
             None,
         )
+    }
+
+    #[test]
+    fn a_producers_own_timestamp_never_moves_the_clamp_bound_past_now() {
+        let now = 1_000_000;
+        assert_eq!(received_at(Timestamp::LogAppendTime(999_000), now), 999_000);
+        assert_eq!(received_at(Timestamp::CreateTime(999_000), now), 999_000);
+        assert_eq!(
+            received_at(Timestamp::CreateTime(now as i64 + 3_000_000), now),
+            now
+        );
+        assert_eq!(received_at(Timestamp::CreateTime(-5), now), now);
+        assert_eq!(received_at(Timestamp::NotAvailable, now), now);
+    }
+
+    #[test]
+    fn a_rewind_goes_to_the_committed_offset_and_never_to_the_beginning_on_an_error() {
+        assert_eq!(rewind_to(Offset::Offset(7), Ok(())), Ok(Offset::Offset(7)));
+        assert_eq!(rewind_to(Offset::Invalid, Ok(())), Ok(Offset::Beginning));
+        let refused = KafkaError::OffsetFetch(RDKafkaErrorCode::UnknownTopicOrPartition);
+        assert_eq!(
+            rewind_to(Offset::Invalid, Err(refused.clone())),
+            Err(refused)
+        );
     }
 
     #[test]
