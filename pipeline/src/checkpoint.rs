@@ -72,6 +72,9 @@ pub enum CheckpointRunError {
     /// The local state failed.
     #[error("state: {0}")]
     State(String),
+    /// Markers the broker did not take.
+    #[error("checkpoint {0} was not requested: {1}")]
+    Undelivered(String, String),
     /// The checkpoint did not complete in time.
     #[error("checkpoint {0} did not complete within {1:?}; is every processor running? (A processor that cannot write its snapshot records why in the checkpoint's directory, which this wait reports at once; one that cannot write there at all, e.g. on an unreachable checkpoint.dir, only logs `checkpoint snapshot failed`.)")]
     Timeout(String, Duration),
@@ -168,13 +171,36 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn producer(cfg: &Config) -> Result<BaseProducer, rdkafka::error::KafkaError> {
+/// A producer context that keeps why deliveries failed (the default drops it).
+#[derive(Default)]
+struct Deliveries {
+    failed: std::sync::Mutex<Vec<String>>,
+}
+
+impl rdkafka::ClientContext for Deliveries {}
+
+impl rdkafka::producer::ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, _: ()) {
+        if let Err((e, m)) = result {
+            self.failed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(format!("partition {}: {e}", m.partition()));
+        }
+    }
+}
+
+fn producer(cfg: &Config) -> Result<BaseProducer<Deliveries>, rdkafka::error::KafkaError> {
     ClientConfig::new()
         .set("bootstrap.servers", &cfg.kafka.brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "0")
         .set("compression.type", cfg.kafka.compression.codec())
-        .create()
+        // A broker that refuses a marker is an answer within this, not a wait of five minutes.
+        .set("message.timeout.ms", "25000")
+        .create_with_context(Deliveries::default())
 }
 
 /// Requests a checkpoint: one marker on every partition of `data.changed`. Blocking.
@@ -201,6 +227,15 @@ pub fn request(cfg: &Config) -> Result<Marker, CheckpointRunError> {
         p.send(record).map_err(|(e, _)| e)?;
     }
     p.flush(Duration::from_secs(30))?;
+    let failed = std::mem::take(&mut *p.context().failed.lock().unwrap_or_else(|e| e.into_inner()));
+    if !failed.is_empty() {
+        // Markers on some partitions only: those tasks snapshot, the others never do, and the
+        // checkpoint stays unfinished (and unlisted) until retention removes it.
+        return Err(CheckpointRunError::Undelivered(
+            marker.id,
+            failed.join("; "),
+        ));
+    }
     tracing::info!(id = %marker.id, partitions, "checkpoint requested");
     Ok(marker)
 }
@@ -380,6 +415,29 @@ pub fn next_due_ms(cfg: &Config) -> Option<u64> {
 mod tests {
     use super::*;
     use rdkafka::message::{Header, OwnedHeaders, OwnedMessage, Timestamp};
+
+    #[test]
+    fn a_marker_the_broker_refuses_fails_the_request_with_the_reason() {
+        use rdkafka::mocking::MockCluster;
+        use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+        let cluster = MockCluster::new(1).unwrap();
+        let mut cfg = Config::default();
+        cfg.kafka.brokers = cluster.bootstrap_servers();
+        cluster
+            .create_topic(&cfg.topic(topics::DATA_CHANGED), 3, 1)
+            .unwrap();
+        let marker = request(&cfg).expect("markers delivered");
+        assert_eq!(marker.partitions, 3);
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 10],
+        );
+        let err = request(&cfg).unwrap_err();
+        assert!(
+            matches!(&err, CheckpointRunError::Undelivered(_, why) if why.contains("partition")),
+            "{err}"
+        );
+    }
 
     fn control_record(payload: &str) -> OwnedMessage {
         let headers = OwnedHeaders::new().insert(Header {

@@ -217,10 +217,11 @@ fn from_mem(mem: &MemState) -> Records {
     out
 }
 
-/// The first and the current end offset of every partition of `topic` (read_committed readers
-/// stop at that end).
-fn bounds(
-    consumer: &BaseConsumer<topics::QuietEof>,
+/// The first and the current end offset of every partition of `topic`, as `consumer` is told
+/// them: a `read_committed` one (the restore's readers) is told the last stable offset, which
+/// stops before an undecided transaction; a [`topics::watermark_client`] the end of the log.
+fn bounds<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
     topic: &str,
 ) -> Result<BTreeMap<i32, (i64, i64)>, RestoreError> {
     let n = topics::wait_for_topic(consumer.client(), topic, Duration::from_secs(30))
@@ -634,7 +635,14 @@ fn check_unchanged(
 fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreError> {
     let manifest = crate::checkpoint::dir(cfg).verify(id)?;
     let control = reader(cfg, &cfg.topic("syncflow-restore-tool"))?;
-    let input = bounds(&control, &cfg.topic(topics::DATA_CHANGED))?;
+    // The input's true ends: a replay reads up to them (waiting for an undecided transaction,
+    // one a killed processor left, to be decided), and the resolver resumes there. The last
+    // stable offset would stop the replay before that transaction and leave every write after
+    // it to the resolver, past `--until` too.
+    let input = bounds(
+        &topics::watermark_client(&cfg.kafka.brokers)?,
+        &cfg.topic(topics::DATA_CHANGED),
+    )?;
     let input_ends: BTreeMap<i32, i64> = input.iter().map(|(&p, &(_, end))| (p, end)).collect();
     if let Some(why) = refusal(&manifest, &input, opts.replay, opts.until.as_ref()) {
         return Err(RestoreError::Refused(why));

@@ -910,23 +910,35 @@ async fn a_fresh_processor_takes_its_first_periodic_checkpoint_at_once() {
 /// A restore plans against the changelog read to its end, not to a `read_committed` reader's
 /// first end: records committed after a transaction still open (a processor killed with one
 /// open, before the broker aborts it) are waited for, not left out.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reading_the_changelog_waits_for_an_open_transaction_and_what_follows_it() {
-    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+/// A transactional producer that will leave its transaction open, as a killed processor does
+/// (for five minutes), and a plain one for the writes that follow it.
+fn killed_owner_and_later(
+    env: &TestEnv,
+) -> (
+    rdkafka::producer::BaseProducer,
+    rdkafka::producer::BaseProducer,
+) {
     use rdkafka::ClientConfig;
-
-    let env = TestEnv::new("clread").await;
-    let changelog = env.topic(pipeline::topics::RESOLVER_CHANGELOG);
-    let open: BaseProducer = ClientConfig::new()
+    let open = ClientConfig::new()
         .set("bootstrap.servers", &env.cfg.kafka.brokers)
         .set("transactional.id", env.topic("killed-owner"))
         .set("transaction.timeout.ms", "300000")
         .create()
         .unwrap();
-    let later: BaseProducer = ClientConfig::new()
+    let later = ClientConfig::new()
         .set("bootstrap.servers", &env.cfg.kafka.brokers)
         .create()
         .unwrap();
+    (open, later)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_changelog_waits_for_an_open_transaction_and_what_follows_it() {
+    use rdkafka::producer::{BaseRecord, Producer};
+
+    let env = TestEnv::new("clread").await;
+    let changelog = env.topic(pipeline::topics::RESOLVER_CHANGELOG);
+    let (open, later) = killed_owner_and_later(&env);
     tokio::task::block_in_place(|| {
         open.init_transactions(Duration::from_secs(30)).unwrap();
         open.begin_transaction().unwrap();
@@ -965,6 +977,88 @@ async fn reading_the_changelog_waits_for_an_open_transaction_and_what_follows_it
         .collect();
     let want = [("k1", "v1"), ("k2", "v2")].map(|(k, v)| (k.to_string(), v.to_string()));
     assert_eq!(got, BTreeMap::from(want));
+    env.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_reads_past_an_open_transaction_and_the_resolver_resumes_after_it() {
+    use rdkafka::consumer::Consumer;
+    use rdkafka::producer::{BaseRecord, Producer};
+
+    let env = TestEnv::new("ckopen").await;
+    let node = env.start(&[Role::Processor]).await;
+    produce_all(&env, &workload(31, 40, 2, 5)).await;
+    let c = checkpoint_now(&env).await;
+    node.stop().await.unwrap();
+
+    // A processor killed in a transaction left it open on the input, and writes followed it.
+    let input = env.topic(pipeline::topics::DATA_CHANGED);
+    let key = "acme/opened";
+    let p = pipeline::partition::partition_for(key.as_bytes(), PARTITIONS);
+    let write = |doc: &str| {
+        serde_json::json!({"v": 1, "event_id": format!("e-{doc}"), "tenant": "acme",
+            "bucket": "opened", "doc_id": doc, "device_id": "dev", "op": "set",
+            "doc": {"n": 1}})
+        .to_string()
+    };
+    let (open, later) = killed_owner_and_later(&env);
+    let (in_txn, after) = (write("in-txn"), write("after"));
+    tokio::task::block_in_place(|| {
+        open.init_transactions(Duration::from_secs(30)).unwrap();
+        open.begin_transaction().unwrap();
+        open.send(
+            BaseRecord::to(&input)
+                .partition(p)
+                .key(key)
+                .payload(&in_txn),
+        )
+        .unwrap();
+        open.flush(Duration::from_secs(10)).unwrap();
+        later
+            .send(BaseRecord::to(&input).partition(p).key(key).payload(&after))
+            .unwrap();
+        later.flush(Duration::from_secs(10)).unwrap();
+    });
+    // Past both writes (the transaction's commit marker, written later, is no write).
+    let end = tokio::task::block_in_place(|| {
+        pipeline::topics::watermark_client(&env.cfg.kafka.brokers)
+            .unwrap()
+            .fetch_watermarks(&input, p, Duration::from_secs(10))
+            .unwrap()
+            .1
+    });
+
+    let (cfg, id) = (env.cfg.clone(), c.id.clone());
+    let opts = RestoreOptions {
+        replay: true,
+        until: None,
+        dry_run: false,
+    };
+    let run =
+        tokio::spawn(
+            async move { pipeline::restore::run(&cfg, &id, &opts, |_| true, |_| {}).await },
+        );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !run.is_finished(),
+        "the replay did not wait for the open transaction: {:?}",
+        run.await.unwrap().map(|r| r.resume_offsets)
+    );
+    tokio::task::block_in_place(|| open.commit_transaction(Duration::from_secs(30)).unwrap());
+    let report = run.await.unwrap().expect("the replay");
+
+    // Both writes are in the replayed state, and the resolver resumes past them, not before the
+    // transaction (where it would apply them again).
+    assert_eq!(report.resume_offsets[&p], end, "{report:?}");
+    assert_eq!(report.replayed, 2, "{report:?}");
+    let docs = changelog_docs(&env);
+    for doc in ["in-txn", "after"] {
+        assert!(
+            docs.keys()
+                .any(|k| k.bucket.bucket == "opened" && k.doc_id == doc),
+            "{doc} is not in the replayed state"
+        );
+    }
     env.cleanup().await;
 }
 
