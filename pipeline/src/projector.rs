@@ -36,8 +36,10 @@ pub enum ProjectorError {
     /// A change of a format newer than this build reads: applying (or announcing) it as an older
     /// one could be wrong, and skipping it would lose it, so the projector or announcer stops
     /// until upgraded.
-    #[error("sync.events partition {partition} offset {offset} has event format {found}, newer than the {known} this build reads: upgrade the projector and announcer (nothing past it is applied or announced until then)")]
+    #[error("{topic} partition {partition} offset {offset} has event format {found}, newer than the {known} this build reads: upgrade the processes that read it (nothing past it is applied or announced until then)")]
     NewerFormat {
+        /// The topic.
+        topic: String,
         /// The record's partition.
         partition: i32,
         /// The record's offset.
@@ -123,6 +125,7 @@ pub(crate) fn decode_event(m: &BorrowedMessage<'_>) -> Result<Option<SyncEvent>,
     };
     if let Some(found) = version.filter(|v| *v > known) {
         return Err(ProjectorError::NewerFormat {
+            topic: m.topic().to_string(),
             partition: m.partition(),
             offset: m.offset(),
             found,
