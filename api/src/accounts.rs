@@ -394,10 +394,12 @@ pub async fn login(
     // and a 401 after a wrong one would make an unlimited oracle.
     acc.store.check_available().await?;
     if let Some(limiter) = &state.limiter {
-        limiter
-            .check_login(&name)
-            .await
-            .map_err(ApiError::limited)?;
+        limiter.check_login(&name).await.map_err(|r| match r {
+            crate::ratelimit::LoginRefused::Limited(l) => ApiError::limited(l),
+            crate::ratelimit::LoginRefused::Uncounted => ApiError::Unavailable(
+                "login attempts cannot be counted right now (redis); try again shortly".into(),
+            ),
+        })?;
     }
     let user = if name.contains('@') {
         acc.users.find_by_email(&name).await

@@ -73,6 +73,15 @@ pub struct Limited {
     pub retry_after: Duration,
 }
 
+/// Why a login attempt is refused before its password is checked.
+#[derive(Debug)]
+pub enum LoginRefused {
+    /// Too many attempts for the name.
+    Limited(Limited),
+    /// Redis could not count the attempt.
+    Uncounted,
+}
+
 impl Limited {
     /// Whole seconds for a `Retry-After` header (at least 1).
     pub fn retry_after_secs(&self) -> u64 {
@@ -192,10 +201,30 @@ impl RateLimiter {
         self.take(buckets.into_iter().flatten().collect()).await
     }
 
-    /// Checks a login attempt for `username`.
-    pub async fn check_login(&self, username: &str) -> Result<(), Limited> {
-        self.check_one("login", username, self.cfg.logins_per_min)
-            .await
+    /// Checks a login attempt for `username`. Unlike the other checks this one fails closed:
+    /// an attempt that cannot be counted (Redis refused the script, as a read-only replica or a
+    /// full `noeviction` instance does while still answering `PING`) is refused, or guessing a
+    /// password would be unlimited.
+    pub async fn check_login(&self, username: &str) -> Result<(), LoginRefused> {
+        if !self.cfg.enabled {
+            return Ok(());
+        }
+        if self.breaker.is_open() {
+            return Err(LoginRefused::Uncounted);
+        }
+        let b = Bucket::new(
+            self.key("login", username),
+            self.cfg.logins_per_min,
+            Duration::from_secs(60),
+        );
+        match self.run(b.into_iter().collect()).await {
+            Ok(Some(limited)) => Err(LoginRefused::Limited(limited)),
+            Ok(None) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "login attempts cannot be counted (redis); refused");
+                Err(LoginRefused::Uncounted)
+            }
+        }
     }
 
     /// Checks a registration.
@@ -218,6 +247,21 @@ impl RateLimiter {
             // Redis failed a moment ago: let requests through without waiting for it again.
             return Ok(());
         }
+        match self.run(buckets).await {
+            Ok(Some(limited)) => Err(limited),
+            Ok(None) => Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "rate limits unavailable (redis); request let through");
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes one request from each of `buckets` in Redis: `Some` when one of them is empty.
+    async fn run(&self, buckets: Vec<Bucket>) -> Result<Option<Limited>, redis::RedisError> {
+        if buckets.is_empty() {
+            return Ok(None);
+        }
         let script = redis::Script::new(GCRA);
         let mut call = script.prepare_invoke();
         for b in &buckets {
@@ -226,16 +270,12 @@ impl RateLimiter {
         let mut conn = self.conn.clone();
         let result = call.invoke_async::<i64>(&mut conn).await;
         self.breaker.record(&result);
-        match result {
-            Ok(wait_us) if wait_us > 0 => Err(Limited {
+        Ok(match result? {
+            wait_us if wait_us > 0 => Some(Limited {
                 retry_after: Duration::from_micros(wait_us as u64),
             }),
-            Ok(_) => Ok(()),
-            Err(e) => {
-                tracing::warn!(error = %e, "rate limits unavailable (redis); request let through");
-                Ok(())
-            }
-        }
+            _ => None,
+        })
     }
 }
 

@@ -26,10 +26,20 @@ pub struct Breaker {
 /// How long the breaker stays open after a failure.
 pub const BREAKER_OPEN_MS: u64 = 3_000;
 
+/// Milliseconds on a monotonic clock (since the first call): a wall clock stepped back would
+/// keep a breaker open for as long.
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 impl Breaker {
     /// Whether Redis failed within the last [`BREAKER_OPEN_MS`].
     pub fn is_open(&self) -> bool {
-        crate::now_ms()
+        monotonic_ms()
             < self
                 .open_until_ms
                 .load(std::sync::atomic::Ordering::Relaxed)
@@ -39,7 +49,7 @@ impl Breaker {
     pub fn record<T, E>(&self, result: &Result<T, E>) {
         if result.is_err() {
             self.open_until_ms.store(
-                crate::now_ms() + BREAKER_OPEN_MS,
+                monotonic_ms() + BREAKER_OPEN_MS,
                 std::sync::atomic::Ordering::Relaxed,
             );
         }

@@ -1088,3 +1088,59 @@ async fn the_service_token_cap_holds_under_concurrency_and_a_tenant_that_had_tok
     );
     env.cleanup().await;
 }
+
+/// Redis answers `PING` but refuses the login limiter's script (a read-only replica or a full
+/// `noeviction` instance does; here a user without `@scripting`): a login is refused with 503
+/// before its password is checked, not let through uncounted (a 401 for a wrong password and a
+/// 503 for a right one would be an unlimited oracle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_that_cannot_be_counted_is_refused_before_its_password_is_checked() {
+    let env = TestEnv::new("uncounted").await;
+    let (node, api) = start(&env, &[Role::Api, Role::Processor, Role::Projector]).await;
+    let (s, reg) = api.register("ann", json!({"tenant": "acme"})).await;
+    assert_eq!((s, &reg["visible"]), (201, &json!(true)), "{reg}");
+
+    let admin = redis::Client::open(env.cfg.redis.url.as_str()).unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+    let user = format!("noscript_{}", std::process::id());
+    let _: () = common::acl_user_without_scripting(&user, "noscript-pw")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut cfg = env.cfg.clone();
+    cfg.redis.url = format!("redis://{user}:noscript-pw@127.0.0.1:6379");
+    let other = pipeline::app::start(cfg, &[Role::Api]).await.unwrap();
+    let refused = Api {
+        base: format!("http://{}", other.api_addr.unwrap()),
+        http: reqwest::Client::new(),
+    };
+    for password in ["a-wrong-horse", "ann-correct-horse"] {
+        let (s, e) = refused
+            .post(
+                "/v1/auth/login",
+                None,
+                json!({"username": "ann", "password": password}),
+            )
+            .await;
+        assert_eq!(s, 503, "{e}");
+    }
+    // Where the attempt can be counted, the right password logs in.
+    let (s, e) = api
+        .post(
+            "/v1/auth/login",
+            None,
+            json!({"username": "ann", "password": "ann-correct-horse"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{e}");
+
+    other.stop().await.unwrap();
+    node.stop().await.unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    env.cleanup().await;
+}

@@ -350,18 +350,10 @@ async fn a_refused_mark_script_publishes_nothing_until_it_runs_and_then_once() {
         }
         cmd
     };
-    let _: () = acl(&[
-        "reset",
-        "on",
-        ">nolua-pw",
-        "~*",
-        "&*",
-        "+@all",
-        "-@scripting",
-    ])
-    .query_async(&mut admin)
-    .await
-    .unwrap();
+    let _: () = common::acl_user_without_scripting(&user, "nolua-pw")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
     let mut announcer_cfg = env.cfg.clone();
     announcer_cfg.redis.url = format!("redis://{user}:nolua-pw@127.0.0.1:6379");
     let processor = env.start(&[Role::Processor]).await;

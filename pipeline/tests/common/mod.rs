@@ -242,3 +242,19 @@ impl Drop for Outage {
         }
     }
 }
+
+/// `ACL SETUSER user` making a Redis user with `password` that may do everything but run
+/// scripts (as a read-only replica or a full `noeviction` instance refuses them).
+pub fn acl_user_without_scripting(user: &str, password: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("ACL");
+    cmd.arg("SETUSER").arg(user).arg(&[
+        "reset",
+        "on",
+        &format!(">{password}"),
+        "~*",
+        "&*",
+        "+@all",
+        "-@scripting",
+    ]);
+    cmd
+}
