@@ -76,7 +76,8 @@ port_open() { # port_open HOST PORT
 # PID 1 reaps it, which is not immediate on every machine)
 pid_alive() {
   local st
-  st="$(ps -o stat= -p "$1" 2>/dev/null)" || return 1
+  # /proc/PID/stat: "pid (comm) state ..."; comm may hold spaces, so cut after its ")".
+  st="$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1)" || return 1
   [[ -n "$st" && "$st" != Z* ]]
 }
 
@@ -125,8 +126,9 @@ spawn() { # spawn PIDFILE LOGFILE CMD...
   shift 2
   rm -f "$pidfile"
   # shellcheck disable=SC2016  # $$ and $@ are for the inner shell
+  # (Not holding this script's lock, fd 9: a daemon that did would block every later up/down.)
   setsid nohup bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" \
-    </dev/null >>"$logfile" 2>&1 &
+    </dev/null >>"$logfile" 2>&1 9>&- &
   local i
   for i in $(seq 1 50); do
     [[ -s "$pidfile" ]] && return 0
@@ -183,6 +185,8 @@ stop_service() { # stop_service NAME
       pid_alive "$pid" || break
       sleep 0.1
     done
+    # Not gone even after SIGKILL (stuck in the kernel): keep its pid file, and say so.
+    pid_alive "$pid" && die "$name: pid $pid survived SIGKILL; not stopped"
   fi
   rm -f "$f"
   log "$name: stopped (pid $pid) in $(elapsed "$t0")"
@@ -471,6 +475,8 @@ redis_install() {
     log "redis: stopping the instance started by the Debian package"
     service redis-server stop >/dev/null 2>&1 || systemctl stop redis-server >/dev/null 2>&1 || true
   fi
+  # ... and keep it from starting again at the next boot, where it would hold the port.
+  { systemctl disable redis-server || update-rc.d redis-server disable; } >/dev/null 2>&1 || true
 }
 
 redis_ready() {
@@ -496,7 +502,7 @@ redis_up() {
   redis-server --bind "$REDIS_HOST" --port "$REDIS_PORT" --protected-mode yes \
     --daemonize yes --pidfile "$(pid_file redis)" \
     --dir "$DATA/redis" --save "" --appendonly yes --appendfsync everysec \
-    --logfile "$LOGS/redis.log" --loglevel notice >/dev/null 2>&1 </dev/null || {
+    --logfile "$LOGS/redis.log" --loglevel notice >/dev/null 2>&1 </dev/null 9>&- || {
     show_logs "$LOGS/redis.log"
     die "redis: redis-server failed to start"
   }
@@ -564,6 +570,13 @@ main() {
   done
   ((${#services[@]})) || services=("${ALL_SERVICES[@]}")
 
+  # One `up` or `down` at a time (scripts/run.sh and scripts/test.sh started together would
+  # otherwise both start a broker, and one would be left running without its pid file).
+  if [[ "$cmd" != status ]] && command -v flock >/dev/null; then
+    mkdir -p "$DATA"
+    exec 9>"$DATA/services.lock"
+    flock 9
+  fi
   case "$cmd" in
     up)
       ensure_gitignore

@@ -37,8 +37,9 @@ if [ "$status" -eq 124 ] || [ "$status" -eq 137 ]; then
   echo "cargo test was stopped after ${TEST_TIMEOUT:-40m}: a test hung (the last one running is named above)" >&2
 fi
 
-passed=$(grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
+# (No match, as when the tests did not build, is a count of 0, not the end of this script.)
+passed=$({ grep -Eo 'test result: [A-Za-z]+\. [0-9]+ passed' "$log" || true; } | awk '{s+=$4} END {print s+0}')
+failed=$({ grep -Eo '[0-9]+ failed;' "$log" || true; } | awk '{s+=$1} END {print s+0}')
 echo
 echo "== summary: ${passed} passed, ${failed} failed ($(( $(date +%s) - start ))s)"
 if [ "$checks" -ne 0 ]; then

@@ -303,6 +303,24 @@ fn live_policy_problem(
     policy_problem(name, policy).map(|why| format!("{full}: {why}"))
 }
 
+/// How a live topic's `(partitions, replication factor)` differ from its spec.
+fn count_drift(full: &str, spec: &TopicSpec, (partitions, rf): (i32, i32)) -> Vec<String> {
+    let mut out = Vec::new();
+    if partitions != spec.partitions {
+        out.push(format!(
+            "{full}: {partitions} partitions live, {} in the file",
+            spec.partitions
+        ));
+    }
+    if rf != spec.replication_factor {
+        out.push(format!(
+            "{full}: replication factor {rf} live, {} in the file",
+            spec.replication_factor
+        ));
+    }
+    out
+}
+
 /// Checks the live `cleanup.policy` of `topics` (unprefixed names, `prefix` prepended) against
 /// [`policy_problem`]; the error lists every problem found.
 pub async fn check_live_policies(
@@ -368,19 +386,8 @@ pub async fn apply(
         let full = format!("{prefix}{name}");
         match live.get(&full) {
             None => to_create.push((full, spec)),
-            Some(&(partitions, rf)) => {
-                if partitions != spec.partitions {
-                    report.drift.push(format!(
-                        "{full}: {partitions} partitions live, {} in the file",
-                        spec.partitions
-                    ));
-                }
-                if rf != spec.replication_factor {
-                    report.drift.push(format!(
-                        "{full}: replication factor {rf} live, {} in the file",
-                        spec.replication_factor
-                    ));
-                }
+            Some(&counts) => {
+                report.drift.extend(count_drift(&full, spec, counts));
                 existing.push((full, spec));
             }
         }
@@ -407,7 +414,25 @@ pub async fn apply(
             match result {
                 Ok(name) => report.created.push(name),
                 Err((name, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {
-                    report.unchanged.push(name)
+                    // Made meanwhile (another apply), or missing from the metadata above: it is
+                    // checked like every live topic, not taken for one made from the file.
+                    let Some((full, spec)) = to_create.iter().find(|(full, _)| *full == name)
+                    else {
+                        continue;
+                    };
+                    let md = admin
+                        .inner()
+                        .fetch_metadata(Some(full), timeout)
+                        .map_err(kafka)?;
+                    if let Some(t) = md.topics().first().filter(|t| t.error().is_none()) {
+                        let rf = t
+                            .partitions()
+                            .first()
+                            .map_or(0, |p| p.replicas().len() as i32);
+                        let counts = (t.partitions().len() as i32, rf);
+                        report.drift.extend(count_drift(full, spec, counts));
+                    }
+                    existing.push((full.clone(), *spec));
                 }
                 Err((name, code)) => {
                     return Err(TopicsError::Kafka(format!("creating {name}: {code}")))
