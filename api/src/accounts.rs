@@ -221,10 +221,17 @@ pub async fn register(
                     .keys
                     .verify_kind(invite.trim(), &[TokenKind::Invite])
                     .map_err(|e| ApiError::Unauthorized(format!("invitation: {e}")))?;
-                let jti = claims
+                let id = claims
                     .jti
                     .ok_or_else(|| ApiError::Unauthorized("invitation without an id".into()))?;
-                (claims.tenant, claims.grants, Some((jti, claims.exp)), false)
+                let invite = crate::auth::sessions::Invite {
+                    id,
+                    grants: claims.grants.clone(),
+                    created_by: claims.sub,
+                    created_at: claims.iat,
+                    expires_at: claims.exp,
+                };
+                (claims.tenant, claims.grants, Some(invite), false)
             }
             _ => return Err(ApiError::bad_request(
                 "invalid_body",
@@ -278,14 +285,14 @@ pub async fn register(
             tracing::warn!(error = %e, "releasing a failed registration's reservations");
         }
     };
-    if let Some((jti, _)) = &invite_id {
-        match acc.store.use_invite(jti).await {
+    if let Some(invite) = &invite_id {
+        match acc.store.use_invite(&invite.id).await {
             Ok(true) => {}
             Ok(false) => {
                 release().await;
                 return Err(ApiError::Conflict {
                     code: "invite_used",
-                    message: "this invitation was used already or has expired".into(),
+                    message: "this invitation was used already, withdrawn or has expired".into(),
                 });
             }
             Err(e) => {
@@ -298,10 +305,10 @@ pub async fn register(
     // lifetime), so that the retry a 503 asks for can use it.
     let undo = || async {
         release().await;
-        if let Some((jti, exp)) = &invite_id {
-            let left = exp.saturating_sub(now_ms() / 1000);
+        if let Some(invite) = &invite_id {
+            let left = invite.expires_at.saturating_sub(now_ms() / 1000);
             if left > 0 {
-                if let Err(e) = acc.store.add_invite(jti, left).await {
+                if let Err(e) = acc.store.put_invite(&tenant, invite, left).await {
                     tracing::warn!(error = %e, "giving a failed registration's invitation back");
                 }
             }

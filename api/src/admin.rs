@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::accounts::{accounts, read_json};
-use crate::auth::sessions::ServiceToken;
+use crate::auth::sessions::{Invite, ServiceToken};
 use crate::auth::{Claims, Grant, Perm, TokenKind};
 use crate::error::ApiError;
 use crate::routes::verified;
@@ -253,15 +253,86 @@ pub async fn create_invite(
         req.grants,
         ttl,
     );
-    let jti = claims.jti.clone().expect("issued with an id");
-    let expires_at = claims.exp;
+    let record = Invite {
+        id: claims.jti.clone().expect("issued with an id"),
+        grants: claims.grants.clone(),
+        created_by: caller.sub.clone(),
+        created_at: claims.iat,
+        expires_at: claims.exp,
+    };
+    let (jti, expires_at) = (record.id.clone(), claims.exp);
     acc.store.mark_tenant(&caller.tenant).await?;
-    acc.store.add_invite(&jti, ttl).await?;
+    if let Some(pending) = acc
+        .store
+        .add_invite(&caller.tenant, &record, ttl, MAX_PENDING_INVITES)
+        .await?
+    {
+        return Err(ApiError::Conflict {
+            code: "too_many_invites",
+            message: format!(
+                "the tenant has {pending} pending invitations, the most allowed; withdraw some first"
+            ),
+        });
+    }
     let invite = state.keys.sign(claims);
     Ok((
         StatusCode::CREATED,
         Json(json!({"invite": invite, "id": jti, "expires_at": expires_at})),
     ))
+}
+
+/// Most pending invitations a tenant may have: its list is read whole on every list, withdrawal
+/// and new invitation.
+pub const MAX_PENDING_INVITES: usize = 1_000;
+
+/// `GET /v1/tenant/invites`: the tenant's pending invitations whose grants the caller
+/// administers (those it could have made; never the invitations themselves).
+pub async fn list_invites(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = admin_caller(&state, &headers).await?;
+    // Answers only a token that administers something (as making an invitation does).
+    if !caller.grants.iter().any(|g| g.perms.contains(&Perm::Admin)) {
+        return Err(ApiError::Forbidden(
+            "listing invitations needs an admin grant".into(),
+        ));
+    }
+    let list: Vec<Invite> = accounts(&state)?
+        .store
+        .list_invites(&caller.tenant, now_ms() / 1000)
+        .await?
+        .into_iter()
+        .filter(|i| check_giving(&caller, &i.grants).is_ok())
+        .collect();
+    Ok(Json(json!({ "invites": list })))
+}
+
+/// `DELETE /v1/tenant/invites/{id}`: withdraws a pending invitation at once. Allowed to
+/// whoever administers every grant it gives (a tenant admin for one that gives none).
+pub async fn withdraw_invite(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = admin_caller(&state, &headers).await?;
+    let acc = accounts(&state)?;
+    let list = acc
+        .store
+        .list_invites(&caller.tenant, now_ms() / 1000)
+        .await?;
+    let invite = list.iter().find(|i| i.id == id).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no pending invitation {id:?} in this tenant (used, withdrawn or expired?)"
+        ))
+    })?;
+    check_giving(&caller, &invite.grants)?;
+    if !acc.store.withdraw_invite(&caller.tenant, &id).await? {
+        return Err(ApiError::NotFound(format!(
+            "invitation {id:?} was used or withdrawn meanwhile"
+        )));
+    }
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]

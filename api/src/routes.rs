@@ -38,7 +38,14 @@ pub fn router(state: AppState) -> Router {
             "/v1/tenant/users/{username}/grants",
             put(crate::admin::set_grants),
         )
-        .route("/v1/tenant/invites", post(crate::admin::create_invite))
+        .route(
+            "/v1/tenant/invites",
+            get(crate::admin::list_invites).post(crate::admin::create_invite),
+        )
+        .route(
+            "/v1/tenant/invites/{id}",
+            delete(crate::admin::withdraw_invite),
+        )
         .route(
             "/v1/tenant/service-tokens",
             get(crate::admin::list_service_tokens).post(crate::admin::create_service_token),

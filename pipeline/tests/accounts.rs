@@ -1144,3 +1144,113 @@ async fn a_login_that_cannot_be_counted_is_refused_before_its_password_is_checke
         .unwrap();
     env.cleanup().await;
 }
+
+/// A tenant's pending invitations can be listed (by whoever administers what they grant) and
+/// withdrawn before anyone uses them; a used or withdrawn one is gone from the list and refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_invitations_are_listed_and_can_be_withdrawn() {
+    let env = TestEnv::new("invites").await;
+    let (node, api) = start(&env, &[Role::Api, Role::Processor, Role::Projector]).await;
+    let (s, ann) = api.register("ann", json!({"tenant": "acme"})).await;
+    assert_eq!(s, 201, "{ann}");
+    let admin = token(&ann, "access_token");
+    let invite = |grants: Value| {
+        let api = &api;
+        let admin = admin.clone();
+        async move {
+            let (s, inv) = api
+                .post(
+                    "/v1/tenant/invites",
+                    Some(&admin),
+                    json!({ "grants": grants }),
+                )
+                .await;
+            assert_eq!(s, 201, "{inv}");
+            (token(&inv, "id"), token(&inv, "invite"))
+        }
+    };
+    let ids = |list: &Value| -> Vec<String> {
+        list["invites"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{list}"))
+            .iter()
+            .map(|i| i["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let delete = |id: &str, token: &str| {
+        let path = format!("/v1/tenant/invites/{id}");
+        let api = &api;
+        let token = token.to_string();
+        async move {
+            api.call(reqwest::Method::DELETE, &path, Some(&token), None)
+                .await
+                .0
+        }
+    };
+
+    let (bob_id, bob_inv) = invite(json!([{"bucket": "notes*", "perms": ["admin"]}])).await;
+    let (todos_id, _) = invite(json!([{"bucket": "todos", "perms": ["read"]}])).await;
+    let (notes_id, notes_inv) = invite(json!([{"bucket": "notes-1", "perms": ["read"]}])).await;
+    let (s, list) = api.get("/v1/tenant/invites", &admin).await;
+    assert_eq!(s, 200, "{list}");
+    assert_eq!(ids(&list), [bob_id.as_str(), &todos_id, &notes_id]);
+    let first = &list["invites"][0];
+    assert_eq!(
+        first["grants"],
+        json!([{"bucket": "notes*", "perms": ["admin"]}])
+    );
+    assert!(first["expires_at"].as_u64().unwrap() > first["created_at"].as_u64().unwrap());
+    assert!(
+        first.get("invite").is_none(),
+        "never the invitation itself: {first}"
+    );
+
+    // A used invitation leaves the list.
+    let (s, bob) = api.register("bob", json!({"invite": bob_inv})).await;
+    assert_eq!(s, 201, "{bob}");
+    let (_, list) = api.get("/v1/tenant/invites", &admin).await;
+    assert_eq!(ids(&list), [todos_id.as_str(), &notes_id]);
+
+    // Bob administers notes*: he sees and may withdraw only the invitation within it.
+    let bob_access = token(&bob, "access_token");
+    let (s, list) = api.get("/v1/tenant/invites", &bob_access).await;
+    assert_eq!(s, 200, "{list}");
+    assert_eq!(ids(&list), [notes_id.as_str()]);
+    assert_eq!(delete(&todos_id, &bob_access).await, 403);
+    assert_eq!(delete(&notes_id, &bob_access).await, 204);
+    assert_eq!(delete(&notes_id, &bob_access).await, 404);
+    let (s, e) = api.register("carol", json!({"invite": notes_inv})).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("invite_used")),
+        "a withdrawn invitation is refused: {e}"
+    );
+
+    // Another tenant's admin cannot see or withdraw acme's; a member without admin lists nothing.
+    let (s, eve) = api.register("eve", json!({"tenant": "evil"})).await;
+    assert_eq!(s, 201, "{eve}");
+    let eve_admin = token(&eve, "access_token");
+    assert_eq!(delete(&todos_id, &eve_admin).await, 404);
+    let (_, list) = api.get("/v1/tenant/invites", &eve_admin).await;
+    assert_eq!(ids(&list), Vec::<String>::new());
+    let (_, list) = api.get("/v1/tenant/invites", &admin).await;
+    assert_eq!(ids(&list), [todos_id.as_str()]);
+    let (_, reader) = api
+        .post(
+            "/v1/tenant/invites",
+            Some(&admin),
+            json!({"grants": [{"bucket": "todos", "perms": ["read"]}]}),
+        )
+        .await;
+    let (s, dan) = api
+        .register("dan", json!({"invite": token(&reader, "invite")}))
+        .await;
+    assert_eq!(s, 201, "{dan}");
+    let (s, _) = api
+        .get("/v1/tenant/invites", &token(&dan, "access_token"))
+        .await;
+    assert_eq!(s, 403);
+
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}

@@ -188,6 +188,16 @@ async fn every_endpoint_refuses_bad_tokens_and_never_leaks_another_tenants_data(
         ),
         (
             reqwest::Method::GET,
+            format!("{base}/v1/tenant/invites"),
+            None,
+        ),
+        (
+            reqwest::Method::DELETE,
+            format!("{base}/v1/tenant/invites/some-id"),
+            None,
+        ),
+        (
+            reqwest::Method::GET,
             format!("{base}/v1/tenant/service-tokens"),
             None,
         ),
@@ -223,7 +233,8 @@ async fn every_endpoint_refuses_bad_tokens_and_never_leaks_another_tenants_data(
             } else if url.ends_with("/logout") {
                 assert_eq!(status, 400, "a development token has no session: {text}");
             } else if url.ends_with("/some-id") {
-                // Revoking is checked against the token being revoked: there is none here.
+                // Revoking (withdrawing) is checked against the token (invitation) it names:
+                // there is none here.
                 assert_eq!(status, 404, "{name}: {text}");
             } else {
                 assert_eq!(status, 403, "{name} {method} {url}: {text}");

@@ -79,6 +79,21 @@ pub struct ServiceToken {
     pub operator: bool,
 }
 
+/// A pending invitation (never the invitation itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invite {
+    /// Its id (`jti`).
+    pub id: String,
+    /// What it grants the member who registers with it.
+    pub grants: Vec<super::Grant>,
+    /// Who made it (`sub` of the token).
+    pub created_by: String,
+    /// When, seconds since the epoch.
+    pub created_at: u64,
+    /// Expiry, seconds since the epoch.
+    pub expires_at: u64,
+}
+
 /// Which unique name is already taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Taken {
@@ -490,15 +505,91 @@ impl AuthStore {
         Ok(())
     }
 
-    /// Stores an invitation's id until it is used or `ttl_secs` pass.
-    pub async fn add_invite(&self, jti: &str, ttl_secs: u64) -> Result<(), StoreError> {
+    /// Stores an invitation of `tenant` until it is used, withdrawn or `ttl_secs` pass, unless
+    /// the tenant has `cap` pending already. `Ok(None)` when stored, `Ok(Some(n))` when refused
+    /// with `n` pending.
+    pub async fn add_invite(
+        &self,
+        tenant: &str,
+        invite: &Invite,
+        ttl_secs: u64,
+        cap: usize,
+    ) -> Result<Option<usize>, StoreError> {
+        // Used and expired ones leave the tenant's list first, so that they do not count.
+        let pending = self.list_invites(tenant, invite.created_at).await?.len();
+        if pending >= cap {
+            return Ok(Some(pending));
+        }
+        self.put_invite(tenant, invite, ttl_secs).await?;
+        Ok(None)
+    }
+
+    /// Makes a used invitation pending again for `ttl_secs` (a registration that failed after
+    /// using it gives it back).
+    pub async fn put_invite(
+        &self,
+        tenant: &str,
+        invite: &Invite,
+        ttl_secs: u64,
+    ) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
-        conn.set_ex::<_, _, ()>(self.key("invite", jti), 1, ttl_secs)
+        let json = serde_json::to_string(invite).expect("plain struct");
+        redis::pipe()
+            .atomic()
+            .set_ex(self.key("invite", &invite.id), 1, ttl_secs)
+            .hset(self.key("invites", tenant), &invite.id, json)
+            .query_async::<()>(&mut conn)
             .await?;
         Ok(())
     }
 
-    /// Uses an invitation. Returns false if it was used already or expired.
+    /// The pending invitations of `tenant`, oldest first; used, withdrawn and expired ones are
+    /// dropped from its list.
+    pub async fn list_invites(
+        &self,
+        tenant: &str,
+        now_secs: u64,
+    ) -> Result<Vec<Invite>, StoreError> {
+        let key = self.key("invites", tenant);
+        let mut conn = self.conn.clone();
+        let all: Vec<(String, String)> = conn.hgetall(&key).await?;
+        if all.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut alive = redis::pipe();
+        for (id, _) in &all {
+            alive.exists(self.key("invite", id));
+        }
+        let alive: Vec<bool> = alive.query_async(&mut conn).await?;
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for ((id, json), alive) in all.into_iter().zip(alive) {
+            match serde_json::from_str::<Invite>(&json) {
+                Ok(i) if alive && i.expires_at > now_secs => out.push(i),
+                _ => gone.push(id),
+            }
+        }
+        if !gone.is_empty() {
+            conn.hdel::<_, _, ()>(&key, &gone).await?;
+        }
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Withdraws a pending invitation of `tenant`: it can no longer be used. Returns whether it
+    /// was still pending.
+    pub async fn withdraw_invite(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let (used, _): (i64, i64) = redis::pipe()
+            .atomic()
+            .del(self.key("invite", id))
+            .hdel(self.key("invites", tenant), id)
+            .query_async(&mut conn)
+            .await?;
+        Ok(used > 0)
+    }
+
+    /// Uses an invitation. Returns false if it was used already, withdrawn or expired.
     pub async fn use_invite(&self, jti: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         Ok(conn.del::<_, i64>(self.key("invite", jti)).await? > 0)
