@@ -608,7 +608,8 @@ main() {
           service_pid "$s" >/dev/null && running=1
         done
         ((running)) && die "--wipe: other services are still running; run 'down --wipe' without a service list"
-        rm -rf "$DATA"
+        # Everything but the lock this script holds (a waiting up must find the same file).
+        find "$DATA" -mindepth 1 -maxdepth 1 ! -name services.lock -exec rm -rf {} +
         log "wiped $DATA"
       fi
       ;;

@@ -308,8 +308,14 @@ pub async fn register(
         if let Some(invite) = &invite_id {
             let left = invite.expires_at.saturating_sub(now_ms() / 1000);
             if left > 0 {
-                if let Err(e) = acc.store.put_invite(&tenant, invite, left).await {
-                    tracing::warn!(error = %e, "giving a failed registration's invitation back");
+                match acc.store.put_invite(&tenant, invite, left).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::info!(id = %invite.id, "a failed registration's invitation was withdrawn meanwhile; not given back")
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "giving a failed registration's invitation back")
+                    }
                 }
             }
         }

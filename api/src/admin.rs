@@ -317,20 +317,22 @@ pub async fn withdraw_invite(
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = admin_caller(&state, &headers).await?;
     let acc = accounts(&state)?;
-    let list = acc
-        .store
-        .list_invites(&caller.tenant, now_ms() / 1000)
-        .await?;
-    let invite = list.iter().find(|i| i.id == id).ok_or_else(|| {
+    let not_pending = || {
         ApiError::NotFound(format!(
             "no pending invitation {id:?} in this tenant (used, withdrawn or expired?)"
         ))
-    })?;
+    };
+    let invite = acc
+        .store
+        .invite(&caller.tenant, &id)
+        .await?
+        .filter(|i| i.expires_at > now_ms() / 1000)
+        .ok_or_else(not_pending)?;
     check_giving(&caller, &invite.grants)?;
-    if !acc.store.withdraw_invite(&caller.tenant, &id).await? {
-        return Err(ApiError::NotFound(format!(
-            "invitation {id:?} was used or withdrawn meanwhile"
-        )));
+    // Withdrawn for good even when a registration is using it right now: if that one fails, it
+    // cannot give the invitation back.
+    if !acc.store.withdraw_invite(&caller.tenant, &invite).await? {
+        return Err(not_pending());
     }
     Ok(StatusCode::NO_CONTENT)
 }

@@ -18,9 +18,9 @@
 //!    ([`state::store::write_records`]). sled is never ahead of Kafka. If anything fails before
 //!    the commit, the transaction is aborted, the overlay dropped and the consumer rewound to the
 //!    committed offsets. That includes a batch whose overlays come to hold more state than
-//!    `resolver.batch_max_bytes`: the batches after it take half as many records (then twice as
-//!    many again after each commit), so a burst of writes to large documents cannot hold them
-//!    all in memory at once.
+//!    `resolver.batch_max_bytes`: the batches after it take half as many records (then an eighth
+//!    more after each commit), so a burst of writes to large documents cannot hold them all in
+//!    memory at once.
 //!
 //! A record that lands in the wrong partition (a producer with another partitioner) is forwarded,
 //! inside the same transaction, to the partition Kafka's default partitioner gives its key, so
@@ -531,8 +531,8 @@ pub struct Resolver {
     checkpoint_due_ms: Option<u64>,
     /// Records in the previous batch (the linger applies only when it shows load).
     last_batch_len: usize,
-    /// After a batch held too much state: the records a batch may hold, doubled after each
-    /// batch that commits until `resolver.batch_max` is reached again.
+    /// After a batch held too much state: the records a batch may hold, an eighth more after
+    /// each batch that commits until `resolver.batch_max` is reached again.
     batch_cap: Option<usize>,
 }
 
@@ -848,9 +848,11 @@ impl Resolver {
             match self.process_batch(&consumer, &producer, &batch, &generation, gen_at_start) {
                 Ok(()) => {
                     self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                    // An eighth more after each commit: back at the size that failed only after
+                    // several commits, not at once (which would fail every other batch).
                     self.batch_cap = self
                         .batch_cap
-                        .map(|cap| cap.saturating_mul(2))
+                        .map(|cap| cap + cap / 8 + 1)
                         .filter(|cap| (*cap as u64) < self.cfg.resolver.batch_max);
                     *self
                         .stats
@@ -1316,14 +1318,20 @@ impl Resolver {
             lag_ms = timing.lag_ms,
             "batch phases"
         );
-        if applied.is_ok() {
-            *self
-                .stats
-                .last_batch
-                .lock()
-                .unwrap_or_else(|p| p.into_inner()) = Some(timing);
+        if let Err(e) = applied {
+            // Committed in Kafka, but not all of it in sled: every task of the batch catches up
+            // from its changelog before its next batch (the failed one is wiped as well, by the
+            // caller). Not left to the abort that follows failing on a committed transaction.
+            for p in &partitions {
+                self.restored.remove(p);
+            }
+            return Err(e);
         }
-        applied?;
+        *self
+            .stats
+            .last_batch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(timing);
         Ok(())
     }
 

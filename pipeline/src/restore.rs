@@ -369,13 +369,20 @@ fn replay_input(
         tpl.add_partition_offset(&topic, p, Offset::Offset(part.input_offset))?;
         consumer.assign(&tpl)?;
         let mut stopped = false;
-        let deadline = std::time::Instant::now() + OPEN_TRANSACTION_WAIT;
+        // How long the read may go without a record before it gives up: reset by every record.
+        let mut deadline = std::time::Instant::now() + OPEN_TRANSACTION_WAIT;
         loop {
             let m = match consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) => m,
                 // The end a `read_committed` reader is told is the last stable offset: before
-                // an open transaction, committed writes after it are not read yet.
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => {
+                // an open transaction, committed writes after it are not read yet (the reader
+                // is told that end once, then nothing until the transaction is decided).
+                other => {
+                    if let Some(Err(e)) = &other {
+                        if !matches!(e, rdkafka::error::KafkaError::PartitionEOF(_)) {
+                            tracing::warn!(error = %e, "replay read error; retrying");
+                        }
+                    }
                     let position = consumer.position()?;
                     let at = position.find_partition(&topic, p).map(|e| e.offset());
                     if matches!(at, Some(Offset::Offset(o)) if o >= end) {
@@ -383,17 +390,13 @@ fn replay_input(
                     }
                     if std::time::Instant::now() > deadline {
                         return Err(RestoreError::Busy(format!(
-                            "a transaction in {topic} partition {p} stayed open for {OPEN_TRANSACTION_WAIT:?} (is a processor still running?): nothing was changed"
+                            "nothing more of {topic} partition {p} could be read for {OPEN_TRANSACTION_WAIT:?}, short of its end {end}: a transaction in it stayed open (is a processor still running?); nothing was changed"
                         )));
                     }
                     continue;
                 }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "replay read error; retrying");
-                    continue;
-                }
-                None => continue,
             };
+            deadline = std::time::Instant::now() + OPEN_TRANSACTION_WAIT;
             if m.offset() >= end {
                 break;
             }

@@ -424,13 +424,19 @@ pub async fn apply(
                         .inner()
                         .fetch_metadata(Some(full), timeout)
                         .map_err(kafka)?;
-                    if let Some(t) = md.topics().first().filter(|t| t.error().is_none()) {
-                        let rf = t
-                            .partitions()
-                            .first()
-                            .map_or(0, |p| p.replicas().len() as i32);
-                        let counts = (t.partitions().len() as i32, rf);
-                        report.drift.extend(count_drift(full, spec, counts));
+                    match md.topics().first() {
+                        Some(t) if t.error().is_none() => {
+                            let rf = t
+                                .partitions()
+                                .first()
+                                .map_or(0, |p| p.replicas().len() as i32);
+                            let counts = (t.partitions().len() as i32, rf);
+                            report.drift.extend(count_drift(full, spec, counts));
+                        }
+                        other => report.drift.push(format!(
+                            "{full}: exists, but its partitions could not be read ({:?})",
+                            other.and_then(|t| t.error())
+                        )),
                     }
                     existing.push((full.clone(), *spec));
                 }

@@ -1251,6 +1251,37 @@ async fn pending_invitations_are_listed_and_can_be_withdrawn() {
         .await;
     assert_eq!(s, 403);
 
+    // Withdrawn while a registration is using it: that registration, failing, cannot give it
+    // back (it would be valid again for the rest of its life).
+    let conn = api::redis_conn::manager(&env.cfg.redis.url).unwrap();
+    let store = api::auth::sessions::AuthStore::new(conn, &env.cfg.kafka.topic_prefix);
+    let (racing_id, racing_inv) = invite(json!([{"bucket": "todos", "perms": ["read"]}])).await;
+    let record = store.invite("acme", &racing_id).await.unwrap().unwrap();
+    assert!(store.use_invite(&racing_id).await.unwrap());
+    assert_eq!(delete(&racing_id, &admin).await, 404, "in use, not pending");
+    assert!(!store.put_invite("acme", &record, 600).await.unwrap());
+    let (s, e) = api.register("frank", json!({"invite": racing_inv})).await;
+    assert_eq!(
+        (s, e["error"]["code"].as_str()),
+        (409, Some("invite_used")),
+        "{e}"
+    );
+
+    // The cap holds under concurrent invitations.
+    let adds = (0..20).map(|i| {
+        let store = store.clone();
+        let mut record = record.clone();
+        record.id = format!("cap-{i}");
+        async move { store.add_invite("capped", &record, 600, 5).await.unwrap() }
+    });
+    let refused = futures::future::join_all(adds)
+        .await
+        .into_iter()
+        .filter(Option::is_some)
+        .count();
+    assert_eq!(refused, 15);
+    assert_eq!(store.list_invites("capped", 0).await.unwrap().len(), 5);
+
     node.stop().await.unwrap();
     env.cleanup().await;
 }

@@ -737,7 +737,10 @@ async fn a_change_of_a_newer_format_stops_the_projector_instead_of_being_skipped
     assert_eq!(mark, Some(1), "announced past the change of a newer format");
     // Stopped while it refuses the change, the projector role ends with the reason.
     if let Err(e) = node.stop().await {
-        assert!(e.to_string().contains("upgrade the projector"), "{e}");
+        assert!(
+            e.to_string().contains("upgrade the processes that read it"),
+            "{e}"
+        );
     }
     env.cleanup().await;
 }

@@ -203,6 +203,37 @@ end
 return 0
 ";
 
+/// Stores an invitation unless it was withdrawn or its tenant holds `cap` (ARGV[4], -1: no cap).
+/// KEYS: its marker, the tenant's list, its withdrawal mark; ARGV: id, record, ttl, cap. Returns
+/// -1 (stored), -2 (withdrawn: not stored) or the count held (refused).
+const PUT_INVITE: &str = r"
+if redis.call('EXISTS', KEYS[3]) == 1 then return -2 end
+local cap = tonumber(ARGV[4])
+if cap >= 0 then
+  local held = redis.call('HLEN', KEYS[2])
+  if held >= cap then return held end
+end
+redis.call('SET', KEYS[1], '1', 'EX', ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return -1
+";
+
+/// Withdraws an invitation and marks it withdrawn for the rest of its life (ARGV[2] seconds).
+/// KEYS as [`PUT_INVITE`]; ARGV: id, seconds. Returns whether its marker was there.
+const WITHDRAW_INVITE: &str = r"
+local was = redis.call('DEL', KEYS[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+return was
+";
+
+/// Drops an invitation from its tenant's list if its marker is still gone. KEYS: the marker, the
+/// list; ARGV: the id.
+const PRUNE_INVITE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return redis.call('HDEL', KEYS[2], ARGV[1]) end
+return 0
+";
+
 const RESERVE: &str = r"
 for i, key in ipairs(KEYS) do
   if redis.call('EXISTS', key) == 1 then return i end
@@ -506,8 +537,8 @@ impl AuthStore {
     }
 
     /// Stores an invitation of `tenant` until it is used, withdrawn or `ttl_secs` pass, unless
-    /// the tenant has `cap` pending already. `Ok(None)` when stored, `Ok(Some(n))` when refused
-    /// with `n` pending.
+    /// the tenant has `cap` pending already (checked and added in one step). `Ok(None)` when
+    /// stored, `Ok(Some(n))` when refused with `n` pending.
     pub async fn add_invite(
         &self,
         tenant: &str,
@@ -516,31 +547,43 @@ impl AuthStore {
         cap: usize,
     ) -> Result<Option<usize>, StoreError> {
         // Used and expired ones leave the tenant's list first, so that they do not count.
-        let pending = self.list_invites(tenant, invite.created_at).await?.len();
-        if pending >= cap {
-            return Ok(Some(pending));
-        }
-        self.put_invite(tenant, invite, ttl_secs).await?;
-        Ok(None)
+        self.list_invites(tenant, invite.created_at).await?;
+        let cap = i64::try_from(cap).unwrap_or(i64::MAX);
+        let held = self.run_put_invite(tenant, invite, ttl_secs, cap).await?;
+        Ok((held >= 0).then(|| usize::try_from(held).unwrap_or(usize::MAX)))
     }
 
     /// Makes a used invitation pending again for `ttl_secs` (a registration that failed after
-    /// using it gives it back).
+    /// using it gives it back), unless it was withdrawn meanwhile. Returns whether it is back.
     pub async fn put_invite(
         &self,
         tenant: &str,
         invite: &Invite,
         ttl_secs: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
+        Ok(self.run_put_invite(tenant, invite, ttl_secs, -1).await? == -1)
+    }
+
+    /// [`PUT_INVITE`]: -1 stored, -2 withdrawn (not stored), `n` refused with `n` held.
+    async fn run_put_invite(
+        &self,
+        tenant: &str,
+        invite: &Invite,
+        ttl_secs: u64,
+        cap: i64,
+    ) -> Result<i64, StoreError> {
         let mut conn = self.conn.clone();
         let json = serde_json::to_string(invite).expect("plain struct");
-        redis::pipe()
-            .atomic()
-            .set_ex(self.key("invite", &invite.id), 1, ttl_secs)
-            .hset(self.key("invites", tenant), &invite.id, json)
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(())
+        Ok(redis::Script::new(PUT_INVITE)
+            .key(self.key("invite", &invite.id))
+            .key(self.key("invites", tenant))
+            .key(self.key("invite_withdrawn", &invite.id))
+            .arg(&invite.id)
+            .arg(json)
+            .arg(ttl_secs.max(1))
+            .arg(cap)
+            .invoke_async(&mut conn)
+            .await?)
     }
 
     /// The pending invitations of `tenant`, oldest first; used, withdrawn and expired ones are
@@ -553,40 +596,67 @@ impl AuthStore {
         let key = self.key("invites", tenant);
         let mut conn = self.conn.clone();
         let all: Vec<(String, String)> = conn.hgetall(&key).await?;
-        if all.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut alive = redis::pipe();
-        for (id, _) in &all {
-            alive.exists(self.key("invite", id));
-        }
-        let alive: Vec<bool> = alive.query_async(&mut conn).await?;
         let mut out = Vec::new();
-        let mut gone = Vec::new();
-        for ((id, json), alive) in all.into_iter().zip(alive) {
+        for (id, json) in all {
             match serde_json::from_str::<Invite>(&json) {
-                Ok(i) if alive && i.expires_at > now_secs => out.push(i),
-                _ => gone.push(id),
+                Ok(i) if i.expires_at > now_secs => out.push(i),
+                _ => {
+                    conn.hdel::<_, _, ()>(&key, &id).await?;
+                }
             }
         }
-        if !gone.is_empty() {
-            conn.hdel::<_, _, ()>(&key, &gone).await?;
+        if out.is_empty() {
+            return Ok(out);
         }
-        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
-        Ok(out)
+        let mut alive = redis::pipe();
+        for i in &out {
+            alive.exists(self.key("invite", &i.id));
+        }
+        let alive: Vec<bool> = alive.query_async(&mut conn).await?;
+        let mut pending = Vec::with_capacity(out.len());
+        for (i, alive) in out.into_iter().zip(alive) {
+            if alive {
+                pending.push(i);
+            } else {
+                // Removed only if still used up when it is removed: a registration that failed
+                // may have given it back since.
+                redis::Script::new(PRUNE_INVITE)
+                    .key(self.key("invite", &i.id))
+                    .key(&key)
+                    .arg(&i.id)
+                    .invoke_async::<i64>(&mut conn)
+                    .await?;
+            }
+        }
+        pending.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(pending)
     }
 
-    /// Withdraws a pending invitation of `tenant`: it can no longer be used. Returns whether it
-    /// was still pending.
-    pub async fn withdraw_invite(&self, tenant: &str, id: &str) -> Result<bool, StoreError> {
+    /// The record of invitation `id` of `tenant`, pending or in use by a registration.
+    pub async fn invite(&self, tenant: &str, id: &str) -> Result<Option<Invite>, StoreError> {
         let mut conn = self.conn.clone();
-        let (used, _): (i64, i64) = redis::pipe()
-            .atomic()
-            .del(self.key("invite", id))
-            .hdel(self.key("invites", tenant), id)
-            .query_async(&mut conn)
+        let json: Option<String> = conn.hget(self.key("invites", tenant), id).await?;
+        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    /// Withdraws an invitation of `tenant` for good: it can no longer be used, and a
+    /// registration that used it and fails cannot give it back. Returns whether it was still
+    /// pending (not in use by a registration).
+    pub async fn withdraw_invite(&self, tenant: &str, invite: &Invite) -> Result<bool, StoreError> {
+        let left = invite
+            .expires_at
+            .saturating_sub(crate::now_ms() / 1000)
+            .max(1);
+        let mut conn = self.conn.clone();
+        let was: i64 = redis::Script::new(WITHDRAW_INVITE)
+            .key(self.key("invite", &invite.id))
+            .key(self.key("invites", tenant))
+            .key(self.key("invite_withdrawn", &invite.id))
+            .arg(&invite.id)
+            .arg(left)
+            .invoke_async(&mut conn)
             .await?;
-        Ok(used > 0)
+        Ok(was > 0)
     }
 
     /// Uses an invitation. Returns false if it was used already, withdrawn or expired.
