@@ -188,24 +188,9 @@ pub async fn set_grants(
     let req: GrantsReq = read_json(&state, body).await?;
     // Before any lookup: a token that administers nothing must not learn who exists (an empty
     // list, which no grant check covers, would otherwise tell it).
-    if !caller.grants.iter().any(|g| g.perms.contains(&Perm::Admin)) {
-        return Err(ApiError::Forbidden(
-            "changing grants needs an admin grant".into(),
-        ));
-    }
+    require_some_admin(&caller, "changing grants")?;
     check_grants(&caller, &req.grants)?;
-    let username = username.to_ascii_lowercase();
-    let user = acc
-        .users
-        .find(&username)
-        .await?
-        .filter(|u| u.tenant == caller.tenant)
-        .ok_or_else(|| ApiError::NotFound(format!("no user {username:?} in this tenant")))?;
-    if user.grants.iter().any(|g| !caller.administers(&g.bucket)) {
-        return Err(ApiError::Forbidden(
-            "the user holds a grant this token does not administer".into(),
-        ));
-    }
+    let username = managed_user(&caller, acc, &username).await?.username;
     let event = UserEvent::GrantsSet {
         v: USER_EVENT_VERSION,
         event_id: uuid::Uuid::now_v7().to_string(),
@@ -220,6 +205,52 @@ pub async fn set_grants(
     Ok(Json(
         json!({"username": username, "grants": req.grants, "visible": visible}),
     ))
+}
+
+/// Refuses a token that administers nothing (before any lookup: it must not learn who exists).
+fn require_some_admin(caller: &Claims, what: &str) -> Result<(), ApiError> {
+    if caller.grants.iter().any(|g| g.perms.contains(&Perm::Admin)) {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(format!("{what} needs an admin grant")))
+    }
+}
+
+/// The user `username` of the caller's tenant, if the caller administers every grant it holds.
+async fn managed_user(
+    caller: &Claims,
+    acc: &crate::accounts::Accounts,
+    username: &str,
+) -> Result<crate::users::User, ApiError> {
+    let username = username.to_ascii_lowercase();
+    let user = acc
+        .users
+        .find(&username)
+        .await?
+        .filter(|u| u.tenant == caller.tenant)
+        .ok_or_else(|| ApiError::NotFound(format!("no user {username:?} in this tenant")))?;
+    if user.grants.iter().any(|g| !caller.administers(&g.bucket)) {
+        return Err(ApiError::Forbidden(
+            "the user holds a grant this token does not administer".into(),
+        ));
+    }
+    Ok(user)
+}
+
+/// `DELETE /v1/tenant/users/{username}/sessions`: ends every session of a user of the tenant
+/// (offboarding, a stolen device): its tokens are refused at once and its WebSockets closed at
+/// their next heartbeat. Allowed to whoever administers every grant the user holds.
+pub async fn end_sessions(
+    State(state): State<AppState>,
+    Path(username): Path<String>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
+    let caller = admin_caller(&state, &headers).await?;
+    let acc = accounts(&state)?;
+    require_some_admin(&caller, "ending sessions")?;
+    let user = managed_user(&caller, acc, &username).await?;
+    let ended = acc.store.end_user_sessions(&user.user_id).await?;
+    Ok(Json(json!({"username": user.username, "ended": ended})))
 }
 
 #[derive(Deserialize)]
@@ -293,11 +324,7 @@ pub async fn list_invites(
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = admin_caller(&state, &headers).await?;
     // Answers only a token that administers something (as making an invitation does).
-    if !caller.grants.iter().any(|g| g.perms.contains(&Perm::Admin)) {
-        return Err(ApiError::Forbidden(
-            "listing invitations needs an admin grant".into(),
-        ));
-    }
+    require_some_admin(&caller, "listing invitations")?;
     let list: Vec<Invite> = accounts(&state)?
         .store
         .list_invites(&caller.tenant, now_ms() / 1000)

@@ -39,6 +39,10 @@ pub fn router(state: AppState) -> Router {
             put(crate::admin::set_grants),
         )
         .route(
+            "/v1/tenant/users/{username}/sessions",
+            delete(crate::admin::end_sessions),
+        )
+        .route(
             "/v1/tenant/invites",
             get(crate::admin::list_invites).post(crate::admin::create_invite),
         )

@@ -1285,3 +1285,96 @@ async fn pending_invitations_are_listed_and_can_be_withdrawn() {
     node.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// An admin ends every session of a member (offboarding, a stolen device): its access and
+/// refresh tokens are refused at once; a new login works. Only for a member whose grants the
+/// admin administers, of its own tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_ends_every_session_of_a_member() {
+    let env = TestEnv::new("endsessions").await;
+    let (node, api) = start(&env, &[Role::Api, Role::Processor, Role::Projector]).await;
+    let (s, ann) = api.register("ann", json!({"tenant": "acme"})).await;
+    assert_eq!(s, 201, "{ann}");
+    let admin = token(&ann, "access_token");
+    let (_, inv) = api
+        .post(
+            "/v1/tenant/invites",
+            Some(&admin),
+            json!({"grants": [{"bucket": "todos", "perms": ["read", "write"]}]}),
+        )
+        .await;
+    let (s, bob) = api
+        .register("bob", json!({"invite": token(&inv, "invite")}))
+        .await;
+    assert_eq!(s, 201, "{bob}");
+    let login = |user: &'static str| {
+        let api = &api;
+        async move {
+            let (s, l) = api
+                .post(
+                    "/v1/auth/login",
+                    None,
+                    json!({"username": user, "password": format!("{user}-correct-horse")}),
+                )
+                .await;
+            assert_eq!(s, 200, "{l}");
+            l
+        }
+    };
+    let (laptop, phone) = (login("bob").await, login("bob").await);
+    let end = |user: &str, token: &str| {
+        let path = format!("/v1/tenant/users/{user}/sessions");
+        let api = &api;
+        let token = token.to_string();
+        async move {
+            let (s, v, _) = api
+                .call(reqwest::Method::DELETE, &path, Some(&token), None)
+                .await;
+            (s, v)
+        }
+    };
+
+    // Bob administers nothing: he cannot end anyone's sessions, not even learn who exists.
+    let (s, _) = end("ann", &token(&bob, "access_token")).await;
+    assert_eq!(s, 403);
+    // Another tenant's admin does not find bob.
+    let (_, eve) = api.register("eve", json!({"tenant": "evil"})).await;
+    let (s, _) = end("bob", &token(&eve, "access_token")).await;
+    assert_eq!(s, 404);
+    assert_eq!(
+        api.put_doc(&token(&phone, "access_token"), "todos", "p1")
+            .await,
+        200
+    );
+
+    let (s, ended) = end("Bob", &admin).await;
+    assert_eq!(s, 200, "{ended}");
+    assert_eq!(
+        ended,
+        json!({"username": "bob", "ended": 3}),
+        "registration, laptop, phone"
+    );
+    for session in [&bob, &laptop, &phone] {
+        assert_eq!(
+            api.put_doc(&token(session, "access_token"), "todos", "x")
+                .await,
+            401
+        );
+        let (s, _) = api.refresh(&token(session, "refresh_token")).await;
+        assert_eq!(s, 401);
+    }
+    // Ann's own session is untouched, and bob can log in again.
+    let (s, _) = api.get("/v1/auth/me", &admin).await;
+    assert_eq!(s, 200);
+    let again = login("bob").await;
+    assert_eq!(
+        api.put_doc(&token(&again, "access_token"), "todos", "p2")
+            .await,
+        200
+    );
+    let (_, ended) = end("bob", &admin).await;
+    assert_eq!(ended["ended"], 1);
+
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}

@@ -182,6 +182,11 @@ async fn every_endpoint_refuses_bad_tokens_and_never_leaks_another_tenants_data(
             Some(json!({"grants": [{"bucket": "vault", "perms": ["admin"]}]})),
         ),
         (
+            reqwest::Method::DELETE,
+            format!("{base}/v1/tenant/users/ann/sessions"),
+            None,
+        ),
+        (
             reqwest::Method::POST,
             format!("{base}/v1/tenant/invites"),
             Some(json!({"grants": [{"bucket": "vault", "perms": ["read"]}]})),

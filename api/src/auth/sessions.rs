@@ -319,6 +319,10 @@ impl AuthStore {
                 ],
             )
             .expire(&key, ttl_secs as i64)
+            // The user's sessions, so that an admin can end them all (the set lives as long as
+            // the newest session; the older ones end before it).
+            .sadd(self.key("user_sessions", user_id), &sid)
+            .expire(self.key("user_sessions", user_id), ttl_secs as i64)
             .query_async::<()>(&mut conn)
             .await?;
         let session = Session {
@@ -402,6 +406,26 @@ impl AuthStore {
             .invoke_async(&mut conn)
             .await?;
         Ok(ended > 0)
+    }
+
+    /// Ends every session of user `user_id` (opened since sessions were listed per user, on
+    /// 2026-12-05): its refresh tokens and access tokens are refused at once. Returns how many
+    /// were live.
+    pub async fn end_user_sessions(&self, user_id: &str) -> Result<usize, StoreError> {
+        let index = self.key("user_sessions", user_id);
+        let mut conn = self.conn.clone();
+        let sids: Vec<String> = conn.smembers(&index).await?;
+        let keys: Vec<String> = sids.iter().map(|s| self.key("session", s)).collect();
+        let live = if keys.is_empty() {
+            0
+        } else {
+            conn.del::<_, usize>(&keys).await?
+        };
+        // The index last: a session opened meanwhile stays listed (and live).
+        if !sids.is_empty() {
+            conn.srem::<_, _, ()>(&index, &sids).await?;
+        }
+        Ok(live)
     }
 
     /// Ends a session by id (logout with an access token). Returns whether one ended.
