@@ -212,11 +212,7 @@ impl RateLimiter {
         if self.breaker.is_open() {
             return Err(LoginRefused::Uncounted);
         }
-        let b = Bucket::new(
-            self.key("login", username),
-            self.cfg.logins_per_min,
-            Duration::from_secs(60),
-        );
+        let b = self.per_minute("login", username, self.cfg.logins_per_min);
         match self.run(b.into_iter().collect()).await {
             Ok(Some(limited)) => Err(LoginRefused::Limited(limited)),
             Ok(None) => Ok(()),
@@ -238,8 +234,13 @@ impl RateLimiter {
         if !self.cfg.enabled {
             return Ok(());
         }
-        let b = Bucket::new(self.key(what, id), per_min, Duration::from_secs(60));
+        let b = self.per_minute(what, id, per_min);
         self.take(b.into_iter().collect()).await
+    }
+
+    /// The bucket of `per_min` requests a minute for `what` of `id` (none when 0: no limit).
+    fn per_minute(&self, what: &str, id: &str, per_min: u32) -> Option<Bucket> {
+        Bucket::new(self.key(what, id), per_min, Duration::from_secs(60))
     }
 
     async fn take(&self, buckets: Vec<Bucket>) -> Result<(), Limited> {

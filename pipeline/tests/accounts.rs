@@ -52,6 +52,11 @@ impl Api {
         (s, v)
     }
 
+    async fn login(&self, username: &str, password: &str) -> (u16, Value) {
+        let body = json!({"username": username, "password": password});
+        self.post("/v1/auth/login", None, body).await
+    }
+
     async fn refresh(&self, refresh_token: &str) -> (u16, Value) {
         let body = json!({"refresh_token": refresh_token});
         self.post("/v1/auth/refresh", None, body).await
@@ -229,29 +234,11 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
     }
 
     // Login: wrong password and unknown user get the same answer.
-    let (s, wrong) = api
-        .post(
-            "/v1/auth/login",
-            None,
-            json!({"username": "ann", "password": "not-her-password"}),
-        )
-        .await;
-    let (s2, unknown) = api
-        .post(
-            "/v1/auth/login",
-            None,
-            json!({"username": "nobody", "password": "not-her-password"}),
-        )
-        .await;
+    let (s, wrong) = api.login("ann", "not-her-password").await;
+    let (s2, unknown) = api.login("nobody", "not-her-password").await;
     assert_eq!((s, s2), (401, 401));
     assert_eq!(wrong, unknown, "no user enumeration");
-    let (s, login) = api
-        .post(
-            "/v1/auth/login",
-            None,
-            json!({"username": "ann@example.com", "password": "ann-correct-horse"}),
-        )
-        .await;
+    let (s, login) = api.login("ann@example.com", "ann-correct-horse").await;
     assert_eq!(s, 200, "{login}");
 
     // Rotation: every refresh spends the token and returns a new pair.
@@ -288,13 +275,7 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
     assert_eq!(api.put_doc(&access, "todos", "t4").await, 200);
 
     // Logout revokes: the refresh token and the session's access tokens stop working at once.
-    let (_, login) = api
-        .post(
-            "/v1/auth/login",
-            None,
-            json!({"username": "ann", "password": "ann-correct-horse"}),
-        )
-        .await;
+    let (_, login) = api.login("ann", "ann-correct-horse").await;
     let r3 = token(&login, "refresh_token");
     let a3 = token(&login, "access_token");
     assert_eq!(api.put_doc(&a3, "todos", "t5").await, 200);
@@ -322,13 +303,7 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
 
     // A subscribe sent after the session ended is refused before anything of the bucket is
     // read, not only at the next heartbeat.
-    let (_, login) = api
-        .post(
-            "/v1/auth/login",
-            None,
-            json!({"username": "ann", "password": "ann-correct-horse"}),
-        )
-        .await;
+    let (_, login) = api.login("ann", "ann-correct-horse").await;
     let a4 = token(&login, "access_token");
     let mut ws = ws_with_bearer(&api.base, &a4).await;
     assert_eq!(
@@ -360,13 +335,7 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
 
     // Logout with a spent refresh token (a thief refreshed first) ends the session the thief
     // holds, as a refresh with it would.
-    let (_, login) = api
-        .post(
-            "/v1/auth/login",
-            None,
-            json!({"username": "ann", "password": "ann-correct-horse"}),
-        )
-        .await;
+    let (_, login) = api.login("ann", "ann-correct-horse").await;
     let first = token(&login, "refresh_token");
     let (s, stolen) = api.refresh(&first).await;
     assert_eq!(s, 200, "{stolen}");
@@ -383,13 +352,7 @@ async fn register_login_refresh_rotation_reuse_and_logout() {
 
     // A session remembers its last 32 spent tokens: one spent 33 rotations ago is merely
     // unknown; a recent one still revokes the family.
-    let (_, login) = api
-        .post(
-            "/v1/auth/login",
-            None,
-            json!({"username": "ann", "password": "ann-correct-horse"}),
-        )
-        .await;
+    let (_, login) = api.login("ann", "ann-correct-horse").await;
     let mut spent = vec![token(&login, "refresh_token")];
     for _ in 0..33 {
         let (s, next) = api.refresh(spent.last().unwrap()).await;
@@ -1115,30 +1078,16 @@ async fn a_login_that_cannot_be_counted_is_refused_before_its_password_is_checke
         http: reqwest::Client::new(),
     };
     for password in ["a-wrong-horse", "ann-correct-horse"] {
-        let (s, e) = refused
-            .post(
-                "/v1/auth/login",
-                None,
-                json!({"username": "ann", "password": password}),
-            )
-            .await;
+        let (s, e) = refused.login("ann", password).await;
         assert_eq!(s, 503, "{e}");
     }
     // Where the attempt can be counted, the right password logs in.
-    let (s, e) = api
-        .post(
-            "/v1/auth/login",
-            None,
-            json!({"username": "ann", "password": "ann-correct-horse"}),
-        )
-        .await;
+    let (s, e) = api.login("ann", "ann-correct-horse").await;
     assert_eq!(s, 200, "{e}");
 
     other.stop().await.unwrap();
     node.stop().await.unwrap();
-    let _: () = redis::cmd("ACL")
-        .arg("DELUSER")
-        .arg(&user)
+    let _: () = common::acl_deluser(&user)
         .query_async(&mut admin)
         .await
         .unwrap();
@@ -1310,13 +1259,7 @@ async fn an_admin_ends_every_session_of_a_member() {
     let login = |user: &'static str| {
         let api = &api;
         async move {
-            let (s, l) = api
-                .post(
-                    "/v1/auth/login",
-                    None,
-                    json!({"username": user, "password": format!("{user}-correct-horse")}),
-                )
-                .await;
+            let (s, l) = api.login(user, &format!("{user}-correct-horse")).await;
             assert_eq!(s, 200, "{l}");
             l
         }

@@ -390,9 +390,7 @@ async fn a_refused_mark_script_publishes_nothing_until_it_runs_and_then_once() {
     assert_eq!(count_for(12).await, 1, "published once the script runs");
     announcer.stop().await.unwrap();
     processor.stop().await.unwrap();
-    let _: () = redis::cmd("ACL")
-        .arg("DELUSER")
-        .arg(&user)
+    let _: () = common::acl_deluser(&user)
         .query_async(&mut admin)
         .await
         .unwrap();

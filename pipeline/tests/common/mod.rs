@@ -258,3 +258,10 @@ pub fn acl_user_without_scripting(user: &str, password: &str) -> redis::Cmd {
     ]);
     cmd
 }
+
+/// `ACL DELUSER user`.
+pub fn acl_deluser(user: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("ACL");
+    cmd.arg("DELUSER").arg(user);
+    cmd
+}
