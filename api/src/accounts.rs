@@ -324,7 +324,7 @@ pub async fn register(
         Ok(h) => h,
         Err(e) => {
             undo().await;
-            return Err(ApiError::Unavailable(e.to_string()));
+            return Err(ApiError::backend("the password hasher", e));
         }
     };
     let user = User {
@@ -372,8 +372,9 @@ pub async fn register(
         .open_session(&user_id, &username, &tenant, acc.cfg.refresh_ttl_secs)
         .await
         .map_err(|e| {
+            tracing::warn!(error = %e, %username, "no session opened for a new account");
             ApiError::Unavailable(format!(
-                "the account {username:?} was created, but no session could be opened ({e}): log in once the service answers; do not register again"
+                "the account {username:?} was created, but no session could be opened: log in once the service answers; do not register again"
             ))
         })?;
     let access = acc.access_token(&state, &session, user.grants.clone());
@@ -426,7 +427,7 @@ pub async fn login(
             user.as_ref().map(|u| u.password_hash.as_str()),
         )
         .await
-        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+        .map_err(|e| ApiError::backend("the password hasher", e))?;
     let Some(user) = user.filter(|_| ok) else {
         return Err(ApiError::Unauthorized("wrong user name or password".into()));
     };

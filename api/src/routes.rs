@@ -186,7 +186,7 @@ async fn checkpoints(
     let list = state.checkpoints.as_ref().ok_or_else(|| {
         ApiError::Unavailable("this node is not configured with a checkpoint directory".into())
     })?;
-    let checkpoints = list().map_err(ApiError::Unavailable)?;
+    let checkpoints = list().map_err(|e| ApiError::backend("the checkpoint directory", e))?;
     Ok(Json(json!({ "checkpoints": checkpoints })))
 }
 
@@ -409,16 +409,17 @@ async fn submit(
             watch
                 .subscribe(&write.tenant, &write.bucket)
                 .await
-                .map_err(|e| ApiError::Unavailable(format!("wait=applied: {e}")))?,
+                .map_err(|e| ApiError::backend("Redis (for wait=applied)", e))?,
         ),
     };
     let sent = state.sink.send(&key, &payload).await;
     drop(payload);
     sent.map_err(|e| {
-            ApiError::Unavailable(format!(
-                "the write log (Kafka) did not confirm the write ({e}); it may still have been stored: retry with the same X-Event-Id, X-HLC and X-Device-Id to apply it at most once"
-            ))
-        })?;
+        tracing::warn!(error = %e, bucket = %key, "Kafka did not confirm a write");
+        ApiError::Unavailable(
+            "the write log (Kafka) did not confirm the write; it may still have been stored: retry with the same X-Event-Id, X-HLC and X-Device-Id to apply it at most once".into(),
+        )
+    })?;
     tracing::debug!(event_id = %write.event_id, bucket = %key, doc = %write.doc_id, "write accepted");
     let mut body = json!({"event_id": write.event_id, "hlc": hlc.to_string()});
     let Some(pending) = pending else {
@@ -1324,5 +1325,52 @@ pub(crate) mod tests {
             let kinds = ws_catch_up(swept).await;
             assert!(!kinds.iter().any(|k| k == "reset"), "{swept}: {kinds:?}");
         }
+    }
+
+    /// The routes `router` declares, read from this file's source: `(path, method)` pairs.
+    fn declared_routes() -> std::collections::BTreeSet<(String, String)> {
+        let src = include_str!("routes.rs");
+        let body = src
+            .split_once("pub fn router(")
+            .and_then(|(_, rest)| rest.split_once(".layer("))
+            .map(|(body, _)| body)
+            .expect("the router function");
+        let mut routes = std::collections::BTreeSet::new();
+        for call in body.split(".route(").skip(1) {
+            let path = call.split('"').nth(1).expect("a path literal");
+            // Methods are `get(…)` first, then `.put(…)` and so on: a method name right after
+            // whitespace, a comma or a dot, followed by `(`.
+            let rest = &call[call.find(path).expect("the path") + path.len()..];
+            let mut found = false;
+            for method in ["get", "post", "put", "patch", "delete"] {
+                let at = |prefix: &str| rest.contains(&format!("{prefix}{method}("));
+                if at(".") || at(" ") || at("\n") {
+                    routes.insert((path.to_owned(), method.to_owned()));
+                    found = true;
+                }
+            }
+            assert!(found, "no method found for {path}");
+        }
+        routes
+    }
+
+    /// openapi.json describes exactly the routes the router serves, method by method.
+    #[test]
+    fn the_openapi_document_matches_the_routes() {
+        let spec: Value = serde_json::from_str(include_str!("../openapi.json")).expect("JSON");
+        let mut described = std::collections::BTreeSet::new();
+        for (path, ops) in spec["paths"].as_object().expect("paths") {
+            for method in ops.as_object().expect("operations").keys() {
+                described.insert((path.clone(), method.clone()));
+            }
+        }
+        let declared = declared_routes();
+        assert!(declared.len() > 20, "the source parse found {declared:?}");
+        let undocumented: Vec<_> = declared.difference(&described).collect();
+        let unrouted: Vec<_> = described.difference(&declared).collect();
+        assert!(
+            undocumented.is_empty() && unrouted.is_empty(),
+            "routed but not in openapi.json: {undocumented:?}; in openapi.json but not routed: {unrouted:?}"
+        );
     }
 }
