@@ -6,7 +6,9 @@
 //! A tenant admin (admin on `*`) administers everything of the tenant. Nothing here reaches
 //! another tenant: the tenant always comes from the caller's token.
 
-use axum::extract::{Path, State};
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
@@ -142,18 +144,33 @@ fn require_tenant_admin(caller: &Claims) -> Result<(), ApiError> {
     }
 }
 
-/// `GET /v1/buckets`: the tenant's buckets the token may read.
+/// `GET /v1/buckets?after=&limit=`: a page of the tenant's buckets the token may read, in name
+/// order. A page reads at most `limit` of the tenant's buckets and keeps the readable ones, so it
+/// may hold fewer (even none) while `next` says more follow.
 pub async fn list_buckets(
     State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     let caller = verified(&state, &headers).await?;
-    let names = state.reader.bucket_names(&caller.tenant).await?;
+    crate::routes::params(&query, &["after", "limit"])?;
+    let limit = crate::routes::page_limit(&state, query.get("limit"))?;
+    let after = query.get("after").map(String::as_str);
+    if let Some(after) = after {
+        processors::limits::check_bucket(after).map_err(ApiError::from)?;
+    }
+    let names = state
+        .reader
+        .bucket_names(&caller.tenant, after, limit)
+        .await?;
+    let next = (names.len() >= limit)
+        .then(|| names.last().cloned())
+        .flatten();
     let readable: Vec<String> = names
         .into_iter()
         .filter(|b| caller.allows(Perm::Read, b))
         .collect();
-    Ok(Json(json!({ "buckets": readable })))
+    Ok(Json(json!({ "buckets": readable, "next": next })))
 }
 
 /// `GET /v1/tenant/users`: the tenant's users (tenant admins only).

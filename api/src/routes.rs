@@ -651,7 +651,7 @@ impl std::str::FromStr for Cursor {
 }
 
 /// Reads the allowed query parameters; anything else is a 400.
-fn params(
+pub(crate) fn params(
     query: &std::collections::HashMap<String, String>,
     allowed: &[&str],
 ) -> Result<(), ApiError> {
@@ -667,7 +667,7 @@ fn params(
     }
 }
 
-fn page_limit(state: &AppState, raw: Option<&String>) -> Result<usize, ApiError> {
+pub(crate) fn page_limit(state: &AppState, raw: Option<&String>) -> Result<usize, ApiError> {
     match raw {
         None => Ok(state.pages.default.min(state.pages.max)),
         Some(text) => match text.parse::<u64>() {
@@ -873,7 +873,12 @@ pub(crate) mod tests {
                 }))
             })
         }
-        fn bucket_names<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
+        fn bucket_names<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<&'a str>,
+            _: usize,
+        ) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
             Box::pin(async { Ok(Vec::new()) })
         }
         fn list<'a>(
@@ -1259,7 +1264,12 @@ pub(crate) mod tests {
                 }))
             })
         }
-        fn bucket_names<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
+        fn bucket_names<'a>(
+            &'a self,
+            _: &'a str,
+            _: Option<&'a str>,
+            _: usize,
+        ) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
             Box::pin(async { Ok(vec!["b".into()]) })
         }
         fn list<'a>(

@@ -211,9 +211,14 @@ pub trait DocReader: Send + Sync + 'static {
         bucket: &'a str,
     ) -> BoxFuture<'a, Result<Option<BucketMeta>, ViewError>>;
 
-    /// The names of a tenant's buckets (every bucket anything was projected into).
-    fn bucket_names<'a>(&'a self, tenant: &'a str)
-        -> BoxFuture<'a, Result<Vec<String>, ViewError>>;
+    /// The names of a tenant's buckets (every bucket anything was projected into) after
+    /// `after`, in name order, at most `limit`.
+    fn bucket_names<'a>(
+        &'a self,
+        tenant: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<String>, ViewError>>;
 
     /// Live documents with an id after `after`, in id order, at most `limit`.
     fn list<'a>(
@@ -530,10 +535,29 @@ impl MongoView {
 
     /// The buckets of `tenant` the view has metadata for.
     pub async fn bucket_names(&self, tenant: &str) -> Result<Vec<String>, ViewError> {
+        self.bucket_names_after(tenant, None, None).await
+    }
+
+    /// The buckets of `tenant` the view has metadata for after `after`, in name order, at most
+    /// `limit`.
+    async fn bucket_names_after(
+        &self,
+        tenant: &str,
+        after: Option<&str>,
+        limit: Option<usize>,
+    ) -> Result<Vec<String>, ViewError> {
+        let filter = match after {
+            Some(after) => doc! {"_id": {"$gt": after}},
+            None => doc! {},
+        };
+        // No limit is a limit of 0 to the driver.
+        let limit = limit.map_or(0, |l| i64::try_from(l).unwrap_or(i64::MAX));
         let mut cursor = self
             .buckets(tenant)
-            .find(doc! {})
+            .find(filter)
             .projection(doc! {"_id": 1})
+            .sort(doc! {"_id": 1})
+            .limit(limit)
             .await?;
         let mut out = Vec::new();
         while let Some(d) = cursor.try_next().await? {
@@ -744,8 +768,10 @@ impl DocReader for MongoView {
     fn bucket_names<'a>(
         &'a self,
         tenant: &'a str,
+        after: Option<&'a str>,
+        limit: usize,
     ) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
-        Box::pin(MongoView::bucket_names(self, tenant))
+        Box::pin(self.bucket_names_after(tenant, after, Some(limit)))
     }
 
     fn bucket_meta<'a>(

@@ -434,9 +434,50 @@ async fn tenant_admins_manage_grants_invitations_and_service_tokens() {
     assert_eq!(s, 200);
     assert_eq!(list["buckets"], json!(["todos"]), "{list}");
     let (_, list) = api.get("/v1/buckets", &admin).await;
-    let mut all: Vec<String> = serde_json::from_value(list["buckets"].clone()).unwrap();
-    all.sort();
-    assert_eq!(all, ["notes-1", "secrets", "todos"]);
+    let all: Vec<String> = serde_json::from_value(list["buckets"].clone()).unwrap();
+    assert_eq!(all, ["notes-1", "secrets", "todos"], "in name order");
+    assert_eq!(list["next"], json!(null), "one page holds them all: {list}");
+    // Pages: `limit` of the tenant's buckets at a time, the readable ones kept, `next` to go on.
+    let (_, page) = api.get("/v1/buckets?limit=2", &admin).await;
+    assert_eq!(
+        (page["buckets"].clone(), page["next"].clone()),
+        (json!(["notes-1", "secrets"]), json!("secrets")),
+        "{page}"
+    );
+    let (_, page) = api.get("/v1/buckets?limit=2&after=secrets", &admin).await;
+    assert_eq!(
+        (page["buckets"].clone(), page["next"].clone()),
+        (json!(["todos"]), json!(null)),
+        "{page}"
+    );
+    let (mut seen, mut pages, mut after) = (Vec::new(), 0, None::<String>);
+    loop {
+        let url = match &after {
+            Some(a) => format!("/v1/buckets?limit=1&after={a}"),
+            None => "/v1/buckets?limit=1".to_owned(),
+        };
+        let (s, page) = api.get(&url, &bob_access).await;
+        assert_eq!(s, 200, "{page}");
+        pages += 1;
+        seen.extend(page["buckets"].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        (seen, pages),
+        (vec![json!("todos")], 4),
+        "one bucket read per page"
+    );
+    for bad in [
+        "/v1/buckets?limit=0",
+        "/v1/buckets?after=a%2Fb",
+        "/v1/buckets?page=2",
+    ] {
+        let (s, e) = api.get(bad, &admin).await;
+        assert_eq!(s, 400, "{bad}: {e}");
+    }
 
     // The admin changes bob's grants through the API; they reach bob's next token.
     let (s, set, _) = api
