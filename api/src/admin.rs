@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::accounts::{accounts, read_json};
-use crate::auth::sessions::{Invite, ServiceToken};
+use crate::auth::sessions::{Backer, Invite, ServiceToken};
 use crate::auth::{Claims, Grant, Perm, TokenKind};
 use crate::error::ApiError;
 use crate::routes::verified;
@@ -112,6 +112,10 @@ fn issued(kind: TokenKind, sub: &str, tenant: &str, grants: Vec<Grant>, ttl: u64
 /// admin who was demoted cannot use the token's to give itself (or anyone) back what it lost,
 /// for good. A user the view does not show (yet, or ever: a registration the users projector
 /// ignored, as of a tenant taken meanwhile) administers nothing until it does.
+///
+/// A service token's admin grants count only as far as the user they rest on
+/// ([`ServiceToken::backed_by`]) still administers them: an admin who was demoted, or removed,
+/// cannot keep administering through a service token made before. Its grants stay for data.
 async fn admin_caller(state: &AppState, headers: &HeaderMap) -> Result<Claims, ApiError> {
     let mut caller = verified(state, headers).await?;
     if let (Some(_), Some(name), Some(acc)) = (&caller.sid, &caller.name, &state.accounts) {
@@ -131,7 +135,49 @@ async fn admin_caller(state: &AppState, headers: &HeaderMap) -> Result<Claims, A
             }
         }
     }
+    if caller.typ == TokenKind::Service {
+        if let (Some(backer), Some(acc)) = (backer_of(state, &caller).await?, &state.accounts) {
+            let backing = match acc.users.find(&backer.username).await? {
+                Some(u) if u.user_id == backer.user_id && u.tenant == caller.tenant => {
+                    Claims::access(&u.user_id, &u.tenant, u.grants, 0, 0)
+                }
+                // Removed, or the name now someone else's: it administers nothing.
+                _ => Claims::access(&backer.user_id, &caller.tenant, Vec::new(), 0, 0),
+            };
+            for grant in &mut caller.grants {
+                if grant.perms.contains(&Perm::Admin) && !backing.administers(&grant.bucket) {
+                    // Admin implies read and write: the data access stays.
+                    grant.perms.retain(|p| *p != Perm::Admin);
+                    for p in [Perm::Read, Perm::Write] {
+                        if !grant.perms.contains(&p) {
+                            grant.perms.push(p);
+                        }
+                    }
+                }
+            }
+        }
+    }
     Ok(caller)
+}
+
+/// The user a service token made by `caller` rests on: the caller itself when it is a user's
+/// session, the one its own service token rests on when it is one, else none (a development
+/// token from `syncflow token`, made with the signing key).
+async fn backer_of(state: &AppState, caller: &Claims) -> Result<Option<Backer>, ApiError> {
+    if let (Some(_), Some(name)) = (&caller.sid, &caller.name) {
+        return Ok(Some(Backer {
+            user_id: caller.sub.clone(),
+            username: name.clone(),
+        }));
+    }
+    match (caller.typ, &caller.jti, &state.accounts) {
+        (TokenKind::Service, Some(jti), Some(acc)) => Ok(acc
+            .store
+            .service(&caller.tenant, jti)
+            .await?
+            .and_then(|t| t.backed_by)),
+        _ => Ok(None),
+    }
 }
 
 fn require_tenant_admin(caller: &Claims) -> Result<(), ApiError> {
@@ -417,6 +463,8 @@ pub struct ServiceTokenSpec<'a> {
     pub ttl_secs: u64,
     /// Who issues it.
     pub created_by: &'a str,
+    /// The user its admin grants rest on ([`ServiceToken::backed_by`]).
+    pub backed_by: Option<Backer>,
     /// Most service tokens its tenant may have registered, this one included (`None`: no cap,
     /// for the operator's `syncflow token --service`).
     pub cap: Option<usize>,
@@ -447,6 +495,7 @@ pub async fn issue_service_token(
         created_at: claims.iat,
         expires_at: claims.exp,
         operator: spec.operator,
+        backed_by: spec.backed_by,
     };
     if let Some(held) = store.add_service(spec.tenant, &record, spec.cap).await? {
         return Err(ApiError::Conflict {
@@ -482,6 +531,7 @@ pub async fn create_service_token(
         operator: false,
         ttl_secs: req.ttl_secs.unwrap_or(acc.cfg.service_token_max_ttl_secs),
         created_by: &caller.sub,
+        backed_by: backer_of(&state, &caller).await?,
         cap: Some(MAX_SERVICE_TOKENS),
     };
     let (record, token) = issue_service_token(

@@ -270,6 +270,8 @@ pub async fn service_token(
         operator,
         ttl_secs,
         created_by: "cli",
+        // Made with the signing key: its admin grants rest on no user.
+        backed_by: None,
         // The operator's own tool is not held to the API's cap.
         cap: None,
     };

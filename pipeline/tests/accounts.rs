@@ -692,6 +692,26 @@ async fn a_demoted_admin_cannot_use_its_old_token_to_take_admin_back() {
     let stale = token(&mal, "access_token");
     let (s, _) = api.get("/v1/tenant/users", &stale).await;
     assert_eq!(s, 200, "mal administers the tenant for now");
+    // While admin, mal makes a service token with admin on everything, and that token makes
+    // another; ann makes one too.
+    let service_token = |caller: String, name: &'static str, grants: Value| {
+        let api = &api;
+        async move {
+            let (s, made) = api
+                .post(
+                    "/v1/tenant/service-tokens",
+                    Some(&caller),
+                    json!({"name": name, "grants": grants}),
+                )
+                .await;
+            assert_eq!(s, 201, "{name}: {made}");
+            token(&made, "token")
+        }
+    };
+    let early = service_token(stale.clone(), "early", everything.clone()).await;
+    let team_admin = json!([{"bucket": "team-*", "perms": ["admin"]}]);
+    let chained = service_token(early.clone(), "chained", team_admin).await;
+    let anns = service_token(admin.clone(), "anns", everything.clone()).await;
 
     // Ann demotes mal; mal's token still says admin for up to 15 minutes.
     let put_grants = |caller: String, user: &'static str, grants: Value| {
@@ -733,6 +753,32 @@ async fn a_demoted_admin_cannot_use_its_old_token_to_take_admin_back() {
     assert_eq!(s, 403, "mal made an admin service token: {e}");
     let (s, _) = api.get("/v1/tenant/users", &stale).await;
     assert_eq!(s, 403);
+    // Mal's service tokens administer no more than mal does; they still reach the data.
+    for (name, svc) in [("early", &early), ("chained", &chained)] {
+        let (s, e) = api.get("/v1/tenant/users", svc).await;
+        assert_eq!(s, 403, "{name}: {e}");
+        let (s, e) = api
+            .post(
+                "/v1/tenant/invites",
+                Some(svc),
+                json!({"grants": [{"bucket": "team-1", "perms": ["admin"]}]}),
+            )
+            .await;
+        assert_eq!(s, 403, "{name} invited an admin: {e}");
+        let (s, e) = api
+            .post(
+                "/v1/tenant/service-tokens",
+                Some(svc),
+                json!({"name": "another", "grants": [{"bucket": "team-1", "perms": ["write"]}]}),
+            )
+            .await;
+        assert_eq!(s, 403, "{name} made a service token: {e}");
+    }
+    // (Accepted: this node runs no processor to apply it.)
+    assert_eq!(api.put_doc(&early, "team-1", "d").await, 202);
+    // Ann's is backed by a tenant admin still.
+    let (s, e) = api.get("/v1/tenant/users", &anns).await;
+    assert_eq!(s, 200, "{e}");
 
     // Administering nothing, mal learns nothing of who exists: the same answer for a user and
     // for no user.
@@ -1025,6 +1071,7 @@ async fn the_service_token_cap_holds_under_concurrency_and_a_tenant_that_had_tok
         created_at: 1,
         expires_at: u64::MAX / 2,
         operator: false,
+        backed_by: None,
     };
     // Twenty registrations at once against a cap of five: exactly five get in.
     let adds: Vec<_> = (0..20)

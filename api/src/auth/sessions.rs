@@ -77,6 +77,21 @@ pub struct ServiceToken {
     /// An operator token (cluster-wide operations; only `syncflow token --operator` makes one).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub operator: bool,
+    /// The user whose admin grants its own admin grants rest on: the user who created it, or who
+    /// created the service token that did. Its admin grants count only as far as that user
+    /// still administers them. `None` for the operator's `syncflow token --service` (and tokens
+    /// made before 2026-12-06).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backed_by: Option<Backer>,
+}
+
+/// A user, by id and name: see [`ServiceToken::backed_by`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backer {
+    /// The user's id.
+    pub user_id: String,
+    /// The user's name (the users view is looked up by name; the id must match).
+    pub username: String,
 }
 
 /// A pending invitation (never the invitation itself).
@@ -532,6 +547,17 @@ impl AuthStore {
         }
         out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
         Ok(out)
+    }
+
+    /// The registered service token `id` of `tenant`, if any.
+    pub async fn service(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Result<Option<ServiceToken>, StoreError> {
+        let mut conn = self.conn.clone();
+        let json: Option<String> = conn.hget(self.key("services", tenant), id).await?;
+        Ok(json.and_then(|j| serde_json::from_str(&j).ok()))
     }
 
     /// Revokes a service token of `tenant`. Returns whether it existed.
