@@ -172,16 +172,20 @@ impl Accounts {
     }
 
     /// Polls the users view until `done` says the user is as expected, or the wait ends.
-    pub(crate) async fn wait_view(&self, username: &str, done: impl Fn(&User) -> bool) -> bool {
+    pub(crate) async fn wait_view(
+        &self,
+        username: &str,
+        done: impl Fn(&User) -> bool,
+    ) -> Option<User> {
         let deadline = tokio::time::Instant::now() + Duration::from_millis(self.cfg.view_wait_ms);
         loop {
             if let Ok(Some(u)) = self.users.find(username).await {
                 if done(&u) {
-                    return true;
+                    return Some(u);
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return false;
+                return None;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -335,6 +339,7 @@ pub async fn register(
         password_hash: hash,
         grants,
         created_at_ms: now_ms() as i64,
+        grants_offset: None,
     };
     let event = UserEvent::Created {
         v: USER_EVENT_VERSION,
@@ -378,7 +383,10 @@ pub async fn register(
             ))
         })?;
     let access = acc.access_token(&state, &session, user.grants.clone());
-    let visible = acc.wait_view(&username, |u| u.user_id == user_id).await;
+    let visible = acc
+        .wait_view(&username, |u| u.user_id == user_id)
+        .await
+        .is_some();
     let mut body = acc.token_body(access, refresh);
     body["user"] = user.public();
     body["visible"] = json!(visible);

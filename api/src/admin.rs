@@ -253,7 +253,8 @@ pub async fn set_grants(
     // list, which no grant check covers, would otherwise tell it).
     require_some_admin(&caller, "changing grants")?;
     check_grants(&caller, &req.grants)?;
-    let username = managed_user(&caller, acc, &username).await?.username;
+    let user = managed_user(&caller, acc, &username).await?;
+    let (username, seen) = (user.username, user.grants_offset);
     let event = UserEvent::GrantsSet {
         v: USER_EVENT_VERSION,
         event_id: uuid::Uuid::now_v7().to_string(),
@@ -262,11 +263,26 @@ pub async fn set_grants(
         grants: req.grants.clone(),
         by: caller.sub.clone(),
         at_ms: now_ms() as i64,
+        if_grants_offset: seen,
     };
     acc.emit(&event).await?;
-    let visible = acc.wait_view(&username, |u| u.grants == req.grants).await;
+    // This change, or another that came first and makes the projector drop this one.
+    let landed = acc
+        .wait_view(&username, |u| match seen {
+            Some(_) => u.grants_offset != seen,
+            None => u.grants == req.grants,
+        })
+        .await;
+    if landed.as_ref().is_some_and(|u| u.grants != req.grants) {
+        return Err(ApiError::Conflict {
+            code: "grants_changed",
+            message: format!(
+                "the grants of {username:?} changed while this request was made; this change was not applied: read them again and retry"
+            ),
+        });
+    }
     Ok(Json(
-        json!({"username": username, "grants": req.grants, "visible": visible}),
+        json!({"username": username, "grants": req.grants, "visible": landed.is_some()}),
     ))
 }
 

@@ -41,6 +41,10 @@ pub struct User {
     pub grants: Vec<Grant>,
     /// Registration time, ms since the epoch.
     pub created_at_ms: i64,
+    /// The `user.events` offset of the last grant change applied (of the registration at
+    /// first): read from the view, never part of an event.
+    #[serde(default, skip_serializing)]
+    pub grants_offset: Option<i64>,
 }
 
 impl User {
@@ -90,6 +94,11 @@ pub enum UserEvent {
         by: String,
         /// When, ms since the epoch.
         at_ms: i64,
+        /// The user's `grants_offset` when the admin decided: the change applies only if no
+        /// other grant change was applied since (a compare-and-set; `None` in events made before
+        /// 2026-12-06: no such check).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        if_grants_offset: Option<i64>,
     },
 }
 
@@ -260,14 +269,21 @@ impl UsersView {
                 username,
                 tenant,
                 grants,
+                if_grants_offset,
                 ..
             } => {
                 let grants = mongodb::bson::to_bson(grants)
                     .map_err(|e| ViewError::Malformed(username.clone(), e.to_string()))?;
+                // Made on the grants of `if_grants_offset`: only over those (once applied, the
+                // offset is this one's, so a re-delivery changes nothing either).
+                let unchanged = match if_grants_offset {
+                    Some(seen) => mongodb::bson::Bson::Int64(*seen),
+                    None => doc! {"$lt": offset}.into(),
+                };
                 let r = self
                     .users
                     .update_one(
-                        doc! {"_id": username, "tenant": tenant, "grants_offset": {"$lt": offset}},
+                        doc! {"_id": username, "tenant": tenant, "grants_offset": unchanged},
                         doc! {"$set": {"grants": grants, "grants_offset": offset}},
                     )
                     .await?;

@@ -1409,3 +1409,79 @@ async fn an_admin_ends_every_session_of_a_member() {
     node.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// A grant change carries the grants it was decided on (`if_grants_offset`): the users
+/// projector applies it only over those. So of two changes made on the same grants, the one
+/// applied second is dropped: a sub-admin whose demotion is still on its way cannot give itself
+/// admin back for good, and a change never lands on grants its author did not see.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_change_made_on_grants_changed_since_is_dropped() {
+    use api::users::{Applied, UserEvent, UsersView, USER_EVENT_VERSION};
+    let env = TestEnv::new("grantcas").await;
+    let db = mongodb::Client::with_uri_str(&env.cfg.mongo.uri)
+        .await
+        .unwrap()
+        .database(&env.cfg.mongo.database);
+    let view = UsersView::new(db);
+    view.ensure_indexes().await.unwrap();
+    let grants = |bucket: &str, perm: &str| -> Vec<api::auth::Grant> {
+        serde_json::from_value(json!([{"bucket": bucket, "perms": [perm]}])).unwrap()
+    };
+    let user = api::users::User {
+        username: "sam".into(),
+        user_id: "u-sam".into(),
+        email: "sam@example.com".into(),
+        tenant: "acme".into(),
+        password_hash: "x".into(),
+        grants: grants("team-*", "admin"),
+        created_at_ms: 1,
+        grants_offset: None,
+    };
+    let created = UserEvent::Created {
+        v: USER_EVENT_VERSION,
+        event_id: "e0".into(),
+        user,
+        creates_tenant: false,
+    };
+    assert_eq!(view.apply(&created, 10).await.unwrap(), Applied::Changed);
+    let seen = view.find("sam").await.unwrap().unwrap().grants_offset;
+    assert_eq!(seen, Some(10));
+    let set = |id: &str, g: Vec<api::auth::Grant>, if_offset: Option<i64>| UserEvent::GrantsSet {
+        v: USER_EVENT_VERSION,
+        event_id: id.into(),
+        username: "sam".into(),
+        tenant: "acme".into(),
+        grants: g,
+        by: "someone".into(),
+        at_ms: 2,
+        if_grants_offset: if_offset,
+    };
+    // The tenant admin demotes sam (offset 11); sam, still admin in the view it read, had given
+    // itself admin on everything (offset 12, made on the grants of offset 10).
+    let demote = set("e1", grants("team-1", "read"), seen);
+    let regain = set("e2", grants("*", "admin"), seen);
+    assert_eq!(view.apply(&demote, 11).await.unwrap(), Applied::Changed);
+    assert_eq!(view.apply(&regain, 12).await.unwrap(), Applied::Unchanged);
+    assert_eq!(
+        view.apply(&demote, 11).await.unwrap(),
+        Applied::Unchanged,
+        "a re-delivery"
+    );
+    let now = view.find("sam").await.unwrap().unwrap();
+    assert_eq!(
+        (now.grants, now.grants_offset),
+        (grants("team-1", "read"), Some(11))
+    );
+    // A change made on the current grants applies; an event without the check (made before
+    // it existed) applies when newer, as before.
+    let next = set("e3", grants("team-2", "write"), Some(11));
+    assert_eq!(view.apply(&next, 13).await.unwrap(), Applied::Changed);
+    let legacy = set("e4", grants("team-3", "read"), None);
+    assert_eq!(
+        view.apply(&legacy, 12).await.unwrap(),
+        Applied::Unchanged,
+        "older"
+    );
+    assert_eq!(view.apply(&legacy, 14).await.unwrap(), Applied::Changed);
+    env.cleanup().await;
+}
