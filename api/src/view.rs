@@ -345,6 +345,10 @@ pub struct BatchOutcome {
     pub written: usize,
     /// Events skipped as already applied (re-delivery, replay).
     pub skipped: usize,
+    /// Events applied over a stored version other than the one right before theirs: a change
+    /// the view never got (logged; the document may be wrong until `syncflow project
+    /// --rebuild`).
+    pub gaps: usize,
 }
 
 impl MongoView {
@@ -427,7 +431,12 @@ impl MongoView {
                 }
                 if let Some(c) = cur {
                     if c.version + 1 != to_i64(e.version) {
-                        tracing::warn!(id = %id, have = c.version, event = e.version, "view version gap");
+                        outcome.gaps += 1;
+                        tracing::error!(
+                            %tenant, id = %id, have = c.version, event = e.version,
+                            "view version gap: a change never reached the view, so this document may be wrong; rebuild the bucket (syncflow project --rebuild --bucket {tenant}/{})",
+                            e.bucket
+                        );
                     }
                 }
                 let next = ViewDoc::after(cur, e);
@@ -460,15 +469,26 @@ impl MongoView {
                 // batch insert failed, maybe because another projector wrote it since, possibly
                 // at a newer version, which must not be overwritten.
                 let filter = doc! {"_id": &id, "version": {"$lt": next.version}};
-                let result = coll
-                    .replace_one(filter, replacement)
-                    .with_options(ReplaceOptions::builder().upsert(true).build())
-                    .await;
-                match result {
-                    Ok(_) => outcome.written += 1,
-                    // The version filter missed an existing _id: a newer version is already there.
-                    Err(e) if is_duplicate_key(&e) => outcome.skipped += 1,
-                    Err(e) => return Err(e.into()),
+                // A duplicate key means the filter missed an existing _id: usually a newer version
+                // is there; but another writer may have inserted the document (at any version)
+                // between the filter's miss and the upsert's insert, so look again before
+                // skipping (once: a race, not a state).
+                let mut retried = false;
+                loop {
+                    let result = coll
+                        .replace_one(filter.clone(), replacement.clone())
+                        .with_options(ReplaceOptions::builder().upsert(true).build())
+                        .await;
+                    match result {
+                        Ok(_) => outcome.written += 1,
+                        Err(e) if is_duplicate_key(&e) && !retried => {
+                            retried = true;
+                            continue;
+                        }
+                        Err(e) if is_duplicate_key(&e) => outcome.skipped += 1,
+                        Err(e) => return Err(e.into()),
+                    }
+                    break;
                 }
             }
             for (bucket, seq) in bucket_seq {

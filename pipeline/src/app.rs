@@ -127,6 +127,7 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_flag = Arc::new(AtomicBool::new(false));
     let resolver_stats = Arc::new(ResolverStats::default());
+    let projector_stats = Arc::new(projector::ProjectorStats::default());
     let mut tasks: Vec<(Role, JoinHandle<Result<(), String>>)> = Vec::new();
     let mut api_addr = None;
     if roles.contains(&Role::Processor) {
@@ -140,9 +141,9 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
     if roles.contains(&Role::Projector) {
         let view = mongo_view(&cfg).await?;
         let users = api::users::UsersView::new(view.database().clone());
-        let (c, rx) = (cfg.clone(), stop_rx.clone());
+        let (c, rx, stats) = (cfg.clone(), stop_rx.clone(), projector_stats.clone());
         let handle = supervise("projector", stop_rx.clone(), move || {
-            projector::run(c.clone(), view.clone(), rx.clone())
+            projector::run(c.clone(), view.clone(), stats.clone(), rx.clone())
         });
         tasks.push((Role::Projector, handle));
         let (c, rx) = (cfg.clone(), stop_rx.clone());
@@ -241,6 +242,7 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             },
             status: {
                 let stats = resolver_stats.clone();
+                let projected = projector_stats.clone();
                 let hub = status_hub;
                 let roles: Vec<String> = roles
                     .iter()
@@ -254,6 +256,9 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
                     });
                     if roles.iter().any(|r| r == "processor") {
                         status["resolver"] = stats.to_json();
+                    }
+                    if roles.iter().any(|r| r == "projector") {
+                        status["projector"] = projected.to_json();
                     }
                     status
                 })

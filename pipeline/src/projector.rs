@@ -7,6 +7,8 @@
 //! re-delivers; [`MongoView::apply`] makes every re-delivery a no-op (versions only move forward).
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use futures::FutureExt;
 use std::time::Duration;
@@ -208,10 +210,38 @@ where
     }
 }
 
+/// Observable progress of the projector (`GET /status`, `projector`).
+#[derive(Debug, Default)]
+pub struct ProjectorStats {
+    /// Batches applied to the view.
+    pub batches: AtomicU64,
+    /// Documents written.
+    pub written: AtomicU64,
+    /// Changes skipped as already in the view.
+    pub skipped: AtomicU64,
+    /// Changes applied over a stored version other than the one right before theirs: the view
+    /// missed a change, and the document may be wrong until the bucket is rebuilt.
+    pub version_gaps: AtomicU64,
+}
+
+impl ProjectorStats {
+    /// The counters as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "batches": get(&self.batches),
+            "written": get(&self.written),
+            "skipped": get(&self.skipped),
+            "version_gaps": get(&self.version_gaps),
+        })
+    }
+}
+
 /// Runs the projector until `shutdown` turns true.
 pub async fn run(
     cfg: Config,
     view: MongoView,
+    stats: Arc<ProjectorStats>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ProjectorError> {
     let (consumer, partitions) = subscribe(&cfg, &group_id(&cfg), topics::SYNC_EVENTS)?;
@@ -291,8 +321,17 @@ pub async fn run(
             events = events.len(),
             written = outcome.written,
             skipped = outcome.skipped,
+            gaps = outcome.gaps,
             "projected batch"
         );
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        for (counter, n) in [
+            (&stats.written, outcome.written),
+            (&stats.skipped, outcome.skipped),
+            (&stats.version_gaps, outcome.gaps),
+        ] {
+            counter.fetch_add(n as u64, Ordering::Relaxed);
+        }
         // Offsets only after MongoDB acknowledged every write of the batch.
         store_offsets(&consumer, &messages);
     }

@@ -744,3 +744,32 @@ async fn a_change_of_a_newer_format_stops_the_projector_instead_of_being_skipped
     }
     env.cleanup().await;
 }
+
+/// A change applied over a stored version other than the one right before its own (the view
+/// missed a change) is counted as a gap; consecutive versions and re-deliveries are not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_over_a_missing_version_is_counted_as_a_gap() {
+    use api::view::MongoView;
+    let env = TestEnv::new("viewgap").await;
+    let view = MongoView::new(database(&env).await);
+    let first = view
+        .apply_batch(&[
+            sync_event(0, 1, 1, false, json!(1)),
+            sync_event(0, 2, 2, false, json!(2)),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((first.written, first.gaps), (1, 0));
+    let again = view
+        .apply_batch(&[sync_event(0, 2, 2, false, json!(2))])
+        .await
+        .unwrap();
+    assert_eq!((again.skipped, again.gaps), (1, 0), "a re-delivery");
+    // Version 3 never arrives.
+    let gap = view
+        .apply_batch(&[sync_event(0, 4, 4, false, json!(4))])
+        .await
+        .unwrap();
+    assert_eq!((gap.written, gap.gaps), (1, 1));
+    env.cleanup().await;
+}
