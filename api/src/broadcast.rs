@@ -19,9 +19,10 @@ use std::task::{Context, Poll, Waker};
 #[error("lagged behind by {0} values")]
 pub struct Lagged(pub u64);
 
-/// One value and how many receivers have still to read it.
+/// One value, its size as the sender counted it, and how many receivers have still to read it.
 struct Slot<T> {
     value: T,
+    bytes: usize,
     unread: usize,
 }
 
@@ -30,6 +31,9 @@ struct Inner<T> {
     buf: VecDeque<Slot<T>>,
     head: u64,
     capacity: usize,
+    /// Sum of the held values' sizes, and its most.
+    bytes: usize,
+    max_bytes: usize,
     receivers: usize,
     next_id: u64,
     /// Receivers waiting for a value, by id (one waker each, however often they poll).
@@ -42,11 +46,18 @@ impl<T> Inner<T> {
         self.head + self.buf.len() as u64
     }
 
+    /// Drops the oldest value, read or not.
+    fn pop(&mut self) {
+        if let Some(slot) = self.buf.pop_front() {
+            self.bytes -= slot.bytes;
+            self.head += 1;
+        }
+    }
+
     /// Drops the values every receiver has read, and gives memory back once nothing is held.
     fn trim(&mut self) {
         while self.buf.front().is_some_and(|s| s.unread == 0) {
-            self.buf.pop_front();
-            self.head += 1;
+            self.pop();
         }
         if self.buf.is_empty() && self.buf.capacity() > IDLE_CAPACITY {
             self.buf = VecDeque::new();
@@ -78,11 +89,19 @@ impl<T> Clone for Sender<T> {
 
 /// A queue keeping at most `capacity` (at least 1) unread values.
 pub fn channel<T: Clone>(capacity: usize) -> Sender<T> {
+    bounded(capacity, usize::MAX)
+}
+
+/// A queue keeping at most `capacity` (at least 1) unread values, and of those (but the newest)
+/// at most `max_bytes` by the sizes given to [`Sender::send_sized`].
+pub fn bounded<T: Clone>(capacity: usize, max_bytes: usize) -> Sender<T> {
     Sender {
         shared: Arc::new(Mutex::new(Inner {
             buf: VecDeque::new(),
             head: 0,
             capacity: capacity.max(1),
+            bytes: 0,
+            max_bytes,
             receivers: 0,
             next_id: 0,
             waiting: HashMap::new(),
@@ -93,18 +112,31 @@ pub fn channel<T: Clone>(capacity: usize) -> Sender<T> {
 impl<T: Clone> Sender<T> {
     /// Sends `value` to every receiver; returns how many there are (none: the value is dropped).
     pub fn send(&self, value: T) -> usize {
+        self.send_sized(value, 0)
+    }
+
+    /// [`Sender::send`] of a value that counts `bytes` against the queue's byte budget.
+    pub fn send_sized(&self, value: T, bytes: usize) -> usize {
         let (wake, receivers): (Vec<Waker>, usize) = {
             let mut inner = lock(&self.shared);
             if inner.receivers == 0 {
                 return 0;
             }
-            if inner.buf.len() == inner.capacity {
-                // The oldest value goes; whoever had not read it will hear it lagged.
-                inner.buf.pop_front();
-                inner.head += 1;
+            // The oldest values go until this one fits (it always goes in); whoever had not
+            // read them will hear it lagged.
+            while !inner.buf.is_empty()
+                && (inner.buf.len() >= inner.capacity
+                    || inner.bytes.saturating_add(bytes) > inner.max_bytes)
+            {
+                inner.pop();
             }
             let unread = inner.receivers;
-            inner.buf.push_back(Slot { value, unread });
+            inner.bytes += bytes;
+            inner.buf.push_back(Slot {
+                value,
+                bytes,
+                unread,
+            });
             (inner.waiting.drain().map(|(_, w)| w).collect(), unread)
         };
         for w in wake {
@@ -133,6 +165,11 @@ impl<T: Clone> Sender<T> {
     /// Values held now (sent and not yet read by every receiver).
     pub fn len(&self) -> usize {
         lock(&self.shared).buf.len()
+    }
+
+    /// The sizes of the values held now.
+    pub fn held_bytes(&self) -> usize {
+        lock(&self.shared).bytes
     }
 
     /// True when no value is held.
@@ -226,6 +263,26 @@ mod tests {
         let lonely = channel::<u32>(1024);
         assert_eq!(lonely.send(1), 0);
         assert_eq!((lonely.len(), lonely.allocated()), (0, 0));
+    }
+
+    #[test]
+    fn the_byte_budget_drops_the_oldest_values_and_always_keeps_the_newest() {
+        let tx = bounded::<u32>(100, 1_000);
+        let mut rx = tx.subscribe();
+        for v in 0..4 {
+            tx.send_sized(v, 300);
+        }
+        // 1,200 bytes sent into 1,000: the oldest went.
+        assert_eq!((tx.len(), tx.held_bytes()), (3, 900));
+        assert_eq!(rx.try_recv(), Some(Err(Lagged(1))));
+        assert_eq!(rx.try_recv(), Some(Ok(1)));
+        assert_eq!(tx.held_bytes(), 600, "read values are released");
+        // One value larger than the budget still goes in, alone.
+        tx.send_sized(9, 5_000);
+        assert_eq!((tx.len(), tx.held_bytes()), (1, 5_000));
+        assert_eq!(rx.try_recv(), Some(Err(Lagged(2))));
+        assert_eq!(rx.try_recv(), Some(Ok(9)));
+        assert_eq!((tx.len(), tx.held_bytes()), (0, 0));
     }
 
     #[test]

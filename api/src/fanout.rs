@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -157,6 +157,20 @@ struct Inbox {
     signal: Arc<InboxSignal>,
     /// Announcements dropped, over the hub's life.
     dropped: Arc<AtomicU64>,
+    /// The sizes ([`push_bytes`]) of what the queue holds, and their most (`ws.hub_queue_bytes`):
+    /// an announcement that would pass it is dropped as one that finds the queue full.
+    held: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+/// About the bytes a message from Redis holds.
+fn push_bytes(info: &redis::PushInfo) -> usize {
+    let value = |v: &redis::Value| match v {
+        redis::Value::BulkString(b) => b.len(),
+        redis::Value::SimpleString(s) => s.len(),
+        _ => 16,
+    };
+    64 + info.data.iter().map(value).sum::<usize>()
 }
 
 /// What an [`Inbox`] tells the hub beside its queue.
@@ -173,7 +187,17 @@ struct InboxSignal {
 impl redis::aio::AsyncPushSender for Inbox {
     fn send(&self, info: redis::PushInfo) -> Result<(), redis::aio::SendError> {
         use tokio::sync::mpsc::error::TrySendError;
-        match self.queue.try_send(info) {
+        let bytes = push_bytes(&info);
+        let held = self.held.load(Ordering::Acquire);
+        let sent = if held > 0 && held.saturating_add(bytes) > self.max_bytes {
+            Err(TrySendError::Full(info))
+        } else {
+            self.held.fetch_add(bytes, Ordering::AcqRel);
+            self.queue.try_send(info).inspect_err(|_| {
+                self.held.fetch_sub(bytes, Ordering::AcqRel);
+            })
+        };
+        match sent {
             Ok(()) => Ok(()),
             Err(TrySendError::Full(info)) => {
                 match info.kind {
@@ -196,13 +220,42 @@ impl redis::aio::AsyncPushSender for Inbox {
     }
 }
 
+/// How much a hub queues: per bucket for its subscribers, and between Redis and the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HubQueues {
+    /// Changes per bucket (`ws.queue`).
+    pub queue: usize,
+    /// Bytes of changes per bucket (`ws.queue_bytes`; the newest change always fits).
+    pub queue_bytes: usize,
+    /// Announcements between Redis and the hub (`ws.hub_queue`).
+    pub inbox: usize,
+    /// Bytes of those (`ws.hub_queue_bytes`).
+    pub inbox_bytes: usize,
+}
+
+impl HubQueues {
+    /// `queue` changes per bucket and `inbox` announcements, with the default byte budgets.
+    pub fn counts(queue: usize, inbox: usize) -> Self {
+        HubQueues {
+            queue,
+            queue_bytes: 16 << 20,
+            inbox,
+            inbox_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What a change held in a bucket's queue counts against its byte budget: the announcement it
+/// was decoded from, once for the decoded change and once for the message built from it.
+fn change_bytes(payload: &str) -> usize {
+    256 + 2 * payload.len()
+}
+
 /// The node's hub.
 #[derive(Clone)]
 pub struct Hub {
     channels: Channels,
-    capacity: usize,
-    /// Announcements queued between the Redis connection and the hub (see [`Inbox`]).
-    inbox: usize,
+    queues: HubQueues,
     /// How often every subscriber here was sent back to its cursor for dropped announcements.
     overflows: Arc<AtomicU64>,
     /// Announcements the inbox dropped.
@@ -221,13 +274,11 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Starts the hub's Redis listener (it reconnects on its own, forever): `capacity` changes
-    /// queued per bucket for its subscribers, `inbox` announcements between Redis and the hub.
+    /// Starts the hub's Redis listener (it reconnects on its own, forever), queueing `queues`.
     pub fn start(
         redis_url: &str,
         prefix: &str,
-        capacity: usize,
-        inbox: usize,
+        queues: HubQueues,
     ) -> Result<Hub, redis::RedisError> {
         // RESP3, so the subscription's messages come through a sender of ours (the RESP2
         // pub/sub connection queues them without a bound).
@@ -239,8 +290,11 @@ impl Hub {
         let client = redis::Client::open(info.set_redis_settings(resp3))?;
         let hub = Hub {
             channels: Arc::new(Mutex::new(HashMap::new())),
-            capacity: capacity.max(1),
-            inbox: inbox.max(1),
+            queues: HubQueues {
+                queue: queues.queue.max(1),
+                inbox: queues.inbox.max(1),
+                ..queues
+            },
             overflows: Arc::default(),
             dropped: Arc::default(),
             prefix: prefix.into(),
@@ -266,7 +320,7 @@ impl Hub {
         let receiver = self
             .channels()
             .entry(channel.clone())
-            .or_insert_with(|| broadcast::channel(self.capacity))
+            .or_insert_with(|| broadcast::bounded(self.queues.queue, self.queues.queue_bytes))
             .subscribe();
         Subscription {
             stream: receiver,
@@ -372,8 +426,9 @@ impl Hub {
         // subscribed.
         let mut refreshed = tokio::time::Instant::now();
         loop {
-            let (queue, inbox) = tokio::sync::mpsc::channel(self.inbox);
+            let (queue, inbox) = tokio::sync::mpsc::channel(self.queues.inbox);
             let signal = Arc::new(InboxSignal::default());
+            let held = Arc::new(AtomicUsize::new(0));
             let connected = {
                 // Dropped once connected: the connection's copy must hold the queue's only
                 // sender, so that the queue closes when the connection ends.
@@ -384,6 +439,8 @@ impl Hub {
                         queue,
                         signal: signal.clone(),
                         dropped: self.dropped.clone(),
+                        held: held.clone(),
+                        max_bytes: self.queues.inbox_bytes,
                     });
                 client
                     .get_multiplexed_async_connection_with_config(&config)
@@ -403,6 +460,9 @@ impl Hub {
                         // found the inbox full, by saying so (`signal.ended`) and dropping its
                         // end of the queue.
                         let messages = tokio_stream::wrappers::ReceiverStream::new(inbox)
+                            .inspect(|info| {
+                                held.fetch_sub(push_bytes(info), Ordering::AcqRel);
+                            })
                             .take_while(|info| {
                                 std::future::ready(info.kind != redis::PushKind::Disconnection)
                             })
@@ -521,7 +581,7 @@ impl Hub {
     /// one sent when the hub resubscribes).
     fn overflowed(&self) {
         let times = self.overflows.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::warn!(times, dropped = self.dropped(), queue = self.inbox, "announcements came faster than this node passed them on; some were dropped and every subscriber here catches up from its cursor (ws.hub_queue)");
+        tracing::warn!(times, dropped = self.dropped(), queue = self.queues.inbox, bytes = self.queues.inbox_bytes, "announcements came faster than this node passed them on; some were dropped and every subscriber here catches up from its cursor (ws.hub_queue, ws.hub_queue_bytes)");
     }
 
     fn dispatch(&self, channel: &str, payload: Option<String>) {
@@ -530,19 +590,28 @@ impl Hub {
             self.gap_for_all();
             return;
         }
-        let mut channels = self.channels();
-        let Some(sender) = channels.get(channel) else {
+        let sender = {
+            let mut channels = self.channels();
+            let Some(sender) = channels.get(channel) else {
+                return;
+            };
+            if sender.receiver_count() == 0 {
+                channels.remove(channel);
+                return;
+            }
+            // Decoded without the lock, which every subscribe and unsubscribe of the node takes.
+            sender.clone()
+        };
+        let Some(payload) = payload else {
+            tracing::warn!(channel, "undecodable change announcement ignored");
             return;
         };
-        if sender.receiver_count() == 0 {
-            channels.remove(channel);
-            return;
-        }
-        match payload.as_deref().map(serde_json::from_str::<SyncEvent>) {
-            Some(Ok(event)) => {
-                let _ = sender.send(HubMsg::Change(Arc::new(Change::new(event))));
+        match serde_json::from_str::<SyncEvent>(&payload) {
+            Ok(event) => {
+                let change = HubMsg::Change(Arc::new(Change::new(event)));
+                let _ = sender.send_sized(change, change_bytes(&payload));
             }
-            _ => tracing::warn!(channel, "undecodable change announcement ignored"),
+            Err(_) => tracing::warn!(channel, "undecodable change announcement ignored"),
         }
     }
 }
@@ -647,7 +716,7 @@ mod tests {
     #[tokio::test]
     async fn a_buckets_channel_lives_as_long_as_its_subscribers() {
         // Nothing listens on port 1: the hub's listener just keeps retrying in the background.
-        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 8, 64).expect("hub");
+        let hub = Hub::start("redis://127.0.0.1:1/", "t:", HubQueues::counts(8, 64)).expect("hub");
         let mut first = hub.subscribe("acme", "notes");
         let second = hub.subscribe("acme", "notes");
         let other = hub.subscribe("acme", "todo");
@@ -680,7 +749,8 @@ mod tests {
 
     #[tokio::test]
     async fn subscriptions_to_quiet_buckets_hold_no_queue_slots() {
-        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 1024, 64).expect("hub");
+        let hub =
+            Hub::start("redis://127.0.0.1:1/", "t:", HubQueues::counts(1024, 64)).expect("hub");
         let subs: Vec<_> = (0..10_000)
             .map(|i| hub.subscribe("acme", &format!("made-up-{i}")))
             .collect();
@@ -696,7 +766,12 @@ mod tests {
     /// subscribed, and a subscription to `acme/notes` past the gap the hub sends when it
     /// subscribes.
     async fn listening_hub(prefix: &str, inbox: usize) -> (Hub, Subscription) {
-        let hub = Hub::start("redis://127.0.0.1:6379/", prefix, 100_000, inbox).expect("hub");
+        listening_hub_with(prefix, HubQueues::counts(100_000, inbox)).await
+    }
+
+    /// [`listening_hub`] queueing `queues`.
+    async fn listening_hub_with(prefix: &str, queues: HubQueues) -> (Hub, Subscription) {
+        let hub = Hub::start("redis://127.0.0.1:6379/", prefix, queues).expect("hub");
         let started = tokio::time::Instant::now();
         while !hub.is_listening() {
             assert!(
@@ -710,6 +785,28 @@ mod tests {
             assert!(matches!(got, Some(Ok(HubMsg::Gap))), "{got:?}");
         }
         (hub, sub)
+    }
+
+    /// One pipeline publishing every payload on `channel`.
+    fn publishes(channel: &str, payloads: impl Iterator<Item = String>) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        for payload in payloads {
+            pipe.cmd("PUBLISH").arg(channel).arg(payload).ignore();
+        }
+        pipe
+    }
+
+    /// Waits until the hub's inbox has dropped `at_least` announcements, for at most 30 s from
+    /// `started`.
+    async fn until_dropped(hub: &Hub, at_least: u64, started: tokio::time::Instant) {
+        while hub.dropped() < at_least {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the inbox dropped only {} (of at least {at_least})",
+                hub.dropped()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Needs the local Redis (`scripts/services.sh up`).
@@ -729,7 +826,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_hub_without_redis_refreshes_its_subscribers_every_outage_refresh_only() {
         // Nothing listens on port 1: the hub keeps trying to connect.
-        let hub = Hub::start("redis://127.0.0.1:1/", "t:", 8, 64).expect("hub");
+        let hub = Hub::start("redis://127.0.0.1:1/", "t:", HubQueues::counts(8, 64)).expect("hub");
         let mut sub = hub.subscribe("acme", "notes");
         let started = tokio::time::Instant::now();
         hub.gap_later("acme", "notes", Duration::from_millis(50));
@@ -774,28 +871,14 @@ mod tests {
             // channels' std mutex instead: that blocked a runtime thread, and once in a clean CI
             // run the publish below never completed.)
             let held = hub.stall.clone().lock_owned().await;
-            let mut pipe = redis::pipe();
-            for seq in 1..=sent {
-                pipe.cmd("PUBLISH")
-                    .arg(&channel)
-                    .arg(announce(seq))
-                    .ignore();
-            }
+            let pipe = publishes(&channel, (1..=sent).map(announce));
             let () = tokio::time::timeout(bounded, pipe.query_async(&mut publisher))
                 .await
                 .expect("publishing timed out")
                 .expect("publish");
             // Held until the connection has read them all: the hub took at most one (the one
             // it waits with), the inbox holds the next ones, the rest are dropped.
-            let all_read = sent - inbox as u64 - 1;
-            while hub.dropped() < all_read {
-                assert!(
-                    started.elapsed() < Duration::from_secs(30),
-                    "dropped only {}",
-                    hub.dropped()
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            until_dropped(&hub, sent - inbox as u64 - 1, started).await;
             drop(held);
         }
         // What got through is at most the inbox (and the one the hub held when it stopped),
@@ -846,6 +929,76 @@ mod tests {
         // before it stopped, and the connection refilled the place.
         assert!((1..=2).contains(&gaps), "{gaps} gaps");
         assert_eq!(gaps, hub.overflows());
+    }
+
+    /// Large announcements: the inbox and a bucket's queue are bounded by bytes as well as by
+    /// count. Needs the local Redis (`scripts/services.sh up`).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_announcements_are_bounded_by_bytes_in_the_inbox_and_the_bucket_queue() {
+        let prefix = format!("hubbytes{}:", uuid::Uuid::new_v4().simple());
+        let channel = crate::view::change_channel(&prefix, "acme", "notes");
+        let announce = |seq: u64| {
+            let mut event = change().event;
+            event.seq = seq;
+            event.set = [("big".to_string(), serde_json::json!("x".repeat(16 * 1024)))]
+                .into_iter()
+                .collect();
+            serde_json::to_string(&event).unwrap()
+        };
+        let size = announce(1).len();
+        // Counts far above what is sent; bytes for about ten announcements each.
+        let queues = HubQueues {
+            queue: 100_000,
+            queue_bytes: 10 * change_bytes(&announce(1)),
+            inbox: 100_000,
+            inbox_bytes: 10 * (size + 200),
+        };
+        let (hub, mut sub) = listening_hub_with(&prefix, queues).await;
+        let mut publisher = redis::Client::open("redis://127.0.0.1:6379/")
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let sent = 200;
+        let started = tokio::time::Instant::now();
+        {
+            // The hub passes nothing on while this is held: the inbox fills by bytes.
+            let held = hub.stall.clone().lock_owned().await;
+            let pipe = publishes(&channel, (1..=sent).map(announce));
+            let () = pipe.query_async(&mut publisher).await.expect("publish");
+            until_dropped(&hub, sent - 12, started).await;
+            drop(held);
+        }
+        // The subscriber has read nothing yet. Forty more, slowly enough for the inbox: the
+        // hub passes them on, and they wait in the bucket's queue, bounded by its bytes too.
+        for seq in sent + 1..=sent + 40 {
+            let mut publish = redis::cmd("PUBLISH");
+            publish.arg(&channel).arg(announce(seq));
+            publish
+                .query_async::<()>(&mut publisher)
+                .await
+                .expect("publish");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (mut changes, mut lagged, mut newest) = (0, 0, 0);
+        while let Ok(got) = tokio::time::timeout(Duration::from_secs(1), sub.next()).await {
+            match got {
+                Some(Ok(HubMsg::Change(c))) => {
+                    changes += 1;
+                    newest = c.event.seq;
+                }
+                Some(Ok(HubMsg::Gap)) => {}
+                Some(Err(Lagged(n))) => lagged += n,
+                None => break,
+            }
+        }
+        assert_eq!(newest, sent + 40, "the newest change is kept");
+        assert!(
+            changes <= 11,
+            "{changes} changes were held for the subscriber"
+        );
+        assert!(lagged >= 29, "the bucket queue dropped only {lagged}");
     }
 
     #[test]

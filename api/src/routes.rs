@@ -1167,7 +1167,14 @@ pub(crate) mod tests {
         use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
         let mut st = state(reader);
         // Nothing listens on port 1: the hub keeps retrying, and cannot read announced marks.
-        st.hub = Some(crate::fanout::Hub::start("redis://127.0.0.1:1/", "t:", 8, 64).unwrap());
+        st.hub = Some(
+            crate::fanout::Hub::start(
+                "redis://127.0.0.1:1/",
+                "t:",
+                crate::fanout::HubQueues::counts(8, 64),
+            )
+            .unwrap(),
+        );
         let token = token(&st, "b:r");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

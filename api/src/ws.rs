@@ -72,9 +72,14 @@ pub struct WsConfig {
     pub heartbeat_secs: u64,
     /// Live changes buffered per bucket and node; a subscriber further behind is resynced.
     pub queue: usize,
+    /// Bytes of live changes buffered per bucket and node (counted twice: decoded and as sent);
+    /// beyond it the oldest go, as beyond `queue`.
+    pub queue_bytes: usize,
     /// Announcements buffered per node between Redis and its hub; beyond it they are dropped
     /// and every subscriber on the node catches up from its cursor.
     pub hub_queue: usize,
+    /// Bytes of those announcements; beyond it they are dropped, as beyond `hub_queue`.
+    pub hub_queue_bytes: usize,
     /// Resyncs for slowness allowed per minute before the connection is closed (4008).
     pub max_lags_per_minute: u32,
     /// Seconds a client without an `Authorization` header has to send its `auth` message.
@@ -102,7 +107,9 @@ impl Default for WsConfig {
             max_message_bytes: 64 * 1024,
             heartbeat_secs: 15,
             queue: 1024,
+            queue_bytes: 16 << 20,
             hub_queue: 16_384,
+            hub_queue_bytes: 64 << 20,
             max_lags_per_minute: 3,
             auth_timeout_secs: 10,
             send_timeout_secs: 10,

@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use api::fanout::{Hub, HubMsg};
+use api::fanout::{Hub, HubMsg, HubQueues};
 use clap::Parser;
 use futures::StreamExt;
 
@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let url = std::env::var("SYNCFLOW_REDIS_URL").unwrap_or("redis://127.0.0.1:6379/".into());
     let prefix = format!("hubrate{}:", std::process::id());
-    let hub = Hub::start(&url, &prefix, args.queue, args.hub_queue)?;
+    let hub = Hub::start(&url, &prefix, HubQueues::counts(args.queue, args.hub_queue))?;
     let started = Instant::now();
     while !hub.is_listening() {
         anyhow::ensure!(

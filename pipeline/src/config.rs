@@ -338,6 +338,9 @@ impl Config {
         if self.ws.queue == 0 || self.ws.hub_queue == 0 {
             out.push("ws.queue and ws.hub_queue must be at least 1".into());
         }
+        if self.ws.queue_bytes < 1024 || self.ws.hub_queue_bytes < 1024 {
+            out.push("ws.queue_bytes and ws.hub_queue_bytes must be at least 1024".into());
+        }
         if self.resolver.restore_chunk == 0 {
             out.push("resolver.restore_chunk must be at least 1".into());
         }
