@@ -194,6 +194,10 @@ pub struct DocPage {
 /// of hundreds of MiB, held in memory while it is built and sent.
 pub const PAGE_BYTES: usize = 1 << 20;
 
+/// Most bucket names one sweep query filters on (`$in`), so that a tenant of many buckets
+/// never makes a filter near the 16 MiB document limit.
+const SWEEP_BUCKETS_PER_QUERY: usize = 1_000;
+
 /// What the API needs to read.
 pub trait DocReader: Send + Sync + 'static {
     /// One document of one bucket of one tenant, tombstones included.
@@ -675,36 +679,47 @@ impl MongoView {
         let mut removed = 0;
         let start = from.map_or(0, |f| tenants.partition_point(|t| t.as_str() < f));
         for (i, tenant) in tenants.iter().enumerate().skip(start) {
-            let buckets = match owns {
-                None => None,
-                Some(owns) => {
-                    let mut mine = self.bucket_names(tenant).await?;
-                    mine.retain(|b| owns(tenant, b));
-                    Some(mine)
-                }
+            // The buckets to sweep, a bounded number per query (`None`: all of them).
+            let groups: Vec<Option<Vec<String>>> = match owns {
+                None => vec![None],
+                Some(owns) => match self.bucket_names(tenant).await {
+                    Ok(mut mine) => {
+                        mine.retain(|b| owns(tenant, b));
+                        mine.chunks(SWEEP_BUCKETS_PER_QUERY)
+                            .map(|c| Some(c.to_vec()))
+                            .collect()
+                    }
+                    Err(e) => {
+                        tracing::warn!(%tenant, error = %e, "tombstone sweep: bucket list unreadable; next tenant");
+                        Vec::new()
+                    }
+                },
             };
-            loop {
-                if buckets.as_ref().is_some_and(Vec::is_empty) {
-                    // Nothing of this tenant to sweep; its bucket list still took a query.
-                    if started.elapsed() >= budget {
-                        return Ok((removed, tenants.get(i + 1).cloned()));
+            for buckets in &groups {
+                loop {
+                    let round_result = self
+                        .sweep_round(tenant, cutoff_ms, round, buckets.as_deref())
+                        .await;
+                    let (swept, found) = match round_result {
+                        Ok(r) => r,
+                        // One tenant's failure must not keep the sweep from every tenant after it.
+                        Err(e) => {
+                            tracing::warn!(%tenant, error = %e, "tombstone sweep failed; next tenant");
+                            break;
+                        }
+                    };
+                    removed += swept;
+                    let spent = started.elapsed() >= budget;
+                    if found >= round && spent {
+                        return Ok((removed, Some(tenant.clone())));
                     }
-                    break;
-                }
-                let (swept, found) = self
-                    .sweep_round(tenant, cutoff_ms, round, buckets.as_deref())
-                    .await?;
-                removed += swept;
-                let spent = started.elapsed() >= budget;
-                if found >= round && spent {
-                    return Ok((removed, Some(tenant.clone())));
-                }
-                if found < round {
-                    if spent {
-                        return Ok((removed, tenants.get(i + 1).cloned()));
+                    if found < round {
+                        break;
                     }
-                    break;
                 }
+            }
+            if started.elapsed() >= budget {
+                return Ok((removed, tenants.get(i + 1).cloned()));
             }
         }
         Ok((removed, None))
