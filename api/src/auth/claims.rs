@@ -73,6 +73,17 @@ impl Grant {
         if self.perms.is_empty() {
             return Err(format!("grant {:?} has no permissions", self.bucket));
         }
+        // Each at most once: grants travel in every access token.
+        let repeated = (1..self.perms.len())
+            .find(|&i| self.perms[..i].contains(&self.perms[i]))
+            .map(|i| self.perms[i]);
+        if let Some(p) = repeated {
+            return Err(format!(
+                "grant {:?} lists permission {:?} twice",
+                self.bucket,
+                p.as_str()
+            ));
+        }
         Ok(())
     }
 }
@@ -254,5 +265,18 @@ mod tests {
             perms: vec![],
         };
         assert!(empty.check().is_err());
+        let twice = Grant {
+            bucket: "x".into(),
+            perms: vec![Perm::Read, Perm::Write, Perm::Read],
+        };
+        assert_eq!(
+            twice.check(),
+            Err("grant \"x\" lists permission \"read\" twice".into())
+        );
+        let all = Grant {
+            bucket: "x".into(),
+            perms: vec![Perm::Read, Perm::Write, Perm::Admin],
+        };
+        assert!(all.check().is_ok());
     }
 }
