@@ -16,7 +16,6 @@ cd "$ROOT"
 mkdir -p .data/logs .data/pids
 PIDFILE=.data/pids/syncflow.pid
 BIN=target/release/syncflow
-API=${SYNCFLOW_API_LISTEN:-127.0.0.1:8080}
 
 # The pid in the pid file, if it is a syncflow process still running (not another process
 # that got the number after a reboot).
@@ -52,6 +51,9 @@ command -v curl >/dev/null || { echo "run.sh needs curl (apt-get install -y curl
 bash scripts/services.sh up
 echo "== building syncflow (release)"
 cargo build --release -p pipeline --bin syncflow
+# The address in effect: SYNCFLOW_API_LISTEN, else the configuration file's (SYNCFLOW_CONFIG),
+# else the default.
+API=$("$BIN" config api.listen)
 
 if [ -z "${SYNCFLOW_AUTH_JWT_SECRET:-}" ]; then
   if [ ! -s .data/jwt-secret ]; then
@@ -72,7 +74,7 @@ host="${API%:*}"; host="${host#[}"; host="${host%]}"
 case "$host" in "" | 0.0.0.0) host=127.0.0.1 ;; "::") host=::1 ;; esac
 # shellcheck disable=SC2016  # $0/$1 belong to the inner shell
 if timeout 1 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$host" "${API##*:}" 2>/dev/null; then
-  echo "something already listens on $API: stop it, or set SYNCFLOW_API_LISTEN" >&2; exit 1
+  echo "something already listens on $API: stop it, or set SYNCFLOW_API_LISTEN (or api.listen in SYNCFLOW_CONFIG's file)" >&2; exit 1
 fi
 echo "== starting syncflow (all roles), log: .data/logs/syncflow.log"
 nohup "$BIN" run >> .data/logs/syncflow.log 2>&1 &

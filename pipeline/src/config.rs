@@ -467,6 +467,61 @@ fn merge(into: &mut Table, from: Table, at: &str, problems: &mut Vec<String>) {
     }
 }
 
+/// Why [`show`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ShowError {
+    /// No such setting.
+    #[error("no setting {0:?} (settings are section.key, as in `syncflow config`'s output)")]
+    Unknown(String),
+    /// The configuration did not encode as TOML.
+    #[error("the configuration cannot be shown: {0}")]
+    Encode(String),
+}
+
+/// The configuration `cfg` as TOML, with every secret (a key named `*secret*` or `*password*`)
+/// and the credentials in every URL replaced by `***`; with `key` (`section.key`), only that
+/// value (a string without quotes).
+pub fn show(cfg: &Config, key: Option<&str>) -> Result<String, ShowError> {
+    fn redact(table: &mut Table) {
+        for (name, value) in table.iter_mut() {
+            match value {
+                Value::String(s)
+                    if !s.is_empty() && (name.contains("secret") || name.contains("password")) =>
+                {
+                    *s = "***".into();
+                }
+                Value::String(s) if s.contains("://") => *s = redacted(s),
+                Value::Table(t) => redact(t),
+                Value::Array(items) => {
+                    for item in items {
+                        if let Value::Table(t) = item {
+                            redact(t);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut table = Table::try_from(cfg).map_err(|e| ShowError::Encode(e.to_string()))?;
+    redact(&mut table);
+    let Some(key) = key else {
+        return Ok(table.to_string());
+    };
+    let mut at = Value::Table(table);
+    for part in key.split('.') {
+        at = match at {
+            Value::Table(mut t) => t.remove(part),
+            _ => None,
+        }
+        .ok_or_else(|| ShowError::Unknown(key.to_owned()))?;
+    }
+    Ok(match at {
+        Value::String(s) => s,
+        other => other.to_string(),
+    })
+}
+
 /// `uri` with the user name and password, if any, replaced by `***`, for messages and logs.
 pub fn redacted(uri: &str) -> String {
     let Some((scheme, rest)) = uri.split_once("://") else {

@@ -128,6 +128,13 @@ enum Command {
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..=315_360_000))]
         ttl: Option<u64>,
     },
+    /// Print the configuration in effect (defaults, then the file, then SYNCFLOW_* variables)
+    /// as TOML, secrets and URL passwords shown as ***; with KEY (e.g. api.listen), only that
+    /// value.
+    Config {
+        /// A setting, as section.key.
+        key: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -293,6 +300,9 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         Command::Subscribe { .. } => unreachable!("handled before the configuration is loaded"),
+        Command::Config { key } => {
+            println!("{}", pipeline::config::show(&cfg, key.as_deref())?);
+        }
         Command::Checkpoint { action } => {
             tokio::task::spawn_blocking(move || ops::checkpoint(&cfg, action)).await??;
         }

@@ -306,3 +306,40 @@ async fn topics_apply_creates_once_and_reports_drift_without_touching_it() {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let _ = admin.delete_topics(&refs, &AdminOptions::new()).await;
 }
+
+/// `syncflow config` shows the settings in effect, from the file and the environment, with
+/// secrets and URL passwords hidden; `config KEY` one of them.
+#[test]
+fn config_shows_the_settings_in_effect_without_secrets() {
+    let file = std::env::temp_dir().join(format!("syncflow-config-{}.toml", std::process::id()));
+    std::fs::write(
+        &file,
+        "[api]\nlisten = \"127.0.0.1:9191\"\n[redis]\nurl = \"redis://ops:hunter2@cache:6379/\"\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    let (code, out, err) = syncflow(&[("SYNCFLOW_CONFIG", path)], &["config", "api.listen"]);
+    assert_eq!((code, out.trim()), (0, "127.0.0.1:9191"), "{err}");
+    // The environment wins over the file.
+    let listen = ("SYNCFLOW_API_LISTEN", "127.0.0.1:9292");
+    let (_, out, _) = syncflow(
+        &[("SYNCFLOW_CONFIG", path), listen],
+        &["config", "api.listen"],
+    );
+    assert_eq!(out.trim(), "127.0.0.1:9292");
+    let secret = ("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET);
+    let (code, out, err) = syncflow(&[("SYNCFLOW_CONFIG", path), secret], &["config"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !out.contains(common::SECRET) && !out.contains("hunter2"),
+        "{out}"
+    );
+    assert!(out.contains("jwt_secret = \"***\""), "{out}");
+    assert!(out.contains("redis://***@cache:6379/"), "{out}");
+    let parsed: toml::Table = out.parse().expect("TOML");
+    assert_eq!(parsed["ws"]["queue"].as_integer(), Some(1024));
+    let (code, _, err) = syncflow(&[], &["config", "api.nothing"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no setting \"api.nothing\""), "{err}");
+    let _ = std::fs::remove_file(&file);
+}
