@@ -163,10 +163,11 @@ impl Accounts {
     }
 
     /// Produces a user event and waits until `visible` holds in the view (bounded).
-    pub(crate) async fn emit(&self, event: &UserEvent) -> Result<(), ApiError> {
+    /// Returns the event's offset in its partition, when the log says.
+    pub(crate) async fn emit(&self, event: &UserEvent) -> Result<Option<i64>, ApiError> {
         let payload = serde_json::to_vec(event).expect("plain event");
         self.events
-            .send(event.key(), &payload)
+            .send_at(event.key(), &payload)
             .await
             .map_err(|e| ApiError::backend("the user event log (Kafka)", e))
     }

@@ -115,7 +115,10 @@ fn issued(kind: TokenKind, sub: &str, tenant: &str, grants: Vec<Grant>, ttl: u64
 ///
 /// A service token's admin grants count only as far as the user they rest on
 /// ([`ServiceToken::backed_by`]) still administers them: an admin who was demoted, or removed,
-/// cannot keep administering through a service token made before. Its grants stay for data.
+/// cannot keep administering through a service token made before (its admin on a pattern is
+/// narrowed to the patterns under it the user still administers). Its grants stay for data. A
+/// token resting on nothing known (its record gone or unreadable, or made by a token resting on
+/// nothing) administers nothing.
 async fn admin_caller(state: &AppState, headers: &HeaderMap) -> Result<Claims, ApiError> {
     let mut caller = verified(state, headers).await?;
     if let (Some(_), Some(name), Some(acc)) = (&caller.sid, &caller.name, &state.accounts) {
@@ -136,48 +139,98 @@ async fn admin_caller(state: &AppState, headers: &HeaderMap) -> Result<Claims, A
         }
     }
     if caller.typ == TokenKind::Service {
-        if let (Some(backer), Some(acc)) = (backer_of(state, &caller).await?, &state.accounts) {
-            let backing = match acc.users.find(&backer.username).await? {
-                Some(u) if u.user_id == backer.user_id && u.tenant == caller.tenant => {
-                    Claims::access(&u.user_id, &u.tenant, u.grants, 0, 0)
-                }
-                // Removed, or the name now someone else's: it administers nothing.
-                _ => Claims::access(&backer.user_id, &caller.tenant, Vec::new(), 0, 0),
-            };
-            for grant in &mut caller.grants {
-                if grant.perms.contains(&Perm::Admin) && !backing.administers(&grant.bucket) {
-                    // Admin implies read and write: the data access stays.
-                    grant.perms.retain(|p| *p != Perm::Admin);
-                    for p in [Perm::Read, Perm::Write] {
-                        if !grant.perms.contains(&p) {
-                            grant.perms.push(p);
-                        }
-                    }
+        let backing = match backer_of(state, &caller).await? {
+            Some(Backer::SigningKey { .. }) => return Ok(caller),
+            Some(Backer::User { user_id, username }) => {
+                let acc = accounts(state)?;
+                match acc.users.find(&username).await? {
+                    Some(u) if u.user_id == user_id && u.tenant == caller.tenant => u.grants,
+                    // Removed, or the name now someone else's: it administers nothing.
+                    _ => Vec::new(),
                 }
             }
-        }
+            None => Vec::new(),
+        };
+        caller.grants = bounded_admin(caller.grants, &backing);
     }
     Ok(caller)
 }
 
-/// The user a service token made by `caller` rests on: the caller itself when it is a user's
-/// session, the one its own service token rests on when it is one, else none (a development
-/// token from `syncflow token`, made with the signing key).
+/// `grants` with their admin permission bounded by `backing`'s: a grant whose pattern `backing`
+/// does not administer keeps read and write (which admin implies) and administers only the
+/// patterns under it that `backing` does.
+fn bounded_admin(grants: Vec<Grant>, backing: &[Grant]) -> Vec<Grant> {
+    let backer = Claims::access("", "", backing.to_vec(), 0, 0);
+    let mut out = Vec::with_capacity(grants.len());
+    for mut grant in grants {
+        if grant.perms.contains(&Perm::Admin) && !backer.administers(&grant.bucket) {
+            for b in backing {
+                if b.perms.contains(&Perm::Admin) && grant.covers_pattern(&b.bucket) {
+                    out.push(Grant {
+                        bucket: b.bucket.clone(),
+                        perms: vec![Perm::Admin],
+                    });
+                }
+            }
+            grant.perms.retain(|p| *p != Perm::Admin);
+            for p in [Perm::Read, Perm::Write] {
+                if !grant.perms.contains(&p) {
+                    grant.perms.push(p);
+                }
+            }
+        }
+        out.push(grant);
+    }
+    out
+}
+
+/// What a service token made by `caller` rests on ([`ServiceToken::backed_by`]): the caller's
+/// user when it is a user's session; the signing key for a token made with it (`syncflow
+/// token`); what its own record rests on when it is a service token (nothing, when that record
+/// is gone or unreadable).
 async fn backer_of(state: &AppState, caller: &Claims) -> Result<Option<Backer>, ApiError> {
-    if let (Some(_), Some(name)) = (&caller.sid, &caller.name) {
-        return Ok(Some(Backer {
-            user_id: caller.sub.clone(),
-            username: name.clone(),
-        }));
+    match (caller.typ, &caller.sid, &caller.name) {
+        (_, Some(_), Some(name)) => {
+            return Ok(Some(Backer::User {
+                user_id: caller.sub.clone(),
+                username: name.clone(),
+            }))
+        }
+        (_, Some(_), None) => return Ok(None),
+        (TokenKind::Service, None, _) => {}
+        // A token without a session, not a service token: made with the signing key.
+        _ => return Ok(Some(Backer::SigningKey { signing_key: true })),
     }
-    match (caller.typ, &caller.jti, &state.accounts) {
-        (TokenKind::Service, Some(jti), Some(acc)) => Ok(acc
-            .store
-            .service(&caller.tenant, jti)
-            .await?
-            .and_then(|t| t.backed_by)),
-        _ => Ok(None),
+    let (Some(jti), Ok(acc)) = (&caller.jti, accounts(state)) else {
+        return Ok(None);
+    };
+    match acc.store.service(&caller.tenant, jti).await? {
+        Some(record) => backer_of_record(acc, record).await,
+        None => Ok(None),
     }
+}
+
+/// What a registered service token rests on. A record made before 2026-12-06 names none: it
+/// rests on the signing key when `syncflow token --service` made it, on its creator when a
+/// user did (found by id), and on nothing when a service token did.
+async fn backer_of_record(
+    acc: &crate::accounts::Accounts,
+    record: ServiceToken,
+) -> Result<Option<Backer>, ApiError> {
+    if record.backed_by.is_some() {
+        return Ok(record.backed_by);
+    }
+    if record.created_by == "cli" {
+        return Ok(Some(Backer::SigningKey { signing_key: true }));
+    }
+    Ok(acc
+        .users
+        .find_by_id(&record.created_by)
+        .await?
+        .map(|u| Backer::User {
+            user_id: u.user_id,
+            username: u.username,
+        }))
 }
 
 fn require_tenant_admin(caller: &Claims) -> Result<(), ApiError> {
@@ -255,6 +308,9 @@ pub async fn set_grants(
     check_grants(&caller, &req.grants)?;
     let user = managed_user(&caller, acc, &username).await?;
     let (username, seen) = (user.username, user.grants_offset);
+    // A tenant admin's change always applies, in log order: nobody below it can hold it off.
+    // Anyone else's applies only over the grants it was decided on.
+    let checked = !caller.is_tenant_admin();
     let event = UserEvent::GrantsSet {
         v: USER_EVENT_VERSION,
         event_id: uuid::Uuid::now_v7().to_string(),
@@ -263,21 +319,28 @@ pub async fn set_grants(
         grants: req.grants.clone(),
         by: caller.sub.clone(),
         at_ms: now_ms() as i64,
-        if_grants_offset: seen,
+        if_grants_offset: seen.filter(|_| checked),
     };
-    acc.emit(&event).await?;
-    // This change, or another that came first and makes the projector drop this one.
+    let ours = acc.emit(&event).await?;
+    // Until the view shows this change, or (for a checked one) any change since the read.
     let landed = acc
-        .wait_view(&username, |u| match seen {
-            Some(_) => u.grants_offset != seen,
-            None => u.grants == req.grants,
+        .wait_view(&username, |u| match (ours, seen) {
+            (Some(_), Some(_)) if checked => u.grants_offset != seen,
+            (Some(o), _) => u.grants_offset.is_some_and(|g| g >= o),
+            (None, _) => u.grants == req.grants,
         })
         .await;
-    if landed.as_ref().is_some_and(|u| u.grants != req.grants) {
+    let in_effect = match (&landed, ours) {
+        (Some(u), Some(o)) => u.grants_offset == Some(o),
+        (Some(u), None) => u.grants == req.grants,
+        (None, _) => true,
+    };
+    if !in_effect {
+        // Another change came first (this one is dropped), or right after it.
         return Err(ApiError::Conflict {
             code: "grants_changed",
             message: format!(
-                "the grants of {username:?} changed while this request was made; this change was not applied: read them again and retry"
+                "the grants of {username:?} were changed by another request at the same time; this change is not in effect: read them again, and retry if it is still wanted"
             ),
         });
     }
@@ -597,4 +660,32 @@ pub async fn revoke_service_token(
     may_revoke_service_token(&caller, &token.grants, token.operator)?;
     acc.store.revoke_service(&caller.tenant, &id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grants(text: &str) -> Vec<Grant> {
+        crate::auth::parse_grants(text).expect("grants")
+    }
+
+    #[test]
+    fn a_service_tokens_admin_is_bounded_by_what_its_user_administers_now() {
+        // Still a tenant admin: nothing changes.
+        let token = grants("*:a");
+        assert_eq!(bounded_admin(token.clone(), &grants("*:a")), token);
+        // Demoted to admin of team-*: the token administers team-* only, and reads and writes
+        // everything its grant covered.
+        let bounded = bounded_admin(token.clone(), &grants("team-*:a,notes:r"));
+        let claims = Claims::access("s", "t", bounded, 0, 0);
+        assert!(claims.administers("team-*") && claims.administers("team-1"));
+        assert!(!claims.administers("*") && !claims.administers("notes"));
+        assert!(claims.allows(Perm::Write, "notes") && claims.allows(Perm::Read, "x"));
+        // Nothing administered: no admin left, the data access stays.
+        let bounded = bounded_admin(grants("team-*:a,logs:r"), &[]);
+        let claims = Claims::access("s", "t", bounded, 0, 0);
+        assert!(!claims.administers("team-1"));
+        assert!(claims.allows(Perm::Write, "team-1") && !claims.allows(Perm::Write, "logs"));
+    }
 }

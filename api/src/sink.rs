@@ -15,6 +15,16 @@ pub struct SinkError(pub String);
 pub trait WriteSink: Send + Sync + 'static {
     /// Sends one event keyed by `tenant/bucket`.
     fn send<'a>(&'a self, key: &'a str, payload: &'a [u8]) -> BoxFuture<'a, Result<(), SinkError>>;
+
+    /// [`WriteSink::send`], saying at which offset of its partition the event landed, when
+    /// the sink knows.
+    fn send_at<'a>(
+        &'a self,
+        key: &'a str,
+        payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<Option<i64>, SinkError>> {
+        Box::pin(async move { self.send(key, payload).await.map(|()| None) })
+    }
 }
 
 /// The Kafka producer for `data.changed` (idempotent, `acks=all`).
@@ -50,12 +60,20 @@ impl KafkaSink {
 
 impl WriteSink for KafkaSink {
     fn send<'a>(&'a self, key: &'a str, payload: &'a [u8]) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(async move { self.send_at(key, payload).await.map(|_| ()) })
+    }
+
+    fn send_at<'a>(
+        &'a self,
+        key: &'a str,
+        payload: &'a [u8],
+    ) -> BoxFuture<'a, Result<Option<i64>, SinkError>> {
         Box::pin(async move {
             let record = FutureRecord::to(&self.topic).key(key).payload(payload);
             self.producer
                 .send(record, Duration::from_secs(10))
                 .await
-                .map(|_| ())
+                .map(|delivery| Some(delivery.offset))
                 .map_err(|(e, _)| SinkError(e.to_string()))
         })
     }

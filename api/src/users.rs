@@ -21,7 +21,9 @@ use crate::auth::Grant;
 use crate::view::ViewError;
 
 /// Version of the user event format.
-pub const USER_EVENT_VERSION: u32 = 1;
+/// 2: `user.grants_set` may carry `if_grants_offset`, which a reader of version 1 would ignore
+/// (it stops instead; version 1 events are still read).
+pub const USER_EVENT_VERSION: u32 = 2;
 
 /// A user as the view stores it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +154,15 @@ impl UsersView {
     pub async fn find(&self, username: &str) -> Result<Option<User>, ViewError> {
         self.users
             .find_one(doc! {"_id": username})
+            .await?
+            .map(Self::decode)
+            .transpose()
+    }
+
+    /// The user with this id.
+    pub async fn find_by_id(&self, user_id: &str) -> Result<Option<User>, ViewError> {
+        self.users
+            .find_one(doc! {"user_id": user_id})
             .await?
             .map(Self::decode)
             .transpose()

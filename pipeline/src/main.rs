@@ -193,9 +193,10 @@ async fn main() -> anyhow::Result<()> {
         let url = url
             .clone()
             .unwrap_or_else(|| "ws://127.0.0.1:8080/v1/subscribe".to_string());
+        // A reader that went away (`| head`) ends the client, without a panic.
         pipeline::subscribe::run(&url, token, bucket, cursor.clone(), |msg| {
-            println!("{msg}");
-            true
+            use std::io::Write;
+            writeln!(std::io::stdout().lock(), "{msg}").is_ok()
         })
         .await?;
         return Ok(());

@@ -271,7 +271,7 @@ pub async fn service_token(
         ttl_secs,
         created_by: "cli",
         // Made with the signing key: its admin grants rest on no user.
-        backed_by: None,
+        backed_by: Some(api::auth::sessions::Backer::SigningKey { signing_key: true }),
         // The operator's own tool is not held to the API's cap.
         cap: None,
     };

@@ -712,6 +712,24 @@ async fn a_demoted_admin_cannot_use_its_old_token_to_take_admin_back() {
     let team_admin = json!([{"bucket": "team-*", "perms": ["admin"]}]);
     let chained = service_token(early.clone(), "chained", team_admin).await;
     let anns = service_token(admin.clone(), "anns", everything.clone()).await;
+    // One made by mal before tokens recorded what they rest on: its record names only its
+    // creator's id.
+    let keys = api::auth::TokenKeys::new(&env.cfg.auth).unwrap();
+    let conn = api::redis_conn::manager(&env.cfg.redis.url).unwrap();
+    let store = api::auth::sessions::AuthStore::new(conn, &env.cfg.kafka.topic_prefix);
+    let spec = api::admin::ServiceTokenSpec {
+        tenant: "acme",
+        name: "legacy",
+        grants: serde_json::from_value(everything.clone()).unwrap(),
+        operator: false,
+        ttl_secs: 3600,
+        created_by: mal["user"]["id"].as_str().unwrap(),
+        backed_by: None,
+        cap: None,
+    };
+    let (_, legacy) = api::admin::issue_service_token(&keys, &store, spec, 3600)
+        .await
+        .unwrap();
 
     // Ann demotes mal; mal's token still says admin for up to 15 minutes.
     let put_grants = |caller: String, user: &'static str, grants: Value| {
@@ -754,7 +772,11 @@ async fn a_demoted_admin_cannot_use_its_old_token_to_take_admin_back() {
     let (s, _) = api.get("/v1/tenant/users", &stale).await;
     assert_eq!(s, 403);
     // Mal's service tokens administer no more than mal does; they still reach the data.
-    for (name, svc) in [("early", &early), ("chained", &chained)] {
+    for (name, svc) in [
+        ("early", &early),
+        ("chained", &chained),
+        ("legacy", &legacy),
+    ] {
         let (s, e) = api.get("/v1/tenant/users", svc).await;
         assert_eq!(s, 403, "{name}: {e}");
         let (s, e) = api
@@ -1483,5 +1505,89 @@ async fn a_grant_change_made_on_grants_changed_since_is_dropped() {
         "older"
     );
     assert_eq!(view.apply(&legacy, 14).await.unwrap(), Applied::Changed);
+    env.cleanup().await;
+}
+
+/// Two grant changes to one user at once, the tenant admin's first in the log: the tenant
+/// admin's applies and answers 200; the sub-admin's, decided on the grants before it, is dropped
+/// and answers 409, and the user keeps the tenant admin's grants.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn of_two_grant_changes_at_once_the_one_decided_on_replaced_grants_gets_409() {
+    let mut env = TestEnv::new("grants409").await;
+    env.cfg.auth.view_wait_ms = 30_000;
+    let (setup, api) = start(&env, &[Role::Api, Role::Projector]).await;
+    let (s, ann) = api.register("ann", json!({"tenant": "acme"})).await;
+    assert_eq!(s, 201, "{ann}");
+    let admin = token(&ann, "access_token");
+    let invite = |grants: Value| {
+        let (api, admin) = (&api, admin.clone());
+        async move {
+            let (s, inv) = api
+                .post(
+                    "/v1/tenant/invites",
+                    Some(&admin),
+                    json!({ "grants": grants }),
+                )
+                .await;
+            assert_eq!(s, 201, "{inv}");
+            token(&inv, "invite")
+        }
+    };
+    let sam_invite = invite(json!([{"bucket": "team-*", "perms": ["admin"]}])).await;
+    let (s, sam) = api.register("sam", json!({"invite": sam_invite})).await;
+    assert_eq!(s, 201, "{sam}");
+    let uma_invite = invite(json!([{"bucket": "team-1", "perms": ["read"]}])).await;
+    let (s, uma) = api.register("uma", json!({"invite": uma_invite})).await;
+    assert_eq!((s, &uma["visible"]), (201, &json!(true)), "{uma}");
+    let sam = token(&sam, "access_token");
+    setup.stop().await.unwrap();
+
+    // No projector: both changes wait in the log, the tenant admin's first.
+    let (node, api) = start(&env, &[Role::Api]).await;
+    let put = |caller: String, bucket: &'static str| {
+        let api = Api {
+            base: api.base.clone(),
+            http: api.http.clone(),
+        };
+        tokio::spawn(async move {
+            let grants = json!({"grants": [{"bucket": bucket, "perms": ["read"]}]});
+            let (s, body, _) = api
+                .call(
+                    reqwest::Method::PUT,
+                    "/v1/tenant/users/uma/grants",
+                    Some(&caller),
+                    Some(grants),
+                )
+                .await;
+            (s, body)
+        })
+    };
+    let by_admin = put(admin.clone(), "team-2");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let by_sam = put(sam, "team-3");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let projector = env.start(&[Role::Projector]).await;
+    let (s, body) = by_admin.await.unwrap();
+    assert_eq!((s, &body["visible"]), (200, &json!(true)), "{body}");
+    let (s, body) = by_sam.await.unwrap();
+    assert_eq!(
+        (s, body["error"]["code"].as_str()),
+        (409, Some("grants_changed")),
+        "{body}"
+    );
+    let (_, users) = api.get("/v1/tenant/users", &admin).await;
+    let uma = users["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["username"] == "uma")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        uma["grants"],
+        json!([{"bucket": "team-2", "perms": ["read"]}])
+    );
+    projector.stop().await.unwrap();
+    node.stop().await.unwrap();
     env.cleanup().await;
 }

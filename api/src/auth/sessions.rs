@@ -77,21 +77,31 @@ pub struct ServiceToken {
     /// An operator token (cluster-wide operations; only `syncflow token --operator` makes one).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub operator: bool,
-    /// The user whose admin grants its own admin grants rest on: the user who created it, or who
-    /// created the service token that did. Its admin grants count only as far as that user
-    /// still administers them. `None` for the operator's `syncflow token --service` (and tokens
-    /// made before 2026-12-06).
+    /// What its admin grants rest on: the user who created it (or who created the service token
+    /// that did), whose current admin grants bound them; or the signing key. `None` in records
+    /// made before 2026-12-06 (see `admin::backer_of_record`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backed_by: Option<Backer>,
 }
 
-/// A user, by id and name: see [`ServiceToken::backed_by`].
+/// What a service token's admin grants rest on: see [`ServiceToken::backed_by`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Backer {
-    /// The user's id.
-    pub user_id: String,
-    /// The user's name (the users view is looked up by name; the id must match).
-    pub username: String,
+#[serde(untagged)]
+pub enum Backer {
+    /// A user: the token administers at most what the user administers now.
+    User {
+        /// The user's id.
+        user_id: String,
+        /// The user's name (the users view is looked up by name; the id must match).
+        username: String,
+    },
+    /// The signing key: made by `syncflow token --service`, or through the API with a token
+    /// made with the key (`syncflow token`), or by a service token resting on it. Bounded by
+    /// nothing but its own grants.
+    SigningKey {
+        /// Always true.
+        signing_key: bool,
+    },
 }
 
 /// A pending invitation (never the invitation itself).
