@@ -13,6 +13,7 @@ use pipeline::app::Role;
 use rdkafka::Message;
 use serde_json::{json, Value};
 
+#[derive(Clone)]
 struct Api {
     base: String,
     http: reqwest::Client,
@@ -87,6 +88,14 @@ impl Api {
         )
         .await
         .0
+    }
+
+    /// An invitation with `grants`, made by `admin` (asserted created).
+    async fn invite(&self, admin: &str, grants: Value) -> Value {
+        let body = json!({ "grants": grants });
+        let (s, inv) = self.post("/v1/tenant/invites", Some(admin), body).await;
+        assert_eq!(s, 201, "{inv}");
+        inv
     }
 
     async fn register(&self, username: &str, extra: Value) -> (u16, Value) {
@@ -1214,17 +1223,9 @@ async fn pending_invitations_are_listed_and_can_be_withdrawn() {
     assert_eq!(s, 201, "{ann}");
     let admin = token(&ann, "access_token");
     let invite = |grants: Value| {
-        let api = &api;
-        let admin = admin.clone();
+        let (api, admin) = (&api, admin.clone());
         async move {
-            let (s, inv) = api
-                .post(
-                    "/v1/tenant/invites",
-                    Some(&admin),
-                    json!({ "grants": grants }),
-                )
-                .await;
-            assert_eq!(s, 201, "{inv}");
+            let inv = api.invite(&admin, grants).await;
             (token(&inv, "id"), token(&inv, "invite"))
         }
     };
@@ -1521,17 +1522,7 @@ async fn of_two_grant_changes_at_once_the_one_decided_on_replaced_grants_gets_40
     let admin = token(&ann, "access_token");
     let invite = |grants: Value| {
         let (api, admin) = (&api, admin.clone());
-        async move {
-            let (s, inv) = api
-                .post(
-                    "/v1/tenant/invites",
-                    Some(&admin),
-                    json!({ "grants": grants }),
-                )
-                .await;
-            assert_eq!(s, 201, "{inv}");
-            token(&inv, "invite")
-        }
+        async move { token(&api.invite(&admin, grants).await, "invite") }
     };
     let sam_invite = invite(json!([{"bucket": "team-*", "perms": ["admin"]}])).await;
     let (s, sam) = api.register("sam", json!({"invite": sam_invite})).await;
@@ -1545,10 +1536,7 @@ async fn of_two_grant_changes_at_once_the_one_decided_on_replaced_grants_gets_40
     // No projector: both changes wait in the log, the tenant admin's first.
     let (node, api) = start(&env, &[Role::Api]).await;
     let put = |caller: String, bucket: &'static str| {
-        let api = Api {
-            base: api.base.clone(),
-            http: api.http.clone(),
-        };
+        let api = api.clone();
         tokio::spawn(async move {
             let grants = json!({"grants": [{"bucket": bucket, "perms": ["read"]}]});
             let (s, body, _) = api
