@@ -244,8 +244,8 @@ fn require_tenant_admin(caller: &Claims) -> Result<(), ApiError> {
 }
 
 /// `GET /v1/buckets?after=&limit=`: a page of the tenant's buckets the token may read, in name
-/// order. A page reads at most `limit` of the tenant's buckets and keeps the readable ones, so it
-/// may hold fewer (even none) while `next` says more follow.
+/// order; `next` (the page's last name) when more may follow. Only readable names are read, so
+/// none other shows, not even as `next`.
 pub async fn list_buckets(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
@@ -254,17 +254,32 @@ pub async fn list_buckets(
     let caller = verified(&state, &headers).await?;
     crate::routes::params(&query, &["after", "limit"])?;
     let limit = crate::routes::page_limit(&state, query.get("limit"))?;
-    let after = query.get("after").map(String::as_str);
+    let after = query
+        .get("after")
+        .map(String::as_str)
+        .filter(|a| !a.is_empty());
     if let Some(after) = after {
         processors::limits::check_bucket(after).map_err(ApiError::from)?;
     }
+    // The patterns the token reads (admin implies read); `None`: all of them.
+    let patterns: Vec<String> = caller
+        .grants
+        .iter()
+        .filter(|g| g.perms.contains(&Perm::Read) || g.perms.contains(&Perm::Admin))
+        .map(|g| g.bucket.clone())
+        .collect();
+    if patterns.is_empty() {
+        return Ok(Json(json!({ "buckets": [], "next": null })));
+    }
+    let within = (!patterns.iter().any(|p| p == "*")).then_some(patterns.as_slice());
     let names = state
         .reader
-        .bucket_names(&caller.tenant, after, limit)
+        .bucket_names(&caller.tenant, after, limit, within)
         .await?;
     let next = (names.len() >= limit)
         .then(|| names.last().cloned())
         .flatten();
+    // (The query read only these; checked here all the same.)
     let readable: Vec<String> = names
         .into_iter()
         .filter(|b| caller.allows(Perm::Read, b))

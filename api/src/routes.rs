@@ -878,6 +878,7 @@ pub(crate) mod tests {
             _: &'a str,
             _: Option<&'a str>,
             _: usize,
+            _: Option<&'a [String]>,
         ) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
             Box::pin(async { Ok(Vec::new()) })
         }
@@ -1276,6 +1277,7 @@ pub(crate) mod tests {
             _: &'a str,
             _: Option<&'a str>,
             _: usize,
+            _: Option<&'a [String]>,
         ) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
             Box::pin(async { Ok(vec!["b".into()]) })
         }

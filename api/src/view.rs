@@ -216,12 +216,14 @@ pub trait DocReader: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<Option<BucketMeta>, ViewError>>;
 
     /// The names of a tenant's buckets (every bucket anything was projected into) after
-    /// `after`, in name order, at most `limit`.
+    /// `after`, in name order, at most `limit`; with `within`, only those its grant patterns
+    /// (names, `prefix*`) cover.
     fn bucket_names<'a>(
         &'a self,
         tenant: &'a str,
         after: Option<&'a str>,
         limit: usize,
+        within: Option<&'a [String]>,
     ) -> BoxFuture<'a, Result<Vec<String>, ViewError>>;
 
     /// Live documents with an id after `after`, in id order, at most `limit`.
@@ -559,7 +561,7 @@ impl MongoView {
 
     /// The buckets of `tenant` the view has metadata for.
     pub async fn bucket_names(&self, tenant: &str) -> Result<Vec<String>, ViewError> {
-        self.bucket_names_after(tenant, None, None).await
+        self.bucket_names_after(tenant, None, None, None).await
     }
 
     /// The buckets of `tenant` the view has metadata for after `after`, in name order, at most
@@ -569,11 +571,26 @@ impl MongoView {
         tenant: &str,
         after: Option<&str>,
         limit: Option<usize>,
+        within: Option<&[String]>,
     ) -> Result<Vec<String>, ViewError> {
-        let filter = match after {
+        let mut filter = match after {
             Some(after) => doc! {"_id": {"$gt": after}},
             None => doc! {},
         };
+        if let Some(patterns) = within {
+            // Bucket names are ASCII below DEL, so `prefix` up to `prefix\x7f` is the prefix's
+            // range.
+            let any: Vec<Document> = patterns
+                .iter()
+                .map(|p| match p.strip_suffix('*') {
+                    Some(prefix) => {
+                        doc! {"_id": {"$gte": prefix, "$lt": format!("{prefix}\u{7f}")}}
+                    }
+                    None => doc! {"_id": p},
+                })
+                .collect();
+            filter = doc! {"$and": [filter, {"$or": any}]};
+        }
         // No limit is a limit of 0 to the driver.
         let limit = limit.map_or(0, |l| i64::try_from(l).unwrap_or(i64::MAX));
         let mut cursor = self
@@ -805,8 +822,9 @@ impl DocReader for MongoView {
         tenant: &'a str,
         after: Option<&'a str>,
         limit: usize,
+        within: Option<&'a [String]>,
     ) -> BoxFuture<'a, Result<Vec<String>, ViewError>> {
-        Box::pin(self.bucket_names_after(tenant, after, Some(limit)))
+        Box::pin(self.bucket_names_after(tenant, after, Some(limit), within))
     }
 
     fn bucket_meta<'a>(

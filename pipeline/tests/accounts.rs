@@ -474,11 +474,14 @@ async fn tenant_admins_manage_grants_invitations_and_service_tokens() {
             None => break,
         }
     }
+    // Only what bob reads is read at all: no other name shows, not even as `next`.
     assert_eq!(
         (seen, pages),
-        (vec![json!("todos")], 4),
-        "one bucket read per page"
+        (vec![json!("todos")], 2),
+        "a page per readable bucket"
     );
+    let (_, page) = api.get("/v1/buckets?limit=1", &bob_access).await;
+    assert_eq!(page["next"], json!("todos"), "{page}");
     for bad in [
         "/v1/buckets?limit=0",
         "/v1/buckets?after=a%2Fb",
@@ -504,6 +507,9 @@ async fn tenant_admins_manage_grants_invitations_and_service_tokens() {
     let bob_access = token(&refreshed, "access_token");
     assert_eq!(api.put_doc(&bob_access, "notes-1", "b2").await, 200);
     assert_eq!(api.put_doc(&bob_access, "todos", "b3").await, 403);
+    // A prefix grant lists the buckets it covers.
+    let (_, list) = api.get("/v1/buckets", &bob_access).await;
+    assert_eq!(list["buckets"], json!(["notes-1", "todos"]), "{list}");
     let (s, users) = api.get("/v1/tenant/users", &admin).await;
     assert_eq!(s, 200);
     let names: Vec<&str> = users["users"]
