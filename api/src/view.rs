@@ -712,7 +712,7 @@ impl MongoView {
                     }
                 },
             };
-            for buckets in &groups {
+            'groups: for (g, buckets) in groups.iter().enumerate() {
                 loop {
                     let round_result = self
                         .sweep_round(tenant, cutoff_ms, round, buckets.as_deref())
@@ -722,13 +722,18 @@ impl MongoView {
                         // One tenant's failure must not keep the sweep from every tenant after it.
                         Err(e) => {
                             tracing::warn!(%tenant, error = %e, "tombstone sweep failed; next tenant");
-                            break;
+                            break 'groups;
                         }
                     };
                     removed += swept;
-                    let spent = started.elapsed() >= budget;
-                    if found >= round && spent {
-                        return Ok((removed, Some(tenant.clone())));
+                    if started.elapsed() >= budget {
+                        // Again from this tenant next time (what is swept is gone, so it is quick).
+                        let next = if found >= round || g + 1 < groups.len() {
+                            Some(tenant.clone())
+                        } else {
+                            tenants.get(i + 1).cloned()
+                        };
+                        return Ok((removed, next));
                     }
                     if found < round {
                         break;
