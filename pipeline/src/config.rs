@@ -184,6 +184,9 @@ impl Default for ProjectorConfig {
 /// deep in BSON as the limit counts, plus the view's wrapper, and MongoDB takes 100 levels.
 pub const MAX_DEPTH: usize = 48;
 
+/// Most resolver threads: each batch runs this many at once.
+const MAX_RESOLVER_THREADS: usize = 64;
+
 /// The longest duration a setting takes, in seconds (ten years).
 const MOST_SECS: u64 = 10 * 365 * 24 * 3600;
 
@@ -341,6 +344,24 @@ impl Config {
         if self.ws.queue_bytes < 1024 || self.ws.hub_queue_bytes < 1024 {
             out.push("ws.queue_bytes and ws.hub_queue_bytes must be at least 1024".into());
         }
+        if self.ws.max_subscriptions == 0 {
+            out.push("ws.max_subscriptions must be at least 1".into());
+        }
+        if !(256..=16 << 20).contains(&self.ws.max_message_bytes) {
+            out.push(format!(
+                "ws.max_message_bytes ({}) must be from 256 (a subscribe message with a long bucket name and cursor) to 16777216",
+                self.ws.max_message_bytes
+            ));
+        }
+        if !(1..=MAX_RESOLVER_THREADS).contains(&self.resolver.threads) {
+            out.push(format!(
+                "resolver.threads ({}) must be from 1 to {MAX_RESOLVER_THREADS}",
+                self.resolver.threads
+            ));
+        }
+        if self.auth.token_ttl_secs == 0 || self.auth.access_ttl_secs == 0 {
+            out.push("auth.token_ttl_secs and auth.access_ttl_secs must be at least 1 (a token valid for no time)".into());
+        }
         if self.resolver.restore_chunk == 0 {
             out.push("resolver.restore_chunk must be at least 1".into());
         }
@@ -350,6 +371,8 @@ impl Config {
         if self.limits.max_depth == 0
             || self.limits.max_fields == 0
             || self.limits.max_doc_bytes < 2
+            || self.limits.max_key_bytes == 0
+            || self.limits.max_doc_id_bytes == 0
         {
             out.push("limits must allow at least a small document".into());
         }
@@ -678,6 +701,35 @@ mod tests {
             assert!(text.contains(needle), "{needle} missing from:\n{text}");
         }
         assert!(err.0.len() >= 5, "{text}");
+    }
+
+    #[test]
+    fn settings_that_would_make_the_service_useless_are_refused() {
+        let err = Config::load(
+            None,
+            env(&[
+                (
+                    "SYNCFLOW_AUTH_JWT_SECRET",
+                    "0123456789abcdef0123456789abcdef",
+                ),
+                ("SYNCFLOW_WS_MAX_SUBSCRIPTIONS", "0"),
+                ("SYNCFLOW_WS_MAX_MESSAGE_BYTES", "0"),
+                ("SYNCFLOW_RESOLVER_THREADS", "100000"),
+                ("SYNCFLOW_AUTH_TOKEN_TTL_SECS", "0"),
+                ("SYNCFLOW_LIMITS_MAX_DOC_ID_BYTES", "0"),
+            ]),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "ws.max_subscriptions",
+            "ws.max_message_bytes",
+            "resolver.threads",
+            "auth.token_ttl_secs",
+            "limits must allow",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
     }
 
     #[test]

@@ -111,7 +111,11 @@ enum Command {
         #[arg(long)]
         tenant: String,
         /// Grant as bucket:perms (r, w, a), repeatable or comma-separated; `prefix*` matches many.
-        #[arg(long = "grant", required_unless_present = "operator")]
+        #[arg(
+            long = "grant",
+            required_unless_present = "operator",
+            conflicts_with = "operator"
+        )]
         grants: Vec<String>,
         /// An operator token (cluster-wide operations such as GET /v1/checkpoints; no buckets).
         #[arg(long)]
@@ -278,6 +282,9 @@ async fn main() -> anyhow::Result<()> {
                     let (tenant, bucket) = text
                         .split_once('/')
                         .ok_or_else(|| anyhow::anyhow!("--bucket must be tenant/bucket"))?;
+                    processors::limits::check_tenant(tenant)
+                        .and_then(|()| processors::limits::check_bucket(bucket))
+                        .map_err(|e| anyhow::anyhow!("--bucket {text:?}: {}", e.message))?;
                     Some(processors::BucketKey {
                         tenant: tenant.into(),
                         bucket: bucket.into(),
@@ -292,6 +299,13 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?;
             eprintln!();
+            if let (Some(key), 0) = (&only, report.buckets) {
+                anyhow::bail!(
+                    "the resolver's state has no bucket {}/{}: nothing was rebuilt (check the name)",
+                    key.tenant,
+                    key.bucket
+                );
+            }
             println!(
                 "rebuilt {} bucket(s): {} documents written, {} stale removed, in {:.1}s",
                 report.buckets,

@@ -123,7 +123,11 @@ pub fn parse_until(text: &str) -> anyhow::Result<Until> {
             let (p, o) = item
                 .split_once(':')
                 .with_context(|| format!("--until {item:?}: expected partition:offset"))?;
-            offsets.insert(p.trim().parse()?, o.trim().parse()?);
+            let bad = || format!("--until {item:?}: expected partition:offset, both whole numbers");
+            offsets.insert(
+                p.trim().parse().with_context(bad)?,
+                o.trim().parse().with_context(bad)?,
+            );
         }
         return Ok(Until::Offsets(offsets));
     }
@@ -333,6 +337,8 @@ mod tests {
             Until::Offsets(BTreeMap::from([(0, 12), (3, 40)]))
         );
         assert!(parse_until("yesterday").is_err());
+        let bad = parse_until("1:x").unwrap_err();
+        assert!(format!("{bad:#}").contains("--until \"1:x\""), "{bad:#}");
         assert!(parse_until("2025-13-01T00:00:00Z").is_err());
     }
 }

@@ -95,6 +95,14 @@ fn every_configuration_problem_is_reported_at_start() {
     assert_ne!(code, 0);
     assert!(err.contains("jwt_secret"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+    // Arguments that cannot be right are refused before anything is done.
+    let secret = ("SYNCFLOW_AUTH_JWT_SECRET", common::SECRET);
+    let (code, _, err) = syncflow(&[], &["project", "--rebuild", "--bucket", "acme/"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--bucket \"acme/\""), "{err}");
+    let args = ["token", "--tenant", "acme", "--operator", "--grant", "b:r"];
+    let (code, _, err) = syncflow(&[secret], &args);
+    assert_ne!(code, 0, "{err}");
 }
 
 /// The key ring of the tests' secret.
