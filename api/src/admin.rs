@@ -140,7 +140,7 @@ async fn admin_caller(state: &AppState, headers: &HeaderMap) -> Result<Claims, A
     }
     if caller.typ == TokenKind::Service {
         let backing = match backer_of(state, &caller).await? {
-            Some(Backer::SigningKey { .. }) => return Ok(caller),
+            Some(Backer::SigningKey { signing_key: true }) => return Ok(caller),
             Some(Backer::User { user_id, username }) => {
                 let acc = accounts(state)?;
                 match acc.users.find(&username).await? {
@@ -149,7 +149,7 @@ async fn admin_caller(state: &AppState, headers: &HeaderMap) -> Result<Claims, A
                     _ => Vec::new(),
                 }
             }
-            None => Vec::new(),
+            Some(Backer::SigningKey { .. }) | None => Vec::new(),
         };
         caller.grants = bounded_admin(caller.grants, &backing);
     }

@@ -221,6 +221,9 @@ impl UsersView {
             mongodb::IndexModel::builder()
                 .keys(doc! {"tenant": 1})
                 .build(),
+            mongodb::IndexModel::builder()
+                .keys(doc! {"user_id": 1})
+                .build(),
         ];
         self.users.create_indexes(models).await?;
         Ok(())

@@ -671,10 +671,11 @@ impl MongoView {
     }
 
     /// [`MongoView::sweep_tombstones_by`] for about `budget` at most: it stops after the first
-    /// round that ends past the budget (at least one round is done). Starts with tenant `from`
-    /// (or the first, in name order); returns how many it removed and the tenant to go on with
-    /// next time, `None` when every tenant's old tombstones are gone. A mass delete is then
-    /// swept over many short calls, between which a projector applies its batches.
+    /// round that ends past the budget (at least one round is done). Starts where `from` says
+    /// (a tenant, or `tenant/bucket`: that tenant's buckets after that one; the first tenant, in
+    /// name order, without it); returns how many it removed and where to go on next time, `None`
+    /// when every tenant's old tombstones are gone. A mass delete is then swept over many short
+    /// calls, between which a projector applies its batches.
     ///
     /// With `owns`, only the buckets it names (tenant, bucket) are swept: a projector sweeps the
     /// buckets of its own partitions, so that its sweep and its batches never touch one bucket at
@@ -689,20 +690,49 @@ impl MongoView {
         from: Option<&str>,
         owns: Option<&BucketFilter<'_>>,
     ) -> Result<(u64, Option<String>), ViewError> {
+        self.sweep_grouped(
+            cutoff_ms,
+            round,
+            budget,
+            from,
+            owns,
+            SWEEP_BUCKETS_PER_QUERY,
+        )
+        .await
+    }
+
+    /// [`MongoView::sweep_for`] filtering on at most `group` owned buckets per query.
+    #[doc(hidden)]
+    pub async fn sweep_grouped(
+        &self,
+        cutoff_ms: i64,
+        round: usize,
+        budget: Duration,
+        from: Option<&str>,
+        owns: Option<&BucketFilter<'_>>,
+        group: usize,
+    ) -> Result<(u64, Option<String>), ViewError> {
         let started = std::time::Instant::now();
         let round = round.max(1);
         let mut tenants = self.tenants().await?;
         tenants.sort();
         let mut removed = 0;
-        let start = from.map_or(0, |f| tenants.partition_point(|t| t.as_str() < f));
+        let (from_tenant, from_bucket) = match from.map(|f| f.split_once('/')) {
+            Some(Some((t, b))) => (Some(t), Some(b)),
+            Some(None) => (from, None),
+            None => (None, None),
+        };
+        let start = from_tenant.map_or(0, |f| tenants.partition_point(|t| t.as_str() < f));
         for (i, tenant) in tenants.iter().enumerate().skip(start) {
+            // Where a call that ran out of time in this tenant's buckets stopped.
+            let after = from_bucket.filter(|_| Some(tenant.as_str()) == from_tenant);
             // The buckets to sweep, a bounded number per query (`None`: all of them).
             let groups: Vec<Option<Vec<String>>> = match owns {
                 None => vec![None],
                 Some(owns) => match self.bucket_names(tenant).await {
                     Ok(mut mine) => {
-                        mine.retain(|b| owns(tenant, b));
-                        mine.chunks(SWEEP_BUCKETS_PER_QUERY)
+                        mine.retain(|b| owns(tenant, b) && after.is_none_or(|a| b.as_str() > a));
+                        mine.chunks(group.max(1))
                             .map(|c| Some(c.to_vec()))
                             .collect()
                     }
@@ -727,11 +757,22 @@ impl MongoView {
                     };
                     removed += swept;
                     if started.elapsed() >= budget {
-                        // Again from this tenant next time (what is swept is gone, so it is quick).
-                        let next = if found >= round || g + 1 < groups.len() {
-                            Some(tenant.clone())
+                        // This group again while it may hold more, else the next one.
+                        let done_to = if found >= round {
+                            g.checked_sub(1)
                         } else {
-                            tenants.get(i + 1).cloned()
+                            Some(g)
+                        };
+                        let next = match done_to.map(|d| &groups[d]) {
+                            Some(Some(done)) if g + 1 < groups.len() || found >= round => {
+                                done.last().map(|b| format!("{tenant}/{b}"))
+                            }
+                            Some(_) if found < round => tenants.get(i + 1).cloned(),
+                            // The first group again (after where this call began).
+                            _ => Some(match after {
+                                Some(a) => format!("{tenant}/{a}"),
+                                None => tenant.clone(),
+                            }),
                         };
                         return Ok((removed, next));
                     }

@@ -347,9 +347,9 @@ impl Config {
         if self.ws.max_subscriptions == 0 {
             out.push("ws.max_subscriptions must be at least 1".into());
         }
-        if !(256..=16 << 20).contains(&self.ws.max_message_bytes) {
+        if !(1024..=16 << 20).contains(&self.ws.max_message_bytes) {
             out.push(format!(
-                "ws.max_message_bytes ({}) must be from 256 (a subscribe message with a long bucket name and cursor) to 16777216",
+                "ws.max_message_bytes ({}) must be from 1024 (an auth message carries a whole token) to 16777216",
                 self.ws.max_message_bytes
             ));
         }

@@ -69,6 +69,10 @@ enum Command {
         /// WebSocket URL.
         #[arg(long)]
         url: Option<String>,
+        /// Seconds without a frame from the server after which the connection is taken for dead
+        /// and replaced (keep it above the server's ws.heartbeat_secs, 15 by default).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        idle_timeout_secs: u64,
     },
     /// Checkpoints: create (and wait), list, show, delete.
     Checkpoint {
@@ -191,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
         cursor,
         token,
         url,
+        idle_timeout_secs,
     } = &cli.command
     {
         // A client: needs no server configuration.
@@ -198,7 +203,8 @@ async fn main() -> anyhow::Result<()> {
             .clone()
             .unwrap_or_else(|| "ws://127.0.0.1:8080/v1/subscribe".to_string());
         // A reader that went away (`| head`) ends the client, without a panic.
-        pipeline::subscribe::run(&url, token, bucket, cursor.clone(), |msg| {
+        let idle = std::time::Duration::from_secs(*idle_timeout_secs);
+        pipeline::subscribe::run_with(&url, token, bucket, cursor.clone(), idle, |msg| {
             use std::io::Write;
             writeln!(std::io::stdout().lock(), "{msg}").is_ok()
         })

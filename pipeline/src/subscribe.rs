@@ -123,7 +123,16 @@ pub async fn run_with(
                     resp.status()
                 )));
             }
-            Err(e @ WsError::Protocol(_)) if !connected_once => {
+            // (A handshake cut short is a server going away: retried.)
+            Err(e @ WsError::Protocol(_))
+                if !connected_once
+                    && !matches!(
+                        e,
+                        WsError::Protocol(
+                            tokio_tungstenite::tungstenite::error::ProtocolError::HandshakeIncomplete
+                        )
+                    ) =>
+            {
                 return Err(SubscribeError::Refused(format!(
                     "not a WebSocket endpoint: {e}"
                 )));

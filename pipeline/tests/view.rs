@@ -773,3 +773,43 @@ async fn a_change_over_a_missing_version_is_counted_as_a_gap() {
     assert_eq!((gap.written, gap.gaps), (1, 1));
     env.cleanup().await;
 }
+
+/// A projector that owns more buckets than one sweep query filters on, with no time to spare:
+/// each call goes on where the last one stopped, so the calls end and every tombstone goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_over_many_groups_of_buckets_goes_on_where_it_stopped() {
+    use api::view::MongoView;
+    let env = TestEnv::new("sweepgroups").await;
+    let view = MongoView::new(database(&env).await);
+    // Six buckets, two deleted documents each.
+    let mut events = Vec::new();
+    for k in 0..6u64 {
+        for d in 0..2usize {
+            let seq = 2 * (k * 2 + d as u64) + 1;
+            for (version, seq, deleted) in [(1, seq, false), (2, seq + 1, true)] {
+                let mut e = sync_event(d, version, seq, deleted, json!(1));
+                e.bucket = format!("b{k}");
+                events.push(e);
+            }
+        }
+    }
+    view.apply_batch(&events).await.unwrap();
+    let all = |_: &str, _: &str| true;
+    let (mut calls, mut total, mut from) = (0, 0, None::<String>);
+    loop {
+        let (removed, next) = view
+            .sweep_grouped(i64::MAX, 1, Duration::ZERO, from.as_deref(), Some(&all), 2)
+            .await
+            .unwrap();
+        total += removed;
+        calls += 1;
+        assert!(calls <= 40, "the sweep does not end (at {next:?})");
+        match next {
+            Some(at) => from = Some(at),
+            None => break,
+        }
+    }
+    assert_eq!(total, 12, "in {calls} calls");
+    assert_eq!(view.sweep_tombstones_by(i64::MAX, 100).await.unwrap(), 0);
+    env.cleanup().await;
+}

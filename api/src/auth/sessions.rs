@@ -550,8 +550,12 @@ impl AuthStore {
         for (id, json) in all {
             match serde_json::from_str::<ServiceToken>(&json) {
                 Ok(t) if t.expires_at > now_secs => out.push(t),
-                _ => {
+                Ok(_) => {
                     self.forget_service(tenant, &id).await?;
+                }
+                // Kept: maybe a newer release's record, read during a rolling upgrade.
+                Err(e) => {
+                    tracing::warn!(%tenant, %id, error = %e, "unreadable service token record skipped")
                 }
             }
         }
