@@ -120,6 +120,14 @@ fn issued(kind: TokenKind, sub: &str, tenant: &str, grants: Vec<Grant>, ttl: u64
 /// token resting on nothing known (its record gone or unreadable, or made by a token resting on
 /// nothing) administers nothing.
 async fn admin_caller(state: &AppState, headers: &HeaderMap) -> Result<Claims, ApiError> {
+    Ok(backed_admin_caller(state, headers).await?.0)
+}
+
+/// [`admin_caller`], with what a service token the caller makes rests on ([`backer_of`]).
+async fn backed_admin_caller(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(Claims, Option<Backer>), ApiError> {
     let mut caller = verified(state, headers).await?;
     if let (Some(_), Some(name), Some(acc)) = (&caller.sid, &caller.name, &state.accounts) {
         match acc.users.find(name).await? {
@@ -138,13 +146,14 @@ async fn admin_caller(state: &AppState, headers: &HeaderMap) -> Result<Claims, A
             }
         }
     }
+    let backer = backer_of(state, &caller).await?;
     if caller.typ == TokenKind::Service {
-        let backing = match backer_of(state, &caller).await? {
-            Some(Backer::SigningKey { signing_key: true }) => return Ok(caller),
+        let backing = match &backer {
+            Some(Backer::SigningKey { signing_key: true }) => return Ok((caller, backer)),
             Some(Backer::User { user_id, username }) => {
                 let acc = accounts(state)?;
-                match acc.users.find(&username).await? {
-                    Some(u) if u.user_id == user_id && u.tenant == caller.tenant => u.grants,
+                match acc.users.find(username).await? {
+                    Some(u) if &u.user_id == user_id && u.tenant == caller.tenant => u.grants,
                     // Removed, or the name now someone else's: it administers nothing.
                     _ => Vec::new(),
                 }
@@ -153,7 +162,7 @@ async fn admin_caller(state: &AppState, headers: &HeaderMap) -> Result<Claims, A
         };
         caller.grants = bounded_admin(caller.grants, &backing);
     }
-    Ok(caller)
+    Ok((caller, backer))
 }
 
 /// `grants` with their admin permission bounded by `backing`'s: a grant whose pattern `backing`
@@ -609,7 +618,7 @@ pub async fn create_service_token(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<impl IntoResponse, ApiError> {
-    let caller = admin_caller(&state, &headers).await?;
+    let (caller, backer) = backed_admin_caller(&state, &headers).await?;
     let acc = accounts(&state)?;
     let req: ServiceReq = read_json(&state, body).await?;
     let name = check_service_name(&req.name)?;
@@ -625,7 +634,7 @@ pub async fn create_service_token(
         operator: false,
         ttl_secs: req.ttl_secs.unwrap_or(acc.cfg.service_token_max_ttl_secs),
         created_by: &caller.sub,
-        backed_by: backer_of(&state, &caller).await?,
+        backed_by: backer,
         cap: Some(MAX_SERVICE_TOKENS),
     };
     let (record, token) = issue_service_token(

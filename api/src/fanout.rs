@@ -234,13 +234,22 @@ pub struct HubQueues {
 }
 
 impl HubQueues {
+    /// The queues `ws` sets.
+    pub fn of(ws: &crate::ws::WsConfig) -> Self {
+        HubQueues {
+            queue: ws.queue,
+            queue_bytes: ws.queue_bytes,
+            inbox: ws.hub_queue,
+            inbox_bytes: ws.hub_queue_bytes,
+        }
+    }
+
     /// `queue` changes per bucket and `inbox` announcements, with the default byte budgets.
     pub fn counts(queue: usize, inbox: usize) -> Self {
         HubQueues {
             queue,
-            queue_bytes: 16 << 20,
             inbox,
-            inbox_bytes: 64 << 20,
+            ..Self::of(&crate::ws::WsConfig::default())
         }
     }
 }
@@ -602,16 +611,15 @@ impl Hub {
             // Decoded without the lock, which every subscribe and unsubscribe of the node takes.
             sender.clone()
         };
-        let Some(payload) = payload else {
-            tracing::warn!(channel, "undecodable change announcement ignored");
-            return;
-        };
-        match serde_json::from_str::<SyncEvent>(&payload) {
-            Ok(event) => {
+        match payload
+            .as_deref()
+            .map(|p| (p, serde_json::from_str::<SyncEvent>(p)))
+        {
+            Some((text, Ok(event))) => {
                 let change = HubMsg::Change(Arc::new(Change::new(event)));
-                let _ = sender.send_sized(change, change_bytes(&payload));
+                let _ = sender.send_sized(change, change_bytes(text));
             }
-            Err(_) => tracing::warn!(channel, "undecodable change announcement ignored"),
+            _ => tracing::warn!(channel, "undecodable change announcement ignored"),
         }
     }
 }

@@ -479,22 +479,18 @@ impl MongoView {
                 // is there; but another writer may have inserted the document (at any version)
                 // between the filter's miss and the upsert's insert, so look again before
                 // skipping (once: a race, not a state).
-                let mut retried = false;
-                loop {
-                    let result = coll
-                        .replace_one(filter.clone(), replacement.clone())
+                let upsert = |filter: Document| {
+                    coll.replace_one(filter, &replacement)
                         .with_options(ReplaceOptions::builder().upsert(true).build())
-                        .await;
-                    match result {
-                        Ok(_) => outcome.written += 1,
-                        Err(e) if is_duplicate_key(&e) && !retried => {
-                            retried = true;
-                            continue;
-                        }
-                        Err(e) if is_duplicate_key(&e) => outcome.skipped += 1,
-                        Err(e) => return Err(e.into()),
-                    }
-                    break;
+                };
+                let mut result = upsert(filter.clone()).await;
+                if result.as_ref().is_err_and(is_duplicate_key) {
+                    result = upsert(filter).await;
+                }
+                match result {
+                    Ok(_) => outcome.written += 1,
+                    Err(e) if is_duplicate_key(&e) => outcome.skipped += 1,
+                    Err(e) => return Err(e.into()),
                 }
             }
             for (bucket, seq) in bucket_seq {
@@ -742,6 +738,8 @@ impl MongoView {
                     }
                 },
             };
+            // The last bucket whose group is done: where to go on from.
+            let mut done_upto = after;
             'groups: for (g, buckets) in groups.iter().enumerate() {
                 loop {
                     let round_result = self
@@ -756,27 +754,24 @@ impl MongoView {
                         }
                     };
                     removed += swept;
+                    let group_done = found < round;
+                    if group_done {
+                        if let Some(last) = buckets.as_ref().and_then(|b| b.last()) {
+                            done_upto = Some(last);
+                        }
+                    }
                     if started.elapsed() >= budget {
-                        // This group again while it may hold more, else the next one.
-                        let done_to = if found >= round {
-                            g.checked_sub(1)
+                        let next = if group_done && g + 1 == groups.len() {
+                            tenants.get(i + 1).cloned()
                         } else {
-                            Some(g)
-                        };
-                        let next = match done_to.map(|d| &groups[d]) {
-                            Some(Some(done)) if g + 1 < groups.len() || found >= round => {
-                                done.last().map(|b| format!("{tenant}/{b}"))
-                            }
-                            Some(_) if found < round => tenants.get(i + 1).cloned(),
-                            // The first group again (after where this call began).
-                            _ => Some(match after {
-                                Some(a) => format!("{tenant}/{a}"),
+                            Some(match done_upto {
+                                Some(b) => format!("{tenant}/{b}"),
                                 None => tenant.clone(),
-                            }),
+                            })
                         };
                         return Ok((removed, next));
                     }
-                    if found < round {
+                    if group_done {
                         break;
                     }
                 }

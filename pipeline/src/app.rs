@@ -191,12 +191,7 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
         let hub = api::fanout::Hub::start(
             &cfg.redis.url,
             &cfg.kafka.topic_prefix,
-            api::fanout::HubQueues {
-                queue: cfg.ws.queue,
-                queue_bytes: cfg.ws.queue_bytes,
-                inbox: cfg.ws.hub_queue,
-                inbox_bytes: cfg.ws.hub_queue_bytes,
-            },
+            api::fanout::HubQueues::of(&cfg.ws),
         )
         .map_err(|e| {
             AppError::Startup(format!(

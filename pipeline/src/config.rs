@@ -359,9 +359,6 @@ impl Config {
                 self.resolver.threads
             ));
         }
-        if self.auth.token_ttl_secs == 0 || self.auth.access_ttl_secs == 0 {
-            out.push("auth.token_ttl_secs and auth.access_ttl_secs must be at least 1 (a token valid for no time)".into());
-        }
         if self.resolver.restore_chunk == 0 {
             out.push("resolver.restore_chunk must be at least 1".into());
         }

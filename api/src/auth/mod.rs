@@ -84,6 +84,9 @@ impl AuthConfig {
                 "auth.access_ttl_secs must be at least 1 and at most auth.refresh_ttl_secs".into(),
             );
         }
+        if self.token_ttl_secs == 0 {
+            out.push("auth.token_ttl_secs must be at least 1 (a token valid for no time)".into());
+        }
         if self.max_concurrent_hashes == 0 {
             out.push("auth.max_concurrent_hashes must be at least 1".into());
         }
