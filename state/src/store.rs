@@ -504,7 +504,16 @@ mod tests {
             Ok(_) => panic!("expected InUse, got a second store"),
         }
         drop(first);
-        assert!(TaskStore::open(&dir).is_ok(), "free again once closed");
+        // sled's flusher thread lets go of the files a moment after the last handle: wait for
+        // it (it failed once in a clean CI run when opened at once).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut reopened = TaskStore::open(&dir);
+        while matches!(reopened, Err(StateError::InUse(_))) && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            reopened = TaskStore::open(&dir);
+        }
+        assert!(reopened.is_ok(), "free again once closed");
         let _ = std::fs::remove_dir_all(&dir);
     }
 
