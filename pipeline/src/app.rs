@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
+use crate::health::{StageHealth, Stages};
 use crate::resolver::{Resolver, ResolverStats};
 use crate::{fanout, projector, topics};
 
@@ -72,10 +73,11 @@ async fn mongo_view(cfg: &Config) -> Result<MongoView, AppError> {
 }
 
 /// Runs `run` until it ends cleanly; a run that fails (a fatal consumer error) is replaced by a
-/// fresh one a second later, unless `stop` is already set.
+/// fresh one a second later, unless `stop` is already set. Each restart is recorded in `health`.
 fn supervise<F, Fut, E>(
     name: &'static str,
     stop: watch::Receiver<bool>,
+    health: Arc<StageHealth>,
     mut run: F,
 ) -> JoinHandle<Result<(), String>>
 where
@@ -100,6 +102,7 @@ where
                     if began.elapsed() >= Duration::from_secs(60) {
                         pause = FIRST;
                     }
+                    health.restarted(crate::health::now_ms());
                     tracing::error!(error = %e, "{name} failed; restarting it in {pause:?}");
                     let mut woken = stop.clone();
                     let stopping = async {
@@ -128,6 +131,9 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
     let stop_flag = Arc::new(AtomicBool::new(false));
     let resolver_stats = Arc::new(ResolverStats::default());
     let projector_stats = Arc::new(projector::ProjectorStats::default());
+    let stages = Arc::new(Stages::default());
+    // The stages this process runs, by their names in `GET /status`.
+    let mut stage_names: Vec<&'static str> = Vec::new();
     let mut tasks: Vec<(Role, JoinHandle<Result<(), String>>)> = Vec::new();
     let mut api_addr = None;
     if roles.contains(&Role::Processor) {
@@ -142,22 +148,38 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
         let view = mongo_view(&cfg).await?;
         let users = api::users::UsersView::new(view.database().clone());
         let (c, rx, stats) = (cfg.clone(), stop_rx.clone(), projector_stats.clone());
-        let handle = supervise("projector", stop_rx.clone(), move || {
-            projector::run(c.clone(), view.clone(), stats.clone(), rx.clone())
+        let health = stages.projector.clone();
+        let handle = supervise("projector", stop_rx.clone(), health.clone(), move || {
+            projector::run(
+                c.clone(),
+                view.clone(),
+                stats.clone(),
+                health.clone(),
+                rx.clone(),
+            )
         });
         tasks.push((Role::Projector, handle));
         let (c, rx) = (cfg.clone(), stop_rx.clone());
-        let handle = supervise("users projector", stop_rx.clone(), move || {
-            crate::users_projector::run(c.clone(), users.clone(), rx.clone())
-        });
+        let health = stages.users_projector.clone();
+        let handle = supervise(
+            "users projector",
+            stop_rx.clone(),
+            health.clone(),
+            move || {
+                crate::users_projector::run(c.clone(), users.clone(), health.clone(), rx.clone())
+            },
+        );
         tasks.push((Role::Projector, handle));
+        stage_names.extend(["projector", "users_projector"]);
     }
     if roles.contains(&Role::Projector) || roles.contains(&Role::Fanout) {
         let (c, rx) = (cfg.clone(), stop_rx.clone());
-        let handle = supervise("announcer", stop_rx.clone(), move || {
-            fanout::run(c.clone(), rx.clone())
+        let health = stages.announcer.clone();
+        let handle = supervise("announcer", stop_rx.clone(), health.clone(), move || {
+            fanout::run(c.clone(), health.clone(), rx.clone())
         });
         tasks.push((Role::Fanout, handle));
+        stage_names.push("announcer");
     }
     if roles.contains(&Role::Api) {
         let compression = cfg.kafka.compression.codec();
@@ -242,6 +264,8 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
             status: {
                 let stats = resolver_stats.clone();
                 let projected = projector_stats.clone();
+                let stages = stages.clone();
+                let stage_names = stage_names.clone();
                 let hub = status_hub;
                 let roles: Vec<String> = roles
                     .iter()
@@ -258,6 +282,9 @@ pub async fn start(cfg: Config, roles: &[Role]) -> Result<Running, AppError> {
                     }
                     if roles.iter().any(|r| r == "projector") {
                         status["projector"] = projected.to_json();
+                    }
+                    if !stage_names.is_empty() {
+                        status["stages"] = stages.to_json(&stage_names, crate::health::now_ms());
                     }
                     status
                 })
@@ -366,7 +393,8 @@ mod tests {
         let (stop_tx, stop_rx) = watch::channel(false);
         let runs = Arc::new(AtomicU32::new(0));
         let counted = runs.clone();
-        let handle = supervise("test role", stop_rx, move || {
+        let health = Arc::new(crate::health::StageHealth::default());
+        let handle = supervise("test role", stop_rx, health.clone(), move || {
             counted.fetch_add(1, Ordering::SeqCst);
             async { Err::<(), _>("refused") }
         });
@@ -377,6 +405,8 @@ mod tests {
             7,
             "one restart a second would be 62"
         );
+        // Each failure is recorded as a restart, the last one's pause included.
+        assert_eq!(health.to_json(crate::health::now_ms())["restarts"], 7);
         // Stopped in the middle of a 30 s pause: it ends at once, with the last error.
         stop_tx.send(true).unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(1), handle)

@@ -11,12 +11,14 @@
 //! announces a few changes again, which subscribers skip by sequence number.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::health::StageHealth;
 use crate::projector::{
     fill_batch, received, store_offsets, subscribe, until_applied, ProjectorError,
 };
@@ -45,7 +47,11 @@ pub fn group_id(cfg: &Config) -> String {
 }
 
 /// Runs the announcer until `shutdown` turns true.
-pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), ProjectorError> {
+pub async fn run(
+    cfg: Config,
+    health: Arc<StageHealth>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ProjectorError> {
     let (consumer, _) = subscribe(&cfg, &group_id(&cfg), topics::SYNC_EVENTS)?;
     let redis = api::redis_conn::manager(&cfg.redis.url).map_err(ProjectorError::Redis)?;
     let prefix = cfg.kafka.topic_prefix.clone();
@@ -94,7 +100,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                 async move { raise.query_async::<()>(&mut conn).await }
             };
             let what = format!("raising the announced marks of {} buckets", marks.len());
-            if until_applied(&mut shutdown, &what, raise_marks)
+            if until_applied(&mut shutdown, &what, &health, raise_marks)
                 .await
                 .is_none()
             {
@@ -112,7 +118,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                     async move { pipe.query_async::<()>(&mut conn).await }
                 };
                 let what = format!("announcing {} changes", chunk.len());
-                if until_applied(&mut shutdown, &what, announce)
+                if until_applied(&mut shutdown, &what, &health, announce)
                     .await
                     .is_none()
                 {

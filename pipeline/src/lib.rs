@@ -12,12 +12,14 @@
 //! - [`restore`]: restore to a checkpoint, and replay from one (`syncflow restore|replay`);
 //! - [`subscribe`]: the reference WebSocket client behind `syncflow subscribe`;
 //! - [`users_projector`]: applies `user.events` to the users view;
+//! - [`health`]: whether the background stages get their work done (`GET /status`);
 //! - [`app`]: starts the chosen roles in one process.
 
 pub mod app;
 pub mod checkpoint;
 pub mod config;
 pub mod fanout;
+pub mod health;
 pub mod partition;
 pub mod projector;
 pub mod rebuild;

@@ -21,6 +21,7 @@ use rdkafka::ClientConfig;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::health::StageHealth;
 use crate::topics;
 
 /// Errors that stop the projector.
@@ -177,12 +178,13 @@ pub(crate) fn store_offsets(consumer: &StreamConsumer, messages: &[BorrowedMessa
     }
 }
 
-/// Runs `apply` until it succeeds, backing off from 50 ms to 5 s between failures. `None` when
-/// `shutdown` changes first: a slow or failing view never holds up a shutdown, and whatever was
-/// interrupted is applied again (idempotently) after the restart.
+/// Runs `apply` until it succeeds, backing off from 50 ms to 5 s between failures, each recorded
+/// in `health`. `None` when `shutdown` changes first: a slow or failing view never holds up a
+/// shutdown, and whatever was interrupted is applied again (idempotently) after the restart.
 pub(crate) async fn until_applied<T, E, F, Fut>(
     shutdown: &mut watch::Receiver<bool>,
     what: &str,
+    health: &StageHealth,
     mut apply: F,
 ) -> Option<T>
 where
@@ -197,8 +199,12 @@ where
             _ = shutdown.changed() => return None,
         };
         match result {
-            Ok(v) => return Some(v),
+            Ok(v) => {
+                health.succeeded();
+                return Some(v);
+            }
             Err(e) => {
+                health.failed(crate::health::now_ms());
                 tracing::warn!(error = %e, "{what} failed; retrying");
                 tokio::select! {
                     _ = shutdown.changed() => return None,
@@ -242,6 +248,7 @@ pub async fn run(
     cfg: Config,
     view: MongoView,
     stats: Arc<ProjectorStats>,
+    health: Arc<StageHealth>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ProjectorError> {
     let (consumer, partitions) = subscribe(&cfg, &group_id(&cfg), topics::SYNC_EVENTS)?;
@@ -315,7 +322,8 @@ pub async fn run(
         // A slow view must not hold up a shutdown: an interrupted batch stores no offsets, and
         // applying it again later is idempotent.
         let what = format!("view apply of {} events", events.len());
-        let outcome = until_applied(&mut shutdown, &what, || view.apply_batch(&events)).await;
+        let outcome =
+            until_applied(&mut shutdown, &what, &health, || view.apply_batch(&events)).await;
         let Some(outcome) = outcome else { break };
         tracing::debug!(
             events = events.len(),

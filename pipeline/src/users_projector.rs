@@ -2,12 +2,15 @@
 //! in MongoDB, one event at a time, storing each offset only after MongoDB acknowledged it.
 //! [`UsersView::apply`] is idempotent, so a re-delivery after a crash changes nothing.
 
+use std::sync::Arc;
+
 use api::users::{UserEvent, UsersView, USER_EVENT_VERSION};
 use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use tokio::sync::watch;
 
 use crate::config::Config;
+use crate::health::StageHealth;
 use crate::projector::{received, subscribe, until_applied, ProjectorError};
 use crate::topics;
 
@@ -32,6 +35,7 @@ fn newer_format(payload: &[u8]) -> Option<u32> {
 pub async fn run(
     cfg: Config,
     users: UsersView,
+    health: Arc<StageHealth>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), ProjectorError> {
     let (consumer, _) = subscribe(&cfg, &group_id(&cfg), topics::USER_EVENTS)?;
@@ -73,7 +77,7 @@ pub async fn run(
         };
         if let Some(event) = event {
             let offset = message.offset();
-            let applied = until_applied(&mut shutdown, "users view apply", || {
+            let applied = until_applied(&mut shutdown, "users view apply", &health, || {
                 users.apply(&event, offset)
             })
             .await;

@@ -335,6 +335,7 @@ async fn read_n(ws: &mut Ws, saw_lagged: &mut bool) -> Option<i64> {
 /// Redis refuses the announcer's mark script (here: its user may not run scripts; in production
 /// also `maxmemory` with `noeviction`): the changes are not published without their marks, let
 /// alone again at every retry, and once the script runs they are published exactly once.
+/// Meanwhile `GET /status` shows the announcer as not ok, and as ok again after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_mark_script_publishes_nothing_until_it_runs_and_then_once() {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -357,9 +358,24 @@ async fn a_refused_mark_script_publishes_nothing_until_it_runs_and_then_once() {
     let mut announcer_cfg = env.cfg.clone();
     announcer_cfg.redis.url = format!("redis://{user}:nolua-pw@127.0.0.1:6379");
     let processor = env.start(&[Role::Processor]).await;
-    let announcer = pipeline::app::start(announcer_cfg, &[Role::Fanout])
+    let announcer = pipeline::app::start(announcer_cfg, &[Role::Fanout, Role::Api])
         .await
         .unwrap();
+    let status_url = format!("http://{}/status", announcer.api_addr.unwrap());
+    let announcer_status = async || -> Value {
+        let status: Value = reqwest::get(&status_url)
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            status["stages"].as_object().map(|s| s.len()),
+            Some(1),
+            "a fanout node runs the announcer alone: {status}"
+        );
+        status["stages"]["announcer"].clone()
+    };
     let listener = redis::Client::open(env.cfg.redis.url.as_str()).unwrap();
     let mut pubsub = listener.get_async_pubsub().await.unwrap();
     let channel = api::view::change_channel(&env.cfg.kafka.topic_prefix, "acme", "feed");
@@ -386,8 +402,26 @@ async fn a_refused_mark_script_publishes_nothing_until_it_runs_and_then_once() {
         0,
         "changes published without their marks"
     );
+    let failing = announcer_status().await;
+    assert_eq!(failing["ok"], false, "{failing}");
+    assert!(
+        failing["consecutive_failures"].as_u64() >= Some(2),
+        "{failing}"
+    );
+    assert!(
+        failing["failing_for_ms"].as_u64() >= Some(5_000),
+        "{failing}"
+    );
     let _: () = acl(&["+@scripting"]).query_async(&mut admin).await.unwrap();
     assert_eq!(count_for(12).await, 1, "published once the script runs");
+    let recovered = announcer_status().await;
+    assert_eq!(recovered["ok"], true, "{recovered}");
+    assert_eq!(recovered["consecutive_failures"], 0, "{recovered}");
+    assert_eq!(recovered["failing_for_ms"], Value::Null, "{recovered}");
+    assert!(
+        recovered["failures"].as_u64() >= failing["consecutive_failures"].as_u64(),
+        "{recovered}"
+    );
     announcer.stop().await.unwrap();
     processor.stop().await.unwrap();
     let _: () = common::acl_deluser(&user)

@@ -672,7 +672,7 @@ async fn a_sweep_in_small_rounds_removes_every_old_tombstone() {
 async fn a_change_of_a_newer_format_stops_the_projector_instead_of_being_skipped() {
     use api::view::DocReader;
     let env = TestEnv::new("newerformat").await;
-    let node = env.start(&[Role::Projector]).await;
+    let node = env.start(&[Role::Projector, Role::Api]).await;
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &env.cfg.kafka.brokers)
         .create()
@@ -735,6 +735,28 @@ async fn a_change_of_a_newer_format_stops_the_projector_instead_of_being_skipped
         .await
         .unwrap();
     assert_eq!(mark, Some(1), "announced past the change of a newer format");
+    // `GET /status` shows both stages that read the change restarting, and the one that does
+    // not as ok.
+    let status: Value = reqwest::get(format!("http://{}/status", node.api_addr.unwrap()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stages = &status["stages"];
+    for name in ["projector", "announcer"] {
+        assert_eq!(stages[name]["ok"], false, "{name}: {status}");
+        assert!(
+            stages[name]["restarts"].as_u64() >= Some(1),
+            "{name}: {status}"
+        );
+        assert!(
+            stages[name]["last_restart_ms_ago"].is_u64(),
+            "{name}: {status}"
+        );
+    }
+    assert_eq!(stages["users_projector"]["ok"], true, "{status}");
+    assert_eq!(stages["users_projector"]["restarts"], 0, "{status}");
     // Stopped while it refuses the change, the projector role ends with the reason.
     if let Err(e) = node.stop().await {
         assert!(
