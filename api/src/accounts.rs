@@ -193,12 +193,24 @@ impl Accounts {
     }
 }
 
+/// The key of the client address a request is counted under by the per-address limits.
+fn client_of(state: &AppState, parts: &axum::http::request::Parts) -> Option<String> {
+    let hops = state.limiter.as_ref()?.trusted_proxy_hops();
+    let peer = parts
+        .extensions
+        .get::<crate::client_addr::PeerAddr>()
+        .copied();
+    crate::client_addr::client_key(peer, &parts.headers, hops)
+}
+
 /// `POST /v1/auth/register`.
 pub async fn register(
     State(state): State<AppState>,
-    body: axum::body::Body,
+    request: axum::extract::Request,
 ) -> Result<impl IntoResponse, ApiError> {
     let acc = accounts(&state)?;
+    let (parts, body) = request.into_parts();
+    let client = client_of(&state, &parts);
     let req: Register = read_json(&state, body).await?;
     let username = normalize_username(&req.username)?;
     let email = normalize_email(&req.email)?;
@@ -206,7 +218,7 @@ pub async fn register(
         .map_err(|e| ApiError::bad_request("invalid_password", e.to_string()))?;
     if let Some(limiter) = &state.limiter {
         limiter
-            .check_registration()
+            .check_registration(client.as_deref())
             .await
             .map_err(ApiError::limited)?;
     }
@@ -404,9 +416,11 @@ struct Login {
 /// `POST /v1/auth/login`: by user name or e-mail address.
 pub async fn login(
     State(state): State<AppState>,
-    body: axum::body::Body,
+    request: axum::extract::Request,
 ) -> Result<impl IntoResponse, ApiError> {
     let acc = accounts(&state)?;
+    let (parts, body) = request.into_parts();
+    let client = client_of(&state, &parts);
     let req: Login = read_json(&state, body).await?;
     let name = req.username.trim().to_lowercase();
     if name.is_empty() || name.len() > 254 {
@@ -417,12 +431,15 @@ pub async fn login(
     // and a 401 after a wrong one would make an unlimited oracle.
     acc.store.check_available().await?;
     if let Some(limiter) = &state.limiter {
-        limiter.check_login(&name).await.map_err(|r| match r {
-            crate::ratelimit::LoginRefused::Limited(l) => ApiError::limited(l),
-            crate::ratelimit::LoginRefused::Uncounted => ApiError::Unavailable(
-                "login attempts cannot be counted right now (redis); try again shortly".into(),
-            ),
-        })?;
+        limiter
+            .check_login(&name, client.as_deref())
+            .await
+            .map_err(|r| match r {
+                crate::ratelimit::LoginRefused::Limited(l) => ApiError::limited(l),
+                crate::ratelimit::LoginRefused::Uncounted => ApiError::Unavailable(
+                    "login attempts cannot be counted right now (redis); try again shortly".into(),
+                ),
+            })?;
     }
     let user = if name.contains('@') {
         acc.users.find_by_email(&name).await

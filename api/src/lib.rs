@@ -20,6 +20,7 @@ pub mod admin;
 pub mod applied;
 pub mod auth;
 pub mod broadcast;
+pub mod client_addr;
 pub mod clocks;
 pub mod connections;
 pub mod error;

@@ -47,6 +47,16 @@ pub struct RateConfig {
     pub logins_per_min: u32,
     /// Registrations per minute, across the cluster.
     pub registrations_per_min: u32,
+    /// Registrations per minute from one client address (an IPv6 client by its /64), so one
+    /// client cannot use up the cluster's budget.
+    pub address_registrations_per_min: u32,
+    /// Login attempts per minute from one client address, whatever the names (slows guessing
+    /// one password across many names).
+    pub address_logins_per_min: u32,
+    /// How many proxies in front of the API append to `X-Forwarded-For` (0: clients connect to
+    /// the API itself). The client address is the entry before those the proxies added; set it
+    /// only when the API cannot be reached past the proxies, or clients choose their address.
+    pub trusted_proxy_hops: u32,
     /// Per-tenant overrides, e.g. `[rate.tenants.acme] tenant_writes_per_sec = 50`.
     pub tenants: BTreeMap<String, TenantRate>,
 }
@@ -61,6 +71,9 @@ impl Default for RateConfig {
             user_connects_per_min: 600,
             logins_per_min: 10,
             registrations_per_min: 600,
+            address_registrations_per_min: 10,
+            address_logins_per_min: 60,
+            trusted_proxy_hops: 0,
             tenants: BTreeMap::new(),
         }
     }
@@ -201,19 +214,32 @@ impl RateLimiter {
         self.take(buckets.into_iter().flatten().collect()).await
     }
 
-    /// Checks a login attempt for `username`. Unlike the other checks this one fails closed:
-    /// an attempt that cannot be counted (Redis refused the script, as a read-only replica or a
-    /// full `noeviction` instance does while still answering `PING`) is refused, or guessing a
-    /// password would be unlimited.
-    pub async fn check_login(&self, username: &str) -> Result<(), LoginRefused> {
+    /// How many proxies append to `X-Forwarded-For` (see [`crate::client_addr::client_key`]).
+    pub fn trusted_proxy_hops(&self) -> u32 {
+        self.cfg.trusted_proxy_hops
+    }
+
+    /// Checks a login attempt for `username` from the client address `client` (see
+    /// [`crate::client_addr::client_key`]; `None`: not known). Unlike the other checks this one
+    /// fails closed: an attempt that cannot be counted (Redis refused the script, as a read-only
+    /// replica or a full `noeviction` instance does while still answering `PING`) is refused,
+    /// or guessing a password would be unlimited.
+    pub async fn check_login(
+        &self,
+        username: &str,
+        client: Option<&str>,
+    ) -> Result<(), LoginRefused> {
         if !self.cfg.enabled {
             return Ok(());
         }
         if self.breaker.is_open() {
             return Err(LoginRefused::Uncounted);
         }
-        let b = self.per_minute("login", username, self.cfg.logins_per_min);
-        match self.run(b.into_iter().collect()).await {
+        let buckets = [
+            self.per_minute("login", username, self.cfg.logins_per_min),
+            client.and_then(|c| self.per_minute("login:a", c, self.cfg.address_logins_per_min)),
+        ];
+        match self.run(buckets.into_iter().flatten().collect()).await {
             Ok(Some(limited)) => Err(LoginRefused::Limited(limited)),
             Ok(None) => Ok(()),
             Err(e) => {
@@ -223,19 +249,20 @@ impl RateLimiter {
         }
     }
 
-    /// Checks a registration.
-    pub async fn check_registration(&self) -> Result<(), Limited> {
-        self.check_one("register", "all", self.cfg.registrations_per_min)
-            .await
-    }
-
-    /// Checks one bucket of `per_min` requests a minute.
-    async fn check_one(&self, what: &str, id: &str, per_min: u32) -> Result<(), Limited> {
+    /// Checks a registration from the client address `client` (`None`: not known) against its
+    /// address's budget and the cluster's. A registration one refuses does not count against
+    /// the other.
+    pub async fn check_registration(&self, client: Option<&str>) -> Result<(), Limited> {
         if !self.cfg.enabled {
             return Ok(());
         }
-        let b = self.per_minute(what, id, per_min);
-        self.take(b.into_iter().collect()).await
+        let buckets = [
+            client.and_then(|c| {
+                self.per_minute("register:a", c, self.cfg.address_registrations_per_min)
+            }),
+            self.per_minute("register", "all", self.cfg.registrations_per_min),
+        ];
+        self.take(buckets.into_iter().flatten().collect()).await
     }
 
     /// The bucket of `per_min` requests a minute for `what` of `id` (none when 0: no limit).

@@ -897,7 +897,9 @@ async fn a_tenant_with_only_invited_members_cannot_be_registered_by_a_stranger()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_storm_yields_exactly_one_account() {
-    let env = TestEnv::new("storm").await;
+    let mut env = TestEnv::new("storm").await;
+    // Sixteen at once from one address: more than its registration budget.
+    env.cfg.rate.address_registrations_per_min = 0;
     let (node, api) = start(&env, &[Role::Api, Role::Projector]).await;
     let api = std::sync::Arc::new(api);
     let mut tasks = Vec::new();
@@ -1067,6 +1069,72 @@ async fn a_tenant_over_its_limit_gets_429_while_another_does_not() {
         other => panic!("third connection: {:?}", other.map(|_| ())),
     }
     let _q = connect(&quiet).await.expect("another tenant connects");
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
+/// One client cannot use up the cluster's registrations or guess one password across many
+/// names: registrations and login attempts are counted per client address as well, the address
+/// being the one the trusted proxy appended to `X-Forwarded-For`, not one the client forged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registrations_and_logins_are_limited_per_client_address_behind_a_proxy() {
+    let mut env = TestEnv::new("peraddress").await;
+    env.cfg.rate.address_registrations_per_min = 2;
+    env.cfg.rate.address_logins_per_min = 3;
+    env.cfg.rate.trusted_proxy_hops = 1;
+    let (node, api) = start(&env, &[Role::Api, Role::Projector]).await;
+    let post_from = |client: &'static str, path: &'static str, body: Value| {
+        let (http, url) = (api.http.clone(), format!("{}{path}", api.base));
+        async move {
+            let resp = http
+                .post(url)
+                // What the client sent first, then what the proxy appended.
+                .header("x-forwarded-for", format!("6.6.6.6, {client}"))
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let retry = resp.headers().get("retry-after").is_some();
+            (resp.status().as_u16(), retry)
+        }
+    };
+    let registration = |name: &str| {
+        json!({"username": name, "email": format!("{name}@example.com"),
+            "password": "correct-horse-battery", "tenant": format!("t-{name}")})
+    };
+    let a = "203.0.113.1";
+    assert_eq!(
+        post_from(a, "/v1/auth/register", registration("pa1")).await,
+        (201, false)
+    );
+    assert_eq!(
+        post_from(a, "/v1/auth/register", registration("pa2")).await,
+        (201, false)
+    );
+    assert_eq!(
+        post_from(a, "/v1/auth/register", registration("pa3")).await,
+        (429, true),
+        "a third registration from the address"
+    );
+    // Another client (the same forged first entry) is not held up by the first one.
+    let b = "203.0.113.2";
+    assert_eq!(
+        post_from(b, "/v1/auth/register", registration("pb1")).await,
+        (201, false)
+    );
+
+    // Logins: three attempts from one address with three names, then 429 for a fourth name;
+    // another address still gets its answer.
+    for name in ["x1", "x2", "x3"] {
+        let login = json!({"username": name, "password": "wrong-password"});
+        assert_eq!(post_from(a, "/v1/auth/login", login).await.0, 401, "{name}");
+    }
+    let login = json!({"username": "x4", "password": "wrong-password"});
+    assert_eq!(
+        post_from(a, "/v1/auth/login", login.clone()).await,
+        (429, true)
+    );
+    assert_eq!(post_from(b, "/v1/auth/login", login).await.0, 401);
     node.stop().await.unwrap();
     env.cleanup().await;
 }

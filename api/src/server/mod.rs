@@ -142,9 +142,9 @@ pub async fn serve(
                 }
             },
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) => (stream, crate::client_addr::PeerAddr(peer.ip())),
                 Err(e) => {
                     accept_failed(e).await;
                     continue;
@@ -162,6 +162,7 @@ pub async fn serve(
         let service = hyper::service::service_fn(move |mut req: hyper::Request<_>| {
             req.extensions_mut().insert(timeout.clone());
             req.extensions_mut().insert(send_queue);
+            req.extensions_mut().insert(peer);
             hyper::service::Service::call(&service, req)
         });
         let conn = http.serve_connection(io, service).with_upgrades();
