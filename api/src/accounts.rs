@@ -195,12 +195,11 @@ impl Accounts {
 
 /// The key of the client address a request is counted under by the per-address limits.
 fn client_of(state: &AppState, parts: &axum::http::request::Parts) -> Option<String> {
-    let hops = state.limiter.as_ref()?.trusted_proxy_hops();
     let peer = parts
         .extensions
         .get::<crate::client_addr::PeerAddr>()
         .copied();
-    crate::client_addr::client_key(peer, &parts.headers, hops)
+    crate::client_addr::client_of(state, peer, &parts.headers)
 }
 
 /// `POST /v1/auth/register`.

@@ -44,6 +44,17 @@ pub fn client_key(peer: Option<PeerAddr>, headers: &HeaderMap, hops: u32) -> Opt
     Some(key_of(client))
 }
 
+/// [`client_key`] of a request to this node: its peer, its headers and the node's
+/// `rate.trusted_proxy_hops` (0 without a limiter).
+pub fn client_of(
+    state: &crate::AppState,
+    peer: Option<PeerAddr>,
+    headers: &HeaderMap,
+) -> Option<String> {
+    let hops = state.limiter.as_ref().map_or(0, |l| l.trusted_proxy_hops());
+    client_key(peer, headers, hops)
+}
+
 /// An `X-Forwarded-For` entry: an address, possibly with a port (`1.2.3.4:5`, `[::1]:5`).
 fn parse(entry: &str) -> Option<IpAddr> {
     if let Ok(ip) = entry.parse() {

@@ -25,6 +25,9 @@ pub enum Refused {
     /// The node has this many connections waiting for their `auth` message already.
     #[error("this node has {0} WebSocket connections waiting for their auth message, the most it takes (ws.max_pending_connections); send the token in the Authorization header, or retry shortly")]
     Pending(usize),
+    /// The client's address has this many connections waiting for their `auth` message here.
+    #[error("this address has {0} WebSocket connections waiting for their auth message on this node, the most allowed (ws.max_pending_per_address); send their auth messages first, or the token in the Authorization header")]
+    PendingAddress(usize),
 }
 
 /// The caps of [`Connections::open`]; `0` is no cap.
@@ -45,6 +48,8 @@ struct Counts {
     total: usize,
     /// Of `total`, those not authenticated yet.
     pending: usize,
+    /// Of `pending`, those by client address (only those whose address is known).
+    pending_by_address: HashMap<String, usize>,
 }
 
 impl Counts {
@@ -66,6 +71,30 @@ impl Counts {
         *self.users.entry(key.clone()).or_default() += 1;
         *self.tenants.entry(key.0.clone()).or_default() += 1;
     }
+
+    /// Counts one pending connection less, of `address` if known.
+    fn remove_pending(&mut self, address: Option<&str>) {
+        self.pending -= 1;
+        if let Some(a) = address {
+            if let Some(n) = self.pending_by_address.get_mut(a) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending_by_address.remove(a);
+                }
+            }
+        }
+    }
+}
+
+/// The caps of [`Connections::pending`]; `0` is no cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingCaps {
+    /// Connections on the whole node.
+    pub node: usize,
+    /// Of those, waiting for their `auth` message.
+    pub pending: usize,
+    /// Of those, from one client address.
+    pub per_address: usize,
 }
 
 /// The node's open connections (clone to share).
@@ -91,26 +120,39 @@ impl Connections {
         Ok(Slot {
             conns: self.clone(),
             key: Some(key),
+            address: None,
         })
     }
 
-    /// Takes a place on the node for a connection whose token is not known yet, unless the
-    /// node holds `node` connections or `max_pending` such ones already (`0`: no cap);
+    /// Takes a place on the node for a connection whose token is not known yet, from the
+    /// client `address` (`None`: not known), unless that address, the node's pending
+    /// connections or the node is at its cap (checked in that order);
     /// [`Slot::promote`] makes it its user's once it is. Anyone can open such a connection, so
-    /// their own cap keeps them from taking every place from those that authenticate.
-    pub fn pending(&self, node: usize, max_pending: usize) -> Result<Slot, Refused> {
+    /// their own caps keep them from taking every place from those that authenticate, and one
+    /// client from taking every pending place from the others.
+    pub fn pending(&self, caps: PendingCaps, address: Option<&str>) -> Result<Slot, Refused> {
         let mut counts = self.counts();
-        if node > 0 && counts.total >= node {
+        let from_address = address
+            .and_then(|a| counts.pending_by_address.get(a).copied())
+            .unwrap_or(0);
+        if caps.per_address > 0 && from_address >= caps.per_address {
+            return Err(Refused::PendingAddress(from_address));
+        }
+        if caps.node > 0 && counts.total >= caps.node {
             return Err(Refused::Node(counts.total));
         }
-        if max_pending > 0 && counts.pending >= max_pending {
+        if caps.pending > 0 && counts.pending >= caps.pending {
             return Err(Refused::Pending(counts.pending));
         }
         counts.total += 1;
         counts.pending += 1;
+        if let Some(a) = address {
+            *counts.pending_by_address.entry(a.to_owned()).or_default() += 1;
+        }
         Ok(Slot {
             conns: self.clone(),
             key: None,
+            address: address.map(str::to_owned),
         })
     }
 
@@ -126,6 +168,8 @@ pub struct Slot {
     conns: Connections,
     /// Tenant and user; `None` while the connection has not authenticated.
     key: Option<(String, String)>,
+    /// The client address of a pending connection, while it is counted under it.
+    address: Option<String>,
 }
 
 impl Slot {
@@ -140,7 +184,8 @@ impl Slot {
         let key = (tenant.to_owned(), user.to_owned());
         counts.check_user(&key, caps)?;
         counts.add_user(&key);
-        counts.pending -= 1;
+        let address = self.address.take();
+        counts.remove_pending(address.as_deref());
         drop(counts);
         self.key = Some(key);
         Ok(())
@@ -152,7 +197,7 @@ impl Drop for Slot {
         let mut counts = self.conns.counts();
         counts.total -= 1;
         let Some(key) = &self.key else {
-            counts.pending -= 1;
+            counts.remove_pending(self.address.as_deref());
             return;
         };
         let Counts { tenants, users, .. } = &mut *counts;
@@ -174,6 +219,14 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pending_caps(node: usize, pending: usize, per_address: usize) -> PendingCaps {
+        PendingCaps {
+            node,
+            pending,
+            per_address,
+        }
+    }
 
     fn caps(per_user: usize, per_tenant: usize, node: usize) -> Caps {
         Caps {
@@ -205,11 +258,14 @@ mod tests {
     fn a_pending_connection_holds_a_place_on_the_node_and_keeps_it_when_promoted() {
         let conns = Connections::default();
         let caps = caps(1, 0, 3);
-        let mut a = conns.pending(3, 0).expect("room");
-        let mut b = conns.pending(3, 0).expect("room");
+        let mut a = conns.pending(pending_caps(3, 0, 0), None).expect("room");
+        let mut b = conns.pending(pending_caps(3, 0, 0), None).expect("room");
         let _c = conns.open("acme", "bob", caps).expect("room");
         // The node is full: no more pending ones, and no authenticated ones either.
-        assert_eq!(conns.pending(3, 0).unwrap_err(), Refused::Node(3));
+        assert_eq!(
+            conns.pending(pending_caps(3, 0, 0), None).unwrap_err(),
+            Refused::Node(3)
+        );
         assert_eq!(
             conns.open("acme", "cy", caps).unwrap_err(),
             Refused::Node(3)
@@ -237,19 +293,63 @@ mod tests {
     fn pending_connections_have_a_cap_of_their_own() {
         let conns = Connections::default();
         let caps = caps(0, 0, 10);
-        let mut a = conns.pending(10, 2).expect("room");
-        let _b = conns.pending(10, 2).expect("room");
-        assert_eq!(conns.pending(10, 2).unwrap_err(), Refused::Pending(2));
+        let mut a = conns.pending(pending_caps(10, 2, 0), None).expect("room");
+        let _b = conns.pending(pending_caps(10, 2, 0), None).expect("room");
+        assert_eq!(
+            conns.pending(pending_caps(10, 2, 0), None).unwrap_err(),
+            Refused::Pending(2)
+        );
         // Those that authenticate are not held back by them...
         let _c = conns.open("acme", "cy", caps).expect("room");
         // ... and one that authenticates frees its pending place.
         a.promote("acme", "ann", caps).expect("promoted");
-        let _d = conns.pending(10, 2).expect("a pending place was freed");
+        let _d = conns
+            .pending(pending_caps(10, 2, 0), None)
+            .expect("a pending place was freed");
         assert_eq!(conns.counts().pending, 2);
         assert_eq!(conns.open_now(), 4);
         drop(a);
         let pending = conns.counts().pending;
         assert_eq!((pending, conns.open_now()), (2, 3));
+    }
+
+    #[test]
+    fn one_address_gets_at_most_its_share_of_the_pending_places() {
+        let conns = Connections::default();
+        let two = pending_caps(0, 10, 2);
+        let mut a = conns.pending(two, Some("192.0.2.1")).expect("room");
+        let _b = conns.pending(two, Some("192.0.2.1")).expect("room");
+        assert_eq!(
+            conns.pending(two, Some("192.0.2.1")).unwrap_err(),
+            Refused::PendingAddress(2)
+        );
+        // Another address, or one not known, is not held back.
+        let _c = conns
+            .pending(two, Some("192.0.2.9"))
+            .expect("other address");
+        let _d = conns.pending(two, None).expect("no address");
+        // One that authenticates, or closes, gives its address's place back.
+        a.promote("acme", "ann", caps(0, 0, 0)).expect("promoted");
+        let e = conns
+            .pending(two, Some("192.0.2.1"))
+            .expect("a place was freed");
+        assert_eq!(
+            conns.pending(two, Some("192.0.2.1")).unwrap_err(),
+            Refused::PendingAddress(2)
+        );
+        drop(e);
+        drop(a);
+        let _f = conns
+            .pending(two, Some("192.0.2.1"))
+            .expect("a place was freed");
+        assert_eq!(conns.counts().pending, 4);
+        assert_eq!(conns.counts().pending_by_address.get("192.0.2.1"), Some(&2));
+        // The node-wide pending cap still holds across addresses.
+        let full = pending_caps(0, 4, 2);
+        assert_eq!(
+            conns.pending(full, Some("192.0.2.7")).unwrap_err(),
+            Refused::Pending(4)
+        );
     }
 
     #[test]
@@ -291,8 +391,14 @@ mod tests {
             conns.open("t0", "u", one_each).unwrap_err(),
             Refused::User(1)
         );
-        assert_eq!(conns.pending(4, 0).unwrap_err(), Refused::Node(4));
-        assert!(conns.pending(5, 0).is_ok() && conns.pending(0, 0).is_ok());
+        assert_eq!(
+            conns.pending(pending_caps(4, 0, 0), None).unwrap_err(),
+            Refused::Node(4)
+        );
+        assert!(
+            conns.pending(pending_caps(5, 0, 0), None).is_ok()
+                && conns.pending(pending_caps(0, 0, 0), None).is_ok()
+        );
         drop(slots);
         assert!(conns.open("t9", "u", four).is_ok());
     }

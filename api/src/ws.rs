@@ -65,6 +65,8 @@ pub struct WsConfig {
     pub max_connections: usize,
     /// Of those, most still waiting for their `auth` message (0: no cap).
     pub max_pending_connections: usize,
+    /// Of those, most from one client address (see [`crate::client_addr`]; 0: no cap).
+    pub max_pending_per_address: usize,
     /// Largest client message, in bytes (a larger one is answered with `too_large` and the
     /// connection closed with 1009).
     pub max_message_bytes: usize,
@@ -104,6 +106,7 @@ impl Default for WsConfig {
             max_connections_per_tenant: 10_000,
             max_connections: 20_000,
             max_pending_connections: 1_000,
+            max_pending_per_address: 32,
             max_message_bytes: 64 * 1024,
             heartbeat_secs: 15,
             queue: 1024,
@@ -244,6 +247,7 @@ pub async fn ws_handler(
     headers: HeaderMap,
     write_timeout: Option<axum::Extension<crate::server::WriteTimeout>>,
     send_queue: Option<axum::Extension<crate::server::SendQueue>>,
+    peer: Option<axum::Extension<crate::client_addr::PeerAddr>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let claims = match crate::routes::bearer(&headers) {
@@ -256,11 +260,16 @@ pub async fn ws_handler(
             Arrival::Authenticated(Box::new(claims), slot)
         }
         // Counted on the node while it authenticates; a full node does not take it at all.
-        None => Arrival::Pending(
-            state
-                .connections
-                .pending(state.ws.max_connections, state.ws.max_pending_connections)?,
-        ),
+        None => {
+            let peer = peer.map(|axum::Extension(p)| p);
+            let address = crate::client_addr::client_of(&state, peer, &headers);
+            let caps = crate::connections::PendingCaps {
+                node: state.ws.max_connections,
+                pending: state.ws.max_pending_connections,
+                per_address: state.ws.max_pending_per_address,
+            };
+            Arrival::Pending(state.connections.pending(caps, address.as_deref())?)
+        }
     };
     if state.hub.is_none() {
         return Err(ApiError::Unavailable(

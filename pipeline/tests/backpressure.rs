@@ -92,6 +92,50 @@ async fn subscribed(addr: std::net::SocketAddr, token: &str) -> common::ws::Ws {
     ws
 }
 
+/// One client cannot hold every place among the connections still waiting for their `auth`
+/// message: behind a proxy, its address (the proxy's `X-Forwarded-For` entry) has a cap of its
+/// own, and another client still connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_waiting_for_their_token_are_capped_per_client_address() {
+    let mut env = TestEnv::new("wspendaddr").await;
+    env.cfg.ws.max_pending_per_address = 2;
+    env.cfg.rate.trusted_proxy_hops = 1;
+    let node = env.start(&[Role::Api]).await;
+    let addr = node.api_addr.unwrap();
+    let from = |client: &str| {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = format!("ws://{addr}/v1/subscribe")
+            .into_client_request()
+            .unwrap();
+        let forwarded = format!("6.6.6.6, {client}").parse().unwrap();
+        req.headers_mut().insert("x-forwarded-for", forwarded);
+        tokio_tungstenite::connect_async(req)
+    };
+    let (mut first, _) = from("203.0.113.5").await.unwrap();
+    let _second = from("203.0.113.5").await.unwrap();
+    match from("203.0.113.5").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 429);
+            let body = String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default());
+            assert!(body.contains("ws.max_pending_per_address"), "{body}");
+        }
+        other => panic!("expected 429, got {:?}", other.map(|_| ())),
+    }
+    let _other = from("203.0.113.6").await.expect("another address connects");
+    // Once one of them authenticates, its address may wait with another.
+    let token = env.token_as("ann", "acme", "live:r");
+    send_text(
+        &mut first,
+        &json!({"type": "auth", "token": token}).to_string(),
+    )
+    .await;
+    send_text(&mut first, r#"{"type":"subscribe","bucket":"live"}"#).await;
+    expect_type(&mut first, "subscribed").await;
+    let _third = from("203.0.113.5").await.expect("a place was freed");
+    node.stop().await.unwrap();
+    env.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_its_place() {
     let mut env = TestEnv::new("wscap").await;
