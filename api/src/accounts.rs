@@ -194,7 +194,10 @@ impl Accounts {
 }
 
 /// The key of the client address a request is counted under by the per-address limits.
-fn client_of(state: &AppState, parts: &axum::http::request::Parts) -> Option<String> {
+fn client_of(
+    state: &AppState,
+    parts: &axum::http::request::Parts,
+) -> Option<crate::client_addr::Client> {
     let peer = parts
         .extensions
         .get::<crate::client_addr::PeerAddr>()
@@ -217,7 +220,7 @@ pub async fn register(
         .map_err(|e| ApiError::bad_request("invalid_password", e.to_string()))?;
     if let Some(limiter) = &state.limiter {
         limiter
-            .check_registration(client.as_deref())
+            .check_registration(client.as_ref())
             .await
             .map_err(ApiError::limited)?;
     }
@@ -431,7 +434,7 @@ pub async fn login(
     acc.store.check_available().await?;
     if let Some(limiter) = &state.limiter {
         limiter
-            .check_login(&name, client.as_deref())
+            .check_login(&name, client.as_ref())
             .await
             .map_err(|r| match r {
                 crate::ratelimit::LoginRefused::Limited(l) => ApiError::limited(l),

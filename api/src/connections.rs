@@ -10,6 +10,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::client_addr::Client;
+
 /// Why a connection was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {
@@ -48,7 +50,7 @@ struct Counts {
     total: usize,
     /// Of `total`, those not authenticated yet.
     pending: usize,
-    /// Of `pending`, those by client address (only those whose address is known).
+    /// Of `pending`, those by client key ([`Client::keys`]; only those whose address is known).
     pending_by_address: HashMap<String, usize>,
 }
 
@@ -72,14 +74,14 @@ impl Counts {
         *self.tenants.entry(key.0.clone()).or_default() += 1;
     }
 
-    /// Counts one pending connection less, of `address` if known.
-    fn remove_pending(&mut self, address: Option<&str>) {
+    /// Counts one pending connection less, of the client keys `keys`.
+    fn remove_pending(&mut self, keys: &[String]) {
         self.pending -= 1;
-        if let Some(a) = address {
-            if let Some(n) = self.pending_by_address.get_mut(a) {
+        for k in keys {
+            if let Some(n) = self.pending_by_address.get_mut(k) {
                 *n -= 1;
                 if *n == 0 {
-                    self.pending_by_address.remove(a);
+                    self.pending_by_address.remove(k);
                 }
             }
         }
@@ -120,7 +122,7 @@ impl Connections {
         Ok(Slot {
             conns: self.clone(),
             key: Some(key),
-            address: None,
+            address: Vec::new(),
         })
     }
 
@@ -130,13 +132,14 @@ impl Connections {
     /// [`Slot::promote`] makes it its user's once it is. Anyone can open such a connection, so
     /// their own caps keep them from taking every place from those that authenticate, and one
     /// client from taking every pending place from the others.
-    pub fn pending(&self, caps: PendingCaps, address: Option<&str>) -> Result<Slot, Refused> {
+    pub fn pending(&self, caps: PendingCaps, client: Option<&Client>) -> Result<Slot, Refused> {
         let mut counts = self.counts();
-        let from_address = address
-            .and_then(|a| counts.pending_by_address.get(a).copied())
-            .unwrap_or(0);
-        if caps.per_address > 0 && from_address >= caps.per_address {
-            return Err(Refused::PendingAddress(from_address));
+        let keys: Vec<(String, usize)> = client.map(|c| c.keys().collect()).unwrap_or_default();
+        for (key, factor) in &keys {
+            let held = counts.pending_by_address.get(key).copied().unwrap_or(0);
+            if caps.per_address > 0 && held >= caps.per_address.saturating_mul(*factor) {
+                return Err(Refused::PendingAddress(held));
+            }
         }
         if caps.node > 0 && counts.total >= caps.node {
             return Err(Refused::Node(counts.total));
@@ -146,13 +149,13 @@ impl Connections {
         }
         counts.total += 1;
         counts.pending += 1;
-        if let Some(a) = address {
-            *counts.pending_by_address.entry(a.to_owned()).or_default() += 1;
+        for (key, _) in &keys {
+            *counts.pending_by_address.entry(key.clone()).or_default() += 1;
         }
         Ok(Slot {
             conns: self.clone(),
             key: None,
-            address: address.map(str::to_owned),
+            address: keys.into_iter().map(|(key, _)| key).collect(),
         })
     }
 
@@ -168,8 +171,8 @@ pub struct Slot {
     conns: Connections,
     /// Tenant and user; `None` while the connection has not authenticated.
     key: Option<(String, String)>,
-    /// The client address of a pending connection, while it is counted under it.
-    address: Option<String>,
+    /// The client keys a pending connection is counted under, while it is pending.
+    address: Vec<String>,
 }
 
 impl Slot {
@@ -184,8 +187,8 @@ impl Slot {
         let key = (tenant.to_owned(), user.to_owned());
         counts.check_user(&key, caps)?;
         counts.add_user(&key);
-        let address = self.address.take();
-        counts.remove_pending(address.as_deref());
+        let address = std::mem::take(&mut self.address);
+        counts.remove_pending(&address);
         drop(counts);
         self.key = Some(key);
         Ok(())
@@ -197,7 +200,7 @@ impl Drop for Slot {
         let mut counts = self.conns.counts();
         counts.total -= 1;
         let Some(key) = &self.key else {
-            counts.remove_pending(self.address.as_deref());
+            counts.remove_pending(&self.address);
             return;
         };
         let Counts { tenants, users, .. } = &mut *counts;
@@ -219,6 +222,11 @@ impl Drop for Slot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn client(ip: &str) -> Client {
+        let peer = crate::client_addr::PeerAddr(ip.parse().unwrap());
+        crate::client_addr::client_key(Some(peer), &axum::http::HeaderMap::new(), 0).unwrap()
+    }
 
     fn pending_caps(node: usize, pending: usize, per_address: usize) -> PendingCaps {
         PendingCaps {
@@ -317,38 +325,82 @@ mod tests {
     fn one_address_gets_at_most_its_share_of_the_pending_places() {
         let conns = Connections::default();
         let two = pending_caps(0, 10, 2);
-        let mut a = conns.pending(two, Some("192.0.2.1")).expect("room");
-        let _b = conns.pending(two, Some("192.0.2.1")).expect("room");
+        let mut a = conns
+            .pending(two, Some(&client("192.0.2.1")))
+            .expect("room");
+        let _b = conns
+            .pending(two, Some(&client("192.0.2.1")))
+            .expect("room");
         assert_eq!(
-            conns.pending(two, Some("192.0.2.1")).unwrap_err(),
+            conns.pending(two, Some(&client("192.0.2.1"))).unwrap_err(),
             Refused::PendingAddress(2)
         );
         // Another address, or one not known, is not held back.
         let _c = conns
-            .pending(two, Some("192.0.2.9"))
+            .pending(two, Some(&client("192.0.2.9")))
             .expect("other address");
         let _d = conns.pending(two, None).expect("no address");
         // One that authenticates, or closes, gives its address's place back.
         a.promote("acme", "ann", caps(0, 0, 0)).expect("promoted");
         let e = conns
-            .pending(two, Some("192.0.2.1"))
+            .pending(two, Some(&client("192.0.2.1")))
             .expect("a place was freed");
         assert_eq!(
-            conns.pending(two, Some("192.0.2.1")).unwrap_err(),
+            conns.pending(two, Some(&client("192.0.2.1"))).unwrap_err(),
             Refused::PendingAddress(2)
         );
         drop(e);
         drop(a);
         let _f = conns
-            .pending(two, Some("192.0.2.1"))
+            .pending(two, Some(&client("192.0.2.1")))
             .expect("a place was freed");
         assert_eq!(conns.counts().pending, 4);
-        assert_eq!(conns.counts().pending_by_address.get("192.0.2.1"), Some(&2));
+        assert_eq!(
+            conns.counts().pending_by_address.get("a:192.0.2.1"),
+            Some(&2)
+        );
         // The node-wide pending cap still holds across addresses.
         let full = pending_caps(0, 4, 2);
         assert_eq!(
-            conns.pending(full, Some("192.0.2.7")).unwrap_err(),
+            conns.pending(full, Some(&client("192.0.2.7"))).unwrap_err(),
             Refused::Pending(4)
+        );
+    }
+
+    #[test]
+    fn an_ipv6_block_gets_a_few_addresses_worth_of_pending_places_in_all() {
+        let conns = Connections::default();
+        let one = pending_caps(0, 0, 1);
+        let block = crate::client_addr::BLOCK_FACTOR;
+        // One per /64, across as many /64s of a /48 as its share allows.
+        let held: Vec<_> = (0..block)
+            .map(|i| {
+                let addr = format!("2001:db8:7:{i:x}::1");
+                conns
+                    .pending(one, Some(&client(&addr)))
+                    .expect("under the block's share")
+            })
+            .collect();
+        assert_eq!(
+            conns
+                .pending(one, Some(&client("2001:db8:7:ff::1")))
+                .unwrap_err(),
+            Refused::PendingAddress(block)
+        );
+        let _other = conns
+            .pending(one, Some(&client("2001:db8:8::1")))
+            .expect("another /48");
+        drop(held);
+        let _again = conns
+            .pending(one, Some(&client("2001:db8:7:ff::1")))
+            .expect("the block's places were given back");
+        // Each held connection counts under its /64 and its /48; nothing else is left.
+        let counts = conns.counts();
+        assert_eq!(
+            counts.pending_by_address.len(),
+            4,
+            "{:?}",
+            counts.pending_by_address
         );
     }
 

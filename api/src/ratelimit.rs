@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
+
+use crate::client_addr::Client;
 use serde::{Deserialize, Serialize};
 
 /// Limits that may differ per tenant (`None`: the global value).
@@ -47,11 +49,11 @@ pub struct RateConfig {
     pub logins_per_min: u32,
     /// Registrations per minute, across the cluster.
     pub registrations_per_min: u32,
-    /// Registrations per minute from one client address (an IPv6 client by its /64), so one
-    /// client cannot use up the cluster's budget.
+    /// Registrations per minute from one client address (an IPv6 client by its /64, and its /48
+    /// gets eight times as many), so one client cannot use up the cluster's budget.
     pub address_registrations_per_min: u32,
     /// Login attempts per minute from one client address, whatever the names (slows guessing
-    /// one password across many names).
+    /// one password across many names; an IPv6 /48 gets eight times as many).
     pub address_logins_per_min: u32,
     /// How many proxies in front of the API append to `X-Forwarded-For` (0: clients connect to
     /// the API itself). The client address is the entry before those the proxies added; set it
@@ -219,6 +221,21 @@ impl RateLimiter {
         self.cfg.trusted_proxy_hops
     }
 
+    /// The buckets of `per_min` requests a minute for `what` of `client` (none when `client` is
+    /// not known or `per_min` is 0): one per [`Client::keys`], each with its share.
+    fn per_client(&self, what: &str, client: Option<&Client>, per_min: u32) -> Vec<Bucket> {
+        let Some(client) = client else {
+            return Vec::new();
+        };
+        client
+            .keys()
+            .filter_map(|(key, factor)| {
+                let factor = u32::try_from(factor).unwrap_or(u32::MAX);
+                self.per_minute(what, &key, per_min.saturating_mul(factor))
+            })
+            .collect()
+    }
+
     /// Checks a login attempt for `username` from the client address `client` (see
     /// [`crate::client_addr::client_key`]; `None`: not known). Unlike the other checks this one
     /// fails closed: an attempt that cannot be counted (Redis refused the script, as a read-only
@@ -227,7 +244,7 @@ impl RateLimiter {
     pub async fn check_login(
         &self,
         username: &str,
-        client: Option<&str>,
+        client: Option<&Client>,
     ) -> Result<(), LoginRefused> {
         if !self.cfg.enabled {
             return Ok(());
@@ -235,11 +252,10 @@ impl RateLimiter {
         if self.breaker.is_open() {
             return Err(LoginRefused::Uncounted);
         }
-        let buckets = [
-            self.per_minute("login", username, self.cfg.logins_per_min),
-            client.and_then(|c| self.per_minute("login:a", c, self.cfg.address_logins_per_min)),
-        ];
-        match self.run(buckets.into_iter().flatten().collect()).await {
+        // Names and clients in separate key spaces: no name can be a client's key.
+        let mut buckets = self.per_client("login", client, self.cfg.address_logins_per_min);
+        buckets.extend(self.per_minute("login:n", username, self.cfg.logins_per_min));
+        match self.run(buckets).await {
             Ok(Some(limited)) => Err(LoginRefused::Limited(limited)),
             Ok(None) => Ok(()),
             Err(e) => {
@@ -252,17 +268,14 @@ impl RateLimiter {
     /// Checks a registration from the client address `client` (`None`: not known) against its
     /// address's budget and the cluster's. A registration one refuses does not count against
     /// the other.
-    pub async fn check_registration(&self, client: Option<&str>) -> Result<(), Limited> {
+    pub async fn check_registration(&self, client: Option<&Client>) -> Result<(), Limited> {
         if !self.cfg.enabled {
             return Ok(());
         }
-        let buckets = [
-            client.and_then(|c| {
-                self.per_minute("register:a", c, self.cfg.address_registrations_per_min)
-            }),
-            self.per_minute("register", "all", self.cfg.registrations_per_min),
-        ];
-        self.take(buckets.into_iter().flatten().collect()).await
+        let mut buckets =
+            self.per_client("register", client, self.cfg.address_registrations_per_min);
+        buckets.extend(self.per_minute("register", "all", self.cfg.registrations_per_min));
+        self.take(buckets).await
     }
 
     /// The bucket of `per_min` requests a minute for `what` of `id` (none when 0: no limit).

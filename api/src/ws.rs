@@ -65,7 +65,8 @@ pub struct WsConfig {
     pub max_connections: usize,
     /// Of those, most still waiting for their `auth` message (0: no cap).
     pub max_pending_connections: usize,
-    /// Of those, most from one client address (see [`crate::client_addr`]; 0: no cap).
+    /// Of those, most from one client address (see [`crate::client_addr`]: an IPv6 /48 may
+    /// hold eight times as many; 0: no cap).
     pub max_pending_per_address: usize,
     /// Largest client message, in bytes (a larger one is answered with `too_large` and the
     /// connection closed with 1009).
@@ -268,7 +269,7 @@ pub async fn ws_handler(
                 pending: state.ws.max_pending_connections,
                 per_address: state.ws.max_pending_per_address,
             };
-            Arrival::Pending(state.connections.pending(caps, address.as_deref())?)
+            Arrival::Pending(state.connections.pending(caps, address.as_ref())?)
         }
     };
     if state.hub.is_none() {

@@ -73,7 +73,8 @@ async fn mongo_view(cfg: &Config) -> Result<MongoView, AppError> {
 }
 
 /// Runs `run` until it ends cleanly; a run that fails (a fatal consumer error) is replaced by a
-/// fresh one a second later, unless `stop` is already set. Each restart is recorded in `health`.
+/// fresh one a second later, unless `stop` is already set. Each failed run, and each new run
+/// after one, is recorded in `health`.
 fn supervise<F, Fut, E>(
     name: &'static str,
     stop: watch::Receiver<bool>,
@@ -102,7 +103,7 @@ where
                     if began.elapsed() >= Duration::from_secs(60) {
                         pause = FIRST;
                     }
-                    health.restarted(crate::health::now_ms());
+                    health.failed(crate::health::now_ms());
                     tracing::error!(error = %e, "{name} failed; restarting it in {pause:?}");
                     let mut woken = stop.clone();
                     let stopping = async {
@@ -118,6 +119,7 @@ where
                     if *stop.borrow() {
                         return Err(e.to_string());
                     }
+                    health.restarted(crate::health::now_ms());
                     pause = (pause * 2).min(MOST);
                 }
             }
@@ -405,8 +407,13 @@ mod tests {
             7,
             "one restart a second would be 62"
         );
-        // Each failure is recorded as a restart, the last one's pause included.
-        assert_eq!(health.to_json(crate::health::now_ms())["restarts"], 7);
+        // Seven failed runs, six new runs after them (the seventh's pause is under way).
+        let seen = health.to_json(crate::health::now_ms());
+        assert_eq!(
+            (seen["failures"].clone(), seen["restarts"].clone()),
+            (7.into(), 6.into())
+        );
+        assert_eq!(seen["ok"], false, "{seen}");
         // Stopped in the middle of a 30 s pause: it ends at once, with the last error.
         stop_tx.send(true).unwrap();
         let ended = tokio::time::timeout(Duration::from_secs(1), handle)

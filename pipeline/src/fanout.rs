@@ -20,7 +20,8 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::health::StageHealth;
 use crate::projector::{
-    fill_batch, received, store_offsets, subscribe, until_applied, ProjectorError,
+    decode_batch, fill_batch, received, stop_with, store_offsets, subscribe, until_applied,
+    ProjectorError,
 };
 use crate::topics;
 
@@ -67,11 +68,11 @@ pub async fn run(
         };
         let mut messages = vec![first];
         fill_batch(&consumer, &mut messages, batch_max);
+        let (decoded, refused) = decode_batch(&mut messages);
         let mut marks: HashMap<String, u64> = HashMap::new();
         let mut announcements = Vec::with_capacity(messages.len());
-        for m in &messages {
-            let Some(payload) = m.payload() else { continue };
-            let Some(event) = crate::projector::decode_event(m)? else {
+        for (m, event) in messages.iter().zip(decoded) {
+            let (Some(payload), Some(event)) = (m.payload(), event) else {
                 continue;
             };
             let mark = marks
@@ -127,6 +128,9 @@ pub async fn run(
             }
         }
         store_offsets(&consumer, &messages);
+        if let Some(refused) = refused {
+            return Err(stop_with(&consumer, refused));
+        }
     }
     if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
         tracing::debug!(error = %e, "final announcer commit");

@@ -149,6 +149,34 @@ pub(crate) fn decode_event(m: &BorrowedMessage<'_>) -> Result<Option<SyncEvent>,
     }
 }
 
+/// The changes of `messages` (`None` for a record skipped as undecodable), one per message,
+/// after cutting `messages` at the first record of a newer format than this build reads, with
+/// that refusal: the changes before it are applied (or announced) and their offsets stored
+/// before the stage stops, instead of being held back by a record behind them.
+pub(crate) fn decode_batch(
+    messages: &mut Vec<BorrowedMessage<'_>>,
+) -> (Vec<Option<SyncEvent>>, Option<ProjectorError>) {
+    let mut events = Vec::with_capacity(messages.len());
+    for m in messages.iter() {
+        match decode_event(m) {
+            Ok(event) => events.push(event),
+            Err(refused) => {
+                messages.truncate(events.len());
+                return (events, Some(refused));
+            }
+        }
+    }
+    (events, None)
+}
+
+/// Commits the stored offsets now, before a stage stops with `refused`, and returns it.
+pub(crate) fn stop_with(consumer: &StreamConsumer, refused: ProjectorError) -> ProjectorError {
+    if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+        tracing::debug!(error = %e, "commit before stopping");
+    }
+    refused
+}
+
 /// Adds to `messages` whatever the consumer has already fetched, up to `max` in all.
 pub(crate) fn fill_batch<'a>(
     consumer: &'a StreamConsumer,
@@ -178,8 +206,8 @@ pub(crate) fn store_offsets(consumer: &StreamConsumer, messages: &[BorrowedMessa
     }
 }
 
-/// Runs `apply` until it succeeds, backing off from 50 ms to 5 s between failures, each recorded
-/// in `health`. `None` when `shutdown` changes first: a slow or failing view never holds up a
+/// Runs `apply` until it succeeds, backing off from 50 ms to 5 s between failures; each attempt
+/// and its outcome are recorded in `health`. `None` when `shutdown` changes first: a slow or failing view never holds up a
 /// shutdown, and whatever was interrupted is applied again (idempotently) after the restart.
 pub(crate) async fn until_applied<T, E, F, Fut>(
     shutdown: &mut watch::Receiver<bool>,
@@ -194,6 +222,7 @@ where
 {
     let mut backoff = Duration::from_millis(50);
     loop {
+        health.attempting(crate::health::now_ms());
         let result = tokio::select! {
             r = apply() => r,
             _ = shutdown.changed() => return None,
@@ -305,12 +334,8 @@ pub async fn run(
         };
         let mut messages = vec![first];
         fill_batch(&consumer, &mut messages, settings.batch_max.max(1) as usize);
-        let mut events = Vec::with_capacity(messages.len());
-        for m in &messages {
-            if let Some(e) = decode_event(m)? {
-                events.push(e);
-            }
-        }
+        let (decoded, refused) = decode_batch(&mut messages);
+        let events: Vec<SyncEvent> = decoded.into_iter().flatten().collect();
         for e in &events {
             if indexed.insert(e.tenant.clone()) {
                 if let Err(err) = view.ensure_indexes(&e.tenant).await {
@@ -342,6 +367,9 @@ pub async fn run(
         }
         // Offsets only after MongoDB acknowledged every write of the batch.
         store_offsets(&consumer, &messages);
+        if let Some(refused) = refused {
+            return Err(stop_with(&consumer, refused));
+        }
     }
     if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
         tracing::debug!(error = %e, "final projector commit");
