@@ -725,12 +725,12 @@ async fn a_change_of_a_newer_format_stops_the_projector_instead_of_being_skipped
         "the change of a newer format was skipped: what follows it was applied"
     );
     // Nor is it announced to subscribers: the bucket's announced mark stays at the first change.
-    let mut redis = redis::Client::open(env.cfg.redis.url.as_str())
+    let redis = redis::Client::open(env.cfg.redis.url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let mut mark = || {
+    let mark = || {
         let cmd = redis::cmd("HGET")
             .arg(api::fanout::announced_key(&env.cfg.kafka.topic_prefix))
             .arg(api::fanout::announced_field("acme", "b"))
