@@ -268,6 +268,12 @@ fn refusal(
     }
     for part in &manifest.partitions {
         let (start, end) = input[&part.partition];
+        if end <= part.input_offset {
+            return Some(format!(
+                "data.changed partition {} ends at offset {end}, at or before checkpoint {}'s cut at {}: the topic was recreated or truncated since, so its writes are not the checkpoint's; restore this one without replay",
+                part.partition, manifest.id, part.input_offset
+            ));
+        }
         // `input_offset` is the checkpoint's own marker, never replayed.
         if start > part.input_offset + 1 && part.input_offset + 1 < end {
             return Some(format!(
@@ -294,6 +300,10 @@ fn refusal(
         _ => None,
     }
 }
+
+/// A misrouted write a replay found that the live resolver never forwarded: its owner
+/// partition, key, payload and timestamp (ms).
+type Unforwarded = (i32, Option<Vec<u8>>, Vec<u8>, u64);
 
 /// How long a replay waits for a transaction left open in `data.changed` (by a processor killed
 /// while forwarding) to be decided: longer than the processors' transaction timeout, after which
@@ -343,7 +353,9 @@ fn replay_input(
     committed: &BTreeMap<i32, i64>,
 ) -> Result<(u64, u64, BTreeMap<i32, i64>), RestoreError> {
     let topic = cfg.topic(topics::DATA_CHANGED);
-    let consumer = reader(cfg, &cfg.topic("syncflow-replay"))?;
+    // Strict: retention deleting the start of a partition while the replay reads the ones
+    // before it must stop the replay, not make it skip to what is left.
+    let consumer = topics::strict_end_reader(&cfg.kafka.brokers, &cfg.topic("syncflow-replay"))?;
     let partitions = ends.len() as i32;
     let run = |mem: &mut MemState, record: &InputRecord<'_>| {
         decide(
@@ -356,8 +368,8 @@ fn replay_input(
     };
     let (mut replayed, mut skipped) = (0u64, 0u64);
     let mut resume = BTreeMap::new();
-    // Misrouted writes the live resolver never forwarded: (owner, key, payload).
-    let mut unforwarded: Vec<(i32, Option<Vec<u8>>, Vec<u8>)> = Vec::new();
+    // Misrouted writes the live resolver never forwarded.
+    let mut unforwarded: Vec<Unforwarded> = Vec::new();
     for part in &manifest.partitions {
         let p = part.partition;
         let end = ends.get(&p).copied().unwrap_or(part.input_offset);
@@ -378,6 +390,15 @@ fn replay_input(
                 // an open transaction, committed writes after it are not read yet (the reader
                 // is told that end once, then nothing until the transaction is decided).
                 other => {
+                    if let Some(Err(rdkafka::error::KafkaError::MessageConsumption(
+                        rdkafka::types::RDKafkaErrorCode::AutoOffsetReset,
+                    ))) = &other
+                    {
+                        return Err(RestoreError::Refused(format!(
+                            "{topic} partition {p} no longer holds offset {} (retention deleted it while the replay ran): a replay would skip the writes between; replay from a newer checkpoint, or restore this one without replay",
+                            part.input_offset
+                        )));
+                    }
                     if let Some(Err(e)) = &other {
                         if !matches!(e, rdkafka::error::KafkaError::PartitionEOF(_)) {
                             tracing::warn!(error = %e, "replay read error; retrying");
@@ -427,20 +448,22 @@ fn replay_input(
             if let Ok(Decision::Forward { partition, .. }) = decision {
                 if m.offset() >= committed.get(&p).copied().unwrap_or(0) {
                     let key = m.key().map(<[u8]>::to_vec);
-                    unforwarded.push((partition, key, record.payload.to_vec()));
+                    unforwarded.push((partition, key, record.payload.to_vec(), timestamp_ms));
                 }
             }
             replayed += 1;
         }
     }
-    // Forwarded now, as the resolver would have: read from their owner at this time.
-    let now_ms = crate::checkpoint::now_ms();
-    for (owner, key, payload) in &unforwarded {
+    // Forwarded now, as the resolver would have, read from their owner. A forwarded copy is
+    // stamped when it is forwarded, moments after the write arrived: the write's own time
+    // stands for it (the replay's clock would make a write without a clock of its own newer
+    // than every write after it).
+    for (owner, key, payload, timestamp_ms) in &unforwarded {
         let record = InputRecord {
             key: key.as_deref(),
             payload,
             partition: *owner,
-            timestamp_ms: now_ms,
+            timestamp_ms: *timestamp_ms,
             control_error: None,
         };
         let _ = run(mem, &record);
@@ -959,6 +982,21 @@ mod tests {
         // Deleted only up to the cut, or its marker: nothing is missing.
         assert_eq!(refusal(&m, &input([100, 200]), true, None), None);
         assert_eq!(refusal(&m, &input([101, 201]), true, None), None);
+        // A partition that ends at or before the cut (the topic was recreated since): a
+        // replay would read other writes, or none; a restore may go on.
+        let recreated = BTreeMap::from([(0, (0, 100)), (1, (0, 250))]);
+        let why = refusal(&m, &recreated, true, None).unwrap();
+        assert!(why.contains("partition 0 ends at offset 100"), "{why}");
+        assert_eq!(refusal(&m, &recreated, false, None), None);
+        assert_eq!(
+            refusal(
+                &m,
+                &BTreeMap::from([(0, (0, 101)), (1, (0, 250))]),
+                true,
+                None
+            ),
+            None
+        );
         // Partitions other than data.changed's, for a restore too.
         let three = BTreeMap::from([(0, (0, 1)), (1, (0, 1)), (2, (0, 1))]);
         assert!(refusal(&m, &three, false, None).unwrap().contains("[0, 1]"));

@@ -246,13 +246,32 @@ pub fn end_reader(
     brokers: &str,
     group: &str,
 ) -> rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer<QuietEof>> {
+    reader_from(brokers, group, "earliest")
+}
+
+/// [`end_reader`], except that an offset it is told to read from that no longer exists (deleted
+/// by retention) is an error (`AutoOffsetReset`) instead of a silent jump to the earliest one:
+/// for reads that must not skip anything.
+pub fn strict_end_reader(
+    brokers: &str,
+    group: &str,
+) -> rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer<QuietEof>> {
+    reader_from(brokers, group, "error")
+}
+
+/// An [`end_reader`] with `auto.offset.reset` set to `reset`.
+fn reader_from(
+    brokers: &str,
+    group: &str,
+    reset: &str,
+) -> rdkafka::error::KafkaResult<rdkafka::consumer::BaseConsumer<QuietEof>> {
     rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
+        .set("auto.offset.reset", reset)
         // At the end the broker holds a fetch this long before answering "nothing": the default
         // 500 ms made every read that stops at the end (a task restore) last half a second.
         .set("fetch.wait.max.ms", "10")
