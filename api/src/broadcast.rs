@@ -198,6 +198,12 @@ impl<T: Clone> Receiver<T> {
     pub fn try_recv(&mut self) -> Option<Result<T, Lagged>> {
         take(&mut self.next, &mut lock(&self.shared))
     }
+
+    /// Whether values were dropped before this receiver read them: its next read is
+    /// [`Lagged`]. Reads nothing.
+    pub fn lagged(&self) -> bool {
+        self.next < lock(&self.shared).head
+    }
 }
 
 /// Reads the value at `next` (advancing it), or reports what was dropped before it.
@@ -274,7 +280,9 @@ mod tests {
         }
         // 1,200 bytes sent into 1,000: the oldest went.
         assert_eq!((tx.len(), tx.held_bytes()), (3, 900));
+        assert!(rx.lagged() && rx.lagged(), "asking reads nothing");
         assert_eq!(rx.try_recv(), Some(Err(Lagged(1))));
+        assert!(!rx.lagged());
         assert_eq!(rx.try_recv(), Some(Ok(1)));
         assert_eq!(tx.held_bytes(), 600, "read values are released");
         // One value larger than the budget still goes in, alone.

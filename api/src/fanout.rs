@@ -121,6 +121,14 @@ impl Drop for Release {
     }
 }
 
+impl Subscription {
+    /// Whether announcements were dropped before this subscription read them (see
+    /// [`broadcast::Receiver::lagged`]).
+    pub fn lagged(&self) -> bool {
+        self.stream.lagged()
+    }
+}
+
 impl Stream for Subscription {
     type Item = Result<HubMsg, Lagged>;
 

@@ -173,10 +173,10 @@ impl Busy {
     }
 
     /// Whether a bucket's queue that overflowed since `self` (the connection when the queue was
-    /// last read, after that bucket's own catch-up if it had one) did so because the connection
-    /// was busy catching up other buckets rather than waiting for its client: another catch-up
-    /// ran since, and reading the view took longer than the sends. Such a lag is not the
-    /// client's slowness (the connection reads no bucket's queue while it catches one up).
+    /// last read, before that bucket's own catch-up if it had one) did so because the connection
+    /// was busy catching up rather than waiting for its client: a catch-up (of this bucket or
+    /// another) ran since, and reading the view took longer than the sends. Such a lag is not
+    /// the client's slowness (the connection reads no bucket's queue while it catches one up).
     fn lag_is_ours(&self, now: Busy) -> bool {
         now.catch_ups > self.catch_ups && now.viewing - self.viewing > now.sending - self.sending
     }
@@ -570,6 +570,7 @@ async fn run_session(
                         // Listen first, then read the view: nothing can fall between.
                         live.insert(bucket.clone(), hub.subscribe(&claims.tenant, &bucket));
                         if let Err(e) = send(tx, json!({"type": "subscribed", "bucket": bucket})).await { return e; }
+                        let before = spent.now(tx);
                         let (began, sent) = (Instant::now(), tx.blocked);
                         let caught_up = catch_up(tx, state, &claims, &bucket, cursor, 0).await;
                         // No pong is read while a catch-up runs: that time must not count against
@@ -578,7 +579,10 @@ async fn run_session(
                         last_pong = paused(last_pong, began);
                         spent.caught_up(began, sent, tx);
                         match caught_up {
-                            Ok((cursor, ahead)) => { subs.insert(bucket, Sub { cursor, ahead, read: spent.now(tx) }); }
+                            Ok((cursor, ahead)) => {
+                                let read = read_after_catch_up(&live, &bucket, before, spent.now(tx));
+                                subs.insert(bucket, Sub { cursor, ahead, read });
+                            }
                             Err(e) => return e,
                         }
                     }
@@ -618,14 +622,18 @@ async fn run_session(
                         Some("slow_consumer")
                     }
                 };
+                // When the queue was last read, for the next lag: see `read_after_catch_up`.
+                let mut read = None;
                 if let Some(reason) = resync {
                     let cursor = sub.cursor;
                     if let Err(e) = send(tx, json!({"type": "lagged", "bucket": bucket, "reason": reason, "cursor": cursor.to_string()})).await { return e; }
                     let need = pending.as_ref().map_or(0, |(_, need)| *need);
+                    let before = spent.now(tx);
                     let (began, sent) = (Instant::now(), tx.blocked);
                     let caught_up = catch_up(tx, state, &claims, &bucket, Some(cursor), need).await;
                     // (Its time is within the delivery's, which extends the pong wait below.)
                     spent.caught_up(began, sent, tx);
+                    read = Some(read_after_catch_up(&live, &bucket, before, spent.now(tx)));
                     match caught_up {
                         Ok((cursor, ahead)) => {
                             sub.cursor = cursor;
@@ -638,7 +646,7 @@ async fn run_session(
                         Err(e) => return e,
                     }
                 }
-                sub.read = spent.now(tx);
+                sub.read = read.unwrap_or_else(|| spent.now(tx));
                 last_pong = paused(last_pong, delivering);
             }
             _ = heartbeat.tick() => {
@@ -653,6 +661,23 @@ async fn run_session(
                 if let Err(e) = tx.frame(Message::Ping(Default::default())).await { return e; }
             }
         }
+    }
+}
+
+/// When a bucket's queue counts as last read after its own catch-up, for judging its next lag
+/// ([`Busy::lag_is_ours`]): `before` the catch-up when the queue overflowed during it (nothing
+/// read it meanwhile, so the catch-up's time is weighed like any other's), `now` otherwise.
+fn read_after_catch_up(
+    live: &StreamMap<String, Subscription>,
+    bucket: &str,
+    before: Busy,
+    now: Busy,
+) -> Busy {
+    let overflowed = live.iter().any(|(b, s)| b.as_str() == bucket && s.lagged());
+    if overflowed {
+        before
+    } else {
+        now
     }
 }
 
