@@ -149,6 +149,9 @@ impl std::fmt::Debug for Subscription {
 /// their cursors (a catch-up from the view), until it is again.
 pub const OUTAGE_REFRESH: Duration = Duration::from_secs(30);
 
+/// How long a subscription must last for the hub's reconnect backoff to start over.
+const STABLE_SUBSCRIPTION: Duration = Duration::from_secs(30);
+
 /// How often the hub checks its subscription with a ping through Redis.
 const PING_EVERY: Duration = Duration::from_secs(2);
 /// How long the hub's subscription may stay silent after a ping was published before the hub
@@ -468,7 +471,7 @@ impl Hub {
                     Ok(pinged) => {
                         tracing::info!(%pattern, "fan-out hub subscribed");
                         self.listening.store(true, Ordering::SeqCst);
-                        backoff = Duration::from_millis(100);
+                        let subscribed_at = tokio::time::Instant::now();
                         // Anything published while we were away is unknown: everyone catches up
                         // (which covers anything the inbox dropped so far, too).
                         signal.overflowed.store(false, Ordering::Release);
@@ -488,6 +491,12 @@ impl Hub {
                         drop(conn);
                         self.listening.store(false, Ordering::SeqCst);
                         tracing::warn!("fan-out hub lost its Redis connection");
+                        // Only a subscription that held a while starts the backoff over: one
+                        // that Redis (or a proxy) keeps dropping at once would otherwise send
+                        // every subscriber here to the view twice every 100 ms.
+                        if subscribed_at.elapsed() >= STABLE_SUBSCRIPTION {
+                            backoff = Duration::from_millis(100);
+                        }
                         // Told at once that changes may have been missed, and again when the
                         // hub is back (above).
                         self.gap_for_all();
@@ -627,7 +636,13 @@ impl Hub {
                 let change = HubMsg::Change(Arc::new(Change::new(event)));
                 let _ = sender.send_sized(change, change_bytes(text));
             }
-            _ => tracing::warn!(channel, "undecodable change announcement ignored"),
+            // Its change is unknown here, perhaps the last one of a quiet bucket: the bucket's
+            // subscribers catch up from the view rather than wait for the next change to show
+            // the hole.
+            _ => {
+                tracing::warn!(channel, "undecodable change announcement; its bucket's subscribers catch up from the view");
+                let _ = sender.send(HubMsg::Gap);
+            }
         }
     }
 }
@@ -823,6 +838,25 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Needs the local Redis (`scripts/services.sh up`).
+    #[tokio::test]
+    async fn an_undecodable_announcement_sends_its_buckets_subscribers_to_the_view() {
+        let prefix = format!("undecodable{}:", uuid::Uuid::new_v4().simple());
+        let (_hub, mut sub) = listening_hub(&prefix, 8).await;
+        let mut redis = redis::Client::open("redis://127.0.0.1:6379/")
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let channel = crate::view::change_channel(&prefix, "acme", "notes");
+        let _: () = publishes(&channel, std::iter::once("not a change".to_string()))
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), sub.next()).await;
+        assert!(matches!(got, Ok(Some(Ok(HubMsg::Gap)))), "{got:?}");
     }
 
     /// Needs the local Redis (`scripts/services.sh up`).

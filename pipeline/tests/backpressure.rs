@@ -237,7 +237,8 @@ async fn open_connections_are_capped_per_user_and_tenant_and_a_closed_one_frees_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lag_while_the_connection_catches_up_a_bucket_even_its_own_is_not_held_against_the_client() {
+async fn a_lag_while_the_connection_catches_up_a_bucket_even_its_own_is_not_held_against_the_client(
+) {
     const BIG: usize = 3_000;
     const BURST: usize = 40;
     let mut env = TestEnv::new("wslagours").await;
