@@ -396,12 +396,10 @@ async fn authenticate(
     let first = tokio::time::timeout(wait, rx.next()).await;
     let text = match first {
         Ok(Some(Ok(Message::Text(t)))) => t,
+        // The client closed before it authenticated: nothing to tell it.
+        Ok(Some(Ok(Message::Close(_)))) => return Err(End::Closed),
         Ok(Some(Ok(_))) | Err(_) => {
-            let _ = send(tx, error_msg("unauthorized", "send {\"type\":\"auth\",\"token\":\"...\"} first, or connect with an Authorization header", None)).await;
-            return Err(End::Close(
-                CLOSE_UNAUTHORIZED,
-                "authentication required".into(),
-            ));
+            return Err(closing(tx, error_msg("unauthorized", "send {\"type\":\"auth\",\"token\":\"...\"} first, or connect with an Authorization header", None), CLOSE_UNAUTHORIZED, "authentication required").await);
         }
         Ok(Some(Err(e))) if too_big(&e) => return Err(refuse_too_big(tx, state).await),
         _ => return Err(End::Closed),
@@ -413,28 +411,19 @@ async fn authenticate(
                     // The slot already holds its place on the node; only the user's and the
                     // tenant's caps can refuse it now.
                     if let Err(e) = slot.promote(&c.tenant, &c.sub, caps(state)) {
-                        let _ =
-                            send(tx, error_msg("too_many_connections", e.to_string(), None)).await;
-                        return Err(End::Close(
-                            CLOSE_RATE_LIMITED,
-                            "too many connections open; close one".into(),
-                        ));
+                        let error = error_msg("too_many_connections", e.to_string(), None);
+                        let why = "too many connections open; close one";
+                        return Err(closing(tx, error, CLOSE_RATE_LIMITED, why).await);
                     }
                     if let Err(l) = may_connect(state, &c).await {
                         let secs = l.retry_after_secs();
-                        let _ = send(
-                            tx,
-                            error_msg(
-                                "rate_limited",
-                                format!("too many connections; retry in {secs} s"),
-                                None,
-                            ),
-                        )
-                        .await;
-                        return Err(End::Close(
-                            CLOSE_RATE_LIMITED,
-                            format!("rate limited; retry in {secs} s"),
-                        ));
+                        let error = error_msg(
+                            "rate_limited",
+                            format!("too many connections; retry in {secs} s"),
+                            None,
+                        );
+                        let why = format!("rate limited; retry in {secs} s");
+                        return Err(closing(tx, error, CLOSE_RATE_LIMITED, why).await);
                     }
                     Ok((c, slot))
                 }
@@ -442,40 +431,27 @@ async fn authenticate(
                     // The token may be fine: the session store could not be asked. Not 4001,
                     // which tells the client to drop its token.
                     tracing::warn!(error = %why, "a WebSocket token could not be checked");
-                    let _ = send(
-                        tx,
-                        error_msg(
-                            "unavailable",
-                            "the session store is unavailable, so the token cannot be checked now; retry",
-                            None,
-                        ),
-                    )
-                    .await;
-                    Err(End::Close(
-                        CLOSE_TRY_AGAIN,
-                        "authentication unavailable; retry".into(),
-                    ))
+                    let error = error_msg(
+                        "unavailable",
+                        "the session store is unavailable, so the token cannot be checked now; retry",
+                        None,
+                    );
+                    let why = "authentication unavailable; retry";
+                    Err(closing(tx, error, CLOSE_TRY_AGAIN, why).await)
                 }
                 Err(e) => {
-                    let _ = send(tx, error_msg("unauthorized", e.to_string(), None)).await;
-                    Err(End::Close(CLOSE_UNAUTHORIZED, "invalid token".into()))
+                    let error = error_msg("unauthorized", e.to_string(), None);
+                    Err(closing(tx, error, CLOSE_UNAUTHORIZED, "invalid token").await)
                 }
             }
         }
         _ => {
-            let _ = send(
-                tx,
-                error_msg(
-                    "unauthorized",
-                    "the first message must be {\"type\":\"auth\",\"token\":\"...\"}",
-                    None,
-                ),
-            )
-            .await;
-            Err(End::Close(
-                CLOSE_UNAUTHORIZED,
-                "authentication required".into(),
-            ))
+            let error = error_msg(
+                "unauthorized",
+                "the first message must be {\"type\":\"auth\",\"token\":\"...\"}",
+                None,
+            );
+            Err(closing(tx, error, CLOSE_UNAUTHORIZED, "authentication required").await)
         }
     }
 }
@@ -616,8 +592,7 @@ async fn run_session(
                         lags.retain(|t| now.duration_since(*t) < Duration::from_secs(60));
                         lags.push(now);
                         if lags.len() as u32 > state.ws.max_lags_per_minute {
-                            let _ = send(tx, error_msg("too_slow", "the connection fell behind too often; reconnect with your cursor", None)).await;
-                            return End::Close(CLOSE_TOO_SLOW, "too slow".into());
+                            return closing(tx, error_msg("too_slow", "the connection fell behind too often; reconnect with your cursor", None), CLOSE_TOO_SLOW, "too slow").await;
                         }
                         Some("slow_consumer")
                     }
@@ -685,21 +660,17 @@ fn read_after_catch_up(
 /// session ended: a logout, or a revoked service token.
 async fn check_token(tx: &mut Tx, state: &AppState, claims: &Claims) -> Result<(), End> {
     if claims.exp <= crate::now_ms() / 1000 {
-        let _ = send(
-            tx,
-            error_msg(
-                "unauthorized",
-                "the token expired; reconnect with a fresh one and your cursors",
-                None,
-            ),
-        )
-        .await;
-        return Err(End::Close(CLOSE_UNAUTHORIZED, "token expired".into()));
+        let error = error_msg(
+            "unauthorized",
+            "the token expired; reconnect with a fresh one and your cursors",
+            None,
+        );
+        return Err(closing(tx, error, CLOSE_UNAUTHORIZED, "token expired").await);
     }
     if let Some(acc) = &state.accounts {
         if let Err(crate::auth::AuthError::Invalid(why)) = acc.store.check_live(claims).await {
-            let _ = send(tx, error_msg("unauthorized", why, None)).await;
-            return Err(End::Close(CLOSE_UNAUTHORIZED, "session ended".into()));
+            let error = error_msg("unauthorized", why, None);
+            return Err(closing(tx, error, CLOSE_UNAUTHORIZED, "session ended").await);
         }
     }
     Ok(())
@@ -723,12 +694,27 @@ fn causes(e: &axum::Error) -> impl Iterator<Item = &(dyn std::error::Error + 'st
     })
 }
 
+/// Sends `error`, then ends the connection with close `code` and `reason`; when the error
+/// cannot be sent (the client stopped reading, or is gone), ends as that send did, without
+/// waiting again to send a close frame.
+async fn closing(tx: &mut Tx, error: Value, code: u16, reason: impl Into<String>) -> End {
+    match send(tx, error).await {
+        Ok(()) => End::Close(code, reason.into()),
+        Err(end) => end,
+    }
+}
+
 /// Tells the client why its connection ends: its message was too large (then 1009).
 async fn refuse_too_big(tx: &mut Tx, state: &AppState) -> End {
     let max = state.ws.max_message_bytes;
     let why = format!("a message may be at most {max} bytes (ws.max_message_bytes)");
-    let _ = send(tx, error_msg("too_large", why, None)).await;
-    End::Close(CLOSE_TOO_BIG, "message too big".into())
+    closing(
+        tx,
+        error_msg("too_large", why, None),
+        CLOSE_TOO_BIG,
+        "message too big",
+    )
+    .await
 }
 
 /// Whether a send failed because the socket's write timed out (the client took no byte).
@@ -992,8 +978,8 @@ async fn catch_up(
             // changes faster than the client reads. Its cursor is its last page's; from there
             // the next catch-up has less to read.
             let why = format!("more than {max_changed} documents of {bucket:?} changed while you read its catch-up (ws.max_changed_during_catch_up); reconnect with your last cursor");
-            let _ = send(tx, error_msg("too_slow", why, Some(bucket))).await;
-            return Err(End::Close(CLOSE_TOO_SLOW, "too slow".into()));
+            let error = error_msg("too_slow", why, Some(bucket));
+            return Err(closing(tx, error, CLOSE_TOO_SLOW, "too slow").await);
         }
         let cursor_at = |seq: i64| Cursor::within(meta.epoch, seq.max(start), began);
         let done = !more && past.is_empty();
