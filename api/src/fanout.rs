@@ -149,6 +149,10 @@ impl std::fmt::Debug for Subscription {
 /// their cursors (a catch-up from the view), until it is again.
 pub const OUTAGE_REFRESH: Duration = Duration::from_secs(30);
 
+/// How long after an undecodable announcement its bucket's subscribers are sent to the view:
+/// the announcements undecodable meanwhile are covered by the same catch-up.
+const UNDECODABLE_GAP_AFTER: Duration = Duration::from_millis(200);
+
 /// How long a subscription must last for the hub's reconnect backoff to start over.
 const STABLE_SUBSCRIPTION: Duration = Duration::from_secs(30);
 
@@ -398,7 +402,14 @@ impl Hub {
     /// for a catch-up that could not read the announced mark, so could not know how far ahead
     /// of the view the announcements were. One pending gap per bucket serves all its subscribers.
     pub fn gap_later(&self, tenant: &str, bucket: &str, delay: Duration) {
-        let channel = crate::view::change_channel(&self.prefix, tenant, bucket);
+        self.gap_later_on(
+            crate::view::change_channel(&self.prefix, tenant, bucket),
+            delay,
+        );
+    }
+
+    /// [`Hub::gap_later`] for the bucket of `channel`.
+    fn gap_later_on(&self, channel: String, delay: Duration) {
         let pending = self.gaps_pending.clone();
         if !pending
             .lock()
@@ -638,10 +649,10 @@ impl Hub {
             }
             // Its change is unknown here, perhaps the last one of a quiet bucket: the bucket's
             // subscribers catch up from the view rather than wait for the next change to show
-            // the hole.
+            // the hole (one catch-up for a run of such announcements).
             _ => {
                 tracing::warn!(channel, "undecodable change announcement; its bucket's subscribers catch up from the view");
-                let _ = sender.send(HubMsg::Gap);
+                self.gap_later_on(channel.to_owned(), UNDECODABLE_GAP_AFTER);
             }
         }
     }
@@ -851,12 +862,16 @@ mod tests {
             .await
             .unwrap();
         let channel = crate::view::change_channel(&prefix, "acme", "notes");
-        let _: () = publishes(&channel, std::iter::once("not a change".to_string()))
+        let junk = (0..5).map(|i| format!("not a change {i}"));
+        let _: () = publishes(&channel, junk)
             .query_async(&mut redis)
             .await
             .unwrap();
         let got = tokio::time::timeout(Duration::from_secs(5), sub.next()).await;
         assert!(matches!(got, Ok(Some(Ok(HubMsg::Gap)))), "{got:?}");
+        // One catch-up for the run, not one per announcement.
+        let more = tokio::time::timeout(Duration::from_millis(700), sub.next()).await;
+        assert!(more.is_err(), "{more:?}");
     }
 
     /// Needs the local Redis (`scripts/services.sh up`).

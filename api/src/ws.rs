@@ -396,8 +396,6 @@ async fn authenticate(
     let first = tokio::time::timeout(wait, rx.next()).await;
     let text = match first {
         Ok(Some(Ok(Message::Text(t)))) => t,
-        // The client closed before it authenticated: nothing to tell it.
-        Ok(Some(Ok(Message::Close(_)))) => return Err(End::Closed),
         Ok(Some(Ok(_))) | Err(_) => {
             return Err(closing(tx, error_msg("unauthorized", "send {\"type\":\"auth\",\"token\":\"...\"} first, or connect with an Authorization header", None), CLOSE_UNAUTHORIZED, "authentication required").await);
         }
@@ -545,8 +543,10 @@ async fn run_session(
                         };
                         // Listen first, then read the view: nothing can fall between.
                         live.insert(bucket.clone(), hub.subscribe(&claims.tenant, &bucket));
-                        if let Err(e) = send(tx, json!({"type": "subscribed", "bucket": bucket})).await { return e; }
+                        // Before the `subscribed` send: time the client takes for it is the
+                        // client's, weighed against the catch-up's should the queue overflow.
                         let before = spent.now(tx);
+                        if let Err(e) = send(tx, json!({"type": "subscribed", "bucket": bucket})).await { return e; }
                         let (began, sent) = (Instant::now(), tx.blocked);
                         let caught_up = catch_up(tx, state, &claims, &bucket, cursor, 0).await;
                         // No pong is read while a catch-up runs: that time must not count against
@@ -601,9 +601,10 @@ async fn run_session(
                 let mut read = None;
                 if let Some(reason) = resync {
                     let cursor = sub.cursor;
+                    // Before the `lagged` send, as at a subscribe.
+                    let before = spent.now(tx);
                     if let Err(e) = send(tx, json!({"type": "lagged", "bucket": bucket, "reason": reason, "cursor": cursor.to_string()})).await { return e; }
                     let need = pending.as_ref().map_or(0, |(_, need)| *need);
-                    let before = spent.now(tx);
                     let (began, sent) = (Instant::now(), tx.blocked);
                     let caught_up = catch_up(tx, state, &claims, &bucket, Some(cursor), need).await;
                     // (Its time is within the delivery's, which extends the pong wait below.)

@@ -18,8 +18,9 @@ use serde_json::{json, Value};
 pub const RESTART_GRACE_MS: u64 = 60_000;
 
 /// How long one attempt (a view write, a publish) may be under way before the stage counts as
-/// stalled: a database that never answers fails nothing, it only takes for ever.
-pub const STALL_MS: u64 = 30_000;
+/// stalled: a database that never answers fails nothing, it only takes for ever. Well above
+/// the tens of seconds a large batch can take on a loaded view database.
+pub const STALL_MS: u64 = 120_000;
 
 /// What is known of one stage's failures. Lock-free: the stage writes, `/status` reads. Times
 /// are [`now_ms`] values (0: never).

@@ -374,11 +374,14 @@ fn replay_input(
         let p = part.partition;
         let end = ends.get(&p).copied().unwrap_or(part.input_offset);
         resume.insert(p, end);
-        if part.input_offset >= end {
+        // From the record after the checkpoint's marker (never replayed, and retention may have
+        // deleted it: reading from it would then be refused below although nothing is missing).
+        let first = part.input_offset + 1;
+        if first >= end {
             continue;
         }
         let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(&topic, p, Offset::Offset(part.input_offset))?;
+        tpl.add_partition_offset(&topic, p, Offset::Offset(first))?;
         consumer.assign(&tpl)?;
         let mut stopped = false;
         // How long the read may go without a record before it gives up: reset by every record.
@@ -395,8 +398,7 @@ fn replay_input(
                     ))) = &other
                     {
                         return Err(RestoreError::Refused(format!(
-                            "{topic} partition {p} no longer holds offset {} (retention deleted it while the replay ran): a replay would skip the writes between; replay from a newer checkpoint, or restore this one without replay",
-                            part.input_offset
+                            "{topic} partition {p} no longer holds offset {first} (retention deleted it while the replay ran): a replay would skip the writes between; replay from a newer checkpoint, or restore this one without replay"
                         )));
                     }
                     if let Some(Err(e)) = &other {
