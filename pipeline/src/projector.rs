@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use api::view::MongoView;
 use processors::SyncEvent;
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::{Consumer, StreamConsumer as KafkaStream};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::ClientConfig;
 use tokio::sync::watch;
@@ -23,6 +23,9 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::health::StageHealth;
 use crate::topics;
+
+/// The stages' group consumer (see [`topics::EagerRebalance`]).
+pub(crate) type StreamConsumer = KafkaStream<topics::EagerRebalance>;
 
 /// Errors that stop the projector.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +82,7 @@ pub(crate) fn subscribe(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("topic.metadata.refresh.interval.ms", "5000")
-        .create()?;
+        .create_with_context(topics::EagerRebalance)?;
     let topic = cfg.topic(topic);
     // Blocking metadata calls: keep them off the async workers.
     let partitions = tokio::task::block_in_place(|| {

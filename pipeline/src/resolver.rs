@@ -221,6 +221,16 @@ struct TaskContext {
 impl ClientContext for TaskContext {}
 
 impl ConsumerContext for TaskContext {
+    /// See [`topics::eager_rebalance`].
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut rdkafka::TopicPartitionList,
+    ) {
+        topics::eager_rebalance(self, consumer, err, tpl);
+    }
+
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {

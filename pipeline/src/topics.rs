@@ -278,6 +278,55 @@ fn reader_from(
         .create_with_context(QuietEof)
 }
 
+/// rdkafka's default rebalance for the eager protocol (librdkafka's default assignors; SyncFlow
+/// sets no `partition.assignment.strategy`): assign or unassign whole, between `ctx`'s two
+/// hooks. Unlike rdkafka's default it does not ask librdkafka which protocol is in use: that
+/// call waits for librdkafka's main thread without a timeout and can hang for ever once the
+/// consumer is closing (librdkafka issue 4041), which left a stopping processor hung in its
+/// consumer's drop.
+pub(crate) fn eager_rebalance<C: rdkafka::consumer::ConsumerContext>(
+    ctx: &C,
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    err: rdkafka::types::RDKafkaRespErr,
+    tpl: &mut rdkafka::TopicPartitionList,
+) {
+    use rdkafka::consumer::{Consumer, Rebalance};
+    use rdkafka::types::RDKafkaRespErr;
+    let assign = err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS;
+    let rebalance = match err {
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+        _ => Rebalance::Error(rdkafka::error::KafkaError::Rebalance(err.into())),
+    };
+    ctx.pre_rebalance(consumer, &rebalance);
+    let done = if assign {
+        consumer.assign(tpl)
+    } else {
+        consumer.unassign()
+    };
+    if let Err(e) = done {
+        tracing::warn!(error = %e, assign, "applying a rebalance failed");
+    }
+    ctx.post_rebalance(consumer, &rebalance);
+}
+
+/// The context of the group consumers without hooks of their own (projector, users projector,
+/// announcer): rdkafka's defaults, with [`eager_rebalance`].
+pub struct EagerRebalance;
+
+impl rdkafka::ClientContext for EagerRebalance {}
+
+impl rdkafka::consumer::ConsumerContext for EagerRebalance {
+    fn rebalance(
+        &self,
+        consumer: &rdkafka::consumer::BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut rdkafka::TopicPartitionList,
+    ) {
+        eager_rebalance(self, consumer, err, tpl);
+    }
+}
+
 /// A client context for readers that stop at the end of a partition (`enable.partition.eof`):
 /// librdkafka reports each end as an error; here it is expected, so it is not logged.
 pub struct QuietEof;
