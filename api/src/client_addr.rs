@@ -49,7 +49,7 @@ pub fn client_key(peer: Option<PeerAddr>, headers: &HeaderMap, hops: u32) -> Opt
     let peer = peer?.0;
     // By bytes: an entry a client wrote with non-ASCII bytes spoils only itself, not the
     // entries a proxy appended to the same line.
-    let mut chain: Vec<&[u8]> = headers
+    let chain: Vec<&[u8]> = headers
         .get_all("x-forwarded-for")
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
@@ -64,8 +64,7 @@ pub fn client_key(peer: Option<PeerAddr>, headers: &HeaderMap, hops: u32) -> Opt
         let from_right = hops - 1;
         let at = chain.len().saturating_sub(from_right + 1);
         chain
-            .drain(..)
-            .nth(at)
+            .get(at)
             .and_then(|entry| std::str::from_utf8(entry).ok())
             .and_then(parse)
             .unwrap_or(peer)

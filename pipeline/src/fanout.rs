@@ -13,14 +13,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::health::StageHealth;
 use crate::projector::{
-    decode_batch, fill_batch, received, stop_with, store_offsets, subscribe, until_applied,
+    commit_stored, decode_batch, fill_batch, received, store_offsets, subscribe, until_applied,
     ProjectorError,
 };
 use crate::topics;
@@ -129,12 +128,11 @@ pub async fn run(
         }
         store_offsets(&consumer, &messages);
         if let Some(refused) = refused {
-            return Err(stop_with(&consumer, refused));
+            commit_stored(&consumer, "announcer");
+            return Err(refused);
         }
     }
-    if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-        tracing::debug!(error = %e, "final announcer commit");
-    }
+    commit_stored(&consumer, "announcer");
     tracing::info!("announcer stopped");
     Ok(())
 }

@@ -172,12 +172,12 @@ pub(crate) fn decode_batch(
     (events, None)
 }
 
-/// Commits the stored offsets now, before a stage stops with `refused`, and returns it.
-pub(crate) fn stop_with(consumer: &StreamConsumer, refused: ProjectorError) -> ProjectorError {
+/// Commits the stored offsets now, as `who` stops (a failure is only logged: the next run
+/// starts from the last commit, and applying again is idempotent).
+pub(crate) fn commit_stored(consumer: &StreamConsumer, who: &str) {
     if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-        tracing::debug!(error = %e, "commit before stopping");
+        tracing::debug!(error = %e, "final {who} commit");
     }
-    refused
 }
 
 /// Adds to `messages` whatever the consumer has already fetched, up to `max` in all.
@@ -210,8 +210,9 @@ pub(crate) fn store_offsets(consumer: &StreamConsumer, messages: &[BorrowedMessa
 }
 
 /// Runs `apply` until it succeeds, backing off from 50 ms to 5 s between failures; each attempt
-/// and its outcome are recorded in `health`. `None` when `shutdown` changes first: a slow or failing view never holds up a
-/// shutdown, and whatever was interrupted is applied again (idempotently) after the restart.
+/// and its outcome are recorded in `health`. `None` when `shutdown` changes first: a slow or
+/// failing view never holds up a shutdown, and whatever was interrupted is applied again
+/// (idempotently) after the restart.
 pub(crate) async fn until_applied<T, E, F, Fut>(
     shutdown: &mut watch::Receiver<bool>,
     what: &str,
@@ -371,12 +372,11 @@ pub async fn run(
         // Offsets only after MongoDB acknowledged every write of the batch.
         store_offsets(&consumer, &messages);
         if let Some(refused) = refused {
-            return Err(stop_with(&consumer, refused));
+            commit_stored(&consumer, "projector");
+            return Err(refused);
         }
     }
-    if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-        tracing::debug!(error = %e, "final projector commit");
-    }
+    commit_stored(&consumer, "projector");
     tracing::info!("projector stopped");
     Ok(())
 }

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::health::StageHealth;
-use crate::projector::{received, subscribe, until_applied, ProjectorError};
+use crate::projector::{commit_stored, received, subscribe, until_applied, ProjectorError};
 use crate::topics;
 
 /// The users projector's consumer group.
@@ -88,9 +88,7 @@ pub async fn run(
             tracing::warn!(error = %e, "storing users projector offset failed");
         }
     }
-    if let Err(e) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-        tracing::debug!(error = %e, "final users projector commit");
-    }
+    commit_stored(&consumer, "users projector");
     tracing::info!("users projector stopped");
     Ok(())
 }
