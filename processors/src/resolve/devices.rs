@@ -1,10 +1,13 @@
 //! [`Devices`]: per device, the newest write applied, for retransmission detection.
 
 use std::fmt;
+use std::hash::Hasher;
 
 use serde::de::{MapAccess, Visitor};
 use serde::ser::SerializeMap;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use rustc_hash::FxHasher;
 
 use crate::hlc::Hlc;
 
@@ -14,14 +17,41 @@ use super::sort_key::SortKey;
 pub type Seen = (Hlc, String);
 
 /// Per device id, the newest `(hlc, event id)` applied, in device id order: a map kept as one
-/// sorted vector, with a dense array of [`SortKey`]s of the ids beside it, so finding a device
-/// rarely reads the id strings themselves. The methods mirror `BTreeMap`'s where they overlap.
+/// sorted vector, with a dense array beside it of [`SortKey`]s of the ids, so finding a device
+/// rarely reads the id strings themselves, and of hashes of the event ids, so telling a write
+/// from the device's last one rarely reads those. The methods mirror `BTreeMap`'s where they
+/// overlap.
 #[derive(Clone, Default, PartialEq)]
 pub struct Devices {
-    /// `keys[i]` is the key of `entries[i]`'s device id.
-    keys: Vec<SortKey>,
+    /// `index[i]` is about `entries[i]`.
+    index: Vec<Index>,
     /// Sorted by device id, ids distinct.
     entries: Vec<(String, Seen)>,
+}
+
+/// What [`Devices`] keeps of an entry beside it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Index {
+    /// The key of its device id.
+    key: SortKey,
+    /// [`event_hash`] of its event id.
+    event: u64,
+}
+
+impl Index {
+    fn of(device: &str, event_id: &str) -> Self {
+        Index {
+            key: SortKey::of(device),
+            event: event_hash(event_id),
+        }
+    }
+}
+
+/// A hash of an event id: different hashes are different ids.
+pub(crate) fn event_hash(event_id: &str) -> u64 {
+    let mut h = FxHasher::default();
+    h.write(event_id.as_bytes());
+    h.finish()
 }
 
 impl Devices {
@@ -43,8 +73,11 @@ impl Devices {
     /// Where `device` is (`Ok`), or where it would go (`Err`).
     fn position(&self, device: &str) -> Result<usize, usize> {
         let key = SortKey::of(device);
-        let start = self.keys.partition_point(|k| *k < key);
-        let len = self.keys[start..].iter().take_while(|k| **k == key).count();
+        let start = self.index.partition_point(|x| x.key < key);
+        let len = self.index[start..]
+            .iter()
+            .take_while(|x| x.key == key)
+            .count();
         if key.is_exact() {
             // Equal exact keys are equal ids.
             return if len == 0 { Err(start) } else { Ok(start) };
@@ -61,18 +94,41 @@ impl Devices {
         Some(&self.entries[i].1)
     }
 
-    /// What was seen of `device`, to change.
-    pub fn get_mut(&mut self, device: &str) -> Option<&mut Seen> {
-        let i = self.position(device).ok()?;
-        Some(&mut self.entries[i].1)
+    /// Where `device` is, for the methods below.
+    pub(crate) fn find(&self, device: &str) -> Option<usize> {
+        self.position(device).ok()
+    }
+
+    /// What was seen of the device at `i`.
+    pub(crate) fn seen_at(&self, i: usize) -> &Seen {
+        &self.entries[i].1
+    }
+
+    /// Whether the device at `i` was last seen with `event_id`, whose [`event_hash`] is
+    /// `hash` (the id itself is read only when the hashes are equal).
+    pub(crate) fn is_last_event(&self, i: usize, event_id: &str, hash: u64) -> bool {
+        self.index[i].event == hash && self.entries[i].1 .1 == event_id
+    }
+
+    /// Records that the device at `i` was seen at `hlc` with `event_id` (of [`event_hash`]
+    /// `hash`), reusing the old id's buffer.
+    pub(crate) fn renew(&mut self, i: usize, hlc: Hlc, event_id: &str, hash: u64) {
+        let seen = &mut self.entries[i].1;
+        seen.0 = hlc;
+        seen.1.clear();
+        seen.1.push_str(event_id);
+        self.index[i].event = hash;
     }
 
     /// Sets what was seen of `device`, returning what it replaces.
     pub fn insert(&mut self, device: String, seen: Seen) -> Option<Seen> {
         match self.position(&device) {
-            Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, seen)),
+            Ok(i) => {
+                self.index[i].event = event_hash(&seen.1);
+                Some(std::mem::replace(&mut self.entries[i].1, seen))
+            }
             Err(i) => {
-                self.keys.insert(i, SortKey::of(&device));
+                self.index.insert(i, Index::of(&device, &seen.1));
                 self.entries.insert(i, (device, seen));
                 None
             }
@@ -82,13 +138,13 @@ impl Devices {
     /// Forgets `device`.
     pub fn remove(&mut self, device: &str) -> Option<Seen> {
         let i = self.position(device).ok()?;
-        self.keys.remove(i);
+        self.index.remove(i);
         Some(self.entries.remove(i).1)
     }
 
-    /// The keys and the entries, in id order.
-    pub(crate) fn parts(&self) -> (&[SortKey], &[(String, Seen)]) {
-        (&self.keys, &self.entries)
+    /// The index and the entries, in id order.
+    pub(crate) fn parts(&self) -> (&[Index], &[(String, Seen)]) {
+        (&self.index, &self.entries)
     }
 
     /// Every device, in id order.
@@ -197,5 +253,36 @@ mod tests {
         );
         let back: Devices = serde_json::from_str(&serde_json::to_string(&flat).unwrap()).unwrap();
         assert_eq!(back, flat);
+    }
+
+    /// Every event id hash is its entry's, through inserts, renewals and removals.
+    #[test]
+    fn event_hashes_follow_their_entries() {
+        let consistent = |d: &Devices| {
+            let (index, entries) = d.parts();
+            index.len() == entries.len()
+                && index
+                    .iter()
+                    .zip(entries)
+                    .all(|(x, (id, seen))| *x == Index::of(id, &seen.1))
+        };
+        let mut devices = Devices::new();
+        for (n, id) in ["c", "a", "b", "a"].iter().enumerate() {
+            devices.insert(id.to_string(), (Hlc::new(n as u64, 0), format!("e{n}")));
+            assert!(consistent(&devices));
+        }
+        let i = devices.find("a").unwrap();
+        assert!(devices.is_last_event(i, "e3", event_hash("e3")));
+        assert!(!devices.is_last_event(i, "e1", event_hash("e1")));
+        devices.renew(i, Hlc::new(9, 0), "e9", event_hash("e9"));
+        assert!(consistent(&devices));
+        assert_eq!(devices.seen_at(i), &(Hlc::new(9, 0), "e9".to_string()));
+        assert!(devices.is_last_event(i, "e9", event_hash("e9")));
+        assert!(!devices.is_last_event(i, "e3", event_hash("e3")));
+        devices.remove("b");
+        assert!(consistent(&devices));
+        assert!(devices.find("b").is_none());
+        let c = devices.find("c").unwrap();
+        assert!(devices.is_last_event(c, "e0", event_hash("e0")));
     }
 }

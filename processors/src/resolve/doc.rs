@@ -11,7 +11,7 @@ use crate::diff::{ChangeSet, Stamp};
 use crate::hlc::Hlc;
 use crate::path::{set_path, FieldPath};
 
-use super::devices::Devices;
+use super::devices::{event_hash, Devices};
 use super::prefetch::{self, Prefetch};
 use super::registers::Registers;
 use super::sweep::{mark_visible, Entry};
@@ -117,15 +117,16 @@ impl DocState {
 
     /// Records the write in the per-device table and says what it is to it.
     pub(super) fn note_device(&mut self, stamp: &Stamp) -> FromDevice {
-        if let Some(last) = self.devices.get_mut(&stamp.device_id) {
-            if last.1 == stamp.event_id {
+        let hash = event_hash(&stamp.event_id);
+        if let Some(i) = self.devices.find(&stamp.device_id) {
+            if self.devices.is_last_event(i, &stamp.event_id, hash) {
                 return FromDevice::Repeat;
             }
+            let last = self.devices.seen_at(i);
             if (stamp.hlc, stamp.event_id.as_str()) <= (last.0, last.1.as_str()) {
                 return FromDevice::Retransmission;
             }
-            last.0 = stamp.hlc;
-            last.1.clone_from(&stamp.event_id);
+            self.devices.renew(i, stamp.hlc, &stamp.event_id, hash);
             return FromDevice::Newer;
         }
         let incoming = (stamp.hlc, stamp.event_id.clone());

@@ -27,6 +27,8 @@
 //! - [`DocState`] (`doc.rs`), its [`Registers`] (`registers.rs`), a flat map in path order, and
 //!   its [`Devices`] (`devices.rs`); both search dense keys (`path_key.rs`, `sort_key.rs`) before
 //!   strings;
+//! - `fast.rs`: the common write (a merge patch that wins on fields standing alone on their
+//!   chains), done directly; the rest below is the general way;
 //! - `plan.rs`: what a write does to the registers, worked out before anything changes;
 //! - `sweep.rs`: which registers are visible, in one pass;
 //! - `conflicts.rs`: the conflict rules;
@@ -36,6 +38,7 @@
 mod conflicts;
 mod devices;
 mod doc;
+mod fast;
 mod mem;
 mod path_key;
 mod plan;
@@ -151,6 +154,21 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
             },
         ),
     };
+    // The common case, when it is one, directly (see `fast.rs`). Only this write's registers
+    // may carry its stamp for it: not a retransmission, nor a write of a device forgotten from
+    // a full table.
+    let owned = if !(replace || is_delete)
+        && before_exists
+        && !retransmission
+        && doc.devices.len() < MAX_DEVICES_PER_DOC
+    {
+        match fast::patch_in_place(doc, change, owned) {
+            Ok(applied) => return applied,
+            Err(owned) => owned,
+        }
+    } else {
+        owned
+    };
     let (set, unset) = (&owned.set, &owned.unset);
     // The named paths in the change set's order (its sets, then its unsets), which edits refer
     // to, and their keys.
@@ -261,32 +279,14 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
         ..Applied::default()
     };
     if changed {
-        applied.change = Some(SyncEvent {
-            v: EVENT_FORMAT_VERSION,
-            tenant: String::new(),
-            bucket: String::new(),
-            doc_id: String::new(),
-            version: new_version,
-            seq: 0,
-            hlc: stamp.hlc,
-            event_id: stamp.event_id.clone(),
-            device_id: stamp.device_id.clone(),
-            deleted: !after_exists,
-            set: if after_exists {
-                SetFields::from_distinct(set_out)
-            } else {
-                SetFields::new()
-            },
-            unset: if after_exists {
-                unset_out
-            } else {
-                before
-                    .iter()
-                    .filter(|e| e.visible)
-                    .map(|e| dotted(e.path))
-                    .collect()
-            },
-            clamped_from: change.clamped_from,
+        applied.change = Some(if after_exists {
+            change_event(change, new_version, set_out, unset_out)
+        } else {
+            let gone = before.iter().filter(|e| e.visible);
+            let mut event = change_event(change, new_version, Vec::new(), Vec::new());
+            event.deleted = true;
+            event.unset = gone.map(|e| dotted(e.path)).collect();
+            event
         });
     }
     if !retransmission {
@@ -341,6 +341,32 @@ fn apply_op(doc: &mut DocState, change: &ChangeSet, op: ChangeOp) -> Applied {
         &unchanged,
     );
     applied
+}
+
+/// The visible change `change` made, bringing its document to `version`: the fields it `set`
+/// and `unset` (distinct dotted paths, in path order). It has no tenant, bucket or document id
+/// yet (see [`with_key`]) and no sequence number.
+fn change_event(
+    change: &ChangeSet,
+    version: u64,
+    set: Vec<(String, Value)>,
+    unset: Vec<String>,
+) -> SyncEvent {
+    SyncEvent {
+        v: EVENT_FORMAT_VERSION,
+        tenant: String::new(),
+        bucket: String::new(),
+        doc_id: String::new(),
+        version,
+        seq: 0,
+        hlc: change.stamp.hlc,
+        event_id: change.stamp.event_id.clone(),
+        device_id: change.stamp.device_id.clone(),
+        deleted: false,
+        set: SetFields::from_distinct(set),
+        unset,
+        clamped_from: change.clamped_from,
+    }
 }
 
 /// How the visible registers differ before and after a write.

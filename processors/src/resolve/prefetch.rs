@@ -113,8 +113,8 @@ pub(super) fn tables(doc: &DocState) {
     }
     slice(doc.registers.keys_slice());
     slice(doc.registers.as_slice());
-    let (keys, entries) = doc.devices.parts();
-    slice(keys);
+    let (index, entries) = doc.devices.parts();
+    slice(index);
     slice(entries);
 }
 

@@ -1,0 +1,173 @@
+//! The common write, done directly: a merge patch to an existing document that wins on every
+//! field it names, where each of those fields already has a register and stands alone on its
+//! chain (no register on an ancestor or descendant path).
+//!
+//! Then a field is visible before the write when its register has a value and is not older
+//! than the newest delete or replace, and after it when the write gives it a value, so the
+//! visible change is a comparison per named field, and the write's registers replace the old
+//! ones where they lie. Everything else goes the general way of [`super::apply_op`] (the
+//! module docs' model): [`patch_in_place`] works out whether it applies before it changes
+//! anything. `tests/naive_equivalence.rs` and `tests/properties.rs` check both ways against
+//! the models.
+
+use std::sync::Arc;
+
+use serde_json::Value;
+use smallvec::SmallVec;
+
+use crate::diff::{ChangeSet, Stamp};
+use crate::path::{dotted, FieldPath};
+
+use super::doc::DocState;
+use super::path_key::{is_prefix_keyed, PathKey};
+use super::plan::Owned;
+use super::prefetch;
+use super::{change_event, keep_max, Applied};
+
+/// Most paths a patch may name to be done here (more go the general way, which sorts them
+/// once instead of searching for each).
+const MOST_NAMED: usize = 8;
+
+/// One named field: where its register is, and which of the write's paths it is (its sets,
+/// then its unsets).
+#[derive(Clone, Copy)]
+struct Found {
+    at: usize,
+    named: usize,
+}
+
+/// Applies `owned` (the sets and unsets of the merge patch `change`, taken out of it) to `doc`
+/// when the write is the common case of the module docs, or hands `owned` back untouched.
+///
+/// The caller has checked that the document exists, that the write is not a retransmission,
+/// and that the device table is not full (else older registers may carry the write's stamp).
+pub(super) fn patch_in_place(
+    doc: &mut DocState,
+    change: &ChangeSet,
+    owned: Owned,
+) -> Result<Applied, Owned> {
+    let stamp: &Stamp = &change.stamp;
+    let named_count = owned.set.len() + owned.unset.len();
+    if named_count == 0 || named_count > MOST_NAMED {
+        return Err(owned);
+    }
+    let cleared = doc.cleared_at();
+    if cleared.is_some_and(|c| stamp < c) {
+        return Err(owned);
+    }
+    let Some(found) = find_named(doc, stamp, &owned) else {
+        return Err(owned);
+    };
+    let entries = doc.registers.as_slice();
+    let value_of = |n: usize| owned.set.get(n).map(|(_, v)| v);
+    // The write's own copy of a path (in the caches, unlike the register's).
+    let path_of = |n: usize| match n.checked_sub(owned.set.len()) {
+        None => &owned.set[n].0,
+        Some(i) => &owned.unset[i],
+    };
+    let live = |s: &Stamp| cleared.is_none_or(|c| s >= c);
+
+    // The visible change, in path order (the registers' order); a value rewritten as it was
+    // keeps the version it dates from.
+    let mut set_out: Vec<(String, Value)> = Vec::new();
+    let mut unset_out: Vec<String> = Vec::new();
+    let mut kept: SmallVec<[Option<u64>; MOST_NAMED]> = SmallVec::from_elem(None, found.len());
+    for (i, f) in found.iter().enumerate() {
+        let (path, reg) = (path_of(f.named), &entries[f.at].1);
+        let before = reg.value.as_ref().filter(|_| live(&reg.stamp));
+        let after = value_of(f.named);
+        match (before, after) {
+            (Some(b), Some(a)) if b == a => kept[i] = Some(reg.changed_version),
+            (_, Some(a)) => set_out.push((dotted(path), a.clone())),
+            (Some(_), None) => unset_out.push(dotted(path)),
+            (None, None) => {}
+        }
+        // A conflict (`stale_base_version`: a visible value from another device, newer than
+        // what the writer saw, that the write changes) is reported the general way.
+        let unseen = change.base_version.is_some_and(|b| b < reg.changed_version)
+            && reg.stamp.device_id != stamp.device_id;
+        if unseen && before.is_some() && kept[i].is_none() {
+            return Err(owned);
+        }
+    }
+
+    // Nothing below can fail: the state changes.
+    let mut owned = owned;
+    if !owned.set.is_empty() {
+        keep_max(&mut doc.upserted_at, &change.stamp);
+    }
+    let changed = !set_out.is_empty() || !unset_out.is_empty();
+    let version = doc.version + u64::from(changed);
+    let entries = doc.registers.as_mut_slice();
+    for (f, kept) in found.iter().zip(kept) {
+        let reg = &mut entries[f.at].1;
+        reg.value = match f.named.checked_sub(owned.set.len()) {
+            None => Some(std::mem::take(&mut owned.set[f.named].1)),
+            Some(_) => None,
+        };
+        reg.stamp = Arc::clone(&change.stamp);
+        reg.changed_version = kept.unwrap_or(version);
+    }
+    if !changed {
+        return Ok(Applied::default());
+    }
+    doc.version = version;
+    doc.hlc = Some(stamp.hlc);
+    Ok(Applied {
+        change: Some(change_event(change, version, set_out, unset_out)),
+        ..Applied::default()
+    })
+}
+
+/// The register of every path `owned` names, in path order, when each has one that is older
+/// than `stamp` and alone on its chain, and no path is named twice; else `None`.
+fn find_named(doc: &DocState, stamp: &Stamp, owned: &Owned) -> Option<SmallVec<[Found; 8]>> {
+    let registers = &doc.registers;
+    // A register at the root path would be every field's ancestor.
+    if registers
+        .first_key_value()
+        .is_some_and(|(p, _)| p.is_empty())
+    {
+        return None;
+    }
+    let (keys, entries) = (registers.keys_slice(), registers.as_slice());
+    let paths = owned
+        .set
+        .iter()
+        .map(|(p, _)| p)
+        .chain(owned.unset.iter())
+        .enumerate();
+    let mut found: SmallVec<[Found; 8]> = SmallVec::new();
+    for (named, path) in paths {
+        if path.is_empty() {
+            return None;
+        }
+        let key = PathKey::of(path);
+        let at = registers.search(key, path).ok()?;
+        let alone = !has_ancestor(doc, path)
+            && !entries
+                .get(at + 1)
+                .is_some_and(|(p, _)| is_prefix_keyed(key, path, keys[at + 1], p));
+        if !alone {
+            return None;
+        }
+        // Asked for now, the registers' stamps and values arrive together, not one by one.
+        prefetch::register(&entries[at].1);
+        found.push(Found { at, named });
+    }
+    if found.iter().any(|f| *entries[f.at].1.stamp >= *stamp) {
+        return None;
+    }
+    // Registers are in path order, so their places order the paths; a place found twice is a
+    // path named twice.
+    found.sort_unstable_by_key(|f| f.at);
+    if found.windows(2).any(|w| w[0].at == w[1].at) {
+        return None;
+    }
+    Some(found)
+}
+
+/// Whether a register sits on one of `path`'s proper ancestors (the root aside).
+fn has_ancestor(doc: &DocState, path: &FieldPath) -> bool {
+    (1..path.len()).any(|i| doc.registers.position(&path[..i]).is_ok())
+}
