@@ -55,6 +55,12 @@ pub(super) fn patch_in_place(
     if cleared.is_some_and(|c| stamp < c) {
         return Err(owned);
     }
+    // A writer that has not seen the latest version may have overwritten a change it did not
+    // see (`stale_base_version`): such writes are checked the general way. (A field's value
+    // never dates from after the document's version, so a writer that saw it cannot.)
+    if change.base_version.is_some_and(|b| b < doc.version) {
+        return Err(owned);
+    }
     let Some(found) = find_named(doc, stamp, &owned) else {
         return Err(owned);
     };
@@ -81,13 +87,6 @@ pub(super) fn patch_in_place(
             (_, Some(a)) => set_out.push((dotted(path), a.clone())),
             (Some(_), None) => unset_out.push(dotted(path)),
             (None, None) => {}
-        }
-        // A conflict (`stale_base_version`: a visible value from another device, newer than
-        // what the writer saw, that the write changes) is reported the general way.
-        let unseen = change.base_version.is_some_and(|b| b < reg.changed_version)
-            && reg.stamp.device_id != stamp.device_id;
-        if unseen && before.is_some() && kept[i].is_none() {
-            return Err(owned);
         }
     }
 
