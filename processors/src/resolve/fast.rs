@@ -24,8 +24,8 @@ use super::plan::Owned;
 use super::prefetch;
 use super::{change_event, keep_max, Applied};
 
-/// Most paths a patch may name to be done here (more go the general way, which sorts them
-/// once instead of searching for each).
+/// Most paths a patch may name to be done here; longer ones go the general way (so the work
+/// done before a fallback stays small).
 const MOST_NAMED: usize = 8;
 
 /// One named field: where its register is, and which of the write's paths it is (its sets,
@@ -65,6 +65,10 @@ pub(super) fn patch_in_place(
         return Err(owned);
     };
     let entries = doc.registers.as_slice();
+    // What the `base_version` check above relies on.
+    debug_assert!(found
+        .iter()
+        .all(|f| entries[f.at].1.changed_version <= doc.version));
     let value_of = |n: usize| owned.set.get(n).map(|(_, v)| v);
     // The write's own copy of a path (in the caches, unlike the register's).
     let path_of = |n: usize| match n.checked_sub(owned.set.len()) {
