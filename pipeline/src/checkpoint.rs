@@ -72,6 +72,9 @@ pub enum CheckpointRunError {
     /// The local state failed.
     #[error("state: {0}")]
     State(String),
+    /// The snapshot was written, but completing the checkpoint (its manifest) failed.
+    #[error("completing the checkpoint: {0}")]
+    Completing(CheckpointError),
     /// Markers the broker did not take.
     #[error("checkpoint {0} was not requested: {1}")]
     Undelivered(String, String),
@@ -272,14 +275,16 @@ pub fn wait(cfg: &Config, id: &str, timeout: Duration) -> Result<Manifest, Check
     }
 }
 
-/// Logs that partition `partition`'s snapshot of checkpoint `id` failed, and records why in the
-/// checkpoint's directory, so that [`wait`] reports it instead of waiting for its timeout.
-pub fn record_failure(cfg: &Config, id: &str, partition: i32, reason: &str) {
+/// Logs that partition `partition`'s snapshot of checkpoint `id` failed (or, `completing`,
+/// that completing the checkpoint failed after it), and records why in the checkpoint's
+/// directory, so that [`wait`] reports it instead of waiting for its timeout.
+pub fn record_failure(cfg: &Config, id: &str, partition: i32, reason: &str, completing: bool) {
     tracing::error!(id, partition, error = reason, "checkpoint snapshot failed");
     let failure = PartFailure {
         partition,
         reason: reason.into(),
         at_ms: now_ms(),
+        completing,
     };
     if let Err(e) = dir(cfg).record_failure(id, &failure) {
         tracing::error!(id, partition, error = %e, "recording the failed checkpoint snapshot failed too");
@@ -331,12 +336,14 @@ pub fn snapshot_task(
         ms = started.elapsed().as_millis() as u64,
         "checkpoint snapshot written"
     );
-    let Some(manifest) = dir.try_complete(
-        &marker.id,
-        marker.created_at_ms,
-        marker.partitions,
-        now_ms(),
-    )?
+    let Some(manifest) = dir
+        .try_complete(
+            &marker.id,
+            marker.created_at_ms,
+            marker.partitions,
+            now_ms(),
+        )
+        .map_err(CheckpointRunError::Completing)?
     else {
         return Ok(None);
     };
@@ -437,6 +444,47 @@ mod tests {
             matches!(&err, CheckpointRunError::Undelivered(_, why) if why.contains("partition")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_checkpoint_that_cannot_complete_after_its_last_snapshot_says_why() {
+        let root = std::env::temp_dir().join(format!(
+            "syncflow-test-checkpoint-completing-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        let mut cfg = Config::default();
+        cfg.checkpoint.dir = root.to_string_lossy().into_owned();
+        let store = state::TaskStore::temporary().unwrap();
+        let tree = store.task(0).unwrap();
+        tree.insert(b"d\0key", b"value".as_slice()).unwrap();
+        let marker = Marker {
+            id: "c1".into(),
+            created_at_ms: now_ms(),
+            partitions: 2,
+        };
+        // The other partition's part record is there but cannot be read: completing fails
+        // once this partition's snapshot is written.
+        std::fs::create_dir_all(root.join("c1").join("p0001.json").join("x")).unwrap();
+        let err = snapshot_task(&cfg, &tree, &marker, 0, 5, Some(1), BTreeMap::new())
+            .expect_err("the checkpoint cannot complete");
+        assert!(matches!(err, CheckpointRunError::Completing(_)), "{err}");
+        record_failure(&cfg, "c1", 0, &err.to_string(), true);
+        // The wait reports it at once, though partition 0's snapshot is written.
+        match wait(&cfg, "c1", Duration::from_secs(10)) {
+            Err(CheckpointRunError::Failed { failures, .. }) => {
+                assert_eq!(failures.len(), 1, "{failures:?}");
+                assert_eq!(failures[0].partition, 0);
+                assert!(failures[0].completing);
+                assert!(
+                    failures[0].reason.contains("completing the checkpoint"),
+                    "{}",
+                    failures[0].reason
+                );
+            }
+            other => panic!("expected the failure, got {other:?}"),
+        }
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     fn control_record(payload: &str) -> OwnedMessage {

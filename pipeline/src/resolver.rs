@@ -1373,7 +1373,7 @@ impl Resolver {
         let started = Instant::now();
         let result = self
             .tree(partition)
-            .map_err(|e| e.to_string())
+            .map_err(|e| (e.to_string(), false))
             .and_then(|tree| {
                 let mut outputs = BTreeMap::new();
                 for name in [
@@ -1386,7 +1386,7 @@ impl Resolver {
                     // transaction markers are still being written.
                     let (_, high) = watermarks
                         .fetch_watermarks(&self.cfg.topic(name), partition, Duration::from_secs(10))
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| (e.to_string(), false))?;
                     outputs.insert(name.to_string(), high);
                 }
                 tracing::debug!(
@@ -1407,7 +1407,11 @@ impl Resolver {
                     changelog,
                     outputs,
                 )
-                .map_err(|e| e.to_string())
+                .map_err(|e| {
+                    let completing =
+                        matches!(e, crate::checkpoint::CheckpointRunError::Completing(_));
+                    (e.to_string(), completing)
+                })
             });
         match result {
             Ok(_) => {
@@ -1432,7 +1436,9 @@ impl Resolver {
                     "checkpoint: marker committed"
                 );
             }
-            Err(e) => crate::checkpoint::record_failure(&self.cfg, &marker.id, partition, &e),
+            Err((e, completing)) => {
+                crate::checkpoint::record_failure(&self.cfg, &marker.id, partition, &e, completing)
+            }
         }
         Ok(())
     }

@@ -234,9 +234,9 @@ fn failure_file(partition: i32) -> String {
 
 const FAILED: &str = "failed";
 
-/// Why one partition's snapshot of a checkpoint could not be written: the checkpoint will not
-/// complete, unless that partition's processor meets its marker again (after a restart) and
-/// writes it then.
+/// Why one partition's snapshot of a checkpoint could not be written, or, with `completing`,
+/// why completing the checkpoint failed once it was: the checkpoint will not complete, unless
+/// that partition's processor meets its marker again (after a restart) and writes it then.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartFailure {
     /// The input partition (task).
@@ -245,6 +245,10 @@ pub struct PartFailure {
     pub reason: String,
     /// When, in ms since the epoch.
     pub at_ms: u64,
+    /// True when the partition's snapshot was written but completing the checkpoint (writing
+    /// its manifest) then failed: a failure its own snapshot does not void.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub completing: bool,
 }
 
 /// Most entries set aside for before a snapshot's are read: its part info's count is not taken
@@ -440,10 +444,12 @@ impl CheckpointDir {
                     partition: -1,
                     reason: format!("unreadable failure record {}", path.display()),
                     at_ms: 0,
+                    completing: false,
                 });
-            // Written after all (by this task later, or by the partition's next owner).
+            // Written after all (by this task later, or by the partition's next owner); a
+            // failure to complete comes after the snapshot, so it stands.
             let part_info = dir.join(part_info_file(failure.partition));
-            if failure.partition >= 0 && part_info.exists() {
+            if !failure.completing && failure.partition >= 0 && part_info.exists() {
                 continue;
             }
             out.push(failure);
@@ -788,6 +794,7 @@ mod tests {
             partition: 1,
             reason: "disk full".into(),
             at_ms: 7,
+            completing: false,
         };
         dir.record_failure("c3", &failure).unwrap();
         dir.write_part(&header("c3", 0), Some(5), BTreeMap::new(), entries(2))
@@ -805,6 +812,19 @@ mod tests {
         .unwrap();
         assert_eq!(dir.failures("c3").unwrap(), vec![failure]);
         assert_eq!(dir.try_complete("c3", 100, 2, 200).unwrap(), None);
+        dir.write_part(&header("c3", 1), Some(5), BTreeMap::new(), entries(2))
+            .unwrap();
+        assert!(dir.failures("c3").unwrap().is_empty());
+        // The last snapshot is written, but completing the checkpoint fails: that stands.
+        let completing = PartFailure {
+            partition: 1,
+            reason: "writing the manifest: disk full".into(),
+            at_ms: 9,
+            completing: true,
+        };
+        dir.record_failure("c3", &completing).unwrap();
+        assert_eq!(dir.failures("c3").unwrap(), vec![completing]);
+        // Written again after a restart (the marker met again): no longer a failure.
         dir.write_part(&header("c3", 1), Some(5), BTreeMap::new(), entries(2))
             .unwrap();
         assert!(dir.failures("c3").unwrap().is_empty());
