@@ -188,7 +188,7 @@ fn describe(r: &RestoreReport) -> String {
         )
     });
     format!(
-        "checkpoint {}: {} input records replayed; {} later input records will not be applied; \
+        "checkpoint {}: {} input records replayed; at most {} later input records will not be applied; \
          {} document states change ({} visible), {} documents removed; {} changelog records; \
          the resolver resumes at {:?}{unfinished}",
         r.checkpoint,

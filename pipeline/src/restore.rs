@@ -101,7 +101,9 @@ pub struct RestoreReport {
     pub dry_run: bool,
     /// Input records run through the resolver logic (replay).
     pub replayed: u64,
-    /// Input records after the target that will not be applied.
+    /// Input records after the target that will not be applied: an upper bound, as the
+    /// checkpoint markers among them count too, and without replay the count is of offsets
+    /// (Kafka's transaction markers take some).
     pub not_applied: u64,
     /// Documents whose state differs between now and the target.
     pub docs_changed: u64,
