@@ -72,7 +72,8 @@ pub enum CheckpointRunError {
     /// The local state failed.
     #[error("state: {0}")]
     State(String),
-    /// The snapshot was written, but completing the checkpoint (its manifest) failed.
+    /// The snapshot was written, but completing the checkpoint (reading the parts' records or
+    /// writing the manifest) failed.
     #[error("completing the checkpoint: {0}")]
     Completing(CheckpointError),
     /// Markers the broker did not take.
@@ -89,6 +90,14 @@ pub enum CheckpointRunError {
         /// The partitions whose snapshot failed, and why.
         failures: Vec<PartFailure>,
     },
+}
+
+impl CheckpointRunError {
+    /// Whether the snapshot was written and completing the checkpoint failed after it (what
+    /// [`record_failure`] is told).
+    pub fn completing(&self) -> bool {
+        matches!(self, CheckpointRunError::Completing(_))
+    }
 }
 
 /// The payload of a checkpoint marker.
@@ -246,6 +255,10 @@ pub fn request(cfg: &Config) -> Result<Marker, CheckpointRunError> {
 /// The longest [`wait`] takes (a hundred years: for ever).
 const MOST_WAIT_SECS: u64 = 100 * 365 * 24 * 3600;
 
+/// How long [`wait`] still waits for the manifest when the only failures are failures to
+/// complete: another task that wrote its snapshot at the same time may still complete it.
+const COMPLETING_GRACE: Duration = Duration::from_secs(5);
+
 /// Waits until checkpoint `id` is complete and returns its manifest.
 pub fn wait(cfg: &Config, id: &str, timeout: Duration) -> Result<Manifest, CheckpointRunError> {
     let dir = dir(cfg);
@@ -253,17 +266,25 @@ pub fn wait(cfg: &Config, id: &str, timeout: Duration) -> Result<Manifest, Check
     let deadline = std::time::Instant::now()
         .checked_add(timeout)
         .unwrap_or_else(|| std::time::Instant::now() + Duration::from_secs(MOST_WAIT_SECS));
+    // When failures to complete were first seen.
+    let mut completing_since: Option<std::time::Instant> = None;
     loop {
         match dir.manifest(id) {
             Ok(m) => return Ok(m),
             Err(CheckpointError::NotFound(_)) if std::time::Instant::now() < deadline => {
                 // (A directory that cannot be listed just now is asked again.)
                 let failures = dir.failures(id).unwrap_or_default();
-                if !failures.is_empty() {
+                let only_completing = failures.iter().all(|f| f.completing);
+                let since = *completing_since.get_or_insert_with(std::time::Instant::now);
+                if !failures.is_empty() && (!only_completing || since.elapsed() > COMPLETING_GRACE)
+                {
                     return Err(CheckpointRunError::Failed {
                         id: id.into(),
                         failures,
                     });
+                }
+                if failures.is_empty() {
+                    completing_since = None;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -469,7 +490,8 @@ mod tests {
         let err = snapshot_task(&cfg, &tree, &marker, 0, 5, Some(1), BTreeMap::new())
             .expect_err("the checkpoint cannot complete");
         assert!(matches!(err, CheckpointRunError::Completing(_)), "{err}");
-        record_failure(&cfg, "c1", 0, &err.to_string(), true);
+        assert!(err.completing());
+        record_failure(&cfg, "c1", 0, &err.to_string(), err.completing());
         // The wait reports it at once, though partition 0's snapshot is written.
         match wait(&cfg, "c1", Duration::from_secs(10)) {
             Err(CheckpointRunError::Failed { failures, .. }) => {
@@ -484,6 +506,46 @@ mod tests {
             }
             other => panic!("expected the failure, got {other:?}"),
         }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Writes partition `p`'s (empty) snapshot of checkpoint `id`.
+    fn write_empty_part(cfg: &Config, id: &str, p: i32) {
+        let header = SnapshotHeader {
+            format: CHECKPOINT_FORMAT,
+            checkpoint: id.into(),
+            partition: p,
+            input_offset: 5,
+        };
+        dir(cfg)
+            .write_part(&header, Some(1), BTreeMap::new(), std::iter::empty())
+            .unwrap();
+    }
+
+    #[test]
+    fn a_failure_to_complete_waits_a_little_for_another_task_to_complete() {
+        let root = std::env::temp_dir().join(format!(
+            "syncflow-test-checkpoint-grace-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&root);
+        let mut cfg = Config::default();
+        cfg.checkpoint.dir = root.to_string_lossy().into_owned();
+        write_empty_part(&cfg, "c2", 0);
+        record_failure(&cfg, "c2", 0, "completing the checkpoint: disk full", true);
+        // Partition 1's task writes its snapshot a moment later and completes the checkpoint.
+        let late = std::thread::spawn({
+            let cfg = cfg.clone();
+            move || {
+                std::thread::sleep(Duration::from_secs(1));
+                write_empty_part(&cfg, "c2", 1);
+                let d = dir(&cfg);
+                d.try_complete("c2", 1, 2, now_ms()).unwrap()
+            }
+        });
+        let manifest = wait(&cfg, "c2", Duration::from_secs(30)).expect("completed after all");
+        assert_eq!(manifest.partitions.len(), 2);
+        assert!(late.join().unwrap().is_some());
         std::fs::remove_dir_all(&root).unwrap();
     }
 

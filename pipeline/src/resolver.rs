@@ -1407,11 +1407,7 @@ impl Resolver {
                     changelog,
                     outputs,
                 )
-                .map_err(|e| {
-                    let completing =
-                        matches!(e, crate::checkpoint::CheckpointRunError::Completing(_));
-                    (e.to_string(), completing)
-                })
+                .map_err(|e| (e.to_string(), e.completing()))
             });
         match result {
             Ok(_) => {

@@ -475,12 +475,14 @@ fn replay_input(
     Ok((replayed, skipped, resume))
 }
 
-/// Input records between each partition's checkpoint offset and the end (what a restore drops).
+/// Input offsets after each partition's checkpoint marker, up to the end: at most the records a
+/// restore drops (Kafka's transaction markers and later checkpoint markers take offsets too).
 fn count_after(manifest: &Manifest, ends: &BTreeMap<i32, i64>) -> u64 {
     manifest
         .partitions
         .iter()
-        .map(|p| (ends.get(&p.partition).copied().unwrap_or(0) - p.input_offset).max(0) as u64)
+        // After the checkpoint's own marker.
+        .map(|p| (ends.get(&p.partition).copied().unwrap_or(0) - p.input_offset - 1).max(0) as u64)
         .sum()
 }
 

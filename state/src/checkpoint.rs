@@ -7,7 +7,8 @@
 //! <root>/<id>/p0003.snap     one task's state (all changelog keys and values)
 //! <root>/<id>/p0003.json     that snapshot's PartInfo (offsets, size, SHA-256)
 //! <root>/<id>/manifest.json  written last, once every partition is there
-//! <root>/<id>/p0003.failed   why that partition's snapshot could not be written (PartFailure),
+//! <root>/<id>/p0003.failed   why that partition's snapshot could not be written, or the
+//!                             checkpoint completed after it (PartFailure),
 //!                            removed when it is written after all
 //! ```
 //!
@@ -245,8 +246,9 @@ pub struct PartFailure {
     pub reason: String,
     /// When, in ms since the epoch.
     pub at_ms: u64,
-    /// True when the partition's snapshot was written but completing the checkpoint (writing
-    /// its manifest) then failed: a failure its own snapshot does not void.
+    /// True when the partition's snapshot was written but completing the checkpoint (reading
+    /// the parts' records or writing the manifest) then failed: a failure its own snapshot does
+    /// not void.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub completing: bool,
 }
