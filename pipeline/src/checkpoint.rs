@@ -274,17 +274,17 @@ pub fn wait(cfg: &Config, id: &str, timeout: Duration) -> Result<Manifest, Check
             Err(CheckpointError::NotFound(_)) if std::time::Instant::now() < deadline => {
                 // (A directory that cannot be listed just now is asked again.)
                 let failures = dir.failures(id).unwrap_or_default();
-                let only_completing = failures.iter().all(|f| f.completing);
-                let since = *completing_since.get_or_insert_with(std::time::Instant::now);
-                if !failures.is_empty() && (!only_completing || since.elapsed() > COMPLETING_GRACE)
-                {
-                    return Err(CheckpointRunError::Failed {
-                        id: id.into(),
-                        failures,
-                    });
-                }
                 if failures.is_empty() {
                     completing_since = None;
+                } else {
+                    let since = *completing_since.get_or_insert_with(std::time::Instant::now);
+                    let only_completing = failures.iter().all(|f| f.completing);
+                    if !only_completing || since.elapsed() > COMPLETING_GRACE {
+                        return Err(CheckpointRunError::Failed {
+                            id: id.into(),
+                            failures,
+                        });
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -467,15 +467,21 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_checkpoint_that_cannot_complete_after_its_last_snapshot_says_why() {
+    /// A configuration whose checkpoint directory is a new, empty temporary one (`name`).
+    fn temp_checkpoints(name: &str) -> (Config, PathBuf) {
         let root = std::env::temp_dir().join(format!(
-            "syncflow-test-checkpoint-completing-{}",
+            "syncflow-test-checkpoint-{name}-{}",
             std::process::id()
         ));
         let _ = std::fs::remove_dir_all(&root);
         let mut cfg = Config::default();
         cfg.checkpoint.dir = root.to_string_lossy().into_owned();
+        (cfg, root)
+    }
+
+    #[test]
+    fn a_checkpoint_that_cannot_complete_after_its_last_snapshot_says_why() {
+        let (cfg, root) = temp_checkpoints("completing");
         let store = state::TaskStore::temporary().unwrap();
         let tree = store.task(0).unwrap();
         tree.insert(b"d\0key", b"value".as_slice()).unwrap();
@@ -524,13 +530,7 @@ mod tests {
 
     #[test]
     fn a_failure_to_complete_waits_a_little_for_another_task_to_complete() {
-        let root = std::env::temp_dir().join(format!(
-            "syncflow-test-checkpoint-grace-{}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&root);
-        let mut cfg = Config::default();
-        cfg.checkpoint.dir = root.to_string_lossy().into_owned();
+        let (cfg, root) = temp_checkpoints("grace");
         write_empty_part(&cfg, "c2", 0);
         record_failure(&cfg, "c2", 0, "completing the checkpoint: disk full", true);
         // Partition 1's task writes its snapshot a moment later and completes the checkpoint.

@@ -16,10 +16,10 @@ use serde_json::Value;
 use smallvec::SmallVec;
 
 use crate::diff::{ChangeSet, Stamp};
-use crate::path::{dotted, FieldPath};
+use crate::path::dotted;
 
 use super::doc::DocState;
-use super::path_key::{is_prefix_keyed, PathKey};
+use super::path_key::PathKey;
 use super::plan::Owned;
 use super::prefetch;
 use super::{change_event, keep_max, Applied};
@@ -44,7 +44,7 @@ struct Found {
 pub(super) fn patch_in_place(
     doc: &mut DocState,
     change: &ChangeSet,
-    owned: Owned,
+    mut owned: Owned,
 ) -> Result<Applied, Owned> {
     let stamp: &Stamp = &change.stamp;
     let named_count = owned.set.len() + owned.unset.len();
@@ -69,12 +69,6 @@ pub(super) fn patch_in_place(
     debug_assert!(found
         .iter()
         .all(|f| entries[f.at].1.changed_version <= doc.version));
-    let value_of = |n: usize| owned.set.get(n).map(|(_, v)| v);
-    // The write's own copy of a path (in the caches, unlike the register's).
-    let path_of = |n: usize| match n.checked_sub(owned.set.len()) {
-        None => &owned.set[n].0,
-        Some(i) => &owned.unset[i],
-    };
     let live = |s: &Stamp| cleared.is_none_or(|c| s >= c);
 
     // The visible change, in path order (the registers' order); a value rewritten as it was
@@ -83,9 +77,9 @@ pub(super) fn patch_in_place(
     let mut unset_out: Vec<String> = Vec::new();
     let mut kept: SmallVec<[Option<u64>; MOST_NAMED]> = SmallVec::from_elem(None, found.len());
     for (i, f) in found.iter().enumerate() {
-        let (path, reg) = (path_of(f.named), &entries[f.at].1);
+        // The write's own copy of the path (in the caches, unlike the register's).
+        let ((path, after), reg) = (owned.named(f.named), &entries[f.at].1);
         let before = reg.value.as_ref().filter(|_| live(&reg.stamp));
-        let after = value_of(f.named);
         match (before, after) {
             (Some(b), Some(a)) if b == a => kept[i] = Some(reg.changed_version),
             (_, Some(a)) => set_out.push((dotted(path), a.clone())),
@@ -95,7 +89,6 @@ pub(super) fn patch_in_place(
     }
 
     // Nothing below can fail: the state changes.
-    let mut owned = owned;
     if !owned.set.is_empty() {
         keep_max(&mut doc.upserted_at, &change.stamp);
     }
@@ -104,10 +97,7 @@ pub(super) fn patch_in_place(
     let entries = doc.registers.as_mut_slice();
     for (f, kept) in found.iter().zip(kept) {
         let reg = &mut entries[f.at].1;
-        reg.value = match f.named.checked_sub(owned.set.len()) {
-            None => Some(std::mem::take(&mut owned.set[f.named].1)),
-            Some(_) => None,
-        };
+        reg.value = owned.take(f.named).1;
         reg.stamp = Arc::clone(&change.stamp);
         reg.changed_version = kept.unwrap_or(version);
     }
@@ -124,7 +114,11 @@ pub(super) fn patch_in_place(
 
 /// The register of every path `owned` names, in path order, when each has one that is older
 /// than `stamp` and alone on its chain, and no path is named twice; else `None`.
-fn find_named(doc: &DocState, stamp: &Stamp, owned: &Owned) -> Option<SmallVec<[Found; 8]>> {
+fn find_named(
+    doc: &DocState,
+    stamp: &Stamp,
+    owned: &Owned,
+) -> Option<SmallVec<[Found; MOST_NAMED]>> {
     let registers = &doc.registers;
     // A register at the root path would be every field's ancestor.
     if registers
@@ -133,25 +127,22 @@ fn find_named(doc: &DocState, stamp: &Stamp, owned: &Owned) -> Option<SmallVec<[
     {
         return None;
     }
-    let (keys, entries) = (registers.keys_slice(), registers.as_slice());
+    let entries = registers.as_slice();
     let paths = owned
         .set
         .iter()
         .map(|(p, _)| p)
         .chain(owned.unset.iter())
         .enumerate();
-    let mut found: SmallVec<[Found; 8]> = SmallVec::new();
+    let mut found: SmallVec<[Found; MOST_NAMED]> = SmallVec::new();
     for (named, path) in paths {
         if path.is_empty() {
             return None;
         }
         let key = PathKey::of(path);
         let at = registers.search(key, path).ok()?;
-        let alone = !has_ancestor(doc, path)
-            && !entries
-                .get(at + 1)
-                .is_some_and(|(p, _)| is_prefix_keyed(key, path, keys[at + 1], p));
-        if !alone {
+        // Alone on its chain: nothing above it, nothing under it but itself.
+        if registers.has_ancestor(path) || registers.has_descendant(at, key, path) {
             return None;
         }
         // Asked for now, the registers' stamps and values arrive together, not one by one.
@@ -168,9 +159,4 @@ fn find_named(doc: &DocState, stamp: &Stamp, owned: &Owned) -> Option<SmallVec<[
         return None;
     }
     Some(found)
-}
-
-/// Whether a register sits on one of `path`'s proper ancestors (the root aside).
-fn has_ancestor(doc: &DocState, path: &FieldPath) -> bool {
-    (1..path.len()).any(|i| doc.registers.position(&path[..i]).is_ok())
 }

@@ -104,7 +104,7 @@ pub(super) fn plan_patch(
                 Err(_) if too_old => {}
                 Err(at) => edits.push(Edit::Insert { at, named }),
             }
-            whole = whole || (1..path.len()).any(|i| registers.position(&path[..i]).is_ok());
+            whole = whole || registers.has_ancestor(path);
             if !whole {
                 // Subtrees of paths in order are nested or disjoint, and in order.
                 let start = found.unwrap_or_else(|at| at);
@@ -229,8 +229,19 @@ pub(super) struct Owned {
 }
 
 impl Owned {
+    /// The `named`th path and its value (see [`Indexed`]).
+    pub fn named(&self, named: usize) -> Named<'_> {
+        match named.checked_sub(self.set.len()) {
+            None => {
+                let (path, value) = &self.set[named];
+                (path, Some(value))
+            }
+            Some(i) => (&self.unset[i], None),
+        }
+    }
+
     /// Takes out the path and value of the `named`th path (see [`Indexed`]), leaving empty ones.
-    fn take(&mut self, named: usize) -> (FieldPath, Option<Value>) {
+    pub fn take(&mut self, named: usize) -> (FieldPath, Option<Value>) {
         match named.checked_sub(self.set.len()) {
             None => {
                 let (path, value) = std::mem::take(&mut self.set[named]);

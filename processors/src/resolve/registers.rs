@@ -242,6 +242,19 @@ impl Registers {
         start..start + self.count_under(start, key, top)
     }
 
+    /// Whether a register sits on a descendant of `path`, whose key is `key` and whose
+    /// register is at `at` (descendants sort right after their ancestor).
+    pub(crate) fn has_descendant(&self, at: usize, key: PathKey, path: &[String]) -> bool {
+        self.keys
+            .get(at + 1)
+            .is_some_and(|k| is_prefix_keyed(key, path, *k, &self.entries[at + 1].0))
+    }
+
+    /// Whether a register sits on one of `path`'s proper ancestors (the root path aside).
+    pub(crate) fn has_ancestor(&self, path: &[String]) -> bool {
+        (1..path.len()).any(|i| self.position(&path[..i]).is_ok())
+    }
+
     /// How many registers from index `start` on are `path` (with key `key`) or its descendants.
     pub(crate) fn count_under(&self, start: usize, key: PathKey, path: &[String]) -> usize {
         let keys = self.keys.get(start..).unwrap_or_default();
