@@ -142,7 +142,7 @@ fn find_named(
         let key = PathKey::of(path);
         let at = registers.search(key, path).ok()?;
         // Alone on its chain: nothing above it, nothing under it but itself.
-        if registers.has_ancestor(path) || registers.has_descendant(at, key, path) {
+        if registers.on_chain(at, key, path) {
             return None;
         }
         // Asked for now, the registers' stamps and values arrive together, not one by one.

@@ -75,12 +75,26 @@ pub(crate) mod shared_stamp_opt {
 /// only for paths too long for their keys to decide. The methods mirror `BTreeMap`'s where they
 /// overlap; unlike `BTreeMap::range`, [`Registers::range`] never panics (an empty or inverted
 /// range yields nothing).
-#[derive(Clone, Default, PartialEq)]
+///
+/// Most documents have no register on another's ancestor path (no chain: every register is a
+/// leaf, as after a full set). A flag says when that is known, so [`Registers::on_chain`]
+/// answers without a search.
+#[derive(Clone, Default)]
 pub struct Registers {
     /// `keys[i]` is the key of `entries[i]`'s path.
     keys: Vec<PathKey>,
     /// Sorted by path, paths distinct.
     entries: Vec<(FieldPath, Register)>,
+    /// False only when no register's path is a proper prefix of another's. Exact when the
+    /// registers are built whole; an insert that makes a chain sets it, a removal leaves it.
+    chained: bool,
+}
+
+/// Equal registers are equal whatever their flag (a hint about them, not part of them).
+impl PartialEq for Registers {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries
+    }
 }
 
 impl Registers {
@@ -148,6 +162,12 @@ impl Registers {
             Err(i) => {
                 self.keys.insert(i, PathKey::of(&path));
                 self.entries.insert(i, (path, register));
+                // A chain through the new path shows next to it: its descendants come right
+                // after it, and a register on one of its ancestors is the one before it, unless
+                // a descendant of that ancestor is in between (then there already is a chain).
+                let linked = |a: usize| a + 1 < self.entries.len() && self.linked(a);
+                let chained = self.chained || (i > 0 && linked(i - 1)) || linked(i);
+                self.chained = chained;
                 None
             }
         }
@@ -255,6 +275,27 @@ impl Registers {
         (1..path.len()).any(|i| self.position(&path[..i]).is_ok())
     }
 
+    /// Whether the register at `at`, of `path` with key `key`, is on a chain: a register sits
+    /// on one of its proper ancestors (the root path aside) or on a descendant. Without a chain
+    /// in the document, no search.
+    pub(crate) fn on_chain(&self, at: usize, key: PathKey, path: &[String]) -> bool {
+        self.chained && (self.has_ancestor(path) || self.has_descendant(at, key, path))
+    }
+
+    /// Whether the path of the register at `a` is a prefix of the next one's.
+    fn linked(&self, a: usize) -> bool {
+        let (k, e) = (&self.keys, &self.entries);
+        is_prefix_keyed(k[a], &e[a].0, k[a + 1], &e[a + 1].0)
+    }
+
+    /// Whether some register's path is a proper prefix of another's (reading each pair of
+    /// neighbours: a register's descendants come right after it).
+    fn find_chain(keys: &[PathKey], entries: &[(FieldPath, Register)]) -> bool {
+        keys.windows(2)
+            .zip(entries.windows(2))
+            .any(|(k, e)| is_prefix_keyed(k[0], &e[0].0, k[1], &e[1].0))
+    }
+
     /// How many registers from index `start` on are `path` (with key `key`) or its descendants.
     pub(crate) fn count_under(&self, start: usize, key: PathKey, path: &[String]) -> usize {
         let keys = self.keys.get(start..).unwrap_or_default();
@@ -269,6 +310,7 @@ impl Registers {
 
     /// Takes every entry out, with its key, leaving none.
     pub(crate) fn take_parts(&mut self) -> (Vec<PathKey>, Vec<(FieldPath, Register)>) {
+        self.chained = false;
         (
             std::mem::take(&mut self.keys),
             std::mem::take(&mut self.entries),
@@ -282,7 +324,12 @@ impl Registers {
             .iter()
             .zip(&entries)
             .all(|(k, (p, _))| *k == PathKey::of(p)));
-        Self { keys, entries }
+        let chained = Self::find_chain(&keys, &entries);
+        Self {
+            keys,
+            entries,
+            chained,
+        }
     }
 }
 
@@ -344,8 +391,13 @@ impl FromIterator<(FieldPath, Register)> for Registers {
             }
             entries = deduped;
         }
-        let keys = entries.iter().map(|(p, _)| PathKey::of(p)).collect();
-        Self { keys, entries }
+        let keys: Vec<PathKey> = entries.iter().map(|(p, _)| PathKey::of(p)).collect();
+        let chained = Self::find_chain(&keys, &entries);
+        Self {
+            keys,
+            entries,
+            chained,
+        }
     }
 }
 
@@ -405,6 +457,45 @@ mod tests {
                 event_id: format!("e{n}"),
             }),
             changed_version: n,
+        }
+    }
+
+    /// Paths that make chains with each other, and the root path.
+    fn chain_paths() -> Vec<FieldPath> {
+        let mut paths: Vec<FieldPath> = ["a", "a.b", "a.b.c", "a.c", "b", "b.a", "ab", "a.b.d"]
+            .into_iter()
+            .map(path)
+            .collect();
+        paths.push(Vec::new());
+        paths
+    }
+
+    proptest::proptest! {
+        /// `on_chain` answers as a plain look at every register would, through inserts,
+        /// removals and rebuilds: the flag that spares the search is never wrong.
+        #[test]
+        fn on_chain_matches_a_plain_look(
+            ops in proptest::collection::vec((proptest::bool::ANY, 0..9usize), 0..24)
+        ) {
+            let paths = chain_paths();
+            let mut flat = Registers::new();
+            for (n, (insert, p)) in ops.into_iter().enumerate() {
+                let p = paths[p].clone();
+                if insert {
+                    flat.insert(p, reg(n as u64));
+                } else {
+                    flat.remove(&p);
+                }
+                let rebuilt: Registers = flat.iter().map(|(p, r)| (p.clone(), r.clone())).collect();
+                for r in [&flat, &rebuilt] {
+                    for (at, q) in r.keys().enumerate() {
+                        let plain = r.keys().any(|k| {
+                            k != q && (k.starts_with(q) || (!k.is_empty() && q.starts_with(k)))
+                        });
+                        proptest::prop_assert_eq!(r.on_chain(at, PathKey::of(q), q), plain);
+                    }
+                }
+            }
         }
     }
 
