@@ -187,8 +187,16 @@ fn describe(r: &RestoreReport) -> String {
             "; it takes the place of the unfinished restore of checkpoint {id} (the processors stay stopped until one completes)"
         )
     });
+    let recreated = if r.input_recreated.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (data.changed partitions {:?} end at or before the checkpoint's cut: the topic was recreated or truncated since, so none of their records are applied)",
+            r.input_recreated
+        )
+    };
     format!(
-        "checkpoint {}: {} input records replayed; at most {} later input records will not be applied; \
+        "checkpoint {}: {} input records replayed; at most {} later input records will not be applied{recreated}; \
          {} document states change ({} visible), {} documents removed; {} changelog records; \
          the resolver resumes at {:?}{unfinished}",
         r.checkpoint,

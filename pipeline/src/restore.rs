@@ -105,6 +105,11 @@ pub struct RestoreReport {
     /// checkpoint markers among them count too, and without replay the count is of offsets
     /// (Kafka's transaction markers take some).
     pub not_applied: u64,
+    /// Partitions of `data.changed` that end at or before the checkpoint's cut: recreated or
+    /// truncated since, so none of their records are applied (restore without replay; a replay
+    /// refuses them). Counted in `not_applied`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub input_recreated: Vec<i32>,
     /// Documents whose state differs between now and the target.
     pub docs_changed: u64,
     /// Documents known now and unknown to the target (removed).
@@ -475,15 +480,26 @@ fn replay_input(
     Ok((replayed, skipped, resume))
 }
 
-/// Input offsets after each partition's checkpoint marker, up to the end: at most the records a
-/// restore drops (Kafka's transaction markers and later checkpoint markers take offsets too).
-fn count_after(manifest: &Manifest, ends: &BTreeMap<i32, i64>) -> u64 {
-    manifest
-        .partitions
-        .iter()
-        // After the checkpoint's own marker.
-        .map(|p| (ends.get(&p.partition).copied().unwrap_or(0) - p.input_offset - 1).max(0) as u64)
-        .sum()
+/// What a restore without replay leaves out of the input, as of `input` (each partition's first
+/// and end offsets): at most how many records (the offsets after each partition's checkpoint
+/// marker, up to the end; Kafka's transaction markers and later checkpoint markers take offsets
+/// too), and the partitions that end at or before the marker. Those were recreated or truncated
+/// since the checkpoint, so every record they hold now is left out, the resolver resuming at
+/// their end.
+fn left_out(manifest: &Manifest, input: &BTreeMap<i32, (i64, i64)>) -> (u64, Vec<i32>) {
+    let (mut count, mut recreated) = (0, Vec::new());
+    for p in &manifest.partitions {
+        let (start, end) = input.get(&p.partition).copied().unwrap_or((0, 0));
+        let from = if end <= p.input_offset {
+            recreated.push(p.partition);
+            start
+        } else {
+            // After the checkpoint's own marker.
+            p.input_offset + 1
+        };
+        count += (end - from).max(0) as u64;
+    }
+    (count, recreated)
 }
 
 fn commit_offsets(
@@ -716,7 +732,7 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
         target = from_mem(&mem);
     } else {
         check_decodes(id, &target)?;
-        report.not_applied = count_after(&manifest, &input_ends);
+        (report.not_applied, report.input_recreated) = left_out(&manifest, &input);
         report.resume_offsets = input_ends.clone();
     }
     // Taken after the read, which waits for open transactions to be decided: before it, the end
@@ -970,6 +986,20 @@ mod tests {
             total_bytes: 0,
             total_entries: 0,
         }
+    }
+
+    #[test]
+    fn a_restore_counts_what_it_leaves_out() {
+        let m = manifest();
+        let input = |p0: (i64, i64), p1: (i64, i64)| BTreeMap::from([(0, p0), (1, p1)]);
+        // The offsets after each partition's marker (at 100 and 200), up to the end.
+        assert_eq!(left_out(&m, &input((0, 150), (0, 201))), (49, vec![]));
+        // Retention deleted some after the cut: still counted (a bound).
+        assert_eq!(left_out(&m, &input((120, 150), (0, 250))), (98, vec![]));
+        // Partition 0 recreated since: every record it holds now is left out.
+        assert_eq!(left_out(&m, &input((0, 40), (0, 250))), (40 + 49, vec![0]));
+        assert_eq!(left_out(&m, &input((5, 100), (0, 201))), (95, vec![0]));
+        assert_eq!(left_out(&m, &input((0, 0), (0, 201))), (0, vec![0]));
     }
 
     #[test]
