@@ -65,10 +65,15 @@ pub(super) fn patch_in_place(
         return Err(owned);
     };
     let entries = doc.registers.as_slice();
-    // What the `base_version` check above relies on.
-    debug_assert!(found
-        .iter()
-        .all(|f| entries[f.at].1.changed_version <= doc.version));
+    // What the `base_version` check above relies on. Only a damaged state breaks it (a field
+    // changed after the document's version); the general way then still finds the conflict.
+    if change.base_version.is_some()
+        && found
+            .iter()
+            .any(|f| entries[f.at].1.changed_version > doc.version)
+    {
+        return Err(owned);
+    }
     let live = |s: &Stamp| cleared.is_none_or(|c| s >= c);
 
     // The visible change, in path order (the registers' order); a value rewritten as it was
