@@ -3,23 +3,11 @@
 
 use serde_json::{json, Value};
 
-use processors::resolve::MAX_DEVICES_PER_DOC;
-use processors::{compute_diff, decode_write, resolve_lww, Applied, DiffContext, Limits, MemState};
+mod common;
 
-fn apply(state: &mut MemState, write: Value) -> Applied {
-    let limits = Limits::default();
-    let ctx = DiffContext {
-        limits: &limits,
-        received_at_ms: 1_000_000,
-        max_skew_ms: 5_000,
-    };
-    let bytes = serde_json::to_vec(&write).unwrap();
-    let change = decode_write(None, &bytes)
-        .and_then(|w| compute_diff(w, &ctx))
-        .unwrap()
-        .expect("a change");
-    resolve_lww(state, change).unwrap()
-}
+use common::apply;
+use processors::resolve::MAX_DEVICES_PER_DOC;
+use processors::MemState;
 
 fn patch(event: &str, device: &str, hlc: &str, patch: Value) -> Value {
     json!({"v": 1, "event_id": event, "tenant": "acme", "bucket": "todos", "doc_id": "d1",
