@@ -11,7 +11,8 @@
 //!   [`decode_change`] (a record's bytes → [`ChangeSet`] in one pass, for the common case);
 //! - [`resolve`]: the stateful stage, [`resolve_lww`] (per-field Last-Write-Wins over
 //!   [`ResolveState`]), with conflict detection;
-//! - [`events`]: what the resolver emits, [`SyncEvent`] and [`ConflictEvent`].
+//! - [`events`]: what the resolver emits, [`SyncEvent`] and [`ConflictEvent`];
+//! - [`value`]: when two JSON values count as the same ([`value::same_value`]).
 //!
 //! The rules are explained for app developers in `docs/CONFLICTS.md`.
 
@@ -23,6 +24,7 @@ pub mod path;
 pub mod reject;
 pub mod resolve;
 mod set_fields;
+pub mod value;
 pub mod write;
 
 pub use diff::{compute_diff, decode_change, ChangeOp, ChangeSet, DiffContext, Stamp};

@@ -6,6 +6,7 @@ use serde_json::Value;
 use crate::diff::{ChangeSet, Stamp};
 use crate::events::{ConflictEvent, ConflictRule, ConflictSide, SideOp, EVENT_FORMAT_VERSION};
 use crate::path::{dotted, is_prefix, FieldPath};
+use crate::value::same_opt;
 
 use super::path_key::{is_prefix_keyed, PathKey};
 use super::plan::Named;
@@ -68,7 +69,7 @@ fn register_side(path: &FieldPath, r: &Entry<'_>) -> ConflictSide {
 fn agree(a: &ConflictSide, b: &ConflictSide) -> bool {
     match (a.op == SideOp::Set, b.op == SideOp::Set) {
         (false, false) => true,
-        (true, true) => a.value == b.value && a.via_field == b.via_field,
+        (true, true) => same_opt(a.value.as_ref(), b.value.as_ref()) && a.via_field == b.via_field,
         _ => false,
     }
 }

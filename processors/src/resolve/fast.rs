@@ -17,6 +17,7 @@ use smallvec::SmallVec;
 
 use crate::diff::{ChangeSet, Stamp};
 use crate::path::dotted;
+use crate::value::same_value;
 
 use super::doc::DocState;
 use super::path_key::PathKey;
@@ -86,7 +87,7 @@ pub(super) fn patch_in_place(
         let ((path, after), reg) = (owned.named(f.named), &entries[f.at].1);
         let before = reg.value.as_ref().filter(|_| live(&reg.stamp));
         match (before, after) {
-            (Some(b), Some(a)) if b == a => kept[i] = Some(reg.changed_version),
+            (Some(b), Some(a)) if same_value(b, a) => kept[i] = Some(reg.changed_version),
             (_, Some(a)) => set_out.push((dotted(path), a.clone())),
             (Some(_), None) => unset_out.push(dotted(path)),
             (None, None) => {}

@@ -58,6 +58,7 @@ use crate::diff::{ChangeOp, ChangeSet, Stamp};
 use crate::events::{ConflictEvent, SetFields, SideOp, SyncEvent, EVENT_FORMAT_VERSION};
 use crate::path::dotted;
 use crate::reject::{RejectCode, Rejection};
+use crate::value::same_opt;
 use crate::write::{BucketKey, DocKey};
 
 use conflicts::{detect_conflicts, ConflictView};
@@ -405,7 +406,7 @@ fn visible_diff(before: &[Entry<'_>], after: &[Entry<'_>], stamp: &Stamp) -> Vis
             }
             Ordering::Equal => {
                 let (b, a) = (was.next().expect("peeked"), now.next().expect("peeked"));
-                if b.value != a.value {
+                if !same_opt(b.value, a.value) {
                     let value = a.value.cloned().unwrap_or_default();
                     diff.set.push((dotted(a.path), value));
                 } else if let Some(k) = a.fresh.filter(|_| *b.stamp != *stamp) {
