@@ -11,10 +11,9 @@ use serde_json::{json, Map, Value};
 
 use processors::{compute_diff, ChangeOp, DiffContext, DocState, Hlc, Limits, Write, WriteOp};
 
-/// A value's JSON text (which, unlike `==`, tells 0.0 from -0.0).
-fn text<T: serde::Serialize>(value: &T) -> String {
-    serde_json::to_string(value).unwrap()
-}
+mod common;
+
+use common::json_text as text;
 
 mod naive {
     #![allow(clippy::all)]

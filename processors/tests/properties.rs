@@ -20,6 +20,9 @@ use proptest::prelude::*;
 use proptest::sample::Index;
 use serde_json::{json, Map, Value};
 
+mod common;
+
+use common::json_text;
 use processors::value::{same_opt, same_value};
 
 use processors::{
@@ -193,7 +196,7 @@ fn run(arrivals: &[Write]) -> Run {
 /// Documents as JSON texts (which, unlike `==`, tell 0.0 from -0.0), by key.
 fn text(docs: &BTreeMap<DocKey, Option<Map<String, Value>>>) -> BTreeMap<DocKey, String> {
     docs.iter()
-        .map(|(k, d)| (k.clone(), serde_json::to_string(d).unwrap()))
+        .map(|(k, d)| (k.clone(), json_text(d)))
         .collect()
 }
 
@@ -370,7 +373,7 @@ impl LeafDoc {
         let leaves = self
             .leaves
             .iter()
-            .map(|(p, (v, _))| (p, v.to_string()))
+            .map(|(p, (v, _))| (p, json_text(v)))
             .collect();
         (self.exists, leaves)
     }

@@ -1,5 +1,7 @@
-//! Helpers shared by the integration tests that apply JSON writes one at a time.
+//! Helpers shared by the integration tests (each test crate uses some of them).
+#![allow(dead_code)]
 
+use serde::Serialize;
 use serde_json::Value;
 
 use processors::{compute_diff, decode_write, resolve_lww, Applied, DiffContext, Limits, MemState};
@@ -18,4 +20,30 @@ pub fn apply(state: &mut MemState, write: Value) -> Applied {
         .unwrap()
         .expect("a change");
     resolve_lww(state, change).unwrap()
+}
+
+/// `value` as JSON text, with object members in key order: unlike `==`, it tells 0.0 from -0.0,
+/// and unlike plain `to_string` it does not depend on whether serde_json keeps insertion order
+/// (the workspace build does, `cargo test -p processors` alone does not).
+pub fn json_text<T: Serialize>(value: &T) -> String {
+    canonical(&serde_json::to_value(value).unwrap())
+}
+
+fn canonical(v: &Value) -> String {
+    match v {
+        Value::Object(members) => {
+            let mut members: Vec<_> = members.iter().collect();
+            members.sort_by(|a, b| a.0.cmp(b.0));
+            let inner: Vec<String> = members
+                .into_iter()
+                .map(|(k, v)| format!("{}:{}", Value::from(k.as_str()), canonical(v)))
+                .collect();
+            format!("{{{}}}", inner.join(","))
+        }
+        Value::Array(items) => {
+            let inner: Vec<String> = items.iter().map(canonical).collect();
+            format!("[{}]", inner.join(","))
+        }
+        other => other.to_string(),
+    }
 }
