@@ -191,7 +191,7 @@ fn describe(r: &RestoreReport) -> String {
         String::new()
     } else {
         format!(
-            " (data.changed partitions {:?} end at or before the checkpoint's cut: the topic was recreated or truncated since, so none of their records are applied)",
+            " (data.changed partitions {:?} end at or before the checkpoint's cut: the topic was recreated since, or lost records, so none of the records they hold are applied)",
             r.input_recreated
         )
     };

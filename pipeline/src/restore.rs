@@ -20,11 +20,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+use processors::value::same_value;
 use processors::{BucketKey, MemState};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::{ClientConfig, Message};
+use serde_json::Value;
 use state::checkpoint::Manifest;
 use state::store::RESTORE_PENDING_KEY;
 
@@ -105,8 +107,8 @@ pub struct RestoreReport {
     /// checkpoint markers among them count too, and without replay the count is of offsets
     /// (Kafka's transaction markers take some).
     pub not_applied: u64,
-    /// Partitions of `data.changed` that end at or before the checkpoint's cut: recreated or
-    /// truncated since, so none of their records are applied (restore without replay; a replay
+    /// Partitions of `data.changed` that end at or before the checkpoint's cut: recreated since
+    /// (or they lost records), so none of their records are applied (restore without replay; a replay
     /// refuses them). Counted in `not_applied`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub input_recreated: Vec<i32>,
@@ -483,9 +485,10 @@ fn replay_input(
 /// What a restore without replay leaves out of the input, as of `input` (each partition's first
 /// and end offsets): at most how many records (the offsets after each partition's checkpoint
 /// marker, up to the end; Kafka's transaction markers and later checkpoint markers take offsets
-/// too), and the partitions that end at or before the marker. Those were recreated or truncated
-/// since the checkpoint, so every record they hold now is left out, the resolver resuming at
-/// their end.
+/// too), and the partitions that end at or before the marker. Those were recreated since the
+/// checkpoint (or lost records), so every record they hold now is left out, the resolver
+/// resuming at their end. (One recreated and grown past the marker since cannot be told from
+/// one that was not: its count is then too low.)
 fn left_out(manifest: &Manifest, input: &BTreeMap<i32, (i64, i64)>) -> (u64, Vec<i32>) {
     let (mut count, mut recreated) = (0, Vec::new());
     for p in &manifest.partitions {
@@ -757,7 +760,12 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
                         .and_then(|b| state::codec::decode_doc(b).ok())
                         .and_then(|d| d.document())
                 };
-                if visible(current.get(k)) != visible(Some(v)) {
+                // As the resolver compares values: 0.0 and -0.0 differ.
+                let same = match (visible(current.get(k)), visible(Some(v))) {
+                    (Some(a), Some(b)) => same_value(&Value::Object(a), &Value::Object(b)),
+                    (a, b) => a.is_none() && b.is_none(),
+                };
+                if !same {
                     report.visible_changed += 1;
                 }
             }
