@@ -29,6 +29,14 @@ pub fn dotted(path: &[String]) -> String {
     out
 }
 
+/// [`dotted`] of a path it consumes: a one-segment path gives its own string, uncopied.
+pub fn into_dotted(mut path: FieldPath) -> String {
+    match path.len() {
+        1 => path.pop().unwrap_or_default(),
+        _ => dotted(&path),
+    }
+}
+
 /// Parses a dotted path (every segment non-empty).
 pub fn parse_dotted(text: &str) -> Option<FieldPath> {
     let segments: Vec<String> = text.split('.').map(str::to_owned).collect();

@@ -16,7 +16,7 @@ use serde_json::Value;
 use smallvec::SmallVec;
 
 use crate::diff::{ChangeSet, Stamp};
-use crate::path::dotted;
+use crate::path::into_dotted;
 use crate::value::same_value;
 
 use super::doc::DocState;
@@ -35,6 +35,19 @@ const MOST_NAMED: usize = 8;
 struct Found {
     at: usize,
     named: usize,
+}
+
+/// What a named field shows before and after the write.
+#[derive(Clone, Copy)]
+enum Shows {
+    /// The same value: it keeps the version it dates from.
+    Kept(u64),
+    /// A new or changed value.
+    Set,
+    /// Shown before, removed now.
+    Unset,
+    /// Removed, and not shown before either.
+    Hidden,
 }
 
 /// Applies `owned` (the sets and unsets of the merge patch `change`, taken out of it) to `doc`
@@ -77,35 +90,49 @@ pub(super) fn patch_in_place(
     }
     let live = |s: &Stamp| cleared.is_none_or(|c| s >= c);
 
-    // The visible change, in path order (the registers' order); a value rewritten as it was
-    // keeps the version it dates from.
-    let mut set_out: Vec<(String, Value)> = Vec::new();
-    let mut unset_out: Vec<String> = Vec::new();
-    let mut kept: SmallVec<[Option<u64>; MOST_NAMED]> = SmallVec::from_elem(None, found.len());
-    for (i, f) in found.iter().enumerate() {
+    // What each named field shows before and after, in path order (the registers' order).
+    let mut shows: SmallVec<[Shows; MOST_NAMED]> = SmallVec::with_capacity(found.len());
+    let (mut sets, mut unsets) = (0, 0);
+    for f in found.iter() {
         // The write's own copy of the path (in the caches, unlike the register's).
-        let ((path, after), reg) = (owned.named(f.named), &entries[f.at].1);
+        let ((_, after), reg) = (owned.named(f.named), &entries[f.at].1);
         let before = reg.value.as_ref().filter(|_| live(&reg.stamp));
-        match (before, after) {
-            (Some(b), Some(a)) if same_value(b, a) => kept[i] = Some(reg.changed_version),
-            (_, Some(a)) => set_out.push((dotted(path), a.clone())),
-            (Some(_), None) => unset_out.push(dotted(path)),
-            (None, None) => {}
-        }
+        shows.push(match (before, after) {
+            (Some(b), Some(a)) if same_value(b, a) => Shows::Kept(reg.changed_version),
+            (_, Some(_)) => Shows::Set,
+            (Some(_), None) => Shows::Unset,
+            (None, None) => Shows::Hidden,
+        });
+        sets += usize::from(matches!(shows.last(), Some(Shows::Set)));
+        unsets += usize::from(matches!(shows.last(), Some(Shows::Unset)));
     }
 
     // Nothing below can fail: the state changes.
     if !owned.set.is_empty() {
         keep_max(&mut doc.upserted_at, &change.stamp);
     }
-    let changed = !set_out.is_empty() || !unset_out.is_empty();
+    let changed = sets + unsets > 0;
     let version = doc.version + u64::from(changed);
+    // The visible change, in path order, by the write's paths (moved: a top-level field's name
+    // is its dotted path) and copies of its values (which move into the registers).
+    let mut set_out: Vec<(String, Value)> = Vec::with_capacity(sets);
+    let mut unset_out: Vec<String> = Vec::with_capacity(unsets);
     let entries = doc.registers.as_mut_slice();
-    for (f, kept) in found.iter().zip(kept) {
+    for (f, shows) in found.iter().zip(shows) {
         let reg = &mut entries[f.at].1;
-        reg.value = owned.take(f.named).1;
+        let (path, value) = owned.take(f.named);
+        match (shows, &value) {
+            (Shows::Set, Some(v)) => set_out.push((into_dotted(path), v.clone())),
+            (Shows::Unset, _) => unset_out.push(into_dotted(path)),
+            _ => {}
+        }
+        reg.value = value;
         reg.stamp = Arc::clone(&change.stamp);
-        reg.changed_version = kept.unwrap_or(version);
+        // A value rewritten as it was keeps the version it dates from.
+        reg.changed_version = match shows {
+            Shows::Kept(since) => since,
+            _ => version,
+        };
     }
     if !changed {
         return Ok(Applied::default());
