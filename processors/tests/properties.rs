@@ -83,9 +83,9 @@ fn scalar() -> impl Strategy<Value = Value> {
         1 => Just(json!(true)),
         1 => Just(json!([1, {"k": 2}])),
         1 => Just(json!({})),
-        // Equal as numbers, different values.
-        1 => Just(json!(0.0)),
-        1 => Just(json!(-0.0)),
+        // Equal as numbers, different values (often enough that a patch flips a sign).
+        2 => Just(json!(0.0)),
+        2 => Just(json!(-0.0)),
     ]
 }
 
