@@ -94,7 +94,6 @@ pub(super) fn patch_in_place(
     let mut shows: SmallVec<[Shows; MOST_NAMED]> = SmallVec::with_capacity(found.len());
     let (mut sets, mut unsets) = (0, 0);
     for f in found.iter() {
-        // The write's own copy of the path (in the caches, unlike the register's).
         let ((_, after), reg) = (owned.named(f.named), &entries[f.at].1);
         let before = reg.value.as_ref().filter(|_| live(&reg.stamp));
         shows.push(match (before, after) {
@@ -113,8 +112,9 @@ pub(super) fn patch_in_place(
     }
     let changed = sets + unsets > 0;
     let version = doc.version + u64::from(changed);
-    // The visible change, in path order, by the write's paths (moved: a top-level field's name
-    // is its dotted path) and copies of its values (which move into the registers).
+    // The visible change, in path order, by the write's own paths (in the caches, unlike the
+    // registers'; moved: a top-level field's name is its dotted path) and copies of its values
+    // (which move into the registers).
     let mut set_out: Vec<(String, Value)> = Vec::with_capacity(sets);
     let mut unset_out: Vec<String> = Vec::with_capacity(unsets);
     let entries = doc.registers.as_mut_slice();
