@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use processors::value::same_value;
+use processors::value::same_opt;
 use processors::{BucketKey, MemState};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -761,11 +761,9 @@ fn plan(cfg: &Config, id: &str, opts: &RestoreOptions) -> Result<Plan, RestoreEr
                         .and_then(|d| d.document())
                 };
                 // As the resolver compares values: 0.0 and -0.0 differ.
-                let same = match (visible(current.get(k)), visible(Some(v))) {
-                    (Some(a), Some(b)) => same_value(&Value::Object(a), &Value::Object(b)),
-                    (a, b) => a.is_none() && b.is_none(),
-                };
-                if !same {
+                let (was, now) = (visible(current.get(k)), visible(Some(v)));
+                let (was, now) = (was.map(Value::Object), now.map(Value::Object));
+                if !same_opt(was.as_ref(), now.as_ref()) {
                     report.visible_changed += 1;
                 }
             }

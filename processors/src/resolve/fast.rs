@@ -96,14 +96,15 @@ pub(super) fn patch_in_place(
     for f in found.iter() {
         let ((_, after), reg) = (owned.named(f.named), &entries[f.at].1);
         let before = reg.value.as_ref().filter(|_| live(&reg.stamp));
-        shows.push(match (before, after) {
+        let shown = match (before, after) {
             (Some(b), Some(a)) if same_value(b, a) => Shows::Kept(reg.changed_version),
             (_, Some(_)) => Shows::Set,
             (Some(_), None) => Shows::Unset,
             (None, None) => Shows::Hidden,
-        });
-        sets += usize::from(matches!(shows.last(), Some(Shows::Set)));
-        unsets += usize::from(matches!(shows.last(), Some(Shows::Unset)));
+        };
+        sets += usize::from(matches!(shown, Shows::Set));
+        unsets += usize::from(matches!(shown, Shows::Unset));
+        shows.push(shown);
     }
 
     // Nothing below can fail: the state changes.

@@ -165,9 +165,7 @@ impl Registers {
                 // A chain through the new path shows next to it: its descendants come right
                 // after it, and a register on one of its ancestors is the one before it, unless
                 // a descendant of that ancestor is in between (then there already is a chain).
-                let linked = |a: usize| a + 1 < self.entries.len() && self.linked(a);
-                let chained = self.chained || (i > 0 && linked(i - 1)) || linked(i);
-                self.chained = chained;
+                self.chained = self.chained || (i > 0 && self.linked(i - 1)) || self.linked(i);
                 None
             }
         }
@@ -284,16 +282,14 @@ impl Registers {
 
     /// Whether the path of the register at `a` is a prefix of the next one's.
     fn linked(&self, a: usize) -> bool {
-        let (k, e) = (&self.keys, &self.entries);
-        is_prefix_keyed(k[a], &e[a].0, k[a + 1], &e[a + 1].0)
+        self.has_descendant(a, self.keys[a], &self.entries[a].0)
     }
 
-    /// Whether some register's path is a proper prefix of another's (reading each pair of
-    /// neighbours: a register's descendants come right after it).
-    fn find_chain(keys: &[PathKey], entries: &[(FieldPath, Register)]) -> bool {
-        keys.windows(2)
-            .zip(entries.windows(2))
-            .any(|(k, e)| is_prefix_keyed(k[0], &e[0].0, k[1], &e[1].0))
+    /// These registers with their flag set exactly: whether some register's path is a proper
+    /// prefix of another's (reading each pair of neighbours: descendants come right after).
+    fn with_chains_found(mut self) -> Self {
+        self.chained = (0..self.entries.len()).any(|a| self.linked(a));
+        self
     }
 
     /// How many registers from index `start` on are `path` (with key `key`) or its descendants.
@@ -324,12 +320,12 @@ impl Registers {
             .iter()
             .zip(&entries)
             .all(|(k, (p, _))| *k == PathKey::of(p)));
-        let chained = Self::find_chain(&keys, &entries);
         Self {
             keys,
             entries,
-            chained,
+            chained: false,
         }
+        .with_chains_found()
     }
 }
 
@@ -391,13 +387,13 @@ impl FromIterator<(FieldPath, Register)> for Registers {
             }
             entries = deduped;
         }
-        let keys: Vec<PathKey> = entries.iter().map(|(p, _)| PathKey::of(p)).collect();
-        let chained = Self::find_chain(&keys, &entries);
+        let keys = entries.iter().map(|(p, _)| PathKey::of(p)).collect();
         Self {
             keys,
             entries,
-            chained,
+            chained: false,
         }
+        .with_chains_found()
     }
 }
 
