@@ -104,6 +104,10 @@ pub(super) fn register(reg: &Register) {
 /// Stage [`Prefetch::Tables`] for a document found in a store.
 pub(super) fn tables(doc: &DocState) {
     object(doc);
+    // First what is read first: the device table.
+    let (index, entries) = doc.devices.parts();
+    slice(index);
+    slice(entries);
     // The document stamps, which a write compares with its own and replaces (with their counts).
     for s in [&doc.upserted_at, &doc.deleted_at, &doc.replaced_at]
         .into_iter()
@@ -113,9 +117,6 @@ pub(super) fn tables(doc: &DocState) {
     }
     slice(doc.registers.keys_slice());
     slice(doc.registers.as_slice());
-    let (index, entries) = doc.devices.parts();
-    slice(index);
-    slice(entries);
 }
 
 /// Stage [`Prefetch::Registers`] for `change` to `doc`.
