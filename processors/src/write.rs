@@ -112,7 +112,7 @@ pub fn decode_write(key: Option<&[u8]>, payload: &[u8]) -> Result<Write, Rejecti
 /// The fields of a write, read in one pass (no intermediate `Value` tree and no buffering for
 /// the flattened, tagged `op`), with the body as a `B`.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, bound(deserialize = "B: Deserialize<'de>"))]
 pub(crate) struct WireWrite<B> {
     v: u32,
     event_id: String,
@@ -125,14 +125,23 @@ pub(crate) struct WireWrite<B> {
     #[serde(default)]
     base_version: Option<u64>,
     op: WireOp,
-    #[serde(default = "none")]
-    doc: Option<B>,
-    #[serde(default = "none")]
-    patch: Option<B>,
+    #[serde(default = "none", deserialize_with = "present")]
+    doc: Option<Option<B>>,
+    #[serde(default = "none", deserialize_with = "present")]
+    patch: Option<Option<B>>,
 }
 
 fn none<B>() -> Option<B> {
     None
+}
+
+/// A field that is there, `null` included (`Some(None)`), told apart from one that is not
+/// (`None`, its default): the general path refuses a body field the op does not take even when
+/// it is `null`, so the fast one must see it.
+fn present<'de, D: serde::Deserializer<'de>, B: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<Option<B>>, D::Error> {
+    Option::<B>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -172,8 +181,8 @@ impl<B> WireWrite<B> {
             return None;
         }
         let body = match (self.op, self.doc, self.patch) {
-            (WireOp::Set, Some(doc), None) => WireBody::Set(doc),
-            (WireOp::Patch, None, Some(patch)) => WireBody::Patch(patch),
+            (WireOp::Set, Some(Some(doc)), None) => WireBody::Set(doc),
+            (WireOp::Patch, None, Some(Some(patch))) => WireBody::Patch(patch),
             (WireOp::Delete, None, None) => WireBody::Delete,
             _ => return None,
         };
@@ -252,9 +261,36 @@ fn slow_decode(payload: &[u8]) -> Result<Write, Rejection> {
             ))
         }
     }
+    // A delete takes no fields but the common ones. (Serde, which refuses unknown fields of a
+    // set or a patch, lets a field-less variant ignore them: a delete sent with a `patch`, or a
+    // misspelt `baseVersion`, would delete the document or skip the stale-write check.)
+    if obj.get("op").and_then(Value::as_str) == Some("delete") {
+        if let Some(extra) = obj.keys().find(|k| !DELETE_FIELDS.contains(&k.as_str())) {
+            return Err(Rejection::new(
+                RejectCode::InvalidEvent,
+                format!(
+                    "unknown field `{extra}`: a delete carries only `{}`",
+                    DELETE_FIELDS.join("`, `")
+                ),
+            ));
+        }
+    }
     serde_json::from_value(value)
         .map_err(|e| Rejection::new(RejectCode::InvalidEvent, e.to_string()))
 }
+
+/// The fields a delete may carry: those of every write, and no body.
+const DELETE_FIELDS: [&str; 9] = [
+    "v",
+    "event_id",
+    "tenant",
+    "bucket",
+    "doc_id",
+    "device_id",
+    "hlc",
+    "base_version",
+    "op",
+];
 
 /// Whether `key` is absent or reads `tenant/bucket`, without building the string.
 pub(crate) fn key_matches(key: Option<&[u8]>, tenant: &str, bucket: &str) -> bool {
@@ -319,6 +355,11 @@ mod tests {
             r#""v":1.0,"op":"delete""#,
             r#""v":1,"op":"upsert","doc":{}"#,
             r#""v":1"#,
+            r#""v":1,"op":"patch","patch":{"a":1},"doc":null"#,
+            r#""v":1,"op":"set","doc":{"a":1},"patch":null"#,
+            r#""v":1,"op":"delete","patch":null"#,
+            r#""v":1,"op":"delete","patch":{"a":1}"#,
+            r#""v":1,"op":"delete","baseVersion":3"#,
         ] {
             agree(format!("{{{base},{rest}}}").as_bytes());
         }
@@ -416,8 +457,23 @@ mod tests {
             code(Some(b"t/other"), &bytes(ok.clone())),
             RejectCode::KeyMismatch
         );
-        let mut bad_hlc = ok;
+        let mut bad_hlc = ok.clone();
         bad_hlc["hlc"] = json!("yesterday");
         assert_eq!(code(None, &bytes(bad_hlc)), RejectCode::InvalidEvent);
+        // A delete with a body, or with a field it does not know, is refused, not applied
+        // without it: the writer meant something else.
+        for (extra, value) in [
+            ("patch", json!({"title": "x"})),
+            ("doc", json!({})),
+            ("patch", json!(null)),
+            ("baseVersion", json!(3)),
+        ] {
+            let mut delete = ok.clone();
+            delete[extra] = value;
+            let refused = decode_write(None, &bytes(delete)).unwrap_err();
+            assert_eq!(refused.code, RejectCode::InvalidEvent, "{extra}");
+            assert!(refused.message.contains(extra), "{}", refused.message);
+        }
+        assert!(decode_write(None, &bytes(ok)).is_ok());
     }
 }
