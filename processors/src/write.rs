@@ -367,20 +367,10 @@ mod tests {
     }
 
     fn field() -> impl Strategy<Value = (String, Value)> {
-        let name = prop::sample::select(vec![
-            "v",
-            "event_id",
-            "tenant",
-            "bucket",
-            "doc_id",
-            "device_id",
-            "hlc",
-            "base_version",
-            "op",
-            "doc",
-            "patch",
-            "other",
-        ]);
+        // Every field a write may carry, and one it may not.
+        let mut names = DELETE_FIELDS.to_vec();
+        names.extend(["doc", "patch", "other"]);
+        let name = prop::sample::select(names);
         let value = prop_oneof![
             Just(json!(1)),
             Just(json!(2)),
