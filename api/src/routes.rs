@@ -670,8 +670,8 @@ pub(crate) fn params(
 pub(crate) fn page_limit(state: &AppState, raw: Option<&String>) -> Result<usize, ApiError> {
     match raw {
         None => Ok(state.pages.default.min(state.pages.max)),
-        Some(text) => match text.parse::<u64>() {
-            Ok(n) if n >= 1 => Ok(usize::try_from(n)
+        Some(text) => match whole_number(text) {
+            Some(n) if n >= 1 => Ok(usize::try_from(n)
                 .unwrap_or(usize::MAX)
                 .min(state.pages.max)),
             _ => Err(ApiError::bad_request(
@@ -682,6 +682,16 @@ pub(crate) fn page_limit(state: &AppState, raw: Option<&String>) -> Result<usize
                 ),
             )),
         },
+    }
+}
+
+/// `text` as a whole number, one too large for a `u64` as `u64::MAX` (a limit past any page is
+/// capped like any other); `None` when it is not one.
+fn whole_number(text: &str) -> Option<u64> {
+    match text.parse::<u64>() {
+        Ok(n) => Some(n),
+        Err(_) if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) => Some(u64::MAX),
+        Err(_) => None,
     }
 }
 
@@ -717,18 +727,18 @@ async fn list_docs(
     let claims = authorize(&state, &headers, Perm::Read, &bucket).await?;
     params(&query, &["after", "limit"])?;
     let limit = page_limit(&state, query.get("limit"))?;
-    if let Some(after) = query.get("after") {
+    // An empty `after` is no `after`, as in the bucket listing.
+    let after = query
+        .get("after")
+        .map(String::as_str)
+        .filter(|a| !a.is_empty());
+    if let Some(after) = after {
         state.limits.check_doc_id(after)?;
     }
     known_bucket(&state, &claims.tenant, &bucket).await?;
     let page = state
         .reader
-        .list(
-            &claims.tenant,
-            &bucket,
-            query.get("after").map(String::as_str),
-            limit,
-        )
+        .list(&claims.tenant, &bucket, after, limit)
         .await?;
     let next = page
         .more
@@ -1056,6 +1066,39 @@ pub(crate) mod tests {
         assert_eq!(sent[0], sent[1]);
         assert_eq!(sent[0]["event_id"], "w-1");
         assert_ne!(sent[2]["event_id"], "w-1");
+    }
+
+    #[test]
+    fn a_page_limit_is_any_whole_number_from_one_capped() {
+        let st = state(Sweeping::to(0));
+        let limit = |text: &str| page_limit(&st, Some(&text.to_string())).ok();
+        assert_eq!(limit("1"), Some(1));
+        assert_eq!(limit("18446744073709551615"), Some(st.pages.max));
+        assert_eq!(limit("99999999999999999999999"), Some(st.pages.max));
+        for refused in ["0", "000", "-1", "", "1.5", "ten", "1e3", " 5"] {
+            assert_eq!(limit(refused), None, "{refused:?}");
+        }
+        assert_eq!(
+            page_limit(&st, None).ok(),
+            Some(st.pages.default.min(st.pages.max))
+        );
+    }
+
+    #[tokio::test]
+    async fn listing_a_bucket_takes_an_empty_after_and_a_huge_limit() {
+        use tower::ServiceExt;
+        let st = state(Sweeping::to(0));
+        let token = token(&st, "b:r");
+        let app = router(st);
+        for query in ["after=", "after=&limit=99999999999999999999", "limit=5"] {
+            let request = axum::http::Request::builder()
+                .uri(format!("/v1/buckets/b/docs?{query}"))
+                .header("authorization", format!("Bearer {token}"))
+                .body(axum::body::Body::empty())
+                .unwrap();
+            let response = app.clone().oneshot(request).await.unwrap();
+            assert_eq!(response.status().as_u16(), 200, "{query}");
+        }
     }
 
     #[tokio::test]
