@@ -65,6 +65,8 @@ pub(super) fn patch_in_place(
     if named_count == 0 || named_count > MOST_NAMED {
         return Err(owned);
     }
+    // Built once, then kept while the document's fields stay the same.
+    doc.registers.index_paths();
     let cleared = doc.cleared_at();
     if cleared.is_some_and(|c| stamp < c) {
         return Err(owned);
@@ -174,7 +176,7 @@ fn find_named(
             return None;
         }
         let key = PathKey::of(path);
-        let at = registers.search(key, path).ok()?;
+        let at = registers.find(key, path)?;
         // Alone on its chain: nothing above it, nothing under it but itself.
         if registers.on_chain(at, key, path) {
             return None;

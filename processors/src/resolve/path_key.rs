@@ -86,6 +86,14 @@ impl PathKey {
         self.exact_len().is_some()
     }
 
+    /// A hash of the key whose top bits are spread over all of its bits: equal keys hash alike.
+    #[inline]
+    pub fn hash(self) -> u64 {
+        let folded = self.high ^ self.low.rotate_left(64);
+        ((folded as u64) ^ ((folded >> 64) as u64).rotate_left(29))
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+
     /// Whether the first `n` held bytes of `self` and `other` are equal (`n` at most 31).
     #[inline]
     fn same_start(self, other: PathKey, n: usize) -> bool {

@@ -115,6 +115,7 @@ pub(super) fn tables(doc: &DocState) {
     {
         shared(s);
     }
+    slice(doc.registers.slots_slice());
     slice(doc.registers.keys_slice());
     slice(doc.registers.as_slice());
 }

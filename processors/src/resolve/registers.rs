@@ -79,6 +79,10 @@ pub(crate) mod shared_stamp_opt {
 /// Most documents have no register on another's ancestor path (no chain: every register is a
 /// leaf, as after a full set). A flag says when that is known, so [`Registers::on_chain`]
 /// answers without a search.
+///
+/// A patch looks its registers up by exact path, and a binary search reads several of the
+/// keys' cache lines for each: [`Registers::index_paths`] builds a small hash index of the
+/// keys (two bytes a slot), so [`Registers::find`] reads an index line and the one key.
 #[derive(Clone, Default)]
 pub struct Registers {
     /// `keys[i]` is the key of `entries[i]`'s path.
@@ -88,6 +92,10 @@ pub struct Registers {
     /// False only when no register's path is a proper prefix of another's. Exact when the
     /// registers are built whole; an insert that makes a chain sets it, a removal leaves it.
     chained: bool,
+    /// Empty, or every entry's position plus one by its key's hash: open addressing with
+    /// linear probing, a power of two of slots, at most half full, 0 for a free slot. Emptied by
+    /// any change that adds, removes or moves an entry; built by [`Registers::index_paths`].
+    slots: Vec<u16>,
 }
 
 /// Equal registers are equal whatever their flag (a hint about them, not part of them).
@@ -132,6 +140,54 @@ impl Registers {
         Err(lo)
     }
 
+    /// Where `path`, whose key is `key`, is: as [`Registers::position`]'s `Ok`, through the
+    /// index when it is built ([`Registers::index_paths`]), else by a search.
+    pub(crate) fn find(&self, key: PathKey, path: &[String]) -> Option<usize> {
+        if self.slots.is_empty() {
+            return self.search(key, path).ok();
+        }
+        let mask = self.slots.len() - 1;
+        let mut i = self.home(key);
+        loop {
+            let at = usize::from(self.slots[i]).checked_sub(1)?;
+            if self.keys[at] == key && (key.is_exact() || self.entries[at].0 == path) {
+                return Some(at);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// The slot where probing for `key` starts (the index is built).
+    fn home(&self, key: PathKey) -> usize {
+        let bits = self.slots.len().trailing_zeros();
+        (key.hash() >> (64 - bits)) as usize
+    }
+
+    /// Builds the index [`Registers::find`] reads, unless it is built (or there are too many
+    /// registers for its two-byte slots: then `find` searches).
+    pub(crate) fn index_paths(&mut self) {
+        let n = self.entries.len();
+        if !self.slots.is_empty() || n == 0 || n >= usize::from(u16::MAX) {
+            return;
+        }
+        let len = (2 * n).next_power_of_two().max(4);
+        self.slots.resize(len, 0);
+        let mask = len - 1;
+        for at in 0..n {
+            let mut i = self.home(self.keys[at]);
+            while self.slots[i] != 0 {
+                i = (i + 1) & mask;
+            }
+            // `at < n < u16::MAX`.
+            self.slots[i] = at as u16 + 1;
+        }
+    }
+
+    /// The index's slots (empty when it is not built), for hints.
+    pub(crate) fn slots_slice(&self) -> &[u16] {
+        &self.slots
+    }
+
     /// The register at `path`.
     pub fn get(&self, path: &[String]) -> Option<&Register> {
         self.get_key_value(path).map(|(_, r)| r)
@@ -160,6 +216,7 @@ impl Registers {
         match self.position(&path) {
             Ok(i) => Some(std::mem::replace(&mut self.entries[i].1, register)),
             Err(i) => {
+                self.slots.clear();
                 self.keys.insert(i, PathKey::of(&path));
                 self.entries.insert(i, (path, register));
                 // A chain through the new path shows next to it: its descendants come right
@@ -174,12 +231,14 @@ impl Registers {
     /// Removes the register at `path`.
     pub fn remove(&mut self, path: &[String]) -> Option<Register> {
         let i = self.position(path).ok()?;
+        self.slots.clear();
         self.keys.remove(i);
         Some(self.entries.remove(i).1)
     }
 
     /// Keeps only the registers for which `keep` returns true.
     pub fn retain(&mut self, mut keep: impl FnMut(&FieldPath, &mut Register) -> bool) {
+        self.slots.clear();
         let kept: Vec<bool> = self.entries.iter_mut().map(|(p, r)| keep(p, r)).collect();
         let mut flags = kept.iter().copied();
         self.keys.retain(|_| flags.next().unwrap_or(false));
@@ -307,6 +366,7 @@ impl Registers {
     /// Takes every entry out, with its key, leaving none.
     pub(crate) fn take_parts(&mut self) -> (Vec<PathKey>, Vec<(FieldPath, Register)>) {
         self.chained = false;
+        self.slots.clear();
         (
             std::mem::take(&mut self.keys),
             std::mem::take(&mut self.entries),
@@ -324,6 +384,7 @@ impl Registers {
             keys,
             entries,
             chained: false,
+            slots: Vec::new(),
         }
         .with_chains_found()
     }
@@ -392,6 +453,7 @@ impl FromIterator<(FieldPath, Register)> for Registers {
             keys,
             entries,
             chained: false,
+            slots: Vec::new(),
         }
         .with_chains_found()
     }
@@ -491,6 +553,52 @@ mod tests {
                         proptest::prop_assert_eq!(r.on_chain(at, PathKey::of(q), q), plain);
                     }
                 }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// `find` finds what a search finds, through the index once it is built and by a
+        /// search when it is not, whatever inserts, removals and rebuilds came before.
+        #[test]
+        fn find_matches_a_search(
+            ops in proptest::collection::vec((0..3u8, 0..9usize), 0..32)
+        ) {
+            let paths = chain_paths();
+            let mut flat = Registers::new();
+            for (n, (op, p)) in ops.into_iter().enumerate() {
+                let p = paths[p].clone();
+                match op {
+                    0 => drop(flat.insert(p, reg(n as u64))),
+                    1 => drop(flat.remove(&p)),
+                    _ => flat.index_paths(),
+                }
+                let mut rebuilt: Registers =
+                    flat.iter().map(|(p, r)| (p.clone(), r.clone())).collect();
+                rebuilt.index_paths();
+                let long = path("a.very-long-field-name.that-goes-past.the-key");
+                for r in [&flat, &rebuilt] {
+                    for q in paths.iter().chain([&long]) {
+                        let key = PathKey::of(q);
+                        proptest::prop_assert_eq!(r.find(key, q), r.position(q).ok());
+                    }
+                }
+            }
+        }
+
+        /// Paths longer than a key holds, sharing their first 31 bytes: the index tells them
+        /// apart by the paths themselves.
+        #[test]
+        fn find_tells_long_paths_apart(tails in proptest::collection::vec(0..6u8, 1..12)) {
+            let stem = "s".repeat(40);
+            let mut flat = Registers::new();
+            for (n, t) in tails.iter().enumerate() {
+                flat.insert(vec![stem.clone(), format!("t{t}")], reg(n as u64));
+            }
+            flat.index_paths();
+            for t in 0..7u8 {
+                let q = vec![stem.clone(), format!("t{t}")];
+                proptest::prop_assert_eq!(flat.find(PathKey::of(&q), &q), flat.position(&q).ok());
             }
         }
     }
