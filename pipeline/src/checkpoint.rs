@@ -148,6 +148,12 @@ impl Marker {
 /// The checkpoint marker a record carries, if it is one. A control record whose payload does not
 /// decode, or is not a marker [`request`] could have made ([`Marker::check`]), is still a
 /// control record (`Some(Err)`): it is never treated as a marker, and is dead-lettered.
+///
+/// "From the future" is judged against the record's arrival at the broker (as a write's clock
+/// is), not against this node's clock: the resolver asks about one record several times, and
+/// again when the input is read again after a restore, and a record must be a marker every
+/// time or never (judged against the clock, one made a little ahead turned into a marker as the
+/// clock caught up, between the checks, and was lost).
 pub fn marker_of(m: &impl Message) -> Option<Result<Marker, String>> {
     let headers = m.headers()?;
     let control = headers
@@ -160,7 +166,10 @@ pub fn marker_of(m: &impl Message) -> Option<Result<Marker, String>> {
     Some(
         serde_json::from_slice::<Marker>(m.payload().unwrap_or_default())
             .map_err(|e| format!("undecodable checkpoint marker: {e}"))
-            .and_then(|marker| marker.check(now_ms()).map(|()| marker)),
+            .and_then(|marker| {
+                let arrived = crate::resolver::received_at(m.timestamp(), now_ms());
+                marker.check(arrived).map(|()| marker)
+            }),
     )
 }
 
@@ -550,6 +559,10 @@ mod tests {
     }
 
     fn control_record(payload: &str) -> OwnedMessage {
+        control_record_at(payload, Timestamp::NotAvailable)
+    }
+
+    fn control_record_at(payload: &str, arrived: Timestamp) -> OwnedMessage {
         let headers = OwnedHeaders::new().insert(Header {
             key: CONTROL_HEADER,
             value: Some(CHECKPOINT_CONTROL),
@@ -558,11 +571,37 @@ mod tests {
             Some(payload.as_bytes().to_vec()),
             None,
             "data.changed".into(),
-            Timestamp::NotAvailable,
+            arrived,
             0,
             0,
             Some(headers),
         )
+    }
+
+    /// Whether a record is a marker depends on the record alone (its payload and its arrival at
+    /// the broker), not on when it is asked: a marker made ahead of the broker's clock is
+    /// refused for good, one within the slack accepted for good.
+    #[test]
+    fn a_marker_is_judged_by_its_arrival_not_by_the_clock() {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let at = |created: u64, arrived: u64| {
+            let m = Marker {
+                id: id.clone(),
+                created_at_ms: created,
+                partitions: 2,
+            };
+            let payload = serde_json::to_string(&m).unwrap();
+            let record = control_record_at(&payload, Timestamp::LogAppendTime(arrived as i64));
+            marker_of(&record).unwrap()
+        };
+        // Long ago, made more than the slack ahead of its arrival: refused, though the clock
+        // passed it long since.
+        let then = 1_600_000_000_000;
+        assert!(at(then + MARKER_CLOCK_SLACK_MS + 1, then).is_err());
+        assert!(at(then + MARKER_CLOCK_SLACK_MS, then).is_ok());
+        // Arrived (by the broker's clock) ahead of this node's clock: judged by the arrival.
+        let ahead = now_ms() + 2 * MARKER_CLOCK_SLACK_MS;
+        assert!(at(ahead, ahead).is_ok());
     }
 
     #[test]

@@ -1696,7 +1696,7 @@ fn poll_error(e: KafkaError) -> Result<(), ResolverError> {
 /// time (`data.changed` has `message.timestamp.type: LogAppendTime`). On a topic that keeps
 /// its producers' own times (`CreateTime`, as on a topic made before that setting), no later
 /// than `now`: a producer must not move the bound ahead by stamping its records ahead.
-fn received_at(ts: Timestamp, now: u64) -> u64 {
+pub(crate) fn received_at(ts: Timestamp, now: u64) -> u64 {
     let ms = |t: i64| u64::try_from(t).unwrap_or(now);
     match ts {
         Timestamp::LogAppendTime(t) => ms(t),
