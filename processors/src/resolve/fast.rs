@@ -65,10 +65,7 @@ pub(super) fn patch_in_place(
     if named_count == 0 || named_count > MOST_NAMED {
         return Err(owned);
     }
-    // Built once, then kept while the document's fields stay the same.
-    doc.registers.index_paths();
-    let cleared = doc.cleared_at();
-    if cleared.is_some_and(|c| stamp < c) {
+    if doc.cleared_at().is_some_and(|c| stamp < c) {
         return Err(owned);
     }
     // A writer that has not seen the latest version may have overwritten a change it did not
@@ -80,6 +77,11 @@ pub(super) fn patch_in_place(
     let Some(found) = find_named(doc, stamp, &owned) else {
         return Err(owned);
     };
+    // The write goes this way, and moves no register: index them for the next one (built once,
+    // then kept while the document's fields stay the same). A patch that adds a field goes the
+    // general way, which would drop the index at once, so it builds none.
+    doc.registers.index_paths();
+    let cleared = doc.cleared_at();
     let entries = doc.registers.as_slice();
     // What the `base_version` check above relies on. Only a damaged state breaks it (a field
     // changed after the document's version); the general way then still finds the conflict.
