@@ -593,6 +593,26 @@ impl Resolver {
         })
     }
 
+    /// When partitions moved since the last look (`generation`): every task restores (catches up
+    /// from its changelog) before its next batch, and a task paused for its state is tried
+    /// again (a pause outlives the assignment in librdkafka). Asked before each batch, and
+    /// whenever a poll finds nothing.
+    fn on_new_generation(&mut self, consumer: &BaseConsumer<TaskContext>, generation: &AtomicU64) {
+        let now = generation.load(Ordering::SeqCst);
+        if now == self.restored_generation {
+            return;
+        }
+        self.restored.clear();
+        self.restored_generation = now;
+        let paused: Vec<i32> = self.paused.drain().collect();
+        for p in &paused {
+            self.wiped.remove(p);
+        }
+        if let Err(e) = resume(consumer, &self.cfg.topic(topics::DATA_CHANGED), &paused) {
+            tracing::warn!(error = %e, ?paused, "resuming paused partitions failed");
+        }
+    }
+
     /// The most records the next batch may hold: `resolver.batch_max`, or fewer after a batch
     /// held too much state.
     fn most_records(&self) -> usize {
@@ -776,6 +796,9 @@ impl Resolver {
             let mut batch: Vec<OwnedMessage> = Vec::new();
             match consumer.poll(poll) {
                 None => {
+                    // Partitions may have moved with nothing to read: a partition paused here
+                    // and given back is paused still, and would never be read again.
+                    self.on_new_generation(&consumer, &generation);
                     check_orphaned(&consumer, &group_id(&self.cfg), &mut unassigned_since)?;
                     continue;
                 }
@@ -810,20 +833,7 @@ impl Resolver {
                     None => break,
                 }
             }
-            if generation.load(Ordering::SeqCst) != self.restored_generation {
-                // Partitions moved: every task restores (catches up from its changelog) again,
-                // and a task paused for its state is tried again (a pause outlives the
-                // assignment in librdkafka).
-                self.restored.clear();
-                self.restored_generation = generation.load(Ordering::SeqCst);
-                let paused: Vec<i32> = self.paused.drain().collect();
-                for p in &paused {
-                    self.wiped.remove(p);
-                }
-                if let Err(e) = resume(&consumer, &self.cfg.topic(topics::DATA_CHANGED), &paused) {
-                    tracing::warn!(error = %e, ?paused, "resuming paused partitions failed");
-                }
-            }
+            self.on_new_generation(&consumer, &generation);
             let mut fresh: Vec<i32> = batch
                 .iter()
                 .map(|m| m.partition())

@@ -891,3 +891,106 @@ async fn a_task_that_cannot_read_its_state_is_rebuilt_once_then_paused_alone() {
     running.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// A partition paused for its state and given back to the same process by a rebalance, while
+/// nothing else arrives, is read again. A pause outlives the assignment in librdkafka, and the
+/// resolver used to look for moved partitions only when a poll brought a record: with only
+/// paused partitions to read, none ever came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_partition_given_back_by_a_rebalance_is_read_again() {
+    use common::faults::ProcessorProcess;
+    use pipeline::partition::partition_for;
+    use processors::{BucketKey, DocKey};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let env = TestEnv::new("pauseback").await;
+    let bucket = "stuck";
+    let partition = partition_for(format!("acme/{bucket}").as_bytes(), 6);
+    let key = state::store::doc_key_bytes(&DocKey {
+        bucket: BucketKey {
+            tenant: "acme".into(),
+            bucket: bucket.into(),
+        },
+        doc_id: "a".into(),
+    });
+    let token = env.token("acme", "stuck:rw");
+    let write = async |c: &Client, n: i64| {
+        let body = json!({ "n": n }).to_string();
+        let (status, body) = c
+            .send(
+                reqwest::Method::PATCH,
+                "/v1/buckets/stuck/docs/a",
+                Some(&token),
+                Some(&body),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    };
+    let shows = async |c: &Client, n: i64| {
+        eventually(WAIT, &format!("stuck/a with n = {n}"), || async {
+            let (_, doc) = c.get_doc(&token, bucket, "a").await;
+            (doc["doc"]["n"] == n).then_some(())
+        })
+        .await
+    };
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.cfg.kafka.brokers)
+        .create()
+        .unwrap();
+    let changelog = env.topic(topics::RESOLVER_CHANGELOG);
+    let to_changelog = async |value: &[u8]| {
+        producer
+            .send(
+                FutureRecord::<[u8], [u8]>::to(&changelog)
+                    .partition(partition)
+                    .key(&key[..])
+                    .payload(value),
+                Duration::from_secs(10),
+            )
+            .await
+            .expect("changelog record");
+    };
+
+    let roles = [Role::Api, Role::Processor, Role::Projector];
+    let running = env.start(&roles).await;
+    let c = Client::new(running.api_addr.unwrap());
+    write(&c, 1).await;
+    shows(&c, 1).await;
+    running.stop().await.unwrap();
+    let good = {
+        let store = state::store::TaskStore::open(std::path::Path::new(&env.cfg.state.dir))
+            .expect("the stopped processor's store");
+        let tree = store.task(partition).unwrap();
+        tree.get(&key)
+            .unwrap()
+            .expect("the document's state")
+            .to_vec()
+    };
+    // The changelog's newest record for the document cannot be read: the task is paused.
+    to_changelog(&[0xEE, 0, 1, 2]).await;
+    let running = env.start(&roles).await;
+    let c = Client::new(running.api_addr.unwrap());
+    write(&c, 2).await;
+    let aborted = || running.resolver_stats.aborted.load(Ordering::SeqCst);
+    eventually(WAIT, "the stuck task's batches aborted", || async {
+        (aborted() >= 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Readable again; a second processor joins and leaves, so partitions move twice, and the
+    // stuck one ends with this process, with nothing else to read.
+    to_changelog(&good).await;
+    let mut second = ProcessorProcess::start_role(
+        &env,
+        "second",
+        "processor",
+        &[("SYNCFLOW_KAFKA_INSTANCE_ID", "")],
+    );
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    second.terminate();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    write(&c, 3).await;
+    shows(&c, 3).await;
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}
