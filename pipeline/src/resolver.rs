@@ -710,6 +710,44 @@ impl Resolver {
         Ok(())
     }
 
+    /// Wipes every task when the changelog topic is not the one the store was restored from (a
+    /// Kafka reset, or the topic deleted and made again, while this state directory was kept):
+    /// the stored offsets count another topic's records, and one that has grown past them would
+    /// otherwise be read from there on, its first records never applied. A store that recorded
+    /// no id (a new one, or one from before ids were kept) records the current one; an id the
+    /// broker does not give leaves the check out (logged).
+    fn check_changelog(
+        &mut self,
+        consumer: &BaseConsumer<TaskContext>,
+    ) -> Result<(), ResolverError> {
+        let topic = self.cfg.topic(topics::RESOLVER_CHANGELOG);
+        let id = match topics::topic_id(consumer.client(), &topic, Duration::from_secs(10)) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(error = %e, "the changelog's topic id is unknown; not checked");
+                return Ok(());
+            }
+        };
+        match self.store.changelog_id()? {
+            Some(stored) if stored == id => return Ok(()),
+            Some(stored) => {
+                tracing::warn!(
+                    stored = %stored,
+                    id = %id,
+                    "the changelog topic was made again since this state was written; rebuilding every task from it"
+                );
+                // Wiped before the new id is recorded: a crash in between wipes again.
+                for p in 0..self.partitions {
+                    self.store.wipe_task(p)?;
+                }
+                self.restored.clear();
+            }
+            None => {}
+        }
+        self.store.set_changelog_id(&id)?;
+        Ok(())
+    }
+
     fn producer(&self) -> Result<ThreadedProducer<DeliveryTracker>, ResolverError> {
         let tracker = DeliveryTracker::new(self.cfg.topic(topics::RESOLVER_CHANGELOG));
         let p: ThreadedProducer<DeliveryTracker> = ClientConfig::new()
@@ -784,6 +822,7 @@ impl Resolver {
         self.check_cleanup_policies()?;
         self.check_partitions(&consumer, partitions)?;
         self.partitions = partitions;
+        self.check_changelog(&consumer)?;
         let producer = Arc::new(self.producer()?);
         let watermarks = topics::watermark_client(&self.cfg.kafka.brokers)?;
         tracing::info!(partitions = self.partitions, "resolver started");

@@ -216,6 +216,104 @@ pub fn wait_for_topic<X: rdkafka::ClientContext>(
     }
 }
 
+/// The id Kafka gave `topic` when it was made (base64): a topic deleted and made again under the
+/// same name has another. Asked with the admin API's DescribeTopics, which `rdkafka` does not
+/// wrap, through `librdkafka` itself.
+pub fn topic_id<X: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<X>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<String, String> {
+    use rdkafka::bindings as rd;
+    use std::ffi::{CStr, CString};
+
+    let name = CString::new(topic).map_err(|_| format!("topic name {topic:?} holds NUL"))?;
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: every handle made here is destroyed here, after its last use; the strings read
+    // from the result are copied before the event that owns them is destroyed; `client` outlives
+    // the call (librdkafka keeps its own references to the queue while a request is out).
+    unsafe {
+        let rk = client.native_ptr();
+        let queue = rd::rd_kafka_queue_new(rk);
+        let options = rd::rd_kafka_AdminOptions_new(
+            rk,
+            rd::rd_kafka_admin_op_t::RD_KAFKA_ADMIN_OP_DESCRIBETOPICS,
+        );
+        let mut errstr = [0 as std::ffi::c_char; 256];
+        rd::rd_kafka_AdminOptions_set_request_timeout(
+            options,
+            timeout_ms,
+            errstr.as_mut_ptr(),
+            errstr.len(),
+        );
+        let mut names = [name.as_ptr()];
+        let collection = rd::rd_kafka_TopicCollection_of_topic_names(names.as_mut_ptr(), 1);
+        rd::rd_kafka_DescribeTopics(rk, collection, options, queue);
+        // The request's own timeout ends it; a little more for the answer to arrive.
+        let event = rd::rd_kafka_queue_poll(queue, timeout_ms.saturating_add(2_000));
+        let text = |p: *const std::ffi::c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        let answer = if event.is_null() {
+            Err(format!(
+                "no answer to DescribeTopics for {topic} in {timeout:?}"
+            ))
+        } else if rd::rd_kafka_event_error(event)
+            != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+        {
+            Err(format!(
+                "DescribeTopics for {topic}: {}",
+                text(rd::rd_kafka_event_error_string(event))
+            ))
+        } else {
+            let result = rd::rd_kafka_event_DescribeTopics_result(event);
+            let mut count = 0usize;
+            let found = if result.is_null() {
+                std::ptr::null_mut()
+            } else {
+                rd::rd_kafka_DescribeTopics_result_topics(result, &mut count)
+            };
+            if found.is_null() || count == 0 {
+                Err(format!("DescribeTopics for {topic} described no topic"))
+            } else {
+                let description = *found;
+                let error = rd::rd_kafka_TopicDescription_error(description);
+                let id = rd::rd_kafka_TopicDescription_topic_id(description);
+                if !error.is_null()
+                    && rd::rd_kafka_error_code(error)
+                        != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR
+                {
+                    Err(format!(
+                        "DescribeTopics for {topic}: {}",
+                        text(rd::rd_kafka_error_string(error))
+                    ))
+                } else if id.is_null() {
+                    Err(format!("the broker gave no id for {topic}"))
+                } else {
+                    let id = text(rd::rd_kafka_Uuid_base64str(id));
+                    // All zeros: a broker that keeps no topic ids.
+                    if id.is_empty() || id.bytes().all(|b| b == b'A' || b == b'=') {
+                        Err(format!("the broker gave no id for {topic}"))
+                    } else {
+                        Ok(id)
+                    }
+                }
+            }
+        };
+        if !event.is_null() {
+            rd::rd_kafka_event_destroy(event);
+        }
+        rd::rd_kafka_TopicCollection_destroy(collection);
+        rd::rd_kafka_AdminOptions_destroy(options);
+        rd::rd_kafka_queue_destroy(queue);
+        answer
+    }
+}
+
 /// How many processes are members of consumer group `group` now (processes that must be stopped
 /// before a tool rewrites what they write).
 pub fn group_members<X: rdkafka::consumer::ConsumerContext>(

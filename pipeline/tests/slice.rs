@@ -994,3 +994,112 @@ async fn a_paused_partition_given_back_by_a_rebalance_is_read_again() {
     running.stop().await.unwrap();
     env.cleanup().await;
 }
+
+/// A state directory kept through a Kafka reset (every topic deleted and made again) is rebuilt
+/// from the new changelog, even once that changelog has grown past the offset the store
+/// recorded for the old one: read on from there, the new changelog's first records (here the
+/// document and the bucket's sequence number) were never applied, and the document went on
+/// from its old version and the bucket from its old sequence number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_kept_through_a_kafka_reset_is_rebuilt_from_the_new_changelog() {
+    use common::faults::ProcessorProcess;
+    use pipeline::partition::partition_for;
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::consumer::Consumer;
+
+    let env = TestEnv::new("kreset").await;
+    let partition = |b: &str| partition_for(format!("acme/{b}").as_bytes(), 6);
+    // `b0` is checked; `filler`, in the same partition, grows the new changelog.
+    let filler = (1..)
+        .map(|i| format!("b{i}"))
+        .find(|b| partition(b) == partition("b0"))
+        .unwrap();
+    let token = env.token("acme", "b*:rw");
+    let patch = async |c: &Client, bucket: &str, doc: &str, n: i64| {
+        let body = json!({ "n": n }).to_string();
+        let path = format!("/v1/buckets/{bucket}/docs/{doc}");
+        let (status, body) = c
+            .send(reqwest::Method::PATCH, &path, Some(&token), Some(&body))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    };
+    let brokers = &env.cfg.kafka.brokers;
+    let events = env.topic(topics::SYNC_EVENTS);
+    let changelog = env.topic(topics::RESOLVER_CHANGELOG);
+    let changelog_id = || {
+        let client = pipeline::topics::watermark_client(brokers).unwrap();
+        pipeline::topics::topic_id(client.client(), &changelog, Duration::from_secs(10))
+            .expect("the changelog's id")
+    };
+
+    // The old cluster: ten changes to b0/a, each in a batch of its own (so that the store's
+    // offset, a lower bound, passes the new changelog's first records), in the kept store.
+    let running = env.start(&[Role::Api, Role::Processor]).await;
+    let c = Client::new(running.api_addr.unwrap());
+    for n in 1..=10 {
+        patch(&c, "b0", "a", n).await;
+        let records = || running.resolver_stats.records.load(Ordering::SeqCst);
+        eventually(WAIT, "the change resolved", || async {
+            (records() >= n as u64).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(read_committed(brokers, &events, 10, WAIT).len(), 10);
+    running.stop().await.unwrap();
+    let old_id = changelog_id();
+    assert_eq!(old_id, changelog_id(), "a topic's id is stable");
+
+    // The reset: every topic deleted and made again.
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let names: Vec<String> = topics::REQUIRED.iter().map(|t| env.topic(t)).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    admin
+        .delete_topics(&refs, &AdminOptions::new())
+        .await
+        .unwrap();
+    let file = topics::TopicsFile::load(std::path::Path::new(&env.cfg.kafka.topics_file)).unwrap();
+    eventually(WAIT, "the topics made again", || async {
+        let made = topics::apply(brokers, &env.cfg.kafka.topic_prefix, &file).await;
+        if made.is_ok_and(|r| r.created.len() + r.unchanged.len() == file.topics.len()) {
+            return Some(());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        None
+    })
+    .await;
+    assert_ne!(changelog_id(), old_id, "a topic made again has another id");
+
+    // The new cluster, run from another state directory: one change to b0/a, resolved first,
+    // then enough to `filler` to take the partition's changelog past the kept store's offset.
+    let other = [("SYNCFLOW_KAFKA_INSTANCE_ID", "")];
+    let mut second = ProcessorProcess::start_role(&env, "other", "processor", &other);
+    let api = env.start(&[Role::Api]).await;
+    let c = Client::new(api.api_addr.unwrap());
+    patch(&c, "b0", "a", 20).await;
+    assert_eq!(read_committed(brokers, &events, 1, WAIT).len(), 1);
+    for d in 0..40 {
+        patch(&c, &filler, &format!("d{d}"), d).await;
+    }
+    assert_eq!(read_committed(brokers, &events, 41, WAIT).len(), 41);
+    second.terminate();
+    api.stop().await.unwrap();
+
+    // The kept store: its tasks are rebuilt, so b0/a goes to version 2 and b0 to sequence 2.
+    let running = env.start(&[Role::Api, Role::Processor]).await;
+    let c = Client::new(running.api_addr.unwrap());
+    patch(&c, "b0", "a", 21).await;
+    let all = read_committed(brokers, &events, 42, WAIT);
+    let last: SyncEvent = all
+        .iter()
+        .filter_map(|m| serde_json::from_slice::<SyncEvent>(m.payload()?).ok())
+        .rfind(|e| e.bucket == "b0")
+        .expect("b0's events");
+    assert_eq!(last.set.get("n"), Some(&json!(21)), "{last:?}");
+    assert_eq!((last.version, last.seq), (2, 2), "{last:?}");
+    running.stop().await.unwrap();
+    env.cleanup().await;
+}

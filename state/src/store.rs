@@ -98,6 +98,8 @@ pub fn parse_seq_key(k: &[u8]) -> Option<BucketKey> {
 
 /// Key, in the store's default tree, of the partition count its tasks were made for.
 const PARTITIONS_KEY: &[u8] = b"syncflow:partitions";
+/// Where the id of the changelog topic the tasks were restored from is recorded.
+const CHANGELOG_ID_KEY: &[u8] = b"syncflow:changelog_id";
 
 /// The state of all tasks of one process: a sled database with one tree per task.
 #[derive(Clone)]
@@ -159,6 +161,23 @@ impl TaskStore {
     /// Records the partition count of the bucket topics (see [`TaskStore::partition_count`]).
     pub fn set_partition_count(&self, count: u32) -> Result<(), StateError> {
         self.db.insert(PARTITIONS_KEY, &count.to_be_bytes())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The id of the changelog topic the tasks were restored from and write to, if recorded: a
+    /// changelog made again (a reset Kafka) has another, and its offsets say nothing about
+    /// this store's.
+    pub fn changelog_id(&self) -> Result<Option<String>, StateError> {
+        Ok(self
+            .db
+            .get(CHANGELOG_ID_KEY)?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// Records the changelog topic's id (see [`TaskStore::changelog_id`]).
+    pub fn set_changelog_id(&self, id: &str) -> Result<(), StateError> {
+        self.db.insert(CHANGELOG_ID_KEY, id.as_bytes())?;
         self.db.flush()?;
         Ok(())
     }
@@ -375,6 +394,13 @@ mod tests {
         // Not a task: wiping a task keeps it.
         store.wipe_task(0).unwrap();
         assert_eq!(store.partition_count().unwrap(), Some(6));
+        assert_eq!(store.changelog_id().unwrap(), None);
+        store.set_changelog_id("q0vMJm1eQ8W0oZq1b6oXnA").unwrap();
+        store.wipe_task(0).unwrap();
+        assert_eq!(
+            store.changelog_id().unwrap().as_deref(),
+            Some("q0vMJm1eQ8W0oZq1b6oXnA")
+        );
     }
 
     #[test]
