@@ -78,6 +78,9 @@ pub enum ResolverError {
     /// The setup is wrong (missing topic, ...).
     #[error("{0}")]
     Setup(String),
+    /// The changelog topic's id could not be asked, and the store holds one to compare it with.
+    #[error("the changelog topic's id: {0}")]
+    ChangelogId(String),
     /// The input topic could not be found: a setup error on the first start, a broker still
     /// away when the clients are rebuilt (then they are rebuilt again).
     #[error("{0}")]
@@ -714,26 +717,33 @@ impl Resolver {
     /// Kafka reset, or the topic deleted and made again, while this state directory was kept):
     /// the stored offsets count another topic's records, and one that has grown past them would
     /// otherwise be read from there on, its first records never applied. A store that recorded
-    /// no id (a new one, or one from before ids were kept) records the current one; an id the
-    /// broker does not give leaves the check out (logged).
+    /// no id (a new one, or one from before ids were kept) records the current one. A broker
+    /// that keeps no ids leaves the check out (logged); one that does not answer, when the store
+    /// holds an id to compare, fails the clients, which are made again and ask again.
     fn check_changelog(
         &mut self,
         consumer: &BaseConsumer<TaskContext>,
     ) -> Result<(), ResolverError> {
         let topic = self.cfg.topic(topics::RESOLVER_CHANGELOG);
+        let stored = self.store.changelog_id()?;
         let id = match topics::topic_id(consumer.client(), &topic, Duration::from_secs(10)) {
-            Ok(id) => id,
+            Ok(Some(id)) => id,
+            Ok(None) => {
+                tracing::warn!("the broker keeps no topic ids; the changelog is not checked");
+                return Ok(());
+            }
+            Err(e) if stored.is_some() => return Err(ResolverError::ChangelogId(e)),
             Err(e) => {
-                tracing::warn!(error = %e, "the changelog's topic id is unknown; not checked");
+                tracing::warn!(error = %e, "the changelog's topic id is unknown; not recorded");
                 return Ok(());
             }
         };
-        match self.store.changelog_id()? {
+        match stored {
             Some(stored) if stored == id => return Ok(()),
             Some(stored) => {
                 tracing::warn!(
-                    stored = %stored,
-                    id = %id,
+                    stored = format!("{stored:032x}"),
+                    id = format!("{id:032x}"),
                     "the changelog topic was made again since this state was written; rebuilding every task from it"
                 );
                 // Wiped before the new id is recorded: a crash in between wipes again.
@@ -744,7 +754,7 @@ impl Resolver {
             }
             None => {}
         }
-        self.store.set_changelog_id(&id)?;
+        self.store.set_changelog_id(id)?;
         Ok(())
     }
 
@@ -1684,7 +1694,8 @@ fn rebuilds_after(e: &ResolverError, rebuilding: bool) -> bool {
         ResolverError::Kafka(_)
         | ResolverError::Wedged(..)
         | ResolverError::Orphaned(_)
-        | ResolverError::RestoreStalled(..) => true,
+        | ResolverError::RestoreStalled(..)
+        | ResolverError::ChangelogId(_) => true,
         ResolverError::NoTopic(_) => rebuilding,
         ResolverError::State(_)
         | ResolverError::TaskState(..)

@@ -216,14 +216,15 @@ pub fn wait_for_topic<X: rdkafka::ClientContext>(
     }
 }
 
-/// The id Kafka gave `topic` when it was made (base64): a topic deleted and made again under the
-/// same name has another. Asked with the admin API's DescribeTopics, which `rdkafka` does not
-/// wrap, through `librdkafka` itself.
+/// The id Kafka gave `topic` when it was made, as its 128 bits: a topic deleted and made again
+/// under the same name has another. `None` when the broker keeps no topic ids (all zeros).
+/// Asked with the admin API's DescribeTopics, which `rdkafka` does not wrap, through
+/// `librdkafka` itself.
 pub fn topic_id<X: rdkafka::ClientContext>(
     client: &rdkafka::client::Client<X>,
     topic: &str,
     timeout: Duration,
-) -> Result<String, String> {
+) -> Result<Option<u128>, String> {
     use rdkafka::bindings as rd;
     use std::ffi::{CStr, CString};
 
@@ -292,15 +293,12 @@ pub fn topic_id<X: rdkafka::ClientContext>(
                         text(rd::rd_kafka_error_string(error))
                     ))
                 } else if id.is_null() {
-                    Err(format!("the broker gave no id for {topic}"))
+                    Ok(None)
                 } else {
-                    let id = text(rd::rd_kafka_Uuid_base64str(id));
+                    let high = rd::rd_kafka_Uuid_most_significant_bits(id) as u64;
+                    let low = rd::rd_kafka_Uuid_least_significant_bits(id) as u64;
                     // All zeros: a broker that keeps no topic ids.
-                    if id.is_empty() || id.bytes().all(|b| b == b'A' || b == b'=') {
-                        Err(format!("the broker gave no id for {topic}"))
-                    } else {
-                        Ok(id)
-                    }
+                    Ok(Some((u128::from(high) << 64) | u128::from(low)).filter(|id| *id != 0))
                 }
             }
         };

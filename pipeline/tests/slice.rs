@@ -1031,6 +1031,7 @@ async fn a_state_kept_through_a_kafka_reset_is_rebuilt_from_the_new_changelog() 
         let client = pipeline::topics::watermark_client(brokers).unwrap();
         pipeline::topics::topic_id(client.client(), &changelog, Duration::from_secs(10))
             .expect("the changelog's id")
+            .expect("Kafka 4 keeps topic ids")
     };
 
     // The old cluster: ten changes to b0/a, each in a batch of its own (so that the store's

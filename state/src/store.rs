@@ -168,16 +168,17 @@ impl TaskStore {
     /// The id of the changelog topic the tasks were restored from and write to, if recorded: a
     /// changelog made again (a reset Kafka) has another, and its offsets say nothing about
     /// this store's.
-    pub fn changelog_id(&self) -> Result<Option<String>, StateError> {
+    pub fn changelog_id(&self) -> Result<Option<u128>, StateError> {
         Ok(self
             .db
             .get(CHANGELOG_ID_KEY)?
-            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+            .and_then(|v| <[u8; 16]>::try_from(v.as_ref()).ok())
+            .map(u128::from_be_bytes))
     }
 
     /// Records the changelog topic's id (see [`TaskStore::changelog_id`]).
-    pub fn set_changelog_id(&self, id: &str) -> Result<(), StateError> {
-        self.db.insert(CHANGELOG_ID_KEY, id.as_bytes())?;
+    pub fn set_changelog_id(&self, id: u128) -> Result<(), StateError> {
+        self.db.insert(CHANGELOG_ID_KEY, &id.to_be_bytes())?;
         self.db.flush()?;
         Ok(())
     }
@@ -395,12 +396,10 @@ mod tests {
         store.wipe_task(0).unwrap();
         assert_eq!(store.partition_count().unwrap(), Some(6));
         assert_eq!(store.changelog_id().unwrap(), None);
-        store.set_changelog_id("q0vMJm1eQ8W0oZq1b6oXnA").unwrap();
+        let id = 0xab4b_cc26_6d5e_43c5_b4a1_9ab5_6fa1_179c_u128;
+        store.set_changelog_id(id).unwrap();
         store.wipe_task(0).unwrap();
-        assert_eq!(
-            store.changelog_id().unwrap().as_deref(),
-            Some("q0vMJm1eQ8W0oZq1b6oXnA")
-        );
+        assert_eq!(store.changelog_id().unwrap(), Some(id));
     }
 
     #[test]
