@@ -986,9 +986,19 @@ async fn a_paused_partition_given_back_by_a_rebalance_is_read_again() {
         "processor",
         &[("SYNCFLOW_KAFKA_INSTANCE_ID", "")],
     );
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Partitions moved once the second one has some (its log says so), and move back when it
+    // leaves.
+    let log = second.log.clone();
+    eventually(
+        Duration::from_secs(60),
+        "the second processor assigned",
+        || async {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("resolver tasks assigned").then_some(())
+        },
+    )
+    .await;
     second.terminate();
-    tokio::time::sleep(Duration::from_secs(5)).await;
     write(&c, 3).await;
     shows(&c, 3).await;
     running.stop().await.unwrap();
