@@ -449,13 +449,7 @@ impl FromIterator<(FieldPath, Register)> for Registers {
             entries = deduped;
         }
         let keys = entries.iter().map(|(p, _)| PathKey::of(p)).collect();
-        Self {
-            keys,
-            entries,
-            chained: false,
-            slots: Vec::new(),
-        }
-        .with_chains_found()
+        Self::from_parts(keys, entries)
     }
 }
 
