@@ -5,8 +5,54 @@ use std::cmp::Ordering;
 
 use crate::path::is_prefix;
 
+use super::sort_key::be_word;
+
 /// Bytes of the encoded path a key holds.
 const HELD: usize = 31;
+
+/// A key being built: its held bytes so far, big-endian in two words (and perhaps garbage in
+/// the length byte's place), and the encoding's length so far.
+#[derive(Default)]
+struct Packer {
+    high: u128,
+    low: u128,
+    len: usize,
+}
+
+impl Packer {
+    /// Appends the first `n` (at most 8) bytes of big-endian `w`, whose other bytes are 0.
+    /// Bytes past the held ones fall off the end, or land on the length byte, which
+    /// [`PathKey::of`] then overwrites.
+    #[inline(always)]
+    fn put(&mut self, w: u64, n: usize) {
+        if self.len < HELD {
+            // `w`'s bytes at the top of the 32, then moved `len` bytes down.
+            let top = u128::from(w) << 64;
+            let shift = 8 * self.len as u32;
+            if shift < 128 {
+                self.high |= top >> shift;
+                if shift > 0 {
+                    self.low |= top << (128 - shift);
+                }
+            } else {
+                self.low |= top >> (shift - 128);
+            }
+        }
+        self.len += n;
+    }
+
+    /// Appends `raw`, which needs no escapes, eight bytes at a time.
+    #[inline(always)]
+    fn put_raw(&mut self, raw: &[u8]) {
+        let mut chunks = raw.chunks(8);
+        for chunk in &mut chunks {
+            if self.len > HELD {
+                break;
+            }
+            self.put(be_word(chunk), chunk.len());
+        }
+    }
+}
 
 /// The first 31 bytes of a path's byte encoding and the encoding's length (capped), packed so
 /// that comparing two keys compares the paths, except when both encodings are longer than 31
@@ -34,42 +80,37 @@ pub(crate) struct PathKey {
 
 impl PathKey {
     /// The key of `path`.
+    ///
+    /// Built in two words, not in a byte array read back as two words: a write reads a key
+    /// right after making it, and a load of a word that several smaller stores wrote cannot
+    /// take it from them, so it waits until they reach the cache (behind every store before
+    /// them, some of which miss it).
     pub fn of(path: &[String]) -> Self {
-        let (mut bytes, mut len) = ([0u8; HELD + 1], 0usize);
+        let mut key = Packer::default();
         for segment in path {
-            if len >= HELD {
+            if key.len >= HELD {
                 // Only the length grows from here, and the length byte caps it.
-                len += 1;
+                key.len += 1;
                 break;
             }
-            len += 1; // the separator, already 0
+            // The separator is a 0 byte, which the packer already holds.
+            key.len += 1;
             let raw = segment.as_bytes();
             if raw.iter().all(|&b| b > 1) {
-                let n = raw.len().min(HELD - len.min(HELD));
-                bytes[len..len + n].copy_from_slice(&raw[..n]);
-                len += raw.len();
+                key.put_raw(raw);
                 continue;
             }
             for &b in raw {
-                let escaped = [1, b + 1];
-                let unit: &[u8] = if b <= 1 {
-                    &escaped
+                if b <= 1 {
+                    key.put(u64::from_be_bytes([1, b + 1, 0, 0, 0, 0, 0, 0]), 2);
                 } else {
-                    std::slice::from_ref(&b)
-                };
-                for &u in unit {
-                    if len < HELD {
-                        bytes[len] = u;
-                    }
-                    len += 1;
+                    key.put(u64::from(b) << 56, 1);
                 }
             }
         }
-        bytes[HELD] = len.min(HELD + 1) as u8;
-        let (high, low) = bytes.split_at(16);
         PathKey {
-            high: u128::from_be_bytes(high.try_into().expect("16 bytes")),
-            low: u128::from_be_bytes(low.try_into().expect("16 bytes")),
+            high: key.high,
+            low: (key.low & !0xff) | key.len.min(HELD + 1) as u128,
         }
     }
 

@@ -18,17 +18,44 @@ pub(crate) struct SortKey(u128);
 impl SortKey {
     /// The key of `s`.
     pub fn of(s: &str) -> Self {
-        let bytes = s.as_bytes();
-        let mut packed = [0u8; 16];
-        let n = bytes.len().min(15);
-        packed[..n].copy_from_slice(&bytes[..n]);
-        packed[15] = bytes.len().min(16) as u8 + 1;
-        SortKey(u128::from_be_bytes(packed))
+        let bytes = &s.as_bytes()[..s.len().min(15)];
+        let (high, low) = bytes.split_at(bytes.len().min(8));
+        let len = s.len().min(16) as u128 + 1;
+        SortKey(u128::from(be_word(high)) << 64 | u128::from(be_word(low)) | len)
     }
 
     /// Whether equal keys mean equal strings (the string is at most 15 bytes long).
     pub fn is_exact(self) -> bool {
         (self.0 as u8) <= 16
+    }
+}
+
+/// `bytes` (at most 8) as the first bytes of a big-endian word, the rest zero.
+///
+/// Read with a load or two straight from `bytes`: copied into a zeroed array and read back as a
+/// word, they would make the load wait until the copy's smaller stores reach the cache, behind
+/// every store before them (some of which miss it), since a load cannot take its value from
+/// several stores.
+#[inline(always)]
+pub(crate) fn be_word(bytes: &[u8]) -> u64 {
+    let n = bytes.len();
+    debug_assert!(n <= 8);
+    match n {
+        0 => 0,
+        1..=3 => {
+            // The first, middle and last bytes (some the same byte when n < 3).
+            let at = |i: usize| u64::from(bytes[i]) << (56 - 8 * i);
+            at(0) | at(n / 2) | at(n - 1)
+        }
+        4..=7 => {
+            // The first four bytes and the last four, which overlap.
+            let first = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+            let last = u32::from_be_bytes([bytes[n - 4], bytes[n - 3], bytes[n - 2], bytes[n - 1]]);
+            u64::from(first) << 32 | u64::from(last) << (64 - 8 * n)
+        }
+        _ => u64::from_be_bytes([
+            bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+        ]),
     }
 }
 
@@ -47,6 +74,13 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn words_hold_their_bytes(bytes in prop::collection::vec(any::<u8>(), 0..=8)) {
+            let mut padded = [0u8; 8];
+            padded[..bytes.len()].copy_from_slice(&bytes);
+            prop_assert_eq!(be_word(&bytes), u64::from_be_bytes(padded));
+        }
+
         #[test]
         fn keys_order_strings(a in segment(), b in segment()) {
             let (ka, kb) = (SortKey::of(&a), SortKey::of(&b));
