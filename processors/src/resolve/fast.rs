@@ -190,6 +190,11 @@ fn find_named(
     if found.iter().any(|f| *entries[f.at].1.stamp >= *stamp) {
         return None;
     }
+    // The stamps are in now: ask for their strings, which the last register to let go of a
+    // stamp frees (a free writes to the block), so those writes do not wait for memory.
+    for f in &found {
+        prefetch::stamp_strings(&entries[f.at].1.stamp);
+    }
     // Registers are in path order, so their places order the paths; a place found twice is a
     // path named twice.
     found.sort_unstable_by_key(|f| f.at);

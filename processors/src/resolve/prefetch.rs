@@ -87,8 +87,8 @@ fn text(s: &str) {
     }
 }
 
-/// Hints a stamp's strings (read or rewritten in place by a newer stamp).
-fn stamp_strings(s: &Stamp) {
+/// Hints a stamp's strings (read, or written to by freeing them with the stamp).
+pub(super) fn stamp_strings(s: &Stamp) {
     text(&s.device_id);
     text(&s.event_id);
 }
