@@ -221,11 +221,12 @@ mod tests {
             "[ab]{8,12}",
             "aaaaaaaaaaaaaa[ab\u{0}é]{0,3}",
             "[ab\u{1}\u{2}]{8,20}",
+            "[ab]{21,45}",
         ]
     }
 
     fn path() -> impl Strategy<Value = Vec<String>> {
-        prop::collection::vec(segment(), 0..4)
+        prop::collection::vec(segment(), 0..7)
     }
 
     /// The key as its docs define it, written out plainly.

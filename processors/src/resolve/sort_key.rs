@@ -73,7 +73,21 @@ mod tests {
         ]
     }
 
+    /// The key as the type's docs lay it out, byte by byte.
+    fn reference(s: &str) -> SortKey {
+        let mut packed = [0u8; 16];
+        let n = s.len().min(15);
+        packed[..n].copy_from_slice(&s.as_bytes()[..n]);
+        packed[15] = s.len().min(16) as u8 + 1;
+        SortKey(u128::from_be_bytes(packed))
+    }
+
     proptest! {
+        #[test]
+        fn keys_are_laid_out_as_documented(s in "[a-z\u{0}é]{0,20}") {
+            prop_assert_eq!(SortKey::of(&s), reference(&s));
+        }
+
         #[test]
         fn words_hold_their_bytes(bytes in prop::collection::vec(any::<u8>(), 0..=8)) {
             let mut padded = [0u8; 8];
