@@ -44,8 +44,7 @@ impl Packer {
     /// Appends `raw`, which needs no escapes, eight bytes at a time.
     #[inline(always)]
     fn put_raw(&mut self, raw: &[u8]) {
-        let mut chunks = raw.chunks(8);
-        for chunk in &mut chunks {
+        for chunk in raw.chunks(8) {
             if self.len > HELD {
                 break;
             }
